@@ -1,0 +1,148 @@
+"""The op set of the llmc Graph IR and the typed attributes each op family carries.
+
+Ops are enum members, never strings; every table that gives ops meaning (shape
+inference, numpy reference, TVM lowering) is a dict keyed by `Op`, and a test checks the
+tables cover the enum.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from .dtypes import DType
+from .symbolic import Dim
+
+
+class Op(enum.Enum):
+    # sources
+    INPUT = enum.auto()
+    WEIGHT = enum.auto()
+    CONST = enum.auto()  # scalar constant
+    FULL = enum.auto()  # tensor filled with one value
+    ARANGE = enum.auto()
+    # elementwise unary
+    NEG = enum.auto(); EXP = enum.auto(); LOG = enum.auto(); SQRT = enum.auto()
+    RSQRT = enum.auto(); TANH = enum.auto(); ERF = enum.auto(); SIGMOID = enum.auto()
+    RELU = enum.auto(); GELU = enum.auto(); SILU = enum.auto(); ABS = enum.auto()
+    SIN = enum.auto(); COS = enum.auto(); RECIPROCAL = enum.auto(); NOT = enum.auto()
+    CAST = enum.auto()
+    # elementwise binary / ternary (numpy broadcasting)
+    ADD = enum.auto(); SUB = enum.auto(); MUL = enum.auto(); DIV = enum.auto()
+    POW = enum.auto(); MAXIMUM = enum.auto(); MINIMUM = enum.auto()
+    EQ = enum.auto(); NE = enum.auto(); LT = enum.auto(); LE = enum.auto()
+    GT = enum.auto(); GE = enum.auto(); AND = enum.auto(); OR = enum.auto()
+    WHERE = enum.auto()
+    # reductions and scans
+    SUM = enum.auto(); MEAN = enum.auto(); MAX = enum.auto(); MIN = enum.auto()
+    CUMSUM = enum.auto(); SOFTMAX = enum.auto()
+    # linear algebra
+    MATMUL = enum.auto()  # numpy matmul semantics (batched, broadcast leading dims)
+    # data movement
+    RESHAPE = enum.auto(); PERMUTE = enum.auto(); EXPAND = enum.auto(); SLICE = enum.auto()
+    CONCAT = enum.auto()
+    TAKE = enum.auto()  # x.take(indices, axis): embedding, index_select, select-by-tensor
+    INDEX = enum.auto()  # x[i0, i1, ...] advanced indexing of leading dims, broadcast indices
+    GATHER = enum.auto()  # torch.gather(x, axis, index)
+    # transformer building blocks (produced by the frontends or by fusion)
+    LAYER_NORM = enum.auto()  # (x, weight, bias) over the last axis
+    RMS_NORM = enum.auto()  # (x, weight) over the last axis
+    ATTENTION = enum.auto()  # (q, k, v[, mask]) as [B, H, S, D]; GQA when k/v have fewer heads
+
+
+UNARY = frozenset({Op.NEG, Op.EXP, Op.LOG, Op.SQRT, Op.RSQRT, Op.TANH, Op.ERF, Op.SIGMOID, Op.RELU,
+                   Op.GELU, Op.SILU, Op.ABS, Op.SIN, Op.COS, Op.RECIPROCAL, Op.NOT, Op.CAST})
+BINARY = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.POW, Op.MAXIMUM, Op.MINIMUM, Op.EQ, Op.NE,
+                    Op.LT, Op.LE, Op.GT, Op.GE, Op.AND, Op.OR})
+COMPARE = frozenset({Op.EQ, Op.NE, Op.LT, Op.LE, Op.GT, Op.GE, Op.AND, Op.OR})
+ELEMENTWISE = UNARY | BINARY | {Op.WHERE}
+REDUCE = frozenset({Op.SUM, Op.MEAN, Op.MAX, Op.MIN})
+SOURCES = frozenset({Op.INPUT, Op.WEIGHT, Op.CONST, Op.FULL, Op.ARANGE})
+# Ops whose output is the input's bytes reinterpreted: no kernel, an alias buffer.
+VIEWS = frozenset({Op.RESHAPE})
+
+
+# ---- attributes: one small frozen dataclass per op family -----------------------------
+@dataclass(frozen=True)
+class NoAttrs:
+    pass
+
+
+@dataclass(frozen=True)
+class InputAttrs:
+    name: str
+
+
+@dataclass(frozen=True)
+class WeightAttrs:
+    name: str  # key into Graph.params
+
+
+@dataclass(frozen=True)
+class ConstAttrs:
+    value: float | int | bool
+    dtype: DType
+
+
+@dataclass(frozen=True)
+class FullAttrs:
+    shape: tuple[Dim, ...]
+    value: float | int | bool
+    dtype: DType
+
+
+@dataclass(frozen=True)
+class ArangeAttrs:
+    start: Dim
+    end: Dim
+    step: int
+    dtype: DType
+
+
+@dataclass(frozen=True)
+class CastAttrs:
+    dtype: DType
+
+
+@dataclass(frozen=True)
+class GeluAttrs:
+    approximate: bool = False  # True: tanh approximation
+
+
+@dataclass(frozen=True)
+class ReduceAttrs:
+    axes: tuple[int, ...]  # non-negative
+    keepdims: bool
+
+
+@dataclass(frozen=True)
+class AxisAttrs:
+    axis: int  # non-negative
+
+
+@dataclass(frozen=True)
+class ShapeAttrs:
+    shape: tuple[Dim, ...]
+
+
+@dataclass(frozen=True)
+class PermuteAttrs:
+    perm: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SliceAttrs:
+    axis: int
+    start: Dim
+    end: Dim
+    step: int = 1
+
+
+@dataclass(frozen=True)
+class NormAttrs:
+    eps: float
+
+
+@dataclass(frozen=True)
+class AttentionAttrs:
+    scale: float
+    causal: bool
+    has_mask: bool  # the 4th input: bool (True = attend) or additive float, by its dtype
