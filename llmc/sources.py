@@ -67,10 +67,12 @@ def resolve(src: str, batch: int = 2, seq: int = 16) -> Source:
         if not isinstance(out, tuple) or len(out) not in (2, 3):
             raise LLMCError(f"{src} must return (model, example_args) or (model, example_args, example_kwargs)")
         return Source(out[0], tuple(out[1]), out[2] if len(out) == 3 else None, src)
-    from .compiler.frontend.hf_models import EXAMPLES, example
+    from .compiler.frontend.hf_models import TINY_MODELS, tiny_model
 
-    if src in EXAMPLES:
-        model, kwargs = example(src, batch=batch, seq=seq)
+    name = src.removeprefix("tiny-")
+    if name in TINY_MODELS:
+        model, kwargs = tiny_model(name, batch=batch, seq=seq)
         return Source(model, (), kwargs, f"bundled example {src}")
     raise LLMCError(f"unknown source {src!r}: give an .onnx file, a Hugging Face model folder, "
-                    f"pkg.module:function, or one of the bundled examples {sorted(EXAMPLES)}")
+                    f"pkg.module:function, or a bundled example: minilm, "
+                    f"{', '.join('tiny-' + n for n in TINY_MODELS if n != 'minilm')}")
