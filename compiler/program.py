@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Sequence
 
 from .dtypes import DType
 from .ir import Graph, Node
-from .ops import SOURCES, VIEWS, Op
+from .ops import VIEWS, Op
 from .symbolic import Dim, SymExpr
 
 
@@ -79,7 +79,12 @@ Grouping = Callable[[Graph], list[list[Node]]]
 
 def one_op_per_kernel(graph: Graph) -> list[list[Node]]:
     """The unfused partition: every computing node is its own kernel."""
-    return [[n] for n in graph.nodes() if n.op not in SOURCES and n.op not in VIEWS]
+    return [[n] for n in graph.nodes() if n.op not in _NOT_KERNELS]
+
+
+# Inputs and weights are buffers, scalar constants are immediates inside their users,
+# and lone reshapes are aliases; everything else (FULL and ARANGE too) is computed.
+_NOT_KERNELS = frozenset({Op.INPUT, Op.WEIGHT, Op.CONST}) | VIEWS
 
 
 def _symbols_of(nodes: Iterable[Node]) -> tuple[str, ...]:

@@ -107,7 +107,7 @@ def compile_graph(graph, opts: CompileOptions) -> CompiledModel:
     timings["build_s"] = time.perf_counter() - t
     weights = weights_of(program)
     manifest = build_manifest(program, target, sum(a.nbytes for a in weights.values()), describe_kernel)
-    report = format_report(reports, program)
+    report = format_report(reports, graph, program)
     return CompiledModel(program, executable, manifest, report, timings)
 
 
