@@ -1,0 +1,190 @@
+"""Build the llmc CUDA shim (cuBLASLt GEMMs + flash attention) into a shared library.
+
+The library exports TVM-FFI functions (`__tvm_ffi_<name>` symbols), so the TVM runtime loads it
+like any kernel library::
+
+    mod = tvm.runtime.load_module(build_shim())
+    mod["llmc_gemm"](A, B, C)
+
+Building needs nvcc and the tvm_ffi headers (shipped in the apache-tvm-ffi wheel); no GPU and
+no cuBLAS headers. Builds are cached under ``$LLMC_CACHE_DIR`` (default ``~/.cache/llmc``)
+keyed by a hash of the sources, the flags and the nvcc version.
+
+Running needs the CUDA driver; the GEMMs also need ``libcublasLt.so.13`` (or .12), which the
+shim dlopen's at first use. :func:`preload_cublaslt` finds it inside pip's ``nvidia-cublas``
+package when it is not on the loader path.
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Iterable, Sequence
+
+SHIM_DIR = pathlib.Path(__file__).resolve().parent / "shim"
+SOURCES = ("llmc_gemm.cu", "llmc_attention.cu")
+HEADERS = ("llmc_shim_common.h", "cublaslt_decl.h")
+LIB_NAME = "libllmc_shim.so"
+EXPORTED = ("llmc_gemm", "llmc_gemm_nt", "llmc_gemm_ex", "llmc_shim_init", "llmc_shim_info",
+            "llmc_attention", "llmc_attention_bshd", "llmc_attention_qkv")
+
+
+class ShimBuildError(RuntimeError):
+    pass
+
+
+def _ffi_paths() -> tuple[list[str], str]:
+    import tvm_ffi.libinfo as L
+
+    inc = [L.find_include_path(), L.find_dlpack_include_path()]
+    return list(dict.fromkeys(inc)), L.find_libtvm_ffi()
+
+
+def find_nvcc() -> str:
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        for cand in ("/usr/local/cuda/bin/nvcc", *sorted(glob.glob("/usr/local/cuda-*/bin/nvcc"))):
+            if os.path.exists(cand):
+                return cand
+        raise ShimBuildError("nvcc not found (put the CUDA toolkit's bin/ on PATH)")
+    return nvcc
+
+
+def _gencode(archs: Sequence[str]) -> list[str]:
+    """'sm_90' -> SASS for sm_90; the last arch also embeds PTX for newer GPUs."""
+    flags = []
+    for i, a in enumerate(archs):
+        n = a.replace("sm_", "").replace("compute_", "")
+        code = f"[sm_{n},compute_{n}]" if i == len(archs) - 1 else f"sm_{n}"
+        flags += ["-gencode", f"arch=compute_{n},code={code}"]
+    return flags
+
+
+def nvcc_command(out_path: str | os.PathLike, arch: str | Sequence[str] = "sm_90",
+                 sources: Iterable[str] = SOURCES, extra_flags: Sequence[str] = ()) -> list[str]:
+    archs = [arch] if isinstance(arch, str) else list(arch)
+    inc, lib = _ffi_paths()
+    cmd = [find_nvcc(), "-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden",
+           "--expt-relaxed-constexpr", *_gencode(archs)]
+    cmd += [f"-I{p}" for p in inc] + [f"-I{SHIM_DIR}"]
+    cmd += [str(SHIM_DIR / s) for s in sources]
+    # link libtvm_ffi by soname; it is already loaded in any process that imported tvm_ffi
+    cmd += [f"-L{os.path.dirname(lib)}", "-ltvm_ffi", "-ldl", "-Xlinker", "-rpath,$ORIGIN"]
+    cmd += list(extra_flags) + ["-o", str(out_path)]
+    return cmd
+
+
+def _nvcc_version(nvcc: str) -> str:
+    return subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+
+
+def source_hash(arch: str | Sequence[str] = "sm_90", sources: Iterable[str] = SOURCES,
+                extra_flags: Sequence[str] = ()) -> str:
+    h = hashlib.sha256()
+    for name in (*sources, *HEADERS):
+        h.update(name.encode())
+        h.update((SHIM_DIR / name).read_bytes())
+    h.update(repr((arch, tuple(extra_flags))).encode())
+    h.update(_nvcc_version(find_nvcc()).encode())
+    import tvm_ffi
+
+    h.update(getattr(tvm_ffi, "__version__", "?").encode())
+    return h.hexdigest()[:20]
+
+
+def cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("LLMC_CACHE_DIR", pathlib.Path.home() / ".cache" / "llmc")) / "cuda_shim"
+
+
+def build_shim(out_path: str | os.PathLike | None = None, arch: str | Sequence[str] = "sm_90",
+               sources: Iterable[str] = SOURCES, extra_flags: Sequence[str] = (),
+               use_cache: bool = True, verbose: bool = False) -> pathlib.Path:
+    """Compile the shim for `arch` (e.g. "sm_90", or ["sm_80", "sm_90"]) and return its path.
+
+    With `out_path` None the library stays in the cache; otherwise it is copied there.
+    """
+    sources = tuple(sources)
+    key = source_hash(arch, sources, extra_flags)
+    cached = cache_dir() / key / LIB_NAME
+    if not (use_cache and cached.exists()):
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
+            tmp_out = pathlib.Path(tmp) / LIB_NAME
+            cmd = nvcc_command(tmp_out, arch, sources, extra_flags)
+            if verbose:
+                print(" ".join(cmd), file=sys.stderr)
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise ShimBuildError(f"nvcc failed ({r.returncode}):\n{' '.join(cmd)}\n{r.stdout}\n{r.stderr}")
+            os.replace(tmp_out, cached)  # atomic: concurrent builders never see half a file
+    if out_path is None:
+        return cached
+    out = pathlib.Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.resolve() != cached.resolve():
+        shutil.copy2(cached, out)
+    return out
+
+
+def find_cublaslt() -> str | None:
+    """Path of libcublasLt.so.13/.12 inside pip's nvidia packages (None if there is none)."""
+    roots = []
+    for p in sys.path:
+        if p and os.path.isdir(os.path.join(p, "nvidia")):
+            roots.append(os.path.join(p, "nvidia"))
+    for root in dict.fromkeys(roots):
+        for ver in ("13", "12"):
+            hits = sorted(glob.glob(os.path.join(root, "*", "lib", f"libcublasLt.so.{ver}*")))
+            if hits:
+                return hits[0]
+    return None
+
+
+def preload_cublaslt() -> str | None:
+    """Load libcublasLt globally so the shim's dlopen by soname finds it; returns its path.
+
+    Not needed when the library is on the loader path or already loaded (e.g. by torch).
+    """
+    for name in ("libcublasLt.so.13", "libcublasLt.so.12"):
+        try:
+            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+            return name
+        except OSError:
+            pass
+    path = find_cublaslt()
+    if path:
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    return path
+
+
+def load_shim(path: str | os.PathLike | None = None, preload: bool = True):
+    """tvm.runtime.load_module of the shim (building it for sm_90 when `path` is None)."""
+    import tvm
+
+    if preload:
+        preload_cublaslt()
+    return tvm.runtime.load_module(str(path if path is not None else build_shim()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", nargs="?", default=None)
+    ap.add_argument("--arch", default="sm_90", help="comma-separated, e.g. sm_80,sm_90")
+    ap.add_argument("--no-cache", action="store_true")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    a = ap.parse_args(argv)
+    archs = a.arch.split(",")
+    print(build_shim(a.out, archs if len(archs) > 1 else archs[0], use_cache=not a.no_cache, verbose=a.verbose))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,108 @@
+// llmc CUDA shim: helpers shared by the GEMM and attention entry points.
+//
+// Every entry point is a TVM-FFI function exported with TVM_FFI_DLL_EXPORT_TYPED_FUNC, so
+// `tvm.runtime.load_module("libllmc_shim.so")["llmc_gemm"]` finds it. Tensors arrive as
+// DLTensor* (a tvm.runtime.Tensor, a tvm_ffi.Tensor or a DLPack-imported torch tensor all
+// convert); work is enqueued on TVMFFIEnvGetStream(kDLCUDA, device_id), the stream TVM's own
+// kernels use, so the calls can be captured in a CUDA graph together with TVM kernels.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <dlpack/dlpack.h>
+#include <tvm/ffi/any.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/c_env_api.h>
+#include <tvm/ffi/function.h>
+
+#include <cstdint>
+#include <sstream>
+#include <string>
+
+namespace llmc_shim {
+
+#define LLMC_CUDA_CHECK(expr)                                                              \
+  do {                                                                                     \
+    cudaError_t err__ = (expr);                                                            \
+    if (err__ != cudaSuccess) {                                                            \
+      TVM_FFI_THROW(RuntimeError) << "llmc shim: " #expr " failed: " << cudaGetErrorName(err__) \
+                                  << " (" << cudaGetErrorString(err__) << ")";             \
+    }                                                                                      \
+  } while (0)
+
+#define LLMC_CHECK(cond) \
+  if (!(cond)) TVM_FFI_THROW(ValueError) << "llmc shim: check failed: " #cond ": "
+
+enum class DT { kF16, kBF16, kF32, kOther };
+
+inline DT dtype_of(const DLTensor* t) {
+  const DLDataType d = t->dtype;
+  if (d.lanes != 1) return DT::kOther;
+  if (d.code == kDLFloat && d.bits == 16) return DT::kF16;
+  if (d.code == kDLBfloat && d.bits == 16) return DT::kBF16;
+  if (d.code == kDLFloat && d.bits == 32) return DT::kF32;
+  return DT::kOther;
+}
+
+inline const char* dtype_name(DT d) {
+  switch (d) {
+    case DT::kF16: return "float16";
+    case DT::kBF16: return "bfloat16";
+    case DT::kF32: return "float32";
+    default: return "unsupported";
+  }
+}
+
+// Element stride of dimension `i` (compact row-major when the tensor carries no strides).
+inline int64_t stride_of(const DLTensor* t, int i) {
+  if (t->strides != nullptr) return t->strides[i];
+  int64_t s = 1;
+  for (int j = t->ndim - 1; j > i; --j) s *= t->shape[j];
+  return s;
+}
+
+inline char* data_of(const DLTensor* t) { return static_cast<char*>(t->data) + t->byte_offset; }
+
+inline std::string shape_str(const DLTensor* t) {
+  std::ostringstream os;
+  os << "[";
+  for (int i = 0; i < t->ndim; ++i) os << (i ? ", " : "") << t->shape[i];
+  os << "]";
+  return os.str();
+}
+
+inline void check_cuda_tensor(const DLTensor* t, const char* name) {
+  if (t == nullptr) TVM_FFI_THROW(ValueError) << "llmc shim: " << name << " is null";
+  if (t->device.device_type != kDLCUDA) {
+    TVM_FFI_THROW(ValueError) << "llmc shim: " << name << " must be a CUDA tensor (device_type "
+                              << int(t->device.device_type) << ")";
+  }
+}
+
+// Make the tensor's device current for the duration of a call; restores the previous one.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int dev) {
+    LLMC_CUDA_CHECK(cudaGetDevice(&prev_));
+    if (prev_ != dev) LLMC_CUDA_CHECK(cudaSetDevice(dev));
+    dev_ = dev;
+  }
+  ~DeviceGuard() {
+    if (prev_ != dev_) cudaSetDevice(prev_);
+  }
+
+ private:
+  int prev_ = 0, dev_ = 0;
+};
+
+inline cudaStream_t current_stream(int device_id) {
+  return static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device_id));
+}
+
+// An optional tensor argument: Python None (or a missing value) -> nullptr.
+inline DLTensor* optional_tensor(const tvm::ffi::AnyView& v) {
+  if (v == nullptr) return nullptr;
+  return v.cast<DLTensor*>();
+}
+
+}  // namespace llmc_shim
