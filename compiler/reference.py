@@ -95,6 +95,12 @@ def _slice(attrs, x, env):
     return x[tuple(sl)]
 
 
+def _gather(attrs, x, idx, env=None):
+    """torch.gather: the index may be smaller than x off the gather axis (no broadcasting)."""
+    crop = tuple(slice(None) if d == attrs.axis else slice(0, n) for d, n in enumerate(idx.shape))
+    return np.take_along_axis(x[crop], idx.astype(np.int64), axis=attrs.axis)
+
+
 def _binop(fn):
     return lambda attrs, a, b, env=None: fn(a, b)
 
@@ -140,7 +146,7 @@ REFERENCE: dict[Op, Callable[..., np.ndarray]] = {
     Op.EXPAND: lambda a, x, env: np.broadcast_to(x, [evaluate(d, env) for d in a.shape]),
     Op.SLICE: _slice, Op.CONCAT: lambda a, *xs, env=None: np.concatenate(xs, axis=a.axis),
     Op.TAKE: _take, Op.INDEX: _index,
-    Op.GATHER: lambda a, x, i, env=None: np.take_along_axis(x, i.astype(np.int64), axis=a.axis),
+    Op.GATHER: _gather,
     Op.LAYER_NORM: _layer_norm, Op.RMS_NORM: _rms_norm, Op.ATTENTION: _attention,
 }
 

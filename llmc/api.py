@@ -86,28 +86,28 @@ def capture(model: Any, example_args: Sequence = (), example_kwargs: dict | None
 
 def compile_graph(graph, opts: CompileOptions) -> CompiledModel:
     from .backends.artifact import build_manifest, weights_of
-    from .backends.build import build_kernels, describe_kernel
+    from .backends.build_target import build_kernels, describe_kernel
     from .backends.targets import parse_target
     from .compiler.program import lower_to_program, one_op_per_kernel
-    from .passes.pipeline import DEFAULT_PIPELINE, format_report, run_pipeline
-    from .passes.partition import fused_grouping
+    from .passes.pipeline import DEFAULT_PIPELINE, build_program, format_report
     from .passes.plan_memory import plan_memory
 
     target = parse_target(opts.target)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    passes = DEFAULT_PIPELINE if opts.fuse else ()
-    graph, reports = run_pipeline(graph, passes, verify_each=opts.verify_each, dump_dir=opts.dump_dir)
-    program = lower_to_program(graph, fused_grouping if opts.fuse else one_op_per_kernel)
-    program = plan_memory(program)
+    if opts.fuse:
+        program, reports = build_program(graph, DEFAULT_PIPELINE, opts.verify_each, opts.dump_dir)
+    else:
+        program, reports = plan_memory(lower_to_program(graph, one_op_per_kernel)), []
     timings["passes_s"] = time.perf_counter() - t
     _say(opts, f"{len(program.kernels)} kernels, {len(program.calls)} calls; building for {target}")
     t = time.perf_counter()
     executable = build_kernels(program.kernels, target, progress=opts.progress)
+
     timings["build_s"] = time.perf_counter() - t
     weights = weights_of(program)
     manifest = build_manifest(program, target, sum(a.nbytes for a in weights.values()), describe_kernel)
-    report = format_report(reports, graph, program)
+    report = format_report(reports, program.graph, program)
     return CompiledModel(program, executable, manifest, report, timings)
 
 

@@ -30,7 +30,9 @@ def aligned_empty(shape: Sequence[int], dtype) -> np.ndarray:
 
 
 def aligned(a: np.ndarray) -> np.ndarray:
-    if a.flags.c_contiguous and a.ctypes.data % ALIGN == 0:
+    """`a` itself if TVM can take it (contiguous, aligned, writeable: DLPack has no
+    read-only flag), else an aligned copy."""
+    if a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % ALIGN == 0:
         return a
     out = aligned_empty(a.shape, a.dtype)
     out[...] = a

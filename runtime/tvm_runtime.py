@@ -18,7 +18,12 @@ skipped_plugins: dict[str, str] = {}
 
 
 def import_tvm(with_gpu: bool = False):
-    if "tvm" in sys.modules:  # the compiler (or the user) already imported full TVM
+    """TVM, imported runtime-only unless already imported (or TVM_USE_RUNTIME_LIB=0).
+
+    A process that loads an artifact first and compiles afterwards needs
+    TVM_USE_RUNTIME_LIB=0: the compiler library cannot be added once TVM is imported.
+    """
+    if "tvm" in sys.modules:  # the compiler (or the user) already imported TVM
         return sys.modules["tvm"]
     os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
     hide_torch = "torch" not in sys.modules

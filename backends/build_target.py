@@ -1,0 +1,38 @@
+"""Build a Program's kernels for the requested target (dispatches per target kind)."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable, Mapping
+
+from ..compiler.program import Kernel
+from .lower import describe_kernel
+from .targets import TargetSpec
+
+
+def _require_compiler() -> None:
+    tvm = sys.modules.get("tvm")
+    if tvm is not None and getattr(tvm.base, "_RUNTIME_ONLY", False):
+        from ..errors import LLMCError
+
+        raise LLMCError("TVM was imported runtime-only in this process (llmc.load before llmc.compile); "
+                        "compile first, or set TVM_USE_RUNTIME_LIB=0 before loading artifacts")
+
+
+def build_kernels(kernels: Mapping[str, Kernel], target: TargetSpec, progress: Callable[[str], None] | None = None):
+    _require_compiler()
+    t = time.perf_counter()
+    if target.kind == "llvm":
+        from .build import build_kernels as build_cpu, default_target
+
+        ex = build_cpu(kernels, default_target())
+    else:
+        from ..errors import TargetError
+
+        raise TargetError(f"target {target} is not built yet")
+    if progress:
+        progress(f"built {len(kernels)} kernels in {time.perf_counter() - t:.1f}s")
+    return ex
+
+
+__all__ = ["build_kernels", "describe_kernel"]

@@ -1,0 +1,63 @@
+"""The `llmc` command through a subprocess: compile a bundled example, inspect, run,
+and the errors a user can cause."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from llmc.compiler.frontend.hf_models import tiny_model
+
+
+def llmc(*args, timeout=600):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "llmc.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "llama.llmc"
+    r = llmc("compile", "tiny-llama", "-o", str(out), "--seq-len", "32", "--batch", "2", "--report")
+    assert r.returncode == 0, r.stderr
+    assert "attention" in r.stdout and "per transformer layer" in r.stdout
+    assert "[llmc]" in r.stderr  # progress lines
+    return out
+
+
+def test_inspect(artifact):
+    r = llmc("inspect", str(artifact))
+    assert r.returncode == 0, r.stderr
+    for word in ("input  input_ids: int64[batch, seq]", "output logits", "kernels:", "weights:", "seq in [1, 32]"):
+        assert word in r.stdout, r.stdout
+
+
+def test_run_matches_torch(artifact, tmp_path):
+    model, _ = tiny_model("llama")
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    np.save(tmp_path / "ids.npy", ids.numpy())
+    np.save(tmp_path / "mask.npy", mask.numpy())
+    r = llmc("run", str(artifact), "--input", f"input_ids={tmp_path / 'ids.npy'}",
+             "--input", f"attention_mask={tmp_path / 'mask.npy'}", "-o", str(tmp_path / "out.npz"))
+    assert r.returncode == 0, r.stderr
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.numpy()
+    got = np.load(tmp_path / "out.npz")["logits"]
+    assert np.abs(got - ref).max() <= 1e-4
+
+
+def test_errors_are_clear(artifact, tmp_path):
+    r = llmc("compile", "no-such-model", "-o", str(tmp_path / "x"))
+    assert r.returncode == 2 and "unknown source 'no-such-model'" in r.stderr
+    r = llmc("compile", "tiny-llama", "-o", str(tmp_path / "x"), "--target", "tpu")
+    assert r.returncode == 2 and "unknown target" in r.stderr
+    assert not (tmp_path / "x").exists()
+    np.save(tmp_path / "big.npy", np.zeros((2, 40), np.int64))
+    r = llmc("run", str(artifact), "--input", f"input_ids={tmp_path / 'big.npy'}",
+             "--input", f"attention_mask={tmp_path / 'big.npy'}")
+    assert r.returncode == 2 and "outside its bounds" in r.stderr
+    r = llmc("run", str(tmp_path / "missing.llmc"))
+    assert r.returncode == 2 and "not an llmc artifact" in r.stderr
