@@ -61,3 +61,32 @@ def test_errors_are_clear(artifact, tmp_path):
     assert r.returncode == 2 and "outside its bounds" in r.stderr
     r = llmc("run", str(tmp_path / "missing.llmc"))
     assert r.returncode == 2 and "not an llmc artifact" in r.stderr
+
+
+def test_module_function_source(tmp_path):
+    out = tmp_path / "mlp.llmc"
+    env_path = str(__import__("pathlib").Path(__file__).parents[1] / "helpers")
+    r = subprocess.run([sys.executable, "-m", "llmc.cli", "compile", "cli_models:make", "-o", str(out)],
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, PYTHONPATH=env_path + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    assert r.returncode == 0, r.stderr
+    import cli_models
+
+    model, (x,) = cli_models.make()
+    x = torch.randn(3, 7, 16)
+    np.save(tmp_path / "x.npy", x.numpy())
+    r = llmc("run", str(out), "--input", str(tmp_path / "x.npy"), "-o", str(tmp_path / "o.npz"))
+    assert r.returncode == 0, r.stderr
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert np.abs(np.load(tmp_path / "o.npz")["output"] - want).max() <= 1e-4
+
+
+def test_hugging_face_folder_source(tmp_path):
+    model, _ = tiny_model("qwen2")
+    folder = tmp_path / "qwen2-hf"
+    model.save_pretrained(folder)  # config.json + model.safetensors
+    r = llmc("compile", str(folder), "-o", str(tmp_path / "q.llmc"), "--seq-len", "32", "--batch", "2")
+    assert r.returncode == 0, r.stderr
+    r = llmc("inspect", str(tmp_path / "q.llmc"))
+    assert "output logits" in r.stdout
