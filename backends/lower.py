@@ -13,7 +13,7 @@ import json
 import tvm
 from tvm import te, tirx
 
-from llmc.compiler.ops import ELEMENTWISE, Op
+from llmc.compiler.ops import Op
 from llmc.compiler.program import Kernel
 from llmc.errors import LLMCError
 
@@ -91,7 +91,3 @@ def lower_kernel(kernel: Kernel) -> tirx.PrimFunc:
     inputs, outputs, sym_vars, _ = lower_to_te(kernel)
     func = te.create_prim_func([*inputs, *outputs, *sym_vars])
     return _relax_alignment(func).with_attr("global_symbol", kernel.name)
-
-
-def is_elementwise_kernel(kernel: Kernel) -> bool:
-    return all(n.op in ELEMENTWISE or n.op is Op.CONST for n in kernel.body)

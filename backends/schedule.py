@@ -6,10 +6,12 @@ strategy that applies wins:
 
 - matmul: register-tiled (mt x nt accumulator, nt vectorized), tiles in parallel, the
   epilogue (bias, activation, residual, cast) computed per tile while it is in cache;
-- attention: one parallel task per (batch, head, query row); the score row, its max,
-  exps and sum live in row-sized buffers, K is transposed once so q.k vectorizes over keys;
+- attention: one parallel task per (batch, head, chunk of 8 query rows); score rows, their
+  max, exps and sums live in chunk-sized buffers; K is transposed and V copied once (padded
+  to 16 keys) so q.k vectorizes over keys and p.v over the value dim;
 - rows: norms / softmax / reductions / multi-output chains: every stage computed per row
-  of the last stage under one parallel loop, the row's inner loop vectorized;
+  under one parallel loop, row reductions split into 16 vector lanes (rfactor), the row's
+  inner loops vectorized;
 - per block: each remaining block parallel over its outer loops, inner loop vectorized.
 
 A strategy that raises is abandoned and the next one starts from a fresh schedule, so a
@@ -76,6 +78,8 @@ def _extent(sch, loop):
 
 
 def inline_injective(sch) -> None:
+    """Inline every injective, non-output stage into its consumers, except KEEP_PREFIXES
+    stages and costly ones (EXPENSIVE_PREFIXES) whose consumer is a reduction."""
     outs = _output_names(sch)
     names = [_name(sch, b) for b in _top_blocks(sch)]
     expensive = {n for n in names if _base(n) in EXPENSIVE_PREFIXES}
@@ -174,7 +178,6 @@ def _rfactor_lanes(sch, block, lanes: int):
 def _vectorize_rfactor(sch, rf, lanes: int) -> None:
     """rf block under its row: loops (.., ko reduce, ki lanes) -> vectorize ki, init vectorized."""
     loops = sch.get_loops(rf)
-    ivs = sch.get(rf).iter_vars
     ko, ki = loops[-2], loops[-1]
     if _extent(sch, ki) != lanes:
         ko, ki = ki, ko
@@ -208,12 +211,21 @@ def schedule_rows(sch, info: CpuInfo) -> None:
     if len(loops) < 2:
         raise ValueError("rows: anchor stage has no row structure")
     row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+    # every moved stage must be linked to the ones already under the row loop; an unrelated
+    # output would otherwise be recomputed whole for every row
+    placed = {_name(sch, anchor)}
     if first_anchored:
         for b in blocks[1:]:
+            if not {_name(sch, p) for p in sch.get_producers(b)} & placed:
+                raise ValueError("rows: a stage does not depend on the row stages")
             sch.reverse_compute_at(b, row, preserve_unit_loops=False)
+            placed.add(_name(sch, b))
     else:
         for b in reversed(blocks[:-1]):
+            if not {_name(sch, c) for c in sch.get_consumers(b)} & placed:
+                raise ValueError("rows: a stage feeds none of the row stages")
             sch.compute_at(b, row, preserve_unit_loops=False)
+            placed.add(_name(sch, b))
     sch.parallel(row)
     for nm in rfs:
         _vectorize_rfactor(sch, sch.get_sblock(nm), info.lanes)
@@ -351,7 +363,6 @@ def schedule_attention(sch, info: CpuInfo) -> None:
         parts[base] = _find(sch, base)
         if parts[base] is None:
             raise ValueError(f"attention: stage {base} missing")
-    blocks = _top_blocks(sch)
     done = {_name(sch, x) for x in parts.values()}
     out = parts["attn_out"]
     b, h, i, d = sch.get_loops(out)

@@ -26,7 +26,8 @@ from . import fastmath as fm
 I64 = "int64"
 F32 = "float32"
 # Stages the inliner leaves alone: they are computed once per row / per tensor on purpose.
-KEEP_PREFIXES = ("attn_q", "attn_kT", "attn_v", "attn_bias", "attn_exp", "attn_out", "softmax_exp", "rms_inv", "ln_mean", "ln_rstd")
+KEEP_PREFIXES = ("attn_q", "attn_kT", "attn_v", "attn_bias", "attn_exp", "attn_out", "softmax_exp", "rms_inv",
+                 "ln_mean", "ln_rstd")
 # Elementwise stages too costly to recompute inside a reduction (matmul prologue etc.).
 EXPENSIVE_PREFIXES = ("exp", "log", "sqrt", "rsqrt", "tanh", "erf", "sigmoid", "gelu", "silu", "sin", "cos", "pow",
                       "reciprocal")
@@ -122,10 +123,6 @@ def bcast_index(in_dims: Sequence[Dim], idx: Sequence) -> list:
     """numpy broadcasting: right-align, static-1 dims read index 0."""
     off = len(idx) - len(in_dims)
     return [_zero() if (isinstance(d, int) and d == 1) else idx[off + k] for k, d in enumerate(in_dims)]
-
-
-def load(t: te.Tensor, idx: Sequence) -> tirx.PrimExpr:
-    return t(*idx)
 
 
 def wrap_index(v: tirx.PrimExpr, extent: tirx.PrimExpr) -> tirx.PrimExpr:

@@ -17,12 +17,19 @@ _PLUGINS = ("libtvm_runtime_cuda.so", "libtvm_runtime_extra.so")
 skipped_plugins: dict[str, str] = {}
 
 
+def use_all_cores() -> None:
+    """TVM sizes its CPU pool to half the cores on x86 (one thread on a 2-core VM); the
+    executor's kernels are written for all of them. Must run before the first kernel."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+
+
 def import_tvm(with_gpu: bool = False):
     """TVM, imported runtime-only unless already imported (or TVM_USE_RUNTIME_LIB=0).
 
     A process that loads an artifact first and compiles afterwards needs
     TVM_USE_RUNTIME_LIB=0: the compiler library cannot be added once TVM is imported.
     """
+    use_all_cores()
     if "tvm" in sys.modules:  # the compiler (or the user) already imported TVM
         return sys.modules["tvm"]
     os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")

@@ -95,6 +95,8 @@ for op in (Op.SUM, Op.MEAN, Op.MAX, Op.MIN):
         x = inp("x", (b, s, 6))
         case(f"red_{op.name.lower()}_{'_'.join(map(str, axes))}_{int(keep)}", [x],
              node(op, [x], ReduceAttrs(axes, keep)), rtol=1e-5, atol=1e-5)
+x = inp("x", (b, s, 6))
+case("red_sum_all", [x], node(Op.SUM, [x], ReduceAttrs((0, 1, 2), False)))
 x = inp("x", (s, 33), F16)
 case("red_sum_f16", [x], node(Op.SUM, [x], ReduceAttrs((1,), False)), S_ONLY, rtol=2e-3, atol=2e-2)
 x = inp("x", (s, 5), I64)
@@ -130,6 +132,8 @@ x, w = inp("x", (s, 600)), inp("w", (600, 48))
 case("mm_k_blocked", [x, w], node(Op.MATMUL, [x, w]), ({"s": 1}, {"s": 70}), rtol=1e-4, atol=1e-4)
 x, w = inp("x", (s, 40), BF16), inp("w", (40, 16), BF16)
 case("mm_bf16", [x, w], node(Op.MATMUL, [x, w]), S_ONLY, rtol=2e-2, atol=5e-2)
+x, w = inp("x", (8, 32)), inp("w", (32, 64))
+case("mm_static_direct", [x, w], node(Op.MATMUL, [x, w]), rtol=1e-4, atol=1e-4)
 x, w = inp("x", (5, 6), I64), inp("w", (6, 3), I64)
 case("mm_i64_static", [x, w], node(Op.MATMUL, [x, w]))
 
@@ -200,6 +204,8 @@ att("attn_bool_mask", inp("q", (b, 2, s, 8)), inp("k", (b, 2, t, 8)), inp("v", (
 att("attn_float_mask_causal", inp("q", (b, 2, s, 8)), inp("k", (b, 2, t, 8)), inp("v", (b, 2, t, 8)),
     mask=inp("m", (s, t)), causal=True, sizes=({"b": 1, "s": 5, "t": 5}, {"b": 2, "s": 2, "t": 9}),
     gens={"m": lambda r, sh, d: np.where(r.random(sh) < 0.2, -np.inf, r.standard_normal(sh)).astype(np.float32)})
+att("attn_static_unpadded", inp("q", (2, 2, 16, 8)), inp("k", (2, 2, 32, 8)), inp("v", (2, 2, 32, 8)), causal=True,
+    sizes=({},))
 att("attn_f16", inp("q", (b, 2, s, 32), F16), inp("k", (b, 2, t, 32), F16), inp("v", (b, 2, t, 32), F16),
     causal=True, rtol=2e-3, atol=2e-3, sizes=({"b": 1, "s": 6, "t": 6}, {"b": 2, "s": 1, "t": 30}))
 
