@@ -90,3 +90,25 @@ def test_hugging_face_folder_source(tmp_path):
     assert r.returncode == 0, r.stderr
     r = llmc("inspect", str(tmp_path / "q.llmc"))
     assert "output logits" in r.stdout
+
+
+def test_onnx_file_source(tmp_path):
+    from onnx_export import export_onnx, ort_session
+
+    path = tmp_path / "bert.onnx"
+    export_onnx("bert", "torchscript", str(path))
+    r = llmc("compile", str(path), "-o", str(tmp_path / "bert.llmc"), "--seq-len", "32", "--batch", "2", "--report")
+    assert r.returncode == 0, r.stderr
+    assert "layer_norm" in r.stdout and "attention" in r.stdout
+    ids = np.random.default_rng(0).integers(0, 100, (2, 11)).astype(np.int64)
+    mask = np.ones_like(ids)
+    np.save(tmp_path / "ids.npy", ids)
+    np.save(tmp_path / "mask.npy", mask)
+    r = llmc("run", str(tmp_path / "bert.llmc"), "--input", f"input_ids={tmp_path / 'ids.npy'}",
+             "--input", f"attention_mask={tmp_path / 'mask.npy'}", "-o", str(tmp_path / "o.npz"))
+    assert r.returncode == 0, r.stderr
+    want = ort_session(str(path)).run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    assert np.abs(np.load(tmp_path / "o.npz")["out"] - want).max() <= 1e-4
+    (tmp_path / "junk.onnx").write_bytes(b"this is not a model")
+    r = llmc("compile", str(tmp_path / "junk.onnx"), "-o", str(tmp_path / "junk.llmc"))
+    assert r.returncode == 2 and "junk.onnx" in r.stderr and not (tmp_path / "junk.llmc").exists()
