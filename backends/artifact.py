@@ -66,7 +66,7 @@ def write_artifact(path: str | os.PathLike, library_writer, manifest: dict, weig
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        library_writer(str(tmp / LIBRARY))
+        library_writer(str(tmp / manifest.get("library", LIBRARY)))
         save_file({k: _storable(v) for k, v in weights.items()}, str(tmp / WEIGHTS))
         manifest = dict(manifest, weights=dict(manifest["weights"], bytes=(tmp / WEIGHTS).stat().st_size))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -19,13 +19,25 @@ def _require_compiler() -> None:
                         "compile first, or set TVM_USE_RUNTIME_LIB=0 before loading artifacts")
 
 
-def build_kernels(kernels: Mapping[str, Kernel], target: TargetSpec, progress: Callable[[str], None] | None = None):
+def build_kernels(kernels: Mapping[str, Kernel], target: TargetSpec, progress: Callable[[str], None] | None = None,
+                  use_shim: bool = True, symbols: Mapping | None = None):
     _require_compiler()
+    from ..runtime.tvm_runtime import use_all_cores
+
+    use_all_cores()  # in-process CompiledModel calls run these kernels right away
     t = time.perf_counter()
     if target.kind == "llvm":
         from .build import build_kernels as build_cpu, default_target
 
         ex = build_cpu(kernels, default_target())
+    elif target.kind == "cuda":
+        from .build_cuda import build_kernels as build_cuda
+
+        ex = build_cuda(kernels, target, use_shim=use_shim, progress=progress, symbols=symbols)
+    elif target.kind in ("rocm", "metal"):
+        from .build_gpu_targets import build_metal, build_rocm
+
+        ex = (build_rocm if target.kind == "rocm" else build_metal)(kernels, target)
     else:
         from ..errors import TargetError
 
@@ -35,4 +47,15 @@ def build_kernels(kernels: Mapping[str, Kernel], target: TargetSpec, progress: C
     return ex
 
 
-__all__ = ["build_kernels", "describe_kernel"]
+def build_program_for(target: TargetSpec):
+    """The Graph -> Program builder for a target: CUDA groups kernels for its library offload."""
+    if target.kind == "cuda":
+        from .build_cuda import build_program
+
+        return build_program
+    from ..passes.pipeline import build_program
+
+    return build_program
+
+
+__all__ = ["build_kernels", "build_program_for", "describe_kernel"]

@@ -84,8 +84,13 @@ class Injective(GPUScheduleRule):
 
 
 def default_rules() -> list:
+    import os
+
+    # LLMC_GPU_INJECTIVE=strided|unroll|none|fallback: a tuning knob for elementwise kernels
+    mode = os.environ.get("LLMC_GPU_INJECTIVE", "strided")
+    inj = [] if mode == "fallback" else [Injective(mode=mode)]
     return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(),
-            dl.gpu.GeneralReduction(), Injective(), dl.gpu.Fallback()]
+            dl.gpu.GeneralReduction(), *inj, dl.gpu.Fallback()]
 
 
 def _as_func(sch) -> tirx.PrimFunc | None:

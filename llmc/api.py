@@ -21,6 +21,7 @@ class CompileOptions:
     verify_each: bool = False  # run the IR verifier after every pass
     dump_dir: str | None = None  # write the printed IR after each pass here
     progress: Callable[[str], None] | None = None
+    use_shim: bool = True  # CUDA: offload GEMMs/attention to the llmc shim (cuBLASLt, flash attention)
 
 
 @dataclass
@@ -35,6 +36,19 @@ class CompiledModel:
     _executor: Any = None
 
     def _runner(self):
+        if self.manifest["device"] in ("rocm", "metal"):
+            raise LLMCError(f"this model was compiled for {self.manifest['target']}; it cannot run here. "
+                            f"export() it and load it on that device")
+        if self._executor is None and self.manifest["device"] == "cuda":
+            from .backends.artifact import weights_of
+            from .runtime.gpu import GpuExecutor, import_tvm_cuda
+
+            tvm = import_tvm_cuda()
+            ex = self.executable
+            modules = {"tvm": ex.mod.mod if ex.mod is not None else None}
+            if ex.shim_path is not None:
+                modules["shim"] = tvm.runtime.load_module(str(ex.shim_path))
+            self._executor = GpuExecutor(self.manifest, modules, weights_of(self.program))
         if self._executor is None:
             from .backends.artifact import weights_of
             from .runtime.executor import Executor
@@ -54,10 +68,28 @@ class CompiledModel:
     def output_names(self) -> list[str]:
         return [o["name"] for o in self.manifest["outputs"]]
 
-    def export(self, path: str | os.PathLike) -> pathlib.Path:
+    def export(self, path: str | os.PathLike, weights: bool = True, keep_below: int = 1 << 16) -> pathlib.Path:
+        """Write the artifact. `weights=False` writes a perf artifact: large float weights are
+        left out (only their shapes and dtypes stay in the manifest, listed under
+        weights.omitted) and the CUDA runtime fills them with random values; integer ones
+        and those under `keep_below` bytes (position ids, norms, biases) are kept."""
         from .backends.artifact import weights_of, write_artifact
 
-        return write_artifact(path, self.executable.export_library, self.manifest, weights_of(self.program))
+        ws = weights_of(self.program)
+        manifest = self.manifest
+        if not weights:
+            omit = sorted(k for k, a in ws.items() if a.dtype.kind in "fV" and a.nbytes >= keep_below)
+            ws = {k: a for k, a in ws.items() if k not in set(omit)}
+            manifest = dict(manifest, weights=dict(manifest["weights"], omitted=omit))
+        writer = self.executable.export_library
+        if self.manifest["device"] in ("rocm", "metal"):  # metal: a .tar of Mach-O objects, linked on macOS
+            from .backends.build_gpu_targets import library_file, library_writer
+            from .backends.targets import parse_target
+
+            spec = parse_target(self.manifest["target"])
+            writer = library_writer(self.executable, spec)
+            manifest = dict(manifest, library=library_file(spec))
+        return write_artifact(path, writer, manifest, ws)
 
 
 def _say(opts: CompileOptions, msg: str) -> None:
@@ -86,27 +118,31 @@ def capture(model: Any, example_args: Sequence = (), example_kwargs: dict | None
 
 def compile_graph(graph, opts: CompileOptions) -> CompiledModel:
     from .backends.artifact import build_manifest, weights_of
-    from .backends.build_target import build_kernels, describe_kernel
+    from .backends.build_target import build_kernels, build_program_for, describe_kernel
     from .backends.targets import parse_target
     from .compiler.program import lower_to_program, one_op_per_kernel
-    from .passes.pipeline import DEFAULT_PIPELINE, build_program, format_report
+    from .passes.pipeline import DEFAULT_PIPELINE, format_report
     from .passes.plan_memory import plan_memory
 
     target = parse_target(opts.target)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     if opts.fuse:
-        program, reports = build_program(graph, DEFAULT_PIPELINE, opts.verify_each, opts.dump_dir)
+        program, reports = build_program_for(target)(graph, DEFAULT_PIPELINE, opts.verify_each, opts.dump_dir)
     else:
         program, reports = plan_memory(lower_to_program(graph, one_op_per_kernel)), []
     timings["passes_s"] = time.perf_counter() - t
     _say(opts, f"{len(program.kernels)} kernels, {len(program.calls)} calls; building for {target}")
     t = time.perf_counter()
-    executable = build_kernels(program.kernels, target, progress=opts.progress)
+    executable = build_kernels(program.kernels, target, progress=opts.progress, use_shim=opts.use_shim,
+                               symbols=program.graph.symbols)
 
     timings["build_s"] = time.perf_counter() - t
     weights = weights_of(program)
     manifest = build_manifest(program, target, sum(a.nbytes for a in weights.values()), describe_kernel)
+    if hasattr(executable, "update_manifest"):  # e.g. CUDA: per-kernel routes, the shim library
+        manifest = executable.update_manifest(manifest)
+        timings.update(getattr(executable, "timings", {}))
     report = format_report(reports, program.graph, program)
     return CompiledModel(program, executable, manifest, report, timings)
 

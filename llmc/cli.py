@@ -16,6 +16,8 @@ USAGE = """examples:
   llmc compile mypkg.models:make -o out.llmc       # make() returns (model, example_args)
   llmc run out.llmc --input input_ids=ids.npy -o result.npz
   llmc inspect out.llmc
+  llmc compile llmc.bench_models:llama_1b -o l1b.llmc --target cuda --weights none --batch 8
+  llmc bench l1b.llmc --model llmc.bench_models:llama_1b --batch 8 --seq 512   # on a GPU machine
 """
 
 
@@ -33,11 +35,18 @@ def cmd_compile(a: argparse.Namespace) -> int:
     bounds = {"batch": (1, a.batch), "seq": (1, a.seq_len)}
     src = resolve(a.src, batch=min(2, a.batch), seq=min(16, a.seq_len))
     _progress(f"capturing {src.description}")
-    opts = CompileOptions(a.target, None, bounds, not a.no_fuse, a.verify_each, a.dump_ir, _progress)
+    opts = CompileOptions(a.target, None, bounds, not a.no_fuse, a.verify_each, a.dump_ir, _progress,
+                          use_shim=not a.no_shim)
     graph = capture(src.model, src.args, src.kwargs, opts)
     _progress(f"captured {len(graph.nodes())} nodes, {len(graph.params)} weights in {time.perf_counter() - t0:.1f}s")
     compiled = compile_graph(graph, opts)
-    out = compiled.export(a.output)
+    out = compiled.export(a.output, weights=a.weights == "all")
+    if a.weights == "none":
+        from .runtime.manifest import read_manifest
+
+        omitted = read_manifest(out)["weights"].get("omitted") or []
+        _progress(f"perf artifact: {len(omitted)} large weights left out (shapes only); the CUDA runtime fills "
+                  f"them with random values")
     _progress(f"wrote {out} in {time.perf_counter() - t0:.1f}s total")
     if a.report:
         print(compiled.report)
@@ -102,12 +111,28 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     for c in m["calls"]:
         counts[c["kernel"]] = counts.get(c["kernel"], 0) + 1
     print(f"kernels: {len(m['kernels'])} built, {len(m['calls'])} calls")
+    routed = any("route" in k for k in m["kernels"].values())
     for name, k in m["kernels"].items():
-        print(f"  {name:28s} x{counts.get(name, 0):<4d} {k['ops']}")
+        route = ""
+        if routed:
+            route = (f"shim:{k['func']} ({k.get('label', '')})" if k.get("route") == "shim"
+                     else f"tvm ({k.get('schedule', '')})")
+            route = f"{route:44s} "
+        print(f"  {name:20s} x{counts.get(name, 0):<4d} {route}{k['ops']}")
+    if "libraries" in m:
+        print("libraries: " + ", ".join(f"{k}={v}" for k, v in m["libraries"].items()))
     w = m["weights"]
-    print(f"weights: {w['count']} tensors, {w['bytes'] / 2**20:.2f} MiB")
+    print(f"weights: {w['count']} tensors, {w['bytes'] / 2**20:.2f} MiB"
+          + (f" ({len(w['omitted'])} large ones left out: a perf artifact, random values at run time)"
+             if w.get("omitted") else ""))
     print(f"arena: {m['arena_bytes'] / 2**20:.2f} MiB planned" if isinstance(m["arena_bytes"], int) else "")
     return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from .bench import main_bench
+
+    return main_bench(a)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,13 +149,29 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--no-fuse", action="store_true", help="one kernel per op (for debugging)")
     c.add_argument("--verify-each", action="store_true", help="run the IR verifier after every pass")
     c.add_argument("--dump-ir", metavar="DIR", help="write the printed IR after each pass into DIR")
+    c.add_argument("--weights", choices=["all", "none"], default="all",
+                   help="none: a perf artifact without its large weights (the CUDA runtime fills random values)")
+    c.add_argument("--no-shim", action="store_true", help="cuda: build every kernel with TVM (no cuBLASLt / "
+                                                           "flash-attention offload)")
     c.set_defaults(fn=cmd_compile)
     r = sub.add_parser("run", help="run an artifact on .npy inputs")
     r.add_argument("artifact")
     r.add_argument("--input", action="append", default=[], help="[name=]file.npy (repeat; positional order if unnamed)")
     r.add_argument("-o", "--output", help="write the outputs to this .npz")
-    r.add_argument("--device", default="cpu")
+    r.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
     r.set_defaults(fn=cmd_run)
+    b = sub.add_parser("bench", help="time an artifact on the GPU against torch eager / torch.compile")
+    b.add_argument("artifact")
+    b.add_argument("--model", required=True, help="pkg.module:function building the same model in torch "
+                                                  "(e.g. llmc.bench_models:llama_1b)")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--seq", type=int, default=512)
+    b.add_argument("--modes", default="eager,max-autotune-no-cudagraphs,reduce-overhead",
+                   help="comma-separated torch runs: eager, default, max-autotune-no-cudagraphs, reduce-overhead, ...")
+    b.add_argument("--iters", type=int, default=50)
+    b.add_argument("--no-profile", action="store_true", help="skip the per-kernel profile")
+    b.add_argument("--json", help="also write the results here")
+    b.set_defaults(fn=cmd_bench)
     i = sub.add_parser("inspect", help="show an artifact's inputs, outputs, kernels and weight bytes")
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true", help="print the raw manifest")

@@ -49,6 +49,34 @@ def numpy_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
+class _DLPackAs:
+    """A numpy array passed to TVM with another DLPack dtype code: numpy's DLPack export has
+    no bfloat16 (ml_dtypes arrays are refused), so bf16 buffers travel as their uint16 words
+    with the dtype code patched to kDLBfloat (4). DLTensor layout: data, device, ndim, dtype."""
+
+    _DTYPE_CODE_OFFSET = 8 + 8 + 4
+
+    def __init__(self, a: np.ndarray, code: int = 4):
+        self.a = a.view(np.uint16)
+        self.code = code
+
+    def __dlpack__(self, *args, **kwargs):
+        import ctypes
+
+        get = ctypes.pythonapi.PyCapsule_GetPointer
+        get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+        cap = self.a.__dlpack__()
+        ctypes.c_uint8.from_address(get(cap, b"dltensor") + self._DTYPE_CODE_OFFSET).value = self.code
+        return cap
+
+    def __dlpack_device__(self):
+        return (1, 0)
+
+
+def _is_bf16(a) -> bool:
+    return isinstance(a, np.ndarray) and a.dtype.name == "bfloat16"
+
+
 def _to_numpy(x: Any, name: str) -> np.ndarray:
     if isinstance(x, np.ndarray):
         return x
@@ -57,6 +85,23 @@ def _to_numpy(x: Any, name: str) -> np.ndarray:
     if isinstance(x, (list, tuple, int, float)):
         return np.asarray(x)
     raise InputError(f"input {name!r}: expected a numpy array or torch tensor, got {type(x).__name__}")
+
+
+def match_inputs(names: Sequence[str], args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Map positional and keyword call arguments onto the artifact's input names."""
+    if len(args) > len(names):
+        raise InputError(f"expected at most {len(names)} inputs {list(names)}, got {len(args)}")
+    values = dict(zip(names, args))
+    for k, v in kwargs.items():
+        if k not in names:
+            raise InputError(f"unknown input {k!r}; inputs are {list(names)}")
+        if k in values:
+            raise InputError(f"input {k!r} given twice")
+        values[k] = v
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise InputError(f"missing inputs {missing}")
+    return values
 
 
 class Executor:
@@ -92,6 +137,7 @@ class Executor:
         self._arena = aligned_empty((int(arena),), np.uint8) if isinstance(arena, int) and arena else None
         self._temps: OrderedDict[tuple, dict[int, np.ndarray]] = OrderedDict()
         self._out_set = set(self._output_ids)
+        self._bf16 = any(b["dtype"] == "bfloat16" for b in self._buffers)
 
     # ---- symbol binding and buffer resolution ----------------------------------------
     def _bind(self, arrays: Sequence[np.ndarray]) -> dict[str, int]:
@@ -154,18 +200,7 @@ class Executor:
 
     # ---- calling -----------------------------------------------------------------------
     def _collect(self, args: tuple, kwargs: dict) -> list[np.ndarray]:
-        if len(args) > len(self.input_names):
-            raise InputError(f"expected at most {len(self.input_names)} inputs {self.input_names}, got {len(args)}")
-        values = dict(zip(self.input_names, args))
-        for k, v in kwargs.items():
-            if k not in self.input_names:
-                raise InputError(f"unknown input {k!r}; inputs are {self.input_names}")
-            if k in values:
-                raise InputError(f"input {k!r} given twice")
-            values[k] = v
-        missing = [n for n in self.input_names if n not in values]
-        if missing:
-            raise InputError(f"missing inputs {missing}")
+        values = match_inputs(self.input_names, args, kwargs)
         arrays = []
         for spec in self.manifest["inputs"]:
             a = _to_numpy(values[spec["name"]], spec["name"])
@@ -179,8 +214,10 @@ class Executor:
         arrays = self._collect(args, kwargs)
         env = self._bind(arrays)
         bufs = self._resolve(arrays, env)
+        args = {k: _DLPackAs(v) for k, v in bufs.items() if _is_bf16(v)} if self._bf16 else {}
+        args = {**bufs, **args} if args else bufs
         for fn, buf_ids, syms in self._calls:
-            fn(*[bufs[i] for i in buf_ids], *[env[s] for s in syms])
+            fn(*[args[i] for i in buf_ids], *[env[s] for s in syms])
         outs = []
         for bid in self._output_ids:
             a = bufs[bid]
@@ -194,18 +231,40 @@ class Executor:
                 "calls": len(m["calls"]), "weight_bytes": m["weights"]["bytes"]}
 
 
-def load(path, device: str = "cpu") -> Executor:
-    """Load an artifact folder written by `CompiledModel.export` / `llmc compile`."""
+def load(path, device: str = "cpu", **options):
+    """Load an artifact folder written by `CompiledModel.export` / `llmc compile`.
+
+    device "cpu" gives an Executor; "cuda" (or "cuda:N") a runtime.gpu.GpuExecutor, which
+    takes `graphs` (CUDA-graph replay, default on) and `fill_weights` ("random" | "none",
+    for perf artifacts compiled without weights) as options.
+    """
     path = pathlib.Path(path)
     manifest = read_manifest(path)
-    if device != "cpu":
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda"):
         from ..errors import TargetError
 
-        raise TargetError(f"device {device!r} is not supported by this runtime yet (use 'cpu')")
-    if manifest["device"] != device:
-        raise ArtifactError(f"{path} was compiled for {manifest['device']!r}, not {device!r}")
+        raise TargetError(f"device {device!r} is not supported by this runtime (use 'cpu' or 'cuda')")
+    if manifest["device"] != kind:
+        raise ArtifactError(f"{path} was compiled for {manifest['device']!r}, not {kind!r}")
+    omitted = bool(manifest["weights"].get("omitted"))
     weights = load_weights(path / WEIGHTS, manifest)
-    tvm = import_tvm(with_gpu=device != "cpu")
+    if kind == "cuda":
+        from .gpu import GpuExecutor, import_tvm_cuda
+
+        tvm = import_tvm_cuda()
+        modules = {}
+        for lib, file in manifest.get("libraries", {"tvm": LIBRARY}).items():
+            try:
+                modules[lib] = tvm.runtime.load_module(str(path / file))
+            except Exception as e:
+                raise ArtifactError(f"{path / file}: cannot load the {lib} library "
+                                    f"({str(e).splitlines()[0][:200]})") from None
+        return GpuExecutor(manifest, modules, weights, device_id=int(index or 0), **options)
+    if omitted:
+        raise ArtifactError(f"{path} lacks its large weights (a perf artifact compiled with --weights none); "
+                            f"only the CUDA runtime fills them with random values")
+    tvm = import_tvm(with_gpu=False)
     try:
         module = tvm.runtime.load_module(str(path / LIBRARY))
     except Exception as e:

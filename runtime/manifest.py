@@ -46,7 +46,7 @@ def read_manifest(path: pathlib.Path) -> dict:
         raise ArtifactError(
             f"{path}: artifact format version {m.get('format_version')} (written by llmc {m.get('llmc_version')}) "
             f"is not supported by this runtime (format {FORMAT_VERSION}); recompile it with this llmc")
-    for lib_file in (LIBRARY, WEIGHTS):
+    for lib_file in (m.get("library", LIBRARY), WEIGHTS):
         if not (path / lib_file).is_file():
             raise ArtifactError(f"{path}: missing {lib_file}")
     return m

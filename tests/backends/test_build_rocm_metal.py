@@ -243,3 +243,22 @@ def test_metal_target_names():
     assert metal_target(parse_target("metal:m2")).host.attrs["mcpu"] == "apple-m2"
     with pytest.raises(TargetError):
         metal_target(parse_target("metal:m9"))
+
+
+def test_compile_api_writes_rocm_and_metal_artifacts(tmp_path):
+    """llmc.compile(..., target=rocm/metal) -> export(): the artifact folder holds the
+    library for that target, and calling the model here says why it cannot run."""
+    import json
+
+    import llmc
+    from llmc.compiler.frontend.hf_models import tiny_model
+
+    model, kw = tiny_model("llama")
+    for target, lib in (("rocm:gfx942", "kernels.so"), ("metal", "kernels.tar")):
+        cm = llmc.compile(model, (), kw, target=target, dim_bounds={"batch": (1, 2), "seq": (1, 16)})
+        out = cm.export(tmp_path / f"{target.split(':')[0]}.llmc")
+        m = json.loads((out / "manifest.json").read_text())
+        assert (out / lib).is_file() and m.get("library", "kernels.so") == lib
+        assert m["device"] == target.split(":")[0]
+        with pytest.raises(llmc.LLMCError, match="cannot run here"):
+            cm(**{k: v for k, v in kw.items() if k != "use_cache"})

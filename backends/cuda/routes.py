@@ -1,0 +1,432 @@
+"""Which kernels of a CUDA build run in the shim (cuBLASLt GEMMs, flash attention), and the
+grouping that gives them kernels the shim can run.
+
+passes/partition.py's `fused_grouping` builds kernels for TVM: a MATMUL with its prologue
+(casts, slices) and elementwise epilogue, an ATTENTION with its rotary prologue and head
+transposes. The shim computes a fixed set of things, so for CUDA:
+
+1. `prepare_graph` rewrites each offloadable ATTENTION so that its q, k and v are read
+   token-major: an input `x` [B,H,S,D] that is not already `PERMUTE(y [B,S,H,D])` becomes
+   `PERMUTE(PERMUTE(x))`. The rotary kernel then writes y token-major (contiguous), and the
+   attention kernel reads it with no transpose copy and writes its output token-major
+   [B,S,H*D], which the O projection reads as is.
+2. `cuda_grouping` runs `fused_grouping` and splits each group whose anchor the shim can run
+   into: the nodes the core depends on (a TVM kernel; none when they are only reshapes,
+   which are views), the core (one shim call), and what is left (a TVM kernel).
+3. `match_route(kernel)` decides, per built kernel, whether it is exactly a shim call and
+   with which arguments; anything else is lowered through TVM, so the shim is an
+   optimisation and never a correctness requirement.
+
+Norm kernels: a lone LayerNorm/RMSNorm (fp16/bf16/fp32) runs in the shim's warp-per-row kernel.
+GEMM cores: `C = act(A @ W + bias) + residual` with W 2-D ([K, N], the layout llmc's
+weights have), bias [N], act GELU(tanh) or ReLU (cuBLASLt epilogues; exact GELU stays a TVM
+kernel), residual shaped like C; fp16, bf16 or fp32. Attention cores: fp16/bf16, head dim
+16/32/64/128, GQA, causal, optional mask (bool or additive f32), any mix of token-/head-major.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llmc.compiler import ir
+from llmc.compiler.dtypes import DType
+from llmc.compiler.ir import Graph, Node
+from llmc.compiler.ops import Op, PermuteAttrs
+from llmc.compiler.program import Kernel
+from llmc.compiler.symbolic import to_json
+
+BSHD = (0, 2, 1, 3)
+GEMM_DTYPES = frozenset({DType.F16, DType.BF16, DType.F32})
+ATTN_DTYPES = frozenset({DType.F16, DType.BF16})
+ATTN_HEAD_DIMS = frozenset({16, 32, 64, 128})
+GEMM_FUNC = "llmc_gemm_ex"
+ATTN_FUNC = "llmc_attention_ext"
+NORM_FUNC = "llmc_norm_ext"
+ACT = {Op.GELU: 1, Op.RELU: 2}
+
+
+def _is_bshd_permute(n: Node) -> bool:
+    return n.op is Op.PERMUTE and tuple(n.attrs.perm) == BSHD
+
+
+def _transposed_2d(w: Node) -> bool:
+    """w = PERMUTE(x [N, K], (1, 0)): the GEMM reads x with trans_b=1 instead (a tied
+    embedding used as the LM head is stored once, [vocab, hidden])."""
+    return w.op is Op.PERMUTE and tuple(w.attrs.perm) == (1, 0) and len(w.inputs[0].shape) == 2
+
+
+def attention_offloadable(a: Node) -> bool:
+    if a.op is not Op.ATTENTION or len(a.inputs) < 3:
+        return False
+    q, k, v = a.inputs[:3]
+    if a.dtype not in ATTN_DTYPES or any(x.dtype is not a.dtype or len(x.shape) != 4 for x in (q, k, v)):
+        return False
+    d = q.shape[3]
+    if not (isinstance(d, int) and d in ATTN_HEAD_DIMS and k.shape[3] == d and v.shape[3] == d):
+        return False
+    if not a.attrs.scale > 0:
+        return False
+    if len(a.inputs) > 3:
+        m = a.inputs[3]
+        if len(m.shape) > 4 or m.dtype not in (DType.BOOL, DType.F32):
+            return False
+    return True
+
+
+def packed_qkv(a: Node) -> Node | None:
+    """X when q, k, v are PERMUTE(RESHAPE(SLICE(X))) of one [B, S, (Hq+2Hk)*D] projection
+    output, sliced q | k | v in that order along its last axis: the attention then reads X
+    in place (no copies), as a fused QKV GEMM wrote it."""
+    if a.op is not Op.ATTENTION:
+        return None
+    xs, starts = [], []
+    for x in a.inputs[:3]:
+        if not _is_bshd_permute(x) or x.inputs[0].op is not Op.RESHAPE:
+            return None
+        r = x.inputs[0]
+        sl = r.inputs[0]
+        if sl.op is not Op.SLICE or len(sl.shape) != 3 or sl.attrs.axis != 2 or sl.attrs.step != 1:
+            return None
+        if len(r.shape) != 4 or tuple(r.shape[:2]) != tuple(sl.shape[:2]):
+            return None
+        xs.append(sl.inputs[0])
+        starts.append((sl.attrs.start, sl.attrs.end))
+    X = xs[0]
+    if any(x is not X for x in xs) or len(X.shape) != 3:
+        return None
+    d = a.inputs[0].shape[3]
+    hq, hk = a.inputs[0].shape[1], a.inputs[1].shape[1]
+    if not all(isinstance(v, int) for v in (d, hq, hk)):
+        return None
+    want = [(0, hq * d), (hq * d, (hq + hk) * d), ((hq + hk) * d, (hq + 2 * hk) * d)]
+    if starts != want or X.shape[2] != (hq + 2 * hk) * d:
+        return None
+    return X
+
+
+def prepare_graph(graph: Graph) -> tuple[Graph, int]:
+    """Token-major q/k/v for every offloadable ATTENTION (see the module doc); (graph, count)."""
+    from llmc.passes.rewrite import substitute
+
+    mapping: dict[int, Node] = {}
+    for n in graph.nodes():
+        if not attention_offloadable(n) or packed_qkv(n) is not None:
+            continue
+        ins = list(n.inputs)
+        changed = False
+        for i in range(3):
+            x = ins[i]
+            if not _is_bshd_permute(x):
+                y = ir.node(Op.PERMUTE, [x], PermuteAttrs(BSHD), x.where)
+                ins[i] = ir.node(Op.PERMUTE, [y], PermuteAttrs(BSHD), x.where)
+                changed = True
+        if changed:
+            mapping[n.uid] = ir.node(Op.ATTENTION, ins, n.attrs, n.where)
+    if not mapping:
+        return graph, 0
+    return substitute(graph, mapping), len(mapping)
+
+
+# ---- grouping ---------------------------------------------------------------------------------
+class _Split:
+    def __init__(self, graph: Graph):
+        self.users = graph.users()
+        self.outputs = {o.uid for o in graph.outputs}
+
+    def only_user(self, n: Node, members: set[int]) -> Node | None:
+        us = {u.uid: u for u in self.users.get(n.uid, [])}
+        if n.uid in self.outputs or len(us) != 1:
+            return None
+        u = next(iter(us.values()))
+        return u if u.uid in members else None
+
+    def attention_core(self, a: Node, members: set[int]) -> set[int]:
+        core = {a.uid}
+        X = packed_qkv(a)
+        if X is not None:
+            chain = [n for x in a.inputs[:3] for n in (x, x.inputs[0], x.inputs[0].inputs[0])]
+            if all(n.uid in members and n.uid not in self.outputs for n in chain) and all(
+                    all(u.uid in {c.uid for c in chain} | {a.uid} for u in self.users.get(n.uid, [])) for n in chain):
+                core |= {n.uid for n in chain}
+        for x in a.inputs[:3]:
+            if (_is_bshd_permute(x) and x.uid in members and x.uid not in self.outputs
+                    and all(u.uid == a.uid for u in self.users.get(x.uid, []))):
+                core.add(x.uid)
+        p = self.only_user(a, members)
+        if p is not None and _is_bshd_permute(p):
+            core.add(p.uid)
+            r = self.only_user(p, members)
+            if r is not None and r.op is Op.RESHAPE and len(r.shape) == 3 and tuple(r.shape[:2]) == tuple(p.shape[:2]):
+                core.add(r.uid)
+        return core
+
+    def matmul_core(self, m: Node, members: set[int], ancestors: set[int]) -> set[int] | None:
+        a, w = m.inputs
+        if len(w.shape) != 2 or len(a.shape) < 2 or m.dtype not in GEMM_DTYPES:
+            return None
+        if a.dtype is not m.dtype or w.dtype is not m.dtype:
+            return None
+        core = {m.uid}
+        if _transposed_2d(w) and w.uid in members and self.only_user(w, members) is m:
+            core.add(w.uid)
+        cur, bias, act = m, False, False
+        n_dim = m.shape[-1]
+        while True:
+            u = self.only_user(cur, members)
+            if u is None or tuple(u.shape) != tuple(cur.shape) or u.dtype is not cur.dtype:
+                break
+            if u.op is Op.ADD:
+                others = [x for x in u.inputs if x.uid != cur.uid]
+                if len(others) != 1:
+                    break
+                o = others[0]
+                if o.dtype is not m.dtype or (o.uid in members and o.uid not in ancestors):
+                    break
+                if not bias and not act and tuple(o.shape[-1:]) == (n_dim,) and all(d == 1 for d in o.shape[:-1]) \
+                        and len(o.shape) < len(u.shape):
+                    bias = True
+                elif tuple(o.shape) == tuple(u.shape):
+                    core.add(u.uid)  # a residual ends the chain (cuBLASLt adds it last)
+                    break
+                else:
+                    break
+            elif u.op in ACT and not act and (u.op is not Op.GELU or u.attrs.approximate):
+                act = True
+            else:
+                break
+            core.add(u.uid)
+            cur = u
+        return core
+
+
+def _ancestors(group: list[Node], members: set[int], roots: set[int]) -> set[int]:
+    by_uid = {n.uid: n for n in group}
+    seen: set[int] = set()
+    stack = [by_uid[r] for r in roots]
+    while stack:
+        n = stack.pop()
+        for i in n.inputs:
+            if i.uid in members and i.uid not in seen and i.uid not in roots:
+                seen.add(i.uid)
+                stack.append(by_uid[i.uid])
+    return seen
+
+
+def _is_view_group(nodes: list[Node]) -> bool:
+    return all(n.op is Op.RESHAPE and n.inputs[0].op is not Op.CONST for n in nodes)
+
+
+def cuda_grouping(graph: Graph) -> list[list[Node]]:
+    """fused_grouping, with each shim-runnable core split out into its own kernel."""
+    from llmc.passes.partition import HEAVY, fused_grouping
+
+    split = _Split(graph)
+    groups = fused_grouping(graph)
+    owner = {n.uid: gi for gi, g in enumerate(groups) for n in g}
+    for gi, g in enumerate(groups):  # a lone W^T kernel feeding one GEMM joins it (trans_b=1)
+        for m in [n for n in g if n.op is Op.MATMUL]:
+            w = m.inputs[1]
+            wg = owner.get(w.uid)
+            if (wg is not None and wg != gi and groups[wg] == [w] and _transposed_2d(w)
+                    and [u.uid for u in split.users.get(w.uid, [])] == [m.uid] and w.uid not in split.outputs):
+                groups[gi] = [w] + groups[gi]
+                groups[wg] = []
+    for gi, g in enumerate(groups):  # X = ADD(GEMM, bias) read in place by attention: bias -> GEMM epilogue
+        for a in [n for n in g if n.op is Op.ATTENTION and attention_offloadable(n)]:
+            X = packed_qkv(a)
+            if X is None or X.op is not Op.ADD or owner.get(X.uid) != gi or X.uid in split.outputs:
+                continue
+            mm = [x for x in X.inputs if x.op is Op.MATMUL and owner.get(x.uid) not in (None, gi)]
+            if len(mm) != 1 or [u.uid for u in split.users.get(mm[0].uid, [])] != [X.uid]:
+                continue
+            mg = owner[mm[0].uid]
+            if not groups[mg] or groups[mg][-1] is not mm[0]:
+                continue
+            groups[gi] = [n for n in g if n is not X]
+            groups[mg] = groups[mg] + [X]
+            owner[X.uid] = mg
+            g = groups[gi]
+    out: list[list[Node]] = []
+    for group in (g for g in groups if g):
+        heavy = [n for n in group if n.op in HEAVY]
+        members = {n.uid for n in group}
+        core: set[int] | None = None
+        if len(heavy) == 1 and heavy[0].op is Op.ATTENTION and attention_offloadable(heavy[0]):
+            core = split.attention_core(heavy[0], members)
+        elif len(heavy) == 1 and heavy[0].op is Op.MATMUL:
+            core = split.matmul_core(heavy[0], members, _ancestors(group, members, {heavy[0].uid}))
+        if core is None:
+            out.append(group)
+            continue
+        pre = _ancestors(group, members, core)
+        parts = ([n for n in group if n.uid in pre], [n for n in group if n.uid in core],
+                 [n for n in group if n.uid not in core and n.uid not in pre])
+        for i, part in enumerate(parts):
+            if part and not (i != 1 and _is_view_group(part)):
+                out.append(part)
+    return out
+
+
+# ---- routes of built kernels ------------------------------------------------------------------
+@dataclass
+class Route:
+    """A kernel run as one shim call: func(*tensors, *scalars).
+
+    `tensors`: per shim argument, None (an absent optional tensor) or (call-arg index, view
+    shape as manifest JSON dims); call args are the kernel's params then its outputs.
+    """
+
+    func: str
+    tensors: list = field(default_factory=list)
+    scalars: list = field(default_factory=list)
+    label: str = ""
+
+    def to_json(self) -> dict:
+        return {"route": "shim", "func": self.func, "label": self.label, "scalars": self.scalars,
+                "tensors": [None if t is None else {"arg": t[0], "shape": [to_json(d) for d in t[1]]}
+                            for t in self.tensors]}
+
+
+def _body(kernel: Kernel) -> list[Node]:
+    return [n for n in kernel.body if n.op is not Op.CONST]
+
+
+def _arg_index(kernel: Kernel):
+    idx = {p.uid: i for i, p in enumerate(kernel.params)}
+    for j, o in enumerate(kernel.outputs):
+        idx.setdefault(o.uid, len(kernel.params) + j)
+    return idx
+
+
+def _match_gemm(kernel: Kernel) -> Route | None:
+    body = _body(kernel)
+    trans_b = 0
+    if len(body) > 1 and _transposed_2d(body[0]) and body[1].op is Op.MATMUL and body[1].inputs[1] is body[0]:
+        trans_b, body = 1, body[1:]
+    if not body or body[0].op is not Op.MATMUL or len(kernel.outputs) != 1 or kernel.outputs[0] is not body[-1]:
+        return None
+    idx = _arg_index(kernel)
+    m = body[0]
+    a, w = m.inputs
+    if trans_b:
+        w = w.inputs[0]
+    if a.uid not in idx or w.uid not in idx or len(w.shape) != 2 or len(a.shape) < 2:
+        return None
+    if m.dtype not in GEMM_DTYPES or a.dtype is not m.dtype or w.dtype is not m.dtype:
+        return None
+    bias = residual = None
+    act = 0
+    cur = m
+    for n in body[1:]:
+        if cur not in n.inputs or tuple(n.shape) != tuple(cur.shape) or residual is not None:
+            return None
+        if n.op is Op.ADD:
+            others = [x for x in n.inputs if x is not cur]
+            if len(others) != 1 or others[0].uid not in idx or others[0].dtype is not m.dtype:
+                return None
+            o = others[0]
+            if bias is None and not act and tuple(o.shape[-1:]) == (m.shape[-1],) and len(o.shape) < len(n.shape) \
+                    and all(d == 1 for d in o.shape[:-1]):
+                bias = (idx[o.uid], (m.shape[-1],))
+            elif tuple(o.shape) == tuple(n.shape):
+                residual = (idx[o.uid], tuple(o.shape))
+            else:
+                return None
+        elif n.op in ACT and not act and (n.op is not Op.GELU or n.attrs.approximate):
+            act = ACT[n.op]
+        else:
+            return None
+        cur = n
+    out = body[-1]
+    label = "cublaslt gemm" + (" (W^T)" if trans_b else "") + (" +bias" if bias else "") + {0: "", 1: " +gelu", 2: " +relu"}[act] \
+        + (" +residual" if residual else "")
+    return Route(GEMM_FUNC, [(idx[a.uid], tuple(a.shape)), (idx[w.uid], tuple(w.shape)), bias, residual,
+                             (idx[out.uid], tuple(out.shape))], [trans_b, act], label)
+
+
+def _match_attention(kernel: Kernel) -> Route | None:
+    body = _body(kernel)
+    atts = [n for n in body if n.op is Op.ATTENTION]
+    if len(atts) != 1 or not attention_offloadable(atts[0]) or len(kernel.outputs) != 1:
+        return None
+    a = atts[0]
+    idx = _arg_index(kernel)
+    inside = {n.uid for n in body}
+    layout = 0
+    tensors = []
+    used = {a.uid}
+    X = packed_qkv(a)
+    if X is not None and X.uid in idx and all(x.uid in inside for x in a.inputs[:3]):
+        B_, S_, W = X.shape
+        d = a.inputs[0].shape[3]
+        view = (B_, S_, W // d, d)
+        tensors = [(idx[X.uid], view)] * 3
+        layout = 16 | 7
+        used |= {n.uid for x in a.inputs[:3] for n in (x, x.inputs[0], x.inputs[0].inputs[0])}
+    for bit, x in zip((1, 2, 4), a.inputs[:3] if not tensors else ()):
+        if x.uid in inside:
+            if not _is_bshd_permute(x) or x.inputs[0].uid not in idx:
+                return None
+            used.add(x.uid)
+            layout |= bit
+            src = x.inputs[0]
+        else:
+            src = x
+        if src.uid not in idx:
+            return None
+        tensors.append((idx[src.uid], tuple(src.shape)))
+    mask = None
+    if len(a.inputs) > 3:
+        mk = a.inputs[3]
+        if mk.uid not in idx:
+            return None
+        mask = (idx[mk.uid], tuple(mk.shape))
+    out = kernel.outputs[0]
+    B, H, S, D = a.shape
+    if out is a:
+        out_view = tuple(a.shape)
+    elif _is_bshd_permute(out) and out.inputs[0] is a:
+        used.add(out.uid)
+        layout |= 8
+        out_view = tuple(out.shape)
+    elif out.op is Op.RESHAPE and _is_bshd_permute(out.inputs[0]) and out.inputs[0].inputs[0] is a \
+            and len(out.shape) == 3 and tuple(out.shape[:2]) == (B, S):
+        used |= {out.uid, out.inputs[0].uid}
+        layout |= 8
+        out_view = (B, S, H, D)
+    else:
+        return None
+    if used != inside:
+        return None
+    tensors += [mask, (idx[out.uid], out_view)]
+    label = "flash attention" + (" packed-qkv" if layout & 16 else "") + (" causal" if a.attrs.causal else "") + (" +mask" if mask else "") \
+        + (" gqa" if a.inputs[1].shape[1] != H else "")
+    return Route(ATTN_FUNC, tensors, [float(a.attrs.scale), int(bool(a.attrs.causal)), layout], label)
+
+
+def _match_norm(kernel: Kernel) -> Route | None:
+    """A lone LAYER_NORM / RMS_NORM over the last axis: one warp per row in the shim (dlight's
+    reduction schedules ran these at a third of the memory bandwidth)."""
+    body = _body(kernel)
+    if len(body) != 1 or body[0].op not in (Op.LAYER_NORM, Op.RMS_NORM) or kernel.outputs != (body[0],):
+        return None
+    n = body[0]
+    idx = _arg_index(kernel)
+    x, w = n.inputs[:2]
+    b = n.inputs[2] if n.op is Op.LAYER_NORM else None
+    ins = [x, w] + ([b] if b is not None else [])
+    if n.dtype not in GEMM_DTYPES or any(i.dtype is not n.dtype or i.uid not in idx for i in ins):
+        return None
+    if len(w.shape) != 1 or w.shape[0] != x.shape[-1] or (b is not None and tuple(b.shape) != tuple(w.shape)):
+        return None
+    kind = 1 if n.op is Op.RMS_NORM else 0
+    return Route(NORM_FUNC, [(idx[x.uid], tuple(x.shape)), (idx[w.uid], tuple(w.shape)),
+                             None if b is None else (idx[b.uid], tuple(b.shape)), (idx[n.uid], tuple(n.shape))],
+                 [float(n.attrs.eps), kind], f"warp-per-row {'rms' if kind else 'layer'} norm")
+
+
+def match_route(kernel: Kernel) -> Route | None:
+    """The shim call that computes `kernel` exactly, or None (then TVM builds it)."""
+    return _match_gemm(kernel) or _match_attention(kernel) or _match_norm(kernel)
+
+
+__all__ = ["prepare_graph", "cuda_grouping", "match_route", "Route", "attention_offloadable"]

@@ -1,0 +1,365 @@
+"""The CUDA executor: an artifact's call list on one GPU, replayed as a CUDA graph.
+
+Device memory: weights are uploaded once (or, for a perf artifact that omits them, filled
+with random values on the device); temporaries are views into one arena allocation at the
+planned offsets (TVM kernels of a CUDA build accept the views' byte_offset); inputs and
+program outputs get their own device buffers, one set per input shape.
+
+Per distinct input shape (the bound symbols) a plan resolves every call to a launch
+`(function, args)`: a TVM kernel (buffers, then symbol values) or a shim call (cuBLASLt
+GEMM / flash attention: views shaped as the manifest says, None for absent tensors, then the
+call's scalars). The first call with a shape runs the launches eagerly once, then captures
+them into a CUDA graph; later calls copy the inputs in and replay the graph. If capture
+fails, or graphs are off (`graphs=False`, LLMC_CUDA_GRAPHS=0), the launches run one by one.
+Up to four shapes keep their plan and graph.
+
+Imports neither torch nor the llmc compiler: TVM's runtime, numpy and ctypes (libcudart).
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import sys
+from collections import OrderedDict
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import ArtifactError, InputError, LLMCError
+from .manifest import eval_dim
+
+SHIM = "shim"
+MAX_PLANS = 4
+
+
+def _preload(names: Sequence[str], pattern: str) -> str | None:
+    for name in names:
+        try:
+            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+            return name
+        except OSError:
+            pass
+    for p in sys.path:  # pip's nvidia-* packages (torch's CUDA libraries)
+        hits = sorted(glob.glob(os.path.join(p or ".", "nvidia", "*", "lib", pattern)))
+        for h in hits:
+            try:
+                ctypes.CDLL(h, mode=ctypes.RTLD_GLOBAL)
+                return h
+            except OSError:
+                pass
+    return None
+
+
+def import_tvm_cuda():
+    """TVM's runtime with its CUDA plugin loaded (preloading libcudart/libcublasLt if needed)."""
+    from .cuda_graph import cudart
+    from .tvm_runtime import import_tvm, skipped_plugins
+
+    try:
+        cudart()  # libcudart.so.13 before the plugin, which links it
+    except Exception:  # noqa: BLE001 - the plugin load below reports the real problem
+        pass
+    _preload(["libcublasLt.so.13", "libcublasLt.so.12"], "libcublasLt.so.1[23]")
+    tvm = import_tvm(with_gpu=True)
+    import tvm_ffi
+
+    if tvm_ffi.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is None:
+        import pathlib
+
+        lib = pathlib.Path(tvm.__file__).resolve().parent / "lib" / "libtvm_runtime_cuda.so"
+        try:
+            ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+        except OSError as e:
+            from ..errors import TargetError
+
+            raise TargetError(f"TVM's CUDA runtime plugin does not load here ({e}; {skipped_plugins}); "
+                              f"running a CUDA artifact needs the NVIDIA driver and libcudart.so.13") from None
+    return tvm
+
+
+class _Plan:
+    """Launches for one set of symbol values, over buffers that stay put (graph-capturable)."""
+
+    def __init__(self):
+        self.inputs: list = []  # device tensors, manifest input order
+        self.bufs: dict[int, Any] = {}
+        self.launches: list[tuple] = []  # (fn, args, kernel name)
+        self.graph = None
+        self.graph_state = "new"  # new | captured | failed | off
+        self.graph_error = ""
+
+
+class GpuExecutor:
+    """A loaded CUDA artifact. Call it like Executor; `run(..., outputs="device")` keeps the
+    outputs on the GPU (valid until the next call with the same shape)."""
+
+    def __init__(self, manifest: dict, modules: Mapping[str, Any], weights: Mapping[str, Any] | None,
+                 device_id: int = 0, graphs: bool | None = None, fill_weights: str = "random"):
+        from .executor import numpy_dtype
+
+        self.tvm = import_tvm_cuda()
+        self.manifest = manifest
+        self.device = "cuda"
+        self.dev = self.tvm.cuda(device_id)
+        if not self.dev.exist:
+            raise LLMCError("no CUDA device is visible to TVM's runtime")
+        self.device_id = device_id
+        self.graphs = (os.environ.get("LLMC_CUDA_GRAPHS", "1") != "0") if graphs is None else graphs
+        self.input_names = [i["name"] for i in manifest["inputs"]]
+        self.output_names = [o["name"] for o in manifest["outputs"]]
+        self._buffers = manifest["buffers"]
+        self._symbols = {s["name"]: (s["lo"], s["hi"]) for s in manifest["symbols"]}
+        self._output_ids = [o["buffer"] for o in manifest["outputs"]]
+        self._out_set = set(self._output_ids)
+        self._numpy_dtype = numpy_dtype
+        self._kernels = {}
+        for name, k in manifest["kernels"].items():
+            lib = SHIM if k.get("route") == "shim" else "tvm"
+            mod = modules.get(lib)
+            if mod is None:
+                raise ArtifactError(f"kernel {name!r} runs in the {lib!r} library, which the artifact lacks")
+            fn_name = k["func"] if lib == SHIM else name
+            try:
+                fn = mod[fn_name]
+            except Exception:
+                raise ArtifactError(f"kernel {name!r}: function {fn_name!r} is missing from the {lib} library") from None
+            self._kernels[name] = (fn, k)
+        if SHIM in modules and modules[SHIM] is not None:
+            try:
+                modules[SHIM]["llmc_shim_init"](device_id)
+            except Exception:  # noqa: BLE001 - GEMM calls will raise with the reason (e.g. no cuBLASLt)
+                pass
+        self.weights_random = False
+        self._weights: dict[int, Any] = {}
+        self.omitted = set(manifest["weights"].get("omitted") or ())
+        for b in self._buffers:
+            if b["role"] != "weight":
+                continue
+            shape, dtype = tuple(b["shape"]), numpy_dtype(b["dtype"])
+            t = self.tvm.runtime.empty(shape, b["dtype"], self.dev)
+            w = None if weights is None else weights.get(b["name"])
+            if w is None:
+                if b["name"] not in self.omitted:
+                    raise ArtifactError(f"weights file lacks {b['name']!r}")
+                self.weights_random = True
+            else:
+                if tuple(w.shape) != shape or w.dtype != dtype:
+                    raise ArtifactError(f"weight {b['name']!r}: file has {w.dtype}{tuple(w.shape)}, "
+                                        f"manifest expects {b['dtype']}{shape}")
+                t.copyfrom(np.ascontiguousarray(w))
+            self._weights[b["id"]] = t
+        if self.weights_random and fill_weights == "random":
+            self.fill_random_weights()
+        arena = manifest.get("arena_bytes", 0)
+        self._arena = self.tvm.runtime.empty((int(arena),), "uint8", self.dev) \
+            if isinstance(arena, int) and arena else None
+        self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
+        self._stream = None
+
+    # ---- shapes and plans ----------------------------------------------------------------
+    def _shape(self, dims, env) -> tuple[int, ...]:
+        return tuple(eval_dim(d, env) for d in dims)
+
+    def _plan_for(self, env: dict[str, int]) -> _Plan:
+        key = tuple(sorted(env.items()))
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._plans.move_to_end(key)
+            return plan
+        rt, dev = self.tvm.runtime, self.dev
+        plan = _Plan()
+        bufs = dict(self._weights)
+        for spec in self.manifest["inputs"]:
+            t = rt.empty(self._shape(spec["shape"], env), spec["dtype"], dev)
+            bufs[spec["buffer"]] = t
+            plan.inputs.append(t)
+        for b in self._buffers:
+            if b["role"] != "temp":
+                continue
+            shape = self._shape(b["shape"], env)
+            if b["id"] not in self._out_set and b.get("offset") is not None and self._arena is not None:
+                bufs[b["id"]] = self._arena._create_view(shape, b["dtype"], int(b["offset"]))
+            else:
+                bufs[b["id"]] = rt.empty(shape, b["dtype"], dev)
+        for b in self._buffers:  # aliases come after their sources in buffer order
+            if b["role"] == "alias":
+                bufs[b["id"]] = bufs[b["alias_of"]]._create_view(self._shape(b["shape"], env), b["dtype"], 0)
+        for c in self.manifest["calls"]:
+            fn, k = self._kernels[c["kernel"]]
+            args = [bufs[i] for i in c["args"]]
+            if k.get("route") == SHIM:
+                tensors = [None if t is None else args[t["arg"]]._create_view(self._shape(t["shape"], env), None, 0)
+                           for t in k["tensors"]]
+                launch = (*tensors, *k["scalars"])
+            else:
+                launch = (*args, *[env[s] for s in k["symbols"]])
+            plan.launches.append((fn, launch, c["kernel"]))
+        plan.bufs = bufs
+        plan.graph_state = "new" if self.graphs else "off"
+        self._plans[key] = plan
+        if len(self._plans) > MAX_PLANS:
+            self._plans.popitem(last=False)
+        return plan
+
+    @property
+    def stream(self):
+        if self._stream is None:
+            from .cuda_graph import Stream
+
+            self._stream = Stream(self.device_id)
+        return self._stream
+
+    def _launch_all(self, plan: _Plan) -> None:
+        for fn, args, _ in plan.launches:
+            fn(*args)
+
+    def _execute(self, plan: _Plan) -> None:
+        if plan.graph_state == "new":
+            from .cuda_graph import CudaGraph
+
+            try:
+                g = CudaGraph(self.device_id, self.stream)
+                g.capture(lambda: self._launch_all(plan), warmup=1)
+                plan.graph, plan.graph_state = g, "captured"
+            except Exception as e:  # noqa: BLE001 - e.g. a call that cannot be captured: run eagerly
+                plan.graph, plan.graph_state, plan.graph_error = None, "failed", str(e)[:300]
+                self.stream.synchronize()
+        if plan.graph_state == "captured":
+            plan.graph.replay()
+        else:
+            with self.stream.use():
+                self._launch_all(plan)
+
+    # ---- calling ---------------------------------------------------------------------------
+    def _arrays(self, args: tuple, kwargs: dict) -> list:
+        from .executor import _to_numpy, match_inputs
+
+        values = match_inputs(self.input_names, args, kwargs)
+        out = []
+        for spec in self.manifest["inputs"]:
+            v = values[spec["name"]]
+            if isinstance(v, self.tvm.runtime.Tensor):
+                if str(v.dtype) != spec["dtype"]:
+                    raise InputError(f"input {spec['name']!r}: expected dtype {spec['dtype']}, got {v.dtype}")
+                out.append(v)
+                continue
+            a = _to_numpy(v, spec["name"])
+            want = self._numpy_dtype(spec["dtype"])
+            if a.dtype != want:
+                raise InputError(f"input {spec['name']!r}: expected dtype {want}, got {a.dtype}")
+            out.append(np.ascontiguousarray(a))
+        return out
+
+    def _bind(self, arrays) -> dict[str, int]:
+        from .executor import Executor
+
+        shim = _ShapeOnly(arrays)
+        return Executor._bind(self, shim)  # type: ignore[arg-type]
+
+    def run(self, *args, outputs: str = "numpy", **kwargs) -> list:
+        """Run once. outputs="numpy" (default) copies them to the host; "device" returns the
+        device tensors themselves (no copy, no synchronisation: they are overwritten by the
+        next call with the same shape)."""
+        arrays = self._arrays(args, kwargs)
+        env = self._bind(arrays)
+        plan = self._plan_for(env)
+        for dst, src in zip(plan.inputs, arrays):
+            dst.copyfrom(src)
+        self._execute(plan)
+        outs = [plan.bufs[b] for b in self._output_ids]
+        if outputs == "device":
+            return outs
+        self.stream.synchronize()
+        return [np.array(t.numpy(), copy=True) for t in outs]
+
+    def __call__(self, *args, **kwargs) -> list[np.ndarray]:
+        return self.run(*args, **kwargs)
+
+    def replay(self, *args, **kwargs) -> None:
+        """Run again on the inputs already on the device for this shape (benchmarking)."""
+        arrays = self._arrays(args, kwargs)
+        self._execute(self._plan_for(self._bind(arrays)))
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+
+    def graph_state(self, *args, **kwargs) -> str:
+        plan = self._plan_for(self._bind(self._arrays(args, kwargs)))
+        return plan.graph_state + (f" ({plan.graph_error})" if plan.graph_error else "")
+
+    def profile(self, *args, repeat: int = 5, **kwargs) -> list[tuple[str, float]]:
+        """Per launch: (kernel name, median ms over `repeat` eager runs), timed with CUDA events."""
+        from .cuda_graph import check, cudart
+
+        arrays = self._arrays(args, kwargs)
+        plan = self._plan_for(self._bind(arrays))
+        for dst, src in zip(plan.inputs, arrays):
+            dst.copyfrom(src)
+        rt = cudart()
+        n = len(plan.launches)
+        events = [ctypes.c_void_p() for _ in range(n + 1)]
+        for e in events:
+            check(rt.cudaEventCreate(ctypes.byref(e)), "cudaEventCreate")
+        times = np.zeros((repeat, n))
+        s = self.stream
+        with s.use():
+            self._launch_all(plan)  # warm-up
+            for r in range(repeat):
+                check(rt.cudaEventRecord(events[0], s.handle), "cudaEventRecord")
+                for i, (fn, a, _) in enumerate(plan.launches):
+                    fn(*a)
+                    check(rt.cudaEventRecord(events[i + 1], s.handle), "cudaEventRecord")
+                check(rt.cudaEventSynchronize(events[n]), "cudaEventSynchronize")
+                ms = ctypes.c_float()
+                for i in range(n):
+                    check(rt.cudaEventElapsedTime(ctypes.byref(ms), events[i], events[i + 1]), "cudaEventElapsedTime")
+                    times[r, i] = ms.value
+        for e in events:
+            rt.cudaEventDestroy(e)
+        med = np.median(times, axis=0)
+        return [(name, float(t)) for (_, _, name), t in zip(plan.launches, med)]
+
+    def fill_random_weights(self, seed: int = 0) -> None:
+        """Fill every weight with N(0, 0.02) values (a tiled random block: cheap, no NaNs)."""
+        block = np.random.default_rng(seed).standard_normal(1 << 20, dtype=np.float32) * 0.02
+        for b in self._buffers:
+            if b["role"] == "weight" and b["name"] in self.omitted:
+                shape, dtype = tuple(b["shape"]), self._numpy_dtype(b["dtype"])
+                n = int(np.prod(shape, dtype=np.int64))
+                src = block.astype(dtype) if dtype.kind in "fV" else np.zeros(1, dtype)
+                self._weights[b["id"]].copyfrom(np.resize(src, n).reshape(shape))
+
+    def device_tensors(self, omitted_only: bool = False) -> dict[str, Any]:
+        """Weight name -> device tensor (e.g. to fill a perf artifact's weights another way)."""
+        by_id = {b["id"]: b["name"] for b in self._buffers if b["role"] == "weight"}
+        return {by_id[i]: t for i, t in self._weights.items() if not omitted_only or by_id[i] in self.omitted}
+
+    def describe(self) -> dict:
+        m = self.manifest
+        return {"inputs": m["inputs"], "outputs": m["outputs"], "kernels": len(m["kernels"]),
+                "calls": len(m["calls"]), "weight_bytes": m["weights"]["bytes"], "device": "cuda",
+                "weights_random": self.weights_random}
+
+
+class _ShapeOnly:
+    """Lets Executor._bind check shapes of device tensors and numpy arrays alike."""
+
+    def __init__(self, arrays):
+        self._a = arrays
+
+    def __iter__(self):
+        for a in self._a:
+            yield a if isinstance(a, np.ndarray) else _Shaped(tuple(int(d) for d in a.shape))
+
+    def __len__(self):
+        return len(self._a)
+
+
+class _Shaped:
+    def __init__(self, shape):
+        self.shape = shape
+        self.ndim = len(shape)
+
+
+__all__ = ["GpuExecutor", "import_tvm_cuda"]

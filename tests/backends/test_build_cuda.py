@@ -1,0 +1,172 @@
+"""CUDA builds on a host without a GPU: the artifact must hold compiled code (a fatbin) for
+every TVM kernel, the routes to the shim must be right, and the CUDA grouping must compute
+the same thing as the model (checked by building that same Program for the CPU).
+
+Needs nvcc and gcc (skipped otherwise). The shim (cuBLASLt + flash attention) build takes
+~2 minutes once per arch and is cached (~/.cache/llmc or $LLMC_CACHE_DIR): the tests that
+need it are marked slow; the fatbin tests build with use_shim=False (TVM kernels only).
+"""
+import json
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from llmc.api import CompileOptions, capture, compile_graph
+from llmc.compiler.frontend.hf_models import DECODERS, tiny_model
+
+pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("gcc") is None,
+                                reason="CUDA builds need nvcc and gcc")
+BOUNDS = {"batch": (1, 4), "seq": (1, 64)}
+
+
+def fatbin_entries(blob: bytes) -> list[tuple[str, int]]:
+    """(kind, sm) of every entry of every fatbin in `blob` (kind: SASS or PTX)."""
+    out, start = [], 0
+    while (i := blob.find(bytes.fromhex("50ed55ba01001000"), start)) >= 0:
+        size = struct.unpack_from("<Q", blob, i + 8)[0]
+        off, end = i + 16, i + 16 + size
+        while off < end:
+            kind, _, hsize, psize = struct.unpack_from("<HHIQ", blob, off)
+            out.append(("PTX" if kind == 1 else "SASS", struct.unpack_from("<I", blob, off + 28)[0]))
+            off += hsize + psize
+        start = end
+    return out
+
+
+def _compile(name, target, dtype=torch.bfloat16, use_shim=False, mask=True):
+    model, kw = tiny_model(name)
+    model = model.to(dtype)
+    if not mask:
+        kw.pop("attention_mask")
+    opts = CompileOptions(target=target, dim_bounds=BOUNDS, use_shim=use_shim)
+    return compile_graph(capture(model, (), kw, opts), opts)
+
+
+@pytest.mark.parametrize("arch", ["sm_90", pytest.param("sm_80", marks=pytest.mark.slow)])
+def test_cuda_artifact_embeds_a_fatbin_for_every_kernel(tmp_path, arch):
+    cm = _compile("llama", f"cuda:{arch}")
+    out = cm.export(tmp_path / "a.llmc")
+    blob = (out / "kernels.so").read_bytes()
+    assert b"__global__" not in blob  # no CUDA source: loading needs no compiler
+    n = int(arch[3:])
+    assert ("SASS", n) in fatbin_entries(blob)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["device"] == "cuda" and m["target"] == f"cuda:{arch}" and m["cuda"]["fatbin"]
+    assert all(k["route"] == "tvm" for k in m["kernels"].values())
+    for name in m["kernels"]:  # every kernel is exported by the library
+        assert f"__tvm_ffi_{name}".encode() in blob, name
+    assert not (out / "shim.so").exists()
+
+
+def test_gpu_schedule_rejects_nothing_and_checks_device_code():
+    import tvm
+    from tvm import te
+
+    from llmc.backends.gpu_schedule import assert_device_code, has_thread_binding, schedule_gpu_func
+    from llmc.errors import LLMCError
+
+    a = te.placeholder((64,), "float32", name="a")
+    b = te.compute((64,), lambda i: a[i] * 2, name="b")
+    f = te.create_prim_func([a, b]).with_attr("global_symbol", "dbl")
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    with target:
+        g = schedule_gpu_func(f, target)
+    assert has_thread_binding(g) and not has_thread_binding(f)
+    host_only = tvm.compile(tvm.IRModule({"dbl": f}), target={"kind": "llvm"})
+    with pytest.raises(LLMCError, match="no device code"):
+        assert_device_code(host_only)
+
+
+def test_arena_views_with_byte_offset_are_accepted():
+    """GPU kernels take arena views whose DLTensor has a byte_offset (checked on llvm)."""
+    import tvm
+    from tvm import te
+
+    from llmc.backends.build_cuda import _offset_params
+
+    a = te.placeholder((8,), "float32", name="a")
+    b = te.compute((8,), lambda i: a[i] + 1, name="b")
+    f = _offset_params(te.create_prim_func([a, b]).with_attr("global_symbol", "add1"))
+    fn = tvm.compile(tvm.IRModule({"add1": f}), target={"kind": "llvm"}).mod["add1"]
+    arena = tvm.runtime.tensor(np.arange(32, dtype="float32"))
+    fn(arena._create_view((8,), "float32", 64), arena._create_view((8,), "float32", 0))
+    np.testing.assert_array_equal(arena.numpy()[:8], np.arange(16, 24) + 1)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "qwen2"])
+def test_cuda_grouping_matches_torch_when_built_for_cpu(name):
+    """The CUDA program (token-major attention, split GEMM cores) run by the CPU backend."""
+    from llmc.backends.artifact import build_manifest, weights_of
+    from llmc.backends.build import build_kernels, default_target
+    from llmc.backends.build_cuda import build_program
+    from llmc.backends.cuda.routes import match_route
+    from llmc.backends.lower import describe_kernel
+    from llmc.backends.targets import parse_target
+    from llmc.runtime.executor import Executor
+
+    model, kw = tiny_model(name)
+    model = model.to(torch.bfloat16)
+    graph = capture(model, (), kw, CompileOptions(dim_bounds=BOUNDS))
+    prog, _ = build_program(graph)
+    routes = {n: match_route(k) for n, k in prog.kernels.items()}
+    attn = [r for r in routes.values() if r and r.func == "llmc_attention_ext"]
+    assert len(attn) == 1
+    if name in ("bert", "gpt2"):  # q/k/v sliced from one QKV projection: read in place
+        assert attn[0].scalars[2] & 16
+    else:  # rotary: the kernel before attention writes q/k/v token-major
+        assert attn[0].scalars[2] == 15
+    assert sum(1 for r in routes.values() if r and r.func == "llmc_gemm_ex") >= 3
+    ex = build_kernels(prog.kernels, default_target())
+    run = Executor(build_manifest(prog, parse_target("llvm"), 0, describe_kernel), ex.mod, weights_of(prog))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 100, (2, 11), generator=g)
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, -3:] = 0
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, **({"use_cache": False} if name in DECODERS else {}))
+    ref = (ref.logits if name in DECODERS else ref.last_hidden_state).float().numpy()
+    got = run(input_ids=ids.numpy(), attention_mask=mask.numpy())[0].astype(np.float32)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 2e-2
+
+
+@pytest.mark.slow
+def test_cuda_artifact_with_shim_routes(tmp_path):
+    cm = _compile("llama", "cuda", use_shim=True, mask=False)
+    out = cm.export(tmp_path / "s.llmc")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["libraries"] == {"tvm": "kernels.so", "shim": "shim.so"} and (out / "shim.so").exists()
+    routes = {n: k for n, k in m["kernels"].items() if k["route"] == "shim"}
+    attn = [k for k in routes.values() if k["func"] == "llmc_attention_ext"]
+    gemm = [k for k in routes.values() if k["func"] == "llmc_gemm_ex"]
+    assert len(attn) == 1 and attn[0]["scalars"] == [0.25, 1, 15]  # scale, causal, all token-major
+    assert attn[0]["tensors"][3] is None  # no mask
+    assert len(gemm) >= 3 and all(len(k["tensors"]) == 5 and len(k["scalars"]) == 2 for k in gemm)
+    assert any(k["tensors"][3] is not None for k in gemm)  # a residual epilogue
+    calls_to = {c["kernel"] for c in m["calls"]}
+    assert set(routes) <= calls_to
+    blob = (out / "kernels.so").read_bytes()
+    for name, k in m["kernels"].items():
+        if k["route"] == "tvm":
+            assert f"__tvm_ffi_{name}".encode() in blob
+    shim = (out / "shim.so").read_bytes()
+    assert b"__tvm_ffi_llmc_gemm_ex" in shim and b"__tvm_ffi_llmc_attention_ext" in shim
+
+
+def test_perf_artifact_omits_large_weights(tmp_path):
+    cm = _compile("llama", "cuda")
+    out = cm.export(tmp_path / "p.llmc", weights=False, keep_below=4096)
+    m = json.loads((out / "manifest.json").read_text())
+    omitted = set(m["weights"]["omitted"])
+    from safetensors.numpy import load_file
+
+    kept = set(load_file(str(out / "weights.safetensors")))
+    names = {b["name"] for b in m["buffers"] if b["role"] == "weight"}
+    assert omitted and kept and omitted | kept == names and not omitted & kept
+    from llmc.errors import ArtifactError
+    from llmc.runtime.executor import load
+
+    with pytest.raises(ArtifactError):
+        load(out)  # wrong device and no weights: refused with a clear error
