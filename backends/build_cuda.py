@@ -296,36 +296,17 @@ def build_shim_for(arch: str) -> pathlib.Path:
 # ---- the CUDA program: CUDA-specific grouping ------------------------------------------------
 def build_program(graph, passes=None, verify_each: bool = False, dump_dir=None):
     """passes.pipeline.build_program with the CUDA grouping (see backends/cuda/routes.py)."""
-    from llmc.compiler.program import lower_to_program
-    from llmc.passes.partition import grouping_stats
-    from llmc.passes.pipeline import DEFAULT_PIPELINE, run_pipeline
-    from llmc.passes.plan_memory import plan_memory
-    from llmc.passes.report import PassReport, format_memory, op_counts, unfused_counts
+    from llmc.passes.pipeline import DEFAULT_PIPELINE
+    from llmc.passes.pipeline import build_program as build
 
     from .cuda.routes import cuda_grouping, prepare_graph
 
-    graph, reports = run_pipeline(graph, DEFAULT_PIPELINE if passes is None else passes, verify_each, dump_dir)
-    t0 = time.perf_counter()
-    graph, n_attn = prepare_graph(graph)
-    groups = cuda_grouping(graph)
-    stats = grouping_stats(groups)
-    program = lower_to_program(graph, lambda g: groups)
-    per_layer = stats["kernels_per_layer"]
-    layers = sorted(k for k in per_layer if k is not None)
-    lines = [f"{stats['kernels']} kernel calls (CUDA grouping; {n_attn} attentions read token-major q/k/v)"]
-    if layers:
-        lines.append(f"per layer: {', '.join(str(per_layer[k]) for k in layers)}")
-    lines.append(", ".join(f"{k} {v}" for k, v in sorted(stats["by_anchor"].items())))
-    reports.append(PassReport("cuda_grouping", {"kernels": stats["kernels"]}, lines, time.perf_counter() - t0))
-    program = program.with_buffers(program.buffers, program.arena_bytes, kernels_per_layer=per_layer,
-                                   unfused=unfused_counts(graph),
-                                   op_counts={o.name.lower(): c for o, c in op_counts(graph).items()})
-    t0 = time.perf_counter()
-    program = plan_memory(program)
-    mp = program.notes["memory_plan"]
-    reports.append(PassReport("plan_memory", {k: v for k, v in mp.items() if isinstance(v, int)},
-                              [format_memory(mp).removeprefix("memory: ")], time.perf_counter() - t0))
-    return program, reports
+    def prepare(g):
+        g, n_attn = prepare_graph(g)
+        return g, f"CUDA grouping; {n_attn} attentions read token-major q/k/v"
+
+    return build(graph, DEFAULT_PIPELINE if passes is None else passes, verify_each, dump_dir,
+                 grouping=cuda_grouping, prepare=prepare, grouping_name="cuda_grouping")
 
 
 __all__ = ["build_kernels", "build_program", "CudaExecutable", "ensure_cuda_plugin", "SHIM_FILE"]

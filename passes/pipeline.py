@@ -67,20 +67,27 @@ def _verify(graph: Graph, after: str) -> None:
 
 
 def build_program(graph: Graph, passes: Sequence[Pass] = DEFAULT_PIPELINE, verify_each: bool = False,
-                  dump_dir: str | os.PathLike | None = None, plan: bool = True) -> tuple[Program, list[PassReport]]:
-    """Optimise a graph, group it into fused kernels, lower it and plan its memory."""
+                  dump_dir: str | os.PathLike | None = None, plan: bool = True, grouping=fused_grouping,
+                  prepare=None, grouping_name: str = "fused_grouping") -> tuple[Program, list[PassReport]]:
+    """Optimise a graph, group it into fused kernels, lower it and plan its memory.
+
+    A backend may bring its own `grouping`, and a `prepare(graph) -> (graph, note)` step
+    run between the passes and the grouping (CUDA does both for its library routes)."""
     graph, reports = run_pipeline(graph, passes, verify_each, dump_dir)
     t0 = time.perf_counter()
-    groups = fused_grouping(graph)
+    note = ""
+    if prepare is not None:
+        graph, note = prepare(graph)
+    groups = grouping(graph)
     stats = grouping_stats(groups)
     program = lower_to_program(graph, lambda g: groups)
     per_layer = stats["kernels_per_layer"]
     layers = sorted(k for k in per_layer if k is not None)
-    lines = [f"{stats['kernels']} kernel calls"]
+    lines = [f"{stats['kernels']} kernel calls" + (f" ({note})" if note else "")]
     if layers:
         lines.append(f"per layer: {', '.join(str(per_layer[k]) for k in layers)}")
     lines.append(", ".join(f"{k} {v}" for k, v in sorted(stats["by_anchor"].items())))
-    reports.append(PassReport("fused_grouping", {"kernels": stats["kernels"]}, lines, time.perf_counter() - t0))
+    reports.append(PassReport(grouping_name, {"kernels": stats["kernels"]}, lines, time.perf_counter() - t0))
     program = program.with_buffers(program.buffers, program.arena_bytes, kernels_per_layer=per_layer,
                                    unfused=unfused_counts(graph), op_counts={o.name.lower(): c for o, c in op_counts(graph).items()})
     if plan:

@@ -77,7 +77,7 @@ done
 mkdir -p "$(dirname "$DIR")"
 TMP="$(mktemp -d "$DIR.tmp.XXXXXX")"
 trap 'rm -rf "$TMP"' EXIT
-mkdir -p "$TMP/debs" "$TMP/root" "$TMP/bin"
+mkdir -p "$TMP/debs" "$TMP/pkgroot" "$TMP/bin"
 chmod 755 "$TMP"
 APT_OPTS=(-q)
 # as root, apt drops to its _apt user to download, which cannot write under /root
@@ -89,20 +89,20 @@ if ! (cd "$TMP/debs" && apt-get download "${APT_OPTS[@]}" "${PKGS[@]}" "${missin
   (cd "$TMP/debs" && apt-get download "${APT_OPTS[@]}" "${PKGS[@]}" "${missing[@]}" >/dev/null) || die "apt-get download ${PKGS[*]} failed"
 fi
 for deb in "$TMP"/debs/*.deb; do
-  dpkg -x "$deb" "$TMP/root"
+  dpkg -x "$deb" "$TMP/pkgroot"
 done
 
-LIBDIR="$TMP/root/usr/lib/x86_64-linux-gnu"
-REAL_LLD="$TMP/root/usr/lib/llvm-$MAJOR/bin/ld.lld"
+LIBDIR="$TMP/pkgroot/usr/lib/x86_64-linux-gnu"
+REAL_LLD="$TMP/pkgroot/usr/lib/llvm-$MAJOR/bin/ld.lld"
 [ -x "$REAL_LLD" ] || die "lld-$MAJOR did not unpack $REAL_LLD"
 [ -f "$LIBDIR/amdgcn/bitcode/ocml.bc" ] || die "rocm-device-libs did not unpack $LIBDIR/amdgcn/bitcode"
 
 # The wrapper lets lld find the unpacked libLLVM (and any unpacked dependency) without
 # putting them on anyone else's LD_LIBRARY_PATH. Paths are those of the final folder.
-FINAL_LIBDIR="$DIR/root/usr/lib/x86_64-linux-gnu"
+FINAL_LIBDIR="$DIR/pkgroot/usr/lib/x86_64-linux-gnu"
 cat >"$TMP/bin/ld.lld-$MAJOR" <<EOF
 #!/bin/sh
-LD_LIBRARY_PATH="$FINAL_LIBDIR\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}" exec "$DIR/root/usr/lib/llvm-$MAJOR/bin/ld.lld" "\$@"
+LD_LIBRARY_PATH="$FINAL_LIBDIR\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}" exec "$DIR/pkgroot/usr/lib/llvm-$MAJOR/bin/ld.lld" "\$@"
 EOF
 chmod 755 "$TMP/bin/ld.lld-$MAJOR"
 {
