@@ -1,6 +1,11 @@
 """Cleanups every later pass relies on: identity ops dropped, reshape/permute/cast chains
 folded, scalar constants folded, PERMUTE(WEIGHT) turned into a pre-transposed weight (so a
-MATMUL reads its weight [K, N] row-major), and common subexpressions merged."""
+MATMUL reads its weight [K, N] row-major), and common subexpressions merged.
+
+Masks get two more rules. Comparisons that an ARANGE's range decides fold to constants
+(HF builds `q_idx >= 0` into every padding mask), `x AND True` becomes `x` broadcast, and an
+attention mask that is an EXPAND is read before it: a key-padding mask then stays
+[B, 1, 1, T] and the attention broadcasts it over the rows instead of reading B*S*T bytes."""
 from __future__ import annotations
 
 import time
@@ -10,7 +15,7 @@ import numpy as np
 from ..compiler import ir
 from ..compiler.dtypes import DType
 from ..compiler.ir import Graph, Node
-from ..compiler.ops import ELEMENTWISE, CastAttrs, ConstAttrs, Op, PermuteAttrs, ShapeAttrs
+from ..compiler.ops import ELEMENTWISE, CastAttrs, ConstAttrs, FullAttrs, Op, PermuteAttrs, ShapeAttrs
 from ..compiler.reference import run_op
 from .pattern import Const, Match, P, Var
 from .rewrite import Rule, rewrite
@@ -79,6 +84,50 @@ def _neutral(value: float):
     return fn
 
 
+# views that keep (a subset of) the values of their input: its bounds hold for them too
+_VALUE_VIEWS = frozenset({Op.RESHAPE, Op.EXPAND, Op.PERMUTE, Op.SLICE})
+
+
+def _lower_bound(n: Node) -> int | None:
+    """A proven lower bound of every element of n (an ARANGE counting up), or None."""
+    while n.op in _VALUE_VIEWS:
+        n = n.inputs[0]
+    if n.op is Op.ARANGE and n.attrs.step > 0 and isinstance(n.attrs.start, int):
+        return n.attrs.start
+    return None
+
+
+# comparison -> (holds for every x >= lo?, fails for every x >= lo?) given lo and c
+_DECIDED = {
+    Op.GE: lambda lo, c: True if lo >= c else None,
+    Op.GT: lambda lo, c: True if lo > c else None,
+    Op.LT: lambda lo, c: False if lo >= c else None,
+    Op.LE: lambda lo, c: False if lo > c else None,
+}
+
+
+def _range_compare(m: Match) -> Node | None:
+    lo = _lower_bound(m.old("x"))
+    if lo is None:
+        return None
+    v = _DECIDED[m.root.op](lo, m.const("c"))
+    if v is None:
+        return None
+    return m.make(Op.FULL, [], FullAttrs(tuple(m.root.shape), v, DType.BOOL))
+
+
+def _and_true(m: Match) -> Node | None:
+    n, x = m.root, m.old("x")
+    if n.dtype is not DType.BOOL or x.dtype is not DType.BOOL:
+        return None
+    return m["x"] if tuple(x.shape) == tuple(n.shape) else m.make(Op.EXPAND, [m["x"]], ShapeAttrs(tuple(n.shape)))
+
+
+def _mask_before_expand(m: Match) -> Node:
+    q, k, v = (m[name] for name in ("q", "k", "v"))
+    return m.make(Op.ATTENTION, [q, k, v, m["mask"]], m.root.attrs)
+
+
 def _permute_weight(m: Match) -> Node | None:
     w = m.old("w")
     perm = m.root.attrs.perm
@@ -104,6 +153,10 @@ RULES = [
     Rule("neutral", P(Op.DIV, x, Const(1.0)), _neutral(1), exclusive=False),
     Rule("neutral", P(Op.ADD, x, Const(0.0)), _neutral(0), exclusive=False),
     Rule("neutral", P(Op.SUB, x, Const(0.0)), _neutral(0), exclusive=False),
+    Rule("range_compare", P(list(_DECIDED), x, Const(name="c")), _range_compare, exclusive=False),
+    Rule("and_true", P(Op.AND, x, Const(1.0)), _and_true, exclusive=False),
+    Rule("mask_before_expand", P(Op.ATTENTION, Var("q"), Var("k"), Var("v"), P(Op.EXPAND, Var("mask"))),
+         _mask_before_expand, exclusive=False),
 ]
 
 

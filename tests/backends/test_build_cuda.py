@@ -153,6 +153,10 @@ def test_cuda_artifact_with_shim_routes(tmp_path):
             assert f"__tvm_ffi_{name}".encode() in blob
     shim = (out / "shim.so").read_bytes()
     assert b"__tvm_ffi_llmc_gemm_ex" in shim and b"__tvm_ffi_llmc_attention_ext" in shim
+    # SwiGLU runs on collapsed [batch*seq, features] views (collapse_dims.py)
+    (swiglu,) = [k for k in m["kernels"].values() if "silu" in k["ops"]]
+    assert "2-D" in swiglu["schedule"] and len(swiglu["views"]) == 2
+    assert all(v == [[[1, ["batch", "seq"]]], v[1]] for v in swiglu["views"])
 
 
 def test_perf_artifact_omits_large_weights(tmp_path):

@@ -90,3 +90,48 @@ def test_nothing_to_simplify_is_unchanged():
     out, rep = simplify(graph)
     assert out is graph and rep.lines == []
     np.testing.assert_equal(list(out.params), ["b"])
+
+
+def _padding_mask_graph(ge_const: int = 0):
+    """HF's bidirectional padding mask: (q_idx >= c) & pad[b, kv_idx], [b, 1, s, s]."""
+    from llmc.compiler import ir
+    from llmc.compiler.ops import AttentionAttrs
+    from pass_graphs import BOOL
+
+    g = GB()
+    b, s = sym("b"), sym("s")
+    am = g.input("am", (b, s), I64)
+    q, k, v = (g.input(n, (b, 2, s, 4)) for n in "qkv")
+    pad = g.reshape(g.cast(am, BOOL), (b, 1, 1, s))
+    rows = g.op(Op.GE, g.reshape(g.arange(s), (1, 1, s, 1)), g.c(ge_const, I64))
+    mask = g.op(Op.AND, g.op(Op.AND, g.full((), True, BOOL), rows), pad)
+    att = ir.node(Op.ATTENTION, [q, k, v, mask], AttentionAttrs(0.5, False, True))
+    return g.graph(att)
+
+
+def test_padding_mask_becomes_a_key_vector():
+    graph = _padding_mask_graph()
+    assert tuple(graph.outputs[0].inputs[3].shape) == (sym("b"), 1, sym("s"), sym("s"))
+    out, rep = simplify(graph)
+    verify(out)
+    mask = out.outputs[0].inputs[3]
+    assert tuple(mask.shape) == (sym("b"), 1, 1, sym("s"))  # broadcast over the rows by the attention
+    assert counts(out)[Op.GE] == 0 and counts(out)[Op.AND] == 0
+    assert rep.counts["range_compare"] == 1 and rep.counts["mask_before_expand"] == 1
+    assert_same(graph, out)
+
+
+def test_range_compare_folds_only_what_the_range_decides():
+    out, _ = simplify(_padding_mask_graph(ge_const=1))  # q_idx >= 1 is false for row 0: must stay
+    assert counts(out)[Op.GE] == 1
+    assert tuple(out.outputs[0].inputs[3].shape) == (sym("b"), 1, sym("s"), sym("s"))
+    g = GB()
+    s = sym("s")
+    x, r = g.input("x", (s,)), g.arange(s)
+    cmps = [g.op(Op.LT, r, g.c(0, I64)), g.op(Op.GT, r, g.c(-1, I64)), g.op(Op.LE, r, g.c(0, I64))]
+    graph = g.graph(*(g.add(x, g.cast(c, F32)) for c in cmps))
+    out, _ = simplify(graph)
+    assert out.outputs[0] is x  # x + cast(False) -> x
+    folded = [o.inputs[1].inputs[0] for o in out.outputs[1:]]
+    assert [n.op for n in folded] == [Op.FULL, Op.LE] and folded[0].attrs.value is True
+    assert_same(graph, out)

@@ -208,7 +208,41 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const AttnParams p)
 
     // mask the keys past T, when causal past each row's diagonal, and by the mask tensor
     const bool need_mask = MK != 0 || (n0 + BN > p.T) || (CAUSAL && n0 + BN - 1 > m0 + shift);
-    if (need_mask) {
+    if (MK != 0 && p.m_s == 0) {
+      // a mask broadcast over the rows (a key-padding mask [B,1,1,T]): each thread reads the
+      // mask of its 2*NT keys once and applies it to all of its rows
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e2 = 0; e2 < 2; ++e2) {
+          const int key = n0 + nt * 8 + 2 * t4 + e2;
+          float add = 0.f;
+          if (key >= p.T) {
+            add = -INFINITY;
+          } else {
+            const int64_t mo = m_off + int64_t(key) * p.m_t;
+            if (MK == 1) add = static_cast<const uint8_t*>(p.m)[mo] == 0 ? -INFINITY : 0.f;
+            else add = static_cast<const float*>(p.m)[mo] * p.inv_scale;
+          }
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            s[mt][nt][e2] += add;
+            s[mt][nt][e2 + 2] += add;
+          }
+        }
+      if (CAUSAL) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int key = n0 + nt * 8 + 2 * t4 + (e & 1);
+              const int row = m0 + mt * 64 + warp * 16 + g + ((e >> 1) << 3);
+              if (key > row + shift) s[mt][nt][e] = -INFINITY;
+            }
+      }
+    } else if (need_mask) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
