@@ -48,9 +48,6 @@ from .lower import describe_kernel, lower_kernel
 from .targets import TargetSpec
 
 SHIM_FILE = "shim.so"
-# the GEMMs, the generalised attention (llmc_attention_ext.cu covers llmc_attention.cu's
-# cases) and the row norms
-SHIM_SOURCES = ("llmc_gemm.cu", "llmc_attention_ext.cu", "llmc_norm_ext.cu")
 _STUB_SYMBOLS = ("cuDeviceGetName cuFuncSetAttribute cuGetErrorName cuGetErrorString cuLaunchKernelEx "
                  "cuModuleGetFunction cuModuleLoadData cuModuleUnload cuTensorMapEncodeTiled cuLaunchKernel "
                  "cuModuleGetGlobal cuLaunchCooperativeKernel cuInit cuDriverGetVersion cuCtxGetCurrent "
@@ -299,7 +296,7 @@ def build_shim_for(arch: str) -> pathlib.Path:
     """The shim for `arch` (nvcc, cached by source hash under the llmc cache dir)."""
     from .cuda.build_shim import build_shim
 
-    return build_shim(arch=arch, sources=SHIM_SOURCES)
+    return build_shim(arch=arch)
 
 
 # ---- the CUDA program: CUDA-specific grouping ------------------------------------------------

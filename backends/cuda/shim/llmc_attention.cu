@@ -9,17 +9,29 @@
 // P V of tile i runs, and V tile i loads while Q K^T of tile i runs. Causal blocks are launched
 // heaviest first.
 //
-// Entry points (TVM-FFI; inputs, outputs, then scalars; scale is a Python float, causal an int):
+// The general entry point, the one llmc's artifacts call:
+//
+//   llmc_attention_ext(q, k, v, mask or None, out, scale: float, causal: int, layout: int)
+//
+// layout bits: 1 q, 2 k, 4 v, 8 out; a set bit means token-major [B,S,H,D], a clear bit
+// head-major [B,H,S,D] (so the attention reads the token-major q/k/v that a projection wrote
+// and writes the token-major output the next projection reads). Bit 16: q is a packed QKV
+// projection output [B,S,Hq+2Hk,D] (k and v are then ignored), as a fused QKV GEMM writes it.
+// mask: up to 4-D, broadcastable to [B,Hq,S,T] (size-1 dims broadcast): bool/uint8 (nonzero =
+// attend) or additive float32, added to the scaled scores; a mask broadcast over the rows (a
+// key-padding mask [B,1,1,T]) is read once per key and thread, not once per score.
+//
+// Fixed-layout entry points (inputs, outputs, then scalars):
 //   llmc_attention(q, k, v, out, scale, causal)        head-major  q/out [B,Hq,S,D], k/v [B,Hk,T,D]
 //   llmc_attention_bshd(q, k, v, out, scale, causal)   token-major q/out [B,S,Hq,D], k/v [B,T,Hk,D]
 //   llmc_attention_qkv(qkv, out, scale, causal)        packed QKV [B,S,Hq+2*Hk,D] (or the same
-//        memory as [B,S,(Hq+2*Hk)*D]) as a fused QKV projection writes it: heads [0,Hq) are q,
-//        [Hq,Hq+Hk) k, [Hq+Hk,Hq+2Hk) v; out [B,S,Hq,D]; Hq comes from out, Hk = (H - Hq) / 2.
+//        memory as [B,S,(Hq+2*Hk)*D]): heads [0,Hq) are q, [Hq,Hq+Hk) k, [Hq+Hk,Hq+2Hk) v;
+//        out [B,S,Hq,D]; Hq comes from out, Hk = (H - Hq) / 2.
 // Any strides are honoured for the batch, head and sequence dims (the last dim must be
 // contiguous, strides multiples of 8 elements, base pointers 16-byte aligned). dtype float16 or
-// bfloat16 (all four tensors alike); D in {64, 128}; GQA: kv head = q head / (Hq / Hk).
-// causal != 0: bottom-right aligned, query i sees keys j <= i + T - S (same as top-left when
-// S == T); a query row that sees no key gets zeros.
+// bfloat16 (all tensors alike but the mask); D in {16, 32, 64, 128}; GQA: kv head = q head /
+// (Hq / Hk). causal != 0: bottom-right aligned, query i sees keys j <= i + T - S (same as
+// top-left when S == T); a query row that sees no key gets zeros (as llmc's CPU kernels).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -27,7 +39,8 @@
 
 #include "llmc_shim_common.h"
 
-namespace llmc_shim {
+namespace llmc_shim_attention {
+using namespace llmc_shim;
 namespace {
 
 struct AttnParams {
@@ -39,8 +52,11 @@ struct AttnParams {
   int64_t k_b, k_h, k_s;
   int64_t v_b, v_h, v_s;
   int64_t o_b, o_h, o_s;
+  const void* m;          // mask (nullptr: none), broadcast over dims whose stride is 0
+  int64_t m_b, m_h, m_s, m_t;
   int B, Hq, Hk, S, T, group;
   float scale_log2;  // softmax scale * log2(e)
+  float inv_scale;   // 1 / scale: an additive mask is applied to the unscaled scores
 };
 
 template <typename T>
@@ -98,7 +114,8 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* p) {
 
 template <int D>
 __device__ __forceinline__ int swz(int row, int chunk) {  // element offset of 16-byte chunk
-  return row * D + ((chunk ^ (row & 7)) << 3);
+  constexpr int kSw = (D / 8) >= 8 ? 7 : (D / 8) - 1;     // a permutation of the row's chunks
+  return row * D + ((chunk ^ (row & kSw)) << 3);
 }
 
 constexpr int kThreads = 128;  // 4 warps
@@ -122,9 +139,10 @@ __device__ __forceinline__ void load_tile(T* s, const T* g, int64_t stride, int 
   }
 }
 
+// MK: mask kind (0 none, 1 bool, 3 additive float32).
 // MT: 16-row m-tiles per warp (block = 4 warps x 16*MT rows; warp w owns rows mt*64 + w*16 + [0,16));
 // BN: keys per tile; QREG: keep the Q fragments in registers (else re-read them from shared memory).
-template <typename T, int D, bool CAUSAL, int MT, int BN, bool QREG>
+template <typename T, int D, bool CAUSAL, int MK, int MT, int BN, bool QREG>
 __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const AttnParams p) {
   using Mma = MmaType<T>;
   constexpr int BM = 64 * MT;
@@ -146,6 +164,7 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const AttnParams p)
   T* o = static_cast<T*>(p.o) + b * p.o_b + h * p.o_h;
   const int m0 = m_block * BM;
   const int shift = p.T - p.S;  // causal: row i sees keys j <= i + shift
+  const int64_t m_off = b * p.m_b + h * p.m_h;
 
   int n_end = p.T;
   if (CAUSAL) n_end = min(p.T, m0 + BM + shift);
@@ -208,9 +227,43 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const AttnParams p)
       }
     }
 
-    // mask the keys past T and, when causal, past each row's diagonal
-    const bool need_mask = (n0 + BN > p.T) || (CAUSAL && n0 + BN - 1 > m0 + shift);
-    if (need_mask) {
+    // mask the keys past T, when causal past each row's diagonal, and by the mask tensor
+    const bool need_mask = MK != 0 || (n0 + BN > p.T) || (CAUSAL && n0 + BN - 1 > m0 + shift);
+    if (MK != 0 && p.m_s == 0) {
+      // a mask broadcast over the rows (a key-padding mask [B,1,1,T]): each thread reads the
+      // mask of its 2*NT keys once and applies it to all of its rows
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e2 = 0; e2 < 2; ++e2) {
+          const int key = n0 + nt * 8 + 2 * t4 + e2;
+          float add = 0.f;
+          if (key >= p.T) {
+            add = -INFINITY;
+          } else {
+            const int64_t mo = m_off + int64_t(key) * p.m_t;
+            if (MK == 1) add = static_cast<const uint8_t*>(p.m)[mo] == 0 ? -INFINITY : 0.f;
+            else add = static_cast<const float*>(p.m)[mo] * p.inv_scale;
+          }
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            s[mt][nt][e2] += add;
+            s[mt][nt][e2 + 2] += add;
+          }
+        }
+      if (CAUSAL) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int key = n0 + nt * 8 + 2 * t4 + (e & 1);
+              const int row = m0 + mt * 64 + warp * 16 + g + ((e >> 1) << 3);
+              if (key > row + shift) s[mt][nt][e] = -INFINITY;
+            }
+      }
+    } else if (need_mask) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -219,7 +272,16 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const AttnParams p)
           for (int e = 0; e < 4; ++e) {
             const int key = n0 + nt * 8 + 2 * t4 + (e & 1);
             const int row = m0 + mt * 64 + warp * 16 + g + ((e >> 1) << 3);
-            if (key >= p.T || (CAUSAL && key > row + shift)) s[mt][nt][e] = -INFINITY;
+            if (key >= p.T || (CAUSAL && key > row + shift)) {
+              s[mt][nt][e] = -INFINITY;
+            } else if (MK != 0) {
+              const int64_t mo = m_off + int64_t(min(row, p.S - 1)) * p.m_s + int64_t(key) * p.m_t;
+              if (MK == 1) {
+                if (static_cast<const uint8_t*>(p.m)[mo] == 0) s[mt][nt][e] = -INFINITY;
+              } else {
+                s[mt][nt][e] += static_cast<const float*>(p.m)[mo] * p.inv_scale;
+              }
+            }
           }
     }
 
@@ -312,11 +374,11 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const AttnParams p)
     }
 }
 
-template <typename T, int D, bool CAUSAL, int MT, int BN, bool QREG>
+template <typename T, int D, bool CAUSAL, int MK, int MT, int BN, bool QREG>
 void launch_cfg(const AttnParams& p, cudaStream_t stream) {
   constexpr int BM = 64 * MT;
   constexpr int smem = (BM + 2 * BN) * D * sizeof(T);
-  auto kernel = flash_fwd_kernel<T, D, CAUSAL, MT, BN, QREG>;
+  auto kernel = flash_fwd_kernel<T, D, CAUSAL, MK, MT, BN, QREG>;
   static bool attr_set = false;  // per instantiation (benign race: the call is idempotent)
   if (!attr_set) {
     LLMC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -338,40 +400,52 @@ int num_sms(int dev) {
   return cached[dev];
 }
 
-// Tile choice. variant 1: 64-row blocks (1 m-tile per warp); 2: 128-row blocks (2 m-tiles per
-// warp: each K/V fragment read from shared memory feeds two MMAs). 0 (auto) follows what was
-// measured on an H100 (bf16, see benchmarks/gpu_shim_bench.py): D=128 is faster with 128-row
-// blocks whenever they fill the GPU; D=64 only without the causal mask and with >= 2 blocks per
-// multiprocessor.
-template <typename T, bool CAUSAL>
-void launch_variant(const AttnParams& p, int D, int variant, int dev, cudaStream_t stream) {
+// Tile choice as in llmc_attention.cu (D=128: 128-row blocks when they fill the GPU; smaller
+// heads: only without the causal mask and with >= 2 blocks per multiprocessor).
+template <typename T, bool CAUSAL, int MK>
+void launch_variant(const AttnParams& p, int D, int dev, cudaStream_t stream) {
+  const char* e = std::getenv("LLMC_ATTN_VARIANT");
+  int variant = e ? std::atoi(e) : 0;
   if (variant != 1 && variant != 2) {
     const long blocks128 = long((p.S + 127) / 128) * p.Hq * p.B;
     const long sms = num_sms(dev);
     variant = (D == 128 ? blocks128 >= sms : (!CAUSAL && blocks128 >= 2 * sms)) ? 2 : 1;
   }
-  if (D == 64) {
-    if (variant == 2) launch_cfg<T, 64, CAUSAL, 2, 64, true>(p, stream);
-    else launch_cfg<T, 64, CAUSAL, 1, 64, true>(p, stream);
-  } else {
-    if (variant == 2) launch_cfg<T, 128, CAUSAL, 2, 64, false>(p, stream);
-    else launch_cfg<T, 128, CAUSAL, 1, 64, true>(p, stream);
+  switch (D) {
+    case 16:
+      if (variant == 2) launch_cfg<T, 16, CAUSAL, MK, 2, 64, true>(p, stream);
+      else launch_cfg<T, 16, CAUSAL, MK, 1, 64, true>(p, stream);
+      break;
+    case 32:
+      if (variant == 2) launch_cfg<T, 32, CAUSAL, MK, 2, 64, true>(p, stream);
+      else launch_cfg<T, 32, CAUSAL, MK, 1, 64, true>(p, stream);
+      break;
+    case 64:
+      if (variant == 2) launch_cfg<T, 64, CAUSAL, MK, 2, 64, true>(p, stream);
+      else launch_cfg<T, 64, CAUSAL, MK, 1, 64, true>(p, stream);
+      break;
+    default:
+      if (variant == 2) launch_cfg<T, 128, CAUSAL, MK, 2, 64, false>(p, stream);
+      else launch_cfg<T, 128, CAUSAL, MK, 1, 64, true>(p, stream);
   }
 }
 
-int attn_variant_env() {  // LLMC_ATTN_VARIANT: benchmarking knob (0 or unset: auto, 1, 2)
-  const char* e = std::getenv("LLMC_ATTN_VARIANT");
-  return e ? std::atoi(e) : 0;
+template <typename T, int MK>
+void launch_mask(const AttnParams& p, int D, bool causal, int dev, cudaStream_t stream) {
+  if (causal) launch_variant<T, true, MK>(p, D, dev, stream);
+  else launch_variant<T, false, MK>(p, D, dev, stream);
 }
 
 template <typename T>
-void launch_dtype(const AttnParams& p, int D, bool causal, int dev, cudaStream_t stream) {
-  const int variant = attn_variant_env();
-  if (causal) launch_variant<T, true>(p, D, variant, dev, stream);
-  else launch_variant<T, false>(p, D, variant, dev, stream);
+void launch_dtype(const AttnParams& p, int D, bool causal, int mk, int dev, cudaStream_t stream) {
+  switch (mk) {
+    case 0: launch_mask<T, 0>(p, D, causal, dev, stream); break;
+    case 1: launch_mask<T, 1>(p, D, causal, dev, stream); break;
+    default: launch_mask<T, 3>(p, D, causal, dev, stream);
+  }
 }
 
-// Dims: (b, h, s) index into the tensor's 4 dims for batch, head and sequence.
+// (b, h, s) index into the tensor's 4 dims for batch, head and sequence.
 struct View4 {
   const DLTensor* t;
   int db, dh, ds;
@@ -384,6 +458,10 @@ struct View4 {
   int64_t ss() const { return stride_of(t, ds); }
 };
 
+View4 view_of(const DLTensor* t, bool token_major) {
+  return token_major ? View4{t, 0, 2, 1} : View4{t, 0, 1, 2};
+}
+
 void check_view(const View4& v, const char* name, DT dt) {
   check_cuda_tensor(v.t, name);
   LLMC_CHECK(v.t->ndim == 4) << name << " must be 4-D, got " << shape_str(v.t);
@@ -394,8 +472,46 @@ void check_view(const View4& v, const char* name, DT dt) {
       << name << ": batch/head/seq strides must be multiples of 8 elements";
 }
 
-void attention_impl(View4 q, View4 k, View4 v, View4 o, const void* qp, const void* kp, const void* vp,
-                    void* op, double scale, int64_t causal) {
+int mask_kind(const DLTensor* m, DT dt) {
+  const DLDataType d = m->dtype;
+  LLMC_CHECK(d.lanes == 1) << "mask: vector dtypes are not supported";
+  if ((d.code == kDLBool || d.code == kDLUInt || d.code == kDLInt) && d.bits == 8) return 1;
+  LLMC_CHECK(d.code == kDLFloat && d.bits == 32) << "mask must be bool or float32 (q is " << dtype_name(dt) << ")";
+  return 3;
+}
+
+void AttentionExt(DLTensor* qt, DLTensor* kt, DLTensor* vt, tvm::ffi::AnyView mask_any, DLTensor* ot,
+                  double scale, int64_t causal, int64_t layout) {
+  const DLTensor* mt = optional_tensor(mask_any);
+  // layout bit 16: q is one packed projection output [B,S,Hq+2Hk,D] (q heads, then k, then v;
+  // Hq from out); k and v are ignored. Views of it share its memory: no copy, no transpose.
+  DLTensor tq, tk, tv;
+  int64_t shp_q[4], shp_kv[4], st[4];
+  if (layout & 16) {
+    check_cuda_tensor(qt, "qkv");
+    check_cuda_tensor(ot, "out");
+    LLMC_CHECK(qt->ndim == 4) << "packed qkv must be [B,S,H,D], got " << shape_str(qt);
+    LLMC_CHECK(ot->ndim == 4) << "out must be 4-D, got " << shape_str(ot);
+    const int64_t H = qt->shape[2], Hq = view_of(ot, layout & 8).H();
+    LLMC_CHECK(H > Hq && (H - Hq) % 2 == 0) << "qkv has " << H << " heads; expected Hq + 2*Hk with Hq=" << Hq;
+    const int64_t Hk = (H - Hq) / 2;
+    for (int i = 0; i < 4; ++i) st[i] = stride_of(qt, i);
+    shp_q[0] = shp_kv[0] = qt->shape[0];
+    shp_q[1] = shp_kv[1] = qt->shape[1];
+    shp_q[2] = Hq;
+    shp_kv[2] = Hk;
+    shp_q[3] = shp_kv[3] = qt->shape[3];
+    tq = tk = tv = *qt;
+    tq.shape = shp_q; tk.shape = shp_kv; tv.shape = shp_kv;
+    tq.strides = tk.strides = tv.strides = st;
+    const uint64_t esz = (qt->dtype.bits + 7) / 8;
+    tk.byte_offset += uint64_t(Hq * st[2]) * esz;
+    tv.byte_offset += uint64_t((Hq + Hk) * st[2]) * esz;
+    qt = &tq; kt = &tk; vt = &tv;
+    layout |= 7;
+  }
+  const View4 q = view_of(qt, layout & 1), k = view_of(kt, layout & 2), v = view_of(vt, layout & 4),
+              o = view_of(ot, layout & 8);
   const DT dt = dtype_of(q.t);
   LLMC_CHECK(dt == DT::kF16 || dt == DT::kBF16) << "q dtype must be float16 or bfloat16, got " << dtype_name(dt);
   check_view(q, "q", dt);
@@ -403,7 +519,7 @@ void attention_impl(View4 q, View4 k, View4 v, View4 o, const void* qp, const vo
   check_view(v, "v", dt);
   check_view(o, "out", dt);
   const int64_t B = q.B(), Hq = q.H(), S = q.S(), D = q.D(), Hk = k.H(), T = k.S();
-  LLMC_CHECK(D == 64 || D == 128) << "head dim must be 64 or 128, got " << D;
+  LLMC_CHECK(D == 16 || D == 32 || D == 64 || D == 128) << "head dim must be 16, 32, 64 or 128, got " << D;
   LLMC_CHECK(scale > 0) << "scale must be positive, got " << scale;
   LLMC_CHECK(k.B() == B && v.B() == B && o.B() == B) << "batch sizes differ";
   LLMC_CHECK(k.D() == D && v.D() == D && o.D() == D) << "head dims differ";
@@ -411,10 +527,29 @@ void attention_impl(View4 q, View4 k, View4 v, View4 o, const void* qp, const vo
   LLMC_CHECK(o.H() == Hq && o.S() == S) << "out shape must match q";
   LLMC_CHECK(Hk > 0 && Hq % Hk == 0) << "q heads (" << Hq << ") must be a multiple of kv heads (" << Hk << ")";
   LLMC_CHECK(S < (1 << 30) && T < (1 << 30) && Hq <= 65535 && B <= 65535) << "problem too large";
+  AttnParams p;
+  p.m = nullptr;
+  p.m_b = p.m_h = p.m_s = p.m_t = 0;
+  int mk = 0;
+  if (mt != nullptr) {
+    check_cuda_tensor(mt, "mask");
+    LLMC_CHECK(mt->ndim >= 1 && mt->ndim <= 4) << "mask must have 1 to 4 dims, got " << shape_str(mt);
+    mk = mask_kind(mt, dt);
+    const int64_t want[4] = {B, Hq, S, T};
+    int64_t st[4] = {0, 0, 0, 0};
+    for (int i = 0; i < mt->ndim; ++i) {
+      const int d = 4 - mt->ndim + i;
+      const int64_t n = mt->shape[i];
+      LLMC_CHECK(n == 1 || n == want[d]) << "mask " << shape_str(mt) << " does not broadcast to [" << B << ", "
+                                         << Hq << ", " << S << ", " << T << "]";
+      st[d] = n == 1 ? 0 : stride_of(mt, i);
+    }
+    p.m = data_of(mt);
+    p.m_b = st[0]; p.m_h = st[1]; p.m_s = st[2]; p.m_t = st[3];
+  }
   const int dev = q.t->device.device_id;
   if (B == 0 || Hq == 0 || S == 0) return;
-  AttnParams p;
-  p.q = qp; p.k = kp; p.v = vp; p.o = op;
+  p.q = data_of(q.t); p.k = data_of(k.t); p.v = data_of(v.t); p.o = data_of(o.t);
   p.q_b = q.sb(); p.q_h = q.sh(); p.q_s = q.ss();
   p.k_b = k.sb(); p.k_h = k.sh(); p.k_s = k.ss();
   p.v_b = v.sb(); p.v_h = v.sh(); p.v_s = v.ss();
@@ -422,54 +557,44 @@ void attention_impl(View4 q, View4 k, View4 v, View4 o, const void* qp, const vo
   p.B = int(B); p.Hq = int(Hq); p.Hk = int(Hk); p.S = int(S); p.T = int(T);
   p.group = int(Hq / Hk);
   p.scale_log2 = float(scale * 1.4426950408889634);
+  p.inv_scale = float(1.0 / scale);
   DeviceGuard guard(dev);
   cudaStream_t stream = current_stream(dev);
-  if (dt == DT::kF16) launch_dtype<__half>(p, int(D), causal != 0, dev, stream);
-  else launch_dtype<__nv_bfloat16>(p, int(D), causal != 0, dev, stream);
+  if (dt == DT::kF16) launch_dtype<__half>(p, int(D), causal != 0, mk, dev, stream);
+  else launch_dtype<__nv_bfloat16>(p, int(D), causal != 0, mk, dev, stream);
 }
 
 void Attention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* out, double scale, int64_t causal) {
-  attention_impl(View4{q, 0, 1, 2}, View4{k, 0, 1, 2}, View4{v, 0, 1, 2}, View4{out, 0, 1, 2}, data_of(q),
-                 data_of(k), data_of(v), data_of(out), scale, causal);
+  AttentionExt(q, k, v, tvm::ffi::AnyView(), out, scale, causal, 0);
 }
 
 void AttentionBSHD(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* out, double scale, int64_t causal) {
-  attention_impl(View4{q, 0, 2, 1}, View4{k, 0, 2, 1}, View4{v, 0, 2, 1}, View4{out, 0, 2, 1}, data_of(q),
-                 data_of(k), data_of(v), data_of(out), scale, causal);
+  AttentionExt(q, k, v, tvm::ffi::AnyView(), out, scale, causal, 15);
 }
 
-// Packed QKV: reshape [B,S,H*D] to [B,S,H,D] views of q, k and v that share its memory.
+// Packed QKV, 4-D as is, or [B,S,H*D] viewed as [B,S,H,D] (D from out).
 void AttentionQKV(DLTensor* qkv, DLTensor* out, double scale, int64_t causal) {
   check_cuda_tensor(qkv, "qkv");
   check_cuda_tensor(out, "out");
   LLMC_CHECK(out->ndim == 4) << "out must be [B,S,Hq,D], got " << shape_str(out);
-  const int64_t B = out->shape[0], S = out->shape[1], Hq = out->shape[2], D = out->shape[3];
   LLMC_CHECK(qkv->ndim == 3 || qkv->ndim == 4) << "qkv must be [B,S,H,D] or [B,S,H*D], got " << shape_str(qkv);
-  LLMC_CHECK(qkv->shape[0] == B && qkv->shape[1] == S) << "qkv " << shape_str(qkv) << " vs out " << shape_str(out);
-  int64_t width = qkv->ndim == 4 ? qkv->shape[2] * qkv->shape[3] : qkv->shape[2];
-  if (qkv->ndim == 4) LLMC_CHECK(qkv->shape[3] == D) << "qkv head dim differs from out";
-  LLMC_CHECK(stride_of(qkv, qkv->ndim - 1) == 1) << "qkv: last dim must be contiguous";
-  if (qkv->ndim == 4) LLMC_CHECK(stride_of(qkv, 2) == D) << "qkv: heads must be packed";
+  if (qkv->ndim == 4) return AttentionExt(qkv, qkv, qkv, tvm::ffi::AnyView(), out, scale, causal, 31);
+  const int64_t D = out->shape[3], width = qkv->shape[2];
+  LLMC_CHECK(stride_of(qkv, 2) == 1) << "qkv: last dim must be contiguous";
   LLMC_CHECK(D > 0 && width % D == 0) << "qkv width " << width << " is not a multiple of D=" << D;
-  const int64_t H = width / D;
-  LLMC_CHECK(H > Hq && (H - Hq) % 2 == 0) << "qkv has " << H << " heads; expected Hq + 2*Hk with Hq=" << Hq;
-  const int64_t Hk = (H - Hq) / 2;
-  // a synthetic [B,S,H,D] descriptor for the three views
-  int64_t shp_q[4] = {B, S, Hq, D}, shp_kv[4] = {B, S, Hk, D};
-  int64_t st[4] = {stride_of(qkv, 0), stride_of(qkv, 1), D, 1};
-  DLTensor tq = *qkv, tk = *qkv, tv = *qkv;
-  tq.ndim = tk.ndim = tv.ndim = 4;
-  tq.shape = shp_q; tk.shape = shp_kv; tv.shape = shp_kv;
-  tq.strides = tk.strides = tv.strides = st;
-  const size_t esz = (qkv->dtype.bits + 7) / 8;
-  char* base = data_of(qkv);
-  attention_impl(View4{&tq, 0, 2, 1}, View4{&tk, 0, 2, 1}, View4{&tv, 0, 2, 1}, View4{out, 0, 2, 1}, base,
-                 base + Hq * D * esz, base + (Hq + Hk) * D * esz, data_of(out), scale, causal);
+  int64_t shape[4] = {qkv->shape[0], qkv->shape[1], width / D, D};
+  int64_t strides[4] = {stride_of(qkv, 0), stride_of(qkv, 1), D, 1};
+  DLTensor t = *qkv;
+  t.ndim = 4;
+  t.shape = shape;
+  t.strides = strides;
+  AttentionExt(&t, &t, &t, tvm::ffi::AnyView(), out, scale, causal, 31);
 }
 
 }  // namespace
-}  // namespace llmc_shim
+}  // namespace llmc_shim_attention
 
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(llmc_attention, llmc_shim::Attention);
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(llmc_attention_bshd, llmc_shim::AttentionBSHD);
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(llmc_attention_qkv, llmc_shim::AttentionQKV);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(llmc_attention_ext, llmc_shim_attention::AttentionExt);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(llmc_attention, llmc_shim_attention::Attention);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(llmc_attention_bshd, llmc_shim_attention::AttentionBSHD);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(llmc_attention_qkv, llmc_shim_attention::AttentionQKV);
