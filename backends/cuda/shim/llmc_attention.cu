@@ -139,6 +139,21 @@ __device__ __forceinline__ void load_tile(T* s, const T* g, int64_t stride, int 
   }
 }
 
+// The mask tensor's term for one score: 0 or -inf (bool), or the additive float mask, applied
+// to the unscaled score. MK: mask kind (1 bool, 3 additive float32).
+template <int MK>
+__device__ __forceinline__ float mask_term(const AttnParams& p, int64_t offset) {
+  if (MK == 1) return static_cast<const uint8_t*>(p.m)[offset] == 0 ? -INFINITY : 0.f;
+  return static_cast<const float*>(p.m)[offset] * p.inv_scale;
+}
+
+// Key (column) and query row of accumulator element e of an m16n8 MMA tile: thread (g, t4)
+// holds columns 2*t4 + {0, 1} of rows g and g + 8.
+__device__ __forceinline__ int score_key(int n0, int nt, int t4, int e) { return n0 + nt * 8 + 2 * t4 + (e & 1); }
+__device__ __forceinline__ int score_row(int m0, int mt, int warp, int g, int e) {
+  return m0 + mt * 64 + warp * 16 + g + ((e >> 1) << 3);
+}
+
 // MK: mask kind (0 none, 1 bool, 3 additive float32).
 // MT: 16-row m-tiles per warp (block = 4 warps x 16*MT rows; warp w owns rows mt*64 + w*16 + [0,16));
 // BN: keys per tile; QREG: keep the Q fragments in registers (else re-read them from shared memory).
@@ -231,20 +246,15 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const AttnParams p)
     const bool need_mask = MK != 0 || (n0 + BN > p.T) || (CAUSAL && n0 + BN - 1 > m0 + shift);
     if (MK != 0 && p.m_s == 0) {
       // a mask broadcast over the rows (a key-padding mask [B,1,1,T]): each thread reads the
-      // mask of its 2*NT keys once and applies it to all of its rows
+      // mask of its 2*NT keys once and applies it to all of its rows. Kept apart from the
+      // general loop below: one loop choosing per score between the two ran MiniLM's
+      // attention at 21.6 instead of 14.2 us on an H100.
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int e2 = 0; e2 < 2; ++e2) {
-          const int key = n0 + nt * 8 + 2 * t4 + e2;
-          float add = 0.f;
-          if (key >= p.T) {
-            add = -INFINITY;
-          } else {
-            const int64_t mo = m_off + int64_t(key) * p.m_t;
-            if (MK == 1) add = static_cast<const uint8_t*>(p.m)[mo] == 0 ? -INFINITY : 0.f;
-            else add = static_cast<const float*>(p.m)[mo] * p.inv_scale;
-          }
+          const int key = score_key(n0, nt, t4, e2);
+          const float add = key >= p.T ? -INFINITY : mask_term<MK>(p, m_off + int64_t(key) * p.m_t);
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
             s[mt][nt][e2] += add;
@@ -257,11 +267,8 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const AttnParams p)
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int key = n0 + nt * 8 + 2 * t4 + (e & 1);
-              const int row = m0 + mt * 64 + warp * 16 + g + ((e >> 1) << 3);
-              if (key > row + shift) s[mt][nt][e] = -INFINITY;
-            }
+            for (int e = 0; e < 4; ++e)
+              if (score_key(n0, nt, t4, e) > score_row(m0, mt, warp, g, e) + shift) s[mt][nt][e] = -INFINITY;
       }
     } else if (need_mask) {
 #pragma unroll
@@ -270,17 +277,11 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const AttnParams p)
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const int key = n0 + nt * 8 + 2 * t4 + (e & 1);
-            const int row = m0 + mt * 64 + warp * 16 + g + ((e >> 1) << 3);
+            const int key = score_key(n0, nt, t4, e), row = score_row(m0, mt, warp, g, e);
             if (key >= p.T || (CAUSAL && key > row + shift)) {
               s[mt][nt][e] = -INFINITY;
             } else if (MK != 0) {
-              const int64_t mo = m_off + int64_t(min(row, p.S - 1)) * p.m_s + int64_t(key) * p.m_t;
-              if (MK == 1) {
-                if (static_cast<const uint8_t*>(p.m)[mo] == 0) s[mt][nt][e] = -INFINITY;
-              } else {
-                s[mt][nt][e] += static_cast<const float*>(p.m)[mo] * p.inv_scale;
-              }
+              s[mt][nt][e] += mask_term<MK>(p, m_off + int64_t(min(row, p.S - 1)) * p.m_s + int64_t(key) * p.m_t);
             }
           }
     }
