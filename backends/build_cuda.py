@@ -39,10 +39,8 @@ import tvm
 import tvm_ffi
 
 from llmc.compiler.program import Kernel
-from llmc.compiler.symbolic import to_json
 from llmc.errors import LLMCError, TargetError
 
-from .collapse_dims import collapse_leading_dims
 from .gpu_schedule import assert_device_code, schedule_gpu_func
 from .lower import describe_kernel, lower_kernel
 from .targets import TargetSpec
@@ -159,9 +157,8 @@ class CudaExecutable:
     """TVM kernels (fatbin inside `mod`) + the shim library + the per-kernel routes."""
 
     def __init__(self, mod, spec: TargetSpec, routes: dict, labels: dict, shim_path: pathlib.Path | None,
-                 timings: dict, views: dict | None = None):
+                 timings: dict):
         self.mod = mod
-        self.views = views or {}  # TVM kernel name -> per-argument view shape or None (collapse_dims.py)
         self.spec = spec
         self.routes = routes  # kernel name -> Route (shim) ; absent: TVM
         self.labels = labels  # kernel name -> "tvm <rule>" / route label
@@ -183,8 +180,6 @@ class CudaExecutable:
             r = self.routes.get(name)
             kernels[name] = {**entry, **(r.to_json() if r is not None else {"route": "tvm"}),
                              "schedule": self.labels.get(name, "")}
-            if name in self.views:
-                kernels[name]["views"] = [None if v is None else [to_json(d) for d in v] for v in self.views[name]]
         m["kernels"] = kernels
         m["libraries"] = {"tvm": "kernels.so", **({"shim": SHIM_FILE} if self.shim_path is not None else {})}
         m["cuda"] = {"arch": self.spec.arch, "fatbin": True}
@@ -195,6 +190,7 @@ def _fits_int32(kernel: Kernel, symbols: Mapping | None) -> bool:
     """Every buffer of the kernel has < 2**31 elements at the symbols' upper bounds."""
     if symbols is None:
         return False
+    from llmc.compiler.symbolic import to_json
     from llmc.runtime.manifest import eval_dim
 
     hi = {name: s.hi for name, s in symbols.items()}
@@ -210,26 +206,6 @@ def _fits_int32(kernel: Kernel, symbols: Mapping | None) -> bool:
     return True
 
 
-# Elementwise kernels dominated by transcendental math (exact GELU's erf) on 3-D symbolic
-# shapes ran faster with dlight's one-element-per-thread Fallback than with `Injective` (an
-# H100, MiniLM's GELU: 16.5 vs 25 us): each of Injective's elements paid for its own index
-# divisions by runtime dims. Collapsed to [rows, last] (collapse_dims.py) Injective wins
-# (12.5 us), as it does for memory-bound kernels (SwiGLU, rotary) in any case.
-_COMPUTE_HEAVY = frozenset({"GELU", "ERF"})
-_NOT_ELEMENTWISE = frozenset({"MATMUL", "ATTENTION", "LAYER_NORM", "RMS_NORM", "SOFTMAX", "SUM", "MEAN", "MAX", "MIN"})
-
-
-def _rules_for(kernel: Kernel, collapsed: bool):
-    from tvm.s_tir import dlight as dl
-
-    from .gpu_schedule import default_rules
-
-    if not collapsed and any(n.op.name in _COMPUTE_HEAVY for n in kernel.body) and all(
-            n.op.name not in _NOT_ELEMENTWISE for n in kernel.body):
-        return [dl.gpu.Fallback()]
-    return default_rules()
-
-
 def build_kernels(kernels: Mapping[str, Kernel], spec: TargetSpec, *, use_shim: bool = True,
                   progress: Callable[[str], None] | None = None, symbols: Mapping | None = None) -> CudaExecutable:
     """Route, lower, schedule and compile every kernel for `spec` (kind cuda).
@@ -243,7 +219,7 @@ def build_kernels(kernels: Mapping[str, Kernel], spec: TargetSpec, *, use_shim: 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     how = ensure_cuda_plugin()
-    routes, labels, funcs, views = {}, {}, {}, {}
+    routes, labels, funcs = {}, {}, {}
     target = cuda_target(spec)
     with target:
         for name, k in kernels.items():
@@ -252,15 +228,12 @@ def build_kernels(kernels: Mapping[str, Kernel], spec: TargetSpec, *, use_shim: 
                 routes[name] = route
                 labels[name] = route.label
                 continue
-            flat = collapse_leading_dims(k)
-            f = _offset_params(lower_kernel(flat.kernel if flat else k))
+            f = _offset_params(lower_kernel(k))
             try:
-                f = schedule_gpu_func(f, target, rules=_rules_for(k, flat is not None), name=name)
+                f = schedule_gpu_func(f, target, name=name)
             except LLMCError as e:
                 raise LLMCError(f"kernel {name} ({describe_kernel(k)}): {e}") from None
-            labels[name] = f"tvm {schedule_gpu_func.last_rule}" + (" 2-D" if flat else "")
-            if flat:
-                views[name] = flat.views
+            labels[name] = f"tvm {schedule_gpu_func.last_rule}"
             f = f.with_attr("global_symbol", name)
             if _fits_int32(k, symbols):
                 try:
@@ -289,7 +262,7 @@ def build_kernels(kernels: Mapping[str, Kernel], spec: TargetSpec, *, use_shim: 
         t = time.perf_counter()
         shim_path = build_shim_for(spec.arch)
         timings["shim_s"] = time.perf_counter() - t
-    return CudaExecutable(mod, spec, routes, labels, shim_path, timings, views)
+    return CudaExecutable(mod, spec, routes, labels, shim_path, timings)
 
 
 def build_shim_for(arch: str) -> pathlib.Path:

@@ -32,15 +32,20 @@ class Injective(GPUScheduleRule):
     """Spatial-only kernels (elementwise, slices, concat, transposes, gathers).
 
     dlight's Fallback gives each thread one element of a 1024-thread block. Here every stage
-    is inlined into the outputs, and each output's loops are fused and split so that a thread
-    handles `per` elements (16 bytes of output): "strided" (default) puts them `threads`
-    apart, so each unrolled access is coalesced and several are in flight per thread;
+    is inlined into the outputs. "rows" (default) gives a block to each combination of the
+    leading symbolic dims ([batch, seq]) and spreads the static trailing dims over its
+    threads (each thread `threads` apart, so every access is coalesced): fusing all loops
+    into one index instead makes TVM recover every dim by dividing by runtime values, per
+    element and per access (an H100, MiniLM's exact GELU: 25.4 us "strided", 8.4 us "rows";
+    Llama's rotary 51 vs 34 us). Where that does not apply (static shapes, or fewer trailing
+    elements than threads) it falls back to "strided": each output's loops are fused and
+    split so that a thread handles `per` elements (16 bytes of output) `threads` apart;
     "unroll" takes `per` consecutive elements of a static innermost dimension; "vector" does
     the same as one vector access (TVM 0.27's CUDA codegen rejects that for bf16/bool);
     "none" is one element per thread.
     """
 
-    def __init__(self, threads: int = 256, mode: str = "strided", vector_bytes: int = 16):
+    def __init__(self, threads: int = 256, mode: str = "rows", vector_bytes: int = 16):
         self.threads, self.mode, self.vector_bytes = threads, mode, vector_bytes
 
     def apply(self, func, target, _):
@@ -61,7 +66,9 @@ class Injective(GPUScheduleRule):
             writes = sch.get(block).writes
             nbytes = max(1, tvm.DataType(str(writes[0].source.dtype)).bits // 8) if writes else 4
             per = max(1, self.vector_bytes // nbytes) if self.mode != "none" else 1
-            if self.mode == "strided":  # per-thread elements `threads` apart: every access coalesced
+            if self.mode == "rows" and self._rows(sch, loops):
+                continue
+            if self.mode in ("strided", "rows"):  # per-thread elements `threads` apart: every access coalesced
                 fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
                 bx, p, tx = sch.split(fused, [None, per, self.threads])
                 sch.bind(bx, "blockIdx.x")
@@ -83,11 +90,36 @@ class Injective(GPUScheduleRule):
         return sch
 
 
+    def _rows(self, sch, loops) -> bool:
+        """One block per combination of the leading symbolic dims, threads over the static
+        trailing ones: the runtime-valued divisions happen once per block instead of once
+        per element and access. Declines (False) when the static part is under a block."""
+        static = 0
+        for lp in reversed(loops):
+            if not isinstance(sch.get(lp).extent, tirx.IntImm):
+                break
+            static += 1
+        if static == 0 or static == len(loops):
+            return False
+        inner_extent = 1
+        for lp in loops[-static:]:
+            inner_extent *= sch.get(lp).extent.value
+        if inner_extent < self.threads:
+            return False
+        outer = sch.fuse(*loops[:-static]) if len(loops) - static > 1 else loops[0]
+        inner = sch.fuse(*loops[-static:]) if static > 1 else loops[-1]
+        p, tx = sch.split(inner, [None, self.threads])
+        sch.bind(outer, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+        sch.unroll(p)
+        return True
+
+
 def default_rules() -> list:
     import os
 
-    # LLMC_GPU_INJECTIVE=strided|unroll|none|fallback: a tuning knob for elementwise kernels
-    mode = os.environ.get("LLMC_GPU_INJECTIVE", "strided")
+    # LLMC_GPU_INJECTIVE=rows|strided|unroll|none|fallback: a tuning knob for elementwise kernels
+    mode = os.environ.get("LLMC_GPU_INJECTIVE", "rows")
     inj = [] if mode == "fallback" else [Injective(mode=mode)]
     return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(),
             dl.gpu.GeneralReduction(), *inj, dl.gpu.Fallback()]

@@ -193,9 +193,6 @@ class GpuExecutor:
                            for t in k["tensors"]]
                 launch = (*tensors, *k["scalars"])
             else:
-                views = k.get("views")  # a kernel lowered on collapsed [rows, last] views
-                if views:
-                    args = [a if v is None else a._create_view(self._shape(v, env), None, 0) for a, v in zip(args, views)]
                 launch = (*args, *[env[s] for s in k["symbols"]])
             plan.launches.append((fn, launch, c["kernel"]))
         plan.bufs = bufs
