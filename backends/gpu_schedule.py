@@ -89,7 +89,6 @@ class Injective(GPUScheduleRule):
                 (sch.vectorize if self.mode == "vector" else sch.unroll)(inner)
         return sch
 
-
     def _rows(self, sch, loops) -> bool:
         """One block per combination of the leading symbolic dims, threads over the static
         trailing ones: the runtime-valued divisions happen once per block instead of once

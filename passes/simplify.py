@@ -97,7 +97,7 @@ def _lower_bound(n: Node) -> int | None:
     return None
 
 
-# comparison -> (holds for every x >= lo?, fails for every x >= lo?) given lo and c
+# comparison -> its value for every x >= lo when the bound decides it (else None), given lo and c
 _DECIDED = {
     Op.GE: lambda lo, c: True if lo >= c else None,
     Op.GT: lambda lo, c: True if lo > c else None,
