@@ -145,6 +145,17 @@ def is_static(d: Dim) -> bool:
     return isinstance(d, int)
 
 
+def exact_div(a: Dim, b: Dim) -> Dim | None:
+    """a / b when it divides exactly (ints, or a polynomial by an int or by one monomial such
+    as (b*s) / s), else None."""
+    if isinstance(a, int):
+        return a // b if isinstance(b, int) and b != 0 and a % b == 0 else None
+    try:
+        return a // b
+    except NotImplementedError:
+        return None
+
+
 def evaluate(d: Dim, env: Mapping[str, int]) -> int:
     return d if isinstance(d, int) else d.evaluate(env)
 

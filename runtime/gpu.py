@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import itertools
 import os
 import sys
 from collections import OrderedDict
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -33,21 +34,21 @@ SHIM = "shim"
 MAX_PLANS = 4
 
 
-def _preload(names: Sequence[str], pattern: str) -> str | None:
-    for name in names:
+CUBLASLT = ("libcublasLt.so.13", "libcublasLt.so.12")
+
+
+def preload_cublaslt() -> str | None:
+    """Load libcublasLt globally, by soname or else from pip's nvidia-* packages on sys.path
+    (torch's CUDA libraries), so that the shim's dlopen by soname finds it; returns what was
+    loaded, or None. Not needed when it is on the loader path or already loaded."""
+    found = (h for name in CUBLASLT for p in sys.path
+             for h in sorted(glob.glob(os.path.join(p or ".", "nvidia", "*", "lib", name + "*"))))
+    for candidate in itertools.chain(CUBLASLT, found):
         try:
-            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
-            return name
+            ctypes.CDLL(candidate, mode=ctypes.RTLD_GLOBAL)
+            return candidate
         except OSError:
             pass
-    for p in sys.path:  # pip's nvidia-* packages (torch's CUDA libraries)
-        hits = sorted(glob.glob(os.path.join(p or ".", "nvidia", "*", "lib", pattern)))
-        for h in hits:
-            try:
-                ctypes.CDLL(h, mode=ctypes.RTLD_GLOBAL)
-                return h
-            except OSError:
-                pass
     return None
 
 
@@ -60,7 +61,7 @@ def import_tvm_cuda():
         cudart()  # libcudart.so.13 before the plugin, which links it
     except Exception:  # noqa: BLE001 - the plugin load below reports the real problem
         pass
-    _preload(["libcublasLt.so.13", "libcublasLt.so.12"], "libcublasLt.so.1[23]")
+    preload_cublaslt()
     tvm = import_tvm(with_gpu=True)
     import tvm_ffi
 

@@ -16,7 +16,6 @@ package when it is not on the loader path.
 """
 from __future__ import annotations
 
-import ctypes
 import glob
 import hashlib
 import os
@@ -132,35 +131,11 @@ def build_shim(out_path: str | os.PathLike | None = None, arch: str | Sequence[s
     return out
 
 
-def find_cublaslt() -> str | None:
-    """Path of libcublasLt.so.13/.12 inside pip's nvidia packages (None if there is none)."""
-    roots = []
-    for p in sys.path:
-        if p and os.path.isdir(os.path.join(p, "nvidia")):
-            roots.append(os.path.join(p, "nvidia"))
-    for root in dict.fromkeys(roots):
-        for ver in ("13", "12"):
-            hits = sorted(glob.glob(os.path.join(root, "*", "lib", f"libcublasLt.so.{ver}*")))
-            if hits:
-                return hits[0]
-    return None
-
-
 def preload_cublaslt() -> str | None:
-    """Load libcublasLt globally so the shim's dlopen by soname finds it; returns its path.
+    """Load libcublasLt globally so the shim's dlopen by soname finds it (the runtime's loader)."""
+    from llmc.runtime.gpu import preload_cublaslt as preload
 
-    Not needed when the library is on the loader path or already loaded (e.g. by torch).
-    """
-    for name in ("libcublasLt.so.13", "libcublasLt.so.12"):
-        try:
-            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
-            return name
-        except OSError:
-            pass
-    path = find_cublaslt()
-    if path:
-        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-    return path
+    return preload()
 
 
 def load_shim(path: str | os.PathLike | None = None, preload: bool = True):

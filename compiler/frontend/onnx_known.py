@@ -24,7 +24,7 @@ from ..dtypes import DType
 from ..ir import TensorType
 from ..ops import BINARY, Op
 from ..reference import REFERENCE, run_op
-from ..symbolic import Dim, SymDim, SymExpr
+from ..symbolic import Dim, SymDim, SymExpr, exact_div
 
 FOLD_LIMIT = 1 << 16  # largest folded result, in elements: bigger ones stay runtime ops
 SYMBOLIC_LIMIT = 256  # largest folded result holding symbolic dims (shape vectors are short)
@@ -98,12 +98,10 @@ def _trunc_div(a: Dim, b: Dim, is_int: bool) -> Dim:
         return a // b
     if b == 0:
         raise Unfoldable("division by zero")
-    try:  # exact symbolic division only: (b*s) // s, (64*s) // 16
-        if isinstance(a, int):
-            raise NotImplementedError
-        return a // b
-    except NotImplementedError:
-        raise Unfoldable(f"inexact symbolic division {a} / {b}") from None
+    q = exact_div(a, b)  # exact symbolic division only: (b*s) // s, (64*s) // 16
+    if q is None:
+        raise Unfoldable(f"inexact symbolic division {a} / {b}")
+    return q
 
 
 # ---- known arrays -------------------------------------------------------------------------

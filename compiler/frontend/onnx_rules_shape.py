@@ -10,7 +10,7 @@ import numpy as np
 from ...errors import LLMCError, UnsupportedOpError
 from ..dtypes import DType
 from ..ops import ArangeAttrs, AxisAttrs, FullAttrs, Op, ShapeAttrs, SliceAttrs
-from ..symbolic import Dim
+from ..symbolic import Dim, exact_div
 from . import onnx_known as K
 from .onnx_context import NodeCtx, Val, py_scalar
 from .onnx_rules import norm_axes, norm_axis, numel, permute, reshape, rule, scalar
@@ -280,10 +280,12 @@ def _split(x: NodeCtx):
 
 
 def _exact_div(d: Dim, n: int) -> Dim:
-    try:
+    if isinstance(d, int):
         return d // n
-    except NotImplementedError:
-        raise LLMCError(f"cannot split symbolic dim {d} into {n} equal parts") from None
+    q = exact_div(d, n)
+    if q is None:
+        raise LLMCError(f"cannot split symbolic dim {d} into {n} equal parts")
+    return q
 
 
 # ---- reshaping ----------------------------------------------------------------------------
@@ -319,12 +321,10 @@ def _infer_dim(total: Dim, rest: Dim, target) -> Dim:
         if total % rest:
             raise LLMCError(f"reshape target {target} does not divide {total} elements")
         return total // rest
-    try:
-        if isinstance(total, int):
-            raise NotImplementedError
-        return total // rest
-    except NotImplementedError:
-        raise LLMCError(f"reshape target {target}: cannot infer -1 from {total} / {rest}") from None
+    q = exact_div(total, rest)
+    if q is None:
+        raise LLMCError(f"reshape target {target}: cannot infer -1 from {total} / {rest}")
+    return q
 
 
 @rule("Flatten")

@@ -43,6 +43,13 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 constexpr int kWarps = 4;
 
+// chunk c of a row: VEC elements as one 16-byte load (VEC == 1: one element)
+template <typename T, int VEC>
+__device__ __forceinline__ void load_chunk(T* dst, const T* __restrict__ row, int c) {
+  if constexpr (VEC > 1) *reinterpret_cast<uint4*>(dst) = reinterpret_cast<const uint4*>(row)[c];
+  else dst[0] = row[c];
+}
+
 // VEC: elements per 16-byte access (1: scalar path).
 template <typename T, bool RMS, int VEC>
 __global__ void __launch_bounds__(kWarps * 32)
@@ -60,8 +67,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll 4
   for (int c = lane; c < chunks; c += 32) {
     T e[VEC];
-    if constexpr (VEC > 1) *reinterpret_cast<uint4*>(e) = reinterpret_cast<const uint4*>(xr)[c];
-    else e[0] = xr[c];
+    load_chunk<T, VEC>(e, xr, c);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const float v = C::f(e[j]);
@@ -78,8 +84,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll 4
     for (int c = lane; c < chunks; c += 32) {
       T e[VEC];
-      if constexpr (VEC > 1) *reinterpret_cast<uint4*>(e) = reinterpret_cast<const uint4*>(xr)[c];
-      else e[0] = xr[c];
+      load_chunk<T, VEC>(e, xr, c);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const float d = C::f(e[j]) - mean;
@@ -92,15 +97,9 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll 4
   for (int c = lane; c < chunks; c += 32) {
     T e[VEC], we[VEC], be[VEC], o[VEC];
-    if constexpr (VEC > 1) {
-      *reinterpret_cast<uint4*>(e) = reinterpret_cast<const uint4*>(xr)[c];
-      *reinterpret_cast<uint4*>(we) = reinterpret_cast<const uint4*>(w)[c];
-      if (!RMS && b != nullptr) *reinterpret_cast<uint4*>(be) = reinterpret_cast<const uint4*>(b)[c];
-    } else {
-      e[0] = xr[c];
-      we[0] = w[c];
-      if (!RMS && b != nullptr) be[0] = b[c];
-    }
+    load_chunk<T, VEC>(e, xr, c);
+    load_chunk<T, VEC>(we, w, c);
+    if (!RMS && b != nullptr) load_chunk<T, VEC>(be, b, c);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       float v = (C::f(e[j]) - mean) * rstd * C::f(we[j]);
