@@ -174,16 +174,16 @@ class CudaExecutable:
             shutil.copy2(self.shim_path, pathlib.Path(file).parent / SHIM_FILE)
 
     def update_manifest(self, manifest: dict) -> dict:
-        m = dict(manifest)
+        program = dict(manifest["program"])
         kernels = {}
-        for name, entry in manifest["kernels"].items():
+        for name, entry in program["kernels"].items():
             r = self.routes.get(name)
             kernels[name] = {**entry, **(r.to_json() if r is not None else {"route": "tvm"}),
                              "schedule": self.labels.get(name, "")}
-        m["kernels"] = kernels
-        m["libraries"] = {"tvm": "kernels.so", **({"shim": SHIM_FILE} if self.shim_path is not None else {})}
-        m["cuda"] = {"arch": self.spec.arch, "fatbin": True}
-        return m
+        program["kernels"] = kernels
+        roles = {"tvm": "kernels.so", **({"shim": SHIM_FILE} if self.shim_path is not None else {})}
+        return dict(manifest, program=program, libraries={"version": 1, "roles": roles},
+                    cuda={"version": 1, "arch": self.spec.arch, "fatbin": True})
 
 
 def _fits_int32(kernel: Kernel, symbols: Mapping | None) -> bool:

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     from llmc.runtime.executor import load
     from llmc.runtime.manifest import read_manifest
 
-    omitted = bool(read_manifest(pathlib.Path(a.artifact))["weights"].get("omitted"))
+    omitted = bool(read_manifest(pathlib.Path(a.artifact)).weights.omitted)
     ex = load(a.artifact, device="cuda", fill_weights="none" if omitted else "random")
     if omitted:
         _fill_random(ex)

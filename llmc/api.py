@@ -36,11 +36,18 @@ class CompiledModel:
     _executor: Any = None
 
     def _runner(self):
-        if self.manifest["device"] in ("rocm", "metal"):
-            raise LLMCError(f"this model was compiled for {self.manifest['target']}; it cannot run here. "
+        from .runtime.manifest import Manifest
+
+        device = self.manifest["target"]["device"]
+        if device in ("rocm", "metal"):
+            raise LLMCError(f"this model was compiled for {self.manifest['target']['name']}; it cannot run here. "
                             f"export() it and load it on that device")
-        if self._executor is None and self.manifest["device"] == "cuda":
-            from .backends.artifact import weights_of
+        if self._executor is not None:
+            return self._executor
+        from .backends.artifact import weights_of
+
+        typed = Manifest.from_json(self.manifest, "CompiledModel.manifest")  # the same checks as a load
+        if device == "cuda":
             from .runtime.gpu import GpuExecutor, import_tvm_cuda
 
             tvm = import_tvm_cuda()
@@ -48,13 +55,11 @@ class CompiledModel:
             modules = {"tvm": ex.mod.mod if ex.mod is not None else None}
             if ex.shim_path is not None:
                 modules["shim"] = tvm.runtime.load_module(str(ex.shim_path))
-            self._executor = GpuExecutor(self.manifest, modules, weights_of(self.program))
-        if self._executor is None:
-            from .backends.artifact import weights_of
+            self._executor = GpuExecutor(typed, modules, weights_of(self.program))
+        else:
             from .runtime.executor import Executor
 
-            self._executor = Executor(self.manifest, self.executable.mod, weights_of(self.program),
-                                      self.manifest["device"])
+            self._executor = Executor(typed, self.executable.mod, weights_of(self.program), device)
         return self._executor
 
     def __call__(self, *args, **kwargs) -> list[np.ndarray]:
@@ -62,11 +67,11 @@ class CompiledModel:
 
     @property
     def input_names(self) -> list[str]:
-        return [i["name"] for i in self.manifest["inputs"]]
+        return [i["name"] for i in self.manifest["program"]["inputs"]]
 
     @property
     def output_names(self) -> list[str]:
-        return [o["name"] for o in self.manifest["outputs"]]
+        return [o["name"] for o in self.manifest["program"]["outputs"]]
 
     def export(self, path: str | os.PathLike, weights: bool = True, keep_below: int = 1 << 16) -> pathlib.Path:
         """Write the artifact. `weights=False` writes a perf artifact: large float weights are
@@ -82,13 +87,14 @@ class CompiledModel:
             ws = {k: a for k, a in ws.items() if k not in set(omit)}
             manifest = dict(manifest, weights=dict(manifest["weights"], omitted=omit))
         writer = self.executable.export_library
-        if self.manifest["device"] in ("rocm", "metal"):  # metal: a .tar of Mach-O objects, linked on macOS
+        if self.manifest["target"]["device"] in ("rocm", "metal"):  # metal: a .tar of Mach-O objects
+            from .backends.artifact import with_library
             from .backends.build_gpu_targets import library_file, library_writer
             from .backends.targets import parse_target
 
-            spec = parse_target(self.manifest["target"])
+            spec = parse_target(self.manifest["target"]["name"])
             writer = library_writer(self.executable, spec)
-            manifest = dict(manifest, library=library_file(spec))
+            manifest = with_library(manifest, "tvm", library_file(spec))
         return write_artifact(path, writer, manifest, ws)
 
 

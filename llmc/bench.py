@@ -94,31 +94,32 @@ def _shape(dims, env) -> tuple[int, ...]:
     return tuple(eval_dim(d, env) for d in dims)
 
 
-def call_costs(manifest: dict, env: dict) -> list[dict]:
-    """Per call: route, and for shim calls the GEMM (M, N, K) or attention shape and FLOPs."""
+def call_costs(manifest, env: dict) -> list[dict]:
+    """Per call: route, and for shim calls the GEMM (M, N, K) or attention shape and FLOPs.
+    `manifest`: a runtime.manifest.Manifest."""
     out = []
-    for c in manifest["calls"]:
-        k = manifest["kernels"][c["kernel"]]
-        item = {"kernel": c["kernel"], "route": k.get("route", "tvm"), "flops": 0.0, "label": k.get("label", k["ops"])}
-        if k.get("route") == "shim" and k["func"] == "llmc_gemm_ex":
-            a, w = (_shape(t["shape"], env) for t in k["tensors"][:2])
+    for c in manifest.program.calls:
+        k = manifest.program.kernels[c.kernel]
+        item = {"kernel": c.kernel, "route": k.route, "flops": 0.0, "label": k.label or k.ops}
+        if k.route == "shim" and k.func == "llmc_gemm_ex":
+            a, w = (_shape(t.shape, env) for t in k.tensors[:2])
             m = int(np.prod(a[:-1]))
-            n, kk = w if k["scalars"][0] else w[::-1]  # trans_b: W is [N, K]
+            n, kk = w if k.scalars[0] else w[::-1]  # trans_b: W is [N, K]
             item.update(kind="gemm", mnk=(m, n, kk), flops=2.0 * m * n * kk)
-        elif k.get("route") == "shim" and k["func"] == "llmc_attention_ext":
-            layout = k["scalars"][2]
-            q = _shape(k["tensors"][0]["shape"], env)
-            o = _shape(k["tensors"][4]["shape"], env)
+        elif k.route == "shim" and k.func == "llmc_attention_ext":
+            layout = k.scalars[2]
+            q = _shape(k.tensors[0].shape, env)
+            o = _shape(k.tensors[4].shape, env)
             B, S, D = (q[0], q[1], q[3]) if layout & 1 else (q[0], q[2], q[3])
             H = o[2] if layout & 8 else o[1]
             if layout & 16:  # packed qkv: keys are the same tokens
                 T = S
             else:
-                kv = _shape(k["tensors"][1]["shape"], env)
+                kv = _shape(k.tensors[1].shape, env)
                 T = kv[1] if layout & 2 else kv[2]
-            pairs = S * T if not k["scalars"][1] else sum(min(T, i + 1 + T - S) for i in range(S))
+            pairs = S * T if not k.scalars[1] else sum(min(T, i + 1 + T - S) for i in range(S))
             item.update(kind="attention", flops=4.0 * B * H * pairs * D)
-        elif k.get("route") == "shim":
+        elif k.route == "shim":
             item.update(kind="norm")
         else:
             item.update(kind="tvm")
@@ -152,15 +153,15 @@ def run_bench(artifact: str, spec: str, batch: int, seq: int, modes=DEFAULT_MODE
     if not torch.cuda.is_available():
         raise LLMCError("llmc bench needs a CUDA GPU")
     from .runtime.executor import load
-    from .runtime.manifest import read_manifest
+    from .runtime.artifact_files import read_manifest
 
     import pathlib
 
     manifest = read_manifest(pathlib.Path(artifact))
-    omitted = bool(manifest["weights"].get("omitted"))  # a perf artifact: large weights left out
+    omitted = bool(manifest.weights.omitted)  # a perf artifact: large weights left out
     res: dict = {"artifact": artifact, "model": spec, "batch": batch, "seq": seq,
                  "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                 "date": time.strftime("%Y-%m-%d"), "target": manifest["target"]}
+                 "date": time.strftime("%Y-%m-%d"), "target": manifest.target}
     t = time.perf_counter()
     ex = load(artifact, device="cuda", fill_weights="none" if omitted else "random")
     res["weights"] = _fill_random(ex) if omitted else "from the artifact"
@@ -228,8 +229,8 @@ def run_bench(artifact: str, spec: str, batch: int, seq: int, modes=DEFAULT_MODE
     res["ceilings"] = ceilings()
     costs = call_costs(manifest, env)
     flops = sum(c["flops"] for c in costs)
-    wbytes = sum(int(np.prod(b["shape"])) * {"bfloat16": 2, "float16": 2, "float32": 4}.get(b["dtype"], 1)
-                 for b in manifest["buffers"] if b["role"] == "weight")
+    wbytes = sum(int(np.prod(b.shape)) * {"bfloat16": 2, "float16": 2, "float32": 4}.get(b.dtype, 1)
+                 for b in manifest.program.buffers if b.role == "weight")
     res["model_TFLOPs"] = flops / (res["llmc_ms"] * 1e-3) / 1e12
     res["weight_GB"] = wbytes / 1e9
     res["weight_read_TBps"] = wbytes / (res["llmc_ms"] * 1e-3) / 1e12
@@ -260,7 +261,7 @@ def profile_breakdown(ex, feed: dict, costs: list[dict]) -> dict:
             g["llmc_ms"] += ms
             g["calls"] += 1
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        next((b["dtype"] for b in ex.manifest["buffers"] if b["role"] == "weight" and b["dtype"] != "int64"),
+        next((b.dtype for b in ex.manifest.program.buffers if b.role == "weight" and b.dtype != "int64"),
              "bfloat16"), torch.bfloat16)
     torch_total = 0.0
     rows = []

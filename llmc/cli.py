@@ -42,9 +42,9 @@ def cmd_compile(a: argparse.Namespace) -> int:
     compiled = compile_graph(graph, opts)
     out = compiled.export(a.output, weights=a.weights == "all")
     if a.weights == "none":
-        from .runtime.manifest import read_manifest
+        from .runtime.artifact_files import read_manifest
 
-        omitted = read_manifest(out)["weights"].get("omitted") or []
+        omitted = read_manifest(out).weights.omitted
         _progress(f"perf artifact: {len(omitted)} large weights left out (shapes only); the CUDA runtime fills "
                   f"them with random values")
     _progress(f"wrote {out} in {time.perf_counter() - t0:.1f}s total")
@@ -88,12 +88,46 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
-    from .runtime.manifest import read_manifest
+    from .runtime.artifact_files import read_manifest, read_manifest_json
 
-    m = read_manifest(pathlib.Path(a.artifact))
+    path = pathlib.Path(a.artifact)
+    m = read_manifest(path)  # validated (raises ArtifactError) before anything is printed
     if a.json:
-        print(json.dumps(m, indent=1))
+        print(json.dumps(read_manifest_json(path), indent=1))
         return 0
+
+    def shape(s):
+        return "[" + ", ".join(str(d) if isinstance(d, int) else
+                               " + ".join("*".join([str(c)] * (c != 1) + list(n)) for c, n in d) for d in s) + "]"
+
+    p = m.program
+    print(f"llmc artifact {a.artifact}  (llmc {m.llmc_version}, target {m.target}, device {m.device})")
+    print("symbols: " + ", ".join(f"{s.name} in [{s.lo}, {s.hi}]" for s in p.symbols))
+    for i in p.inputs:
+        print(f"input  {i.name}: {i.dtype}{shape(i.shape)}")
+    for o in p.outputs:
+        b = p.buffers[o.buffer]
+        print(f"output {o.name}: {b.dtype}{shape(b.shape)}")
+    for c in m.input_checks:
+        print(f"check  {c.input} in [{c.lo}, {c.hi}) (rows of {c.table})")
+    counts: dict[str, int] = {}
+    for c in p.calls:
+        counts[c.kernel] = counts.get(c.kernel, 0) + 1
+    print(f"kernels: {len(p.kernels)} built, {len(p.calls)} calls")
+    routed = m.device == "cuda"
+    for name, k in p.kernels.items():
+        route = ""
+        if routed:
+            route = f"shim:{k.func} ({k.label})" if k.route == "shim" else f"tvm ({k.schedule})"
+            route = f"{route:44s} "
+        print(f"  {name:20s} x{counts.get(name, 0):<4d} {route}{k.ops}")
+    print("libraries: " + ", ".join(f"{k}={v}" for k, v in m.libraries.items()))
+    w = m.weights
+    print(f"weights: {w.count} tensors, {w.bytes / 2**20:.2f} MiB"
+          + (f" ({len(w.omitted)} large ones left out: a perf artifact, random values at run time)"
+             if w.omitted else ""))
+    print(f"arena: {p.arena_bytes / 2**20:.2f} MiB planned")
+    return 0
 
     def shape(s):
         return "[" + ", ".join(str(d) if isinstance(d, int) else

@@ -1,21 +1,28 @@
 """Executor: runs an artifact's kernel call list over planned buffers.
 
 Per distinct input shape the executor binds the symbolic dims, then resolves every
-buffer to an array: inputs and weights as given, temporaries as views into one arena
+buffer to an array: inputs and weights as given, temporaries as views into an arena
 (offsets from the compile-time memory plan) or, for unplanned programs, their own
 allocations; reshape aliases as views of their source. Program outputs get fresh
 arrays each call so results stay valid after the next call.
+
+Concurrency: one Executor may be called from many threads at once. Each call borrows a
+workspace (an arena plus its per-shape views) from a small pool and gives it back at the
+end, so concurrent calls never share working memory; a single-threaded caller keeps
+reusing one workspace (no extra cost). The pool grows to the peak number of concurrent
+calls (one arena each) and keeps them.
 """
 from __future__ import annotations
 
 import pathlib
+import threading
 from collections import OrderedDict
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from ..errors import ArtifactError, InputError, LLMCError
-from .manifest import LIBRARY, WEIGHTS, eval_dim, read_manifest
+from .manifest import Manifest, eval_dim
 from .tvm_runtime import import_tvm
 
 ALIGN = 64  # TVM kernels assume aligned data; a 4-byte misaligned pointer crashes them
@@ -78,13 +85,34 @@ def _is_bf16(a) -> bool:
 
 
 def _to_numpy(x: Any, name: str) -> np.ndarray:
-    if isinstance(x, np.ndarray):
+    if type(x) is np.ndarray:
         return x
+    if isinstance(x, np.ndarray):  # subclasses (masked arrays, matrices) carry other semantics
+        raise InputError(f"input {name!r}: expected a plain numpy array, got {type(x).__name__}")
     if hasattr(x, "detach") and hasattr(x, "numpy"):  # a torch tensor, without importing torch
         return x.detach().cpu().numpy()
-    if isinstance(x, (list, tuple, int, float)):
-        return np.asarray(x)
+    if isinstance(x, (list, tuple, int, float)) and not isinstance(x, bool):
+        try:
+            return np.asarray(x)
+        except ValueError as e:  # ragged nesting
+            raise InputError(f"input {name!r}: not an array ({e})") from None
     raise InputError(f"input {name!r}: expected a numpy array or torch tensor, got {type(x).__name__}")
+
+
+def check_index_inputs(manifest: Manifest, arrays: Mapping[str, Any]) -> None:
+    """Every index input within its table (manifest section input_checks), before any kernel
+    runs: an id past the embedding table would read memory outside it."""
+    for c in manifest.input_checks:
+        a = arrays[c.input]
+        if a.size == 0:
+            continue
+        lo, hi = a.min(), a.max()
+        if lo >= c.lo and hi < c.hi:
+            continue
+        bad = np.argwhere((a < c.lo) | (a >= c.hi))[0]
+        value = a[tuple(bad)]
+        raise InputError(f"input {c.input!r}: value {int(value)} at index {tuple(int(i) for i in bad)} is outside "
+                         f"[{c.lo}, {c.hi}) (the rows of {c.table!r})")
 
 
 def match_inputs(names: Sequence[str], args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -104,140 +132,195 @@ def match_inputs(names: Sequence[str], args: tuple, kwargs: dict) -> dict[str, A
     return values
 
 
-class Executor:
-    """A loaded program. Call it with arrays (positional in input order, or by name)."""
+class _Workspace:
+    """Working memory of one call in flight: an arena and its views per shape."""
 
-    def __init__(self, manifest: dict, module, weights: Mapping[str, np.ndarray], device: str = "cpu"):
+    def __init__(self, arena_bytes: int):
+        self.arena = aligned_empty((arena_bytes,), np.uint8) if arena_bytes else None
+        self.temps: OrderedDict[tuple, dict[int, np.ndarray]] = OrderedDict()
+
+
+class Executor:
+    """A loaded program. Call it with arrays (positional in input order, or by name).
+
+    Thread-safe: concurrent calls each get their own workspace (arena and temporaries); the
+    weights are shared read-only. Outputs are fresh arrays owned by the caller.
+    """
+
+    MAX_SHAPES = 4  # per workspace, the views of a few recent shapes stay cached
+
+    def __init__(self, manifest: Manifest, module, weights: Mapping[str, np.ndarray], device: str = "cpu"):
+        if not isinstance(manifest, Manifest):
+            raise TypeError("Executor takes a validated runtime.manifest.Manifest (Manifest.from_json)")
         self.manifest = manifest
         self.device = device
-        self.input_names = [i["name"] for i in manifest["inputs"]]
-        self.output_names = [o["name"] for o in manifest["outputs"]]
-        self._buffers = manifest["buffers"]
-        self._symbols = {s["name"]: (s["lo"], s["hi"]) for s in manifest["symbols"]}
-        self._output_ids = [o["buffer"] for o in manifest["outputs"]]
+        p = manifest.program
+        self._program = p
+        self.input_names = manifest.input_names
+        self.output_names = manifest.output_names
+        self._buffers = p.buffers
+        self._symbols = {s.name: (s.lo, s.hi) for s in p.symbols}
+        self._output_ids = [o.buffer for o in p.outputs]
         self._calls = []
-        for c in manifest["calls"]:
+        for c in p.calls:
             try:
-                fn = module[c["kernel"]]
-            except Exception:
-                raise ArtifactError(f"kernel {c['kernel']!r} is missing from the library") from None
-            self._calls.append((fn, tuple(c["args"]), tuple(manifest["kernels"][c["kernel"]]["symbols"])))
+                fn = module[c.kernel]
+            except AttributeError:
+                raise ArtifactError(f"kernel {c.kernel!r} is missing from the library") from None
+            self._calls.append((fn, c.args, p.kernels[c.kernel].symbols, c.kernel))
         self._weights: dict[int, np.ndarray] = {}
         for b in self._buffers:
-            if b["role"] == "weight":
-                w = weights.get(b["name"])
+            if b.role == "weight":
+                w = weights.get(b.name)
                 if w is None:
-                    raise ArtifactError(f"weights file lacks {b['name']!r}")
-                shape = tuple(b["shape"])
-                if tuple(w.shape) != shape or w.dtype != numpy_dtype(b["dtype"]):
-                    raise ArtifactError(f"weight {b['name']!r}: file has {w.dtype}{tuple(w.shape)}, "
-                                        f"manifest expects {b['dtype']}{shape}")
-                self._weights[b["id"]] = aligned(w)
-        arena = manifest.get("arena_bytes", 0)
-        self._arena = aligned_empty((int(arena),), np.uint8) if isinstance(arena, int) and arena else None
-        self._temps: OrderedDict[tuple, dict[int, np.ndarray]] = OrderedDict()
+                    raise ArtifactError(f"weights file lacks {b.name!r}")
+                shape = tuple(b.shape)
+                if not isinstance(w, np.ndarray) or tuple(w.shape) != shape or w.dtype != numpy_dtype(b.dtype):
+                    raise ArtifactError(f"weight {b.name!r}: file has {getattr(w, 'dtype', type(w).__name__)}"
+                                        f"{tuple(getattr(w, 'shape', ()))}, manifest expects {b.dtype}{shape}")
+                self._weights[b.id] = aligned(w)
+        self._arena_bytes = p.arena_bytes
+        self._pool: list[_Workspace] = [_Workspace(self._arena_bytes)]
+        self._pool_lock = threading.Lock()
         self._out_set = set(self._output_ids)
-        self._bf16 = any(b["dtype"] == "bfloat16" for b in self._buffers)
+        self._bf16 = any(b.dtype == "bfloat16" for b in self._buffers)
+        self._float_inputs = [i.name for i in p.inputs if i.dtype.startswith(("float", "bfloat"))]
 
     # ---- symbol binding and buffer resolution ----------------------------------------
     def _bind(self, arrays: Sequence[np.ndarray]) -> dict[str, int]:
         env: dict[str, int] = {}
-        for spec, a in zip(self.manifest["inputs"], arrays):
-            shape = spec["shape"]
+        specs = self._program.inputs
+        for spec, a in zip(specs, arrays):
+            shape = spec.shape
             if a.ndim != len(shape):
-                raise InputError(f"input {spec['name']!r}: expected rank {len(shape)}, got shape {a.shape}")
+                raise InputError(f"input {spec.name!r}: expected rank {len(shape)}, got shape {tuple(a.shape)}")
             for axis, (d, actual) in enumerate(zip(shape, a.shape)):
-                if isinstance(d, list) and len(d) == 1 and d[0][0] == 1 and len(d[0][1]) == 1:
+                if not isinstance(d, int) and len(d) == 1 and d[0][0] == 1 and len(d[0][1]) == 1:
                     s = d[0][1][0]
                     lo, hi = self._symbols[s]
                     if not lo <= actual <= hi:
-                        raise InputError(f"input {spec['name']!r} dim {axis} ({s}) = {actual} is outside its "
+                        raise InputError(f"input {spec.name!r} dim {axis} ({s}) = {actual} is outside its "
                                          f"bounds [{lo}, {hi}] (recompile with larger bounds)")
                     if env.setdefault(s, actual) != actual:
-                        raise InputError(f"input {spec['name']!r} dim {axis}: {s}={actual} disagrees with "
+                        raise InputError(f"input {spec.name!r} dim {axis}: {s}={actual} disagrees with "
                                          f"{s}={env[s]} from an earlier input")
-        for spec, a in zip(self.manifest["inputs"], arrays):
-            expected = tuple(eval_dim(d, env) for d in spec["shape"])
-            if expected != a.shape:
-                raise InputError(f"input {spec['name']!r}: expected shape {expected}, got {a.shape}")
+        for spec, a in zip(specs, arrays):
+            expected = tuple(eval_dim(d, env) for d in spec.shape)
+            if expected != tuple(a.shape):
+                raise InputError(f"input {spec.name!r}: expected shape {expected}, got {tuple(a.shape)}")
+            if 0 in expected:
+                raise InputError(f"input {spec.name!r}: zero-size dim in shape {expected}")
         return env
 
-    def _temps_for(self, env: dict[str, int]) -> dict[int, np.ndarray]:
+    def _temps_for(self, ws: _Workspace, env: dict[str, int]) -> dict[int, np.ndarray]:
         key = tuple(sorted(env.items()))
-        cached = self._temps.get(key)
+        cached = ws.temps.get(key)
         if cached is not None:
-            self._temps.move_to_end(key)
+            ws.temps.move_to_end(key)
             return cached
         temps: dict[int, np.ndarray] = {}
         for b in self._buffers:
-            if b["role"] != "temp" or b["id"] in self._out_set:
+            if b.role != "temp" or b.id in self._out_set:
                 continue
-            shape = tuple(eval_dim(d, env) for d in b["shape"])
-            dtype = numpy_dtype(b["dtype"])
-            if b.get("offset") is not None and self._arena is not None:
+            shape = tuple(eval_dim(d, env) for d in b.shape)
+            dtype = numpy_dtype(b.dtype)
+            if b.offset is not None and ws.arena is not None:
                 nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-                temps[b["id"]] = self._arena[b["offset"]:b["offset"] + nbytes].view(dtype).reshape(shape)
+                if b.offset + nbytes > ws.arena.size:  # the manifest's plan is checked at the upper bounds too
+                    raise ArtifactError(f"buffer {b.id}: {nbytes} bytes at offset {b.offset} overrun the arena "
+                                        f"({ws.arena.size} bytes) for {dict(env)}")
+                temps[b.id] = ws.arena[b.offset:b.offset + nbytes].view(dtype).reshape(shape)
             else:
-                temps[b["id"]] = aligned_empty(shape, dtype)
-        self._temps[key] = temps
-        if len(self._temps) > 4:  # a few recent shapes; the arena itself is shared
-            self._temps.popitem(last=False)
+                temps[b.id] = aligned_empty(shape, dtype)
+        ws.temps[key] = temps
+        if len(ws.temps) > self.MAX_SHAPES:
+            ws.temps.popitem(last=False)
         return temps
 
-    def _resolve(self, arrays: Sequence[np.ndarray], env: dict[str, int]) -> dict[int, np.ndarray]:
+    def _resolve(self, ws: _Workspace, arrays: Sequence[np.ndarray], env: dict[str, int]) -> dict[int, np.ndarray]:
         bufs: dict[int, np.ndarray] = dict(self._weights)
-        bufs.update(self._temps_for(env))
-        for spec, a in zip(self.manifest["inputs"], arrays):
-            bufs[spec["buffer"]] = a
+        bufs.update(self._temps_for(ws, env))
+        for spec, a in zip(self._program.inputs, arrays):
+            bufs[spec.buffer] = a
         for b in self._buffers:
-            bid = b["id"]
-            if b["role"] == "temp" and bid in self._out_set:
-                bufs[bid] = aligned_empty([eval_dim(d, env) for d in b["shape"]], numpy_dtype(b["dtype"]))
+            if b.role == "temp" and b.id in self._out_set:
+                bufs[b.id] = aligned_empty([eval_dim(d, env) for d in b.shape], numpy_dtype(b.dtype))
         for b in self._buffers:  # aliases come after their sources in buffer order
-            if b["role"] == "alias":
-                bufs[b["id"]] = bufs[b["alias_of"]].reshape([eval_dim(d, env) for d in b["shape"]])
+            if b.role == "alias":
+                shape = [eval_dim(d, env) for d in b.shape]
+                try:
+                    bufs[b.id] = bufs[b.alias_of].reshape(shape)
+                except ValueError:
+                    raise ArtifactError(f"buffer {b.id}: alias of shape {shape} does not fit buffer {b.alias_of} "
+                                        f"{bufs[b.alias_of].shape}") from None
         return bufs
 
     # ---- calling -----------------------------------------------------------------------
     def _collect(self, args: tuple, kwargs: dict) -> list[np.ndarray]:
         values = match_inputs(self.input_names, args, kwargs)
         arrays = []
-        for spec in self.manifest["inputs"]:
-            a = _to_numpy(values[spec["name"]], spec["name"])
-            want = numpy_dtype(spec["dtype"])
+        for spec in self._program.inputs:
+            a = _to_numpy(values[spec.name], spec.name)
+            want = numpy_dtype(spec.dtype)
             if a.dtype != want:
-                raise InputError(f"input {spec['name']!r}: expected dtype {want}, got {a.dtype}")
+                raise InputError(f"input {spec.name!r}: expected dtype {want}, got {a.dtype}")
             arrays.append(aligned(a))
         return arrays
+
+    def _borrow(self) -> _Workspace:
+        with self._pool_lock:
+            if self._pool:
+                return self._pool.pop()
+        return _Workspace(self._arena_bytes)
+
+    def _give_back(self, ws: _Workspace) -> None:
+        with self._pool_lock:
+            self._pool.append(ws)
 
     def __call__(self, *args, **kwargs) -> list[np.ndarray]:
         arrays = self._collect(args, kwargs)
         env = self._bind(arrays)
-        bufs = self._resolve(arrays, env)
-        args = {k: _DLPackAs(v) for k, v in bufs.items() if _is_bf16(v)} if self._bf16 else {}
-        args = {**bufs, **args} if args else bufs
-        for fn, buf_ids, syms in self._calls:
-            fn(*[args[i] for i in buf_ids], *[env[s] for s in syms])
-        outs = []
-        for bid in self._output_ids:
-            a = bufs[bid]
-            # outputs that are inputs, weights or arena views are copied so callers own them
-            outs.append(a if self._buffers[bid]["role"] == "temp" else np.array(a, copy=True))
+        if self.manifest.input_checks:
+            check_index_inputs(self.manifest, dict(zip(self.input_names, arrays)))
+        ws = self._borrow()
+        try:
+            bufs = self._resolve(ws, arrays, env)
+            fargs = {k: _DLPackAs(v) for k, v in bufs.items() if _is_bf16(v)} if self._bf16 else {}
+            fargs = {**bufs, **fargs} if fargs else bufs
+            for fn, buf_ids, syms, name in self._calls:
+                try:
+                    fn(*[fargs[i] for i in buf_ids], *[env[s] for s in syms])
+                except (ValueError, TypeError, RuntimeError, IndexError) as e:
+                    # inputs were checked above: a kernel refusing its arguments is the artifact's fault
+                    raise ArtifactError(f"kernel {name!r} refused the buffers the manifest gives it "
+                                        f"({str(e).strip().splitlines()[-1][:200]})") from None
+            outs = []
+            for bid in self._output_ids:
+                a = bufs[bid]
+                # outputs that are inputs, weights or arena views are copied so callers own them
+                outs.append(a if self._buffers[bid].role == "temp" else np.array(a, copy=True))
+        finally:
+            self._give_back(ws)
         return outs
 
     def describe(self) -> dict:
         m = self.manifest
-        return {"inputs": m["inputs"], "outputs": m["outputs"], "kernels": len(m["kernels"]),
-                "calls": len(m["calls"]), "weight_bytes": m["weights"]["bytes"]}
+        return {"inputs": [{"name": i.name, "shape": list(i.shape), "dtype": i.dtype} for i in m.program.inputs],
+                "outputs": m.output_names, "kernels": len(m.program.kernels),
+                "calls": len(m.program.calls), "weight_bytes": m.weights.bytes}
 
 
 def load(path, device: str = "cpu", **options):
     """Load an artifact folder written by `CompiledModel.export` / `llmc compile`.
 
+    Everything is checked before native code is loaded: the manifest (schema, checksum),
+    then the size and SHA-256 of every file it names (see docs/artifact.md).
     device "cpu" gives an Executor; "cuda" (or "cuda:N") a runtime.gpu.GpuExecutor, which
     takes `graphs` (CUDA-graph replay, default on) and `fill_weights` ("random" | "none",
     for perf artifacts compiled without weights) as options.
     """
+    from .artifact_files import check_library_files, load_weights, read_manifest
+
     path = pathlib.Path(path)
     manifest = read_manifest(path)
     kind, _, index = device.partition(":")
@@ -245,50 +328,36 @@ def load(path, device: str = "cpu", **options):
         from ..errors import TargetError
 
         raise TargetError(f"device {device!r} is not supported by this runtime (use 'cpu' or 'cuda')")
-    if manifest["device"] != kind:
-        raise ArtifactError(f"{path} was compiled for {manifest['device']!r}, not {kind!r}")
-    omitted = bool(manifest["weights"].get("omitted"))
-    weights = load_weights(path / WEIGHTS, manifest)
+    if manifest.device != kind:
+        raise ArtifactError(f"{path} was compiled for {manifest.device!r}, not {kind!r}")
+    if kind == "cpu" and manifest.weights.omitted:
+        raise ArtifactError(f"{path} lacks its large weights (a perf artifact compiled with --weights none); "
+                            f"only the CUDA runtime fills them with random values")
+    if kind == "cuda" and index and not index.isdigit():
+        from ..errors import TargetError
+
+        raise TargetError(f"device {device!r}: expected cuda or cuda:N")
+    libraries = check_library_files(path, manifest, manifest.libraries)
+    weights = load_weights(path, manifest)
     if kind == "cuda":
         from .gpu import GpuExecutor, import_tvm_cuda
 
         tvm = import_tvm_cuda()
         modules = {}
-        for lib, file in manifest.get("libraries", {"tvm": LIBRARY}).items():
+        for lib, file in libraries.items():
             try:
-                modules[lib] = tvm.runtime.load_module(str(path / file))
-            except Exception as e:
-                raise ArtifactError(f"{path / file}: cannot load the {lib} library "
+                modules[lib] = tvm.runtime.load_module(str(file))
+            except (RuntimeError, OSError, ValueError) as e:
+                raise ArtifactError(f"{file}: cannot load the {lib} library "
                                     f"({str(e).splitlines()[0][:200]})") from None
         return GpuExecutor(manifest, modules, weights, device_id=int(index or 0), **options)
-    if omitted:
-        raise ArtifactError(f"{path} lacks its large weights (a perf artifact compiled with --weights none); "
-                            f"only the CUDA runtime fills them with random values")
     tvm = import_tvm(with_gpu=False)
+    file = libraries["tvm"]
     try:
-        module = tvm.runtime.load_module(str(path / LIBRARY))
-    except Exception as e:
-        raise ArtifactError(f"{path / LIBRARY}: cannot load kernel library ({str(e).splitlines()[0][:200]})") from None
+        module = tvm.runtime.load_module(str(file))
+    except (RuntimeError, OSError, ValueError) as e:
+        raise ArtifactError(f"{file}: cannot load kernel library ({str(e).splitlines()[0][:200]})") from None
     return Executor(manifest, module, weights, device)
 
 
-def load_weights(file: pathlib.Path, manifest: dict) -> dict[str, np.ndarray]:
-    expected = manifest["weights"]["bytes"]
-    size = file.stat().st_size
-    if size != expected:
-        raise ArtifactError(f"{file}: weights file is {size} bytes, the manifest expects {expected} "
-                            f"(truncated or replaced)")
-    try:
-        from safetensors.numpy import load_file
-
-        raw = load_file(str(file))
-    except Exception as e:
-        raise ArtifactError(f"{file}: unreadable weights file ({str(e)[:200]})") from None
-    dtypes = {b["name"]: b["dtype"] for b in manifest["buffers"] if b["role"] == "weight"}
-    # bf16/fp8 are stored as raw integer words of the same width (safetensors' numpy API
-    # has no such dtypes) and reinterpreted here.
-    return {k: (v.view(numpy_dtype(dtypes[k])) if k in dtypes and numpy_dtype(dtypes[k]) != v.dtype else v)
-            for k, v in raw.items()}
-
-
-__all__ = ["Executor", "load", "LLMCError"]
+__all__ = ["Executor", "load", "LLMCError", "check_index_inputs"]

@@ -13,6 +13,13 @@ them into a CUDA graph; later calls copy the inputs in and replay the graph. If 
 fails, or graphs are off (`graphs=False`, LLMC_CUDA_GRAPHS=0), the launches run one by one.
 Up to four shapes keep their plan and graph.
 
+Concurrency: a plan's device buffers and its captured graph are shared by every call with
+that shape, so calls are serialized by one lock per executor (the GPU runs one call's
+launches at a time anyway; host-side copies are the only overlap given up). `run(...,
+outputs="device")` returns the plan's own output tensors, which the next call with the
+same shape overwrites: callers that share an executor across threads should take numpy
+outputs (the default), which are copied out under the lock.
+
 Imports neither torch nor the llmc compiler: TVM's runtime, numpy and ctypes (libcudart).
 """
 from __future__ import annotations
@@ -22,13 +29,14 @@ import glob
 import itertools
 import os
 import sys
+import threading
 from collections import OrderedDict
 from typing import Any, Mapping
 
 import numpy as np
 
 from ..errors import ArtifactError, InputError, LLMCError
-from .manifest import eval_dim
+from .manifest import Manifest, eval_dim
 
 SHIM = "shim"
 MAX_PLANS = 4
@@ -93,12 +101,22 @@ class _Plan:
 
 class GpuExecutor:
     """A loaded CUDA artifact. Call it like Executor; `run(..., outputs="device")` keeps the
-    outputs on the GPU (valid until the next call with the same shape)."""
+    outputs on the GPU (valid until the next call with the same shape).
 
-    def __init__(self, manifest: dict, modules: Mapping[str, Any], weights: Mapping[str, Any] | None,
+    Thread-safe: calls (run, replay, profile, graph_state) hold one lock per executor, since
+    per-shape device buffers and captured graphs are shared; numpy outputs are copied out
+    before the lock is released."""
+
+    def __init__(self, manifest: Manifest, modules: Mapping[str, Any], weights: Mapping[str, Any] | None,
                  device_id: int = 0, graphs: bool | None = None, fill_weights: str = "random"):
         from .executor import numpy_dtype
 
+        if not isinstance(manifest, Manifest):
+            raise TypeError("GpuExecutor takes a validated runtime.manifest.Manifest (Manifest.from_json)")
+        unknown = sorted(set(modules) - {"tvm", SHIM})
+        if unknown:
+            raise ArtifactError(f"unknown library roles {unknown}")
+        self._lock = threading.RLock()
         self.tvm = import_tvm_cuda()
         self.manifest = manifest
         self.device = "cuda"
@@ -107,23 +125,25 @@ class GpuExecutor:
             raise LLMCError("no CUDA device is visible to TVM's runtime")
         self.device_id = device_id
         self.graphs = (os.environ.get("LLMC_CUDA_GRAPHS", "1") != "0") if graphs is None else graphs
-        self.input_names = [i["name"] for i in manifest["inputs"]]
-        self.output_names = [o["name"] for o in manifest["outputs"]]
-        self._buffers = manifest["buffers"]
-        self._symbols = {s["name"]: (s["lo"], s["hi"]) for s in manifest["symbols"]}
-        self._output_ids = [o["buffer"] for o in manifest["outputs"]]
+        p = manifest.program
+        self._program = p
+        self.input_names = manifest.input_names
+        self.output_names = manifest.output_names
+        self._buffers = p.buffers
+        self._symbols = {s.name: (s.lo, s.hi) for s in p.symbols}
+        self._output_ids = [o.buffer for o in p.outputs]
         self._out_set = set(self._output_ids)
         self._numpy_dtype = numpy_dtype
         self._kernels = {}
-        for name, k in manifest["kernels"].items():
-            lib = SHIM if k.get("route") == "shim" else "tvm"
+        for name, k in p.kernels.items():
+            lib = SHIM if k.route == SHIM else "tvm"
             mod = modules.get(lib)
             if mod is None:
                 raise ArtifactError(f"kernel {name!r} runs in the {lib!r} library, which the artifact lacks")
-            fn_name = k["func"] if lib == SHIM else name
+            fn_name = k.func if lib == SHIM else name
             try:
                 fn = mod[fn_name]
-            except Exception:
+            except AttributeError:
                 raise ArtifactError(f"kernel {name!r}: function {fn_name!r} is missing from the {lib} library") from None
             self._kernels[name] = (fn, k)
         if SHIM in modules and modules[SHIM] is not None:
@@ -133,28 +153,27 @@ class GpuExecutor:
                 pass
         self.weights_random = False
         self._weights: dict[int, Any] = {}
-        self.omitted = set(manifest["weights"].get("omitted") or ())
+        self.omitted = set(manifest.weights.omitted)
         for b in self._buffers:
-            if b["role"] != "weight":
+            if b.role != "weight":
                 continue
-            shape, dtype = tuple(b["shape"]), numpy_dtype(b["dtype"])
-            t = self.tvm.runtime.empty(shape, b["dtype"], self.dev)
-            w = None if weights is None else weights.get(b["name"])
+            shape, dtype = tuple(b.shape), numpy_dtype(b.dtype)
+            t = self.tvm.runtime.empty(shape, b.dtype, self.dev)
+            w = None if weights is None else weights.get(b.name)
             if w is None:
-                if b["name"] not in self.omitted:
-                    raise ArtifactError(f"weights file lacks {b['name']!r}")
+                if b.name not in self.omitted:
+                    raise ArtifactError(f"weights file lacks {b.name!r}")
                 self.weights_random = True
             else:
                 if tuple(w.shape) != shape or w.dtype != dtype:
-                    raise ArtifactError(f"weight {b['name']!r}: file has {w.dtype}{tuple(w.shape)}, "
-                                        f"manifest expects {b['dtype']}{shape}")
-                t.copyfrom(np.ascontiguousarray(w))
-            self._weights[b["id"]] = t
+                    raise ArtifactError(f"weight {b.name!r}: file has {w.dtype}{tuple(w.shape)}, "
+                                        f"manifest expects {b.dtype}{shape}")
+                t.copyfrom(w if w.flags.c_contiguous else w.copy(order="C"))  # 0-d weights stay 0-d
+            self._weights[b.id] = t
         if self.weights_random and fill_weights == "random":
             self.fill_random_weights()
-        arena = manifest.get("arena_bytes", 0)
-        self._arena = self.tvm.runtime.empty((int(arena),), "uint8", self.dev) \
-            if isinstance(arena, int) and arena else None
+        arena = p.arena_bytes
+        self._arena = self.tvm.runtime.empty((arena,), "uint8", self.dev) if arena else None
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
         self._stream = None
 
@@ -171,31 +190,36 @@ class GpuExecutor:
         rt, dev = self.tvm.runtime, self.dev
         plan = _Plan()
         bufs = dict(self._weights)
-        for spec in self.manifest["inputs"]:
-            t = rt.empty(self._shape(spec["shape"], env), spec["dtype"], dev)
-            bufs[spec["buffer"]] = t
+        for spec in self._program.inputs:
+            t = rt.empty(self._shape(spec.shape, env), spec.dtype, dev)
+            bufs[spec.buffer] = t
             plan.inputs.append(t)
+        arena_size = self._program.arena_bytes
         for b in self._buffers:
-            if b["role"] != "temp":
+            if b.role != "temp":
                 continue
-            shape = self._shape(b["shape"], env)
-            if b["id"] not in self._out_set and b.get("offset") is not None and self._arena is not None:
-                bufs[b["id"]] = self._arena._create_view(shape, b["dtype"], int(b["offset"]))
+            shape = self._shape(b.shape, env)
+            if b.id not in self._out_set and b.offset is not None and self._arena is not None:
+                nbytes = int(np.prod(shape, dtype=np.int64)) * self._numpy_dtype(b.dtype).itemsize
+                if b.offset + nbytes > arena_size:  # backstop to the manifest's upper-bound check
+                    raise ArtifactError(f"buffer {b.id}: {nbytes} bytes at offset {b.offset} overrun the arena "
+                                        f"({arena_size} bytes) for {env}")
+                bufs[b.id] = self._arena._create_view(shape, b.dtype, b.offset)
             else:
-                bufs[b["id"]] = rt.empty(shape, b["dtype"], dev)
+                bufs[b.id] = rt.empty(shape, b.dtype, dev)
         for b in self._buffers:  # aliases come after their sources in buffer order
-            if b["role"] == "alias":
-                bufs[b["id"]] = bufs[b["alias_of"]]._create_view(self._shape(b["shape"], env), b["dtype"], 0)
-        for c in self.manifest["calls"]:
-            fn, k = self._kernels[c["kernel"]]
-            args = [bufs[i] for i in c["args"]]
-            if k.get("route") == SHIM:
-                tensors = [None if t is None else args[t["arg"]]._create_view(self._shape(t["shape"], env), None, 0)
-                           for t in k["tensors"]]
-                launch = (*tensors, *k["scalars"])
+            if b.role == "alias":
+                bufs[b.id] = bufs[b.alias_of]._create_view(self._shape(b.shape, env), b.dtype, 0)
+        for c in self._program.calls:
+            fn, k = self._kernels[c.kernel]
+            args = [bufs[i] for i in c.args]
+            if k.route == SHIM:
+                tensors = [None if t is None else args[t.arg]._create_view(self._shape(t.shape, env), None, 0)
+                           for t in k.tensors]
+                launch = (*tensors, *k.scalars)
             else:
-                launch = (*args, *[env[s] for s in k["symbols"]])
-            plan.launches.append((fn, launch, c["kernel"]))
+                launch = (*args, *[env[s] for s in k.symbols])
+            plan.launches.append((fn, launch, c.kernel))
         plan.bufs = bufs
         plan.graph_state = "new" if self.graphs else "off"
         self._plans[key] = plan
@@ -238,19 +262,32 @@ class GpuExecutor:
 
         values = match_inputs(self.input_names, args, kwargs)
         out = []
-        for spec in self.manifest["inputs"]:
-            v = values[spec["name"]]
+        for spec in self._program.inputs:
+            v = values[spec.name]
             if isinstance(v, self.tvm.runtime.Tensor):
-                if str(v.dtype) != spec["dtype"]:
-                    raise InputError(f"input {spec['name']!r}: expected dtype {spec['dtype']}, got {v.dtype}")
-                out.append(v)
-                continue
-            a = _to_numpy(v, spec["name"])
-            want = self._numpy_dtype(spec["dtype"])
+                if str(v.dtype) != spec.dtype:
+                    raise InputError(f"input {spec.name!r}: expected dtype {spec.dtype}, got {v.dtype}")
+                if self.manifest.input_checks and any(c.input == spec.name for c in self.manifest.input_checks):
+                    v = v.numpy()  # index inputs are range-checked on the host before any kernel runs
+                else:
+                    out.append(v)
+                    continue
+            a = _to_numpy(v, spec.name)
+            want = self._numpy_dtype(spec.dtype)
             if a.dtype != want:
-                raise InputError(f"input {spec['name']!r}: expected dtype {want}, got {a.dtype}")
-            out.append(np.ascontiguousarray(a))
+                raise InputError(f"input {spec.name!r}: expected dtype {want}, got {a.dtype}")
+            out.append(a if a.flags.c_contiguous else a.copy(order="C"))
         return out
+
+    def _checked(self, args: tuple, kwargs: dict) -> tuple[list, dict[str, int]]:
+        """Inputs as arrays (or device tensors), their bound symbols, index inputs range-checked."""
+        from .executor import check_index_inputs
+
+        arrays = self._arrays(args, kwargs)
+        env = self._bind(arrays)
+        if self.manifest.input_checks:
+            check_index_inputs(self.manifest, dict(zip(self.input_names, arrays)))
+        return arrays, env
 
     def _bind(self, arrays) -> dict[str, int]:
         from .executor import Executor
@@ -262,39 +299,45 @@ class GpuExecutor:
         """Run once. outputs="numpy" (default) copies them to the host; "device" returns the
         device tensors themselves (no copy, no synchronisation: they are overwritten by the
         next call with the same shape)."""
-        arrays = self._arrays(args, kwargs)
-        env = self._bind(arrays)
-        plan = self._plan_for(env)
-        for dst, src in zip(plan.inputs, arrays):
-            dst.copyfrom(src)
-        self._execute(plan)
-        outs = [plan.bufs[b] for b in self._output_ids]
-        if outputs == "device":
-            return outs
-        self.stream.synchronize()
-        return [np.array(t.numpy(), copy=True) for t in outs]
+        arrays, env = self._checked(args, kwargs)
+        with self._lock:
+            plan = self._plan_for(env)
+            for dst, src in zip(plan.inputs, arrays):
+                dst.copyfrom(src)
+            self._execute(plan)
+            outs = [plan.bufs[b] for b in self._output_ids]
+            if outputs == "device":
+                return outs
+            self.stream.synchronize()
+            return [np.array(t.numpy(), copy=True) for t in outs]
 
     def __call__(self, *args, **kwargs) -> list[np.ndarray]:
         return self.run(*args, **kwargs)
 
     def replay(self, *args, **kwargs) -> None:
         """Run again on the inputs already on the device for this shape (benchmarking)."""
-        arrays = self._arrays(args, kwargs)
-        self._execute(self._plan_for(self._bind(arrays)))
+        _, env = self._checked(args, kwargs)
+        with self._lock:
+            self._execute(self._plan_for(env))
 
     def synchronize(self) -> None:
         self.stream.synchronize()
 
     def graph_state(self, *args, **kwargs) -> str:
-        plan = self._plan_for(self._bind(self._arrays(args, kwargs)))
+        _, env = self._checked(args, kwargs)
+        with self._lock:
+            plan = self._plan_for(env)
         return plan.graph_state + (f" ({plan.graph_error})" if plan.graph_error else "")
 
     def profile(self, *args, repeat: int = 5, **kwargs) -> list[tuple[str, float]]:
         """Per launch: (kernel name, median ms over `repeat` eager runs), timed with CUDA events."""
+        arrays, env = self._checked(args, kwargs)
+        with self._lock:
+            return self._profile(self._plan_for(env), arrays, repeat)
+
+    def _profile(self, plan: _Plan, arrays: list, repeat: int) -> list[tuple[str, float]]:
         from .cuda_graph import check, cudart
 
-        arrays = self._arrays(args, kwargs)
-        plan = self._plan_for(self._bind(arrays))
         for dst, src in zip(plan.inputs, arrays):
             dst.copyfrom(src)
         rt = cudart()
@@ -325,22 +368,21 @@ class GpuExecutor:
         """Fill every weight with N(0, 0.02) values (a tiled random block: cheap, no NaNs)."""
         block = np.random.default_rng(seed).standard_normal(1 << 20, dtype=np.float32) * 0.02
         for b in self._buffers:
-            if b["role"] == "weight" and b["name"] in self.omitted:
-                shape, dtype = tuple(b["shape"]), self._numpy_dtype(b["dtype"])
+            if b.role == "weight" and b.name in self.omitted:
+                shape, dtype = tuple(b.shape), self._numpy_dtype(b.dtype)
                 n = int(np.prod(shape, dtype=np.int64))
                 src = block.astype(dtype) if dtype.kind in "fV" else np.zeros(1, dtype)
-                self._weights[b["id"]].copyfrom(np.resize(src, n).reshape(shape))
+                self._weights[b.id].copyfrom(np.resize(src, n).reshape(shape))
 
     def device_tensors(self, omitted_only: bool = False) -> dict[str, Any]:
         """Weight name -> device tensor (e.g. to fill a perf artifact's weights another way)."""
-        by_id = {b["id"]: b["name"] for b in self._buffers if b["role"] == "weight"}
+        by_id = {b.id: b.name for b in self._buffers if b.role == "weight"}
         return {by_id[i]: t for i, t in self._weights.items() if not omitted_only or by_id[i] in self.omitted}
 
     def describe(self) -> dict:
-        m = self.manifest
-        return {"inputs": m["inputs"], "outputs": m["outputs"], "kernels": len(m["kernels"]),
-                "calls": len(m["calls"]), "weight_bytes": m["weights"]["bytes"], "device": "cuda",
-                "weights_random": self.weights_random}
+        from .executor import Executor
+
+        return {**Executor.describe(self), "device": "cuda", "weights_random": self.weights_random}  # type: ignore[arg-type]
 
 
 class _ShapeOnly:
