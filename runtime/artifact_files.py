@@ -124,7 +124,7 @@ def load_weights(folder: pathlib.Path, manifest: Manifest) -> dict[str, np.ndarr
     fd, size = _open_regular(file, "the weights file")
     h = hashlib.sha256()
     with os.fdopen(fd, "rb") as f:
-        if size != entry.bytes or size != w.bytes:
+        if size != entry.bytes:
             raise ArtifactError(f"{file}: weights file is {size} bytes, the manifest expects {entry.bytes} "
                                 f"(truncated or replaced)")
         head = f.read(8)
@@ -160,7 +160,7 @@ def load_weights(folder: pathlib.Path, manifest: Manifest) -> dict[str, np.ndarr
             shape = tuple(t["shape"])
             want_shape = tuple(b.shape)
             if stored != want or shape != want_shape or not all(type(d) is int for d in shape):
-                raise ArtifactError(f"weight {name!r}: file has {stored}{list(shape)}, manifest expects "
+                raise ArtifactError(f"{file}: weight {name!r}: file has {stored}{list(shape)}, manifest expects "
                                     f"{want}{list(want_shape)}")
             begin, end = t["data_offsets"] if len(t["data_offsets"]) == 2 else (None, None)
             nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(numpy_dtype(stored)).itemsize

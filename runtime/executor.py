@@ -293,7 +293,7 @@ class Executor:
                 except (ValueError, TypeError, RuntimeError, IndexError) as e:
                     # inputs were checked above: a kernel refusing its arguments is the artifact's fault
                     raise ArtifactError(f"kernel {name!r} refused the buffers the manifest gives it "
-                                        f"({str(e).strip().splitlines()[-1][:200]})") from None
+                                        f"({' '.join(str(e).split())[:300]})") from None
             outs = []
             for bid in self._output_ids:
                 a = bufs[bid]

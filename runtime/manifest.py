@@ -225,6 +225,10 @@ def _parse(m: Any, at: At, sealed: bool) -> Manifest:
     device = chk.string(target["device"], at["target"]["device"], DEVICES)
     program = _program(sections["program"], at["program"])
     weights = _weights(sections["weights"], at["weights"], program)
+    if device != "cuda":
+        for name, k in program.kernels.items():
+            if k.route != "tvm":
+                raise at["program"]["kernels"][name]["route"].error(f"route {k.route!r} exists on CUDA only")
     libraries = {"tvm": LIBRARY}
     if "libraries" in sections:
         lib = chk.obj(sections["libraries"], at["libraries"], ("version", "roles"))
@@ -233,6 +237,8 @@ def _parse(m: Any, at: At, sealed: bool) -> Manifest:
             chk.string(role, at["libraries"]["roles"][role], LIBRARY_ROLES)
         if "tvm" not in libraries:
             raise at["libraries"]["roles"].error("no 'tvm' library")
+        if device != "cuda" and set(libraries) != {"tvm"}:
+            raise at["libraries"]["roles"].error(f"a {device} artifact has one library, 'tvm'")
     files: dict[str, FileEntry] = {}
     if "files" in sections:
         files = _files(sections["files"], at["files"])
@@ -243,6 +249,9 @@ def _parse(m: Any, at: At, sealed: bool) -> Manifest:
         for a, f in named:
             if f not in files:
                 raise a.error(f"file {f!r} has no size and hash in files.entries")
+        if files[weights.file].bytes != weights.bytes:
+            raise at["weights"]["bytes"].error(f"{weights.bytes}, but files.entries records "
+                                               f"{files[weights.file].bytes} bytes for {weights.file}")
     checks: tuple[InputCheck, ...] = ()
     if "input_checks" in sections:
         checks = _input_checks(sections["input_checks"], at["input_checks"], program)
@@ -412,8 +421,8 @@ def _program(p: dict, at: At) -> Program:
                          _shape(x["shape"], a["shape"], symbols), chk.string(x["dtype"], a["dtype"], DTYPES))
         b = buffers[spec.buffer]
         if b.role != "input" or b.dtype != spec.dtype or b.shape != spec.shape:
-            raise a["buffer"].error(f"buffer {spec.buffer} is a {b.role} {b.dtype} buffer of shape {b.shape}, "
-                                    f"not this input")
+            raise a["buffer"].error(f"buffer {spec.buffer} ({b.role}, {b.dtype}) does not match this input "
+                                    f"({spec.dtype}); an input's buffer has role 'input' and the same dtype and shape")
         inputs.append(spec)
     chk.unique([i.name for i in inputs], at["inputs"], "input name")
     chk.unique([str(i.buffer) for i in inputs], at["inputs"], "input buffer")
@@ -436,6 +445,7 @@ def _program(p: dict, at: At) -> Program:
             if t is not None and t.arg >= len(args):
                 raise a["args"].error(f"kernel {kname!r} reads tensor {j} from arg {t.arg}, the call has {len(args)}")
         calls.append(Call(kname, args))
+    _check_arena_overlap(buffers, calls, outputs, symbols, at)
     bound = {d[0][1][0] for i in inputs for d in i.shape
              if not isinstance(d, int) and len(d) == 1 and d[0][0] == 1 and len(d[0][1]) == 1}
     used = {s for b in buffers for d in b.shape if not isinstance(d, int) for _, ns in d for s in ns}
@@ -445,6 +455,48 @@ def _program(p: dict, at: At) -> Program:
         raise at["inputs"].error(f"symbols {unbound} are used but no input dim binds them")
     return Program(tuple(symbols.values()), tuple(inputs), tuple(outputs), tuple(buffers), arena, kernels,
                    tuple(calls))
+
+
+def _check_arena_overlap(buffers: list, calls: list, outputs: list, symbols: Mapping[str, Symbol], at: At) -> None:
+    """Arena temporaries whose lifetimes (first to last call that touches them or an alias of
+    them; program outputs live to the end) intersect must not share bytes, except an
+    in-place pair: same bytes, one's life ending where the other's starts."""
+    import numpy as np
+
+    root = [b.id if b.alias_of is None else -1 for b in buffers]
+    for b in buffers:
+        if b.alias_of is not None:
+            root[b.id] = root[b.alias_of]
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for i, c in enumerate(calls):
+        for a in c.args:
+            r = root[a]
+            first.setdefault(r, i)
+            last[r] = i
+    for o in outputs:
+        last[root[o.buffer]] = len(calls)
+    placed = [b for b in buffers if b.offset is not None and b.id in first]
+    if len(placed) < 2:
+        return
+    off = np.array([b.offset for b in placed], np.int64)
+    end = off + np.array([max_bytes(b.shape, b.dtype, symbols) for b in placed], np.int64)
+    s = np.array([first[b.id] for b in placed])
+    e = np.array([last[b.id] for b in placed])
+    for i0 in range(0, len(placed), 512):  # row blocks keep the pairwise matrix small
+        sl = slice(i0, i0 + 512)
+        clash = (off[sl, None] < end[None, :]) & (off[None, :] < end[sl, None]) \
+            & (s[sl, None] <= e[None, :]) & (s[None, :] <= e[sl, None])
+        in_place = (off[sl, None] == off[None, :]) & (end[sl, None] == end[None, :]) \
+            & ((e[sl, None] == s[None, :]) | (s[sl, None] == e[None, :]))
+        clash &= ~in_place
+        clash[np.arange(clash.shape[0]), np.arange(i0, i0 + clash.shape[0])] = False
+        hit = np.argwhere(clash)
+        if len(hit):
+            x, y = placed[i0 + hit[0][0]], placed[hit[0][1]]
+            raise at["buffers"][x.id]["offset"].error(
+                f"buffer {x.id} (bytes {x.offset}..{int(end[i0 + hit[0][0]])}) overlaps buffer {y.id} while both "
+                f"are live")
 
 
 def _count(shape: tuple, env: Mapping[str, int]) -> int:
