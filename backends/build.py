@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import os
 from typing import Mapping
 
 import tvm
@@ -15,18 +14,17 @@ from llmc.errors import TargetError
 
 from .lower import describe_kernel, lower_kernel
 from .schedule import cpu_info, schedule_func
+from .targets import TargetSpec, parse_target
 
 
 def default_target() -> dict:
-    """llvm for this host: its CPU name (so AVX2/AVX-512 are used) and core count."""
-    target = {"kind": "llvm", "num-cores": os.cpu_count() or 1}
-    try:
-        cpu = tvm.target.codegen.llvm_get_system_cpu()
-    except Exception:  # noqa: BLE001 - an older/odd LLVM: fall back to the generic x86-64
-        cpu = ""
-    if cpu and cpu != "generic":
-        target["mcpu"] = cpu
-    return target
+    """llvm for the portable CPU baseline of this host's architecture (see targets.py)."""
+    return TargetSpec("llvm").tvm_target()
+
+
+def host_target() -> dict:
+    """llvm for this very host: its CPU name (so AVX-512 is used where present) and core count."""
+    return parse_target("llvm:native").tvm_target()
 
 
 def _check_target(target: Mapping) -> dict:

@@ -27,9 +27,9 @@ def build_kernels(kernels: Mapping[str, Kernel], target: TargetSpec, progress: C
     use_all_cores()  # in-process CompiledModel calls run these kernels right away
     t = time.perf_counter()
     if target.kind == "llvm":
-        from .build import build_kernels as build_cpu, default_target
+        from .build import build_kernels as build_cpu
 
-        ex = build_cpu(kernels, default_target())
+        ex = build_cpu(kernels, target.tvm_target())
     elif target.kind == "cuda":
         from .build_cuda import build_kernels as build_cuda
 

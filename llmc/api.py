@@ -136,7 +136,10 @@ def compile_graph(graph, opts: CompileOptions) -> CompiledModel:
     if opts.fuse:
         program, reports = build_program_for(target)(graph, DEFAULT_PIPELINE, opts.verify_each, opts.dump_dir)
     else:
-        program, reports = plan_memory(lower_to_program(graph, one_op_per_kernel)), []
+        from .passes.index_bounds import bound_symbols_by_tables  # symbol bounds within the tables, fused or not
+
+        graph, bounds_report = bound_symbols_by_tables(graph)
+        program, reports = plan_memory(lower_to_program(graph, one_op_per_kernel)), [bounds_report]
     timings["passes_s"] = time.perf_counter() - t
     _say(opts, f"{len(program.kernels)} kernels, {len(program.calls)} calls; building for {target}")
     t = time.perf_counter()

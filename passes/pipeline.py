@@ -17,6 +17,7 @@ from ..compiler.verifier import VerifyError, verify
 from .fuse_activations import fuse_activations
 from .fuse_attention import fuse_attention
 from .fuse_norms import fuse_norms
+from .index_bounds import bound_symbols_by_tables
 from .merge_projections import merge_projections
 from .partition import fused_grouping, grouping_stats
 from .plan_memory import plan_memory
@@ -25,8 +26,11 @@ from .report import PassReport, format_memory, format_report, op_counts, unfused
 
 Pass = Callable[[Graph], "tuple[Graph, PassReport]"]
 
-# simplify runs again at the end to fold what fusion exposed (e.g. permutes of merged weights)
-DEFAULT_PIPELINE: list[Pass] = [simplify, fuse_norms, fuse_activations, fuse_attention, merge_projections, simplify]
+# bound_symbols_by_tables runs first, on the graph as captured (its arange/slice index chains
+# are plainest there); simplify runs again at the end to fold what fusion exposed (e.g.
+# permutes of merged weights)
+DEFAULT_PIPELINE: list[Pass] = [bound_symbols_by_tables, simplify, fuse_norms, fuse_activations, fuse_attention,
+                                merge_projections, simplify]
 
 
 def pass_name(p: Pass) -> str:
