@@ -54,9 +54,9 @@ def test_cuda_artifact_embeds_a_fatbin_for_every_kernel(tmp_path, arch):
     n = int(arch[3:])
     assert ("SASS", n) in fatbin_entries(blob)
     m = json.loads((out / "manifest.json").read_text())
-    assert m["device"] == "cuda" and m["target"] == f"cuda:{arch}" and m["cuda"]["fatbin"]
-    assert all(k["route"] == "tvm" for k in m["kernels"].values())
-    for name in m["kernels"]:  # every kernel is exported by the library
+    assert m["target"]["device"] == "cuda" and m["target"]["name"] == f"cuda:{arch}" and m["cuda"]["fatbin"]
+    assert all(k["route"] == "tvm" for k in m["program"]["kernels"].values())
+    for name in m["program"]["kernels"]:  # every kernel is exported by the library
         assert f"__tvm_ffi_{name}".encode() in blob, name
     assert not (out / "shim.so").exists()
 
@@ -131,6 +131,7 @@ def test_cuda_grouping_matches_torch_when_built_for_cpu(name):
     from llmc.backends.lower import describe_kernel
     from llmc.backends.targets import parse_target
     from llmc.runtime.executor import Executor
+    from llmc.runtime.manifest import Manifest
 
     model, kw = tiny_model(name)
     model = model.to(torch.bfloat16)
@@ -145,7 +146,8 @@ def test_cuda_grouping_matches_torch_when_built_for_cpu(name):
         assert attn[0].scalars[2] == 15
     assert sum(1 for r in routes.values() if r and r.func == "llmc_gemm_ex") >= 3
     ex = build_kernels(prog.kernels, default_target())
-    run = Executor(build_manifest(prog, parse_target("llvm"), 0, describe_kernel), ex.mod, weights_of(prog))
+    run = Executor(Manifest.from_json(build_manifest(prog, parse_target("llvm"), 0, describe_kernel)), ex.mod,
+                   weights_of(prog))
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 100, (2, 11), generator=g)
     mask = torch.ones(2, 11, dtype=torch.long)
@@ -162,23 +164,23 @@ def test_cuda_artifact_with_shim_routes(tmp_path):
     cm = _compile("llama", "cuda", use_shim=True, mask=False)
     out = cm.export(tmp_path / "s.llmc")
     m = json.loads((out / "manifest.json").read_text())
-    assert m["libraries"] == {"tvm": "kernels.so", "shim": "shim.so"} and (out / "shim.so").exists()
-    routes = {n: k for n, k in m["kernels"].items() if k["route"] == "shim"}
+    assert m["libraries"]["roles"] == {"tvm": "kernels.so", "shim": "shim.so"} and (out / "shim.so").exists()
+    routes = {n: k for n, k in m["program"]["kernels"].items() if k["route"] == "shim"}
     attn = [k for k in routes.values() if k["func"] == "llmc_attention_ext"]
     gemm = [k for k in routes.values() if k["func"] == "llmc_gemm_ex"]
     assert len(attn) == 1 and attn[0]["scalars"] == [0.25, 1, 15]  # scale, causal, all token-major
     assert attn[0]["tensors"][3] is None  # no mask
     assert len(gemm) >= 3 and all(len(k["tensors"]) == 5 and len(k["scalars"]) == 2 for k in gemm)
     assert any(k["tensors"][3] is not None for k in gemm)  # a residual epilogue
-    calls_to = {c["kernel"] for c in m["calls"]}
+    calls_to = {c["kernel"] for c in m["program"]["calls"]}
     assert set(routes) <= calls_to
     blob = (out / "kernels.so").read_bytes()
-    for name, k in m["kernels"].items():
+    for name, k in m["program"]["kernels"].items():
         if k["route"] == "tvm":
             assert f"__tvm_ffi_{name}".encode() in blob
     shim = (out / "shim.so").read_bytes()
     assert b"__tvm_ffi_llmc_gemm_ex" in shim and b"__tvm_ffi_llmc_attention_ext" in shim
-    (swiglu,) = [k for k in m["kernels"].values() if "silu" in k["ops"]]
+    (swiglu,) = [k for k in m["program"]["kernels"].values() if "silu" in k["ops"]]
     assert swiglu["route"] == "tvm" and swiglu["schedule"].startswith("tvm Injective")
 
 
@@ -190,7 +192,7 @@ def test_perf_artifact_omits_large_weights(tmp_path):
     from safetensors.numpy import load_file
 
     kept = set(load_file(str(out / "weights.safetensors")))
-    names = {b["name"] for b in m["buffers"] if b["role"] == "weight"}
+    names = {b["name"] for b in m["program"]["buffers"] if b["role"] == "weight"}
     assert omitted and kept and omitted | kept == names and not omitted & kept
     from llmc.errors import ArtifactError
     from llmc.runtime.executor import load

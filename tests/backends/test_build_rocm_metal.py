@@ -138,10 +138,10 @@ def test_rocm_artifact_folder(program, rocm_builds, tmp_path):
     ex, _ = rocm_builds["gfx942"]
     manifest = build_manifest(program, spec, 0, describe_kernel)
     dest = write_artifact(tmp_path / "llama.llmc", library_writer(ex, spec), manifest, weights_of(program))
-    assert manifest["target"] == "rocm:gfx942" and manifest["device"] == "rocm"
+    assert manifest["target"]["name"] == "rocm:gfx942" and manifest["target"]["device"] == "rocm"
     (co,) = find_amdgpu_code_objects((dest / "kernels.so").read_bytes())
-    assert set(manifest["kernels"]) == set(program.kernels)
-    assert all(_kernel_syms(parse_amdgpu_code_object(co).kernels, k) for k in manifest["kernels"])
+    assert set(manifest["program"]["kernels"]) == set(program.kernels)
+    assert all(_kernel_syms(parse_amdgpu_code_object(co).kernels, k) for k in manifest["program"]["kernels"])
 
 
 def test_rocm_without_toolchain_is_a_clear_error(monkeypatch, tmp_path):
@@ -258,7 +258,7 @@ def test_compile_api_writes_rocm_and_metal_artifacts(tmp_path):
         cm = llmc.compile(model, (), kw, target=target, dim_bounds={"batch": (1, 2), "seq": (1, 16)})
         out = cm.export(tmp_path / f"{target.split(':')[0]}.llmc")
         m = json.loads((out / "manifest.json").read_text())
-        assert (out / lib).is_file() and m.get("library", "kernels.so") == lib
-        assert m["device"] == target.split(":")[0]
+        assert (out / lib).is_file() and m["libraries"]["roles"]["tvm"] == lib
+        assert m["target"]["device"] == target.split(":")[0]
         with pytest.raises(llmc.LLMCError, match="cannot run here"):
             cm(**{k: v for k, v in kw.items() if k != "use_cache"})
