@@ -81,9 +81,11 @@ def hf_folder(path: pathlib.Path, batch: int, seq: int, progress: Callable[[str]
     cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     # transformers raises all of these for a folder it cannot load (bad config values,
     # unknown model types, missing or corrupt weights); the message names the cause.
+    from huggingface_hub.errors import StrictDataclassError  # transformers 5's config validation
     from safetensors import SafetensorError
 
-    load_errors = (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError, SafetensorError)
+    load_errors = (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError, SafetensorError,
+                   StrictDataclassError)
     attention = "sdpa"
     try:
         try:

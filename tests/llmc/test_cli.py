@@ -23,6 +23,10 @@ def artifact(tmp_path_factory):
     r = llmc("compile", "tiny-llama", "-o", str(out), "--seq-len", "32", "--batch", "2", "--report")
     assert r.returncode == 0, r.stderr
     assert "attention" in r.stdout and "per transformer layer" in r.stdout
+    # where each fused op came from: the passes fuse Llama's norms, the frontend emits SDPA
+    assert "rms_norm 5 (0 from the frontend, 5 fused by passes)" in r.stdout, r.stdout
+    assert "attention 2 (2 from the frontend, 0 fused by passes)" in r.stdout
+    assert "attention: 0 fused by passes, 0 left (2 from the frontend)" in r.stdout
     assert "[llmc]" in r.stderr  # progress lines
     return out
 
