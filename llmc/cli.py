@@ -83,10 +83,10 @@ def cmd_compile(a: argparse.Namespace) -> int:
     parse_target(target)
     out_path = pathlib.Path(a.output)
     _check_output_folder(out_path, a.force)
+    bounds = dim_bounds(a, onnx=a.src.endswith(".onnx"))  # before the slow load: resolve() keys on the suffix too
     t0 = time.perf_counter()
     _progress(f"loading {a.src}")
-    src = resolve(a.src, batch=min(2, a.batch), seq=min(16, a.seq_len), progress=_progress)
-    bounds = dim_bounds(a, onnx=isinstance(src.model, str))
+    src = resolve(a.src, batch=min(2, bounds["batch"][1]), seq=min(16, bounds["seq"][1]), progress=_progress)
     _progress(f"capturing {src.description}")
     opts = CompileOptions(target, None, bounds, not a.no_fuse, a.verify_each, a.dump_ir, _progress,
                           use_shim=not a.no_shim)

@@ -101,8 +101,11 @@ def test_onnx_file_source(tmp_path):
 
     path = tmp_path / "bert.onnx"
     export_onnx("bert", "torchscript", str(path))
-    r = llmc("compile", str(path), "-o", str(tmp_path / "bert.llmc"), "--seq-len", "32", "--batch", "2", "--report")
+    # --dim names a dim of the file (here the exporter's "seq"), and wins over --seq-len
+    r = llmc("compile", str(path), "-o", str(tmp_path / "bert.llmc"), "--seq-len", "64", "--dim", "seq=1:32",
+             "--batch", "2", "--report")
     assert r.returncode == 0, r.stderr
+    assert "seq in [1, 32]" in llmc("inspect", str(tmp_path / "bert.llmc")).stdout
     assert "layer_norm" in r.stdout and "attention" in r.stdout
     ids = np.random.default_rng(0).integers(0, 100, (2, 11)).astype(np.int64)
     mask = np.ones_like(ids)
