@@ -6,7 +6,7 @@
 CUPTI (through torch.profiler) times every kernel inside llmc's replayed CUDA graph and inside
 torch.compile's run, so small kernels are measured without the launch gaps that per-kernel
 CUDA events add. Prints, per side, the kernel time per forward and the kernels that take it.
-Needs a CUDA GPU, torch, and the artifact's runtime (see gpu.md).
+Needs a CUDA GPU, torch, and the artifact's runtime (see docs/gpu.md).
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Sequence
 
 from .dtypes import DType
 from .ir import Graph, Node
-from .ops import VIEWS, Op
+from .ops import VIEWS, FullAttrs, Op
 from .symbolic import Dim, SymExpr
 
 
@@ -141,8 +141,21 @@ def lower_to_program(graph: Graph, grouping: Grouping = one_op_per_kernel) -> Pr
         if n.op in VIEWS:
             src = ensure(n.inputs[0])
             return new_buffer(n, Role.ALIAS, alias_of=src)
+        if n.op is Op.CONST:  # a scalar constant that is itself a graph output
+            return emit_constant(n)
         emit_group(group_of[n.uid])
         return buf_of[n.uid]
+
+    def emit_constant(n: Node) -> int:
+        """Constants are immediates inside their users; one that is an output gets a tiny
+        kernel filling its 0-d buffer (a FULL node with the same value and dtype)."""
+        full = Node(Op.FULL, (), FullAttrs((), n.attrs.value, n.attrs.dtype), n.type, n.where)
+        buf = new_buffer(full, Role.TEMP)
+        buf_of[n.uid] = buf
+        name = "full_const_" + str(len([k for k in kernels if k.startswith("full_const_")]))
+        kernels[name] = Kernel(name, (), (full,), (full,), ())
+        calls.append(Call(name, (buf,)))
+        return buf
 
     def emit_group(gi: int) -> None:
         if gi in emitted:

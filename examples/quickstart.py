@@ -36,15 +36,17 @@ def main() -> None:
                             progress=lambda m: print("[llmc]", m, flush=True))
     print(f"compiled in {time.perf_counter() - t:.1f}s")
     print(compiled.report)
-    out = pathlib.Path(tempfile.mkdtemp()) / "minilm.llmc"
-    compiled.export(out)
-    print("exported to", out)
-    np.savez(out.parent / "inputs.npz", input_ids=batch["input_ids"].numpy(), attention_mask=batch["attention_mask"].numpy())
-    # run the artifact in a fresh process through the runtime alone
-    code = (f"import numpy as np, llmc; r = llmc.load({str(out)!r}); x = np.load({str(out.parent / 'inputs.npz')!r});"
-            f"np.save({str(out.parent / 'hidden.npy')!r}, r(input_ids=x['input_ids'], attention_mask=x['attention_mask'])[0])")
-    subprocess.run([sys.executable, "-c", code], check=True)
-    hidden = np.load(out.parent / "hidden.npy")
+    with tempfile.TemporaryDirectory(prefix="llmc-quickstart-") as tmp:  # removed afterwards (~87 MB)
+        out = pathlib.Path(tmp) / "minilm.llmc"
+        compiled.export(out)
+        print("exported to", out)
+        np.savez(out.parent / "inputs.npz", input_ids=batch["input_ids"].numpy(),
+                 attention_mask=batch["attention_mask"].numpy())
+        # run the artifact in a fresh process through the runtime alone
+        code = (f"import numpy as np, llmc; r = llmc.load({str(out)!r}); x = np.load({str(out.parent / 'inputs.npz')!r});"
+                f"np.save({str(out.parent / 'hidden.npy')!r}, r(input_ids=x['input_ids'], attention_mask=x['attention_mask'])[0])")
+        subprocess.run([sys.executable, "-c", code], check=True)
+        hidden = np.load(out.parent / "hidden.npy")
     with torch.no_grad():
         ref = model(**batch).last_hidden_state.numpy()
     mask = batch["attention_mask"].numpy()

@@ -133,6 +133,7 @@ def compile_graph(graph, opts: CompileOptions) -> CompiledModel:
     target = parse_target(opts.target)
     timings: dict[str, float] = {}
     t = time.perf_counter()
+    _say(opts, f"optimising {len(graph.nodes())} nodes" if opts.fuse else "lowering one op per kernel")
     if opts.fuse:
         program, reports = build_program_for(target)(graph, DEFAULT_PIPELINE, opts.verify_each, opts.dump_dir)
     else:
@@ -152,7 +153,7 @@ def compile_graph(graph, opts: CompileOptions) -> CompiledModel:
     if hasattr(executable, "update_manifest"):  # e.g. CUDA: per-kernel routes, the shim library
         manifest = executable.update_manifest(manifest)
         timings.update(getattr(executable, "timings", {}))
-    report = format_report(reports, program.graph, program)
+    report = format_report(reports, program.graph, program, source=graph)
     return CompiledModel(program, executable, manifest, report, timings)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import time
@@ -10,11 +11,14 @@ import time
 from .errors import LLMCError
 
 USAGE = """examples:
-  llmc compile minilm -o minilm.llmc --report      # a bundled example
+  llmc compile minilm -o minilm.llmc --report      # a bundled example (the real all-MiniLM-L6-v2)
+  llmc compile tiny-llama -o tl.llmc               # a random 2-layer Llama for trying things out
   llmc compile ./my-hf-model -o out.llmc --seq-len 512 --batch 4
-  llmc compile model.onnx -o out.llmc
+  llmc compile model.onnx -o out.llmc --dim b=1:4 --dim s=1:256
+  llmc compile ./my-hf-model -o out.llmc --cpu native   # for this machine's CPU only
   llmc compile mypkg.models:make -o out.llmc       # make() returns (model, example_args)
   llmc run out.llmc --input input_ids=ids.npy -o result.npz
+  llmc run out.llmc --input inputs.npz             # arrays by input name
   llmc inspect out.llmc
   llmc compile llmc.bench_models:llama_1b -o l1b.llmc --target cuda --weights none --batch 8
   llmc bench l1b.llmc --model llmc.bench_models:llama_1b --batch 8 --seq 512   # on a GPU machine
@@ -25,21 +29,72 @@ def _progress(msg: str) -> None:
     print(f"[llmc] {msg}", file=sys.stderr, flush=True)
 
 
+def parse_dim(spec: str) -> tuple[str, tuple[int, int]]:
+    """'NAME=LO:HI' -> (NAME, (LO, HI))."""
+    name, eq, rng = spec.partition("=")
+    lo, colon, hi = rng.partition(":")
+    try:
+        bounds = (int(lo), int(hi))
+    except ValueError:
+        bounds = (0, -1)
+    if not eq or not colon or not name.isidentifier() or not 1 <= bounds[0] <= bounds[1]:
+        raise LLMCError(f"--dim {spec!r}: write NAME=LO:HI with 1 <= LO <= HI (e.g. --dim seq=1:2048)")
+    return name, bounds
+
+
+def dim_bounds(a: argparse.Namespace, onnx: bool) -> dict[str, tuple[int, int]]:
+    """batch/seq from --batch/--seq-len, then each --dim. Torch sources only have batch and
+    seq; ONNX files may name their dims anything (unnamed ones get batch/seq by position)."""
+    bounds = {"batch": (1, a.batch), "seq": (1, a.seq_len)}
+    for spec in a.dim:
+        name, b = parse_dim(spec)
+        if not onnx and name not in bounds:
+            raise LLMCError(f"--dim {spec!r}: a PyTorch model has only the dims batch and seq "
+                            f"(--dim NAME=... with other names is for ONNX files)")
+        bounds[name] = b
+    return bounds
+
+
+def target_of(a: argparse.Namespace) -> str:
+    """--target, with --cpu NAME as sugar for llvm:NAME."""
+    if a.cpu is None:
+        return a.target
+    if a.target.split(":")[0] not in ("llvm", "cpu"):
+        raise LLMCError(f"--cpu {a.cpu} only applies to CPU targets, not --target {a.target}")
+    return f"llvm:{a.cpu}"
+
+
+def _check_output_folder(out: pathlib.Path, force: bool) -> None:
+    """An existing artifact is replaced only with --force: a typo must not wipe a build."""
+    if not out.exists():
+        return
+    if not out.is_dir() or not ((out / "manifest.json").exists() or not any(out.iterdir())):
+        raise LLMCError(f"{out} exists and is not an llmc artifact; refusing to overwrite it")
+    if (out / "manifest.json").exists() and not force:
+        raise LLMCError(f"{out} already holds an artifact; pass --force to replace it")
+
+
 def cmd_compile(a: argparse.Namespace) -> int:
     from .api import CompileOptions, capture, compile_graph
     from .backends.targets import parse_target
     from .sources import resolve
 
-    parse_target(a.target)
+    target = target_of(a)
+    parse_target(target)
+    out_path = pathlib.Path(a.output)
+    _check_output_folder(out_path, a.force)
+    bounds = dim_bounds(a, onnx=a.src.endswith(".onnx"))  # before the slow load: resolve() keys on the suffix too
     t0 = time.perf_counter()
-    bounds = {"batch": (1, a.batch), "seq": (1, a.seq_len)}
-    src = resolve(a.src, batch=min(2, a.batch), seq=min(16, a.seq_len))
+    _progress(f"loading {a.src}")
+    src = resolve(a.src, batch=min(2, bounds["batch"][1]), seq=min(16, bounds["seq"][1]), progress=_progress)
     _progress(f"capturing {src.description}")
-    opts = CompileOptions(a.target, None, bounds, not a.no_fuse, a.verify_each, a.dump_ir, _progress,
+    opts = CompileOptions(target, None, bounds, not a.no_fuse, a.verify_each, a.dump_ir, _progress,
                           use_shim=not a.no_shim)
     graph = capture(src.model, src.args, src.kwargs, opts)
     _progress(f"captured {len(graph.nodes())} nodes, {len(graph.params)} weights in {time.perf_counter() - t0:.1f}s")
     compiled = compile_graph(graph, opts)
+    replacing = (out_path / "manifest.json").exists()
+    _progress(f"writing {out_path}" + (" (replacing the artifact there, --force)" if replacing else ""))
     out = compiled.export(a.output, weights=a.weights == "all")
     if a.weights == "none":
         from .runtime.artifact_files import read_manifest
@@ -53,21 +108,74 @@ def cmd_compile(a: argparse.Namespace) -> int:
     return 0
 
 
+def _read_manifest_json(artifact: pathlib.Path) -> dict | None:
+    """manifest.json as plain JSON, or None when it is not a small regular file holding a
+    JSON object (the loader then reports the problem properly). A FIFO or a huge file
+    named manifest.json is never opened here."""
+    file = artifact / "manifest.json"
+    try:
+        if not file.is_file() or file.stat().st_size > 64 << 20:
+            return None
+        m = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) else None
+
+
+def artifact_device(artifact: str) -> str:
+    """The device an artifact was built for (its manifest's target section), "cpu" if unknown;
+    the loader validates the manifest properly afterwards."""
+    m = _read_manifest_json(pathlib.Path(artifact))
+    target = m.get("target") if m else None
+    device = target.get("device") if isinstance(target, dict) else None
+    return device if isinstance(device, str) and device else "cpu"
+
+
 def _parse_inputs(specs: list[str], names: list[str]) -> dict:
+    """--input [name=]x.npy (positional order if unnamed) or x.npz (arrays by name)."""
     import numpy as np
 
-    values = {}
-    for i, spec in enumerate(specs):
+    values: dict = {}
+    position = 0
+    for spec in specs:
         name, eq, file = spec.partition("=")
         if not eq:
-            if i >= len(names):
-                raise LLMCError(f"more --input files than model inputs {names}")
-            name, file = names[i], spec
+            name, file = "", spec
         try:
-            values[name] = np.load(file, allow_pickle=False)
-        except (OSError, ValueError) as e:
+            loaded = np.load(file, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
             raise LLMCError(f"cannot read input {file!r}: {e}") from None
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            if name:
+                raise LLMCError(f"--input {spec!r}: an .npz holds its own names; pass it without name=")
+            with loaded:
+                for key in loaded.files:
+                    if key in values:
+                        raise LLMCError(f"input {key!r} given twice (in {file})")
+                    values[key] = loaded[key]
+            continue
+        if not name:
+            if position >= len(names):
+                raise LLMCError(f"more --input files than model inputs {names}")
+            name = names[position]
+            position += 1
+        if name in values:
+            raise LLMCError(f"input {name!r} given twice")
+        values[name] = loaded
     return values
+
+
+def _output_file(path: str) -> pathlib.Path:
+    """Where np.savez will write, checked before the model runs."""
+    out = pathlib.Path(path)
+    if out.suffix != ".npz":
+        out = out.with_name(out.name + ".npz")  # np.savez adds the suffix
+    folder = out.parent
+    if not folder.is_dir():
+        raise LLMCError(f"-o {path}: folder {folder} does not exist")
+    if out.is_dir() or not os.access(folder, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise LLMCError(f"-o {path}: cannot write {out}")
+    return out
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -75,12 +183,18 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     from .runtime.executor import load
 
-    ex = load(a.artifact, device=a.device)
-    outs = ex(**_parse_inputs(a.input, ex.input_names))
+    out_file = _output_file(a.output) if a.output else None
+    device = a.device or artifact_device(a.artifact)
+    _progress(f"loading {a.artifact} on {device}")
+    ex = load(a.artifact, device=device)
+    inputs = _parse_inputs(a.input, ex.input_names)
+    t = time.perf_counter()
+    outs = ex(**inputs)
+    _progress(f"ran in {(time.perf_counter() - t) * 1000:.1f} ms")
     result = dict(zip(ex.output_names, outs))
-    if a.output:
-        np.savez(a.output, **result)
-        _progress(f"wrote {a.output}")
+    if out_file is not None:
+        np.savez(out_file, **result)
+        _progress(f"wrote {out_file}")
     for name, v in result.items():
         print(f"{name}: {v.dtype}{list(v.shape)}  mean={float(v.astype('float64').mean()):.6g} "
               f"first={np.ravel(v)[:4].tolist()}")
@@ -129,39 +243,6 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     print(f"arena: {p.arena_bytes / 2**20:.2f} MiB planned")
     return 0
 
-    def shape(s):
-        return "[" + ", ".join(str(d) if isinstance(d, int) else
-                               " + ".join("*".join([str(c)] * (c != 1) + n) for c, n in d) for d in s) + "]"
-
-    print(f"llmc artifact {a.artifact}  (llmc {m['llmc_version']}, target {m['target']}, device {m['device']})")
-    print("symbols: " + ", ".join(f"{s['name']} in [{s['lo']}, {s['hi']}]" for s in m["symbols"]))
-    for i in m["inputs"]:
-        print(f"input  {i['name']}: {i['dtype']}{shape(i['shape'])}")
-    bufs = m["buffers"]
-    for o in m["outputs"]:
-        b = bufs[o["buffer"]]
-        print(f"output {o['name']}: {b['dtype']}{shape(b['shape'])}")
-    counts: dict[str, int] = {}
-    for c in m["calls"]:
-        counts[c["kernel"]] = counts.get(c["kernel"], 0) + 1
-    print(f"kernels: {len(m['kernels'])} built, {len(m['calls'])} calls")
-    routed = any("route" in k for k in m["kernels"].values())
-    for name, k in m["kernels"].items():
-        route = ""
-        if routed:
-            route = (f"shim:{k['func']} ({k.get('label', '')})" if k.get("route") == "shim"
-                     else f"tvm ({k.get('schedule', '')})")
-            route = f"{route:44s} "
-        print(f"  {name:20s} x{counts.get(name, 0):<4d} {route}{k['ops']}")
-    if "libraries" in m:
-        print("libraries: " + ", ".join(f"{k}={v}" for k, v in m["libraries"].items()))
-    w = m["weights"]
-    print(f"weights: {w['count']} tensors, {w['bytes'] / 2**20:.2f} MiB"
-          + (f" ({len(w['omitted'])} large ones left out: a perf artifact, random values at run time)"
-             if w.get("omitted") else ""))
-    print(f"arena: {m['arena_bytes'] / 2**20:.2f} MiB planned" if isinstance(m["arena_bytes"], int) else "")
-    return 0
-
 
 def cmd_bench(a: argparse.Namespace) -> int:
     from .bench import main_bench
@@ -169,16 +250,37 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return main_bench(a)
 
 
-def main(argv: list[str] | None = None) -> int:
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default (when it has a meaningful one: not for flags, not for
+    unset options), keeps the examples' line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, []) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    fmt = _HelpFormatter
     p = argparse.ArgumentParser(prog="llmc", description="Compile transformer graphs to TVM kernels and run them.",
-                                epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=USAGE, formatter_class=fmt)
+    p.add_argument("--version", action="version", version=f"llmc {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("compile", help="compile a model to an artifact folder")
-    c.add_argument("src", help="model.onnx | HF model folder | pkg.module:function | bundled example name")
+    c = sub.add_parser("compile", help="compile a model to an artifact folder", formatter_class=fmt)
+    c.add_argument("src", help="model.onnx | Hugging Face model folder | pkg.module:function | bundled example "
+                               "(minilm, tiny-gpt2, tiny-llama, tiny-qwen2, tiny-mistral, tiny-bert). llmc never "
+                               "downloads: for a Hub id, download the folder and pass its path")
     c.add_argument("-o", "--output", required=True, help="artifact folder to write")
-    c.add_argument("--target", default="llvm", help="llvm (default) | cuda[:sm_XX] | rocm[:gfxXXX] | metal")
+    c.add_argument("--force", action="store_true", help="replace an existing artifact at --output")
+    c.add_argument("--target", default="llvm", help="llvm[:CPU] | cuda[:sm_XX] | rocm[:gfxXXX] | metal; plain llvm "
+                                                    "builds for the portable x86-64-v3 baseline")
+    c.add_argument("--cpu", metavar="NAME", help="sugar for --target llvm:NAME (native: the build host's CPU)")
     c.add_argument("--seq-len", type=int, default=512, help="largest sequence length the artifact accepts")
     c.add_argument("--batch", type=int, default=8, help="largest batch size the artifact accepts")
+    c.add_argument("--dim", action="append", default=[], metavar="NAME=LO:HI",
+                   help="bounds of a dynamic dim (repeat). ONNX: any dim name of the file; PyTorch: batch or seq")
     c.add_argument("--report", action="store_true", help="print what each pass fused and the memory plan")
     c.add_argument("--no-fuse", action="store_true", help="one kernel per op (for debugging)")
     c.add_argument("--verify-each", action="store_true", help="run the IR verifier after every pass")
@@ -188,13 +290,15 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--no-shim", action="store_true", help="cuda: build every kernel with TVM (no cuBLASLt / "
                                                            "flash-attention offload)")
     c.set_defaults(fn=cmd_compile)
-    r = sub.add_parser("run", help="run an artifact on .npy inputs")
+    r = sub.add_parser("run", help="run an artifact on .npy/.npz inputs", formatter_class=fmt)
     r.add_argument("artifact")
-    r.add_argument("--input", action="append", default=[], help="[name=]file.npy (repeat; positional order if unnamed)")
-    r.add_argument("-o", "--output", help="write the outputs to this .npz")
-    r.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
+    r.add_argument("--input", action="append", default=[], metavar="[NAME=]FILE",
+                   help="NAME=x.npy, x.npy (model input order) or x.npz (arrays by input name); repeat")
+    r.add_argument("-o", "--output", help="write the outputs to this .npz (checked before running)")
+    r.add_argument("--device", help="cpu | cuda[:N]; default: the device the artifact was built for")
     r.set_defaults(fn=cmd_run)
-    b = sub.add_parser("bench", help="time an artifact on the GPU against torch eager / torch.compile")
+    b = sub.add_parser("bench", help="time an artifact on the GPU against torch eager / torch.compile",
+                       formatter_class=fmt)
     b.add_argument("artifact")
     b.add_argument("--model", required=True, help="pkg.module:function building the same model in torch "
                                                   "(e.g. llmc.bench_models:llama_1b)")
@@ -206,21 +310,35 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--no-profile", action="store_true", help="skip the per-kernel profile")
     b.add_argument("--json", help="also write the results here")
     b.set_defaults(fn=cmd_bench)
-    i = sub.add_parser("inspect", help="show an artifact's inputs, outputs, kernels and weight bytes")
+    i = sub.add_parser("inspect", help="show an artifact's inputs, outputs, kernels and weight bytes",
+                       formatter_class=fmt)
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true", help="print the raw manifest")
     i.set_defaults(fn=cmd_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     if getattr(a, "batch", 2) < 1 or getattr(a, "seq_len", 2) < 1:
         p.error("--batch and --seq-len must be positive")
     try:
-        return a.fn(a)
+        code = a.fn(a)
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handler below
+        return code
     except LLMCError as e:
         print(f"llmc: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("llmc: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `llmc inspect x | head`: the reader left. Point stdout at /dev/null so the
+        # interpreter's final flush does not raise again, and exit like SIGPIPE would.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + 13
 
 
 if __name__ == "__main__":

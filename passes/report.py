@@ -92,11 +92,42 @@ def format_memory(plan: Mapping) -> str:
             f"{plan['buffers']} buffers, {plan['in_place']} in place")
 
 
-def format_report(reports: Sequence[PassReport], graph: Graph | None = None, program=None) -> str:
-    """Per-pass changes, then what is left unfused, kernels per layer and the memory plan."""
+# Ops a pass may create by fusion that a frontend may also emit directly (torch's
+# F.layer_norm / F.scaled_dot_product_attention, ONNX's LayerNormalization, ...).
+FUSED_OPS = (Op.RMS_NORM, Op.LAYER_NORM, Op.ATTENTION, Op.GELU, Op.SILU)
+
+_FUSED_LINE = re.compile(r"^(\w+): (\d+) fused\b")
+
+
+def fused_origins(source: Graph, graph: Graph) -> dict[Op, tuple[int, int]]:
+    """{op: (count the frontend emitted, count the passes added)} for the fused op kinds
+    present in the optimised graph (or the source)."""
+    before, after = op_counts(source), op_counts(graph)
+    return {op: (before[op], max(after[op] - before[op], 0)) for op in FUSED_OPS if before[op] or after[op]}
+
+
+def _with_origin(line: str, origins: Mapping[str, tuple[int, int]]) -> str:
+    """'rms_norm: 0 fused' -> 'rms_norm: 0 fused by passes (13 from the frontend)'."""
+    m = _FUSED_LINE.match(line)
+    if not m or m.group(1) not in origins:
+        return line
+    return (line[:m.end()] + " by passes" + line[m.end():]
+            + f" ({origins[m.group(1)][0]} from the frontend)")
+
+
+def format_report(reports: Sequence[PassReport], graph: Graph | None = None, program=None,
+                  source: Graph | None = None) -> str:
+    """Per-pass changes, then where each fused op came from (with `source`, the graph the
+    frontend produced), what is left unfused, kernels per layer and the memory plan."""
+    origins = fused_origins(source, graph) if source is not None and graph is not None else {}
+    by_name = {op.name.lower(): v for op, v in origins.items()}
     lines = ["passes:"]
     for r in reports:
-        lines.append(f"  {r.name:<20} {'; '.join(r.lines) if r.lines else 'no change'}  ({r.seconds * 1000:.0f} ms)")
+        body = "; ".join(_with_origin(x, by_name) for x in r.lines) if r.lines else "no change"
+        lines.append(f"  {r.name:<20} {body}  ({r.seconds * 1000:.0f} ms)")
+    if origins:
+        lines.append("fused ops: " + ", ".join(f"{op.name.lower()} {a + b} ({a} from the frontend, {b} fused by passes)"
+                                             for op, (a, b) in origins.items()))
     if graph is not None:
         c = op_counts(graph)
         lines.append("ops after fusion: " + ", ".join(f"{op.name.lower()} {k}" for op, k in c.most_common()))

@@ -10,9 +10,21 @@ become `SymExpr` variables named after their `torch.export.Dim`, with the bounds
 program's range constraints; every converted node is checked against torch's own
 (fake-tensor) shape and dtype for that node.
 
-Example inputs: torch.export specializes any example dim of size 0 or 1 to a constant,
-so the example batch and sequence length must be >= 2 (the graph still accepts 1 when
-the bounds allow it). `from_torch` raises a clear error otherwise.
+Example inputs: torch.export specializes any example dim of size 0 or 1 to a constant.
+With the default dynamic shapes, an example whose batch or sequence dim is 1 is therefore
+tiled to 2 along that dim before export (`torch.cat([x, x], dim)`): the repeated rows
+are still valid inputs (token ids stay in range, masks stay masks), every input is tiled
+the same way so their dims still agree, and the graph keeps the dim symbolic and still
+accepts 1. Size 0 cannot be tiled and raises a clear error. Tiling is done on the
+examples only, never on the model, so the captured graph is the same as with a size-2
+example. (The alternative, passing the examples unchanged and marking the dims with
+`Dim.AUTO`, lets torch specialize them silently, which is what users hit.)
+
+Caches: Hugging Face models whose config says `use_cache=True` would build a
+`DynamicCache` during capture, which llmc cannot convert. `from_torch` passes
+`use_cache=False` when `forward` takes it and the caller did not set it, and turns
+`config.use_cache` off on every submodule for the capture (restored afterwards), so
+wrapper modules around a Hugging Face model are covered too.
 """
 from __future__ import annotations
 
@@ -46,19 +58,23 @@ def from_torch(model: torch.nn.Module, example_args: tuple = (), example_kwargs:
     dynamic_shapes: as for torch.export (use None for non-tensor arguments). By default,
     dim 0 of every tensor input of rank >= 2 is ``batch`` and dim 1 is ``seq``, with the
     bounds of DEFAULT_DIM_BOUNDS, overridable through ``dim_bounds={"seq": (1, 2048)}``.
-    The examples must then have batch >= 2 and seq >= 2 (see the module docstring). If
+    Examples with batch or seq 1 are tiled to 2 for the capture (see the module
+    docstring); use_cache is turned off for the capture. If
     the model only supports narrower default dims (seq <= max_position_embeddings, say),
     torch's suggested bounds are taken, with a warning; the graph's symbols record them.
     The graph is an inference graph: the model is exported in eval mode, dropout is dropped.
     """
     example_args = tuple(example_args)
-    example_kwargs = dict(example_kwargs or {})
+    example_kwargs = _without_cache(model, example_args, dict(example_kwargs or {}))
     default = dynamic_shapes is None
     if not default and dim_bounds:
         raise ValueError("dim_bounds only applies to the default dynamic shapes; put bounds in your Dims")
     bounds = _default_bounds(dim_bounds)
+    if default:
+        example_args, example_kwargs = tile_unit_dims(example_args, example_kwargs)
     was_training = model.training
     model.eval()
+    cache_flags = _disable_config_cache(model)
     try:
         for attempt in range(2):
             if default:
@@ -78,8 +94,49 @@ def from_torch(model: torch.nn.Module, example_args: tuple = (), example_kwargs:
                 bounds = narrowed
     finally:
         model.train(was_training)
+        for config, value in cache_flags:
+            config.use_cache = value
     dim_specs = _dim_specs(model, example_args, example_kwargs, dynamic_shapes)
     return Converter(ep, _user_leaves(ep, example_args, example_kwargs), dim_specs).convert()
+
+
+def _without_cache(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
+    """kwargs plus use_cache=False when forward takes `use_cache` and the caller left it unset."""
+    try:
+        params = inspect.signature(model.forward).parameters
+        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+    except (TypeError, ValueError):  # builtins without a signature, or arguments that do not bind
+        return kwargs
+    if "use_cache" in params and "use_cache" not in bound:
+        return {**kwargs, "use_cache": False}
+    return kwargs
+
+
+def _disable_config_cache(model: torch.nn.Module) -> list:
+    """Set `config.use_cache = False` on every submodule's config; returns what to restore."""
+    changed, seen = [], set()
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if config is None or id(config) in seen or getattr(config, "use_cache", None) is not True:
+            continue
+        seen.add(id(config))
+        changed.append((config, True))
+        config.use_cache = False
+    return changed
+
+
+def tile_unit_dims(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Examples whose default-dynamic dims (0 = batch, 1 = seq of rank>=2 tensors) have
+    size 1, tiled to size 2 along those dims so torch.export keeps them symbolic."""
+    def tile(v):
+        if not isinstance(v, torch.Tensor) or v.dim() < 2:
+            return v
+        for axis in (0, 1):
+            if v.shape[axis] == 1:
+                v = torch.cat([v, v], dim=axis)
+        return v
+
+    return pytree.tree_map(tile, args), pytree.tree_map(tile, kwargs)
 
 
 def _default_bounds(dim_bounds) -> dict[str, tuple[int, int]]:
@@ -127,11 +184,11 @@ def default_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict,
         if not isinstance(v, torch.Tensor) or v.dim() < 2:
             return None
         for axis, d in enumerate(dims):
-            if v.shape[axis] < 2:
+            if v.shape[axis] < 2:  # from_torch tiles size 1 to 2 (tile_unit_dims); 0 cannot be tiled
                 raise LLMCError(
                     f"example input {pytree.keystr(path) or 'argument'} has shape {tuple(v.shape)}: torch.export "
-                    f"specializes dims of size 0/1, so give an example with {d.__name__} >= 2 "
-                    f"(the exported graph still accepts {d.__name__} in [{d.min}, {d.max}])")
+                    f"specializes dims of size 0/1, so give an example with {d.__name__} >= 1 "
+                    f"(the exported graph accepts {d.__name__} in [{d.min}, {d.max}])")
         return {0: dims[0], 1: dims[1]}
 
     return {name: pytree.tree_map_with_path(lambda p, v, n=name: spec((pytree.MappingKey(n),) + p, v), value)

@@ -26,3 +26,30 @@ def test_reshape_is_an_alias_and_identical_kernels_are_shared():
     assert add.symbols == ("b", "s")
     alias = next(b for b in p.buffers if b.role is Role.ALIAS)
     assert p.buffers[alias.alias_of].role is Role.TEMP
+
+
+def test_constant_and_input_outputs_are_computed(tmp_path):
+    """Outputs that are a scalar CONST, a FULL, a weight or an input itself: the CONST gets
+    a one-node kernel filling its 0-d buffer; all survive export and a runtime-only load."""
+    import llmc
+    from llmc.api import CompileOptions, compile_graph
+    from llmc.compiler.ops import FullAttrs
+
+    b = sym("b")
+    x = input_node("x", TensorType((b, 4), DType.F32))
+    w = weight_node("w", TensorType((4,), DType.F32))
+    c = node(Op.CONST, [], ConstAttrs(2.5, DType.F32))
+    full = node(Op.FULL, [], FullAttrs((3,), 7, DType.I64))
+    g = Graph((x,), (node(Op.ADD, [x, c]), c, full, w, x), {"w": np.arange(4, dtype=np.float32)},
+              {"b": SymDim("b", 1, 4)})
+    p = lower_to_program(g)
+    assert any(k.body[0].op is Op.FULL and not k.params for k in p.kernels.values())
+    compiled = compile_graph(g, CompileOptions())
+    xv = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    want = [xv + 2.5, np.float32(2.5), np.full(3, 7, np.int64), np.arange(4, dtype=np.float32), xv]
+    for run in (compiled, llmc.load(compiled.export(tmp_path / "c.llmc"))):
+        got = run(x=xv)
+        assert len(got) == len(want)
+        for o, r in zip(got, want):
+            assert o.shape == np.shape(r) and o.dtype == np.asarray(r).dtype
+            np.testing.assert_array_equal(o, r)

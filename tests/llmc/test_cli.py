@@ -23,6 +23,10 @@ def artifact(tmp_path_factory):
     r = llmc("compile", "tiny-llama", "-o", str(out), "--seq-len", "32", "--batch", "2", "--report")
     assert r.returncode == 0, r.stderr
     assert "attention" in r.stdout and "per transformer layer" in r.stdout
+    # where each fused op came from: the passes fuse Llama's norms, the frontend emits SDPA
+    assert "rms_norm 5 (0 from the frontend, 5 fused by passes)" in r.stdout, r.stdout
+    assert "attention 2 (2 from the frontend, 0 fused by passes)" in r.stdout
+    assert "attention: 0 fused by passes, 0 left (2 from the frontend)" in r.stdout
     assert "[llmc]" in r.stderr  # progress lines
     return out
 
@@ -97,8 +101,11 @@ def test_onnx_file_source(tmp_path):
 
     path = tmp_path / "bert.onnx"
     export_onnx("bert", "torchscript", str(path))
-    r = llmc("compile", str(path), "-o", str(tmp_path / "bert.llmc"), "--seq-len", "32", "--batch", "2", "--report")
+    # --dim names a dim of the file (here the exporter's "seq"), and wins over --seq-len
+    r = llmc("compile", str(path), "-o", str(tmp_path / "bert.llmc"), "--seq-len", "64", "--dim", "seq=1:32",
+             "--batch", "2", "--report")
     assert r.returncode == 0, r.stderr
+    assert "seq in [1, 32]" in llmc("inspect", str(tmp_path / "bert.llmc")).stdout
     assert "layer_norm" in r.stdout and "attention" in r.stdout
     ids = np.random.default_rng(0).integers(0, 100, (2, 11)).astype(np.int64)
     mask = np.ones_like(ids)

@@ -89,3 +89,39 @@ def test_minilm_sentence_embeddings():
     ref = st.encode(sentences, convert_to_numpy=True, normalize_embeddings=True).astype(np.float64)
     cosine = (ours * ref).sum(-1) / np.linalg.norm(ref, axis=-1)
     assert cosine.min() >= 0.99999, cosine
+
+
+def test_batch_one_example_with_use_cache_on_keeps_dims_symbolic():
+    """The most natural call: one sequence of one token, a config with use_cache=True and
+    no use_cache argument. The example is tiled for the capture; the graph keeps batch
+    and seq symbolic, matches torch at other shapes, and the config is left as it was."""
+    model, _ = tiny_model("llama")
+    model.config.use_cache = True
+    ids = torch.randint(3, 128, (1, 1), generator=torch.Generator().manual_seed(1))
+    graph = from_torch(model, (ids,), dim_bounds={"batch": (1, 4), "seq": (1, 32)})
+    assert model.config.use_cache is True
+    assert [str(n.type) for n in graph.inputs] == ["i64[batch, seq]"]
+    assert (graph.symbols["batch"].lo, graph.symbols["seq"].lo) == (1, 1)
+    for batch, seq in [(1, 1), (1, 9), (3, 5)]:
+        x = torch.randint(3, 128, (batch, seq), generator=torch.Generator().manual_seed(batch * 10 + seq))
+        with torch.no_grad():
+            ref = model(x, use_cache=False).logits.numpy()
+        (ours,) = interpret(graph, [x.numpy()])
+        assert ours.shape == ref.shape and np.abs(ours - ref).max() <= 1e-4
+
+
+def test_tile_unit_dims_keeps_values_valid():
+    from llmc.compiler.frontend.torch_export import tile_unit_dims
+
+    ids, mask, scalar = torch.tensor([[5]]), torch.ones(1, 3, dtype=torch.long), torch.tensor(2.0)
+    (a,), kw = tile_unit_dims((ids,), {"attention_mask": mask, "s": scalar, "flag": False})
+    assert a.tolist() == [[5, 5], [5, 5]] and kw["attention_mask"].shape == (2, 3)
+    assert kw["s"] is scalar and kw["flag"] is False  # rank < 2 and non-tensors are untouched
+
+
+def test_size_zero_example_is_a_clear_error():
+    from llmc.errors import LLMCError
+
+    model, _ = tiny_model("llama")
+    with pytest.raises(LLMCError, match="specializes dims of size 0/1"):
+        from_torch(model, (torch.zeros(0, 4, dtype=torch.long),))
