@@ -148,8 +148,13 @@ def _upgrade_opset(model, where: str):
     v = _opset(model)
     if v >= MIN_OPSET:
         return model
-    from onnx import version_converter
+    from onnx import defs, version_converter
 
+    unknown = sorted({n.op_type for n in model.graph.node
+                      if n.domain in DEFAULT_DOMAINS and not defs.has(n.op_type)})
+    if unknown:
+        raise UnsupportedOpError(f"{where}: unknown ONNX operator(s) {', '.join(unknown)} (no schema in the "
+                                 f"default domain), cannot upgrade opset {v}")
     try:
         return version_converter.convert_version(model, MIN_OPSET)
     except Exception as e:  # the C++ converter raises RuntimeError/ValueError/ConvertError naming the op

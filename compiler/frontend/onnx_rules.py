@@ -107,6 +107,11 @@ def _fold_only_unary(x: NodeCtx):
     if v.known is None or K.has_symbols(v.known):
         if v.known is not None and x.op_type in ("Floor", "Ceil", "Round"):
             return v  # exact integers
+        if x.op_type == "Sign":  # (x > 0) ? 1 : (x < 0) ? -1 : x * 0  (keeps NaN and zero)
+            zero = scalar(x, 0, v.dtype)
+            neg = zero if v.dtype is DType.U8 else scalar(x, -1, v.dtype)
+            rest = x.apply(Op.WHERE, [x.apply(Op.LT, [v, zero]), neg, x.apply(Op.MUL, [v, zero])])
+            return x.apply(Op.WHERE, [x.apply(Op.GT, [v, zero]), scalar(x, 1, v.dtype), rest])
         raise UnsupportedOpError(f"{x.op_type} is only supported on values known at import time")
     with np.errstate(all="ignore"):
         return x.const(_FOLD_ONLY_UNARY[x.op_type](v.known), v.dtype)

@@ -99,13 +99,17 @@ def _pad(x: NodeCtx):
 class Window:
     """Geometry of a sliding-window op over the spatial dims (static)."""
 
-    def __init__(self, x: NodeCtx, spatial: tuple[int, ...], kernel: tuple[int, ...], ceil_mode: bool = False):
+    def __init__(self, x: NodeCtx, spatial: tuple[int, ...], kernel: tuple[int, ...], ceil_mode: bool = False,
+                 explicit: dict | None = None):
+        """Geometry from the node's strides/dilations/pads/auto_pad, or from `explicit` (same keys)."""
         r = len(spatial)
+        get = (lambda k, d: explicit.get(k, d)) if explicit is not None else (
+            lambda k, d: x.attr_str(k, d) if k == "auto_pad" else x.attr_ints(k, d))
         self.kernel = kernel
-        self.strides = tuple(x.attr_ints("strides", [1] * r))
-        self.dil = tuple(x.attr_ints("dilations", [1] * r))
-        pads = x.attr_ints("pads", [0] * (2 * r))
-        auto = x.attr_str("auto_pad", "NOTSET")
+        self.strides = tuple(get("strides", [1] * r))
+        self.dil = tuple(get("dilations", [1] * r))
+        pads = list(get("pads", [0] * (2 * r)))
+        auto = get("auto_pad", "NOTSET")
         if len(self.strides) != r or len(self.dil) != r or len(pads) != 2 * r or len(kernel) != r:
             raise LLMCError(f"strides/dilations/pads/kernel_shape do not match {r} spatial dims")
         if min(self.strides + self.dil + kernel, default=1) < 1 or min(pads, default=0) < 0:
@@ -181,22 +185,30 @@ def _spatial(v: Val, what: str) -> tuple[int, ...]:
     return tuple(sp)
 
 
+def _static_weight(v: Val, w: Val, what: str) -> None:
+    if w.rank != v.rank or not all(isinstance(d, int) for d in w.shape):
+        raise LLMCError(f"{what} weight must be a static tensor of rank {v.rank}, got {list(w.shape)}")
+
+
 @rule("Conv")
 def _conv(x: NodeCtx):
     v, w = x.val(0), x.val(1)
     check_types(x, [v, w], logical=False)
     sp = _spatial(v, "Conv")
-    if w.rank != v.rank or not all(isinstance(d, int) for d in w.shape):
-        raise LLMCError(f"Conv weight must be a static [M, C/group, *kernel] tensor, got {list(w.shape)}")
-    m, cg = w.shape[0], w.shape[1]
-    g = x.attr_int("group", 1)
+    _static_weight(v, w, "Conv")
     kernel = tuple(x.attr_ints("kernel_shape", w.shape[2:]))
     if kernel != tuple(w.shape[2:]):
         raise LLMCError(f"kernel_shape {list(kernel)} does not match the weight {list(w.shape)}")
-    c = v.shape[1]
+    return conv(x, v, w, x.val(2) if x.has(2) else None, x.attr_int("group", 1), Window(x, sp, kernel))
+
+
+def conv(x: NodeCtx, v: Val, w: Val, bias: Val | None, g: int, win: Window) -> Val:
+    """v [N, C, *S] conv w [M, C/g, *K] (+ bias [M]) over the window geometry `win`."""
+    m, cg = w.shape[0], w.shape[1]
+    c, sp = v.shape[1], win.spatial
     if g < 1 or m % g or (isinstance(c, int) and c != cg * g):
         raise LLMCError(f"group={g} does not fit {c} input channels and weight {list(w.shape)}")
-    win = Window(x, sp, kernel)
+    kernel = win.kernel
     n, k, o = v.shape[0], math.prod(kernel), math.prod(win.out)
     p = win.patches(x, v, _pad_value(v, 0))  # [N, C, O, K]
     p = reshape(x, p, (n, g, cg, o, k))
@@ -204,9 +216,62 @@ def _conv(x: NodeCtx):
     wk = permute(x, reshape(x, w, (g, m // g, cg * k)), (0, 2, 1))  # [g, C/g*K, M/g]
     y = x.apply(Op.MATMUL, [p, wk])  # [N, g, O, M/g]
     y = reshape(x, permute(x, y, (0, 1, 3, 2)), (n, m) + win.out)
-    if x.has(2):
-        y = x.apply(Op.ADD, [y, reshape(x, x.val(2), (m,) + (1,) * len(sp))])
+    if bias is not None:
+        y = x.apply(Op.ADD, [y, reshape(x, bias, (m,) + (1,) * len(sp))])
     return y
+
+
+@rule("ConvTranspose")
+def _conv_transpose(x: NodeCtx):
+    """A stride-1 Conv over the input with (stride - 1) zeros between elements, padded by
+    dilation * (kernel - 1) - pads, with the kernel flipped and its channel axes swapped."""
+    v, w = x.val(0), x.val(1)
+    check_types(x, [v, w], logical=False)
+    sp = _spatial(v, "ConvTranspose")
+    _static_weight(v, w, "ConvTranspose")
+    r, g = len(sp), x.attr_int("group", 1)
+    kernel = tuple(w.shape[2:])
+    if tuple(x.attr_ints("kernel_shape", kernel)) != kernel:
+        raise LLMCError(f"kernel_shape does not match the weight {list(w.shape)}")
+    strides = x.attr_ints("strides", [1] * r)
+    dil = x.attr_ints("dilations", [1] * r)
+    out_pad = x.attr_ints("output_padding", [0] * r)
+    pads = x.attr_ints("pads", [0] * (2 * r))
+    auto = x.attr_str("auto_pad", "NOTSET")
+    if not (len(strides) == len(dil) == len(out_pad) == r and len(pads) == 2 * r):
+        raise LLMCError(f"strides/dilations/output_padding/pads do not match {r} spatial dims")
+    eff = [(k - 1) * d + 1 for k, d in zip(kernel, dil)]
+    out_shape = x.attr_ints("output_shape")
+    if out_shape is not None or auto in ("SAME_UPPER", "SAME_LOWER"):
+        want = list(out_shape[-r:]) if out_shape is not None else [s * st for s, st in zip(sp, strides)]
+        total = [st * (s - 1) + op + e - o for st, s, op, e, o in zip(strides, sp, out_pad, eff, want)]
+        first = [t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in total]
+        pads = first + [t - f for t, f in zip(total, first)]
+    elif auto not in ("NOTSET", "VALID"):
+        raise LLMCError(f"unknown auto_pad {auto!r}")
+    elif auto == "VALID":
+        pads = [0] * (2 * r)
+    c, mg = w.shape[0], w.shape[1]
+    if g < 1 or c % g:
+        raise LLMCError(f"group={g} does not fit weight {list(w.shape)}")
+    for i, (s, st) in enumerate(zip(sp, strides)):  # zeros between elements: take from [x, 0]
+        if st > 1:
+            idx = np.where(np.arange((s - 1) * st + 1) % st == 0, np.arange((s - 1) * st + 1) // st, s)
+            v = x.apply(Op.TAKE, [pad_axis(x, v, 2 + i, 0, 1, _pad_value(v, 0)),
+                                  x.const(idx.astype(np.int64), DType.I64)], AxisAttrs(2 + i))
+    for i in range(r):  # the transposed kernel: flip every spatial axis
+        w = x.apply(Op.TAKE, [w, x.const(np.arange(kernel[i] - 1, -1, -1, dtype=np.int64), DType.I64)],
+                    AxisAttrs(2 + i))
+    wt = reshape(x, permute(x, reshape(x, w, (g, c // g, mg) + kernel), (0, 2, 1) + tuple(range(3, 3 + r))),
+                 (g * mg, c // g) + kernel)
+    conv_pads = [e - 1 - p for e, p in zip(eff, pads[:r])] + [e - 1 - p + op for e, p, op in zip(eff, pads[r:], out_pad)]
+    for i in range(r):  # negative amounts crop; the window then sees no padding
+        b, a = conv_pads[i], conv_pads[r + i]
+        if b < 0 or a < 0:
+            v = pad_axis(x, v, 2 + i, min(b, 0), min(a, 0), 0)
+            conv_pads[i], conv_pads[r + i] = max(b, 0), max(a, 0)
+    win = Window(x, tuple(v.shape[2:]), kernel, explicit={"dilations": dil, "pads": conv_pads})
+    return conv(x, v, wt, x.val(2) if x.has(2) else None, g, win)
 
 
 @rule("MaxPool", "AveragePool", "LpPool")
@@ -294,6 +359,9 @@ def _leaky(x: NodeCtx):
     v = x.val(0)
     check_types(x, [v], logical=False)
     slope = x.val(1) if x.op_type == "PRelu" else scalar(x, x.attr_float("alpha", 0.01), v.dtype)
+    if x.op_type == "PRelu" and slope.rank == 1 and v.rank > 2 and v.shape[-1] not in (slope.shape[0], 1) \
+            and slope.shape[0] == v.shape[1]:
+        slope = reshape(x, slope, (slope.shape[0],) + (1,) * (v.rank - 2))  # opset < 7: one slope per channel
     return x.apply(Op.WHERE, [_lt0(x, v), x.apply(Op.MUL, [v, slope]), v])
 
 

@@ -37,6 +37,22 @@ def test_conv(xshape, wshape, attrs):
     check(m, inputs, envs=({"n": 1}, {"n": 3}), tol=1e-4)
 
 
+CONV_T_CASES = [
+    ([1, 3, 5], (3, 2, 3), {}),
+    (["n", 4, 4, 5], (4, 3, 3, 2), {"group": 2, "strides": [2, 3], "pads": [1, 0, 0, 1], "output_padding": [1, 0]}),
+    ([1, 2, 3, 3], (2, 2, 3, 3), {"strides": [2, 2], "dilations": [2, 1], "pads": [3, 1, 0, 1]}),
+    ([1, 2, 4, 4], (2, 1, 3, 3), {"strides": [2, 2], "output_shape": [9, 8]}),
+    ([1, 2, 4, 4], (2, 1, 2, 2), {"strides": [2, 2], "auto_pad": "SAME_UPPER"}),
+]
+
+
+@pytest.mark.parametrize("xshape,wshape,attrs", CONV_T_CASES)
+def test_conv_transpose(xshape, wshape, attrs):
+    inits = {"w": _w(*wshape), "b": _w(wshape[1] * attrs.get("group", 1))}
+    m, inputs = single("ConvTranspose", 1, attrs, shapes=[xshape], inits=inits, extra_inputs=["w", "b"])
+    check(m, inputs, envs=({"n": 1}, {"n": 2}), tol=1e-4)
+
+
 POOL_CASES = [
     ("MaxPool", ["n", 2, 7, 7], {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
     ("MaxPool", [1, 2, 8, 6], {"kernel_shape": [3, 2], "ceil_mode": 1, "strides": [2, 2]}),
@@ -88,6 +104,12 @@ ACTIVATIONS = [("LeakyRelu", {"alpha": 0.1}), ("Elu", {"alpha": 0.7}), ("Celu", 
 def test_activations(op, attrs):
     m, inputs = single(op, 1, attrs, opset=22 if op == "Mish" else 17)
     check(m, inputs, tol=1e-5)
+
+
+@pytest.mark.parametrize("elem", [F, 7])
+def test_sign_on_runtime_data(elem):
+    m, inputs = single("Sign", 1, types=[elem], out_type=elem)
+    check(m, inputs, tol=0)
 
 
 def test_prelu():
