@@ -24,7 +24,7 @@ class LoweringError(LLMCError):
     pass
 
 
-_SUPPORTED_DTYPES = {"float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool"}
+_SUPPORTED_DTYPES = {"float32", "float64", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool"}
 
 
 def describe_kernel(kernel: Kernel) -> str:

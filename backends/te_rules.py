@@ -20,6 +20,7 @@ from llmc.compiler.dtypes import DType, promote
 from llmc.compiler.ir import Node
 from llmc.compiler.ops import BINARY, COMPARE, REDUCE, UNARY, Op
 from llmc.compiler.symbolic import Dim, SymExpr
+from llmc.errors import LLMCError
 
 from . import fastmath as fm
 
@@ -101,6 +102,11 @@ def compute_dtype(dt: str) -> str:
 def float_compute_dtype(dt: str) -> str:
     """Dtype for transcendental math: f32 for floats, f64 for integer inputs."""
     return F32 if dt in ("float16", "bfloat16", F32) else "float64"
+
+
+def acc_float(dt: str) -> str:
+    """Accumulation dtype of softmax and norms: f32, or f64 for f64 tensors (never narrowed)."""
+    return "float64" if dt == "float64" else F32
 
 
 def cast(v: tirx.PrimExpr, dt: str) -> tirx.PrimExpr:
@@ -371,11 +377,12 @@ def _softmax(ctx, node, ins):
     shape = ctx.shape(node.shape)
     rshape = shape[:ax] + shape[ax + 1:]
     odt = node.dtype.value
+    acc = acc_float(odt)
 
     def at(i, kv):  # full index from a row index and a position on the axis
         return list(i[:ax]) + [kv] + list(i[ax:])
 
-    xf = lambda idx: cast(x(*idx), F32)
+    xf = lambda idx: cast(x(*idx), acc)
     mx = row_reduce(ctx, rshape, node.shape[ax], lambda r, j: xf(at(r, j)), "max", "softmax_max")
     # A static axis keeps exp materialised per row (one exp per element); a symbolic one
     # would need a dynamically sized row buffer, allocated per row, so exp is recomputed.
@@ -615,18 +622,19 @@ def _gather(ctx, node, ins):
 
 
 # ---- norms -----------------------------------------------------------------------------
-def _inv_count(ctx, d: Dim):
-    return tirx.const(1.0 / d, F32) if isinstance(d, int) else tirx.const(1.0, F32) / cast(ctx.dim(d), F32)
+def _inv_count(ctx, d: Dim, acc: str = F32):
+    return tirx.const(1.0 / d, acc) if isinstance(d, int) else tirx.const(1.0, acc) / cast(ctx.dim(d), acc)
 
 
 def _layer_norm(ctx, node, ins):
     x, w, b = ins
     shape = ctx.shape(node.shape)
     rows, last = shape[:-1], shape[-1]
-    inv_d = _inv_count(ctx, node.shape[-1])
-    eps = tirx.const(node.attrs.eps, F32)
     odt = node.dtype.value
-    xf = lambda idx: cast(x(*idx), F32)
+    acc = acc_float(odt)
+    inv_d = _inv_count(ctx, node.shape[-1], acc)
+    eps = tirx.const(node.attrs.eps, acc)
+    xf = lambda idx: cast(x(*idx), acc)
     k1, k2 = _raxis(ctx, last, "k"), _raxis(ctx, last, "k")
     s1 = te.compute(rows, lambda *r: te.sum(xf(list(r) + [k1.var]), axis=k1), name=ctx.name("ln_sum"))
     mean = te.compute(rows, lambda *r: s1(*r) * inv_d, name=ctx.name("ln_mean"))
@@ -636,11 +644,11 @@ def _layer_norm(ctx, node, ins):
         return d * d
 
     s2 = te.compute(rows, lambda *r: te.sum(sq(r), axis=k2), name=ctx.name("ln_var"))
-    rstd = te.compute(rows, lambda *r: tirx.const(1.0, F32) / tirx.sqrt(s2(*r) * inv_d + eps), name=ctx.name("ln_rstd"))
+    rstd = te.compute(rows, lambda *r: tirx.const(1.0, acc) / tirx.sqrt(s2(*r) * inv_d + eps), name=ctx.name("ln_rstd"))
 
     def f(*i):
         r = i[:-1]
-        return cast((xf(i) - mean(*r)) * rstd(*r) * cast(w(i[-1]), F32) + cast(b(i[-1]), F32), odt)
+        return cast((xf(i) - mean(*r)) * rstd(*r) * cast(w(i[-1]), acc) + cast(b(i[-1]), acc), odt)
 
     return te.compute(shape, f, name=ctx.name("layer_norm"))
 
@@ -649,10 +657,11 @@ def _rms_norm(ctx, node, ins):
     x, w = ins
     shape = ctx.shape(node.shape)
     rows, last = shape[:-1], shape[-1]
-    inv_d = _inv_count(ctx, node.shape[-1])
-    eps = tirx.const(node.attrs.eps, F32)
     odt = node.dtype.value
-    xf = lambda idx: cast(x(*idx), F32)
+    acc = acc_float(odt)
+    inv_d = _inv_count(ctx, node.shape[-1], acc)
+    eps = tirx.const(node.attrs.eps, acc)
+    xf = lambda idx: cast(x(*idx), acc)
     k = _raxis(ctx, last, "k")
 
     def sq(r):
@@ -660,8 +669,8 @@ def _rms_norm(ctx, node, ins):
         return v * v
 
     ss = te.compute(rows, lambda *r: te.sum(sq(r), axis=k), name=ctx.name("rms_ss"))
-    inv = te.compute(rows, lambda *r: tirx.const(1.0, F32) / tirx.sqrt(ss(*r) * inv_d + eps), name=ctx.name("rms_inv"))
-    return te.compute(shape, lambda *i: cast(xf(i) * inv(*i[:-1]) * cast(w(i[-1]), F32), odt),
+    inv = te.compute(rows, lambda *r: tirx.const(1.0, acc) / tirx.sqrt(ss(*r) * inv_d + eps), name=ctx.name("rms_inv"))
+    return te.compute(shape, lambda *i: cast(xf(i) * inv(*i[:-1]) * cast(w(i[-1]), acc), odt),
                       name=ctx.name("rms_norm"))
 
 
@@ -693,6 +702,8 @@ def _attention(ctx, node, ins):
     Dv = ctx.shape(vs_)[3]
     group = qs_[1] // ks_[1]
     odt = node.dtype.value
+    if odt == "float64":  # the kernel computes in f32 (exp_f32 and f32 scores): refuse, never narrow
+        raise LLMCError(f"attention in float64 is not supported ({node.where or 'attention'})")
     kvh = (lambda h: h) if group == 1 else (lambda h: tirx.floordiv(h, c64(group)))
     scale = tirx.const(a.scale, F32)
     L = ATTN_KEY_TILE

@@ -23,10 +23,13 @@ class DType(enum.Enum):
     # no numpy arithmetic; passes that introduce them also introduce their dequantize.
     I4X2 = "int4x2"
     F8E4M3 = "float8_e4m3fn"
+    # float64: ONNX models (e.g. onnx's own backend test models) compute in it; compiled as
+    # is rather than narrowed to float32.
+    F64 = "float64"
 
     @property
     def is_float(self) -> bool:
-        return self in (DType.F32, DType.F16, DType.BF16, DType.F8E4M3)
+        return self in (DType.F32, DType.F16, DType.BF16, DType.F8E4M3, DType.F64)
 
     @property
     def is_int(self) -> bool:
@@ -58,7 +61,7 @@ class DType(enum.Enum):
 
 _ITEMSIZE = {
     DType.F32: 4, DType.F16: 2, DType.BF16: 2, DType.I64: 8, DType.I32: 4,
-    DType.I8: 1, DType.U8: 1, DType.BOOL: 1, DType.I4X2: 1, DType.F8E4M3: 1,
+    DType.I8: 1, DType.U8: 1, DType.BOOL: 1, DType.I4X2: 1, DType.F8E4M3: 1, DType.F64: 8,
 }
 
 
@@ -66,7 +69,7 @@ def promote(a: DType, b: DType) -> DType:
     """Result dtype of a binary elementwise op (torch-like: float beats int, wider wins)."""
     if a == b:
         return a
-    order = [DType.BOOL, DType.U8, DType.I8, DType.I32, DType.I64, DType.F8E4M3, DType.BF16, DType.F16, DType.F32]
+    order = [DType.BOOL, DType.U8, DType.I8, DType.I32, DType.I64, DType.F8E4M3, DType.BF16, DType.F16, DType.F32, DType.F64]
     if {a, b} == {DType.F16, DType.BF16}:
         return DType.F32
     return max(a, b, key=order.index)

@@ -3,7 +3,20 @@
     graph = from_onnx("model.onnx", dim_bounds={"batch": (1, 8), "seq": (1, 512)})
 
 Graph inputs keep their `dim_param` names as symbolic dims (sanitised to identifiers);
-initializers become named weights. Shape arithmetic is folded while importing: every
+initializers become named weights. Files older than opset 13 are upgraded on import with
+`onnx.version_converter`; float64 tensors stay float64.
+
+Bounds of the symbolic dims (`dim_bounds`, inclusive (lo, hi) per name):
+- a name the file uses (its `dim_param`, as written or sanitised) gives that dim's bounds;
+- a file dim of another name, or with neither `dim_value` nor `dim_param`, takes the
+  bounds of `batch` when it is axis 0 of a graph input and of `seq` when it is axis 1
+  (by position, so `--batch`/`--seq-len` cover files whose dims are named `b`/`s`);
+- any other such dim is an error naming it (pass its bounds explicitly, `--dim NAME=LO:HI`
+  on the command line), unless `from_onnx(..., default_bound=(lo, hi))` is given;
+- a name in `dim_bounds` that the file does not use is an error, except `batch`/`seq`;
+- with no `dim_bounds` at all, every symbolic dim gets `default_bound` ((1, 2048) unless given).
+
+Shape arithmetic is folded while importing: every
 tensor the importer can compute (constants, `Shape` of a tensor with symbolic dims, and
 anything derived from those) is kept as a known value (see `onnx_known`), so the IR
 holds only the computation on real data, with Reshape/Expand/Slice targets as static or
@@ -30,20 +43,26 @@ from .onnx_context import NodeCtx, NodeInfo, Val, onnx_dtype, py_scalar, tensor_
 
 MIN_OPSET, MAX_OPSET = 13, 25
 DEFAULT_DOMAINS = ("", "ai.onnx")
+POSITIONAL = ("batch", "seq")  # dim_bounds names that also bound axis 0 / axis 1 of any input
 
 __all__ = ["from_onnx", "load_model"]
 
 
 def from_onnx(path_or_model, *, dim_bounds: Mapping[str, tuple[int, int]] | None = None,
-              default_bound: tuple[int, int] = (1, 2048), base_dir: str | None = None) -> Graph:
+              default_bound: tuple[int, int] | None = None, base_dir: str | None = None) -> Graph:
     """Import an ONNX model (a path, serialized bytes or an `onnx.ModelProto`) as a Graph.
 
     `dim_bounds` maps a dim_param name (as written in the model, or sanitised) to its
-    inclusive bounds; other symbolic dims get `default_bound`. `base_dir` locates external
-    weight files of a ModelProto or bytes (a path uses its own directory).
+    inclusive bounds, with `batch`/`seq` also bounding axis 0/1 of inputs by position (see
+    the module docstring). Symbolic dims these leave unbounded get `default_bound` when it
+    is given (or when `dim_bounds` is empty: (1, 2048)), else they are an error. `base_dir`
+    locates external weight files of a ModelProto or bytes (a path uses its own directory).
     """
     model = load_model(path_or_model, base_dir)
     return _Converter(model, dict(dim_bounds or {}), default_bound).run()
+
+
+DEFAULT_BOUND = (1, 2048)  # symbolic dims of a file imported with no dim_bounds at all
 
 
 def load_model(src, base_dir: str | None = None):
@@ -72,6 +91,7 @@ def load_model(src, base_dir: str | None = None):
     except Exception as e:  # protobuf DecodeError, missing/out-of-tree external files, ...
         raise LLMCError(f"cannot read ONNX model {where}: {type(e).__name__}: {e}") from e
     _check_model(model, where)
+    model = _upgrade_opset(model, where)
     if len(model.functions):
         try:
             model = onnx.inliner.inline_local_functions(model)
@@ -112,9 +132,36 @@ def _check_model(model, where: str) -> None:
     v = versions.get("", versions.get("ai.onnx"))
     if v is None:
         raise LLMCError(f"{where}: the model imports no default-domain (ai.onnx) opset")
-    if not MIN_OPSET <= v <= MAX_OPSET:
-        raise LLMCError(f"{where}: ONNX opset {v} is not supported (llmc reads opsets {MIN_OPSET}..{MAX_OPSET}; "
-                        f"re-export with a newer opset_version)")
+    if v > MAX_OPSET:
+        raise LLMCError(f"{where}: ONNX opset {v} is not supported (llmc reads opsets up to {MAX_OPSET}; "
+                        f"re-export with an older opset_version)")
+
+
+def _opset(model) -> int:
+    versions = {o.domain: o.version for o in model.opset_import}
+    return versions.get("", versions.get("ai.onnx"))
+
+
+def _upgrade_opset(model, where: str):
+    """Models older than MIN_OPSET are upgraded to it with onnx's version converter, so the
+    rules only know opsets >= 13 (the backend test models in the onnx wheel are opset 6-12)."""
+    v = _opset(model)
+    if v >= MIN_OPSET:
+        return model
+    from onnx import defs, version_converter
+
+    unknown = sorted({n.op_type for n in model.graph.node
+                      if n.domain in DEFAULT_DOMAINS and not defs.has(n.op_type)})
+    if unknown:
+        raise UnsupportedOpError(f"{where}: unknown ONNX operator(s) {', '.join(unknown)} (no schema in the "
+                                 f"default domain), cannot upgrade opset {v}")
+    try:
+        return version_converter.convert_version(model, MIN_OPSET)
+    except Exception as e:  # the C++ converter raises RuntimeError/ValueError/ConvertError naming the op
+        ops = sorted({n.op_type for n in model.graph.node})
+        raise LLMCError(f"{where}: cannot upgrade ONNX opset {v} to {MIN_OPSET} with onnx.version_converter "
+                        f"({type(e).__name__}: {str(e).strip()[:300]}); the model's ops: {', '.join(ops)}. "
+                        f"Re-export with opset_version >= {MIN_OPSET}") from e
 
 
 def _sanitize(name: str) -> str:
@@ -123,7 +170,7 @@ def _sanitize(name: str) -> str:
 
 
 class _Converter:
-    def __init__(self, model, dim_bounds: dict[str, tuple[int, int]], default_bound: tuple[int, int]):
+    def __init__(self, model, dim_bounds: dict[str, tuple[int, int]], default_bound: tuple[int, int] | None):
         self.model, self.graph = model, model.graph
         versions = {o.domain: o.version for o in model.opset_import}
         self.opset = versions.get("", versions.get("ai.onnx"))
@@ -131,6 +178,7 @@ class _Converter:
         self.values: dict[str, Val] = {}
         self.symbols: dict[str, SymDim] = {}
         self._sym_names: dict[str, str] = {}  # dim_param -> symbol
+        self._unbounded: dict[str, tuple[str, int]] = {}  # dim_param -> (input, axis) with no bounds
         self.params: dict[str, np.ndarray] = {}
         self.inputs: list[Node] = []
 
@@ -138,7 +186,13 @@ class _Converter:
     def run(self) -> Graph:
         self._read_initializers()
         self._read_inputs()
-        unknown = set(self.dim_bounds) - set(self._sym_names) - set(self.symbols)
+        if self._unbounded:
+            dims = ", ".join(f"{p!r} (input {i!r} axis {a})" for p, (i, a) in self._unbounded.items())
+            hint = " ".join(f"--dim {self._sym_names[p]}=LO:HI" for p in self._unbounded)
+            raise LLMCError(f"no bounds for the symbolic dims {dims}: only axis 0 (batch) and axis 1 (seq) of an "
+                            f"input take the batch/seq bounds by position; give the others explicitly, e.g. "
+                            f"dim_bounds={{'NAME': (lo, hi)}} or `{hint}` on the command line")
+        unknown = set(self.dim_bounds) - set(self._sym_names) - set(self.symbols) - set(POSITIONAL)
         if unknown:
             raise LLMCError(f"dim_bounds: unknown dims {sorted(unknown)} (the model's are {sorted(self._sym_names)})")
         for proto in self._needed_nodes():
@@ -188,7 +242,7 @@ class _Converter:
             name, k = _sanitize(param), 1
             while name in self.symbols:
                 name, k = f"{_sanitize(param)}_{k}", k + 1
-            bound = self.dim_bounds.get(param, self.dim_bounds.get(name, self.default_bound))
+            bound = self._bound_of(param, name, input_name, axis)
             try:
                 lo, hi = bound
                 self.symbols[name] = SymDim(name, int(lo), int(hi))
@@ -196,6 +250,21 @@ class _Converter:
                 raise LLMCError(f"graph input {input_name!r} dim {axis}: {e}") from e
             self._sym_names[param] = name
         return SymExpr.var(self._sym_names[param])
+
+    def _bound_of(self, param: str, name: str, input_name: str, axis: int):
+        """The bounds of a newly seen symbolic dim (the rule is in the module docstring)."""
+        if not self.dim_bounds:
+            return self.default_bound or DEFAULT_BOUND
+        for key in (param, name):
+            if key in self.dim_bounds:
+                return self.dim_bounds[key]
+        positional = POSITIONAL[axis] if axis < len(POSITIONAL) else None
+        if positional in self.dim_bounds:
+            return self.dim_bounds[positional]
+        if self.default_bound is not None:
+            return self.default_bound
+        self._unbounded[param] = (input_name, axis)
+        return DEFAULT_BOUND  # reported with the others once every input is read
 
     def _needed_nodes(self) -> list:
         """The nodes the graph outputs depend on, in file order (dead nodes are not converted)."""

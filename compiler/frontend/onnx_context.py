@@ -14,10 +14,9 @@ from ..ops import NoAttrs, Op
 from ..symbolic import Dim, SymDim, SymExpr
 from . import onnx_known as K
 
-# ONNX TensorProto element types. DOUBLE is narrowed to f32: the IR has no f64, and exporters
-# only use it for scalar shape arithmetic.
+# ONNX TensorProto element types. DOUBLE stays float64 (never narrowed silently).
 _DTYPES = {1: DType.F32, 2: DType.U8, 3: DType.I8, 6: DType.I32, 7: DType.I64, 9: DType.BOOL,
-           10: DType.F16, 11: DType.F32, 16: DType.BF16, 17: DType.F8E4M3}
+           10: DType.F16, 11: DType.F64, 16: DType.BF16, 17: DType.F8E4M3}
 
 
 def onnx_dtype(code: int, what: str) -> DType:

@@ -107,6 +107,11 @@ def _fold_only_unary(x: NodeCtx):
     if v.known is None or K.has_symbols(v.known):
         if v.known is not None and x.op_type in ("Floor", "Ceil", "Round"):
             return v  # exact integers
+        if x.op_type == "Sign":  # (x > 0) ? 1 : (x < 0) ? -1 : x * 0  (keeps NaN and zero)
+            zero = scalar(x, 0, v.dtype)
+            neg = zero if v.dtype is DType.U8 else scalar(x, -1, v.dtype)
+            rest = x.apply(Op.WHERE, [x.apply(Op.LT, [v, zero]), neg, x.apply(Op.MUL, [v, zero])])
+            return x.apply(Op.WHERE, [x.apply(Op.GT, [v, zero]), scalar(x, 1, v.dtype), rest])
         raise UnsupportedOpError(f"{x.op_type} is only supported on values known at import time")
     with np.errstate(all="ignore"):
         return x.const(_FOLD_ONLY_UNARY[x.op_type](v.known), v.dtype)
@@ -370,4 +375,4 @@ def _flip(x: NodeCtx, v: Val, axis: int) -> Val:
     return x.apply(Op.TAKE, [v, x.const(np.arange(d - 1, -1, -1, dtype=np.int64), DType.I64)], AxisAttrs(axis))
 
 
-from . import onnx_rules_attention, onnx_rules_shape  # noqa: E402,F401  (register more rules)
+from . import onnx_rules_attention, onnx_rules_nn, onnx_rules_shape  # noqa: E402,F401  (register more rules)

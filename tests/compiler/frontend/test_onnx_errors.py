@@ -8,6 +8,7 @@ onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from llmc.compiler.frontend.onnx import from_onnx  # noqa: E402
+from llmc.compiler.interpreter import interpret  # noqa: E402
 from llmc.errors import LLMCError, UnsupportedOpError  # noqa: E402
 
 F, I = TensorProto.FLOAT, TensorProto.INT64
@@ -57,10 +58,28 @@ def test_contrib_domain_op():
         from_onnx(m)
 
 
-@pytest.mark.parametrize("opset", [9, 12])
-def test_old_opset_rejected(opset):
-    m = _model([helper.make_node("Relu", ["x"], ["y"])], opsets=(("", opset),))
-    with pytest.raises(LLMCError, match=f"opset {opset}"):
+@pytest.mark.parametrize("opset", [7, 9, 12])
+def test_old_opset_upgraded(opset):
+    """Opsets < 13 go through onnx.version_converter (Unsqueeze's axes move to an input at 13)."""
+    m = _model([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Unsqueeze", ["r"], ["y"], axes=[0])],
+               opsets=(("", opset),))
+    g = from_onnx(m)
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    np.testing.assert_array_equal(interpret(g, [x])[0], np.maximum(x, 0)[None])
+
+
+def test_old_opset_conversion_failure_names_op():
+    m = _model([helper.make_node("Scatter", ["x"], ["y"], name="sc")], opsets=(("", 9),))
+    with pytest.raises(LLMCError, match=r"cannot upgrade ONNX opset 9 to 13.*Scatter"):
+        from_onnx(m)
+    m = _model([helper.make_node("NoSuchOp", ["x"], ["y"])], opsets=(("", 9),))
+    with pytest.raises(UnsupportedOpError, match=r"unknown ONNX operator\(s\) NoSuchOp"):
+        from_onnx(m)
+
+
+def test_new_opset_rejected():
+    m = _model([helper.make_node("Relu", ["x"], ["y"])], opsets=(("", 99),))
+    with pytest.raises(LLMCError, match="opset 99"):
         from_onnx(m)
 
 
