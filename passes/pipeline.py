@@ -16,6 +16,7 @@ from ..compiler.program import Program, lower_to_program
 from ..compiler.verifier import VerifyError, verify
 from .fuse_activations import fuse_activations
 from .fuse_attention import fuse_attention
+from .fuse_moe import fuse_moe
 from .fuse_norms import fuse_norms
 from .merge_projections import merge_projections
 from .partition import fused_grouping, grouping_stats
@@ -26,7 +27,8 @@ from .report import PassReport, format_memory, format_report, op_counts, unfused
 Pass = Callable[[Graph], "tuple[Graph, PassReport]"]
 
 # simplify runs again at the end to fold what fusion exposed (e.g. permutes of merged weights)
-DEFAULT_PIPELINE: list[Pass] = [simplify, fuse_norms, fuse_activations, fuse_attention, merge_projections, simplify]
+DEFAULT_PIPELINE: list[Pass] = [simplify, fuse_norms, fuse_activations, fuse_attention, fuse_moe, merge_projections,
+                                simplify]
 
 
 def pass_name(p: Pass) -> str:

@@ -27,6 +27,7 @@ from torch.utils import _pytree as pytree
 
 from ...errors import LLMCError
 from ..ir import Graph
+from .moe_capture import use_exportable_experts
 from .torch_convert import ConversionError, Converter
 
 __all__ = ["DEFAULT_DIM_BOUNDS", "ConversionError", "default_dynamic_shapes", "from_torch"]
@@ -59,6 +60,7 @@ def from_torch(model: torch.nn.Module, example_args: tuple = (), example_kwargs:
     bounds = _default_bounds(dim_bounds)
     was_training = model.training
     model.eval()
+    restore_experts = use_exportable_experts(model)  # HF MoE blocks in their traceable form
     try:
         for attempt in range(2):
             if default:
@@ -78,6 +80,7 @@ def from_torch(model: torch.nn.Module, example_args: tuple = (), example_kwargs:
                 bounds = narrowed
     finally:
         model.train(was_training)
+        restore_experts()
     dim_specs = _dim_specs(model, example_args, example_kwargs, dynamic_shapes)
     return Converter(ep, _user_leaves(ep, example_args, example_kwargs), dim_specs).convert()
 
