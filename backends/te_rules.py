@@ -806,3 +806,6 @@ TE_RULES: dict[Op, Callable[[LowerCtx, Node, Sequence[te.Tensor]], te.Tensor]] =
     Op.TAKE: _take, Op.INDEX: _index, Op.GATHER: _gather,
     Op.LAYER_NORM: _layer_norm, Op.RMS_NORM: _rms_norm, Op.ATTENTION: _attention,
 }
+
+# mixture of experts: TOPK, ROUTED_MATMUL (te_rules_moe.py)
+from . import te_rules_moe  # noqa: E402,F401 - adds its rules to TE_RULES (reads the helpers above)

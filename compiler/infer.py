@@ -177,6 +177,27 @@ def _attention(attrs, q: TensorType, k: TensorType, v: TensorType, *mask: Tensor
     return TensorType(q.shape[:3] + (v.shape[3],), q.dtype)
 
 
+def _topk(attrs, x: TensorType) -> TensorType:
+    _axis_same(attrs, x)
+    n = x.shape[attrs.axis]
+    if not isinstance(n, int) or not 1 <= attrs.k <= n:
+        raise ValueError(f"top-{attrs.k} needs a static axis of at least k elements, got {x}")
+    shape = list(x.shape)
+    shape[attrs.axis] = attrs.k
+    return TensorType(tuple(shape), DType.I64)
+
+
+def _routed_matmul(attrs, x: TensorType, w: TensorType, ids: TensorType) -> TensorType:
+    if w.rank != 3 or x.rank < 1:
+        raise ValueError(f"routed matmul takes x [*, K] and expert weights [E, ., .], got {x} and {w}")
+    if not ids.dtype.is_int or tuple(ids.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"routed matmul ids {ids} must be integers shaped like x {x} without its last dim")
+    k, n = (w.shape[2], w.shape[1]) if attrs.weight_nk else (w.shape[1], w.shape[2])
+    if x.shape[-1] != k:
+        raise ValueError(f"routed matmul contraction mismatch: x {x}, w {w} (weight_nk={attrs.weight_nk})")
+    return TensorType(tuple(x.shape[:-1]) + (n,), promote(x.dtype, w.dtype))
+
+
 def _source(attrs, *ts: TensorType) -> TensorType:
     raise AssertionError("source nodes carry their type explicitly")
 
@@ -206,6 +227,8 @@ INFER: dict[Op, Callable[..., TensorType]] = {
     Op.MATMUL: _matmul, Op.RESHAPE: _reshape, Op.PERMUTE: _permute, Op.EXPAND: _expand,
     Op.SLICE: _slice, Op.CONCAT: _concat, Op.TAKE: _take, Op.INDEX: _index, Op.GATHER: _gather,
     Op.LAYER_NORM: _layer_norm, Op.RMS_NORM: _rms_norm, Op.ATTENTION: _attention,
+    # mixture of experts
+    Op.TOPK: _topk, Op.ROUTED_MATMUL: _routed_matmul,
 }
 
 

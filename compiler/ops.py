@@ -34,8 +34,12 @@ class Op(enum.Enum):
     # reductions and scans
     SUM = enum.auto(); MEAN = enum.auto(); MAX = enum.auto(); MIN = enum.auto()
     CUMSUM = enum.auto(); SOFTMAX = enum.auto()
+    TOPK = enum.auto()  # (x) -> int64 indices of the k largest (smallest) along an axis, best first
     # linear algebra
     MATMUL = enum.auto()  # numpy matmul semantics (batched, broadcast leading dims)
+    # (x [*, K], w [E, N, K] or [E, K, N], ids [*]) -> [*, N]: each row times the matrix its id
+    # picks (mixture-of-experts); a kernel reads only the picked experts' weights
+    ROUTED_MATMUL = enum.auto()
     # data movement
     RESHAPE = enum.auto(); PERMUTE = enum.auto(); EXPAND = enum.auto(); SLICE = enum.auto()
     CONCAT = enum.auto()
@@ -146,3 +150,16 @@ class AttentionAttrs:
     scale: float
     causal: bool
     has_mask: bool  # the 4th input: bool (True = attend) or additive float, by its dtype
+
+
+@dataclass(frozen=True)
+class TopkAttrs:
+    k: int
+    axis: int  # non-negative
+    largest: bool = True  # False: the k smallest
+    # ties go to the lower index; NaN counts as larger than any number (torch's order)
+
+
+@dataclass(frozen=True)
+class RoutedMatmulAttrs:
+    weight_nk: bool = True  # w is [E, N, K] (nn.Linear layout, y = x @ w[id].T); False: [E, K, N]

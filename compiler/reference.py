@@ -101,6 +101,27 @@ def _gather(attrs, x, idx, env=None):
     return np.take_along_axis(x[crop], idx.astype(np.int64), axis=attrs.axis)
 
 
+def topk_reference(x: np.ndarray, k: int, axis: int, largest: bool) -> np.ndarray:
+    """Indices of the k largest (smallest) along axis, best first; ties to the lower index,
+    NaN above every number (torch's order)."""
+    xf = np.moveaxis(x.astype(np.float64), axis, -1)
+    key = np.where(np.isnan(xf), np.inf, -xf if largest else xf)
+    nan_rank = np.isnan(xf) if largest else ~np.isnan(xf)  # NaN first when largest
+    order = np.lexsort((key, ~nan_rank), axis=-1)[..., :k]  # stable: equal keys keep index order
+    return np.moveaxis(order, -1, axis).astype(np.int64)
+
+
+def _topk(attrs, x, env=None):
+    return topk_reference(x, attrs.k, attrs.axis, attrs.largest)
+
+
+def _routed_matmul(attrs, x, w, ids, env=None):
+    wsel = w[ids.astype(np.int64)].astype(np.float64)  # [*, N, K] or [*, K, N]
+    xf = x.astype(np.float64)
+    eq = "...k,...nk->...n" if attrs.weight_nk else "...k,...kn->...n"
+    return np.einsum(eq, xf, wsel)
+
+
 def _binop(fn):
     return lambda attrs, a, b, env=None: fn(a, b)
 
@@ -148,6 +169,8 @@ REFERENCE: dict[Op, Callable[..., np.ndarray]] = {
     Op.TAKE: _take, Op.INDEX: _index,
     Op.GATHER: _gather,
     Op.LAYER_NORM: _layer_norm, Op.RMS_NORM: _rms_norm, Op.ATTENTION: _attention,
+    # mixture of experts
+    Op.TOPK: _topk, Op.ROUTED_MATMUL: _routed_matmul,
 }
 
 def run_op(op: Op, attrs, inputs: list[np.ndarray], env: Env, out_dtype) -> np.ndarray:

@@ -16,6 +16,7 @@ from ..compiler.program import Program, lower_to_program
 from ..compiler.verifier import VerifyError, verify
 from .fuse_activations import fuse_activations
 from .fuse_attention import fuse_attention
+from .fuse_moe import fuse_moe
 from .fuse_norms import fuse_norms
 from .index_bounds import bound_symbols_by_tables
 from .merge_projections import merge_projections
@@ -30,7 +31,7 @@ Pass = Callable[[Graph], "tuple[Graph, PassReport]"]
 # are plainest there); simplify runs again at the end to fold what fusion exposed (e.g.
 # permutes of merged weights)
 DEFAULT_PIPELINE: list[Pass] = [bound_symbols_by_tables, simplify, fuse_norms, fuse_activations, fuse_attention,
-                                merge_projections, simplify]
+                                fuse_moe, merge_projections, simplify]
 
 
 def pass_name(p: Pass) -> str:

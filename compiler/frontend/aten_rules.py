@@ -536,3 +536,6 @@ def _autocast(cx, device_type, dtype, enabled, cache_enabled, submod, *args):
         raise cx.unsupported(f"autocast region enabled for {dtype} (mixed precision is not modelled)")
     return cx.inline(submod, args)
 
+
+
+from . import aten_rules_moe  # noqa: E402,F401 - registers the top-k / routed-experts rules into RULES

@@ -39,6 +39,7 @@ from torch.utils import _pytree as pytree
 
 from ...errors import LLMCError
 from ..ir import Graph
+from .moe_capture import use_exportable_experts
 from .torch_convert import ConversionError, Converter
 
 __all__ = ["DEFAULT_DIM_BOUNDS", "ConversionError", "default_dynamic_shapes", "from_torch"]
@@ -75,6 +76,7 @@ def from_torch(model: torch.nn.Module, example_args: tuple = (), example_kwargs:
     was_training = model.training
     model.eval()
     cache_flags = _disable_config_cache(model)
+    restore_experts = use_exportable_experts(model)  # HF MoE blocks in their traceable form
     try:
         for attempt in range(2):
             if default:
@@ -96,6 +98,7 @@ def from_torch(model: torch.nn.Module, example_args: tuple = (), example_kwargs:
         model.train(was_training)
         for config, value in cache_flags:
             config.use_cache = value
+        restore_experts()
     dim_specs = _dim_specs(model, example_args, example_kwargs, dynamic_shapes)
     return Converter(ep, _user_leaves(ep, example_args, example_kwargs), dim_specs).convert()
 
