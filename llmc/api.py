@@ -47,6 +47,10 @@ class CompiledModel:
         from .backends.artifact import weights_of
 
         typed = Manifest.from_json(self.manifest, "CompiledModel.manifest")  # the same checks as a load
+        if typed.cpu is not None:  # built for another processor (llvm:<cpu>): refuse, never SIGILL
+            from .runtime.cpu_features import check_host_cpu
+
+            check_host_cpu(typed.cpu, "this compiled model")
         if device == "cuda":
             from .runtime.gpu import GpuExecutor, import_tvm_cuda
 
@@ -149,7 +153,13 @@ def compile_graph(graph, opts: CompileOptions) -> CompiledModel:
 
     timings["build_s"] = time.perf_counter() - t
     weights = weights_of(program)
-    manifest = build_manifest(program, target, sum(a.nbytes for a in weights.values()), describe_kernel)
+    from dataclasses import asdict
+
+    from .passes.index_bounds import input_index_checks
+
+    checks = [asdict(c) for c in input_index_checks(program.graph)]  # range-checked by the runtime
+    manifest = build_manifest(program, target, sum(a.nbytes for a in weights.values()), describe_kernel,
+                              input_checks=checks, cpu=target.cpu_section())
     if hasattr(executable, "update_manifest"):  # e.g. CUDA: per-kernel routes, the shim library
         manifest = executable.update_manifest(manifest)
         timings.update(getattr(executable, "timings", {}))

@@ -38,9 +38,12 @@ def _triple_arch(triple: str) -> str:
 
 
 def check_host_cpu(section: Mapping, where: str) -> None:
-    """Raise ArtifactError unless this processor can run code built for `section`.
+    """Raise ArtifactError unless this processor can run code built for `section` (the
+    manifest's `cpu` section as JSON, or the typed manifest's CpuSpec).
 
     `where` names the artifact (its folder or manifest) in the message."""
+    if hasattr(section, "features") and hasattr(section, "mcpu"):  # the typed manifest's CpuSpec
+        section = {"triple": section.triple, "mcpu": section.mcpu, "features": list(section.features)}
     if not isinstance(section, Mapping):
         raise ArtifactError(f"{where}: manifest section 'cpu' must be an object, got {type(section).__name__}")
     triple, mcpu, features = section.get("triple"), section.get("mcpu"), section.get("features")

@@ -320,6 +320,7 @@ def load(path, device: str = "cpu", **options):
     for perf artifacts compiled without weights) as options.
     """
     from .artifact_files import check_library_files, load_weights, read_manifest
+    from .cpu_features import check_host_cpu
 
     path = pathlib.Path(path)
     manifest = read_manifest(path)
@@ -351,6 +352,8 @@ def load(path, device: str = "cpu", **options):
                 raise ArtifactError(f"{file}: cannot load the {lib} library "
                                     f"({str(e).splitlines()[0][:200]})") from None
         return GpuExecutor(manifest, modules, weights, device_id=int(index or 0), **options)
+    if manifest.cpu is not None:  # kernels using instructions this processor lacks would die with SIGILL
+        check_host_cpu(manifest.cpu, str(path))
     tvm = import_tvm(with_gpu=False)
     file = libraries["tvm"]
     try:
