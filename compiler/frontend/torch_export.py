@@ -17,8 +17,8 @@ are still valid inputs (token ids stay in range, masks stay masks), every input 
 the same way so their dims still agree, and the graph keeps the dim symbolic and still
 accepts 1. Size 0 cannot be tiled and raises a clear error. Tiling is done on the
 examples only, never on the model, so the captured graph is the same as with a size-2
-example. (The alternative, passing the examples unchanged and marking the dims with
-`Dim.AUTO`, lets torch specialize them silently, which is what users hit.)
+example. (Exporting the size-1 example as it is would fix the dim to 1: the graph would
+accept nothing else.)
 
 Caches: Hugging Face models whose config says `use_cache=True` would build a
 `DynamicCache` during capture, which llmc cannot convert. `from_torch` passes
