@@ -398,8 +398,11 @@ def _program(p: dict, at: At) -> Program:
             raise a.error("an alias buffer needs alias_of")
         if b.get("offset") is not None:
             offset = chk.integer(b["offset"], a["offset"])
-            if role != "temp":
+            if role not in ("temp", "alias"):
                 raise a["offset"].error(f"only temporaries live in the arena, not a {role} buffer")
+            if role == "alias" and buffers[alias_of].offset != offset:  # a view: its source's bytes
+                raise a["offset"].error(f"{offset}, but its source buffer {alias_of} is at "
+                                        f"{buffers[alias_of].offset}")
             if offset % ALIGN:
                 raise a["offset"].error(f"{offset} is not a multiple of {ALIGN}")
             end = offset + max_bytes(shape, dtype, symbols)
