@@ -12,6 +12,8 @@ from .manifest import (ALIGN, DEVICES, DTYPES, FORMAT, FORMAT_VERSION, INTEGER_D
                        ShimTensor, Symbol, WeightsSpec, canonical_checksum, eval_dim)
 from .manifest_checks import At
 
+MAX_DIM_SYMBOLS = 6
+
 
 def parse(m: Any, at: At, sealed: bool) -> Manifest:
     if not isinstance(m, dict) or m.get("format") != FORMAT:
@@ -123,6 +125,8 @@ def _dim(v: Any, at: At, symbols: Mapping[str, Symbol]) -> Dim:
         coeff = chk.integer(t[0], a[0], -chk.MAX_COUNT, chk.MAX_COUNT)
         names = chk.array(t[1], a[1], lambda s, b: chk.lookup(symbols, chk.string(s, b), b, "symbol").name, max_len=4)
         out.append((coeff, names))
+    if len({s for _, ns in out for s in ns}) > MAX_DIM_SYMBOLS:  # dim_range walks 2^k corners
+        raise at.error(f"a dim over more than {MAX_DIM_SYMBOLS} distinct symbols")
     return tuple(out)
 
 
