@@ -10,11 +10,13 @@ class UnsupportedOpError(LLMCError):
 
 
 class InputError(LLMCError):
-    """A runtime input has the wrong rank, dtype, or a dim outside its bounds."""
+    """A runtime input has the wrong type, rank or dtype, a dim outside its bounds, or an
+    index value outside its table (names the input, the value and its position)."""
 
 
 class ArtifactError(LLMCError):
-    """An artifact is missing, truncated, or from an incompatible llmc version."""
+    """An artifact is missing, truncated, damaged, inconsistent (its manifest names the key
+    path), or from an incompatible llmc version."""
 
 
 class TargetError(LLMCError):

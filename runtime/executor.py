@@ -90,7 +90,11 @@ def _to_numpy(x: Any, name: str) -> np.ndarray:
     if isinstance(x, np.ndarray):  # subclasses (masked arrays, matrices) carry other semantics
         raise InputError(f"input {name!r}: expected a plain numpy array, got {type(x).__name__}")
     if hasattr(x, "detach") and hasattr(x, "numpy"):  # a torch tensor, without importing torch
-        return x.detach().cpu().numpy()
+        try:
+            return x.detach().cpu().numpy()
+        except TypeError as e:  # e.g. torch.bfloat16, which numpy lacks
+            raise InputError(f"input {name!r}: cannot convert this torch tensor to numpy ({e}); pass a numpy "
+                             f"array (ml_dtypes.bfloat16 for bf16)") from None
     if isinstance(x, (list, tuple, int, float)) and not isinstance(x, bool):
         try:
             return np.asarray(x)
@@ -184,7 +188,6 @@ class Executor:
         self._pool_lock = threading.Lock()
         self._out_set = set(self._output_ids)
         self._bf16 = any(b.dtype == "bfloat16" for b in self._buffers)
-        self._float_inputs = [i.name for i in p.inputs if i.dtype.startswith(("float", "bfloat"))]
 
     # ---- symbol binding and buffer resolution ----------------------------------------
     def _bind(self, arrays: Sequence[np.ndarray]) -> dict[str, int]:

@@ -294,6 +294,10 @@ lie("buffer dim 2**45", _set("program/buffers/4/shape", [2 ** 45, 32]))
 lie("buffer dim names an unknown symbol", _set("program/buffers/3/shape/0", [[1, ["vocab"]]]))
 lie("buffer dim malformed polynomial", _set("program/buffers/3/shape/0", [[1, "batch"]]))
 lie("buffer dim nested 50 deep", _set("program/buffers/3/shape/0", json.loads("[" * 50 + "]" * 50)))
+lie("buffer dim over 40 symbols (2^40 corners)", lambda m: (
+    m["program"]["symbols"].extend({"name": f"s{i}", "lo": 1, "hi": 2} for i in range(40)),
+    m["program"]["buffers"][3]["shape"].__setitem__(0, [[1, [f"s{i}", f"s{i+1}", f"s{i+2}", f"s{i+3}"]]
+                                                        for i in range(0, 40, 4)])))
 lie("buffer dtype unknown", _set("program/buffers/3/dtype", "float128"))
 lie("buffer role unknown", _set("program/buffers/3/role", "magic"))
 lie("buffer with an unknown key", _set("program/buffers/3/extra", 1))
