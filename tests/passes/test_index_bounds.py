@@ -71,6 +71,10 @@ def test_checks_on_one_input_intersect_and_name_the_binding_table():
     shifted = g.op(Op.ADD, ids, g.c(1, I64))  # small[ids + 1]: ids < 5
     graph = g.graph(g.add(take(g, big, ids), take(g, small, shifted)))
     assert input_index_checks(graph) == (IndexCheck("ids", 0, 5, "small (6 rows)"),)
+    # ends from two tables: ids - 2 must be a row of `small` (ids >= 2), ids a row of `tiny`
+    tiny = g.weight("tiny", (4, 4))
+    graph = g.graph(g.add(take(g, small, g.op(Op.SUB, ids, g.c(2, I64))), take(g, tiny, ids)))
+    assert input_index_checks(graph) == (IndexCheck("ids", 2, 4, "small (6 rows); tiny (4 rows)"),)
 
 
 def test_gather_and_index_axes():
