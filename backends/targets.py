@@ -26,6 +26,7 @@ class TargetSpec:
     kind: str  # llvm | cuda | rocm | metal
     arch: str = ""  # sm_90 / gfx942 / an LLVM CPU name ("" = the portable CPU baseline)
     device: str = "cpu"  # the runtime device the artifact runs on
+    mattr: tuple[str, ...] = ()  # llvm: LLVM feature switches, e.g. ("-avx512fp16",) for what the host hides
 
     @property
     def mcpu(self) -> str:
@@ -35,7 +36,8 @@ class TargetSpec:
     def tvm_target(self) -> dict:
         if self.kind == "llvm":
             # num-cores sizes the parallel splits of the CPU schedules
-            return {"kind": "llvm", "mcpu": self.mcpu, "num-cores": os.cpu_count() or 1}
+            target = {"kind": "llvm", "mcpu": self.mcpu, "num-cores": os.cpu_count() or 1}
+            return {**target, "mattr": list(self.mattr)} if self.mattr else target
         if self.kind == "cuda":
             return {"kind": "cuda", "arch": self.arch, "max_shared_memory_per_block": 49152}
         if self.kind == "rocm":
@@ -52,7 +54,8 @@ class TargetSpec:
 
         codegen = tvm.target.codegen
         triple = str(codegen.llvm_get_system_triple())
-        features = codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": self.mcpu}))
+        target = {"kind": "llvm", "mcpu": self.mcpu, **({"mattr": list(self.mattr)} if self.mattr else {})}
+        features = codegen.llvm_get_cpu_features(tvm.target.Target(target))
         return {"triple": triple, "mcpu": self.mcpu,
                 "features": sorted({_NUMPY_NAME[str(f)] for f in features if str(f) in _NUMPY_NAME})}
 
@@ -91,6 +94,18 @@ def host_cpu() -> str:
     return cpu if cpu and cpu != "generic" else PORTABLE_CPU.get(host_arch(), "generic")
 
 
+def _hidden_features(cpu: str) -> tuple[str, ...]:
+    """LLVM switches turning off the extensions LLVM credits `cpu` with that this processor
+    does not report (a VM may hide some, e.g. AVX-512 FP16): `llvm:native` must run here."""
+    import tvm
+
+    from ..runtime.cpu_features import host_cpu_features
+
+    have = host_cpu_features()
+    llvm = tvm.target.codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": cpu}))
+    return tuple(sorted(f"-{f}" for f in map(str, llvm) if f in _NUMPY_NAME and _NUMPY_NAME[f] not in have))
+
+
 def _check_cpu(name: str) -> str:
     import tvm
 
@@ -122,12 +137,15 @@ def parse_target(target: str | dict | TargetSpec) -> TargetSpec:
         raise TargetError(f"unknown target {target!r}; choose one of llvm (cpu)[:native|:<cpu>], cuda[:sm_XX], "
                           f"rocm[:gfxXXX], metal")
     arch = arch.strip() or _DEFAULT_ARCH[kind]
+    mattr: tuple[str, ...] = ()
     if kind == "llvm" and arch:
+        native = arch == "native"
         arch = _check_cpu(arch)
-        if arch == PORTABLE_CPU.get(host_arch()):
+        mattr = _hidden_features(arch) if native else ()
+        if arch == PORTABLE_CPU.get(host_arch()) and not mattr:
             arch = ""  # the portable baseline spelled out is the plain target
     if kind == "cuda" and not (arch.startswith("sm_") and arch[3:].rstrip("a").isdigit()):
         raise TargetError(f"bad CUDA arch {arch!r}; expected e.g. sm_80 or sm_90")
     if kind == "rocm" and not arch.startswith("gfx"):
         raise TargetError(f"bad ROCm arch {arch!r}; expected e.g. gfx90a or gfx942")
-    return TargetSpec(kind, arch, _DEVICE[kind])
+    return TargetSpec(kind, arch, _DEVICE[kind], mattr)

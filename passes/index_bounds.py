@@ -149,11 +149,11 @@ def input_index_checks(graph: Graph) -> tuple[IndexCheck, ...]:
         lo = max(lo, 0)  # negative ids are refused, not wrapped
         check = IndexCheck(t.source.attrs.name, lo, hi, _describe_table(n, axis, size))
         old = found.get(check.input)
-        if old is not None:
-            table = old.table if old.hi <= check.hi else check.table
-            if old.lo != check.lo and (old.lo > check.lo) != (old.hi <= check.hi):
-                table = f"{old.table}; {check.table}"  # the two bounds come from different tables
-            check = IndexCheck(check.input, max(old.lo, check.lo), min(old.hi, check.hi), table)
+        if old is not None:  # intersect, naming the table(s) each end comes from
+            lo_from = old if old.lo >= check.lo else check
+            hi_from = old if old.hi <= check.hi else check
+            table = hi_from.table if lo_from.lo == hi_from.lo else f"{lo_from.table}; {hi_from.table}"
+            check = IndexCheck(check.input, lo_from.lo, hi_from.hi, table)
         found[check.input] = check
     order = [i.attrs.name for i in graph.inputs]
     return tuple(sorted(found.values(), key=lambda c: order.index(c.input) if c.input in order else len(order)))

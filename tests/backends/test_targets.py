@@ -41,10 +41,12 @@ def test_native_resolves_to_the_host_and_runs_here():
     spec = parse_target("llvm:native")
     assert spec.kind == "llvm" and spec.arch != "native"
     sec = spec.cpu_section()
-    # LLVM's view of the host CPU name may include extensions a VM hides; the ones numpy
-    # can detect must at least contain what numpy sees for the portable baseline
-    assert set(parse_target("llvm").cpu_section()["features"]) <= host_cpu_features()
+    # extensions LLVM credits the host's CPU name with but this (virtual) processor hides are
+    # switched off, so native code runs here, and the check agrees
+    assert set(sec["features"]) <= host_cpu_features()
+    assert set(parse_target("llvm").cpu_section()["features"]) <= set(sec["features"])
     assert sec["mcpu"] == spec.mcpu
+    check_host_cpu(sec, "here")
 
 
 def test_portable_section_passes_the_host_check_here():
@@ -68,3 +70,18 @@ def test_typo_gets_a_suggestion():
 def test_gpu_targets_have_no_cpu_section():
     assert parse_target("cuda").cpu_section() is None
     assert parse_target("rocm:gfx90a").cpu_section() is None
+
+
+def test_native_switches_off_what_the_processor_hides(monkeypatch):
+    """A VM may hide extensions its CPU model has: llvm:native must not use them."""
+    import llmc.runtime.cpu_features as cf
+
+    name = parse_target("llvm:native").mcpu
+    full = parse_target(f"llvm:{name}").cpu_section()["features"]
+    hidden = full[-1]  # pretend the processor lacks one of them
+    monkeypatch.setattr(cf, "host_cpu_features", lambda: frozenset(full) - {hidden})
+    spec = parse_target("llvm:native")
+    assert spec.mattr and all(m.startswith("-") for m in spec.mattr)
+    assert spec.tvm_target()["mattr"] == list(spec.mattr)
+    sec = spec.cpu_section()
+    assert hidden not in sec["features"] and set(sec["features"]) <= set(full)

@@ -71,6 +71,10 @@ def test_checks_on_one_input_intersect_and_name_the_binding_table():
     shifted = g.op(Op.ADD, ids, g.c(1, I64))  # small[ids + 1]: ids < 5
     graph = g.graph(g.add(take(g, big, ids), take(g, small, shifted)))
     assert input_index_checks(graph) == (IndexCheck("ids", 0, 5, "small (6 rows)"),)
+    # ends from two tables: ids - 2 must be a row of `small` (ids >= 2), ids a row of `tiny`
+    tiny = g.weight("tiny", (4, 4))
+    graph = g.graph(g.add(take(g, small, g.op(Op.SUB, ids, g.c(2, I64))), take(g, tiny, ids)))
+    assert input_index_checks(graph) == (IndexCheck("ids", 2, 4, "small (6 rows); tiny (4 rows)"),)
 
 
 def test_gather_and_index_axes():
@@ -254,6 +258,9 @@ def test_compiled_gpt2_refuses_seq_past_its_positions(compiled_gpt2):
     model, cm = compiled_gpt2
     assert {s["name"]: s["hi"] for s in cm.manifest["symbols"]}["seq"] == 256
     assert "seq bound lowered 512 -> 256: transformer.wpe.weight has 256 rows" in cm.report
+    # the checks survive the fusion pipeline (the manifest is built from the optimised graph)
+    (check,) = input_index_checks(cm.program.graph)
+    assert (check.input, check.lo, check.hi) == ("input_ids", 0, VOCAB)
     with pytest.raises(llmc.InputError, match="seq"):
         cm(input_ids=_ids(1, 300, 4).numpy())
 
@@ -275,3 +282,21 @@ def test_unfused_compile_lowers_the_bound_too():
     cm = compile_graph(positions_graph(ir.sym("s")), CompileOptions(fuse=False))
     assert {s["name"]: s["hi"] for s in cm.manifest["symbols"]}["s"] == 8
     assert "s bound lowered 16 -> 8" in cm.report
+
+
+def test_onnx_bert_seq_bound_from_its_position_buffer(tmp_path):
+    """An ONNX import takes the seq bound it is given (--seq-len 512): the pass brings it back
+    to the 64 positions the exported BERT has."""
+    pytest.importorskip("onnx")
+    from onnx_export import export_onnx
+
+    from llmc.compiler.frontend.onnx import from_onnx
+
+    path = str(tmp_path / "bert.onnx")
+    export_onnx("bert", "torchscript", path)
+    graph = from_onnx(path, dim_bounds={"batch": (1, 4), "seq": (1, 512)})
+    (check,) = input_index_checks(graph)
+    assert (check.input, check.lo, check.hi) == ("input_ids", 0, 128)
+    out, report = bound_symbols_by_tables(graph)
+    assert graph.symbols["seq"].hi == 512 and out.symbols["seq"].hi == 64, report
+    assert report.lines[0].startswith("seq bound lowered 512 -> 64: ")
