@@ -186,15 +186,15 @@ class _Converter:
     def run(self) -> Graph:
         self._read_initializers()
         self._read_inputs()
+        unknown = set(self.dim_bounds) - set(self._sym_names) - set(self.symbols) - set(POSITIONAL)
+        if unknown:
+            raise LLMCError(f"dim_bounds: unknown dims {sorted(unknown)} (the model's are {sorted(self._sym_names)})")
         if self._unbounded:
             dims = ", ".join(f"{p!r} (input {i!r} axis {a})" for p, (i, a) in self._unbounded.items())
             hint = " ".join(f"--dim {self._sym_names[p]}=LO:HI" for p in self._unbounded)
             raise LLMCError(f"no bounds for the symbolic dims {dims}: only axis 0 (batch) and axis 1 (seq) of an "
                             f"input take the batch/seq bounds by position; give the others explicitly, e.g. "
                             f"dim_bounds={{'NAME': (lo, hi)}} or `{hint}` on the command line")
-        unknown = set(self.dim_bounds) - set(self._sym_names) - set(self.symbols) - set(POSITIONAL)
-        if unknown:
-            raise LLMCError(f"dim_bounds: unknown dims {sorted(unknown)} (the model's are {sorted(self._sym_names)})")
         for proto in self._needed_nodes():
             self._convert(proto)
         outputs, names = [], []
