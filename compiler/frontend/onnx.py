@@ -39,7 +39,7 @@ from ..ir import Graph, Node, TensorType
 from ..ops import ArangeAttrs, AxisAttrs, ConstAttrs, FullAttrs, Op, ShapeAttrs
 from ..symbolic import Dim, SymDim, SymExpr
 from . import onnx_known as K
-from .onnx_context import NodeCtx, NodeInfo, Val, onnx_dtype, py_scalar, tensor_value
+from .onnx_context import NodeCtx, NodeInfo, SeqVal, Val, onnx_dtype, py_scalar, tensor_value
 
 MIN_OPSET, MAX_OPSET = 13, 25
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -305,7 +305,7 @@ class _Converter:
             if str(e).startswith(info.label):
                 raise
             raise type(e)(f"{info.label}: {e}") from e
-        outs = [outs] if isinstance(outs, Val) else list(outs)
+        outs = [outs] if isinstance(outs, (Val, SeqVal)) else list(outs)
         for i, oname in enumerate(proto.output):
             if not oname:
                 continue
@@ -317,6 +317,8 @@ class _Converter:
 
     # -- known values to IR --
     def materialize(self, v: Val, hint: str) -> Node:
+        if isinstance(v, SeqVal):
+            raise UnsupportedOpError(f"{hint!r} is a sequence; llmc models take and return tensors only")
         if v.node is None:
             v.node = self._const_node(v, v.name or hint)
         return v.node
