@@ -21,8 +21,10 @@ Each model is classified as
   (it does not accept its own test inputs), a raw Python exception, a crash (signal) or a
   hang (per-model timeout).
 
-Each model runs in its own subprocess (crash contained, timed out). The markdown table
-with the counts and the bug list goes to `--out`.
+Models run in worker subprocesses (-j of them, each checking models one after another so
+TVM starts once per worker); a crash kills only its worker, a model that passes `--timeout`
+is killed with it, and the next model gets a fresh worker. The markdown table with the
+counts and the bug list goes to `--out`.
 """
 from __future__ import annotations
 
@@ -32,8 +34,11 @@ import concurrent.futures as cf
 import glob
 import json
 import os
+import queue
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import traceback
 
@@ -158,23 +163,84 @@ def _exc(e: BaseException) -> str:
 
 
 # ---- the driver ---------------------------------------------------------------------------
+class Worker:
+    """A subprocess that checks models one after another (TVM's start-up cost is paid once);
+    a crash or a timeout kills it and the next model gets a fresh one."""
+
+    def __init__(self):
+        self.p = None
+
+    def _start(self) -> None:
+        self.err = tempfile.TemporaryFile()
+        self.p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=self.err, text=True, bufsize=1)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, args=(self.p.stdout, self.lines), daemon=True).start()
+
+    @staticmethod
+    def _read(stream, q: queue.Queue) -> None:
+        for line in stream:
+            q.put(line)
+        q.put(None)  # EOF: the worker died
+
+    def stop(self) -> None:
+        if self.p is not None:
+            self.p.kill()
+            self.p.wait()
+            self.p = None
+
+    def _stderr_tail(self) -> str:
+        self.err.seek(0)
+        lines = self.err.read().decode("utf-8", "replace").strip().splitlines()
+        return (lines or ["(no output)"])[-1][:300]
+
+    def check(self, path: str, timeout: float) -> dict:
+        if self.p is None:
+            self._start()
+        self.p.stdin.write(path + "\n")
+        self.p.stdin.flush()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                self.stop()
+                return {"status": "bug", "kind": "hang", "detail": f"no result within {timeout:g} s"}
+            if line is None:
+                self.p.wait()
+                r = {"status": "bug", "kind": "crash",
+                     "detail": f"worker exited with {self.p.returncode}: {self._stderr_tail()}"}
+                self.p = None
+                return r
+            if line.startswith("@@RESULT "):
+                return json.loads(line[len("@@RESULT "):])
+
+
+_workers = threading.local()  # one Worker per driver thread
+_all_workers: list[Worker] = []
+
+
 def run_case(case: tuple[str, str], timeout: float) -> dict:
     cid, path = case
     if not path:
         return {"case": cid, "status": "not shipped", "detail": "download-only model (no model.onnx in the wheel)", "s": 0}
+    if not hasattr(_workers, "w"):
+        _workers.w = Worker()
+        _all_workers.append(_workers.w)
     t0 = time.perf_counter()
-    try:
-        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", path],
-                           capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"case": cid, "status": "bug", "kind": "hang", "detail": f"no result within {timeout:g} s",
-                "s": time.perf_counter() - t0}
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("@@RESULT ")]
-    if p.returncode != 0 or not lines:
-        tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
-        return {"case": cid, "status": "bug", "kind": "crash", "s": time.perf_counter() - t0,
-                "detail": f"worker exited with {p.returncode}: {tail}"}
-    return {"case": cid, **json.loads(lines[-1][len("@@RESULT "):])}
+    r = _workers.w.check(path, timeout)
+    r.setdefault("s", time.perf_counter() - t0)
+    return {"case": cid, **r}
+
+
+def serve() -> None:
+    """Worker loop: model paths on stdin, one result line each on the original stdout (the
+    compile's own prints go to stderr so they cannot corrupt the protocol)."""
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    for line in sys.stdin:
+        out.write("@@RESULT " + json.dumps(run_one(line.strip())) + "\n")
 
 
 def write_markdown(results: list[dict], path: str, argv: str, wall_s: float) -> None:
@@ -214,22 +280,27 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*", default=None, help="case ids containing any of these substrings")
     ap.add_argument("--out", default="docs/onnx_backend_tests.md")
     ap.add_argument("--json", default=None, help="also write the raw results here")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    if a.worker:
-        print("@@RESULT " + json.dumps(run_one(a.worker)), flush=True)
+    if a.serve:
+        serve()
         return 0
     cases = discover(data_root())
     if a.only:
         cases = [c for c in cases if any(s in c[0] for s in a.only)]
     t0, results = time.perf_counter(), []
-    with cf.ThreadPoolExecutor(max(1, a.jobs)) as pool:
+    pool = cf.ThreadPoolExecutor(max(1, a.jobs))
+    try:
         futs = {pool.submit(run_case, c, a.timeout): c for c in cases}
         for k, fut in enumerate(cf.as_completed(futs), 1):
             r = fut.result()
             results.append(r)
             print(f"[{k}/{len(cases)}] {r['status']:<11} {r['s']:6.1f}s {r['case']}: "
                   f"{r.get('kind', '')} {r['detail'][:160]}", flush=True)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for w in _all_workers:
+            w.stop()
     results.sort(key=lambda r: r["case"])
     wall = time.perf_counter() - t0
     write_markdown(results, a.out, "python tools/onnx_backend_suite.py " + " ".join(argv or sys.argv[1:]), wall)

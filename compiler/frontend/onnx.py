@@ -39,7 +39,7 @@ from ..ir import Graph, Node, TensorType
 from ..ops import ArangeAttrs, AxisAttrs, ConstAttrs, FullAttrs, Op, ShapeAttrs
 from ..symbolic import Dim, SymDim, SymExpr
 from . import onnx_known as K
-from .onnx_context import NodeCtx, NodeInfo, Val, onnx_dtype, py_scalar, tensor_value
+from .onnx_context import NodeCtx, NodeInfo, SeqVal, Val, onnx_dtype, py_scalar, tensor_value
 
 MIN_OPSET, MAX_OPSET = 13, 25
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -186,15 +186,15 @@ class _Converter:
     def run(self) -> Graph:
         self._read_initializers()
         self._read_inputs()
+        unknown = set(self.dim_bounds) - set(self._sym_names) - set(self.symbols) - set(POSITIONAL)
+        if unknown:
+            raise LLMCError(f"dim_bounds: unknown dims {sorted(unknown)} (the model's are {sorted(self._sym_names)})")
         if self._unbounded:
             dims = ", ".join(f"{p!r} (input {i!r} axis {a})" for p, (i, a) in self._unbounded.items())
             hint = " ".join(f"--dim {self._sym_names[p]}=LO:HI" for p in self._unbounded)
             raise LLMCError(f"no bounds for the symbolic dims {dims}: only axis 0 (batch) and axis 1 (seq) of an "
                             f"input take the batch/seq bounds by position; give the others explicitly, e.g. "
                             f"dim_bounds={{'NAME': (lo, hi)}} or `{hint}` on the command line")
-        unknown = set(self.dim_bounds) - set(self._sym_names) - set(self.symbols) - set(POSITIONAL)
-        if unknown:
-            raise LLMCError(f"dim_bounds: unknown dims {sorted(unknown)} (the model's are {sorted(self._sym_names)})")
         for proto in self._needed_nodes():
             self._convert(proto)
         outputs, names = [], []
@@ -305,7 +305,7 @@ class _Converter:
             if str(e).startswith(info.label):
                 raise
             raise type(e)(f"{info.label}: {e}") from e
-        outs = [outs] if isinstance(outs, Val) else list(outs)
+        outs = [outs] if isinstance(outs, (Val, SeqVal)) else list(outs)
         for i, oname in enumerate(proto.output):
             if not oname:
                 continue
@@ -317,6 +317,8 @@ class _Converter:
 
     # -- known values to IR --
     def materialize(self, v: Val, hint: str) -> Node:
+        if isinstance(v, SeqVal):
+            raise UnsupportedOpError(f"{hint!r} is a sequence; llmc models take and return tensors only")
         if v.node is None:
             v.node = self._const_node(v, v.name or hint)
         return v.node

@@ -6,7 +6,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ...errors import LLMCError
+from ...errors import LLMCError, UnsupportedOpError
 from .. import ir
 from ..dtypes import DType
 from ..ir import Node, TensorType
@@ -61,6 +61,16 @@ class Val:
         return len(self.shape)
 
 
+class SeqVal:
+    """An ONNX sequence during import: a python list of tensor values. Sequences exist only
+    at import time (their length and positions must be known); the IR has no sequence type."""
+
+    __slots__ = ("items", "name")
+
+    def __init__(self, items: Sequence[Val]):
+        self.items, self.name = list(items), None
+
+
 @dataclass
 class NodeInfo:
     label: str  # "name (OpType)" for messages
@@ -95,6 +105,16 @@ class NodeCtx:
         v = self.cv.values.get(name)
         if v is None:
             raise LLMCError(f"input {i} ({name!r}) is not defined before this node")
+        if isinstance(v, SeqVal):
+            raise UnsupportedOpError(f"input {i} ({name!r}) is a sequence, where {self.op_type} takes a tensor")
+        return v
+
+    def seq(self, i: int) -> SeqVal:
+        """Input i as a sequence (an error for a tensor)."""
+        name = self.proto.input[i] if self.has(i) else ""
+        v = self.cv.values.get(name)
+        if not isinstance(v, SeqVal):
+            raise LLMCError(f"input {i} ({name!r}) must be a sequence")
         return v
 
     def vals(self) -> list[Val]:

@@ -375,4 +375,4 @@ def _flip(x: NodeCtx, v: Val, axis: int) -> Val:
     return x.apply(Op.TAKE, [v, x.const(np.arange(d - 1, -1, -1, dtype=np.int64), DType.I64)], AxisAttrs(axis))
 
 
-from . import onnx_rules_attention, onnx_rules_nn, onnx_rules_shape  # noqa: E402,F401  (register more rules)
+from . import onnx_rules_attention, onnx_rules_nn, onnx_rules_seq, onnx_rules_shape  # noqa: E402,F401  (register more rules)

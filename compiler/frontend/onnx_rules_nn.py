@@ -349,6 +349,27 @@ def _instance_norm(x: NodeCtx):
     return x.apply(Op.ADD, [y, _per_channel(x, x.val(2), v.rank)])
 
 
+@rule("LRN")
+def _lrn(x: NodeCtx):
+    """x / (bias + alpha / size * sum of x^2 over `size` neighbouring channels) ^ beta."""
+    v = x.val(0)
+    check_types(x, [v], logical=False)
+    size = x.attr_int("size")
+    if size is None or size < 1 or v.rank < 3:
+        raise LLMCError("LRN needs size >= 1 and an [N, C, ...] input")
+    c = v.shape[1]
+    if not isinstance(c, int):
+        raise UnsupportedOpError(f"LRN needs a static channel dim, got {c}")
+    alpha, beta, bias = x.attr_float("alpha", 1e-4), x.attr_float("beta", 0.75), x.attr_float("bias", 1.0)
+    lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2
+    sq = pad_axis(x, x.apply(Op.MUL, [v, v]), 1, lo, hi, _pad_value(v, 0))
+    idx = np.arange(c)[:, None] + np.arange(size)[None, :]  # [C, size] into the padded channels
+    win = x.apply(Op.TAKE, [sq, x.const(idx.astype(np.int64), DType.I64)], AxisAttrs(1))
+    total = x.apply(Op.SUM, [win], ReduceAttrs((2,), False))
+    base = x.apply(Op.ADD, [x.apply(Op.MUL, [total, scalar(x, alpha / size, v.dtype)]), scalar(x, bias, v.dtype)])
+    return x.apply(Op.DIV, [v, x.apply(Op.POW, [base, scalar(x, beta, v.dtype)])])
+
+
 # ---- activations --------------------------------------------------------------------------
 def _lt0(x: NodeCtx, v: Val) -> Val:
     return x.apply(Op.LT, [v, scalar(x, 0, v.dtype)])

@@ -85,6 +85,12 @@ def test_batch_norm_and_instance_norm():
     check(m, inputs, tol=1e-4)
 
 
+@pytest.mark.parametrize("size", [1, 3, 5])  # onnxruntime takes odd sizes only
+def test_lrn(size):
+    m, inputs = single("LRN", 1, {"size": size, "alpha": 0.2, "beta": 0.6, "bias": 1.5}, shapes=[["n", 5, 3, 2]])
+    check(m, inputs, tol=1e-5)
+
+
 @pytest.mark.parametrize("mode,pads", [("constant", [0, 1, 2, 0, 2, 1]), ("constant", [0, -1, 1, 0, 1, -1]),
                                        ("edge", [0, 2, 1, 0, 1, 2]), ("reflect", [0, 2, 1, 0, 1, 2]),
                                        ("wrap", [0, 1, 2, 0, 2, 1])])
