@@ -71,9 +71,9 @@ def _aliases(n: torch.fx.Node) -> bool:
 
 
 def _in_place(functional: Callable):
-    """An in-place op as its functional form, when nothing can observe the mutation: the
-    mutated tensor is not a view and no view or later node reads it (python's `x /= y`
-    rebinds x to the op's result, which is what later code then reads)."""
+    """An in-place op as its functional form. torch.export already points later reads of
+    the updated tensor at the in-place node; what it cannot redirect is a view of the
+    tensor, so an update of a view, or of a tensor some view reads, is refused."""
     def convert(cx, x, *args, **kwargs):
         me = cx.fx
         target = me.args[0]
