@@ -168,7 +168,7 @@ def _reshape(cx, x, *args, **kwargs):
     return _reshape_to_out(cx, x)
 
 
-@rule(aten.expand.default, aten.expand_copy.default)
+@rule(aten.expand.default, aten.expand_copy.default, aten.broadcast_to.default)
 def _expand(cx, x, size, *, implicit=False):
     shape = cx.out_shape()
     if tuple(x.shape) == tuple(shape):
@@ -536,3 +536,7 @@ def _autocast(cx, device_type, dtype, enabled, cache_enabled, submod, *args):
         raise cx.unsupported(f"autocast region enabled for {dtype} (mixed precision is not modelled)")
     return cx.inline(submod, args)
 
+
+
+# More rules (compositions of the ops above, in-place variants) register themselves into RULES.
+from . import aten_rules_composite  # noqa: E402,F401  pylint: disable=wrong-import-position,cyclic-import
