@@ -77,8 +77,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("rembert", _E, {"input_embedding_size": 32, "output_embedding_size": 32}),
     Family("convbert", _E), Family("layoutlm", _E), Family("nomic_bert", _E), Family("eurobert", _E),
     Family("esm", _E, {"pad_token_id": 1, "mask_token_id": 2}), Family("mobilebert", _E, {"embedding_size": 32}),
-    Family("squeezebert", _E), Family("funnel", _E), Family("ibert", _E), Family("luke", _E),
-    Family("xmod", _E), Family("big_bird", _E, {"attention_type": "original_full"}),
+    Family("squeezebert", _E, {"embedding_size": 64}),
+    Family("funnel", _E, {"block_sizes": [1, 1], "d_model": 64, "n_head": 4, "d_head": 16, "d_inner": 128}), Family("ibert", _E), Family("luke", _E),
+    Family("xmod", _E, {"languages": ["en_XX"], "default_language": "en_XX"}), Family("big_bird", _E, {"attention_type": "original_full"}),
 )
 BY_NAME = {f.model_type: f for f in FAMILIES}
 
@@ -113,6 +114,8 @@ def _build(fam: Family):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 model = auto.from_config(config, attn_implementation=impl)
+            if hasattr(model, "set_default_language"):  # X-MOD routes through per-language adapters
+                model.set_default_language(getattr(config, "default_language", None) or "en_XX")
             return model.eval().float(), impl
         except (ValueError, ImportError, NotImplementedError) as e:  # no SDPA for this family
             last = e

@@ -167,6 +167,12 @@ def _log1p(cx, x):
     return cx.node(Op.LOG, (cx.node(Op.ADD, (x, cx.scalar(1, x.dtype))),))
 
 
+@rule(aten.expm1.default)
+def _expm1(cx, x):
+    x = cx.cast(x, cx.out_dtype())
+    return cx.node(Op.SUB, (cx.node(Op.EXP, (x,)), cx.scalar(1, x.dtype)))
+
+
 @rule(aten.softplus.default)
 def _softplus(cx, x, beta=1, threshold=20):
     """log(1 + exp(beta x)) / beta, and x itself where beta x > threshold (torch's rule)."""
@@ -283,7 +289,7 @@ _INPLACE = {
     aten.fill_.Scalar: aten.fill.Scalar, aten.fill_.Tensor: aten.fill.Tensor, aten.zero_.default: aten.zero.default,
     aten.copy_.default: aten.copy.default, aten.tril_.default: aten.tril.default, aten.triu_.default: aten.triu.default,
     aten.floor_.default: aten.floor.default, aten.ceil_.default: aten.ceil.default, aten.log_.default: aten.log.default,
-    aten.erf_.default: aten.erf.default, aten.sin_.default: aten.sin.default, aten.cos_.default: aten.cos.default,
+    aten.erf_.default: aten.erf.default, aten.expm1_.default: aten.expm1.default, aten.sin_.default: aten.sin.default, aten.cos_.default: aten.cos.default,
 }
 for _inp, _oop in _INPLACE.items():
     if _oop in RULES:

@@ -226,6 +226,7 @@ OP_CASES = {  # name: (target whose rule must run, fn, input makers)
     "ceil": (aten.ceil.default, lambda x: torch.ceil(x * 3), (X,)),
     "trunc": (aten.trunc.default, lambda x: torch.trunc(x * 3), (X,)),
     "log1p": (aten.log1p.default, lambda x: torch.log1p(x.abs()), (X,)),
+    "expm1": (aten.expm1.default, lambda x: torch.expm1(x), (X,)),
     "softplus": (aten.softplus.default, lambda x: F.softplus(x * 15, beta=2, threshold=10), (X,)),
     "addcmul": (aten.addcmul.default, lambda x: torch.addcmul(x, x, x.flip(0), value=0.5), (X,)),
     "lerp": (aten.lerp.Scalar, lambda x: torch.lerp(x, x.flip(0), 0.3), (X,)),
