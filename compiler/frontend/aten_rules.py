@@ -168,7 +168,7 @@ def _reshape(cx, x, *args, **kwargs):
     return _reshape_to_out(cx, x)
 
 
-@rule(aten.expand.default, aten.expand_copy.default)
+@rule(aten.expand.default, aten.expand_copy.default, aten.broadcast_to.default)
 def _expand(cx, x, size, *, implicit=False):
     shape = cx.out_shape()
     if tuple(x.shape) == tuple(shape):
@@ -538,4 +538,7 @@ def _autocast(cx, device_type, dtype, enabled, cache_enabled, submod, *args):
 
 
 
-from . import aten_rules_moe  # noqa: E402,F401 - registers the top-k / routed-experts rules into RULES
+# More rules register themselves into RULES: compositions of the ops above and in-place
+# variants, then top-k routing and routed experts (mixture-of-experts).
+from . import aten_rules_composite  # noqa: E402,F401  pylint: disable=wrong-import-position,cyclic-import
+from . import aten_rules_moe  # noqa: E402,F401

@@ -9,6 +9,8 @@ mismatch), so a wrong rule fails at the node that is wrong.
 """
 from __future__ import annotations
 
+import itertools
+import operator
 from typing import Any
 
 import numpy as np
@@ -17,6 +19,8 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ConstantArgument, InputKind, OutputKind, TensorArgument
 from torch.utils import _pytree as pytree
+from torch.utils._sympy.functions import Max as _TorchMax
+from torch.utils._sympy.functions import Min as _TorchMin
 
 from ...errors import LLMCError, UnsupportedOpError
 from ..dtypes import DType
@@ -26,6 +30,16 @@ from ..symbolic import Dim as IRDim
 from ..symbolic import SymDim, SymExpr
 from .aten_rules import RULES, TORCH_DTYPES
 
+_VIEW_OPS = frozenset({  # ops whose result shares its input's storage
+    torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.reshape.default,
+    torch.ops.aten.slice.Tensor, torch.ops.aten.select.int, torch.ops.aten.transpose.int,
+    torch.ops.aten.permute.default, torch.ops.aten.expand.default, torch.ops.aten.unsqueeze.default,
+    torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims, torch.ops.aten.squeeze.default,
+    torch.ops.aten.t.default, torch.ops.aten.alias.default, torch.ops.aten.detach.default,
+    torch.ops.aten.narrow.default, torch.ops.aten.flatten.using_ints, torch.ops.aten.unflatten.int,
+    torch.ops.aten.split.Tensor, torch.ops.aten.chunk.default, torch.ops.aten.unbind.int, operator.getitem,
+    torch.ops.aten.as_strided.default, torch.ops.aten.diagonal.default, torch.ops.aten.movedim.int,
+})
 _UNBOUNDED_HI = 4096  # upper bound used when torch leaves a dim unbounded
 
 
@@ -152,6 +166,22 @@ class Converter:
             value = int(v)
         return self.node(Op.CONST, (), ConstAttrs(value, dtype))
 
+    def rebind(self, mutated: torch.fx.Node, value: Node) -> None:
+        """After an in-place op on `mutated`, later readers of it see `value`.
+
+        torch.export already points later readers of `mutated` itself at the op's result;
+        readers of other views of the same storage would see the write too, which is not
+        modelled, so that is refused when any of them is read after this node."""
+        if not isinstance(mutated, torch.fx.Node):
+            raise self.unsupported("in-place op on a non-tensor")
+        order = {n: i for i, n in enumerate(self.fx.graph.nodes)}
+        here = order.get(self.fx, -1)
+        for a in _aliases(mutated) - {mutated}:
+            if any(order.get(u, -1) > here for u in a.users if u is not self.fx):
+                raise self.unsupported(f"in-place write to a tensor whose storage is also read through "
+                                       f"'{a.name}' later (aliasing is not modelled)")
+        self.env[mutated] = value
+
     def unsupported(self, reason: str = "") -> UnsupportedOpError:
         msg = f"unsupported op {self.describe(self.fx)}"
         return UnsupportedOpError(f"{msg}: {reason}" if reason else msg)
@@ -197,7 +227,24 @@ class Converter:
             for _ in range(int(e.exp)):
                 acc = base * acc
             return acc
+        is_max, is_min = isinstance(e, (sympy.Max, _TorchMax)), isinstance(e, (sympy.Min, _TorchMin))
+        if is_max or is_min:  # max(0, n - q), say: fine when one side always wins
+            for a in e.args:
+                others = [b for b in e.args if b is not a]
+                if all(self._always_ge(a, b) if is_max else self._always_ge(b, a) for b in others):
+                    return self._poly(a)
         raise self.unsupported(f"symbolic size {e} is not a polynomial in the input dims")
+
+    def _always_ge(self, a, b) -> bool:
+        """a >= b over the whole box of the input dims' bounds (checked exactly for linear a - b)."""
+        d = sympy.expand(a - b)
+        syms = sorted(d.free_symbols, key=str)
+        if not syms:
+            return bool(d >= 0)
+        if any(s not in self.sym_names for s in syms) or sympy.Poly(d, *syms).total_degree() > 1:
+            return False
+        ranges = [(self.symbols[self.sym_names[s]].lo, self.symbols[self.sym_names[s]].hi) for s in syms]
+        return all(bool(d.subs(dict(zip(syms, corner))) >= 0) for corner in itertools.product(*ranges))
 
     def shape_of(self, v) -> tuple[IRDim, ...]:
         return tuple(self.dim(d) for d in v.shape)
@@ -275,11 +322,16 @@ class Converter:
         """Convert the nodes of gm's graph that `roots` depend on; return `result` mapped."""
         needed: set[torch.fx.Node] = set()
         stack = list(roots)
+        mutations = [n for n in gm.graph.nodes if _mutates(n)]
         while stack:
-            n = stack.pop()
-            if n not in needed and n not in self.env:
-                needed.add(n)
-                stack.extend(n.all_input_nodes)
+            while stack:
+                n = stack.pop()
+                if n not in needed and n not in self.env:
+                    needed.add(n)
+                    stack.extend(n.all_input_nodes)
+            # an in-place op on (a view of) a needed tensor is needed too, though no output
+            # depends on its result node: the write is visible through the other views
+            stack = [m for m in mutations if m not in needed and _aliases(m.args[0]) & needed]
         for n in gm.graph.nodes:
             if n not in needed:
                 continue
@@ -352,6 +404,30 @@ class Converter:
         if len(trace) >= 2:
             text += f"; at {trace[-2].strip()}: {trace[-1].strip()}"
         return text
+
+
+def _mutates(n: torch.fx.Node) -> bool:
+    """An in-place ATen op (add_, copy_, ...) whose first argument is the mutated tensor."""
+    t = n.target
+    return (n.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable
+            and bool(n.args) and isinstance(n.args[0], torch.fx.Node))
+
+
+def _aliases(n) -> set:
+    """The FX nodes sharing n's storage: its base (through view ops) and all views of that."""
+    if not isinstance(n, torch.fx.Node):
+        return set()
+    base = n
+    while base.op == "call_function" and base.target in _VIEW_OPS and base.args \
+            and isinstance(base.args[0], torch.fx.Node):
+        base = base.args[0]
+    out, stack = set(), [base]
+    while stack:
+        a = stack.pop()
+        if a not in out:
+            out.add(a)
+            stack.extend(u for u in a.users if u.op == "call_function" and u.target in _VIEW_OPS)
+    return out
 
 
 def _int_or(v, default: int) -> int:
