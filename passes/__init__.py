@@ -1,6 +1,7 @@
 """llmc.passes: Graph -> Graph rewrites, one concern per module, and the pipeline driver.
 
 pattern / rewrite    the pattern language and the (pattern, replacement) rule driver
+index_bounds         input index ranges (input_index_checks); symbol bounds lowered to fit tables
 simplify             identity ops, layout/cast chains, constants, pre-transposed weights, CSE
 fuse_norms           spelled-out RMSNorm / LayerNorm -> RMS_NORM / LAYER_NORM
 fuse_activations     spelled-out GELU (erf, tanh) / SiLU -> GELU / SILU
