@@ -303,7 +303,9 @@ def main(argv=None) -> int:
             w.stop()
     results.sort(key=lambda r: r["case"])
     wall = time.perf_counter() - t0
-    write_markdown(results, a.out, "python tools/onnx_backend_suite.py " + " ".join(argv or sys.argv[1:]), wall)
+    cmd = f"python tools/onnx_backend_suite.py -j {a.jobs} --timeout {a.timeout:g}"  # no local paths in the doc
+    cmd += (" --only " + " ".join(a.only)) if a.only else ""
+    write_markdown(results, a.out, cmd, wall)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

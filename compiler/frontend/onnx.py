@@ -202,6 +202,9 @@ class _Converter:
             v = self.values.get(o.name)
             if v is None:
                 raise LLMCError(f"graph output {o.name!r} is not produced by any node")
+            if isinstance(v, Val) and v.node is None and v.known is not None and v.known.ndim == 0 \
+                    and not K.has_symbols(v.known):  # a scalar CONST is an immediate, not a buffer: FULL is computed
+                v.node = ir.node(Op.FULL, (), FullAttrs((), py_scalar(v.known), v.dtype), where=o.name)
             outputs.append(self.materialize(v, o.name))
             names.append(o.name)
         return Graph(tuple(self.inputs), tuple(outputs), dict(self.params), dict(self.symbols), tuple(names))

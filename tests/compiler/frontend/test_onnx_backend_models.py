@@ -55,6 +55,7 @@ SAMPLE = [
     "pytorch-operator/test_operator_symbolic_override_nested", "pytorch-operator/test_operator_view",
 ]
 COMPILED = ["pytorch-operator/test_operator_addconstant",  # float64
+            "simple/test_sequence_model6",  # a constant (scalar) graph output
             "pytorch-converted/test_Conv2d_depthwise_strided", "pytorch-converted/test_MaxPool1d_stride_padding_dilation"]
 
 
