@@ -82,6 +82,9 @@ def _routed_matmul(ctx: LowerCtx, node: Node, ins: Sequence[te.Tensor]) -> te.Te
         wv = w(e, col, c.var) if nk else w(e, c.var, col)
         return te.sum(cast(x(*lead, c.var), acc) * cast(wv, acc), axis=c)
 
+    # Not named matmul_acc: the GEMM schedule packs one B panel shared by every row, but here
+    # each row has its own B. The CPU scheduler's per-block strategy runs rows x N in
+    # parallel with scalar dot products (vector lanes over K are left to a later schedule).
     out = _compute(ctx, node, f, "routed_matmul_acc")
     if acc == odt:
         return out
