@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -82,6 +83,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("xmod", _E, {"languages": ["en_XX"], "default_language": "en_XX"}), Family("big_bird", _E, {"attention_type": "original_full"}),
 )
 BY_NAME = {f.model_type: f for f in FAMILIES}
+ORDER = {f.model_type: i for i, f in enumerate(FAMILIES)}
 
 
 # ---- one family, in a child process ------------------------------------------------------------
@@ -245,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=900, help="seconds per family (default 900)")
     ap.add_argument("--out", type=Path, default=None, help=f"table file (default: {TABLE.relative_to(ROOT)} "
                     "when all families run, else none)")
-    ap.add_argument("--json", type=Path, default=None, help="also write the raw results as JSON")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="a JSON-lines file: each result is appended as it finishes, and families already "
+                    "in it are not run again (resume an interrupted run; delete the file to start afresh)")
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(run_one(args.child)), flush=True)
@@ -255,15 +259,27 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown families {unknown}; known: {', '.join(BY_NAME)}")
 
+    done: dict[str, dict] = {}
+    if args.results and args.results.exists():
+        for line in args.results.read_text().splitlines():
+            r = json.loads(line)
+            done[r["family"]] = r
+    lock = threading.Lock()
+
     def one(name: str) -> dict:
+        if name in done:
+            return done[name]
         r = _run_child(name, args.timeout)
+        if args.results:
+            with lock, args.results.open("a") as f:
+                f.write(json.dumps(r) + "\n")
         err = f" {r['max_err']:.1e}" if "max_err" in r else ""
         print(f"[{r['status']:>11}] {name}{err} {_cell(r.get('detail', ''), 140)}", flush=True)
         return r
 
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         results = list(pool.map(one, names))
-    text = table(results)
+    text = table(sorted(results, key=lambda r: ORDER[r["family"]]))
     out = args.out or (TABLE if not args.families else None)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -271,8 +287,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {out}")
     else:
         print(text)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
     works = sum(r["status"] == "works" for r in results)
     print(f"{works} of {len(results)} families match torch at {TOL:g}")
     return 0
