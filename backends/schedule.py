@@ -175,11 +175,33 @@ def _rfactor_lanes(sch, block, lanes: int):
     return sch.rfactor(ki, factor_axis=_n_spatial(sch, block))
 
 
+def _binds_reduction(sch, block, loop) -> bool:
+    """Whether `loop`'s variable feeds one of `block`'s reduction iterators."""
+    var = sch.get(loop).loop_var
+    target = sch.get(block)
+
+    def find(stmt):
+        if isinstance(stmt, s_tir.SBlockRealize):
+            return stmt if stmt.block.same_as(target) else find(stmt.block.body)
+        if isinstance(stmt, tirx.SeqStmt):
+            return next((r for r in map(find, stmt.seq) if r is not None), None)
+        body = getattr(stmt, "body", None)
+        return find(body) if body is not None else None
+
+    realize = find(sch.get(loop))
+    if realize is None:
+        raise ValueError("rfactor block not under its loop")
+    return any(int(iv.iter_type) != 0 and any(v.same_as(var) for v in tirx.analysis.undefined_vars(value))
+               for iv, value in zip(realize.block.iter_vars, realize.iter_values))
+
+
 def _vectorize_rfactor(sch, rf, lanes: int) -> None:
     """rf block under its row: loops (.., ko reduce, ki lanes) -> vectorize ki, init vectorized."""
     loops = sch.get_loops(rf)
     ko, ki = loops[-2], loops[-1]
-    if _extent(sch, ki) != lanes:
+    # compute_at may regenerate the loops lanes-first; tell them apart by what they bind (their
+    # extents are equal when the row is lanes * lanes long)
+    if _binds_reduction(sch, rf, ki):
         ko, ki = ki, ko
         sch.reorder(ko, ki)
     sch.vectorize(ki)

@@ -418,16 +418,24 @@ def _aliases(n) -> set:
     if not isinstance(n, torch.fx.Node):
         return set()
     base = n
-    while base.op == "call_function" and base.target in _VIEW_OPS and base.args \
-            and isinstance(base.args[0], torch.fx.Node):
+    while _is_view(base):
         base = base.args[0]
     out, stack = set(), [base]
     while stack:
         a = stack.pop()
         if a not in out:
             out.add(a)
-            stack.extend(u for u in a.users if u.op == "call_function" and u.target in _VIEW_OPS)
+            stack.extend(u for u in a.users if _is_view(u))
     return out
+
+
+def _is_view(n) -> bool:
+    """n's result shares its first argument's storage. A getitem is a view only of a view
+    op's results (split, chunk, unbind): the outputs of topk, sort or max.dim are separate
+    tensors."""
+    if not (n.op == "call_function" and n.target in _VIEW_OPS and n.args and isinstance(n.args[0], torch.fx.Node)):
+        return False
+    return n.target is not operator.getitem or n.args[0].target in _VIEW_OPS
 
 
 def _int_or(v, default: int) -> int:

@@ -3,12 +3,9 @@ this host's processor refuse to load there with ArtifactError instead of dying w
 
 The older processor is qemu-user's emulated Haswell (AVX2 + FMA, no AVX-512): the test
 compiles a tiny model, then runs a small script under `qemu-x86_64 -cpu Haswell python` that
-loads the artifact with llmc's runtime and compares with the output computed here. Until
-the loader itself checks the manifest's `cpu` section, the script calls
-`llmc.runtime.cpu_features.check_host_cpu` before loading (the section is taken from the
-manifest when present, else from a file written next to the artifact).
+loads the artifact with `llmc.load` (which checks the manifest's `cpu` section against the
+processor before any kernel is loaded) and compares with the output computed here.
 """
-import json
 import os
 import platform
 import shutil
@@ -31,22 +28,18 @@ pytestmark = [
 ]
 
 SCRIPT = textwrap.dedent('''
-    import json, pathlib, sys, time
+    import sys, time
     t0 = time.perf_counter()
     import numpy as np
     import llmc
-    from llmc.runtime.cpu_features import check_host_cpu
 
-    art, data, cpu_file = sys.argv[1:4]
-    manifest = json.loads((pathlib.Path(art) / "manifest.json").read_text())
-    section = manifest.get("cpu") or json.loads(pathlib.Path(cpu_file).read_text())
+    art, data = sys.argv[1:3]
     try:
-        check_host_cpu(section, art)
+        model = llmc.load(art)  # the loader checks the manifest's cpu section first
     except llmc.ArtifactError as e:
         print("ArtifactError:", e)
         sys.exit(3)
     d = np.load(data)
-    model = llmc.load(art)
     got = model(d["ids"], d["x"])[0]
     print(f"max_abs_err {float(np.abs(got - d['y']).max()):.3e} in {time.perf_counter() - t0:.1f}s")
 ''')
@@ -73,11 +66,8 @@ def tiny_graph(seed: int = 0) -> Graph:
 
 def _build(tmp_path, target: str):
     from llmc.api import CompileOptions, compile_graph
-    from llmc.backends.targets import parse_target
-
     cm = compile_graph(tiny_graph(), CompileOptions(target=target))
     art = cm.export(tmp_path / "model.llmc")
-    (tmp_path / "cpu.json").write_text(json.dumps(parse_target(target).cpu_section()))
     rng = np.random.default_rng(1)
     ids, x = rng.integers(0, 50, (2, 7)), rng.standard_normal((2, 7, 16)).astype(np.float32)
     np.savez(tmp_path / "data.npz", ids=ids, x=x, y=cm(ids, x)[0])  # the in-process reference
@@ -89,7 +79,7 @@ def _run_under_haswell(tmp_path, art) -> tuple[subprocess.CompletedProcess, floa
     env = dict(os.environ, TVM_USE_RUNTIME_LIB="1")  # the lean runtime-only TVM, as a serving host has
     t = time.perf_counter()
     proc = subprocess.run([QEMU, "-cpu", "Haswell", sys.executable, str(tmp_path / "run.py"), str(art),
-                           str(tmp_path / "data.npz"), str(tmp_path / "cpu.json")],
+                           str(tmp_path / "data.npz")],
                           capture_output=True, text=True, timeout=600, env=env)
     return proc, time.perf_counter() - t
 
@@ -110,7 +100,7 @@ def test_emulated_haswell_lacks_avx512():
 
 def test_default_target_runs_on_haswell(tmp_path):
     cm, art = _build(tmp_path, "llvm")
-    assert cm.manifest["target"] == "llvm"
+    assert cm.manifest["target"]["name"] == "llvm"
     proc, wall = _run_under_haswell(tmp_path, art)
     print(f"\nportable artifact under qemu-x86_64 -cpu Haswell: {wall:.1f}s wall; {proc.stdout.strip()}")
     assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr[-2000:])
@@ -124,7 +114,7 @@ def test_native_target_is_refused_on_haswell_not_sigill(tmp_path):
     if not any(f.startswith("AVX512") for f in host_cpu_features()):
         pytest.skip("this host has no AVX-512, so llvm:native builds nothing Haswell lacks")
     cm, art = _build(tmp_path, "llvm:native")
-    assert cm.manifest["target"].startswith("llvm:") and cm.manifest["target"] != "llvm:x86-64-v3"
+    assert cm.manifest["target"]["name"].startswith("llvm:") and cm.manifest["target"]["name"] != "llvm:x86-64-v3"
     proc, wall = _run_under_haswell(tmp_path, art)
     print(f"\nnative artifact under qemu-x86_64 -cpu Haswell: {wall:.1f}s wall; {proc.stdout.strip()}")
     assert proc.returncode == 3, (proc.returncode, proc.stdout, proc.stderr[-2000:])  # not -4 / 132 (SIGILL)

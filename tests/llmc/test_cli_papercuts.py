@@ -82,7 +82,7 @@ def test_run_checks_the_output_path_before_running(artifact, workdir):
 
 def test_run_uses_the_artifact_device(artifact, tmp_path):
     assert artifact_device(str(artifact)) == "cpu"
-    (tmp_path / "manifest.json").write_text('{"device": "cuda"}')
+    (tmp_path / "manifest.json").write_text('{"target": {"device": "cuda"}}')
     assert artifact_device(str(tmp_path)) == "cuda"
     fifo = tmp_path / "fifo"
     fifo.mkdir()

@@ -9,6 +9,7 @@ import torch
 import llmc
 from llmc.backends.artifact import weights_of
 from llmc.runtime.executor import Executor
+from llmc.runtime.manifest import Manifest
 
 BOUNDS = {"batch": (1, 4), "seq": (1, 32)}
 SHAPES = [(1, 1), (2, 1), (1, 3), (2, 7), (2, 16)]  # (1, 1), (2, 1): decode-sized
@@ -107,7 +108,7 @@ def test_decode_reads_only_the_chosen_experts(compiled):
             others = [e for e in range(w.shape[0]) if e not in chosen]
             w[others] = np.nan
             weights[f"{path}.{proj}"] = w
-    poisoned = Executor(cm.manifest, cm.executable.mod, weights, cm.manifest["device"])
+    poisoned = Executor(Manifest.from_json(cm.manifest, "test"), cm.executable.mod, weights, "cpu")
     got = poisoned(**{k: v.numpy() for k, v in kw.items()})[0]
     with torch.no_grad():
         ref = model(**kw, use_cache=False).logits.numpy()

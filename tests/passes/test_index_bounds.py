@@ -256,7 +256,7 @@ def test_compiled_gpt2_refuses_seq_past_its_positions(compiled_gpt2):
     import llmc
 
     model, cm = compiled_gpt2
-    assert {s["name"]: s["hi"] for s in cm.manifest["symbols"]}["seq"] == 256
+    assert {s["name"]: s["hi"] for s in cm.manifest["program"]["symbols"]}["seq"] == 256
     assert "seq bound lowered 512 -> 256: transformer.wpe.weight has 256 rows" in cm.report
     # the checks survive the fusion pipeline (the manifest is built from the optimised graph)
     (check,) = input_index_checks(cm.program.graph)
@@ -280,7 +280,7 @@ def test_unfused_compile_lowers_the_bound_too():
     from llmc.api import CompileOptions, compile_graph
 
     cm = compile_graph(positions_graph(ir.sym("s")), CompileOptions(fuse=False))
-    assert {s["name"]: s["hi"] for s in cm.manifest["symbols"]}["s"] == 8
+    assert {s["name"]: s["hi"] for s in cm.manifest["program"]["symbols"]}["s"] == 8
     assert "s bound lowered 16 -> 8" in cm.report
 
 

@@ -114,9 +114,14 @@ def test_dim_bounds_override_the_defaults():
         from_torch(torch.nn.Linear(4, 4), (torch.randn(2, 3, 4),), dim_bounds={"tokens": (1, 100)})
 
 
-def test_example_dims_of_size_one_are_rejected_clearly():
-    with pytest.raises(LLMCError, match="batch >= 2"):
-        from_torch(torch.nn.Linear(4, 4), (torch.randn(1, 3, 4),))
+def test_example_dims_of_size_one_stay_symbolic():
+    graph = from_torch(torch.nn.Linear(4, 4), (torch.randn(1, 1, 4),))
+    assert [str(d) for d in graph.inputs[0].shape[:2]] == ["batch", "seq"]
+
+
+def test_example_dims_of_size_zero_are_rejected_clearly():
+    with pytest.raises(LLMCError, match="size 0|size 0/1|>= 1|empty"):
+        from_torch(torch.nn.Linear(4, 4), (torch.randn(0, 3, 4),))
 
 
 def test_bounds_narrowed_to_what_the_model_supports():
