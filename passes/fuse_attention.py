@@ -26,6 +26,7 @@ from .rewrite import Rule, rewrite
 from .report import PassReport
 
 NEG_LARGE = -1e4  # fill values at or below this mask a score out (exp underflows to 0)
+ABSORBING_FILL = -1e30  # score + this == this in f32 for |score| < 3e22, and finite even scaled by 1e8
 
 
 # ---- softmax -------------------------------------------------------------------------
@@ -70,15 +71,17 @@ def _peel_scale(n: Node, m: Match) -> tuple[Node, float, list[Node]]:
 
 
 def _absorbs(fill: float, dtype: DType) -> bool:
-    """A finite fill so large that score + fill == fill in f32 for any |score| < 1e23.
+    """A finite fill so large that score + fill == fill in f32 for any |score| < 3e22.
 
     where(mask, s, fill) with a finite fill (torch.finfo.min) differs from a boolean mask in
     a row that is masked everywhere: softmax of equal fills is uniform (the mean of v), while
     ATTENTION's boolean mask gives 0 there (the -inf spelling's guarded result). DeBERTa masks
-    padded query rows like that. Such a fill becomes the additive mask where(mask, 0, fill):
-    exact, since s + fill rounds to fill. Other finite fills keep the boolean mask (exact in
-    every row that keeps at least one key)."""
-    return dtype is DType.F32 and math.isfinite(fill) and fill <= -1e30
+    padded query rows like that. Such a fill becomes an additive mask, where(mask, 0,
+    ABSORBING_FILL): exact, since s + ABSORBING_FILL rounds to it. Other finite fills keep the
+    boolean mask (exact in every row that keeps at least one key). The additive mask holds ABSORBING_FILL, not the
+    fill itself: finfo.min would overflow to -inf where a backend rescales the mask (the CUDA
+    kernel adds mask / scale to the unscaled scores) and bring back the all -inf row."""
+    return dtype is DType.F32 and math.isfinite(fill) and fill <= ABSORBING_FILL
 
 
 def _decompose(n: Node, m: Match, depth: int = 0):
@@ -154,10 +157,10 @@ def _combine_masks(masks, m: Match, dtype) -> Node | None:
     for kind, mk, factor in masks:
         node = m.new(mk)
         if isinstance(kind, tuple):  # ("fill", keep, value): where(mask, 0, value) added to the scores
-            _, keep, fill = kind
-            if factor != 1.0:  # a scale after the fill could overflow it to -inf
+            _, keep, _fill = kind
+            if factor != 1.0:  # a scale after the fill: not this spelling
                 return None
-            zero, big = (m.make(Op.CONST, [], ConstAttrs(x, dtype)) for x in (0.0, fill))
+            zero, big = (m.make(Op.CONST, [], ConstAttrs(x, dtype)) for x in (0.0, ABSORBING_FILL))
             out.append(m.make(Op.WHERE, [node, zero, big] if keep else [node, big, zero]))
             continue
         if kind == "not":
