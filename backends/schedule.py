@@ -301,6 +301,57 @@ def _b_operand_index(sch, acc) -> int | None:
     return None
 
 
+def _same_extent(a, b) -> bool:
+    """Two extents that are the same constant or the same symbol (enough for a fuse check)."""
+    if isinstance(a, tirx.IntImm) and isinstance(b, tirx.IntImm):
+        return int(a.value) == int(b.value)
+    return isinstance(a, tirx.Var) and isinstance(b, tirx.Var) and a.same_as(b)
+
+
+def _fused_vars(expr, extents: dict) -> list | None:
+    """The iteration variables whose row-major fuse `expr` is (v, or f * E_v + v with E_v
+    the extent of v, recursively), or None for any other index."""
+    if isinstance(expr, tirx.Var):
+        return [expr] if expr in extents else None
+    if isinstance(expr, tirx.Add) and isinstance(expr.b, tirx.Var) and expr.b in extents \
+            and isinstance(expr.a, tirx.Mul):
+        if _same_extent(expr.a.b, extents[expr.b]):
+            head = _fused_vars(expr.a.a, extents)
+            return None if head is None else head + [expr.b]
+    return None
+
+
+def _check_tile_exact(sch, block, tiled: set[str], acc_buf: str, n_batch: int) -> None:
+    """Refuse to compute `block` tile by tile unless each tiled buffer it reads maps its
+    iteration box onto the tile exactly.
+
+    reverse_compute_at gives the epilogue the bounding box of the points that read the
+    tile; for any other index map (a head split: acc[r // 12, r % 12 * 16 + c]) that box
+    spills over points of other tiles, which read accumulator values that another
+    parallel task has not written yet: a race, silently wrong with more than one thread
+    (bloom's and persimmon's QKV projection + head split were). Exact maps: every index a
+    distinct iteration variable, except the accumulator's batch indices (one value per
+    tile), which may also be a row-major fuse of distinct variables (b * heads + h)."""
+    blk = sch.get(block)
+    extents = {iv.var: iv.dom.extent for iv in blk.iter_vars}
+    for region in blk.reads:
+        name = region.source.name
+        if name not in tiled:
+            continue
+        used: list = []
+        for d, r in enumerate(region.region):
+            single = isinstance(r.extent, tirx.IntImm) and int(r.extent) == 1
+            vs = _fused_vars(r.min, extents) if single else None
+            if vs is not None and len(vs) > 1 and not (name == acc_buf and d < n_batch):
+                vs = None
+            if vs is None:
+                raise ValueError(f"matmul: epilogue {_name(sch, block)} reads {name} at "
+                                 f"{[x.min for x in region.region]}, not a tile-exact region")
+            used += vs
+        if len(set(map(str, used))) != len(used):  # iteration variable names are unique in a block
+            raise ValueError(f"matmul: epilogue {_name(sch, block)} reads {name} with a repeated variable")
+
+
 def schedule_matmul(sch, info: CpuInfo, mt: int = MATMUL_ROW_TILE, nt: int | None = None,
                     mc: int = MATMUL_ROW_BLOCK, pack_b: bool = True, fuse_epilogue: bool = True) -> None:
     acc = _find(sch, "matmul_acc")
@@ -338,9 +389,13 @@ def schedule_matmul(sch, info: CpuInfo, mt: int = MATMUL_ROW_TILE, nt: int | Non
         sch.reorder(*bl, jo, mo, io, k, ii, ji)
     outer = sch.fuse(*bl, jo, mo)
     flat = not bl
+    acc_buf = sch.get(acc).writes[0].source.name
+    tiled = {acc_buf}  # buffers computed tile by tile: the accumulator, then the fused epilogues
     for e in epilogue if fuse_epilogue else []:
         if flat:  # the epilogue reads acc[flatten(b, s), n]: flatten its iteration space to match
             _flatten_rows(sch, e)
+        _check_tile_exact(sch, e, tiled, acc_buf, len(bl))
+        tiled.update(w.source.name for w in sch.get(e).writes)
         sch.reverse_compute_at(e, outer, preserve_unit_loops=False)
         # an epilogue indexed differently (e.g. a head split) gets a symbolic bounding box
         # per tile: wrong work and very slow to compile, so that is left to the next strategy

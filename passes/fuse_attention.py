@@ -26,6 +26,7 @@ from .rewrite import Rule, rewrite
 from .report import PassReport
 
 NEG_LARGE = -1e4  # fill values at or below this mask a score out (exp underflows to 0)
+ABSORBING_FILL = -1e30  # score + this == this in f32 for |score| < 3e22, and finite even scaled by 1e8
 
 
 # ---- softmax -------------------------------------------------------------------------
@@ -69,6 +70,20 @@ def _peel_scale(n: Node, m: Match) -> tuple[Node, float, list[Node]]:
         return n, scale, inner
 
 
+def _absorbs(fill: float, dtype: DType) -> bool:
+    """A finite fill so large that score + fill == fill in f32 for any |score| < 3e22.
+
+    where(mask, s, fill) with a finite fill (torch.finfo.min) differs from a boolean mask in
+    a row that is masked everywhere: softmax of equal fills is uniform (the mean of v), while
+    ATTENTION's boolean mask gives 0 there (the -inf spelling's guarded result). DeBERTa masks
+    padded query rows like that. Such a fill becomes an additive mask, where(mask, 0,
+    ABSORBING_FILL): exact, since s + ABSORBING_FILL rounds to it. Other finite fills keep the
+    boolean mask (exact in every row that keeps at least one key). The additive mask holds ABSORBING_FILL, not the
+    fill itself: finfo.min would overflow to -inf where a backend rescales the mask (the CUDA
+    kernel adds mask / scale to the unscaled scores) and bring back the all -inf row."""
+    return dtype is DType.F32 and math.isfinite(fill) and fill <= ABSORBING_FILL
+
+
 def _decompose(n: Node, m: Match, depth: int = 0):
     """logits -> (q, k^T, scale, [(kind, mask, factor)], interior nodes) or None."""
     if depth > 4:
@@ -96,7 +111,8 @@ def _decompose(n: Node, m: Match, depth: int = 0):
             r = _decompose(scores, m, depth + 1)
             if r is not None:
                 q, kt, sc, masks, interior = r
-                masks = [(k, mk, f * s) for k, mk, f in masks] + [("bool" if keep else "not", c, s)]
+                kind = ("fill", keep, v) if _absorbs(v, base.dtype) else ("bool" if keep else "not")
+                masks = [(k, mk, f * s) for k, mk, f in masks] + [(kind, c, s)]
                 return q, kt, sc * s, masks, inner + [base] + interior
     return None
 
@@ -137,15 +153,23 @@ def _keys(kt: Node, m: Match) -> tuple[Node, float]:
 def _combine_masks(masks, m: Match, dtype) -> Node | None:
     out: list[Node] = []
     kinds = {k for k, _, _ in masks}
+    additive = any(k == "add" or isinstance(k, tuple) for k in kinds)
     for kind, mk, factor in masks:
         node = m.new(mk)
+        if isinstance(kind, tuple):  # ("fill", keep, value): where(mask, 0, value) added to the scores
+            _, keep, _fill = kind
+            if factor != 1.0:  # a scale after the fill: not this spelling
+                return None
+            zero, big = (m.make(Op.CONST, [], ConstAttrs(x, dtype)) for x in (0.0, ABSORBING_FILL))
+            out.append(m.make(Op.WHERE, [node, zero, big] if keep else [node, big, zero]))
+            continue
         if kind == "not":
             node = m.new(mk.inputs[0]) if mk.op is Op.NOT else m.make(Op.NOT, [node])
         if kind == "add" and factor != 1.0:
             if factor <= 0:
                 return None
             node = m.make(Op.MUL, [node, m.make(Op.CONST, [], ConstAttrs(factor, node.dtype))])
-        if kind != "add" and "add" in kinds:  # mixed kinds: everything additive
+        if kind != "add" and additive:  # mixed kinds: everything additive
             zero = m.make(Op.CONST, [], ConstAttrs(0.0, dtype))
             ninf = m.make(Op.CONST, [], ConstAttrs(-math.inf, dtype))
             node = m.make(Op.WHERE, [node, zero, ninf])

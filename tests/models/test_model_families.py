@@ -21,6 +21,10 @@ FAMILIES = {
     "mpt": ("decoder", {}, "max(0, n - seq) as a size"),
     "mpnet": ("encoder", {}, "min.other"),
     "megatron-bert": ("encoder", {}, "add_ (in place)"),
+    # wrong output once (no error): a fused head split raced across threads; a finfo.min fill
+    "bloom": ("decoder", {}, "QKV head split fused into the matmul tiles"),
+    "persimmon": ("decoder", {}, "QKV head split fused into the matmul tiles"),
+    "deberta": ("encoder", {}, "masked_fill(finfo.min) on fully masked padded rows"),
 }
 
 

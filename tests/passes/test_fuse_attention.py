@@ -57,8 +57,50 @@ def test_masks_from_inputs_are_kept(kind):
     out, _ = _run(graph)
     att = _attention(out)
     assert att.attrs.has_mask and not att.attrs.causal
-    assert att.inputs[3] is mask  # where(~m, min, s) became the bool mask m itself
+    if kind == "not":  # a finite fill (finfo.min) becomes the additive mask where(~m, min, 0)
+        add = att.inputs[3]
+        assert add.op is Op.WHERE and add.dtype.is_float and mask in _all_inputs(add)
+    else:
+        assert att.inputs[3] is mask
     assert_same(graph, out)
+
+
+def _all_inputs(n):
+    seen, todo = [], [n]
+    while todo:
+        x = todo.pop()
+        seen.append(x)
+        todo.extend(x.inputs)
+    return seen
+
+
+@pytest.mark.parametrize("fill", [float(np.finfo(np.float32).min), -math.inf])
+def test_fully_masked_rows_keep_the_fill_semantics(fill):
+    """DeBERTa masks padded query rows everywhere: softmax(masked_fill(s, ~m, finfo.min))
+    is then uniform (the mean of v), not 0; with -inf torch gives NaN, guarded to 0."""
+    g = GB()
+    q, k, v = _qkv(g)
+    b, s = sym("b"), sym("s")
+    mask = g.input("mask", (b, 1, s, s), BOOL)
+    scores = g.mul(g.matmul(q, g.permute(k, (0, 1, 3, 2))), 1 / math.sqrt(D))
+    p = g.softmax(g.where_(g.un(Op.NOT, mask), fill, scores))
+    if math.isinf(fill):
+        p = g.where_(g.op(Op.NE, p, p), 0.0, p)
+    graph = g.graph(g.matmul(p, v))
+    out, _ = _run(graph)
+    _attention(out)
+    rng = np.random.default_rng(0)
+    qa, ka, va = (rng.standard_normal((2, H, 5, D)).astype(np.float32) for _ in range(3))
+    m = np.ones((2, 1, 5, 5), bool)
+    m[1, :, 3:, :] = False  # rows 3, 4 of batch 1: every key masked
+    m[1, :, :3, 3:] = False
+    from llmc.compiler.interpreter import interpret
+
+    want, = interpret(graph, [qa, ka, va, m])
+    got, = interpret(out, [qa, ka, va, m])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    full = np.broadcast_to(va[1].mean(axis=1, keepdims=True), (H, 2, D)) if fill > -math.inf else 0.0
+    np.testing.assert_allclose(got[1, :, 3:], full, rtol=1e-5, atol=1e-6)
 
 
 def test_scale_on_q_and_k_and_rank3_heads():
