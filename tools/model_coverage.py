@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -44,7 +45,7 @@ class Family:
     model_type: str
     kind: str  # "decoder" (AutoModelForCausalLM, logits) or "encoder" (AutoModel, last_hidden_state)
     overrides: dict = field(default_factory=dict)
-    note: str = ""  # e.g. "MoE: handled elsewhere"
+    note: str = ""  # e.g. "mixture of experts, top-k routed"
 
 
 _D, _E = "decoder", "encoder"
@@ -66,9 +67,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("diffllama", _D), Family("vaultgemma", _D), Family("bitnet", _D), Family("jais2", _D),
     Family("modernbert-decoder", _D), Family("lfm2", _D),
     # mixture of experts (another branch owns them; listed so the table says where they stand)
-    Family("mixtral", _D, {"num_local_experts": 4, "num_experts_per_tok": 2}, "MoE: handled elsewhere"),
+    Family("mixtral", _D, {"num_local_experts": 4, "num_experts_per_tok": 2}, "mixture of experts, top-k routed"),
     Family("qwen2_moe", _D, {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                             "shared_expert_intermediate_size": 32}, "MoE: handled elsewhere"),
+                             "shared_expert_intermediate_size": 32}, "mixture of experts, top-k routed"),
     # encoders
     Family("bert", _E), Family("roberta", _E), Family("distilbert", _E), Family("electra", _E, {"embedding_size": 32}),
     Family("albert", _E, {"embedding_size": 16}), Family("xlm-roberta", _E), Family("deberta-v2", _E),
@@ -207,7 +208,8 @@ def _run_child(name: str, timeout: float) -> dict:
 
 
 def _cell(text: str, n: int = 160) -> str:
-    text = " ".join(str(text).split()).replace("|", "\\|")
+    # the source location ("; at File ...") names this machine's paths: the op and module suffice
+    text = re.sub(r";? at File .*", "", " ".join(str(text).split())).replace("|", "\\|")
     return text if len(text) <= n else text[: n - 1] + "…"
 
 

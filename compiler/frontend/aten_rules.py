@@ -163,7 +163,7 @@ def _sym_size(cx, x, dim):
 
 @rule(aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
       aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default, aten.unflatten.int,
-      aten.view_copy.default)
+      aten.view_copy.default, aten.view_as.default, aten.reshape_as.default)
 def _reshape(cx, x, *args, **kwargs):
     return _reshape_to_out(cx, x)
 

@@ -39,6 +39,7 @@ _VIEW_OPS = frozenset({  # ops whose result shares its input's storage
     torch.ops.aten.narrow.default, torch.ops.aten.flatten.using_ints, torch.ops.aten.unflatten.int,
     torch.ops.aten.split.Tensor, torch.ops.aten.chunk.default, torch.ops.aten.unbind.int, operator.getitem,
     torch.ops.aten.as_strided.default, torch.ops.aten.diagonal.default, torch.ops.aten.movedim.int,
+    torch.ops.aten.view_as.default, torch.ops.aten.reshape_as.default,
 })
 _UNBOUNDED_HI = 4096  # upper bound used when torch leaves a dim unbounded
 

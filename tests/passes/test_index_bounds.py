@@ -300,3 +300,21 @@ def test_onnx_bert_seq_bound_from_its_position_buffer(tmp_path):
     out, report = bound_symbols_by_tables(graph)
     assert graph.symbols["seq"].hi == 512 and out.symbols["seq"].hi == 64, report
     assert report.lines[0].startswith("seq bound lowered 512 -> 64: ")
+
+
+def test_exported_gpt2_refuses_ids_outside_its_vocabulary(compiled_gpt2, tmp_path):
+    """The checks reach the artifact (manifest section input_checks) and the runtime alone
+    enforces them: ids past the vocabulary or negative are an InputError, not garbage."""
+    import llmc
+
+    model, cm = compiled_gpt2
+    run = llmc.load(cm.export(tmp_path / "gpt2.llmc"))
+    ids = _ids(2, 8, 5).numpy()
+    with torch.no_grad():
+        want = model(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
+    np.testing.assert_allclose(run(input_ids=ids)[0], want, atol=1e-4, rtol=0)
+    for bad in (VOCAB, 10**6, 2**31, -1):
+        wrong = ids.copy()
+        wrong[1, 3] = bad
+        with pytest.raises(llmc.InputError, match=f"input_ids.*{bad}"):
+            run(input_ids=wrong)

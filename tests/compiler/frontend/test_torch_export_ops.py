@@ -239,6 +239,8 @@ OP_CASES = {  # name: (target whose rule must run, fn, input makers)
                 lambda x: torch.baddbmm(x[..., :1], x, x.transpose(1, 2), beta=0.5, alpha=2.0), (X,)),
     "outer": (aten.outer.default, lambda x: torch.outer(x[0, :, 0], x[1, 0]), (X,)),
     "triu": (aten.triu.default, lambda x: torch.triu(x @ x.transpose(1, 2), diagonal=-1), (X,)),
+    "reshape_as": (aten.reshape_as.default, lambda x: (x * 2).flatten(1).reshape_as(x) + x, (X,)),
+    "view_as": (aten.view_as.default, lambda x: (x * 2).flatten(1).view_as(x) + x, (X,)),
     "tril_bool": (aten.tril.default, lambda x: torch.tril(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool))
                   & (x.sum(-1, keepdim=True) > 0), (X,)),
 }
