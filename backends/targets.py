@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import difflib
 import os
-import platform
 from dataclasses import dataclass
 
 from ..errors import TargetError
+from ..runtime.cpu_features import host_arch  # the runtime's, so build and load agree on names
 
 # The portable baseline per host architecture (LLVM CPU names).
 PORTABLE_CPU = {"x86_64": "x86-64-v3", "aarch64": "generic"}
@@ -79,11 +79,6 @@ _NUMPY_NAME = {
     "vpclmulqdq": "VPCLMULQDQ",
     "neon": "ASIMD", "fullfp16": "ASIMDHP", "dotprod": "ASIMDDP", "fp16fml": "ASIMDFHM", "sve": "SVE",
 }
-
-
-def host_arch() -> str:
-    m = platform.machine().lower()
-    return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
 
 
 def host_cpu() -> str:

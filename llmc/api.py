@@ -48,9 +48,9 @@ class CompiledModel:
 
         typed = Manifest.from_json(self.manifest, "CompiledModel.manifest")  # the same checks as a load
         if typed.cpu is not None:  # built for another processor (llvm:<cpu>): refuse, never SIGILL
-            from .runtime.cpu_features import check_host_cpu
+            from .runtime.cpu_features import check_cpu
 
-            check_host_cpu(typed.cpu, "this compiled model")
+            check_cpu(typed.cpu.triple, typed.cpu.mcpu, typed.cpu.features, "this compiled model")
         if device == "cuda":
             from .runtime.gpu import GpuExecutor, import_tvm_cuda
 

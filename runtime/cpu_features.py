@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import platform
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from ..errors import ArtifactError
 
@@ -27,23 +27,22 @@ def host_cpu_features() -> frozenset[str]:
     return frozenset(name for name, present in found.items() if present)
 
 
+def _canonical_arch(name: str) -> str:
+    name = name.lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(name, name)
+
+
 def host_arch() -> str:
-    m = platform.machine().lower()
-    return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
+    return _canonical_arch(platform.machine())
 
 
 def _triple_arch(triple: str) -> str:
-    arch = triple.split("-", 1)[0].lower()
-    return {"amd64": "x86_64", "arm64": "aarch64"}.get(arch, arch)
+    return _canonical_arch(triple.split("-", 1)[0])
 
 
 def check_host_cpu(section: Mapping, where: str) -> None:
-    """Raise ArtifactError unless this processor can run code built for `section` (the
-    manifest's `cpu` section as JSON, or the typed manifest's CpuSpec).
-
-    `where` names the artifact (its folder or manifest) in the message."""
-    if hasattr(section, "features") and hasattr(section, "mcpu"):  # the typed manifest's CpuSpec
-        section = {"triple": section.triple, "mcpu": section.mcpu, "features": list(section.features)}
+    """Raise ArtifactError unless this processor can run code built for `section` (a
+    manifest's `cpu` section as JSON). `where` names the artifact in the message."""
     if not isinstance(section, Mapping):
         raise ArtifactError(f"{where}: manifest section 'cpu' must be an object, got {type(section).__name__}")
     triple, mcpu, features = section.get("triple"), section.get("mcpu"), section.get("features")
@@ -51,6 +50,12 @@ def check_host_cpu(section: Mapping, where: str) -> None:
         raise ArtifactError(f"{where}: manifest section 'cpu' needs string 'triple' and 'mcpu'")
     if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
         raise ArtifactError(f"{where}: manifest section 'cpu': 'features' must be a list of strings")
+    check_cpu(triple, mcpu, features, where)
+
+
+def check_cpu(triple: str, mcpu: str, features: Iterable[str], where: str) -> None:
+    """Raise ArtifactError unless this processor has the architecture and every feature that
+    code built for (triple, mcpu) uses (the typed manifest's CpuSpec, already validated)."""
     arch = _triple_arch(triple)
     if arch != host_arch():
         raise ArtifactError(f"{where}: the CPU kernels were built for {arch} ({triple}), this machine is "

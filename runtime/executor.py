@@ -163,8 +163,8 @@ class Executor:
         self.input_names = manifest.input_names
         self.output_names = manifest.output_names
         self._buffers = p.buffers
-        self._symbols = {s.name: (s.lo, s.hi) for s in p.symbols}
-        self._output_ids = [o.buffer for o in p.outputs]
+        self._symbols = p.symbol_bounds
+        self._output_ids = p.output_buffers
         self._calls = []
         for c in p.calls:
             try:
@@ -323,7 +323,7 @@ def load(path, device: str = "cpu", **options):
     for perf artifacts compiled without weights) as options.
     """
     from .artifact_files import check_library_files, load_weights, read_manifest
-    from .cpu_features import check_host_cpu
+    from .cpu_features import check_cpu
 
     path = pathlib.Path(path)
     manifest = read_manifest(path)
@@ -356,7 +356,7 @@ def load(path, device: str = "cpu", **options):
                                     f"({str(e).splitlines()[0][:200]})") from None
         return GpuExecutor(manifest, modules, weights, device_id=int(index or 0), **options)
     if manifest.cpu is not None:  # kernels using instructions this processor lacks would die with SIGILL
-        check_host_cpu(manifest.cpu, str(path))
+        check_cpu(manifest.cpu.triple, manifest.cpu.mcpu, manifest.cpu.features, str(path))
     tvm = import_tvm(with_gpu=False)
     file = libraries["tvm"]
     try:

@@ -130,8 +130,8 @@ class GpuExecutor:
         self.input_names = manifest.input_names
         self.output_names = manifest.output_names
         self._buffers = p.buffers
-        self._symbols = {s.name: (s.lo, s.hi) for s in p.symbols}
-        self._output_ids = [o.buffer for o in p.outputs]
+        self._symbols = p.symbol_bounds
+        self._output_ids = p.output_buffers
         self._out_set = set(self._output_ids)
         self._numpy_dtype = numpy_dtype
         self._kernels = {}

@@ -133,6 +133,14 @@ class Program:
     kernels: Mapping[str, KernelSpec]
     calls: tuple[Call, ...]
 
+    @property
+    def symbol_bounds(self) -> dict[str, tuple[int, int]]:
+        return {s.name: (s.lo, s.hi) for s in self.symbols}
+
+    @property
+    def output_buffers(self) -> list[int]:
+        return [o.buffer for o in self.outputs]
+
 
 @dataclass(frozen=True)
 class WeightsSpec:

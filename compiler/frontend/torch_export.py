@@ -106,8 +106,8 @@ def from_torch(model: torch.nn.Module, example_args: tuple = (), example_kwargs:
 def _without_cache(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
     """kwargs plus use_cache=False when forward takes `use_cache` and the caller left it unset."""
     try:
-        params = inspect.signature(model.forward).parameters
-        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+        signature = inspect.signature(model.forward)
+        params, bound = signature.parameters, signature.bind_partial(*args, **kwargs).arguments
     except (TypeError, ValueError):  # builtins without a signature, or arguments that do not bind
         return kwargs
     if "use_cache" in params and "use_cache" not in bound:
