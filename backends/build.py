@@ -1,10 +1,13 @@
-"""Build a set of kernels into one TVM Executable for a CPU (llvm) target.
+"""Build a set of kernels for a CPU (llvm) target.
 
-    ex = build_kernels(program.kernels, default_target())
+    ex = build_kernels(program.kernels, default_target())   # every kernel through TVM
     ex.export_library("kernels.so")        # or call ex.mod[name](*params, *outputs, *symbols)
+
+    ex = build_cpu(program.kernels, default_target())       # GEMMs to the BLAS (cpu_blas.py)
 """
 from __future__ import annotations
 
+import time
 from typing import Mapping
 
 import tvm
@@ -54,3 +57,39 @@ def build_kernels(kernels: Mapping[str, Kernel], target: Mapping | None = None, 
         if report is not None:
             report[name] = (describe_kernel(k), label)
     return tvm.compile(tvm.IRModule(funcs), target=target)
+
+
+class CpuExecutable:
+    """TVM kernels (`mod`; None when every kernel is a BLAS call) and the per-kernel routes."""
+
+    def __init__(self, mod, routes: dict, labels: dict, timings: dict):
+        self.mod = mod
+        self.routes = routes  # kernel name -> cpu_blas.BlasRoute; absent: TVM
+        self.labels = labels  # kernel name -> "tvm <strategy>" / route label
+        self.timings = timings
+
+    def export_library(self, file: str) -> None:
+        # with no TVM kernel at all, an empty library keeps the artifact layout
+        (self.mod or tvm.compile(tvm.IRModule({}), target=default_target())).export_library(file)
+
+    def update_manifest(self, manifest: dict) -> dict:
+        program = dict(manifest["program"])
+        kernels = {}
+        for name, entry in program["kernels"].items():
+            r = self.routes.get(name)
+            kernels[name] = {**entry, **(r.to_json() if r is not None else {}), "schedule": self.labels.get(name, "")}
+        return dict(manifest, program=dict(program, kernels=kernels))
+
+
+def build_cpu(kernels: Mapping[str, Kernel], target: Mapping | None = None, use_blas: bool = True) -> CpuExecutable:
+    """GEMMs that cpu_blas.match_blas recognises become BLAS calls; TVM builds the rest."""
+    from .cpu_blas import match_blas
+
+    routes = {name: r for name, k in kernels.items() if use_blas and (r := match_blas(k)) is not None}
+    rest = {name: k for name, k in kernels.items() if name not in routes}
+    report: dict = {}
+    t = time.perf_counter()
+    mod = build_kernels(rest, target, report=report) if rest else None
+    labels = {name: f"tvm {label}" for name, (_, label) in report.items()}
+    labels.update({name: r.label for name, r in routes.items()})
+    return CpuExecutable(mod, routes, labels, {"tvm_s": time.perf_counter() - t})

@@ -1,6 +1,7 @@
 """Build a Program's kernels for the requested target (dispatches per target kind)."""
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from typing import Callable, Mapping
@@ -20,16 +21,16 @@ def _require_compiler() -> None:
 
 
 def build_kernels(kernels: Mapping[str, Kernel], target: TargetSpec, progress: Callable[[str], None] | None = None,
-                  use_shim: bool = True, symbols: Mapping | None = None):
+                  use_shim: bool = True, symbols: Mapping | None = None, use_blas: bool = True):
     _require_compiler()
     from ..runtime.tvm_runtime import use_all_cores
 
     use_all_cores()  # in-process CompiledModel calls run these kernels right away
     t = time.perf_counter()
     if target.kind == "llvm":
-        from .build import build_kernels as build_cpu
+        from .build import build_cpu
 
-        ex = build_cpu(kernels, target.tvm_target())
+        ex = build_cpu(kernels, target.tvm_target(), use_blas=use_blas)
     elif target.kind == "cuda":
         from .build_cuda import build_kernels as build_cuda
 
@@ -47,14 +48,19 @@ def build_kernels(kernels: Mapping[str, Kernel], target: TargetSpec, progress: C
     return ex
 
 
-def build_program_for(target: TargetSpec):
-    """The Graph -> Program builder for a target: CUDA groups kernels for its library offload."""
+def build_program_for(target: TargetSpec, use_blas: bool = True):
+    """The Graph -> Program builder for a target: CUDA and CPU group kernels for their library
+    offloads (cuBLASLt and flash attention; the BLAS)."""
     if target.kind == "cuda":
         from .build_cuda import build_program
 
         return build_program
     from ..passes.pipeline import build_program
 
+    if target.kind == "llvm" and use_blas:
+        from .cpu_blas import cpu_grouping
+
+        return functools.partial(build_program, grouping=cpu_grouping, grouping_name="cpu_grouping")
     return build_program
 
 

@@ -1,16 +1,33 @@
-"""CPU latency: llmc (unfused and fused) vs torch eager vs onnxruntime, plus compile time.
+"""CPU latency: llmc vs torch eager vs onnxruntime, GEMM rates vs numpy's BLAS, compile time.
 
-    python benchmarks/bench_cpu.py [--quick]
+    python benchmarks/bench_cpu.py [--threads N] [--reps 10] [--models minilm,llama,gpt2]
+                                   [--no-ort] [--no-tvm-gemm] [--no-gemm-table]
 
-MiniLM (real all-MiniLM-L6-v2 weights) at batch 8 x seq 128, and a small Llama
-(random weights) at batch 1 x seq 128. Every figure comes from this run on this
-machine; ratios are against torch eager measured in the same process.
+Models: MiniLM (real all-MiniLM-L6-v2 weights) at 8 x 128; a small Llama (4 layers, hidden
+512, GQA 8/4, random weights) at 1 x 128; GPT-2 124M (GPT2LMHeadModel, random weights) at
+1 x 128, 4 x 128 and 1 x 1 (a one-token forward: every weight is read once, so it is
+bandwidth-bound like a decode step). Rows: torch eager; llmc as compiled by default (GEMMs
+in the BLAS); llmc with every GEMM built by TVM (`use_blas=False`, the previous default);
+onnxruntime (ORT_ENABLE_ALL) on the legacy ONNX export where that export works.
+
+GEMM table: each GEMM shape these models run, timed in numpy (its BLAS: the baseline),
+torch (MKL) and llmc (a compiled one-MATMUL graph, called through the runtime, so its
+per-call overhead counts; the LM head reads the tied [vocab, hidden] table transposed, as
+in GPT-2), as ms and GFLOP/s, with llmc's rate as a fraction of numpy's.
+
+Ceiling: the bandwidth of a plain numpy copy of 512 MiB (bytes read + written, STREAM's
+convention); the one-token GPT-2 row reports weight bytes / time against it.
+
+Every figure comes from this run on this machine; ratios are against the baseline measured
+in the same process (torch eager for models, numpy's BLAS for GEMMs). Times are medians of
+`--reps` runs after 2 warm-ups.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -22,7 +39,7 @@ import llmc
 from llmc.compiler.frontend.hf_models import minilm_path
 
 
-def timeit(fn, warmup=2, reps=10) -> float:
+def timeit(fn, reps: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
     ts = []
@@ -33,6 +50,11 @@ def timeit(fn, warmup=2, reps=10) -> float:
     return statistics.median(ts) * 1e3
 
 
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---- onnxruntime ---------------------------------------------------------------------------
 def export_legacy(model, kwargs, path) -> None:
     names = list(kwargs)
 
@@ -42,97 +64,222 @@ def export_legacy(model, kwargs, path) -> None:
             self.m = m
 
         def forward(self, *xs):
-            out = self.m(**dict(zip(names, xs)))
-            return out[0]
+            return self.m(**dict(zip(names, xs)), **({"use_cache": False} if "use_cache" in
+                                                       self.m.forward.__code__.co_varnames else {}))[0]
 
     torch.onnx.export(Positional(model), tuple(kwargs.values()), path, input_names=names, output_names=["out"],
                       dynamic_axes={n: {0: "batch", 1: "seq"} for n in names}, opset_version=17, dynamo=False)
 
 
-def ort_session(kwargs, path, optimized: bool):
+def ort_session(path: str, threads: int):
     import onnx
     import onnxruntime as ort
 
     m = onnx.load(path)
     m.ir_version = min(m.ir_version, 10)  # onnxruntime 1.31 cannot read the IR version onnx 1.23 writes
     so = ort.SessionOptions()
-    so.intra_op_num_threads = torch.get_num_threads()
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    feeds = {k: v.numpy() for k, v in kwargs.items()}
-    return lambda: sess.run(None, feeds)
+    so.intra_op_num_threads = threads
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-class Rows(list):
-    """Result rows, echoed as they come so a long run shows progress."""
+# ---- models --------------------------------------------------------------------------------
+class Table:
+    def __init__(self):
+        self.rows: list[tuple[str, str, float, str]] = []
 
-    def append(self, row) -> None:
-        super().append(row)
-        print("  ", row[0], "|", row[1], f"| {row[2]:.2f} ms", "|", row[3] or "", flush=True)
+    def add(self, model: str, what: str, ms: float, note: str = "") -> None:
+        self.rows.append((model, what, ms, note))
+        say(f"   {model} | {what} | {ms:.2f} ms | {note}")
+
+    def print(self, title: str) -> None:
+        say(f"\n{title}")
+        say("| model | what | ms | vs torch eager | notes |\n| --- | --- | ---: | ---: | --- |")
+        base: dict[str, float] = {}
+        for model, what, ms, note in self.rows:
+            if what == "torch eager":
+                base[model] = ms
+            ratio = f"{ms / base[model]:.2f}" if model in base else ""
+            say(f"| {model} | {what} | {ms:.2f} | {ratio} | {note} |")
 
 
-def bench(name, model, kwargs, bounds, with_ort: bool, rows: list, example: dict | None = None) -> None:
-    """Time `kwargs`; compile from `example` (torch.export needs example dims >= 2)."""
-    feeds = {k: v.numpy() for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
-    with torch.no_grad():
-        t_torch = timeit(lambda: model(**kwargs))
-    rows.append((name, "torch eager", t_torch, None))
-    for fuse in (False, True):
-        t0 = time.perf_counter()
-        cm = llmc.compile(model, (), example or kwargs, dim_bounds=bounds, fuse=fuse)
-        compile_s = time.perf_counter() - t0
-        out = cm(**feeds)[0]
-        with torch.no_grad():
-            ref = model(**kwargs)[0].numpy()
-        err = float(np.abs(out - ref).max())
-        t = timeit(lambda: cm(**feeds))
-        rows.append((name, f"llmc {'fused' if fuse else 'unfused'}", t,
-                     f"compile {compile_s:.1f}s, {len(cm.program.calls)} kernel calls, max err {err:.1e}"))
-    if with_ort:
-        tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+def compile_timed(model, example: dict, bounds: dict, use_blas: bool):
+    t0 = time.perf_counter()
+    cm = llmc.compile(model, (), example, dim_bounds=bounds, use_blas=use_blas)
+    return cm, time.perf_counter() - t0
+
+
+def bench_model(name: str, model, shapes: dict, example: dict, bounds: dict, args, table: Table,
+                extra=None, copy_gbs: float | None = None) -> None:
+    """`shapes`: label -> torch kwargs; the model is compiled once (dynamic dims) per variant."""
+    say(f"== {name}: compiling")
+    variants = [("llmc (GEMMs in the BLAS)", True)] + ([("llmc (GEMMs built by TVM)", False)] if args.tvm_gemm else [])
+    compiled = {}
+    for label, use_blas in variants:
+        cm, secs = compile_timed(model, example, bounds, use_blas)
+        n_blas = sum(1 for k in cm.manifest["program"]["kernels"].values() if k.get("route") == "blas")
+        compiled[label] = (cm, f"compile {secs:.1f} s, {len(cm.program.calls)} calls, {n_blas} BLAS kernels")
+    sess = None
+    if args.ort and extra != "no-ort":
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "model.onnx")
-            export_legacy(model, tensors, path)
-            for opt in (False, True):
-                rows.append((name, f"onnxruntime ({'optimized' if opt else 'unoptimized'}, legacy export)",
-                             timeit(ort_session(tensors, path, opt)), None))
-            t0 = time.perf_counter()
-            cm = llmc.compile(path, dim_bounds=bounds)
-            compile_s = time.perf_counter() - t0
-            rows.append((name, "llmc fused, from the ONNX file", timeit(lambda: cm(**feeds)),
-                         f"compile {compile_s:.1f}s, {len(cm.program.calls)} kernel calls"))
+            first = next(iter(shapes.values()))
+            try:
+                export_legacy(model, {k: v for k, v in first.items() if isinstance(v, torch.Tensor)}, path)
+                sess = ort_session(path, args.threads)
+            except Exception as e:  # noqa: BLE001 - report, do not hide: the row says why it is missing
+                say(f"   onnxruntime: legacy export failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    for label, kwargs in shapes.items():
+        row = f"{name} {label}"
+        feeds = {k: v.numpy() for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+        with torch.no_grad():
+            t_torch = timeit(lambda: model(**kwargs), args.reps)
+            ref = model(**kwargs)[0].numpy()
+        table.add(row, "torch eager", t_torch)
+        for what, (cm, note) in compiled.items():
+            out = cm(**feeds)[0]
+            err = float(np.abs(out - ref).max())
+            t = timeit(lambda: cm(**feeds), args.reps)
+            bw = ""
+            if copy_gbs and label.endswith("x 1"):
+                gbs = weight_bytes / t / 1e6
+                bw = f", weights {weight_bytes / 1e6:.0f} MB read at {gbs:.1f} GB/s = {gbs / copy_gbs:.0%} of copy"
+            table.add(row, what, t, f"{note}, max abs err {err:.1e}{bw}")
+        if sess is not None:
+            t = timeit(lambda: sess.run(None, feeds), args.reps)
+            table.add(row, "onnxruntime ORT_ENABLE_ALL (legacy export)", t)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
-    rows = Rows()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    minilm = transformers.AutoModel.from_pretrained(str(minilm_path()), local_files_only=True,
-                                                    attn_implementation="sdpa").eval()
+def minilm(args, table: Table) -> None:
+    model = transformers.AutoModel.from_pretrained(str(minilm_path()), local_files_only=True,
+                                                   attn_implementation="sdpa").eval()
     g = torch.Generator().manual_seed(0)
     kw = {"input_ids": torch.randint(1000, 20000, (8, 128), generator=g),
           "attention_mask": torch.ones(8, 128, dtype=torch.long)}
-    bench("MiniLM b8 s128", minilm, kw, {"batch": (1, 8), "seq": (1, 128)}, True, rows)
+    bench_model("MiniLM", model, {"8 x 128": kw}, kw, {"batch": (1, 8), "seq": (1, 128)}, args, table)
+
+
+def llama(args, table: Table) -> None:
     cfg = transformers.LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
                                    num_attention_heads=8, num_key_value_heads=4, vocab_size=8192,
                                    max_position_embeddings=512, attn_implementation="sdpa")
     torch.manual_seed(0)
-    llama = transformers.LlamaForCausalLM(cfg).eval()
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(1)
     kw = {"input_ids": torch.randint(0, 8192, (1, 128), generator=g), "use_cache": False}
     example = {"input_ids": torch.randint(0, 8192, (2, 16), generator=g), "use_cache": False}
-    bench("Llama 4x512 b1 s128", llama, kw, {"batch": (1, 4), "seq": (1, 256)}, False, rows, example)
-    print(f"\nCPU latency, {args.threads} threads (median ms); ratio = llmc or ort / torch eager")
-    base = {}
-    for model_name, what, ms, note in rows:
-        if what == "torch eager":
-            base[model_name] = ms
-        print(f"{model_name:22s} {what:42s} {ms:9.2f} ms  x{ms / base[model_name]:.2f}" + (f"  ({note})" if note else ""))
+    bench_model("Llama 4x512", model, {"1 x 128": kw}, example, {"batch": (1, 4), "seq": (1, 256)}, args, table)
+
+
+def gpt2(args, table: Table, copy_gbs: float) -> None:
+    cfg = transformers.GPT2Config(attn_implementation="sdpa")  # 124M: 12 layers, 768 wide, vocab 50257
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    g = torch.Generator().manual_seed(2)
+    shapes = {f"{b} x {s}": {"input_ids": torch.randint(0, 50257, (b, s), generator=g), "use_cache": False}
+              for b, s in ((1, 128), (4, 128), (1, 1))}
+    example = {"input_ids": torch.randint(0, 50257, (2, 16), generator=g), "use_cache": False}
+    bench_model("GPT-2 124M", model, shapes, example, {"batch": (1, 4), "seq": (1, 256)}, args, table,
+                copy_gbs=copy_gbs)
+
+
+# ---- GEMMs ---------------------------------------------------------------------------------
+GEMMS = [  # (what, M, K, N, W stored transposed [N, K] as a tied embedding)
+    ("GPT-2 qkv, 1x128", 128, 768, 2304, False), ("GPT-2 attn out", 128, 768, 768, False),
+    ("GPT-2 mlp up", 128, 768, 3072, False), ("GPT-2 mlp down", 128, 3072, 768, False),
+    ("GPT-2 LM head (tied, W^T)", 128, 768, 50257, True), ("GPT-2 mlp up, 4x128", 512, 768, 3072, False),
+    ("GPT-2 LM head, 4x128", 512, 768, 50257, True),
+    ("GPT-2 qkv, 1 token", 1, 768, 2304, False), ("GPT-2 mlp down, 1 token", 1, 3072, 768, False),
+    ("GPT-2 LM head, 1 token", 1, 768, 50257, True),
+    ("Llama gate+up, 1x128", 128, 512, 2816, False), ("Llama down", 128, 1408, 512, False),
+    ("MiniLM mlp up, 8x128", 1024, 384, 1536, False),
+]
+
+
+def gemm_graph(m: int, k: int, n: int, transposed: bool, rng):
+    from llmc.compiler.dtypes import DType
+    from llmc.compiler.ir import Graph, TensorType, input_node, node, weight_node
+    from llmc.compiler.ops import Op, PermuteAttrs
+
+    x = input_node("x", TensorType((m, k), DType.F32))
+    w_np = (rng.standard_normal((n, k) if transposed else (k, n)) * 0.05).astype(np.float32)
+    w = weight_node("w", TensorType(w_np.shape, DType.F32))
+    rhs = node(Op.PERMUTE, [w], PermuteAttrs((1, 0))) if transposed else w
+    return Graph((x,), (node(Op.MATMUL, [x, rhs]),), {"w": w_np}, {}, ("y",)), w_np
+
+
+def gemm_table(args) -> None:
+    from llmc.api import CompileOptions, compile_graph
+
+    rng = np.random.default_rng(0)
+    say("\nGEMMs (fp32): ms and GFLOP/s; llmc / numpy = llmc's rate as a fraction of numpy's BLAS")
+    cols = ["numpy (BLAS)", "torch (MKL)", "llmc", "llmc TVM GEMM"] if args.tvm_gemm else \
+        ["numpy (BLAS)", "torch (MKL)", "llmc"]
+    say("| GEMM | M x K x N | " + " | ".join(cols) + " | llmc / numpy |")
+    say("| --- | --- |" + " ---: |" * (len(cols) + 1))
+    for what, m, k, n, transposed in GEMMS:
+        g, w = gemm_graph(m, k, n, transposed, rng)
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        out = np.empty((m, n), np.float32)
+        rhs = w.T if transposed else w
+        reps = max(5, min(args.reps * 3, int(2e10 / (2 * m * k * n))))
+        times = {"numpy (BLAS)": timeit(lambda: np.matmul(x, rhs, out=out), reps)}
+        tx, tw, to = torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(rhs)), torch.from_numpy(out)
+        times["torch (MKL)"] = timeit(lambda: torch.mm(tx, tw, out=to), reps)
+        ref = x.astype(np.float64) @ rhs.astype(np.float64)
+        for col, use_blas in (("llmc", True), ("llmc TVM GEMM", False)):
+            if col not in cols:
+                continue
+            cm = compile_graph(g, CompileOptions(use_blas=use_blas))
+            err = float(np.abs(cm(x)[0] - ref).max())
+            if err > 1e-3:
+                raise SystemExit(f"{what}: {col} is wrong (max abs err {err})")
+            times[col] = timeit(lambda: cm(x), reps)
+        gf = {c: 2 * m * k * n / t / 1e6 for c, t in times.items()}
+        cells = " | ".join(f"{times[c]:.3f} ms, {gf[c]:.0f} GF/s" for c in cols)
+        say(f"| {what} | {m} x {k} x {n} | {cells} | {gf['llmc'] / gf['numpy (BLAS)']:.2f} |")
+
+
+def copy_bandwidth(reps: int) -> float:
+    a = np.ones(1 << 27, np.float32)  # 512 MiB
+    b = np.empty_like(a)
+    t = timeit(lambda: np.copyto(b, a), reps) / 1e3
+    return 2 * a.nbytes / t / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--models", default="minilm,llama,gpt2")
+    ap.add_argument("--no-ort", dest="ort", action="store_false")
+    ap.add_argument("--no-tvm-gemm", dest="tvm_gemm", action="store_false",
+                    help="skip the rows with every GEMM built by TVM (use_blas=False)")
+    ap.add_argument("--no-gemm-table", dest="gemm_table", action="store_false")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("LLMC_NUM_THREADS", str(args.threads))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    copy_gbs = copy_bandwidth(args.reps)
+    say(f"CPU: {args.threads} threads; numpy {np.__version__} BLAS: {blas_name()}; torch {torch.__version__}")
+    say(f"numpy copy of 512 MiB: {copy_gbs:.1f} GB/s (read + written)")
+    if args.gemm_table:
+        gemm_table(args)
+    table = Table()
+    runners = {"minilm": lambda: minilm(args, table), "llama": lambda: llama(args, table),
+               "gpt2": lambda: gpt2(args, table, copy_gbs)}
+    for name in args.models.split(","):
+        if name not in runners:
+            raise SystemExit(f"unknown model {name!r}; choose from {', '.join(runners)}")
+        runners[name]()
+    table.print(f"CPU latency, {args.threads} threads, median ms; ratio = time / torch eager (same run)")
+
+
+def blas_name() -> str:
+    cfg = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+    return f"{cfg.get('name', '?')} {cfg.get('version', '')}".strip()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -22,6 +22,7 @@ class CompileOptions:
     dump_dir: str | None = None  # write the printed IR after each pass here
     progress: Callable[[str], None] | None = None
     use_shim: bool = True  # CUDA: offload GEMMs/attention to the llmc shim (cuBLASLt, flash attention)
+    use_blas: bool = True  # CPU: float32/float64 GEMMs run in the BLAS numpy bundles (backends/cpu_blas.py)
 
 
 @dataclass
@@ -139,7 +140,7 @@ def compile_graph(graph, opts: CompileOptions) -> CompiledModel:
     t = time.perf_counter()
     _say(opts, f"optimising {len(graph.nodes())} nodes" if opts.fuse else "lowering one op per kernel")
     if opts.fuse:
-        program, reports = build_program_for(target)(graph, DEFAULT_PIPELINE, opts.verify_each, opts.dump_dir)
+        program, reports = build_program_for(target, opts.use_blas)(graph, DEFAULT_PIPELINE, opts.verify_each, opts.dump_dir)
     else:
         from .passes.index_bounds import bound_symbols_by_tables  # symbol bounds within the tables, fused or not
 
@@ -149,7 +150,7 @@ def compile_graph(graph, opts: CompileOptions) -> CompiledModel:
     _say(opts, f"{len(program.kernels)} kernels, {len(program.calls)} calls; building for {target}")
     t = time.perf_counter()
     executable = build_kernels(program.kernels, target, progress=opts.progress, use_shim=opts.use_shim,
-                               symbols=program.graph.symbols)
+                               symbols=program.graph.symbols, use_blas=opts.use_blas)
 
     timings["build_s"] = time.perf_counter() - t
     weights = weights_of(program)
@@ -170,16 +171,17 @@ def compile_graph(graph, opts: CompileOptions) -> CompiledModel:
 def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None = None, *, target: Any = "llvm",
             dynamic_shapes: Any = None, dim_bounds: dict | None = None, fuse: bool = True,
             verify_each: bool = False, dump_dir: str | None = None,
-            progress: Callable[[str], None] | None = None) -> CompiledModel:
+            progress: Callable[[str], None] | None = None, use_blas: bool = True) -> CompiledModel:
     """Compile a torch.nn.Module (captured with torch.export) or an ONNX file.
 
     Returns a CompiledModel: call it with numpy arrays or torch tensors to get numpy
     outputs (flattened in the model's order), or `.export(path)` it as an artifact.
+    `use_blas=False` builds the CPU GEMMs with TVM too, instead of calling the BLAS.
     """
     from .backends.targets import parse_target
 
     parse_target(target)  # fail fast on a bad target, before the slow capture
-    opts = CompileOptions(target, dynamic_shapes, dim_bounds, fuse, verify_each, dump_dir, progress)
+    opts = CompileOptions(target, dynamic_shapes, dim_bounds, fuse, verify_each, dump_dir, progress, use_blas=use_blas)
     t = time.perf_counter()
     _say(opts, "capturing the graph")
     graph = capture(model, example_args, example_kwargs, opts)

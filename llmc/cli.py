@@ -89,7 +89,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
     src = resolve(a.src, batch=min(2, bounds["batch"][1]), seq=min(16, bounds["seq"][1]), progress=_progress)
     _progress(f"capturing {src.description}")
     opts = CompileOptions(target, None, bounds, not a.no_fuse, a.verify_each, a.dump_ir, _progress,
-                          use_shim=not a.no_shim)
+                          use_shim=not a.no_shim, use_blas=not a.no_blas)
     graph = capture(src.model, src.args, src.kwargs, opts)
     _progress(f"captured {len(graph.nodes())} nodes, {len(graph.params)} weights in {time.perf_counter() - t0:.1f}s")
     compiled = compile_graph(graph, opts)
@@ -228,11 +228,11 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     for c in p.calls:
         counts[c.kernel] = counts.get(c.kernel, 0) + 1
     print(f"kernels: {len(p.kernels)} built, {len(p.calls)} calls")
-    routed = m.device == "cuda"
+    routed = any(k.route != "tvm" or k.schedule for k in p.kernels.values())
     for name, k in p.kernels.items():
         route = ""
         if routed:
-            route = f"shim:{k.func} ({k.label})" if k.route == "shim" else f"tvm ({k.schedule})"
+            route = f"{k.route}:{k.func} ({k.label})" if k.route != "tvm" else f"tvm ({k.schedule.removeprefix('tvm ')})"
             route = f"{route:44s} "
         print(f"  {name:20s} x{counts.get(name, 0):<4d} {route}{k.ops}")
     print("libraries: " + ", ".join(f"{k}={v}" for k, v in m.libraries.items()))
@@ -289,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="none: a perf artifact without its large weights (the CUDA runtime fills random values)")
     c.add_argument("--no-shim", action="store_true", help="cuda: build every kernel with TVM (no cuBLASLt / "
                                                            "flash-attention offload)")
+    c.add_argument("--no-blas", action="store_true", help="cpu: build the GEMMs with TVM too (no BLAS calls)")
     c.set_defaults(fn=cmd_compile)
     r = sub.add_parser("run", help="run an artifact on .npy/.npz inputs", formatter_class=fmt)
     r.add_argument("artifact")

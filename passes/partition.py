@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
+from typing import Callable
 
 import networkx as nx
 
@@ -35,7 +36,8 @@ LAYOUT_EPILOGUE = frozenset({Op.RESHAPE, Op.PERMUTE})
 
 
 class _Partition:
-    def __init__(self, graph: Graph) -> None:
+    def __init__(self, graph: Graph, library_gemm: Callable[[Node], bool] | None = None) -> None:
+        self.library_gemm = library_gemm or (lambda n: False)
         self.nodes = [n for n in graph.nodes() if n.op not in NOT_COMPUTED]
         self.idx = {n.uid: i for i, n in enumerate(self.nodes)}
         self.users: dict[int, list[Node]] = {n.uid: [] for n in self.nodes}
@@ -96,6 +98,12 @@ class _Partition:
     # -- phases --------------------------------------------------------------------------
     def prologues(self, h: Node) -> None:
         g = self.gid(h)
+        if self.library_gemm(h):  # a library GEMM reads its operands as they are; W^T with trans_b
+            w = h.inputs[1]
+            if is_transposed_2d(w) and w.uid in self.idx and self.alone(w) and w.uid not in self.outputs \
+                    and all(u is h for u in self.users[w.uid]):
+                self.merge(g, self.gid(w), check=False)
+            return
         allowed = MATMUL_PROLOGUE if h.op is Op.MATMUL else INJECTIVE
         heap: list[tuple[int, int, Node]] = []
         seen: set[int] = set()
@@ -159,7 +167,8 @@ class _Partition:
             for h in anchors:
                 self.prologues(h)
             for h in anchors:
-                self.epilogues(h)
+                if not self.library_gemm(h):  # a library GEMM's epilogue fuses with its consumers
+                    self.epilogues(h)
         self.leftovers()
         if not nx.is_directed_acyclic_graph(self.dag):
             raise AssertionError("kernel graph has a cycle")
@@ -173,9 +182,77 @@ class _Partition:
         return groups
 
 
-def fused_grouping(graph: Graph) -> list[list[Node]]:
-    """The fused partition of a graph's computing nodes, in a valid execution order."""
-    return _Partition(graph).run()
+def fused_grouping(graph: Graph, library_gemm: Callable[[Node], bool] | None = None) -> list[list[Node]]:
+    """The fused partition of a graph's computing nodes, in a valid execution order.
+
+    MATMULs for which `library_gemm(node)` holds will be one library call each (the CPU's
+    BLAS): their kernel holds only the GEMM (and a W^T it reads transposed), and what would
+    have been their prologue and epilogue fuses with the neighbouring kernels instead (a QKV
+    bias into the attention kernel's loads, bias + GELU into one elementwise kernel)."""
+    return _Partition(graph, library_gemm).run()
+
+
+def ancestors_within(group: list[Node], roots: set[int]) -> set[int]:
+    """uids of the group's nodes that the `roots` depend on (inside the group, roots excluded)."""
+    by_uid = {n.uid: n for n in group}
+    seen: set[int] = set()
+    stack = [by_uid[r] for r in roots]
+    while stack:
+        n = stack.pop()
+        for i in n.inputs:
+            if i.uid in by_uid and i.uid not in seen and i.uid not in roots:
+                seen.add(i.uid)
+                stack.append(by_uid[i.uid])
+    return seen
+
+
+def _is_view_group(nodes: list[Node]) -> bool:
+    return all(n.op is Op.RESHAPE and n.inputs[0].op is not Op.CONST for n in nodes)
+
+
+def is_transposed_2d(w: Node) -> bool:
+    """w = PERMUTE(x [N, K], (1, 0)): a GEMM can read x transposed (trans_b) instead of a copy
+    (a tied embedding used as the LM head is stored once, [vocab, hidden])."""
+    return w.op is Op.PERMUTE and tuple(w.attrs.perm) == (1, 0) and len(w.inputs[0].shape) == 2
+
+
+def join_weight_transposes(graph: Graph, groups: list[list[Node]]) -> list[list[Node]]:
+    """A lone W^T kernel whose only user is one MATMUL joins that GEMM's group, so a library
+    GEMM reads W with trans_b rather than a transposed copy made every call."""
+    groups = [list(g) for g in groups]
+    users = graph.users()
+    outputs = {o.uid for o in graph.outputs}
+    owner = {n.uid: gi for gi, g in enumerate(groups) for n in g}
+    for gi, g in enumerate(groups):
+        for m in [n for n in g if n.op is Op.MATMUL]:
+            w = m.inputs[1]
+            wg = owner.get(w.uid)
+            if (wg is not None and wg != gi and groups[wg] == [w] and is_transposed_2d(w)
+                    and [u.uid for u in users.get(w.uid, [])] == [m.uid] and w.uid not in outputs):
+                groups[gi] = [w] + groups[gi]
+                groups[wg] = []
+    return [g for g in groups if g]
+
+
+def split_out_cores(groups: list[list[Node]],
+                    core_of: Callable[[list[Node], set[int]], "set[int] | None"]) -> list[list[Node]]:
+    """Split every group for which `core_of(group, member uids)` names a core (nodes that one
+    library call computes: a BLAS or cuBLASLt GEMM, flash attention) into three kernels in
+    execution order: the nodes the core depends on, the core, and the rest. A part other than
+    the core that is only reshapes becomes a view, not a kernel."""
+    out: list[list[Node]] = []
+    for group in (g for g in groups if g):
+        core = core_of(group, {n.uid for n in group})
+        if core is None:
+            out.append(group)
+            continue
+        pre = ancestors_within(group, core)
+        parts = ([n for n in group if n.uid in pre], [n for n in group if n.uid in core],
+                 [n for n in group if n.uid not in core and n.uid not in pre])
+        for i, part in enumerate(parts):
+            if part and not (i != 1 and _is_view_group(part)):
+                out.append(part)
+    return out
 
 
 def anchor_of(group: list[Node]) -> Op | None:

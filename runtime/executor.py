@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import ArtifactError, InputError, LLMCError
+from .blas import Gemm
 from .manifest import Manifest, eval_dim
 from .tvm_runtime import import_tvm
 
@@ -165,13 +166,17 @@ class Executor:
         self._buffers = p.buffers
         self._symbols = p.symbol_bounds
         self._output_ids = p.output_buffers
-        self._calls = []
+        self._calls = []  # (TVM function or None, buffer ids, symbols, kernel name, blas.Gemm or None)
+        gemms = {name: Gemm(k) for name, k in p.kernels.items() if k.route == "blas"}
         for c in p.calls:
+            if c.kernel in gemms:
+                self._calls.append((None, c.args, (), c.kernel, gemms[c.kernel]))
+                continue
             try:
                 fn = module[c.kernel]
-            except AttributeError:
+            except (AttributeError, TypeError):  # TypeError: no TVM library at all
                 raise ArtifactError(f"kernel {c.kernel!r} is missing from the library") from None
-            self._calls.append((fn, c.args, p.kernels[c.kernel].symbols, c.kernel))
+            self._calls.append((fn, c.args, p.kernels[c.kernel].symbols, c.kernel, None))
         self._weights: dict[int, np.ndarray] = {}
         for b in self._buffers:
             if b.role == "weight":
@@ -290,9 +295,12 @@ class Executor:
             bufs = self._resolve(ws, arrays, env)
             fargs = {k: _DLPackAs(v) for k, v in bufs.items() if _is_bf16(v)} if self._bf16 else {}
             fargs = {**bufs, **fargs} if fargs else bufs
-            for fn, buf_ids, syms, name in self._calls:
+            for fn, buf_ids, syms, name, gemm in self._calls:
                 try:
-                    fn(*[fargs[i] for i in buf_ids], *[env[s] for s in syms])
+                    if gemm is not None:
+                        gemm([bufs[i] for i in buf_ids], env)
+                    else:
+                        fn(*[fargs[i] for i in buf_ids], *[env[s] for s in syms])
                 except (ValueError, TypeError, RuntimeError, IndexError) as e:
                     # inputs were checked above: a kernel refusing its arguments is the artifact's fault
                     raise ArtifactError(f"kernel {name!r} refused the buffers the manifest gives it "

@@ -109,8 +109,8 @@ class KernelSpec:
     name: str
     symbols: tuple[str, ...]
     ops: str = ""
-    route: str = "tvm"  # tvm | shim
-    func: str = ""  # shim function (route "shim")
+    route: str = "tvm"  # tvm | shim (CUDA) | blas (CPU)
+    func: str = ""  # shim or blas function (route "shim" / "blas")
     tensors: tuple = ()  # ShimTensor | None per shim tensor argument
     scalars: tuple = ()
     label: str = ""

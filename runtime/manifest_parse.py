@@ -34,10 +34,12 @@ def parse(m: Any, at: At, sealed: bool) -> Manifest:
     device = chk.string(target["device"], at["target"]["device"], DEVICES)
     program = _program(sections["program"], at["program"])
     weights = _weights(sections["weights"], at["weights"], program)
-    if device != "cuda":
-        for name, k in program.kernels.items():
-            if k.route != "tvm":
-                raise at["program"]["kernels"][name]["route"].error(f"route {k.route!r} exists on CUDA only")
+    for name, k in program.kernels.items():
+        if k.route != "tvm" and ROUTE_DEVICE[k.route] != device:
+            raise at["program"]["kernels"][name]["route"].error(
+                f"route {k.route!r} exists on {ROUTE_DEVICE[k.route]} only, not in a {device} artifact")
+        if k.route == "blas":
+            _check_blas(k, program, at["program"]["kernels"][name])
     libraries = {"tvm": LIBRARY}
     if "libraries" in sections:
         lib = chk.obj(sections["libraries"], at["libraries"], ("version", "roles"))
@@ -325,12 +327,12 @@ def _kernel(name: str, k: Any, at: At, symbols: Mapping[str, Symbol]) -> KernelS
     syms = chk.array(k["symbols"], at["symbols"],
                      lambda s, a: chk.lookup(symbols, chk.string(s, a), a, "symbol").name, max_len=64)
     ops = chk.string(k.get("ops", name), at["ops"])
-    route = chk.string(k.get("route", "tvm"), at["route"], ("tvm", "shim"))
+    route = chk.string(k.get("route", "tvm"), at["route"], ("tvm", *ROUTE_DEVICE))
     text = {key: chk.string(k[key], at[key]) if k.get(key) else "" for key in ("label", "schedule")}
     if route == "tvm":
         for key in ("func", "tensors", "scalars"):
             if key in k:
-                raise at[key].error("only a shim kernel has this key")
+                raise at[key].error("only a shim or blas kernel has this key")
         return KernelSpec(name, syms, ops, route, label=text["label"], schedule=text["schedule"])
     chk.obj(k, at, ("symbols", "func", "tensors", "scalars"), ("ops", "route", "label", "schedule"))
 
@@ -344,6 +346,31 @@ def _kernel(name: str, k: Any, at: At, symbols: Mapping[str, Symbol]) -> KernelS
                       chk.array(k["tensors"], at["tensors"], tensor, max_len=32),
                       chk.array(k["scalars"], at["scalars"], chk.number, max_len=64),
                       text["label"], text["schedule"])
+
+
+ROUTE_DEVICE = {"shim": "cuda", "blas": "cpu"}  # library routes besides TVM, and where they exist
+BLAS_DTYPES = ("float32", "float64")
+
+
+def _check_blas(k: KernelSpec, program: Program, at: At) -> None:
+    """A blas kernel is one GEMM out[M, N] = a[M, K] @ w (w^T with trans_b) over 2-D views of
+    float32/float64 buffers; the shapes are checked per call (numpy refuses a mismatch)."""
+    if k.func != "gemm":
+        raise at["func"].error(f"unknown blas function {k.func!r} (this runtime has 'gemm')")
+    if len(k.tensors) != 3 or any(t is None or len(t.shape) != 2 for t in k.tensors):
+        raise at["tensors"].error("a blas gemm takes three 2-D tensors (a, w, out)")
+    if len(k.scalars) != 1 or k.scalars[0] not in (0, 1) or isinstance(k.scalars[0], bool):
+        raise at["scalars"].error("a blas gemm takes one scalar, trans_b (0 or 1)")
+    if sorted(t.arg for t in k.tensors) != [0, 1, 2]:
+        raise at["tensors"].error("a blas gemm reads its call's three arguments (a, w, out), each once")
+    for c in (c for c in program.calls if c.kernel == k.name):
+        if len(c.args) != 3:
+            raise at.error(f"a blas gemm is called with three buffers, one call passes {len(c.args)}")
+        dtypes = set()
+        for t in k.tensors:
+            dtypes.add(program.buffers[c.args[t.arg]].dtype)
+        if len(dtypes) != 1 or not dtypes <= set(BLAS_DTYPES):
+            raise at.error(f"a blas gemm runs on one of {BLAS_DTYPES}, its buffers have {sorted(dtypes)}")
 
 
 def _weights(w: Any, at: At, program: Program) -> WeightsSpec:

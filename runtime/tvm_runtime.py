@@ -13,14 +13,10 @@ import os
 import pathlib
 import sys
 
+from .threads import use_all_cores
+
 _PLUGINS = ("libtvm_runtime_cuda.so", "libtvm_runtime_extra.so")
 skipped_plugins: dict[str, str] = {}
-
-
-def use_all_cores() -> None:
-    """TVM sizes its CPU pool to half the cores on x86 (one thread on a 2-core VM); the
-    executor's kernels are written for all of them. Must run before the first kernel."""
-    os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
 
 def import_tvm(with_gpu: bool = False):

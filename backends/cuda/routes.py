@@ -32,6 +32,7 @@ from llmc.compiler.dtypes import DType
 from llmc.compiler.ir import Graph, Node
 from llmc.compiler.ops import Op, PermuteAttrs
 from llmc.compiler.program import Kernel
+from llmc.passes.partition import is_transposed_2d as _transposed_2d
 from llmc.compiler.symbolic import to_json
 
 BSHD = (0, 2, 1, 3)
@@ -46,12 +47,6 @@ ACT = {Op.GELU: 1, Op.RELU: 2}
 
 def _is_bshd_permute(n: Node) -> bool:
     return n.op is Op.PERMUTE and tuple(n.attrs.perm) == BSHD
-
-
-def _transposed_2d(w: Node) -> bool:
-    """w = PERMUTE(x [N, K], (1, 0)): the GEMM reads x with trans_b=1 instead (a tied
-    embedding used as the LM head is stored once, [vocab, hidden])."""
-    return w.op is Op.PERMUTE and tuple(w.attrs.perm) == (1, 0) and len(w.inputs[0].shape) == 2
 
 
 def attention_offloadable(a: Node) -> bool:
@@ -198,38 +193,14 @@ class _Split:
         return core
 
 
-def _ancestors(group: list[Node], members: set[int], roots: set[int]) -> set[int]:
-    by_uid = {n.uid: n for n in group}
-    seen: set[int] = set()
-    stack = [by_uid[r] for r in roots]
-    while stack:
-        n = stack.pop()
-        for i in n.inputs:
-            if i.uid in members and i.uid not in seen and i.uid not in roots:
-                seen.add(i.uid)
-                stack.append(by_uid[i.uid])
-    return seen
-
-
-def _is_view_group(nodes: list[Node]) -> bool:
-    return all(n.op is Op.RESHAPE and n.inputs[0].op is not Op.CONST for n in nodes)
-
-
 def cuda_grouping(graph: Graph) -> list[list[Node]]:
     """fused_grouping, with each shim-runnable core split out into its own kernel."""
-    from llmc.passes.partition import HEAVY, fused_grouping
+    from llmc.passes.partition import HEAVY, ancestors_within, fused_grouping, join_weight_transposes, split_out_cores
 
     split = _Split(graph)
     groups = fused_grouping(graph)
+    groups = join_weight_transposes(graph, groups)
     owner = {n.uid: gi for gi, g in enumerate(groups) for n in g}
-    for gi, g in enumerate(groups):  # a lone W^T kernel feeding one GEMM joins it (trans_b=1)
-        for m in [n for n in g if n.op is Op.MATMUL]:
-            w = m.inputs[1]
-            wg = owner.get(w.uid)
-            if (wg is not None and wg != gi and groups[wg] == [w] and _transposed_2d(w)
-                    and [u.uid for u in split.users.get(w.uid, [])] == [m.uid] and w.uid not in split.outputs):
-                groups[gi] = [w] + groups[gi]
-                groups[wg] = []
     for gi, g in enumerate(groups):  # X = ADD(GEMM, bias) read in place by attention: bias -> GEMM epilogue
         for a in [n for n in g if n.op is Op.ATTENTION and attention_offloadable(n)]:
             X = packed_qkv(a)
@@ -245,25 +216,16 @@ def cuda_grouping(graph: Graph) -> list[list[Node]]:
             groups[mg] = groups[mg] + [X]
             owner[X.uid] = mg
             g = groups[gi]
-    out: list[list[Node]] = []
-    for group in (g for g in groups if g):
+
+    def core_of(group: list[Node], members: set[int]) -> set[int] | None:
         heavy = [n for n in group if n.op in HEAVY]
-        members = {n.uid for n in group}
-        core: set[int] | None = None
         if len(heavy) == 1 and heavy[0].op is Op.ATTENTION and attention_offloadable(heavy[0]):
-            core = split.attention_core(heavy[0], members)
-        elif len(heavy) == 1 and heavy[0].op is Op.MATMUL:
-            core = split.matmul_core(heavy[0], members, _ancestors(group, members, {heavy[0].uid}))
-        if core is None:
-            out.append(group)
-            continue
-        pre = _ancestors(group, members, core)
-        parts = ([n for n in group if n.uid in pre], [n for n in group if n.uid in core],
-                 [n for n in group if n.uid not in core and n.uid not in pre])
-        for i, part in enumerate(parts):
-            if part and not (i != 1 and _is_view_group(part)):
-                out.append(part)
-    return out
+            return split.attention_core(heavy[0], members)
+        if len(heavy) == 1 and heavy[0].op is Op.MATMUL:
+            return split.matmul_core(heavy[0], members, ancestors_within(group, {heavy[0].uid}))
+        return None
+
+    return split_out_cores(groups, core_of)
 
 
 # ---- routes of built kernels ------------------------------------------------------------------

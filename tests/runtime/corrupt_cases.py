@@ -328,11 +328,29 @@ lie("call args swapped (shapes differ)", _set("program/calls/1/args", [3, 5, 4])
 lie("call arg dropped", _set("program/calls/1/args", [3, 4]))
 lie("call arg repeated", _set("program/calls/1/args", [3, 4, 5, 5]))
 lie("kernel symbol unknown", _set("program/kernels/matmul_0/symbols", ["batch", "heads"]))
-lie("kernel symbol dropped", _set("program/kernels/matmul_0/symbols", ["batch"]))
+lie("kernel symbol dropped", _set("program/kernels/layer_norm_0/symbols", ["batch"]))
 lie("kernel name missing from the library", lambda m: (
-    m["program"]["kernels"].__setitem__("matmul_9", m["program"]["kernels"].pop("matmul_0")),
-    m["program"]["calls"][1].__setitem__("kernel", "matmul_9")))
-lie("tvm kernel with shim fields", _set("program/kernels/matmul_0/scalars", [1]))
+    m["program"]["kernels"].__setitem__("layer_norm_9", m["program"]["kernels"].pop("layer_norm_0")),
+    m["program"]["calls"][0].__setitem__("kernel", "layer_norm_9")))
+lie("tvm kernel with shim fields", _set("program/kernels/layer_norm_0/scalars", [1]))
+lie("tvm kernel relabelled a blas gemm", lambda m: m["program"]["kernels"]["layer_norm_0"].update(
+    route="blas", func="gemm", scalars=[0], tensors=[{"arg": i, "shape": [16, 16]} for i in range(3)]))
+# the BLAS GEMMs (matmul_0 and matmul_1 are route "blas": a, w, out views and trans_b)
+lie("blas function unknown", _set("program/kernels/matmul_0/func", "gemv"))
+lie("blas gemm with two tensors", lambda m: m["program"]["kernels"]["matmul_0"]["tensors"].pop())
+lie("blas gemm with a missing tensor", _set("program/kernels/matmul_0/tensors/1", None))
+lie("blas gemm with a 3-D view", _set("program/kernels/matmul_0/tensors/1/shape", [16, 32, 1]))
+lie("blas trans_b 2", _set("program/kernels/matmul_0/scalars", [2]))
+lie("blas trans_b a bool", _set("program/kernels/matmul_0/scalars", [True]))
+lie("blas trans_b missing", _set("program/kernels/matmul_0/scalars", []))
+lie("blas trans_b flipped (shapes disagree)", _set("program/kernels/matmul_0/scalars", [1]))
+lie("blas weight view transposed (same size)", _set("program/kernels/matmul_0/tensors/1/shape", [32, 16]))
+lie("blas output view larger than its buffer", _set("program/kernels/matmul_1/tensors/2/shape/1", 32))
+lie("blas tensor reads past the call's args", _set("program/kernels/matmul_0/tensors/2/arg", 3))
+lie("blas a and out swapped", lambda m: (_set("program/kernels/matmul_0/tensors/0/arg", 2)(m),
+                                         _set("program/kernels/matmul_0/tensors/2/arg", 0)(m)))
+lie("blas call with a fourth argument", _set("program/calls/1/args", [3, 4, 5, 8]))
+lie("blas kernel in a cuda artifact's clothing", lambda m: m["program"]["kernels"]["matmul_0"].update(route="shim"))
 lie("shim kernel on a CPU artifact", lambda m: m["program"]["kernels"]["matmul_0"].update(
     route="shim", func="llmc_gemm_ex", tensors=[], scalars=[]))
 lie("shim tensor reads past the call's args", lambda m: m["program"]["kernels"]["matmul_0"].update(

@@ -1,0 +1,44 @@
+"""GEMMs of a CPU artifact that run in the BLAS numpy bundles (route "blas" in the manifest).
+
+numpy's wheels ship OpenBLAS built for every x86-64 / ARMv8 generation it knows, choosing
+its kernels at load time for the processor it finds, so a portable (x86-64-v3) artifact
+still gets AVX-512 GEMMs on a machine that has them. The compiler (backends/cpu_blas.py)
+routes a float32/float64 MATMUL with a 2-D right operand here; `np.matmul` into the planned
+output buffer calls sgemm/dgemm (OpenBLAS forwards GEMV-shaped ones to its GEMV) with no
+copies: the operands are 2-D views of contiguous buffers (leading dims flattened into M)
+and W^T is a transposed view, which the BLAS reads with its transpose flag.
+
+Why not oneMKL, which runs this VM's prefill GEMMs at 230-310 GFLOP/s against OpenBLAS's
+160-190: torch exports its own statically linked MKL's symbols (23,600 of them) from
+libtorch_cpu.so, and oneMKL's pip package, loaded into a process that imported torch, binds
+to some of them and returns wrong results (measured); loading it in a private link-map
+namespace (dlmopen) crashed. A runtime that is wrong whenever torch is imported first is
+not one users can trust, so the BLAS is numpy's.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .manifest import KernelSpec, eval_dim
+
+
+class Gemm:
+    """One blas kernel: out[M, N] = a[M, K] @ (w^T if trans_b else w), over 2-D views."""
+
+    def __init__(self, spec: KernelSpec):
+        (self.a, self.a_shape), (self.w, self.w_shape), (self.out, self.out_shape) = \
+            [(t.arg, t.shape) for t in spec.tensors]
+        self.trans_b = bool(spec.scalars[0])
+
+    def __call__(self, args: Sequence[np.ndarray], env: Mapping[str, int]) -> None:
+        a = args[self.a].reshape([eval_dim(d, env) for d in self.a_shape])
+        w = args[self.w].reshape([eval_dim(d, env) for d in self.w_shape])
+        out = args[self.out].reshape([eval_dim(d, env) for d in self.out_shape])
+        if out.base is None and out is not args[self.out]:  # reshape copied: results would be lost
+            raise ValueError("gemm output is not a view of its buffer")
+        np.matmul(a, w.T if self.trans_b else w, out=out)
+
+
+__all__ = ["Gemm"]

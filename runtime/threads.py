@@ -1,0 +1,33 @@
+"""CPU threads for the runtime: the one place its thread settings are read.
+
+    LLMC_NUM_THREADS   threads for TVM kernels (default: every core; TVM_NUM_THREADS, if
+                       set, is honoured too). The BLAS (numpy's OpenBLAS) sizes its own pool
+                       from OPENBLAS_NUM_THREADS when numpy is imported.
+
+TVM's pool and the BLAS's take turns on the same cores, kernel after kernel. A pool that
+spins after its work is done steals the cores the next kernel needs: measured on GPT-2,
+layer norms after a GEMM ran 30x slower while TVM's workers spun. So TVM's workers go to
+sleep as soon as their work is done (TVM_THREAD_POOL_SPIN_COUNT=0, unless the user set it).
+OpenBLAS's idle threads yield the processor, which costs little (measured).
+"""
+from __future__ import annotations
+
+import os
+
+from ..errors import LLMCError
+
+
+def cpu_threads() -> int:
+    value = os.environ.get("LLMC_NUM_THREADS") or os.environ.get("TVM_NUM_THREADS")
+    if value is None:
+        return os.cpu_count() or 1
+    if not value.isdigit() or int(value) < 1:
+        raise LLMCError(f"LLMC_NUM_THREADS / TVM_NUM_THREADS = {value!r}: expected a positive integer")
+    return int(value)
+
+
+def use_all_cores() -> None:
+    """Size TVM's CPU pool (it defaults to half the cores on x86: one thread on a 2-core VM)
+    and stop its workers spinning between kernels. Must run before the first kernel."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(cpu_threads()))
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
