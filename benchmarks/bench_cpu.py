@@ -12,19 +12,22 @@ onnxruntime (ORT_ENABLE_ALL) on the legacy ONNX export where that export works.
 
 GEMM table: each GEMM shape these models run, timed in numpy (its BLAS: the baseline),
 torch (MKL) and llmc (a compiled one-MATMUL graph, called through the runtime, so its
-per-call overhead counts; the LM head reads the tied [vocab, hidden] table transposed, as
-in GPT-2), as ms and GFLOP/s, with llmc's rate as a fraction of numpy's.
+per-call overhead counts, and like a torch call it returns a freshly allocated output,
+whose pages the kernel faults in; the LM head reads the tied [vocab, hidden] table
+transposed, as in GPT-2), as ms and GFLOP/s, with llmc's rate as a fraction of numpy's.
 
 Ceiling: the bandwidth of a plain numpy copy of 512 MiB (bytes read + written, STREAM's
-convention); the one-token GPT-2 row reports weight bytes / time against it.
+convention), raced with the one-token GPT-2 rows, which report weight bytes / time against it.
 
 Every figure comes from this run on this machine; ratios are against the baseline measured
 in the same process (torch eager for models, numpy's BLAS for GEMMs). Times are medians of
-`--reps` runs after 2 warm-ups.
+`--reps` calls after 2 warm-ups, the contenders of a row timed in interleaved rounds.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
 import os
 import statistics
 import sys
@@ -39,15 +42,21 @@ import llmc
 from llmc.compiler.frontend.hf_models import minilm_path
 
 
-def timeit(fn, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
+def race(fns: dict, reps: int, warmup: int = 2) -> dict:
+    """Median ms per call of each fn, timed in interleaved rounds (each round calls every fn
+    once, in rotating order), so a machine whose speed drifts during the run (this shared
+    VM's does, by up to 2x over minutes) slows every contender alike and ratios stay fair."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    ts: dict = {n: [] for n in names}
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t = time.perf_counter()
+            fns[name]()
+            ts[name].append(time.perf_counter() - t)
+    return {n: statistics.median(v) * 1e3 for n, v in ts.items()}
 
 
 def say(msg: str) -> None:
@@ -110,45 +119,68 @@ def compile_timed(model, example: dict, bounds: dict, use_blas: bool):
 
 
 def bench_model(name: str, model, shapes: dict, example: dict, bounds: dict, args, table: Table,
-                extra=None, copy_gbs: float | None = None) -> None:
+                copy_buffers: tuple | None = None) -> None:
     """`shapes`: label -> torch kwargs; the model is compiled once (dynamic dims) per variant."""
     say(f"== {name}: compiling")
     variants = [("llmc (GEMMs in the BLAS)", True)] + ([("llmc (GEMMs built by TVM)", False)] if args.tvm_gemm else [])
     compiled = {}
     for label, use_blas in variants:
         cm, secs = compile_timed(model, example, bounds, use_blas)
-        n_blas = sum(1 for k in cm.manifest["program"]["kernels"].values() if k.get("route") == "blas")
-        compiled[label] = (cm, f"compile {secs:.1f} s, {len(cm.program.calls)} calls, {n_blas} BLAS kernels")
-    sess = None
-    if args.ort and extra != "no-ort":
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "model.onnx")
-            first = next(iter(shapes.values()))
-            try:
-                export_legacy(model, {k: v for k, v in first.items() if isinstance(v, torch.Tensor)}, path)
-                sess = ort_session(path, args.threads)
-            except Exception as e:  # noqa: BLE001 - report, do not hide: the row says why it is missing
-                say(f"   onnxruntime: legacy export failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        kernels = cm.manifest["program"]["kernels"]
+        n_blas = sum(1 for c in cm.program.calls if kernels[c.kernel].get("route") == "blas")
+        compiled[label] = (cm, f"compile {secs:.1f} s, {len(cm.program.calls)} calls ({n_blas} BLAS)")
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    sess = ort_session_for(name, model, shapes, args, table) if args.ort else None
     for label, kwargs in shapes.items():
         row = f"{name} {label}"
         feeds = {k: v.numpy() for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
         with torch.no_grad():
-            t_torch = timeit(lambda: model(**kwargs), args.reps)
             ref = model(**kwargs)[0].numpy()
-        table.add(row, "torch eager", t_torch)
+        notes = {}
         for what, (cm, note) in compiled.items():
-            out = cm(**feeds)[0]
-            err = float(np.abs(out - ref).max())
-            t = timeit(lambda: cm(**feeds), args.reps)
-            bw = ""
-            if copy_gbs and label.endswith("x 1"):
-                gbs = weight_bytes / t / 1e6
-                bw = f", weights {weight_bytes / 1e6:.0f} MB read at {gbs:.1f} GB/s = {gbs / copy_gbs:.0%} of copy"
-            table.add(row, what, t, f"{note}, max abs err {err:.1e}{bw}")
+            err = float(np.abs(cm(**feeds)[0] - ref).max())
+            notes[what] = f"{note}, max abs err {err:.1e}"
+        fns = {"torch eager": lambda: model(**kwargs)}
+        fns.update({what: (lambda cm=cm: cm(**feeds)) for what, (cm, _) in compiled.items()})
         if sess is not None:
-            t = timeit(lambda: sess.run(None, feeds), args.reps)
-            table.add(row, "onnxruntime ORT_ENABLE_ALL (legacy export)", t)
+            fns[ORT] = lambda: sess.run(None, feeds)
+        decode = copy_buffers is not None and label.endswith("x 1")
+        if decode:  # the bandwidth ceiling, raced with the contenders
+            fns[COPY] = lambda: np.copyto(copy_buffers[1], copy_buffers[0])
+        with torch.no_grad():
+            times = race(fns, args.reps)
+        copy_gbs = 2 * copy_buffers[0].nbytes / times[COPY] / 1e6 if decode else None
+        for what, t in times.items():
+            note = notes.get(what, "")
+            if what == COPY:
+                note = f"{copy_gbs:.1f} GB/s (read + written)"
+            elif decode and what != "torch eager":
+                gbs = weight_bytes / t / 1e6
+                note += f"{', ' if note else ''}weights {weight_bytes / 1e6:.0f} MB read at {gbs:.1f} GB/s = " \
+                        f"{gbs / copy_gbs:.0%} of copy"
+            table.add(row, what, t, note)
+    del sess
+    gc.collect()  # onnxruntime's spinning pool must be gone before the next model
+
+
+ORT = "onnxruntime ORT_ENABLE_ALL (legacy export)"
+COPY = "numpy copy of 512 MiB (bandwidth ceiling)"
+
+
+def ort_session_for(name: str, model, shapes: dict, args, table: Table):
+    """onnxruntime on the legacy export of a copy of the model (the exporter leaves the module
+    it traces changed: its outputs differed by ~2 afterwards, measured), or None with a row
+    saying why the export failed."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "model.onnx")
+        first = next(iter(shapes.values()))
+        try:
+            export_legacy(copy.deepcopy(model), {k: v for k, v in first.items() if isinstance(v, torch.Tensor)}, path)
+            return ort_session(path, args.threads)
+        except Exception as e:  # noqa: BLE001 - reported in the table: the row says why it is missing
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            table.add(f"{name} {next(iter(shapes))}", "onnxruntime: legacy export failed", float("nan"), why)
+            return None
 
 
 def minilm(args, table: Table) -> None:
@@ -172,7 +204,7 @@ def llama(args, table: Table) -> None:
     bench_model("Llama 4x512", model, {"1 x 128": kw}, example, {"batch": (1, 4), "seq": (1, 256)}, args, table)
 
 
-def gpt2(args, table: Table, copy_gbs: float) -> None:
+def gpt2(args, table: Table) -> None:
     cfg = transformers.GPT2Config(attn_implementation="sdpa")  # 124M: 12 layers, 768 wide, vocab 50257
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(cfg).eval()
@@ -181,7 +213,7 @@ def gpt2(args, table: Table, copy_gbs: float) -> None:
               for b, s in ((1, 128), (4, 128), (1, 1))}
     example = {"input_ids": torch.randint(0, 50257, (2, 16), generator=g), "use_cache": False}
     bench_model("GPT-2 124M", model, shapes, example, {"batch": (1, 4), "seq": (1, 256)}, args, table,
-                copy_gbs=copy_gbs)
+                copy_buffers=(np.ones(1 << 27, np.float32), np.empty(1 << 27, np.float32)))
 
 
 # ---- GEMMs ---------------------------------------------------------------------------------
@@ -224,9 +256,8 @@ def gemm_table(args) -> None:
         out = np.empty((m, n), np.float32)
         rhs = w.T if transposed else w
         reps = max(5, min(args.reps * 3, int(2e10 / (2 * m * k * n))))
-        times = {"numpy (BLAS)": timeit(lambda: np.matmul(x, rhs, out=out), reps)}
         tx, tw, to = torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(rhs)), torch.from_numpy(out)
-        times["torch (MKL)"] = timeit(lambda: torch.mm(tx, tw, out=to), reps)
+        fns = {"numpy (BLAS)": lambda: np.matmul(x, rhs, out=out), "torch (MKL)": lambda: torch.mm(tx, tw, out=to)}
         ref = x.astype(np.float64) @ rhs.astype(np.float64)
         for col, use_blas in (("llmc", True), ("llmc TVM GEMM", False)):
             if col not in cols:
@@ -235,17 +266,11 @@ def gemm_table(args) -> None:
             err = float(np.abs(cm(x)[0] - ref).max())
             if err > 1e-3:
                 raise SystemExit(f"{what}: {col} is wrong (max abs err {err})")
-            times[col] = timeit(lambda: cm(x), reps)
+            fns[col] = lambda cm=cm: cm(x)
+        times = race(fns, reps)
         gf = {c: 2 * m * k * n / t / 1e6 for c, t in times.items()}
         cells = " | ".join(f"{times[c]:.3f} ms, {gf[c]:.0f} GF/s" for c in cols)
         say(f"| {what} | {m} x {k} x {n} | {cells} | {gf['llmc'] / gf['numpy (BLAS)']:.2f} |")
-
-
-def copy_bandwidth(reps: int) -> float:
-    a = np.ones(1 << 27, np.float32)  # 512 MiB
-    b = np.empty_like(a)
-    t = timeit(lambda: np.copyto(b, a), reps) / 1e3
-    return 2 * a.nbytes / t / 1e9
 
 
 def main() -> None:
@@ -261,14 +286,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("LLMC_NUM_THREADS", str(args.threads))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    copy_gbs = copy_bandwidth(args.reps)
     say(f"CPU: {args.threads} threads; numpy {np.__version__} BLAS: {blas_name()}; torch {torch.__version__}")
-    say(f"numpy copy of 512 MiB: {copy_gbs:.1f} GB/s (read + written)")
     if args.gemm_table:
         gemm_table(args)
     table = Table()
     runners = {"minilm": lambda: minilm(args, table), "llama": lambda: llama(args, table),
-               "gpt2": lambda: gpt2(args, table, copy_gbs)}
+               "gpt2": lambda: gpt2(args, table)}
     for name in args.models.split(","):
         if name not in runners:
             raise SystemExit(f"unknown model {name!r}; choose from {', '.join(runners)}")
