@@ -42,10 +42,16 @@ import llmc
 from llmc.compiler.frontend.hf_models import minilm_path
 
 
+SETTLE_S = 0.2  # idle time before each timed call: the previous contender's threads stop spinning
+
+
 def race(fns: dict, reps: int, warmup: int = 2) -> dict:
     """Median ms per call of each fn, timed in interleaved rounds (each round calls every fn
     once, in rotating order), so a machine whose speed drifts during the run (this shared
-    VM's does, by up to 2x over minutes) slows every contender alike and ratios stay fair."""
+    VM's does, by up to 2x over minutes) slows every contender alike and ratios stay fair.
+    Each timed call starts after SETTLE_S of idling: torch's OpenMP and OpenBLAS's threads
+    keep spinning for a while after their work (OpenBLAS ~0.1 s), and whoever ran next was
+    measured up to 10x slower without the pause."""
     names = list(fns)
     for name in names:
         for _ in range(warmup):
@@ -53,6 +59,7 @@ def race(fns: dict, reps: int, warmup: int = 2) -> dict:
     ts: dict = {n: [] for n in names}
     for r in range(reps):
         for name in names[r % len(names):] + names[:r % len(names)]:
+            time.sleep(SETTLE_S)
             t = time.perf_counter()
             fns[name]()
             ts[name].append(time.perf_counter() - t)
@@ -255,7 +262,7 @@ def gemm_table(args) -> None:
         x = rng.standard_normal((m, k)).astype(np.float32)
         out = np.empty((m, n), np.float32)
         rhs = w.T if transposed else w
-        reps = max(5, min(args.reps * 3, int(2e10 / (2 * m * k * n))))
+        reps = max(5, min(args.reps, int(2e10 / (2 * m * k * n))))
         tx, tw, to = torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(rhs)), torch.from_numpy(out)
         fns = {"numpy (BLAS)": lambda: np.matmul(x, rhs, out=out), "torch (MKL)": lambda: torch.mm(tx, tw, out=to)}
         ref = x.astype(np.float64) @ rhs.astype(np.float64)

@@ -28,6 +28,7 @@ wrapper modules around a Hugging Face model are covered too.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 import warnings
@@ -39,6 +40,7 @@ from torch.utils import _pytree as pytree
 
 from ...errors import LLMCError
 from ..ir import Graph
+from ..symbolic import SymDim
 from .moe_capture import use_exportable_experts
 from .torch_convert import ConversionError, Converter
 
@@ -100,7 +102,13 @@ def from_torch(model: torch.nn.Module, example_args: tuple = (), example_kwargs:
             config.use_cache = value
         restore_experts()
     dim_specs = _dim_specs(model, example_args, example_kwargs, dynamic_shapes)
-    return Converter(ep, _user_leaves(ep, example_args, example_kwargs), dim_specs).convert()
+    graph = Converter(ep, _user_leaves(ep, example_args, example_kwargs), dim_specs).convert()
+    if default:  # a dim fixed at one size (batch (1, 1)) was exported as [lo, lo + 1]: record [lo, lo]
+        fixed = {n: SymDim(n, s.lo, min(s.hi, bounds[n][1])) for n, s in graph.symbols.items()
+                 if n in bounds and bounds[n][0] == bounds[n][1]}
+        if fixed:
+            graph = dataclasses.replace(graph, symbols={**graph.symbols, **fixed})
+    return graph
 
 
 def _without_cache(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
@@ -180,7 +188,9 @@ def default_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict,
                            dim_bounds: Mapping[str, tuple[int, int]] | None = None) -> dict[str, Any]:
     """{arg name: spec}: dims 0/1 of every rank>=2 tensor are `batch`/`seq`, others static."""
     bounds = _default_bounds(dim_bounds)
-    dims = [Dim(name, min=lo, max=hi) for name, (lo, hi) in bounds.items()]  # batch, seq
+    # batch, seq; torch's Dim needs min < max, so a dim fixed at one size is exported as
+    # [lo, lo + 1] and from_torch records [lo, lo] in the graph's symbols
+    dims = [Dim(name, min=lo, max=max(hi, lo + 1)) for name, (lo, hi) in bounds.items()]
     arguments = inspect.signature(model.forward).bind(*args, **kwargs).arguments
 
     def spec(path, v):

@@ -34,8 +34,27 @@ def artifact(tmp_path_factory):
 def test_inspect(artifact):
     r = llmc("inspect", str(artifact))
     assert r.returncode == 0, r.stderr
-    for word in ("input  input_ids: int64[batch, seq]", "output logits", "kernels:", "weights:", "seq in [1, 32]"):
+    for word in ("input  input_ids: int64[batch, seq]", "output logits", "kernels:", "weights:", "seq in [1, 32]",
+                 "blas:gemm (blas gemm)", "tvm (attention)"):
         assert word in r.stdout, r.stdout
+
+
+def test_no_blas_builds_gemms_with_tvm(tmp_path):
+    out = tmp_path / "m.llmc"
+    r = llmc("compile", "tiny-llama", "-o", str(out), "--seq-len", "16", "--batch", "1", "--no-blas")
+    assert r.returncode == 0, r.stderr
+    r = llmc("inspect", str(out))
+    assert r.returncode == 0 and "blas:" not in r.stdout and "tvm (matmul)" in r.stdout, r.stdout
+    assert "batch in [1, 1]" in r.stdout, r.stdout  # --batch 1: exported as [1, 2] (torch needs min < max)
+
+
+def test_bad_thread_count_is_a_clear_error(artifact, tmp_path):
+    np.save(tmp_path / "ids.npy", np.ones((1, 4), np.int64))
+    env = dict(os.environ, LLMC_NUM_THREADS="two")
+    env.pop("TVM_NUM_THREADS", None)
+    r = subprocess.run([sys.executable, "-m", "llmc.cli", "run", str(artifact), "--input", f"input_ids={tmp_path / 'ids.npy'}"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode != 0 and "LLMC_NUM_THREADS" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_run_matches_torch(artifact, tmp_path):
