@@ -1,7 +1,7 @@
 """CPU latency: llmc vs torch eager vs onnxruntime, GEMM rates vs numpy's BLAS, compile time.
 
     python benchmarks/bench_cpu.py [--threads N] [--reps 10] [--models minilm,llama,gpt2]
-                                   [--no-ort] [--no-tvm-gemm] [--no-gemm-table]
+                                   [--target llvm] [--no-ort] [--no-tvm-gemm] [--no-gemm-table]
 
 Models: MiniLM (real all-MiniLM-L6-v2 weights) at 8 x 128; a small Llama (4 layers, hidden
 512, GQA 8/4, random weights) at 1 x 128; GPT-2 124M (GPT2LMHeadModel, random weights) at
@@ -119,9 +119,12 @@ class Table:
             say(f"| {model} | {what} | {ms:.2f} | {ratio} | {note} |")
 
 
+TARGET = ["llvm"]  # --target
+
+
 def compile_timed(model, example: dict, bounds: dict, use_blas: bool):
     t0 = time.perf_counter()
-    cm = llmc.compile(model, (), example, dim_bounds=bounds, use_blas=use_blas)
+    cm = llmc.compile(model, (), example, dim_bounds=bounds, use_blas=use_blas, target=TARGET[0])
     return cm, time.perf_counter() - t0
 
 
@@ -269,7 +272,7 @@ def gemm_table(args) -> None:
         for col, use_blas in (("llmc", True), ("llmc TVM GEMM", False)):
             if col not in cols:
                 continue
-            cm = compile_graph(g, CompileOptions(use_blas=use_blas))
+            cm = compile_graph(g, CompileOptions(TARGET[0], use_blas=use_blas))
             err = float(np.abs(cm(x)[0] - ref).max())
             if err > 1e-3:
                 raise SystemExit(f"{what}: {col} is wrong (max abs err {err})")
@@ -285,15 +288,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--models", default="minilm,llama,gpt2")
+    ap.add_argument("--target", default="llvm", help="llmc's CPU target: llvm (portable x86-64-v3), llvm:native, ...")
     ap.add_argument("--no-ort", dest="ort", action="store_false")
     ap.add_argument("--no-tvm-gemm", dest="tvm_gemm", action="store_false",
                     help="skip the rows with every GEMM built by TVM (use_blas=False)")
     ap.add_argument("--no-gemm-table", dest="gemm_table", action="store_false")
     args = ap.parse_args()
+    TARGET[0] = args.target
     torch.set_num_threads(args.threads)
     os.environ.setdefault("LLMC_NUM_THREADS", str(args.threads))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    say(f"CPU: {args.threads} threads; numpy {np.__version__} BLAS: {blas_name()}; torch {torch.__version__}")
+    say(f"llmc target {args.target}; CPU: {args.threads} threads; numpy {np.__version__} BLAS: {blas_name()}; torch {torch.__version__}")
     if args.gemm_table:
         gemm_table(args)
     table = Table()
