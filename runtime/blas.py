@@ -35,8 +35,9 @@ class Gemm:
     def __call__(self, args: Sequence[np.ndarray], env: Mapping[str, int]) -> None:
         a = args[self.a].reshape([eval_dim(d, env) for d in self.a_shape])
         w = args[self.w].reshape([eval_dim(d, env) for d in self.w_shape])
-        out = args[self.out].reshape([eval_dim(d, env) for d in self.out_shape])
-        if out.base is None and out is not args[self.out]:  # reshape copied: results would be lost
+        buf = args[self.out]
+        out = buf.reshape([eval_dim(d, env) for d in self.out_shape])
+        if not np.may_share_memory(out, buf):  # reshape copied (never for contiguous buffers): results would be lost
             raise ValueError("gemm output is not a view of its buffer")
         np.matmul(a, w.T if self.trans_b else w, out=out)
 
