@@ -454,12 +454,15 @@ def schedule_attention(sch, info: CpuInfo) -> None:
     _vectorize_last(sch, parts["attn_q"], info.lanes, skip=1)
     jo, ji = sch.split(sch.get_loops(parts["attn_exp"])[-1], [None, ATTN_KEY_TILE])  # T_pad: exact
     sch.vectorize(ji)
-    # q.k: for each tile of keys, loop the head dim outside and the tile's keys inside
+    # q.k as a register tile: per tile of 16 keys, the head dim outside, then the chunk's 8
+    # query rows (unrolled: 8 independent accumulator chains sharing each K^T vector load),
+    # then the tile's keys (vectorized)
     qk = parts["attn_qk"]
-    j, rd = sch.get_loops(qk)[-2:]
+    i, j, rd = sch.get_loops(qk)[-3:]
     jo, ji = sch.split(j, [None, ATTN_KEY_TILE])
-    sch.reorder(jo, rd, ji)
+    sch.reorder(jo, rd, i, ji)
     sch.vectorize(ji)
+    sch.unroll(i)
     init = sch.decompose_reduction(qk, rd)
     _vectorize_last(sch, init, info.lanes, skip=1)
     _vectorize_reduction_lanes(sch, parts["attn_max16"], info.lanes)
