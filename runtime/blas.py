@@ -25,18 +25,27 @@ from .manifest import KernelSpec, eval_dim
 
 
 class Gemm:
-    """One blas kernel: out[M, N] = a[M, K] @ (w^T if trans_b else w), over 2-D views."""
+    """One blas kernel: out[M, N] = a[M, K] @ (w^T if trans_b else w), over 2-D views.
+
+    The view shapes are evaluated once per value of the symbols they use, not per call."""
 
     def __init__(self, spec: KernelSpec):
-        (self.a, self.a_shape), (self.w, self.w_shape), (self.out, self.out_shape) = \
-            [(t.arg, t.shape) for t in spec.tensors]
+        self.args = tuple(t.arg for t in spec.tensors)  # a, w, out
+        self.shapes = tuple(t.shape for t in spec.tensors)
         self.trans_b = bool(spec.scalars[0])
+        self.symbols = tuple(sorted({name for shape in self.shapes for d in shape if not isinstance(d, int)
+                                     for _, monomial in d for name in monomial}))
+        self._views: dict[tuple, tuple] = {}
 
     def __call__(self, args: Sequence[np.ndarray], env: Mapping[str, int]) -> None:
-        a = args[self.a].reshape([eval_dim(d, env) for d in self.a_shape])
-        w = args[self.w].reshape([eval_dim(d, env) for d in self.w_shape])
-        buf = args[self.out]
-        out = buf.reshape([eval_dim(d, env) for d in self.out_shape])
+        key = tuple(env[s] for s in self.symbols)
+        shapes = self._views.get(key)
+        if shapes is None:
+            if len(self._views) >= 64:  # a serving process sees many shapes: keep the cache small
+                self._views.clear()
+            shapes = self._views[key] = tuple(tuple(eval_dim(d, env) for d in shape) for shape in self.shapes)
+        a, w, buf = (args[i] for i in self.args)
+        a, w, out = a.reshape(shapes[0]), w.reshape(shapes[1]), buf.reshape(shapes[2])
         if not np.may_share_memory(out, buf):  # reshape copied (never for contiguous buffers): results would be lost
             raise ValueError("gemm output is not a view of its buffer")
         np.matmul(a, w.T if self.trans_b else w, out=out)

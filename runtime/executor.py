@@ -137,6 +137,19 @@ def match_inputs(names: Sequence[str], args: tuple, kwargs: dict) -> dict[str, A
     return values
 
 
+def take_program(runner, manifest: Manifest) -> None:
+    """The program facts both executors (CPU here, CUDA in gpu.py) read on every call."""
+    p = manifest.program
+    runner.manifest = manifest
+    runner._program = p
+    runner.input_names = manifest.input_names
+    runner.output_names = manifest.output_names
+    runner._buffers = p.buffers
+    runner._symbols = p.symbol_bounds
+    runner._output_ids = p.output_buffers
+    runner._out_set = set(p.output_buffers)
+
+
 class _Workspace:
     """Working memory of one call in flight: an arena and its views per shape."""
 
@@ -157,15 +170,9 @@ class Executor:
     def __init__(self, manifest: Manifest, module, weights: Mapping[str, np.ndarray], device: str = "cpu"):
         if not isinstance(manifest, Manifest):
             raise TypeError("Executor takes a validated runtime.manifest.Manifest (Manifest.from_json)")
-        self.manifest = manifest
+        take_program(self, manifest)
         self.device = device
         p = manifest.program
-        self._program = p
-        self.input_names = manifest.input_names
-        self.output_names = manifest.output_names
-        self._buffers = p.buffers
-        self._symbols = p.symbol_bounds
-        self._output_ids = p.output_buffers
         self._calls = []  # (TVM function or None, buffer ids, symbols, kernel name, blas.Gemm or None)
         gemms = {name: Gemm(k) for name, k in p.kernels.items() if k.route == "blas"}
         for c in p.calls:
@@ -191,7 +198,6 @@ class Executor:
         self._arena_bytes = p.arena_bytes
         self._pool: list[_Workspace] = [_Workspace(self._arena_bytes)]
         self._pool_lock = threading.Lock()
-        self._out_set = set(self._output_ids)
         self._bf16 = any(b.dtype == "bfloat16" for b in self._buffers)
 
     # ---- symbol binding and buffer resolution ----------------------------------------

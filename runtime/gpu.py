@@ -109,7 +109,7 @@ class GpuExecutor:
 
     def __init__(self, manifest: Manifest, modules: Mapping[str, Any], weights: Mapping[str, Any] | None,
                  device_id: int = 0, graphs: bool | None = None, fill_weights: str = "random"):
-        from .executor import numpy_dtype
+        from .executor import numpy_dtype, take_program
 
         if not isinstance(manifest, Manifest):
             raise TypeError("GpuExecutor takes a validated runtime.manifest.Manifest (Manifest.from_json)")
@@ -118,7 +118,7 @@ class GpuExecutor:
             raise ArtifactError(f"unknown library roles {unknown}")
         self._lock = threading.RLock()
         self.tvm = import_tvm_cuda()
-        self.manifest = manifest
+        take_program(self, manifest)
         self.device = "cuda"
         self.dev = self.tvm.cuda(device_id)
         if not self.dev.exist:
@@ -126,13 +126,6 @@ class GpuExecutor:
         self.device_id = device_id
         self.graphs = (os.environ.get("LLMC_CUDA_GRAPHS", "1") != "0") if graphs is None else graphs
         p = manifest.program
-        self._program = p
-        self.input_names = manifest.input_names
-        self.output_names = manifest.output_names
-        self._buffers = p.buffers
-        self._symbols = p.symbol_bounds
-        self._output_ids = p.output_buffers
-        self._out_set = set(self._output_ids)
         self._numpy_dtype = numpy_dtype
         self._kernels = {}
         for name, k in p.kernels.items():
