@@ -119,8 +119,11 @@ def _seal(folder: pathlib.Path, manifest: dict) -> dict:
     return m
 
 
-def write_artifact(path: str | os.PathLike, library_writer, manifest: dict, weights: Mapping[str, np.ndarray]) -> pathlib.Path:
-    """Write atomically. `library_writer(file)` exports the kernel library to `file`."""
+def write_artifact(path: str | os.PathLike, library_writer, manifest: dict, weights: Mapping[str, np.ndarray],
+                   extra_files: Mapping[str, object] | None = None) -> pathlib.Path:
+    """Write atomically. `library_writer(file)` exports the kernel library to `file`;
+    `extra_files`: file name -> writer(file) of other files the manifest names (the step
+    function's library, a tokenizer)."""
     from safetensors.numpy import save_file
 
     dest = pathlib.Path(path).resolve()
@@ -130,6 +133,8 @@ def write_artifact(path: str | os.PathLike, library_writer, manifest: dict, weig
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         library_writer(str(tmp / manifest.get("libraries", {}).get("roles", {}).get("tvm", LIBRARY)))
+        for name, write in (extra_files or {}).items():
+            write(str(tmp / name))
         save_file({k: _storable(v) for k, v in weights.items()}, str(tmp / WEIGHTS))
         manifest = dict(manifest, weights=dict(manifest["weights"], bytes=(tmp / WEIGHTS).stat().st_size))
         manifest = _seal(tmp, manifest)

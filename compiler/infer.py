@@ -198,6 +198,21 @@ def _routed_matmul(attrs, x: TensorType, w: TensorType, ids: TensorType) -> Tens
     return TensorType(tuple(x.shape[:-1]) + (n,), promote(x.dtype, w.dtype))
 
 
+def _paged_attention(attrs, q: TensorType, k: TensorType, v: TensorType, cache: TensorType, table: TensorType,
+                     lens: TensorType, starts: TensorType) -> TensorType:
+    if q.rank != 4 or k.rank != 4 or v.rank != 4 or q.shape[0] != 1 or tuple(k.shape) != tuple(v.shape):
+        raise ValueError(f"paged attention takes q, k, v as [1, heads, tokens, dim], got {q}, {k}, {v}")
+    h, hkv = q.shape[1], k.shape[1]
+    if not (isinstance(h, int) and isinstance(hkv, int) and h % hkv == 0) or q.shape[2] != k.shape[2]:
+        raise ValueError(f"paged attention: {h} query heads over {hkv} KV heads, tokens {q.shape[2]} vs {k.shape[2]}")
+    if cache.rank != 5 or cache.shape[1] != 2 or tuple(cache.shape[3:]) != (hkv, k.shape[3]) or cache.dtype != k.dtype:
+        raise ValueError(f"paged attention: KV cache {cache} is not [pages, 2, page, {hkv}, {k.shape[3]}] of {k.dtype}")
+    if any(t.dtype is not DType.I32 for t in (table, lens, starts)) or (table.rank, lens.rank, starts.rank) != (2, 1, 1):
+        raise ValueError(f"paged attention metadata must be int32 page_table [S, C], kv_lens [S], q_starts [S+1], "
+                         f"got {table}, {lens}, {starts}")
+    return q
+
+
 def _source(attrs, *ts: TensorType) -> TensorType:
     raise AssertionError("source nodes carry their type explicitly")
 
@@ -227,6 +242,7 @@ INFER: dict[Op, Callable[..., TensorType]] = {
     Op.MATMUL: _matmul, Op.RESHAPE: _reshape, Op.PERMUTE: _permute, Op.EXPAND: _expand,
     Op.SLICE: _slice, Op.CONCAT: _concat, Op.TAKE: _take, Op.INDEX: _index, Op.GATHER: _gather,
     Op.LAYER_NORM: _layer_norm, Op.RMS_NORM: _rms_norm, Op.ATTENTION: _attention,
+    Op.PAGED_ATTENTION: _paged_attention,
     # mixture of experts
     Op.TOPK: _topk, Op.ROUTED_MATMUL: _routed_matmul,
 }

@@ -50,6 +50,11 @@ class Op(enum.Enum):
     LAYER_NORM = enum.auto()  # (x, weight, bias) over the last axis
     RMS_NORM = enum.auto()  # (x, weight) over the last axis
     ATTENTION = enum.auto()  # (q, k, v[, mask]) as [B, H, S, D]; GQA when k/v have fewer heads
+    # (q [1, H, T, D], k, v [1, Hkv, T, D], kv_cache [pages, 2, page, Hkv, D], page_table [S, C] i32,
+    # kv_lens [S] i32, q_starts [S + 1] i32) -> [1, H, T, D]: the step's tokens of S sequences on one
+    # ragged axis; writes their K/V into the cache pages, then each token attends causally over its
+    # sequence's whole history (made by passes/serve/derive_step.py; a runtime route on every device)
+    PAGED_ATTENTION = enum.auto()
 
 
 UNARY = frozenset({Op.NEG, Op.EXP, Op.LOG, Op.SQRT, Op.RSQRT, Op.TANH, Op.ERF, Op.SIGMOID, Op.RELU,
@@ -150,6 +155,13 @@ class AttentionAttrs:
     scale: float
     causal: bool
     has_mask: bool  # the 4th input: bool (True = attend) or additive float, by its dtype
+
+
+@dataclass(frozen=True)
+class PagedAttentionAttrs:
+    scale: float
+    layer: int  # which KV cache input this is (for reports and the manifest's kv section)
+    window: int = 0  # sliding window: a token at position p sees keys in (p - window, p]; 0: all
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,12 @@ def _attention(attrs, q, k, v, mask=None, env=None):
     return attention_reference(q, k, v, mask, attrs.scale, attrs.causal)
 
 
+def _paged_attention(attrs, q, k, v, cache, table, lens, starts, env=None):
+    from ..runtime.engine.paged_attention import paged_attention  # the runtime's kernel writes the cache
+
+    return paged_attention(q, k, v, cache, table, lens, starts, attrs.scale, attrs.window)
+
+
 def _index(attrs, x, *idx, env=None):
     return x[tuple(i.astype(np.int64) for i in idx)]
 
@@ -169,6 +175,7 @@ REFERENCE: dict[Op, Callable[..., np.ndarray]] = {
     Op.TAKE: _take, Op.INDEX: _index,
     Op.GATHER: _gather,
     Op.LAYER_NORM: _layer_norm, Op.RMS_NORM: _rms_norm, Op.ATTENTION: _attention,
+    Op.PAGED_ATTENTION: _paged_attention,
     # mixture of experts
     Op.TOPK: _topk, Op.ROUTED_MATMUL: _routed_matmul,
 }

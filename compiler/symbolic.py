@@ -172,6 +172,19 @@ def upper_bound(d: Dim, bounds: Mapping[str, SymDim]) -> int:
     return total
 
 
+def substitute(d: Dim, values: Mapping[str, Dim]) -> Dim:
+    """`d` with the named symbols replaced by dims (ints or other polynomials)."""
+    if isinstance(d, int) or not d.symbols & values.keys():
+        return d
+    total: Dim = 0
+    for m, c in d.terms:
+        term: Dim = c
+        for s in m:
+            term = term * values.get(s, SymExpr.var(s)) if isinstance(term, SymExpr) else values.get(s, SymExpr.var(s)) * term
+        total = total + term if isinstance(total, SymExpr) else term + total
+    return total
+
+
 def to_json(d: Dim) -> object:
     return d if isinstance(d, int) else [[c, list(m)] for m, c in d.terms]
 

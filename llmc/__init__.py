@@ -14,10 +14,12 @@ def compile(*args, **kwargs):  # noqa: A001 - the public name is `llmc.compile`
     return _compile(*args, **kwargs)
 
 
-def load(path, device: str = "cpu"):
+def load(path, device: str = "cpu", **options):
+    """Load an artifact: an Executor, or for a causal LM compiled for generation an LLM with
+    `.generate()` (options: kv_memory=bytes of KV cache). See runtime/executor.py: load."""
     from .runtime.executor import load as _load
 
-    return _load(path, device=device)
+    return _load(path, device=device, **options)
 
 
 __all__ = ["compile", "load", "LLMCError", "UnsupportedOpError", "InputError", "ArtifactError", "TargetError",

@@ -35,6 +35,16 @@ class CompiledModel:
     report: str = ""
     timings: dict = field(default_factory=dict)
     _executor: Any = None
+    generation: Any = None  # generation.GenerationBuild for a causal LM compiled with its step function
+    _llm: Any = None
+    _pending_generation: Any = None  # (opts, GenerateOptions): built on first generate() or export()
+
+    def ensure_generation(self) -> None:
+        """Build the step function now if compile() deferred it (generate=None, the default)."""
+        if self._pending_generation is not None:
+            opts, gen = self._pending_generation
+            self._pending_generation = None
+            build_generation(self, opts, gen, required=False)
 
     def _runner(self):
         from .runtime.manifest import Manifest
@@ -70,6 +80,25 @@ class CompiledModel:
     def __call__(self, *args, **kwargs) -> list[np.ndarray]:
         return self._runner()(*args, **kwargs)
 
+    def generate(self, prompts, **kwargs):
+        """Text generation (see runtime/engine/llm.py: LLM.generate), for a causal LM compiled
+        with its step function (the default for one whose graph allows it)."""
+        self.ensure_generation()
+        if self.generation is None:
+            raise LLMCError("this model was compiled without a step function (not a causal LM taking input_ids "
+                            "alone, or compiled with generate=False), so it cannot generate")
+        if self._llm is None:
+            from .backends.artifact import weights_of
+            from .runtime.engine.llm import LLM
+            from .runtime.executor import Executor
+            from .runtime.manifest import Manifest
+
+            typed = Manifest.from_json(self.manifest, "CompiledModel.manifest")
+            step = Executor(typed.step_manifest(), self.generation.step.executable.mod,
+                            weights_of(self.generation.step.program))
+            self._llm = LLM(self._runner(), step, typed.generation, self.generation.tokenizer)
+        return self._llm.generate(prompts, **kwargs)
+
     @property
     def input_names(self) -> list[str]:
         return [i["name"] for i in self.manifest["program"]["inputs"]]
@@ -85,6 +114,7 @@ class CompiledModel:
         and those under `keep_below` bytes (position ids, norms, biases) are kept."""
         from .backends.artifact import weights_of, write_artifact
 
+        self.ensure_generation()
         ws = weights_of(self.program)
         manifest = self.manifest
         if not weights:
@@ -92,6 +122,17 @@ class CompiledModel:
             ws = {k: a for k, a in ws.items() if k not in set(omit)}
             manifest = dict(manifest, weights=dict(manifest["weights"], omitted=omit))
         writer = self.executable.export_library
+        extra = {}
+        if self.generation is not None:
+            from .generation import STEP_LIBRARY, TOKENIZER_FILE, check_shared_weights
+
+            ws = check_shared_weights(ws, self.generation.weights)
+            extra[STEP_LIBRARY] = self.generation.step.executable.export_library
+            if self.generation.tokenizer is not None:
+                import shutil
+
+                tok = self.generation.tokenizer
+                extra[TOKENIZER_FILE] = lambda f: shutil.copyfile(tok, f)
         if self.manifest["target"]["device"] in ("rocm", "metal"):  # metal: a .tar of Mach-O objects
             from .backends.artifact import with_library
             from .backends.build_gpu_targets import library_file, library_writer
@@ -100,7 +141,7 @@ class CompiledModel:
             spec = parse_target(self.manifest["target"]["name"])
             writer = library_writer(self.executable, spec)
             manifest = with_library(manifest, "tvm", library_file(spec))
-        return write_artifact(path, writer, manifest, ws)
+        return write_artifact(path, writer, manifest, ws, extra_files=extra)
 
 
 def _say(opts: CompileOptions, msg: str) -> None:
@@ -127,7 +168,7 @@ def capture(model: Any, example_args: Sequence = (), example_kwargs: dict | None
                       dim_bounds=opts.dim_bounds)
 
 
-def compile_graph(graph, opts: CompileOptions) -> CompiledModel:
+def compile_graph(graph, opts: CompileOptions, passes=None) -> CompiledModel:
     from .backends.artifact import build_manifest, weights_of
     from .backends.build_target import build_kernels, build_program_for, describe_kernel
     from .backends.targets import parse_target
@@ -139,8 +180,9 @@ def compile_graph(graph, opts: CompileOptions) -> CompiledModel:
     timings: dict[str, float] = {}
     t = time.perf_counter()
     _say(opts, f"optimising {len(graph.nodes())} nodes" if opts.fuse else "lowering one op per kernel")
-    if opts.fuse:
-        program, reports = build_program_for(target, opts.use_blas)(graph, DEFAULT_PIPELINE, opts.verify_each, opts.dump_dir)
+    if opts.fuse or passes is not None:
+        program, reports = build_program_for(target, opts.use_blas)(
+            graph, DEFAULT_PIPELINE if passes is None else passes, opts.verify_each, opts.dump_dir)
     else:
         from .passes.index_bounds import bound_symbols_by_tables  # symbol bounds within the tables, fused or not
 
@@ -171,12 +213,19 @@ def compile_graph(graph, opts: CompileOptions) -> CompiledModel:
 def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None = None, *, target: Any = "llvm",
             dynamic_shapes: Any = None, dim_bounds: dict | None = None, fuse: bool = True,
             verify_each: bool = False, dump_dir: str | None = None,
-            progress: Callable[[str], None] | None = None, use_blas: bool = True) -> CompiledModel:
+            progress: Callable[[str], None] | None = None, use_blas: bool = True,
+            generate: Any = None, tokenizer: str | None = None) -> CompiledModel:
     """Compile a torch.nn.Module (captured with torch.export) or an ONNX file.
 
     Returns a CompiledModel: call it with numpy arrays or torch tensors to get numpy
     outputs (flattened in the model's order), or `.export(path)` it as an artifact.
     `use_blas=False` builds the CPU GEMMs with TVM too, instead of calling the BLAS.
+
+    A causal LM captured with token ids alone (logits out) also gets a step function over a
+    paged KV cache, so the result has `.generate()`: `generate=None` tries (on the CPU) and
+    notes why not in the report when the graph does not allow it; True requires it (an
+    LLMCError names the node that prevents it); False skips it; a
+    `llmc.generation.GenerateOptions` sets page size, step limits, stop ids and tokenizer.
     """
     from .backends.targets import parse_target
 
@@ -188,4 +237,59 @@ def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None
     capture_s = time.perf_counter() - t
     compiled = compile_graph(graph, opts)
     compiled.timings["capture_s"] = capture_s
+    from .generation import GenerateOptions
+
+    gen = None if generate is False else generate if isinstance(generate, GenerateOptions) else GenerateOptions()
+    attach_generation(compiled, opts, gen, required=generate is not None, tokenizer=tokenizer,
+                      stop_token_ids=_eos_ids(model))
     return compiled
+
+
+def _eos_ids(model: Any) -> tuple[int, ...]:
+    """The end-of-sequence ids a Hugging Face model declares (generation_config, else config)."""
+    for holder in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        eos = getattr(holder, "eos_token_id", None)
+        if eos is not None:
+            return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+    return ()
+
+
+def attach_generation(compiled: CompiledModel, opts: CompileOptions, gen: Any, required: bool,
+                      tokenizer: str | None = None, stop_token_ids: Sequence[int] = ()) -> None:
+    """The step function beside the forward (llmc/generation.py), with `gen` (a
+    GenerateOptions; None: none). `required`: built now, and an LLMCError names what stops
+    it; otherwise, for a graph that looks like a causal LM on the CPU, it is built on the
+    first generate() or export(), so compiling for forward calls costs nothing more."""
+    from .generation import eligible
+
+    if gen is None:
+        return
+    if tokenizer is not None and gen.tokenizer is None:
+        gen.tokenizer = tokenizer
+    if not gen.stop_token_ids:
+        gen.stop_token_ids = tuple(stop_token_ids)
+    if required:
+        build_generation(compiled, opts, gen, required=True)
+    elif eligible(compiled.program.graph) and compiled.manifest["target"]["device"] == "cpu":
+        compiled._pending_generation = (opts, gen)
+
+
+def build_generation(compiled: CompiledModel, opts: CompileOptions, gen, required: bool) -> None:
+    from .backends.artifact import weights_of
+    from .generation import add_generation, check_shared_weights
+
+    t = time.perf_counter()
+    _say(opts, "deriving the step function (paged KV cache) for generation")
+    try:
+        build = add_generation(compiled, opts, gen)
+    except LLMCError as e:
+        if required:
+            raise
+        compiled.report += f"\ngeneration: not built ({e})"
+        return
+    compiled.generation = build
+    union = check_shared_weights(weights_of(compiled.program), build.weights)
+    compiled.manifest = dict(compiled.manifest, generation=build.section,
+                             weights=dict(compiled.manifest["weights"], count=len(union)))
+    compiled.timings["generation_s"] = time.perf_counter() - t
+    compiled.report += f"\ngeneration: {build.report}"

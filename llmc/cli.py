@@ -93,6 +93,13 @@ def cmd_compile(a: argparse.Namespace) -> int:
     graph = capture(src.model, src.args, src.kwargs, opts)
     _progress(f"captured {len(graph.nodes())} nodes, {len(graph.params)} weights in {time.perf_counter() - t0:.1f}s")
     compiled = compile_graph(graph, opts)
+    from .api import _eos_ids, attach_generation
+    from .generation import GenerateOptions
+
+    # a causal LM gets its step function when its graph allows it (required with --generate)
+    gen = None if a.no_generate else GenerateOptions(a.page_size, a.max_step_tokens, a.max_seqs)
+    attach_generation(compiled, opts, gen, required=a.generate, tokenizer=src.tokenizer,
+                      stop_token_ids=_eos_ids(src.model))
     replacing = (out_path / "manifest.json").exists()
     _progress(f"writing {out_path}" + (" (replacing the artifact there, --force)" if replacing else ""))
     out = compiled.export(a.output, weights=a.weights == "all")
@@ -241,6 +248,52 @@ def cmd_inspect(a: argparse.Namespace) -> int:
           + (f" ({len(w.omitted)} large ones left out: a perf artifact, random values at run time)"
              if w.omitted else ""))
     print(f"arena: {p.arena_bytes / 2**20:.2f} MiB planned")
+    g = m.generation
+    if g is not None:
+        print(f"entry points: forward (the program above), step (generation: {len(g.program.kernels)} kernels, "
+              f"{len(g.program.calls)} calls in {g.library})")
+        print("step inputs: " + ", ".join(f"{i.name}{shape(i.shape)}" for i in g.program.inputs))
+        layers = {(lay.kv_heads, lay.head_dim, lay.window) for lay in g.layers}
+        kinds = "; ".join(f"{h} kv heads x {d}" + (f", window {w}" if w else "") for h, d, w in sorted(layers))
+        print(f"kv cache: {len(g.layers)} layers ({kinds}), {g.kv_dtype}, pages of {g.page_size} tokens "
+              f"[pages, 2 (K, V), {g.page_size}, kv heads, head dim] per layer")
+        print(f"step limits: {g.max_tokens} tokens, {g.max_seqs} sequences per step; context {g.max_context}; "
+              f"vocab {g.vocab}; stop ids {list(g.stop_token_ids)}; tokenizer {g.tokenizer or 'none'}")
+    return 0
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from .runtime.executor import load
+
+    ids = None
+    if a.ids is not None:
+        try:
+            ids = [int(t) for t in a.ids.split(",") if t.strip()]
+        except ValueError:
+            raise LLMCError(f"--ids {a.ids!r}: expected comma-separated token ids, e.g. 1,2,3") from None
+    options = {} if a.kv_memory is None else {"kv_memory": a.kv_memory}
+    llm = load(a.artifact, **options)
+    if not hasattr(llm, "generate"):
+        raise LLMCError(f"{a.artifact} has no step function (not a causal LM, or compiled with --no-generate)")
+    prompt = a.prompt if ids is None else ids
+    stops = None if a.stop_ids is None else [int(t) for t in a.stop_ids.split(",") if t.strip()]
+    t = time.perf_counter()
+    new: list[int] = []
+    shown = ""
+    for _, tok in llm.generate(prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                               top_p=a.top_p, seed=a.seed, stop_token_ids=stops, stream=True):
+        new.append(tok)
+        if llm.tokenizer is not None:  # print the text as it grows (a token may complete a character)
+            text = llm.decode(new)
+            if text.startswith(shown):
+                sys.stdout.write(text[len(shown):])
+                shown = text
+        else:
+            sys.stdout.write(f"{tok} ")
+        sys.stdout.flush()
+    dt = time.perf_counter() - t
+    print()
+    _progress(f"{len(new)} tokens in {dt:.2f}s ({len(new) / dt:.1f} tokens/s)")
     return 0
 
 
@@ -290,6 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-shim", action="store_true", help="cuda: build every kernel with TVM (no cuBLASLt / "
                                                            "flash-attention offload)")
     c.add_argument("--no-blas", action="store_true", help="cpu: build the GEMMs with TVM too (no BLAS calls)")
+    c.add_argument("--no-generate", action="store_true", help="causal LMs: the forward only, no step function")
+    c.add_argument("--generate", action="store_true", help="require the step function (fail, naming the node, "
+                                                           "where the graph does not allow one)")
+    c.add_argument("--page-size", type=int, default=16, help="KV cache page, in tokens")
+    c.add_argument("--max-step-tokens", type=int, default=256, help="tokens per step (longer prompts are "
+                                                                    "read in chunks)")
+    c.add_argument("--max-seqs", type=int, default=32, help="sequences per step")
     c.set_defaults(fn=cmd_compile)
     r = sub.add_parser("run", help="run an artifact on .npy/.npz inputs", formatter_class=fmt)
     r.add_argument("artifact")
@@ -316,6 +376,23 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true", help="print the raw manifest")
     i.set_defaults(fn=cmd_inspect)
+
+    g = sub.add_parser("generate", help="generate text with a causal LM artifact, printing tokens as they come",
+                       formatter_class=fmt)
+    g.add_argument("artifact")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (the artifact must carry a tokenizer)")
+    src.add_argument("--ids", help="prompt token ids, comma-separated: 1,2,3")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0: off")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, help="seed for sampling (reproducible tokens)")
+    g.add_argument("--stop-ids", help="comma-separated ids that end generation (default: the model's end ids; "
+                                      "'' for none)")
+    g.add_argument("--kv-memory", type=int, help="bytes of KV cache (default: what the step limits can use, "
+                                                 "up to 512 MiB)")
+    g.set_defaults(fn=cmd_generate)
     return p
 
 

@@ -27,6 +27,7 @@ class Source:
     args: tuple = ()
     kwargs: dict | None = None
     description: str = ""
+    tokenizer: str | None = None  # a tokenizer.json beside the model (Hugging Face folders)
 
 
 def bundled_names() -> list[str]:
@@ -104,7 +105,9 @@ def hf_folder(path: pathlib.Path, batch: int, seq: int, progress: Callable[[str]
     kw = _example_ids(model.config.vocab_size, batch, seq, with_mask=not causal)
     if causal:
         kw["use_cache"] = False
-    return Source(model, (), kw, f"{path} ({type(model).__name__}, {attention} attention)")
+    tok = path / "tokenizer.json"
+    return Source(model, (), kw, f"{path} ({type(model).__name__}, {attention} attention)",
+                  str(tok) if causal and tok.is_file() else None)
 
 
 def _where(error: BaseException) -> str:

@@ -26,7 +26,7 @@ from ..compiler.ir import Graph, Node
 from ..compiler.ops import ELEMENTWISE, Op
 from .report import kernels_per_layer
 
-HEAVY = frozenset({Op.MATMUL, Op.ATTENTION, Op.RMS_NORM, Op.LAYER_NORM, Op.SOFTMAX, Op.SUM, Op.MEAN, Op.MAX,
+HEAVY = frozenset({Op.MATMUL, Op.ATTENTION, Op.PAGED_ATTENTION, Op.RMS_NORM, Op.LAYER_NORM, Op.SOFTMAX, Op.SUM, Op.MEAN, Op.MAX,
                    Op.MIN, Op.CUMSUM})
 DATA_MOVEMENT = frozenset({Op.RESHAPE, Op.PERMUTE, Op.EXPAND, Op.SLICE, Op.CONCAT, Op.TAKE, Op.INDEX, Op.GATHER})
 INJECTIVE = ELEMENTWISE | DATA_MOVEMENT | {Op.FULL, Op.ARANGE}
@@ -35,9 +35,14 @@ MATMUL_PROLOGUE = frozenset({Op.RESHAPE, Op.PERMUTE, Op.CAST, Op.SLICE, Op.EXPAN
 LAYOUT_EPILOGUE = frozenset({Op.RESHAPE, Op.PERMUTE})
 
 
+# Ops every backend runs as a library call of the runtime (a kernel of their own, operands as they are)
+RUNTIME_OPS = frozenset({Op.PAGED_ATTENTION})
+
+
 class _Partition:
     def __init__(self, graph: Graph, library_gemm: Callable[[Node], bool] | None = None) -> None:
-        self.library_gemm = library_gemm or (lambda n: False)
+        gemm = library_gemm or (lambda n: False)
+        self.library_gemm = lambda n: n.op in RUNTIME_OPS or gemm(n)
         self.nodes = [n for n in graph.nodes() if n.op not in NOT_COMPUTED]
         self.idx = {n.uid: i for i, n in enumerate(self.nodes)}
         self.users: dict[int, list[Node]] = {n.uid: [] for n in self.nodes}
@@ -99,8 +104,8 @@ class _Partition:
     def prologues(self, h: Node) -> None:
         g = self.gid(h)
         if self.library_gemm(h):  # a library GEMM reads its operands as they are; W^T with trans_b
-            w = h.inputs[1]
-            if is_transposed_2d(w) and w.uid in self.idx and self.alone(w) and w.uid not in self.outputs \
+            w = h.inputs[1] if h.op is Op.MATMUL else None
+            if w is not None and is_transposed_2d(w) and w.uid in self.idx and self.alone(w) and w.uid not in self.outputs \
                     and all(u is h for u in self.users[w.uid]):
                 self.merge(g, self.gid(w), check=False)
             return

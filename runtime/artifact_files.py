@@ -143,7 +143,7 @@ def load_weights(folder: pathlib.Path, manifest: Manifest) -> dict[str, np.ndarr
         if not isinstance(header, dict):
             raise ArtifactError(f"{file}: corrupt safetensors header")
         header.pop("__metadata__", None)
-        by_name = {b.name: b for b in manifest.program.buffers if b.role == "weight"}
+        by_name = manifest.weight_buffers()
         expected = set(by_name) - set(w.omitted)
         if set(header) != expected:
             extra, lacking = sorted(set(header) - expected), sorted(expected - set(header))

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import ArtifactError, InputError, LLMCError
 from .blas import Gemm
+from .engine.paged_attention import PagedAttentionCall
 from .manifest import Manifest, eval_dim
 from .tvm_runtime import import_tvm
 
@@ -173,11 +174,13 @@ class Executor:
         take_program(self, manifest)
         self.device = device
         p = manifest.program
-        self._calls = []  # (TVM function or None, buffer ids, symbols, kernel name, blas.Gemm or None)
-        gemms = {name: Gemm(k) for name, k in p.kernels.items() if k.route == "blas"}
+        # (TVM function or None, buffer ids, symbols, kernel name, library call or None)
+        self._calls = []
+        library = {"blas": Gemm, "kv": PagedAttentionCall}  # runtime library routes: (args, env) -> None
+        calls = {name: library[k.route](k) for name, k in p.kernels.items() if k.route in library}
         for c in p.calls:
-            if c.kernel in gemms:
-                self._calls.append((None, c.args, (), c.kernel, gemms[c.kernel]))
+            if c.kernel in calls:
+                self._calls.append((None, c.args, (), c.kernel, calls[c.kernel]))
                 continue
             try:
                 fn = module[c.kernel]
@@ -332,9 +335,11 @@ def load(path, device: str = "cpu", **options):
 
     Everything is checked before native code is loaded: the manifest (schema, checksum),
     then the size and SHA-256 of every file it names (see docs/artifact.md).
-    device "cpu" gives an Executor; "cuda" (or "cuda:N") a runtime.gpu.GpuExecutor, which
-    takes `graphs` (CUDA-graph replay, default on) and `fill_weights` ("random" | "none",
-    for perf artifacts compiled without weights) as options.
+    device "cpu" gives an Executor, or for a generation artifact (a causal LM with its step
+    function) a runtime.engine.llm.LLM, which takes `kv_memory` (bytes of KV cache); "cuda"
+    (or "cuda:N") a runtime.gpu.GpuExecutor, which takes `graphs` (CUDA-graph replay,
+    default on) and `fill_weights` ("random" | "none", for perf artifacts compiled without
+    weights) as options.
     """
     from .artifact_files import check_library_files, load_weights, read_manifest
     from .cpu_features import check_cpu
@@ -372,12 +377,31 @@ def load(path, device: str = "cpu", **options):
     if manifest.cpu is not None:  # kernels using instructions this processor lacks would die with SIGILL
         check_cpu(manifest.cpu.triple, manifest.cpu.mcpu, manifest.cpu.features, str(path))
     tvm = import_tvm(with_gpu=False)
-    file = libraries["tvm"]
+    forward = Executor(manifest, _load_library(tvm, libraries["tvm"]), weights, device)
+    gen = manifest.generation
+    if gen is None:
+        if options:
+            raise LLMCError(f"unknown options {sorted(options)} for a CPU forward artifact")
+        return forward
+    from .artifact_files import check_file, file_entry
+    from .engine.llm import LLM
+
+    unknown = set(options) - {"kv_memory"}
+    if unknown:
+        raise LLMCError(f"unknown options {sorted(unknown)} (a generation artifact takes kv_memory)")
+    step_file = check_library_files(path, manifest, {"step": gen.library})["step"]
+    step = Executor(manifest.step_manifest(), _load_library(tvm, step_file), weights, device)
+    tok = None
+    if gen.tokenizer is not None:
+        tok = check_file(path, gen.tokenizer, file_entry(manifest, gen.tokenizer, path), "the tokenizer")
+    return LLM(forward, step, gen, tok, kv_memory=options.get("kv_memory"))
+
+
+def _load_library(tvm, file: pathlib.Path):
     try:
-        module = tvm.runtime.load_module(str(file))
+        return tvm.runtime.load_module(str(file))
     except (RuntimeError, OSError, ValueError) as e:
         raise ArtifactError(f"{file}: cannot load kernel library ({str(e).splitlines()[0][:200]})") from None
-    return Executor(manifest, module, weights, device)
 
 
 __all__ = ["Executor", "load", "LLMCError", "check_index_inputs"]

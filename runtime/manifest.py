@@ -37,7 +37,7 @@ MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 MAX_MANIFEST_BYTES = 64 << 20  # checked before reading: the largest real manifests are ~1 MB
 SECTION_VERSIONS = {"target": 1, "program": 1, "weights": 1, "files": 1, "libraries": 1,
-                    "input_checks": 1, "cpu": 1, "cuda": 1, "notes": 1}
+                    "input_checks": 1, "cpu": 1, "cuda": 1, "notes": 1, "generation": 1}
 REQUIRED_SECTIONS = ("target", "program", "weights")
 TOP_LEVEL = ("format", "format_version", "llmc_version", "checksum")
 DTYPES = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "int64", "int32", "int8", "uint8",
@@ -174,6 +174,38 @@ class CpuSpec:
 
 
 @dataclass(frozen=True)
+class KvLayerSpec:
+    kv_heads: int
+    head_dim: int
+    window: int  # sliding window of the layer's attention (0: none)
+
+
+# the step function's inputs, in call order, before one kv_cache.<i> per attention layer
+STEP_INPUTS = ("tokens", "positions", "logit_rows", "page_table", "kv_lens", "q_starts")
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """Section "generation" (required): the step function of a causal LM and its KV cache.
+
+    Its program takes STEP_INPUTS then kv_cache.0 .. kv_cache.{L-1} ([pages, 2, page_size,
+    kv_heads, head_dim] each) and returns logits [rows, vocab]; its kernels are in
+    `library`; its weights are in the artifact's one weights file, shared with the forward."""
+    program: Program
+    library: str
+    input_checks: tuple[InputCheck, ...]
+    page_size: int
+    kv_dtype: str
+    layers: tuple[KvLayerSpec, ...]
+    max_tokens: int
+    max_seqs: int
+    max_context: int
+    vocab: int
+    stop_token_ids: tuple[int, ...] = ()
+    tokenizer: str | None = None  # a tokenizer.json in the folder
+
+
+@dataclass(frozen=True)
 class Manifest:
     llmc_version: str
     target: str
@@ -188,6 +220,23 @@ class Manifest:
     notes: Mapping[str, Any] = field(default_factory=dict)
     unknown_sections: tuple[str, ...] = ()
     format_version: int = FORMAT_VERSION
+    generation: GenerationSpec | None = None
+
+    def weight_buffers(self) -> dict[str, "BufferSpec"]:
+        """name -> buffer of every weight the artifact's programs read (stored once)."""
+        out = {b.name: b for b in self.program.buffers if b.role == "weight"}
+        if self.generation is not None:
+            out.update({b.name: b for b in self.generation.program.buffers if b.role == "weight"})
+        return out
+
+    def step_manifest(self) -> "Manifest":
+        """This manifest with the step function as its program (what an Executor runs)."""
+        import dataclasses
+
+        g = self.generation
+        if g is None:
+            raise ValueError("this artifact has no generation section")
+        return dataclasses.replace(self, program=g.program, input_checks=g.input_checks, libraries={"tvm": g.library})
 
     @property
     def input_names(self) -> list[str]:

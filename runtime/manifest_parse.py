@@ -33,13 +33,14 @@ def parse(m: Any, at: At, sealed: bool) -> Manifest:
     name = chk.string(target["name"], at["target"]["name"])
     device = chk.string(target["device"], at["target"]["device"], DEVICES)
     program = _program(sections["program"], at["program"])
-    weights = _weights(sections["weights"], at["weights"], program)
-    for name, k in program.kernels.items():
-        if k.route != "tvm" and ROUTE_DEVICE[k.route] != device:
-            raise at["program"]["kernels"][name]["route"].error(
-                f"route {k.route!r} exists on {ROUTE_DEVICE[k.route]} only, not in a {device} artifact")
-        if k.route == "blas":
-            _check_blas(k, program, at["program"]["kernels"][name])
+    _check_routes(program, device, at["program"])
+    generation = None
+    if "generation" in sections:
+        from .manifest_generation import parse_generation
+
+        generation = parse_generation(sections["generation"], at["generation"], device)
+        _check_routes(generation.program, device, at["generation"]["program"])
+    weights = _weights(sections["weights"], at["weights"], program, generation)
     libraries = {"tvm": LIBRARY}
     if "libraries" in sections:
         lib = chk.obj(sections["libraries"], at["libraries"], ("version", "roles"))
@@ -57,6 +58,10 @@ def parse(m: Any, at: At, sealed: bool) -> Manifest:
         if "files" not in sections:
             raise at.error("missing section 'files' (sizes and hashes of the artifact's files)")
         named = [(at["libraries"]["roles"][r], f) for r, f in libraries.items()] + [(at["weights"]["file"], weights.file)]
+        if generation is not None:
+            named.append((at["generation"]["library"], generation.library))
+            if generation.tokenizer:
+                named.append((at["generation"]["tokenizer"], generation.tokenizer))
         for a, f in named:
             if f not in files:
                 raise a.error(f"file {f!r} has no size and hash in files.entries")
@@ -83,7 +88,18 @@ def parse(m: Any, at: At, sealed: bool) -> Manifest:
         notes = chk.flat_scalars(n["values"], at["notes"]["values"])
     unknown = tuple(k for k in m if k not in TOP_LEVEL and k not in SECTION_VERSIONS)
     return Manifest(llmc_version, name, device, program, weights, files, libraries, checks, cpu, cuda, notes,
-                    unknown)
+                    unknown, generation=generation)
+
+
+def _check_routes(program: Program, device: str, at: At) -> None:
+    for name, k in program.kernels.items():
+        if k.route != "tvm" and ROUTE_DEVICE[k.route] != device:
+            raise at["kernels"][name]["route"].error(
+                f"route {k.route!r} exists on {ROUTE_DEVICE[k.route]} only, not in a {device} artifact")
+        if k.route == "blas":
+            _check_blas(k, program, at["kernels"][name])
+        if k.route == "kv":
+            _check_kv(k, program, at["kernels"][name])
 
 
 def _sections(m: dict, at: At) -> dict[str, dict]:
@@ -348,7 +364,7 @@ def _kernel(name: str, k: Any, at: At, symbols: Mapping[str, Symbol]) -> KernelS
                       text["label"], text["schedule"])
 
 
-ROUTE_DEVICE = {"shim": "cuda", "blas": "cpu"}  # library routes besides TVM, and where they exist
+ROUTE_DEVICE = {"shim": "cuda", "blas": "cpu", "kv": "cpu"}  # library routes besides TVM, and where they exist
 BLAS_DTYPES = ("float32", "float64")
 
 
@@ -373,9 +389,45 @@ def _check_blas(k: KernelSpec, program: Program, at: At) -> None:
             raise at.error(f"a blas gemm runs on one of {BLAS_DTYPES}, its buffers have {sorted(dtypes)}")
 
 
-def _weights(w: Any, at: At, program: Program) -> WeightsSpec:
+KV_ARGS = ("q", "k", "v", "kv_cache", "page_table", "kv_lens", "q_starts", "out")
+KV_RANKS = (4, 4, 4, 5, 2, 1, 1, 4)
+
+
+def _check_kv(k: KernelSpec, program: Program, at: At) -> None:
+    """A kv kernel is one paged attention over its call's 8 buffers in KV_ARGS order: float
+    q, k, v, cache and out of one dtype, int32 metadata; the runtime checks the metadata's
+    values (pages inside the pool, offsets splitting the step) on every call."""
+    if k.func != "paged_attention":
+        raise at["func"].error(f"unknown kv function {k.func!r} (this runtime has 'paged_attention')")
+    if len(k.tensors) != 8 or [t.arg if t else None for t in k.tensors] != list(range(8)) \
+            or [len(t.shape) for t in k.tensors] != list(KV_RANKS):
+        raise at["tensors"].error(f"paged attention takes 8 tensors {KV_ARGS} of ranks {KV_RANKS}, in call order")
+    if len(k.scalars) != 2 or not isinstance(k.scalars[0], float) or not 0 < k.scalars[0] < 1e3 \
+            or isinstance(k.scalars[1], bool) or not isinstance(k.scalars[1], int) or k.scalars[1] < 0:
+        raise at["scalars"].error("paged attention takes scalars [scale (a positive float), window (an int >= 0)]")
+    for c in (c for c in program.calls if c.kernel == k.name):
+        if len(c.args) != 8:
+            raise at.error(f"paged attention is called with 8 buffers, one call passes {len(c.args)}")
+        dtypes = [program.buffers[a].dtype for a in c.args]
+        floats, ints = {dtypes[i] for i in (0, 1, 2, 3, 7)}, set(dtypes[4:7])
+        if len(floats) != 1 or not floats <= set(BLAS_DTYPES) or ints != {"int32"}:
+            raise at.error(f"paged attention wants float32/float64 q, k, v, cache, out of one dtype and int32 "
+                           f"metadata; its buffers have {dtypes}")
+        if program.buffers[c.args[3]].role != "input":
+            raise at.error("paged attention's KV cache must be a program input (the runtime owns the pages)")
+
+
+def _weights(w: Any, at: At, program: Program, generation=None) -> WeightsSpec:
     chk.obj(w, at, ("version", "file", "bytes", "count"), ("omitted", "stored_as"))
     names = {b.name: b for b in program.buffers if b.role == "weight"}
+    if generation is not None:  # one file for both programs: a shared name means the same tensor
+        for b in generation.program.buffers:
+            if b.role != "weight":
+                continue
+            other = names.setdefault(b.name, b)
+            if (other.dtype, tuple(other.shape)) != (b.dtype, tuple(b.shape)):
+                raise at.error(f"weight {b.name!r} is {other.dtype}{list(other.shape)} in the program but "
+                               f"{b.dtype}{list(b.shape)} in the generation program")
     count = chk.integer(w["count"], at["count"])
     if count != len(names):
         raise at["count"].error(f"{count}, but the program has {len(names)} weight buffers")

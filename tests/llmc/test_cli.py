@@ -113,6 +113,24 @@ def test_hugging_face_folder_source(tmp_path):
     assert r.returncode == 0, r.stderr
     r = llmc("inspect", str(tmp_path / "q.llmc"))
     assert "output logits" in r.stdout
+    # a causal LM folder compiles to a generation artifact: the forward and the step function
+    for word in ("entry points: forward", "step inputs: tokens[tokens]", "kv cache: 2 layers", "pages of 16 tokens",
+                 "context 32"):
+        assert word in r.stdout, r.stdout
+    r = llmc("generate", str(tmp_path / "q.llmc"), "--ids", "5,6,7,8", "--max-new-tokens", "10", "--stop-ids", "")
+    assert r.returncode == 0, r.stderr
+    want = model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, 4:].tolist()
+    assert [int(t) for t in r.stdout.split()] == want, (r.stdout, want)
+    assert "tokens/s" in r.stderr
+    for args, msg in [(["--ids", "5,x"], "comma-separated"), (["--prompt", "hello"], "no tokenizer"),
+                      (["--ids", "5", "--max-new-tokens", "0"], "max_new_tokens"), (["--ids", "-3"], "vocabulary")]:
+        r = llmc("generate", str(tmp_path / "q.llmc"), *args)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    r = llmc("compile", str(folder), "-o", str(tmp_path / "f.llmc"), "--seq-len", "32", "--no-generate")
+    assert r.returncode == 0, r.stderr
+    r = llmc("generate", str(tmp_path / "f.llmc"), "--ids", "5")
+    assert r.returncode == 2 and "no step function" in r.stderr
 
 
 def test_onnx_file_source(tmp_path):

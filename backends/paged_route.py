@@ -1,0 +1,46 @@
+"""Kernels that are one PAGED_ATTENTION run as the runtime's paged-attention call (route
+"kv", function "paged_attention" in the manifest): the KV cache is state the runtime owns
+(pages written in place, a page table that changes every step), and the work is gathers
+over a ragged batch, so it is a runtime library call on the CPU, as a GEMM is a BLAS call
+(runtime/engine/paged_attention.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmc.compiler.ops import Op
+from llmc.compiler.program import Kernel
+from llmc.compiler.symbolic import Dim, to_json
+
+PAGED_FUNC = "paged_attention"
+
+
+@dataclass(frozen=True)
+class PagedRoute:
+    """q, k, v, kv_cache, page_table, kv_lens, q_starts, out: the call's 8 arguments in order."""
+
+    shapes: tuple[tuple[Dim, ...], ...]
+    scale: float
+    window: int
+    layer: int
+
+    @property
+    def label(self) -> str:
+        return f"paged attention (layer {self.layer}" + (f", window {self.window})" if self.window else ")")
+
+    def to_json(self) -> dict:
+        return {"route": "kv", "func": PAGED_FUNC, "label": self.label, "scalars": [self.scale, self.window],
+                "tensors": [{"arg": i, "shape": [to_json(d) for d in s]} for i, s in enumerate(self.shapes)]}
+
+
+def match_paged(kernel: Kernel) -> PagedRoute | None:
+    body = [n for n in kernel.body if n.op is not Op.CONST]
+    if len(body) != 1 or body[0].op is not Op.PAGED_ATTENTION or list(kernel.outputs) != body:
+        return None
+    n = body[0]
+    if [p.uid for p in kernel.params] != [i.uid for i in n.inputs]:
+        return None
+    shapes = tuple(tuple(x.shape) for x in (*n.inputs, n))
+    return PagedRoute(shapes, n.attrs.scale, n.attrs.window, n.attrs.layer)
+
+
+__all__ = ["match_paged", "PagedRoute", "PAGED_FUNC"]

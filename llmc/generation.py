@@ -1,0 +1,109 @@
+"""Compiling the generation entry point of a causal LM: the step function beside the forward.
+
+`add_generation(forward, opts, ...)` derives the step function from the forward's fused
+graph (passes/serve/derive_step.py), builds it for the same target and returns the
+manifest section and library that make the artifact a generation artifact. The weights
+are the forward's own arrays (the step graph shares them), so the artifact stores them once.
+"""
+from __future__ import annotations
+
+import pathlib
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import LLMCError
+
+STEP_LIBRARY = "step_kernels.so"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass
+class GenerateOptions:
+    """`llmc.compile(..., generate=GenerateOptions(...))`; True means these defaults."""
+
+    page_size: int = 16
+    max_tokens: int = 256  # tokens per step: longer prompts are read in chunks of this many
+    max_seqs: int = 32  # sequences per step
+    max_context: int | None = None  # default: the captured sequence bound
+    stop_token_ids: Sequence[int] = ()  # the model's end-of-sequence ids (generate() stops there by default)
+    tokenizer: str | None = None  # a tokenizer.json (Hugging Face `tokenizers`) to carry in the artifact
+
+
+@dataclass
+class GenerationBuild:
+    step: Any  # api.CompiledModel of the step function
+    section: dict  # the manifest's "generation" section
+    tokenizer: pathlib.Path | None = None
+    report: str = ""
+    weights: dict = field(default_factory=dict)
+
+
+def eligible(graph) -> bool:
+    """Worth trying derive_step: token ids [batch, seq] in, one [batch, seq, vocab] float out."""
+    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+        return False
+    i, o = graph.inputs[0], graph.outputs[0]
+    return i.dtype.is_int and len(i.shape) == 2 and len(o.shape) == 3 and o.dtype.is_float
+
+
+def add_generation(forward, opts, gen: GenerateOptions) -> GenerationBuild:
+    from .api import compile_graph
+    from .backends.artifact import weights_of
+    from .passes.serve import StepSpec, derive_step
+    from .passes.simplify import simplify
+    from .passes.index_bounds import input_index_checks
+    from dataclasses import asdict
+
+    if forward.manifest["target"]["device"] != "cpu":
+        raise LLMCError(f"generation (the step function) is built for CPU targets so far, not "
+                        f"{forward.manifest['target']['name']}; compile with generate=False")
+    spec = StepSpec(gen.page_size, gen.max_tokens, gen.max_seqs, gen.max_context)
+    step_graph, report = derive_step(forward.program.graph, spec)
+    step = compile_graph(step_graph, opts, passes=[simplify])
+    g = step.program.graph
+    caches = [n for n in g.inputs if n.attrs.name.startswith("kv_cache.")]
+    from .compiler.ops import Op
+
+    windows = {n.attrs.layer: n.attrs.window for n in g.nodes() if n.op is Op.PAGED_ATTENTION}
+    vocab = int(g.outputs[0].shape[1])
+    symbols = step_graph.symbols
+    context = spec.max_context or _seq_bound(forward.program.graph)
+    stops = [int(t) for t in gen.stop_token_ids if 0 <= int(t) < vocab]
+    section = {
+        "version": 1, "required": True,
+        "program": step.manifest["program"], "library": STEP_LIBRARY,
+        "input_checks": {"version": 1, "checks": [asdict(c) for c in input_index_checks(g)]},
+        "kv": {"page_size": spec.page_size, "dtype": caches[0].dtype.value,
+               "layers": [[int(c.shape[3]), int(c.shape[4]), int(windows[i])] for i, c in enumerate(caches)]},
+        "limits": {"max_tokens": symbols["tokens"].hi, "max_seqs": symbols["seqs"].hi,
+                   "max_context": int(context), "vocab": vocab},
+        "stop_token_ids": stops,
+    }
+    tok = None
+    if gen.tokenizer is not None:
+        tok = pathlib.Path(gen.tokenizer)
+        if not tok.is_file():
+            raise LLMCError(f"tokenizer file {tok} does not exist")
+        section["tokenizer"] = TOKENIZER_FILE
+    return GenerationBuild(step, section, tok, str(report), weights_of(step.program))
+
+
+def _seq_bound(graph) -> int:
+    seq = graph.inputs[0].shape[1]
+    (name,) = seq.symbols
+    return graph.symbols[name].hi
+
+
+def check_shared_weights(forward: dict, step: dict) -> dict:
+    """The union of both programs' weights; a shared name must be the same array."""
+    out = dict(forward)
+    for k, a in step.items():
+        if k in out and not (out[k] is a or np.array_equal(out[k], a)):
+            raise LLMCError(f"weight {k!r} differs between the forward and the step function")
+        out.setdefault(k, a)
+    return out
+
+
+__all__ = ["GenerateOptions", "GenerationBuild", "add_generation", "eligible", "STEP_LIBRARY", "TOKENIZER_FILE"]

@@ -1,0 +1,185 @@
+"""Text generation over a compiled step function and a paged KV cache.
+
+Every step is one call of the step function over a ragged batch: sequences still reading
+their prompt bring a chunk of it, the others bring their last token. A sequence whose
+known tokens are all in the cache after the step gets its logits row and one new token.
+Prompts of different lengths share steps from the first; a finished sequence leaves and
+gives back its pages at once. (The serving engine's scheduler builds on the same loop.)
+
+Admission reserves each sequence's worst case (prompt + max_new_tokens, capped at the
+context) against the pool, so a sequence once started never runs out of pages; pages are
+still taken only as the sequence grows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from ...errors import InputError
+from .kv_cache import KvExhausted, PagePool, SequenceKv
+from .sampler import SamplingParams, sample
+
+StepFn = Callable[[dict], np.ndarray]  # inputs by name -> logits [rows, vocab]
+
+
+@dataclass(frozen=True)
+class StepLimits:
+    max_tokens: int  # tokens per step
+    max_seqs: int  # sequences per step
+    max_context: int  # positions per sequence
+    vocab: int
+
+
+@dataclass
+class _Seq:
+    index: int
+    tokens: list[int]
+    prompt_len: int
+    params: SamplingParams
+    rng: np.random.Generator
+    kv: SequenceKv
+    reserved: int
+    done: bool = False
+    finish: str = ""
+
+    @property
+    def new_tokens(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+
+@dataclass
+class Generation:
+    """One prompt's result: the new token ids, why it stopped, and the text if decodable."""
+
+    token_ids: list[int]
+    finish_reason: str  # "stop" (a stop id), "length" (max_new_tokens or the context)
+    text: str | None = None
+
+
+@dataclass
+class StepStats:
+    steps: int = 0
+    tokens: int = 0
+    peak_alloc_slots: int = 0  # KV slots in the pages held, at the step where that peaked
+    peak_used_slots: int = 0  # positions actually written then
+    samples: list = field(default_factory=list)
+
+
+def check_prompt(ids: Sequence[int], limits: StepLimits, where: str) -> list[int]:
+    ids = [int(i) for i in ids]
+    if not ids:
+        raise InputError(f"{where}: empty prompt")
+    bad = [i for i in ids if not 0 <= i < limits.vocab]
+    if bad:
+        raise InputError(f"{where}: token id {bad[0]} is outside the vocabulary [0, {limits.vocab})")
+    if len(ids) >= limits.max_context:
+        raise InputError(f"{where}: {len(ids)} tokens leave no room to generate in the compiled context of "
+                         f"{limits.max_context} positions")
+    return ids
+
+
+class TokenLoop:
+    """Runs prompts to completion; `run()` yields (prompt index, token id) as tokens come."""
+
+    def __init__(self, step: StepFn, pool: PagePool, limits: StepLimits, prompts: Sequence[Sequence[int]],
+                 params: Sequence[SamplingParams]):
+        self.step, self.pool, self.limits = step, pool, limits
+        self.stats = StepStats()
+        self.waiting: list[_Seq] = []
+        for i, (ids, p) in enumerate(zip(prompts, params)):
+            ids = check_prompt(ids, limits, f"prompt {i}")
+            worst = min(len(ids) + p.max_new_tokens, limits.max_context)
+            need = pool.pages_for(worst)
+            if need > pool.num_pages:
+                raise KvExhausted(f"prompt {i}: {worst} positions need {need} KV pages; the pool has "
+                                  f"{pool.num_pages} (load with a larger kv_memory)")
+            seed = p.seed if p.seed is not None else np.random.SeedSequence().entropy
+            self.waiting.append(_Seq(i, ids, len(ids), p, np.random.default_rng(seed), SequenceKv(pool), need))
+        self.running: list[_Seq] = []
+        self.reserved = 0
+        self.finished: dict[int, _Seq] = {}
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.limits.max_seqs:
+            s = self.waiting[0]
+            if self.reserved + s.reserved > self.pool.num_pages:
+                break
+            self.waiting.pop(0)
+            self.reserved += s.reserved
+            self.running.append(s)
+
+    def _batch(self) -> list[tuple[_Seq, int]]:
+        """(sequence, tokens it brings) under the step's token budget; decodes first."""
+        budget = self.limits.max_tokens
+        out = []
+        for s in sorted(self.running, key=lambda s: len(s.tokens) - s.kv.length):
+            if budget == 0:
+                break
+            n = min(len(s.tokens) - s.kv.length, budget)
+            out.append((s, n))
+            budget -= n
+        return out
+
+    def _inputs(self, batch: list[tuple[_Seq, int]]) -> tuple[dict, list[_Seq]]:
+        toks, pos, starts, lens, rows, sampled = [], [], [0], [], [], []
+        for s, n in batch:
+            a = s.kv.length
+            s.kv.reserve(a + n)
+            toks.extend(s.tokens[a:a + n])
+            pos.extend(range(a, a + n))
+            starts.append(starts[-1] + n)
+            lens.append(a + n)
+            if a + n == len(s.tokens):
+                rows.append(starts[-1] - 1)
+                sampled.append(s)
+        cols = max(len(s.kv.pages) for s, _ in batch)
+        table = np.zeros((len(batch), cols), np.int32)
+        for r, (s, _) in enumerate(batch):
+            table[r, :len(s.kv.pages)] = s.kv.pages
+        inputs = {"tokens": np.asarray(toks, np.int64), "positions": np.asarray(pos, np.int64),
+                  "logit_rows": np.asarray(rows or [0], np.int64), "page_table": table,
+                  "kv_lens": np.asarray(lens, np.int32), "q_starts": np.asarray(starts, np.int32)}
+        for i, c in enumerate(self.pool.caches):
+            inputs[f"kv_cache.{i}"] = c
+        return inputs, sampled
+
+    def _finish(self, s: _Seq, reason: str) -> None:
+        s.done, s.finish = True, reason
+        self.running.remove(s)
+        self.reserved -= s.reserved
+        s.kv.release()
+        self.finished[s.index] = s
+
+    def run(self) -> Iterator[tuple[int, int]]:
+        while self.waiting or self.running:
+            self._admit()
+            if not self.running:  # cannot happen: admission checked each sequence fits an empty pool
+                raise KvExhausted("no sequence fits the KV pool")
+            batch = self._batch()
+            inputs, sampled = self._inputs(batch)
+            logits = self.step(inputs)
+            for s, n in batch:
+                s.kv.length += n
+            self._account(batch)
+            for r, s in enumerate(sampled):
+                seen = np.asarray(s.tokens, np.int64) if s.params.repetition_penalty != 1.0 else np.empty(0, np.int64)
+                t = sample(logits[r], s.params, s.rng, seen)
+                s.tokens.append(t)
+                yield s.index, t
+                if t in s.params.stop_token_ids:
+                    self._finish(s, "stop")
+                elif len(s.new_tokens) >= s.params.max_new_tokens or len(s.tokens) >= self.limits.max_context:
+                    self._finish(s, "length")
+
+    def _account(self, batch) -> None:
+        st = self.stats
+        st.steps += 1
+        st.tokens += sum(n for _, n in batch)
+        alloc = sum(len(s.kv.pages) for s in self.running) * self.pool.layout.page_size
+        if alloc > st.peak_alloc_slots:
+            st.peak_alloc_slots, st.peak_used_slots = alloc, sum(s.kv.length for s in self.running)
+
+
+__all__ = ["TokenLoop", "StepLimits", "Generation", "StepFn", "check_prompt"]

@@ -1,0 +1,110 @@
+"""The paged KV cache: one page pool per model, pages lent to sequences on demand.
+
+Each attention layer has a cache array [pages, 2, page_size, kv_heads, head_dim] (K and V
+of a page side by side); a page index means the same page in every layer, so a sequence
+owns one list of pages. Pages are taken as a sequence grows and given back when it ends:
+the only waste is the unused tail of each sequence's last page (`waste()` measures it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...errors import InputError, LLMCError
+
+
+class KvExhausted(InputError):
+    """Not enough free pages for what was asked."""
+
+
+@dataclass(frozen=True)
+class KvLayout:
+    page_size: int
+    layers: tuple[tuple[int, int], ...]  # (kv_heads, head_dim) per attention layer
+    dtype: str = "float32"
+
+    @property
+    def page_bytes(self) -> int:
+        item = np.dtype(self.dtype).itemsize
+        return sum(2 * self.page_size * h * d * item for h, d in self.layers)
+
+    def to_json(self) -> dict:
+        return {"page_size": self.page_size, "dtype": self.dtype, "layers": [list(x) for x in self.layers]}
+
+
+class PagePool:
+    """The caches and the free list. `kv_memory` bytes decide how many pages there are."""
+
+    def __init__(self, layout: KvLayout, num_pages: int):
+        from ..executor import aligned_empty
+
+        if num_pages < 1:
+            raise LLMCError(f"a KV page pool needs at least one page, got {num_pages}")
+        self.layout = layout
+        self.num_pages = num_pages
+        # zeroed: a step reads whole pages, and garbage NaN in a masked slot would still poison 0 * NaN
+        self.caches = []
+        for h, d in layout.layers:
+            c = aligned_empty((num_pages, 2, layout.page_size, h, d), layout.dtype)
+            c.fill(0)
+            self.caches.append(c)
+        self._free = list(range(num_pages - 1, -1, -1))
+
+    @classmethod
+    def from_budget(cls, layout: KvLayout, kv_memory: int) -> "PagePool":
+        pages = int(kv_memory) // layout.page_bytes
+        if pages < 1:
+            raise LLMCError(f"kv_memory={kv_memory} bytes holds no page (one page of {layout.page_size} tokens over "
+                            f"{len(layout.layers)} layers is {layout.page_bytes} bytes)")
+        return cls(layout, pages)
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_pages(self) -> int:
+        return self.num_pages - len(self._free)
+
+    def take(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise KvExhausted(f"KV cache exhausted: {n} pages wanted, {len(self._free)} of {self.num_pages} free")
+        out = self._free[len(self._free) - n:][::-1]
+        del self._free[len(self._free) - n:]
+        return out
+
+    def give_back(self, pages: list[int]) -> None:
+        self._free.extend(reversed(pages))
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.layout.page_size)
+
+
+class SequenceKv:
+    """The pages one sequence holds and how many of its positions are written."""
+
+    def __init__(self, pool: PagePool):
+        self.pool = pool
+        self.pages: list[int] = []
+        self.length = 0  # positions whose K/V are in the cache
+
+    def reserve(self, length: int) -> None:
+        """Make room for positions [0, length)."""
+        need = self.pool.pages_for(length) - len(self.pages)
+        if need > 0:
+            self.pages.extend(self.pool.take(need))
+
+    def release(self) -> None:
+        self.pool.give_back(self.pages)
+        self.pages = []
+        self.length = 0
+
+
+def waste(seqs: list[SequenceKv]) -> tuple[int, int]:
+    """(slots allocated, slots holding a token) over the given live sequences."""
+    alloc = sum(len(s.pages) for s in seqs) * (seqs[0].pool.layout.page_size if seqs else 0)
+    return alloc, sum(s.length for s in seqs)
+
+
+__all__ = ["KvLayout", "PagePool", "SequenceKv", "KvExhausted", "waste"]

@@ -1,0 +1,67 @@
+"""Choosing the next token from a row of logits: greedy, or temperature / top-k / top-p
+sampling with a repetition penalty, in the order transformers applies them (penalty,
+temperature, top-k, top-p). Each request has its own seeded generator, so a seed
+reproduces its tokens whatever else shares the batch."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ...errors import InputError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens <= 0:
+            raise InputError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise InputError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InputError(f"top_k must be an int >= 0, got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not self.repetition_penalty > 0:
+            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+
+
+def penalize(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    if penalty == 1.0 or seen.size == 0:
+        return logits
+    out = logits.copy()
+    ids = np.unique(seen)
+    v = out[ids]
+    out[ids] = np.where(v < 0, v * penalty, v / penalty)
+    return out
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, seen: np.ndarray) -> int:
+    """One token id from a [vocab] row of logits."""
+    x = penalize(logits.astype(np.float64), seen, params.repetition_penalty)
+    if params.temperature == 0:
+        return int(np.argmax(x))  # the first of equal maxima, as torch.argmax
+    x = x / params.temperature
+    if params.top_k and params.top_k < x.size:
+        kth = np.partition(x, -params.top_k)[-params.top_k]
+        x = np.where(x < kth, -np.inf, x)
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        drop = cum - p[order] >= params.top_p  # keep the smallest prefix reaching top_p (at least one)
+        p[order[drop]] = 0.0
+        p /= p.sum()
+    return int(rng.choice(p.size, p=p))
+
+
+__all__ = ["SamplingParams", "sample", "penalize"]
