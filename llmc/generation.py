@@ -51,10 +51,9 @@ def eligible(graph) -> bool:
 def add_generation(forward, opts, gen: GenerateOptions) -> GenerationBuild:
     from .api import compile_graph
     from .backends.artifact import weights_of
+    from .compiler.ops import Op
     from .passes.serve import StepSpec, derive_step
     from .passes.simplify import simplify
-    from .passes.index_bounds import input_index_checks
-    from dataclasses import asdict
 
     if forward.manifest["target"]["device"] != "cpu":
         raise LLMCError(f"generation (the step function) is built for CPU targets so far, not "
@@ -64,8 +63,6 @@ def add_generation(forward, opts, gen: GenerateOptions) -> GenerationBuild:
     step = compile_graph(step_graph, opts, passes=[simplify])
     g = step.program.graph
     caches = [n for n in g.inputs if n.attrs.name.startswith("kv_cache.")]
-    from .compiler.ops import Op
-
     windows = {n.attrs.layer: n.attrs.window for n in g.nodes() if n.op is Op.PAGED_ATTENTION}
     vocab = int(g.outputs[0].shape[1])
     symbols = step_graph.symbols
@@ -74,7 +71,7 @@ def add_generation(forward, opts, gen: GenerateOptions) -> GenerationBuild:
     section = {
         "version": 1, "required": True,
         "program": step.manifest["program"], "library": STEP_LIBRARY,
-        "input_checks": {"version": 1, "checks": [asdict(c) for c in input_index_checks(g)]},
+        "input_checks": step.manifest.get("input_checks", {"version": 1, "checks": []}),
         "kv": {"page_size": spec.page_size, "dtype": caches[0].dtype.value,
                "layers": [[int(c.shape[3]), int(c.shape[4]), int(windows[i])] for i, c in enumerate(caches)]},
         "limits": {"max_tokens": symbols["tokens"].hi, "max_seqs": symbols["seqs"].hi,

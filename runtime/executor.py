@@ -202,6 +202,9 @@ class Executor:
         self._pool: list[_Workspace] = [_Workspace(self._arena_bytes)]
         self._pool_lock = threading.Lock()
         self._bf16 = any(b.dtype == "bfloat16" for b in self._buffers)
+        # per-call buffer work, listed once (a decode step calls this hundreds of times a second)
+        self._fresh_outputs = [b for b in self._buffers if b.role == "temp" and b.id in self._out_set]
+        self._aliases = [b for b in self._buffers if b.role == "alias"]  # after their sources, in buffer order
 
     # ---- symbol binding and buffer resolution ----------------------------------------
     def _bind(self, arrays: Sequence[np.ndarray]) -> dict[str, int]:
@@ -259,17 +262,15 @@ class Executor:
         bufs.update(self._temps_for(ws, env))
         for spec, a in zip(self._program.inputs, arrays):
             bufs[spec.buffer] = a
-        for b in self._buffers:
-            if b.role == "temp" and b.id in self._out_set:
-                bufs[b.id] = aligned_empty([eval_dim(d, env) for d in b.shape], numpy_dtype(b.dtype))
-        for b in self._buffers:  # aliases come after their sources in buffer order
-            if b.role == "alias":
-                shape = [eval_dim(d, env) for d in b.shape]
-                try:
-                    bufs[b.id] = bufs[b.alias_of].reshape(shape)
-                except ValueError:
-                    raise ArtifactError(f"buffer {b.id}: alias of shape {shape} does not fit buffer {b.alias_of} "
-                                        f"{bufs[b.alias_of].shape}") from None
+        for b in self._fresh_outputs:
+            bufs[b.id] = aligned_empty([eval_dim(d, env) for d in b.shape], numpy_dtype(b.dtype))
+        for b in self._aliases:
+            shape = [eval_dim(d, env) for d in b.shape]
+            try:
+                bufs[b.id] = bufs[b.alias_of].reshape(shape)
+            except ValueError:
+                raise ArtifactError(f"buffer {b.id}: alias of shape {shape} does not fit buffer {b.alias_of} "
+                                    f"{bufs[b.alias_of].shape}") from None
         return bufs
 
     # ---- calling -----------------------------------------------------------------------

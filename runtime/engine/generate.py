@@ -12,7 +12,7 @@ still taken only as the sequence grows.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -64,7 +64,13 @@ class StepStats:
     tokens: int = 0
     peak_alloc_slots: int = 0  # KV slots in the pages held, at the step where that peaked
     peak_used_slots: int = 0  # positions actually written then
-    samples: list = field(default_factory=list)
+    alloc_slot_steps: int = 0  # summed over steps: KV slots held and slots written
+    used_slot_steps: int = 0
+
+    @property
+    def waste(self) -> float:
+        """Fraction of the KV slots held that held no token, averaged over the steps."""
+        return 1 - self.used_slot_steps / self.alloc_slot_steps if self.alloc_slot_steps else 0.0
 
 
 def check_prompt(ids: Sequence[int], limits: StepLimits, where: str) -> list[int]:
@@ -178,8 +184,11 @@ class TokenLoop:
         st.steps += 1
         st.tokens += sum(n for _, n in batch)
         alloc = sum(len(s.kv.pages) for s in self.running) * self.pool.layout.page_size
+        used = sum(s.kv.length for s in self.running)
+        st.alloc_slot_steps += alloc
+        st.used_slot_steps += used
         if alloc > st.peak_alloc_slots:
-            st.peak_alloc_slots, st.peak_used_slots = alloc, sum(s.kv.length for s in self.running)
+            st.peak_alloc_slots, st.peak_used_slots = alloc, used
 
 
 __all__ = ["TokenLoop", "StepLimits", "Generation", "StepFn", "check_prompt"]

@@ -18,11 +18,13 @@ import numpy as np
 
 from ...errors import InputError, LLMCError
 from ..manifest import GenerationSpec
+from ..threads import KernelThreads, cpu_threads
 from .generate import Generation, StepLimits, TokenLoop
 from .kv_cache import KvLayout, PagePool
 from .sampler import SamplingParams
 
 DEFAULT_KV_MEMORY = 512 << 20
+SMALL_STEP_TOKENS = 32  # steps of at most this many tokens run TVM's kernels on one thread (threads.py)
 
 
 def _load_tokenizer(file: pathlib.Path | None):
@@ -51,6 +53,8 @@ class LLM:
         self._pool: PagePool | None = None
         self._lock = threading.Lock()  # one generate() at a time owns the pool
         self.last_stats = None
+        self._threads = KernelThreads()
+        self._all_threads = cpu_threads()
 
     # the forward entry point, as a plain Executor is called
     def __call__(self, *args, **kwargs):
@@ -80,6 +84,7 @@ class LLM:
         return self._pool
 
     def _step(self, inputs: dict) -> np.ndarray:
+        self._threads.set(1 if inputs["tokens"].size <= SMALL_STEP_TOKENS else self._all_threads)
         return self.step_executor(**inputs)[0]
 
     def encode(self, prompt: Any, i: int) -> list[int]:
@@ -140,6 +145,8 @@ class LLM:
         for s in list(loop.running):  # stopped early (an error, a consumer that left): pages go back
             s.kv.release()
         self.last_stats = loop.stats
+        if self._threads.current is not None:
+            self._threads.set(self._all_threads)  # the pool as every other caller expects it
 
     def decode(self, token_ids: Sequence[int]) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode(list(token_ids))

@@ -5,76 +5,76 @@ One call serves a whole step: the tokens of S sequences lie on one axis; sequenc
 tokens q_starts[s]:q_starts[s+1], the newest of its kv_lens[s] positions. Their K/V are
 written into the sequence's pages first (token at position p: page page_table[s, p // P],
 slot p % P), then every token attends over positions <= its own (and > p - window with a
-sliding window). A step where every sequence brings one token (decode) is done for all
-sequences at once; otherwise sequence by sequence.
+sliding window), sequence by sequence: each sequence's keys are gathered from its pages in one
+copy (only its written positions are read), and a decode row needs no mask. (Padding all
+sequences to the longest and doing them in one batch measured 2x slower at 4 sequences.)
 """
 from __future__ import annotations
 
 import numpy as np
 
 
-def _token_slots(page_table: np.ndarray, kv_lens: np.ndarray, q_starts: np.ndarray, page: int):
-    """(page, slot, position) of every token of the step, in token order."""
-    counts = np.diff(q_starts)
-    seq = np.repeat(np.arange(len(counts)), counts)
-    first = kv_lens - counts  # position of each sequence's first new token
-    pos = first[seq] + (np.arange(int(q_starts[-1])) - q_starts[:-1][seq])
-    return page_table[seq, pos // page], pos % page, pos
+def _append(k: np.ndarray, v: np.ndarray, cache: np.ndarray, page_table: np.ndarray, kv_lens: np.ndarray,
+            counts: np.ndarray) -> np.ndarray:
+    """Write the step's K/V into the pages; returns each token's position."""
+    page = cache.shape[2]
+    if k.shape[2] == len(kv_lens):  # decode: one token per sequence, the newest position
+        seq, pos = np.arange(len(kv_lens)), kv_lens.astype(np.int64) - 1
+    else:
+        seq = np.repeat(np.arange(len(counts)), counts)
+        starts = np.cumsum(counts) - counts
+        pos = (kv_lens - counts)[seq] + (np.arange(k.shape[2]) - starts[seq])
+    pages, slots = page_table[seq, pos // page], pos % page
+    cache[pages, 0, slots] = k[0].transpose(1, 0, 2)
+    cache[pages, 1, slots] = v[0].transpose(1, 0, 2)
+    return pos
 
 
 def _softmax_rows(s: np.ndarray) -> np.ndarray:
-    s = s - s.max(-1, keepdims=True)
+    s -= s.max(-1, keepdims=True)
     np.exp(s, out=s)
     s /= s.sum(-1, keepdims=True)
     return s
 
 
+def _attend(q: np.ndarray, cache: np.ndarray, pages: np.ndarray, n_kv: int, first: int, scale: float,
+            window: int) -> np.ndarray:
+    """One sequence: q [H, n, D] at positions first..first+n-1 over its n_kv cached positions."""
+    h, n, d = q.shape
+    hkv = cache.shape[3]
+    group = h // hkv
+    keys = cache[pages, 0].reshape(-1, hkv, d)[:n_kv]  # [n_kv, Hkv, D]: one gather, a contiguous copy
+    values = cache[pages, 1].reshape(-1, hkv, d)[:n_kv]
+    s = np.matmul(q.reshape(hkv, group * n, d), keys.transpose(1, 2, 0)).reshape(hkv, group, n, n_kv)
+    s *= scale
+    if n > 1 or (window and n_kv > window):  # the last query row sees every key: no mask for plain decode
+        key = np.arange(n_kv)
+        qpos = np.arange(first, first + n)[:, None]
+        keep = key <= qpos
+        if window:
+            keep &= key > qpos - window
+        s = np.where(keep, s, -np.inf)
+    o = np.matmul(_softmax_rows(s).reshape(hkv, group * n, n_kv), values.transpose(1, 0, 2))
+    return o.reshape(h, n, d)
+
+
 def paged_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: np.ndarray, page_table: np.ndarray,
                     kv_lens: np.ndarray, q_starts: np.ndarray, scale: float, window: int = 0,
-                    out: np.ndarray | None = None) -> np.ndarray:
-    """q [1, H, T, D]; k, v [1, Hkv, T, D]; cache [pages, 2, P, Hkv, D] (written in place)."""
-    _, h, t, d = q.shape
-    hkv, page = k.shape[1], cache.shape[2]
-    group = h // hkv
-    pages, slots, pos = _token_slots(page_table, kv_lens, q_starts, page)
-    cache[pages, 0, slots] = k[0].transpose(1, 0, 2)
-    cache[pages, 1, slots] = v[0].transpose(1, 0, 2)
+                    out: np.ndarray | None = None, counts: np.ndarray | None = None) -> np.ndarray:
+    """q [1, H, T, D]; k, v [1, Hkv, T, D]; cache [pages, 2, P, Hkv, D] (written in place).
+    `counts`: np.diff(q_starts), when the caller has it."""
+    page = cache.shape[2]
+    counts = np.diff(q_starts) if counts is None else counts
+    pos = _append(k, v, cache, page_table, kv_lens, counts)
     if out is None:
         out = np.empty_like(q)
-    n_seq = len(kv_lens)
-    if t == n_seq:  # one token per sequence: all at once, keys padded to the longest history
-        cols = -(-int(kv_lens.max()) // page)
-        kv = cache[page_table[:, :cols]]  # [S, cols, 2, P, Hkv, D]
-        kv = kv.transpose(0, 2, 4, 1, 3, 5).reshape(n_seq, 2, hkv, cols * page, d)
-        key = np.arange(cols * page)
-        # slots past a sequence's length hold whatever the page held before (even NaN): zero them,
-        # since a masked score still multiplies its value row (0 * NaN = NaN)
-        kv = np.where((key[None, :] < kv_lens[:, None])[:, None, None, :, None], kv, 0)
-        qs = q[0].transpose(1, 0, 2).reshape(n_seq, hkv, group, d)
-        s = np.matmul(qs, kv[:, 0].transpose(0, 1, 3, 2)) * scale  # [S, Hkv, group, L]
-        keep = key[None, :] <= pos[:, None]
-        if window:
-            keep &= key[None, :] > pos[:, None] - window
-        s = np.where(keep[:, None, None, :], s, -np.inf)
-        o = np.matmul(_softmax_rows(s), kv[:, 1])  # [S, Hkv, group, D]
-        out[0] = o.reshape(n_seq, h, d).transpose(1, 0, 2)
-        return out
-    for s_i in range(n_seq):
-        a, b = int(q_starts[s_i]), int(q_starts[s_i + 1])
-        if a == b:
-            continue
-        n = int(kv_lens[s_i])
-        cols = -(-n // page)
-        kv = cache[page_table[s_i, :cols]].transpose(1, 3, 0, 2, 4).reshape(2, hkv, cols * page, d)[:, :, :n]
-        qs = q[0, :, a:b].reshape(hkv, group * (b - a), d)
-        s = np.matmul(qs, kv[0].transpose(0, 2, 1)).reshape(hkv, group, b - a, n) * scale
-        key = np.arange(n)
-        keep = key[None, :] <= pos[a:b, None]
-        if window:
-            keep &= key[None, :] > pos[a:b, None] - window
-        s = np.where(keep, s, -np.inf)
-        o = np.matmul(_softmax_rows(s).reshape(hkv, group * (b - a), n), kv[1])
-        out[0, :, a:b] = o.reshape(h, b - a, d)
+    a = 0
+    for s_i in range(len(kv_lens)):
+        n, n_kv = int(counts[s_i]), int(kv_lens[s_i])
+        if n:
+            pages = page_table[s_i, :-(-n_kv // page)]
+            out[0, :, a:a + n] = _attend(q[0, :, a:a + n], cache, pages, n_kv, n_kv - n, scale, window)
+        a += n
     return out
 
 
@@ -88,10 +88,11 @@ class PagedAttentionCall:
 
     def __call__(self, args, env) -> None:
         q, k, v, cache, table, lens, starts, out = args
-        if int(starts[-1]) != q.shape[2] or len(lens) != len(starts) - 1 or np.any(np.diff(starts) < 0):
+        counts = np.diff(starts)
+        if int(starts[0]) != 0 or int(starts[-1]) != q.shape[2] or len(lens) != len(counts) or counts.min() < 0:
             raise ValueError(f"q_starts {starts.tolist()} do not split the step's {q.shape[2]} tokens")
-        if np.any(lens < np.diff(starts)) or np.any(lens > table.shape[1] * cache.shape[2]):
+        if (lens - counts).min() < 0 or lens.max() > table.shape[1] * cache.shape[2]:
             raise ValueError("kv_lens outside what the sequence's new tokens and page table allow")
-        if table.size and (table.min() < 0 or table.max() >= cache.shape[0]):
+        if table.min() < 0 or table.max() >= cache.shape[0]:
             raise ValueError(f"page_table names a page outside the pool of {cache.shape[0]}")
-        paged_attention(q, k, v, cache, table, lens, starts, self.scale, self.window, out=out)
+        paged_attention(q, k, v, cache, table, lens, starts, self.scale, self.window, out=out, counts=counts)

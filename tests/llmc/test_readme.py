@@ -14,16 +14,23 @@ def python_blocks() -> list[str]:
 
 @pytest.mark.slow
 def test_python_snippet_runs_as_written(tmp_path, monkeypatch):
-    (snippet,) = python_blocks()
-    monkeypatch.chdir(tmp_path)  # the snippet exports into the current folder
+    first, generation = python_blocks()  # the second continues the first (same model)
+    monkeypatch.chdir(tmp_path)  # the snippets export into the current folder
     namespace: dict = {}
-    exec(compile(snippet, str(README), "exec"), namespace)
+    exec(compile(first, str(README), "exec"), namespace)
     assert (tmp_path / "llama.llmc" / "manifest.json").is_file()
     import torch
 
     with torch.no_grad():
         ref = namespace["model"](namespace["ids"], use_cache=False).logits.numpy()
     assert np.abs(namespace["logits"] - ref).max() <= 1e-4  # the reloaded artifact's output
+    exec(compile(generation, str(README), "exec"), namespace)
+    from causal_lms import hf_greedy
+
+    want = hf_greedy(namespace["model"], [1, 5, 9], 32)
+    eos = namespace["model"].generation_config.eos_token_id  # generate() stops there by default
+    want = want[:want.index(eos) + 1] if eos in want else want
+    assert namespace["out"][0].token_ids == want and namespace["again"][0].token_ids == want
 
 
 def test_every_cli_flag_is_documented():
@@ -32,7 +39,7 @@ def test_every_cli_flag_is_documented():
     text = README.read_text()
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices  # argparse keeps subparsers here
-    assert set(commands) == {"compile", "run", "inspect", "bench"}
+    assert set(commands) == {"compile", "run", "inspect", "bench", "generate"}
     for name, sub in commands.items():
         assert f"llmc {name}" in text, name
         for action in sub._actions:
