@@ -98,7 +98,33 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for b, hf_r, us_r, ratio, same in rows:
         print(f"| {b} | {hf_r:.0f} | {us_r:.0f} | {ratio:.2f}x | {same or 'n/a (padded batch)'} |")
+    prefill(cm, model, a)
     kv_waste(model, a)
+
+
+def prefill(cm, model, a) -> None:
+    """One 1 x 256 prompt: the step function (prefill into fresh pages, last row's logits) against
+    the forward artifact's call on the same ids (logits for every row) and torch eager."""
+    ids = np.random.default_rng(1).integers(1, model.config.vocab_size, (1, 256))
+    llm = cm._llm
+    pool = llm.pool
+    from llmc.runtime.engine.kv_cache import SequenceKv
+
+    seq = SequenceKv(pool)
+    seq.reserve(256)
+    inputs = {"tokens": ids[0].astype(np.int64), "positions": np.arange(256, dtype=np.int64),
+              "logit_rows": np.array([255], np.int64), "page_table": np.asarray([seq.pages], np.int32),
+              "kv_lens": np.array([256], np.int32), "q_starts": np.array([0, 256], np.int32),
+              **{f"kv_cache.{i}": c for i, c in enumerate(pool.caches)}}
+    llm._threads.set(a.threads)
+    t_step, last = _time(lambda: llm.step_executor(**inputs)[0], 10)
+    t_fwd, full = _time(lambda: cm(ids.astype(np.int64))[0], 10)
+    with torch.no_grad():
+        t_torch, ref = _time(lambda: model(torch.from_numpy(ids), use_cache=False).logits, 10)
+    seq.release()
+    err = float(np.abs(last[0] - full[0, -1]).max())
+    print(f"\nprefill 1 x 256: step function {t_step * 1e3:.2f} ms, forward artifact {t_fwd * 1e3:.2f} ms "
+          f"({t_step / t_fwd:.2f}x), torch eager {t_torch * 1e3:.2f} ms; last-row logits differ by {err:.1e}")
 
 
 def kv_waste(model, a) -> None:

@@ -158,3 +158,17 @@ def test_kv_waste_is_only_last_pages(compiled):
     st = cm._llm.last_stats
     live = 12  # at the peak every sequence holds at most one partly filled page
     assert st.peak_alloc_slots - st.peak_used_slots < live * cm._llm.layout.page_size
+
+
+def test_a_stream_left_early_gives_its_pages_back(compiled):
+    _, cm = compiled["gemma"]
+    cm.generate([[5, 6]], max_new_tokens=1)
+    pool = cm._llm.pool
+    stream = cm.generate(_prompts(10), max_new_tokens=20, stop_token_ids=(), stream=True)
+    for n, _ in enumerate(stream):
+        if n == 4:
+            break
+    assert pool.used_pages > 0  # the generator is suspended, still holding its sequences
+    stream.close()
+    assert pool.used_pages == 0
+    assert len(cm.generate([[5, 6]], max_new_tokens=3, stop_token_ids=())[0].token_ids) == 3
