@@ -116,17 +116,18 @@ class CompiledModel:
 
         self.ensure_generation()
         ws = weights_of(self.program)
+        extra = {}
+        if self.generation is not None:  # one weights file for the forward and the step function
+            from .generation import STEP_LIBRARY, TOKENIZER_FILE, check_shared_weights
+
+            ws = check_shared_weights(ws, self.generation.weights)
         manifest = self.manifest
         if not weights:
             omit = sorted(k for k, a in ws.items() if a.dtype.kind in "fV" and a.nbytes >= keep_below)
             ws = {k: a for k, a in ws.items() if k not in set(omit)}
             manifest = dict(manifest, weights=dict(manifest["weights"], omitted=omit))
         writer = self.executable.export_library
-        extra = {}
         if self.generation is not None:
-            from .generation import STEP_LIBRARY, TOKENIZER_FILE, check_shared_weights
-
-            ws = check_shared_weights(ws, self.generation.weights)
             extra[STEP_LIBRARY] = self.generation.step.executable.export_library
             if self.generation.tokenizer is not None:
                 import shutil
