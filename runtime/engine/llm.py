@@ -19,7 +19,7 @@ import numpy as np
 from ...errors import InputError, LLMCError
 from ..manifest import GenerationSpec
 from ..threads import KernelThreads, cpu_threads
-from .generate import Generation, StepLimits, TokenLoop
+from .generate import Generation, StepLimits, TokenLoop, check_prompt
 from .kv_cache import KvLayout, PagePool
 from .sampler import SamplingParams
 
@@ -92,13 +92,16 @@ class LLM:
             if self.tokenizer is None:
                 raise InputError(f"prompt {i} is text, but this artifact has no tokenizer: pass token ids")
             return list(self.tokenizer.encode(prompt).ids)
-        try:
-            ids = [int(t) for t in np.asarray(prompt).reshape(-1)] if not isinstance(prompt, list) else prompt
-        except (TypeError, ValueError):
-            raise InputError(f"prompt {i}: expected a string or a list of token ids, got {type(prompt).__name__}") from None
-        if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in ids):
+        if isinstance(prompt, np.ndarray):
+            if prompt.ndim != 1 or prompt.dtype.kind not in "iu":
+                raise InputError(f"prompt {i}: expected a 1-D integer array of token ids, got {prompt.dtype}"
+                                 f"{list(prompt.shape)}")
+            prompt = prompt.tolist()
+        if not isinstance(prompt, (list, tuple)):
+            raise InputError(f"prompt {i}: expected a string or a list of token ids, got {type(prompt).__name__}")
+        if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in prompt):
             raise InputError(f"prompt {i}: token ids must be ints")
-        return [int(t) for t in ids]
+        return [int(t) for t in prompt]
 
     def _prompts(self, prompts: Any) -> list[list[int]]:
         if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
@@ -118,9 +121,15 @@ class LLM:
         lists of token ids, of any lengths. stop_token_ids=None stops at the model's
         end-of-sequence ids; () never stops early. temperature 0 is greedy."""
         ids = self._prompts(prompts)
-        stops = tuple(self.spec.stop_token_ids if stop_token_ids is None else (int(t) for t in stop_token_ids))
-        params = [SamplingParams(max_new_tokens, float(temperature), top_k, float(top_p), float(repetition_penalty),
-                                 None if seed is None else int(seed) + i, stops) for i in range(len(ids))]
+        try:
+            stops = tuple(self.spec.stop_token_ids if stop_token_ids is None else (int(t) for t in stop_token_ids))
+            params = [SamplingParams(max_new_tokens, float(temperature), top_k, float(top_p),
+                                     float(repetition_penalty), None if seed is None else int(seed) + i, stops)
+                      for i in range(len(ids))]
+        except (TypeError, ValueError) as e:  # e.g. temperature="hot", seed=[1]
+            raise InputError(f"generate(): bad sampling argument ({e})") from None
+        for i, p in enumerate(ids):  # refused now, not at the first token of a stream
+            check_prompt(p, self.limits, f"prompt {i}")
         if stream:
             return self._stream(ids, params)
         with self._lock:

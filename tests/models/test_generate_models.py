@@ -130,6 +130,11 @@ def test_export_load_generate(compiled, tmp_path):
     ("some text", {}, "no tokenizer"),
     ([[5, 6]], {"top_p": 0.0}, "top_p"),
     ([], {}, "non-empty"),
+    ([[5, 6]], {"temperature": "hot"}, "bad sampling argument"),
+    ([np.array([5.0, 6.0])], {}, "integer array"),
+    ([[5, 6.5]], {}, "must be ints"),
+    ([[5, 6]], {"stream": True, "max_new_tokens": 0}, "max_new_tokens"),
+    ([[5, -6]], {"stream": True}, "vocabulary"),
 ])
 def test_bad_input_is_an_input_error(compiled, prompts, kw, match):
     _, cm = compiled["llama"]
