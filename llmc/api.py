@@ -37,14 +37,16 @@ class CompiledModel:
     _executor: Any = None
     generation: Any = None  # generation.GenerationBuild for a causal LM compiled with its step function
     _llm: Any = None
-    _pending_generation: Any = None  # (opts, GenerateOptions): built on first generate() or export()
+    _pending_generation: Any = None  # (opts, GenerateOptions, recapture): built on first generate() or export()
 
     def ensure_generation(self) -> None:
         """Build the step function now if compile() deferred it (generate=None, the default)."""
         if self._pending_generation is not None:
-            opts, gen = self._pending_generation
+            from .generation import build
+
+            opts, gen, recapture = self._pending_generation
             self._pending_generation = None
-            build_generation(self, opts, gen, required=False)
+            build(self, opts, gen, required=False, recapture=recapture)
 
     def _runner(self):
         from .runtime.manifest import Manifest
@@ -238,59 +240,9 @@ def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None
     capture_s = time.perf_counter() - t
     compiled = compile_graph(graph, opts)
     compiled.timings["capture_s"] = capture_s
-    from .generation import GenerateOptions
+    from .generation import GenerateOptions, attach, eos_ids, ids_only_capture
 
     gen = None if generate is False else generate if isinstance(generate, GenerateOptions) else GenerateOptions()
-    attach_generation(compiled, opts, gen, required=generate is not None, tokenizer=tokenizer,
-                      stop_token_ids=_eos_ids(model))
+    attach(compiled, opts, gen, required=generate is not None, tokenizer=tokenizer, stop_token_ids=eos_ids(model),
+           recapture=ids_only_capture(model, example_args, example_kwargs, opts))
     return compiled
-
-
-def _eos_ids(model: Any) -> tuple[int, ...]:
-    """The end-of-sequence ids a Hugging Face model declares (generation_config, else config)."""
-    for holder in (getattr(model, "generation_config", None), getattr(model, "config", None)):
-        eos = getattr(holder, "eos_token_id", None)
-        if eos is not None:
-            return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
-    return ()
-
-
-def attach_generation(compiled: CompiledModel, opts: CompileOptions, gen: Any, required: bool,
-                      tokenizer: str | None = None, stop_token_ids: Sequence[int] = ()) -> None:
-    """The step function beside the forward (llmc/generation.py), with `gen` (a
-    GenerateOptions; None: none). `required`: built now, and an LLMCError names what stops
-    it; otherwise, for a graph that looks like a causal LM on the CPU, it is built on the
-    first generate() or export(), so compiling for forward calls costs nothing more."""
-    from .generation import eligible
-
-    if gen is None:
-        return
-    if tokenizer is not None and gen.tokenizer is None:
-        gen.tokenizer = tokenizer
-    if not gen.stop_token_ids:
-        gen.stop_token_ids = tuple(stop_token_ids)
-    if required:
-        build_generation(compiled, opts, gen, required=True)
-    elif eligible(compiled.program.graph) and compiled.manifest["target"]["device"] == "cpu":
-        compiled._pending_generation = (opts, gen)
-
-
-def build_generation(compiled: CompiledModel, opts: CompileOptions, gen, required: bool) -> None:
-    from .backends.artifact import weights_of
-    from .generation import add_generation, check_shared_weights
-
-    t = time.perf_counter()
-    _say(opts, "deriving the step function (paged KV cache) for generation")
-    try:
-        build = add_generation(compiled, opts, gen)
-    except LLMCError as e:
-        if required:
-            raise
-        compiled.report += f"\ngeneration: not built ({e})"
-        return
-    compiled.generation = build
-    union = check_shared_weights(weights_of(compiled.program), build.weights)
-    compiled.manifest = dict(compiled.manifest, generation=build.section,
-                             weights=dict(compiled.manifest["weights"], count=len(union)))
-    compiled.timings["generation_s"] = time.perf_counter() - t
-    compiled.report += f"\ngeneration: {build.report}"

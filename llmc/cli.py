@@ -93,13 +93,12 @@ def cmd_compile(a: argparse.Namespace) -> int:
     graph = capture(src.model, src.args, src.kwargs, opts)
     _progress(f"captured {len(graph.nodes())} nodes, {len(graph.params)} weights in {time.perf_counter() - t0:.1f}s")
     compiled = compile_graph(graph, opts)
-    from .api import _eos_ids, attach_generation
-    from .generation import GenerateOptions
+    from .generation import GenerateOptions, attach, eos_ids, ids_only_capture
 
     # a causal LM gets its step function when its graph allows it (required with --generate)
     gen = None if a.no_generate else GenerateOptions(a.page_size, a.max_step_tokens, a.max_seqs)
-    attach_generation(compiled, opts, gen, required=a.generate, tokenizer=src.tokenizer,
-                      stop_token_ids=_eos_ids(src.model))
+    attach(compiled, opts, gen, required=a.generate, tokenizer=src.tokenizer, stop_token_ids=eos_ids(src.model),
+           recapture=ids_only_capture(src.model, src.args, src.kwargs, opts))
     replacing = (out_path / "manifest.json").exists()
     _progress(f"writing {out_path}" + (" (replacing the artifact there, --force)" if replacing else ""))
     out = compiled.export(a.output, weights=a.weights == "all")

@@ -8,8 +8,9 @@ are the forward's own arrays (the step graph shares them), so the artifact store
 from __future__ import annotations
 
 import pathlib
+import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -48,7 +49,9 @@ def eligible(graph) -> bool:
     return i.dtype.is_int and len(i.shape) == 2 and len(o.shape) == 3 and o.dtype.is_float
 
 
-def add_generation(forward, opts, gen: GenerateOptions) -> GenerationBuild:
+def add_generation(forward, opts, gen: GenerateOptions, graph=None) -> GenerationBuild:
+    """The step function of `graph` (a fused causal-LM graph taking token ids alone; default:
+    the forward's own), built for the forward's target."""
     from .api import compile_graph
     from .backends.artifact import weights_of
     from .compiler.ops import Op
@@ -59,14 +62,15 @@ def add_generation(forward, opts, gen: GenerateOptions) -> GenerationBuild:
         raise LLMCError(f"generation (the step function) is built for CPU targets so far, not "
                         f"{forward.manifest['target']['name']}; compile with generate=False")
     spec = StepSpec(gen.page_size, gen.max_tokens, gen.max_seqs, gen.max_context)
-    step_graph, report = derive_step(forward.program.graph, spec)
+    source = forward.program.graph if graph is None else graph
+    step_graph, report = derive_step(source, spec)
     step = compile_graph(step_graph, opts, passes=[simplify])
     g = step.program.graph
     caches = [n for n in g.inputs if n.attrs.name.startswith("kv_cache.")]
     windows = {n.attrs.layer: n.attrs.window for n in g.nodes() if n.op is Op.PAGED_ATTENTION}
     vocab = int(g.outputs[0].shape[1])
     symbols = step_graph.symbols
-    context = spec.max_context or _seq_bound(forward.program.graph)
+    context = spec.max_context or _seq_bound(source)
     stops = [int(t) for t in gen.stop_token_ids if 0 <= int(t) < vocab]
     section = {
         "version": 1, "required": True,
@@ -103,4 +107,73 @@ def check_shared_weights(forward: dict, step: dict) -> dict:
     return out
 
 
-__all__ = ["GenerateOptions", "GenerationBuild", "add_generation", "eligible", "STEP_LIBRARY", "TOKENIZER_FILE"]
+def eos_ids(model: Any) -> tuple[int, ...]:
+    """The end-of-sequence ids a Hugging Face model declares (generation_config, else config)."""
+    for holder in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        eos = getattr(holder, "eos_token_id", None)
+        if eos is not None:
+            return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+    return ()
+
+
+def ids_only_capture(model: Any, args: Sequence, kwargs: dict | None, opts) -> Callable[[], Any] | None:
+    """For a torch model compiled with more than token ids (an attention mask, say): a capture
+    of it with the ids alone, from which the step function can still be derived (the mask of
+    a padded batch has no place in a ragged step). None where there are no ids to keep."""
+    kwargs = kwargs or {}
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if getattr(ids, "ndim", None) != 2 or len(args) + len(kwargs) < 2 or isinstance(model, (str, pathlib.Path)):
+        return None
+
+    def recapture():
+        from .api import capture
+
+        return capture(model, (), {"input_ids": ids}, opts)
+    return recapture
+
+
+def attach(compiled, opts, gen: GenerateOptions | None, required: bool, tokenizer: str | None = None,
+           stop_token_ids: Sequence[int] = (), recapture: Callable[[], Any] | None = None) -> None:
+    """The step function beside the forward, with `gen` (None: none). `required`: built now,
+    and an LLMCError names what stops it; otherwise, for a graph that looks like a causal LM
+    (or a model `recapture` can capture with token ids alone) on the CPU, it is built on the
+    first generate() or export(), so compiling for forward calls costs nothing more."""
+    if gen is None:
+        return
+    if tokenizer is not None and gen.tokenizer is None:
+        gen.tokenizer = tokenizer
+    if not gen.stop_token_ids:
+        gen.stop_token_ids = tuple(stop_token_ids)
+    if required:
+        build(compiled, opts, gen, required=True, recapture=recapture)
+    elif (eligible(compiled.program.graph) or recapture is not None) and compiled.manifest["target"]["device"] == "cpu":
+        compiled._pending_generation = (opts, gen, recapture)
+
+
+def build(compiled, opts, gen: GenerateOptions, required: bool, recapture: Callable[[], Any] | None = None) -> None:
+    from .backends.artifact import weights_of
+
+    t = time.perf_counter()
+    if opts.progress:
+        opts.progress("deriving the step function (paged KV cache) for generation")
+    try:
+        graph = None
+        if not eligible(compiled.program.graph) and recapture is not None:
+            from .passes.pipeline import DEFAULT_PIPELINE, run_pipeline
+
+            graph = run_pipeline(recapture(), DEFAULT_PIPELINE)[0]  # the forward took a mask: ids alone
+        b = add_generation(compiled, opts, gen, graph)
+    except LLMCError as e:
+        if required:
+            raise
+        compiled.report += f"\ngeneration: not built ({e})"
+        return
+    compiled.generation = b
+    union = check_shared_weights(weights_of(compiled.program), b.weights)
+    compiled.manifest = dict(compiled.manifest, generation=b.section,
+                             weights=dict(compiled.manifest["weights"], count=len(union)))
+    compiled.timings["generation_s"] = time.perf_counter() - t
+    compiled.report += f"\ngeneration: {b.report}"
+
+
+__all__ = ["GenerateOptions", "attach", "build", "eos_ids", "ids_only_capture", "GenerationBuild", "add_generation", "eligible", "STEP_LIBRARY", "TOKENIZER_FILE"]

@@ -39,6 +39,17 @@ def test_inspect(artifact):
         assert word in r.stdout, r.stdout
 
 
+def test_bundled_decoder_generates_like_transformers(artifact):
+    """tiny-llama is compiled with an attention mask input; its step function comes from a
+    second capture with the ids alone."""
+    r = llmc("generate", str(artifact), "--ids", "3,4,5,6,7", "--max-new-tokens", "12", "--stop-ids", "")
+    assert r.returncode == 0, r.stderr
+    model, _ = tiny_model("llama")
+    want = model.generate(torch.tensor([[3, 4, 5, 6, 7]]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, 5:].tolist()
+    assert [int(t) for t in r.stdout.split()] == want
+
+
 def test_no_blas_builds_gemms_with_tvm(tmp_path):
     out = tmp_path / "m.llmc"
     r = llmc("compile", "tiny-llama", "-o", str(out), "--seq-len", "16", "--batch", "1", "--no-blas")

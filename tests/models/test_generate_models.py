@@ -177,3 +177,15 @@ def test_a_stream_left_early_gives_its_pages_back(compiled):
     stream.close()
     assert pool.used_pages == 0
     assert len(cm.generate([[5, 6]], max_new_tokens=3, stop_token_ids=())[0].token_ids) == 3
+
+
+def test_model_compiled_with_a_mask_still_generates():
+    """The forward takes ids and a mask; generate() recaptures the model with the ids alone."""
+    model = tiny_causal_lm("qwen2", seed=3, layers=1)
+    ids = torch.randint(3, VOCAB, (2, 7))
+    cm = llmc.compile(model, (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                      dim_bounds={"batch": (1, 4), "seq": (1, 48)})
+    assert cm.input_names == ["input_ids", "attention_mask"]
+    prompts = _prompts(12)
+    assert [g.token_ids for g in cm.generate(prompts, max_new_tokens=16, stop_token_ids=())] == \
+        [hf_greedy(model, p, 16) for p in prompts]
