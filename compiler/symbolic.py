@@ -180,8 +180,8 @@ def substitute(d: Dim, values: Mapping[str, Dim]) -> Dim:
     for m, c in d.terms:
         term: Dim = c
         for s in m:
-            term = term * values.get(s, SymExpr.var(s)) if isinstance(term, SymExpr) else values.get(s, SymExpr.var(s)) * term
-        total = total + term if isinstance(total, SymExpr) else term + total
+            term = term * values.get(s, SymExpr.var(s))  # int * SymExpr goes through SymExpr.__rmul__
+        total = total + term
     return total
 
 

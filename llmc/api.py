@@ -90,14 +90,12 @@ class CompiledModel:
             raise LLMCError("this model was compiled without a step function (not a causal LM taking input_ids "
                             "alone, or compiled with generate=False), so it cannot generate")
         if self._llm is None:
-            from .backends.artifact import weights_of
             from .runtime.engine.llm import LLM
             from .runtime.executor import Executor
             from .runtime.manifest import Manifest
 
             typed = Manifest.from_json(self.manifest, "CompiledModel.manifest")
-            step = Executor(typed.step_manifest(), self.generation.step.executable.mod,
-                            weights_of(self.generation.step.program))
+            step = Executor(typed.step_manifest(), self.generation.step.executable.mod, self.generation.weights)
             self._llm = LLM(self._runner(), step, typed.generation, self.generation.tokenizer)
         return self._llm.generate(prompts, **kwargs)
 
@@ -117,12 +115,9 @@ class CompiledModel:
         from .backends.artifact import weights_of, write_artifact
 
         self.ensure_generation()
-        ws = weights_of(self.program)
+        # one weights file for the forward and the step function
+        ws = weights_of(self.program) if self.generation is None else self.generation.weights
         extra = {}
-        if self.generation is not None:  # one weights file for the forward and the step function
-            from .generation import STEP_LIBRARY, TOKENIZER_FILE, check_shared_weights
-
-            ws = check_shared_weights(ws, self.generation.weights)
         manifest = self.manifest
         if not weights:
             omit = sorted(k for k, a in ws.items() if a.dtype.kind in "fV" and a.nbytes >= keep_below)
@@ -130,6 +125,8 @@ class CompiledModel:
             manifest = dict(manifest, weights=dict(manifest["weights"], omitted=omit))
         writer = self.executable.export_library
         if self.generation is not None:
+            from .generation import STEP_LIBRARY, TOKENIZER_FILE
+
             extra[STEP_LIBRARY] = self.generation.step.executable.export_library
             if self.generation.tokenizer is not None:
                 import shutil

@@ -31,6 +31,11 @@ class GenerateOptions:
     stop_token_ids: Sequence[int] = ()  # the model's end-of-sequence ids (generate() stops there by default)
     tokenizer: str | None = None  # a tokenizer.json (Hugging Face `tokenizers`) to carry in the artifact
 
+    def __post_init__(self) -> None:  # checked here, so a bad value fails the compile instead of dropping the step
+        from .passes.serve import StepSpec
+
+        StepSpec(self.page_size, self.max_tokens, self.max_seqs, self.max_context)
+
 
 @dataclass
 class GenerationBuild:
@@ -38,7 +43,7 @@ class GenerationBuild:
     section: dict  # the manifest's "generation" section
     tokenizer: pathlib.Path | None = None
     report: str = ""
-    weights: dict = field(default_factory=dict)
+    weights: dict = field(default_factory=dict)  # every weight the artifact stores: the forward's and the step's
 
 
 def eligible(graph) -> bool:
@@ -53,7 +58,6 @@ def add_generation(forward, opts, gen: GenerateOptions, graph=None) -> Generatio
     """The step function of `graph` (a fused causal-LM graph taking token ids alone; default:
     the forward's own), built for the forward's target."""
     from .api import compile_graph
-    from .backends.artifact import weights_of
     from .compiler.ops import Op
     from .passes.serve import StepSpec, derive_step
     from .passes.simplify import simplify
@@ -88,7 +92,7 @@ def add_generation(forward, opts, gen: GenerateOptions, graph=None) -> Generatio
         if not tok.is_file():
             raise LLMCError(f"tokenizer file {tok} does not exist")
         section["tokenizer"] = TOKENIZER_FILE
-    return GenerationBuild(step, section, tok, str(report), weights_of(step.program))
+    return GenerationBuild(step, section, tok, str(report))
 
 
 def _seq_bound(graph) -> int:
@@ -168,10 +172,10 @@ def build(compiled, opts, gen: GenerateOptions, required: bool, recapture: Calla
             raise
         compiled.report += f"\ngeneration: not built ({e})"
         return
+    b.weights = check_shared_weights(weights_of(compiled.program), weights_of(b.step.program))
     compiled.generation = b
-    union = check_shared_weights(weights_of(compiled.program), b.weights)
     compiled.manifest = dict(compiled.manifest, generation=b.section,
-                             weights=dict(compiled.manifest["weights"], count=len(union)))
+                             weights=dict(compiled.manifest["weights"], count=len(b.weights)))
     compiled.timings["generation_s"] = time.perf_counter() - t
     compiled.report += f"\ngeneration: {b.report}"
 

@@ -42,7 +42,7 @@ RUNTIME_OPS = frozenset({Op.PAGED_ATTENTION})
 class _Partition:
     def __init__(self, graph: Graph, library_gemm: Callable[[Node], bool] | None = None) -> None:
         gemm = library_gemm or (lambda n: False)
-        self.library_gemm = lambda n: n.op in RUNTIME_OPS or gemm(n)
+        self.library_call = lambda n: n.op in RUNTIME_OPS or gemm(n)  # a kernel of its own, run by a library
         self.nodes = [n for n in graph.nodes() if n.op not in NOT_COMPUTED]
         self.idx = {n.uid: i for i, n in enumerate(self.nodes)}
         self.users: dict[int, list[Node]] = {n.uid: [] for n in self.nodes}
@@ -103,7 +103,7 @@ class _Partition:
     # -- phases --------------------------------------------------------------------------
     def prologues(self, h: Node) -> None:
         g = self.gid(h)
-        if self.library_gemm(h):  # a library GEMM reads its operands as they are; W^T with trans_b
+        if self.library_call(h):  # a library GEMM reads its operands as they are; W^T with trans_b
             w = h.inputs[1] if h.op is Op.MATMUL else None
             if w is not None and is_transposed_2d(w) and w.uid in self.idx and self.alone(w) and w.uid not in self.outputs \
                     and all(u is h for u in self.users[w.uid]):
@@ -172,7 +172,7 @@ class _Partition:
             for h in anchors:
                 self.prologues(h)
             for h in anchors:
-                if not self.library_gemm(h):  # a library GEMM's epilogue fuses with its consumers
+                if not self.library_call(h):  # a library GEMM's epilogue fuses with its consumers
                     self.epilogues(h)
         self.leftovers()
         if not nx.is_directed_acyclic_graph(self.dag):

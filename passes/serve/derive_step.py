@@ -31,7 +31,7 @@ from ...compiler import ir
 from ...compiler.dtypes import DType
 from ...compiler.interpreter import interpret
 from ...compiler.ir import Graph, Node, TensorType
-from ...compiler.ops import (AxisAttrs, CastAttrs, Op, PagedAttentionAttrs, ShapeAttrs)
+from ...compiler.ops import AxisAttrs, CastAttrs, ConstAttrs, Op, PagedAttentionAttrs, ShapeAttrs
 from ...compiler.symbolic import SymDim, SymExpr, substitute
 from ...errors import LLMCError
 from ..report import PassReport
@@ -241,16 +241,10 @@ def _positions(n: Node, values: dict, positions: Node, t_sym: SymExpr) -> Node:
     if start != 0:
         if not isinstance(start, int):
             raise _refuse(n, f"range start {start} depends on the sequence length")
-        p = ir.node(Op.ADD, [p, ir.node(Op.CONST, [], _const(start, DType.I64))], n.where)
+        p = ir.node(Op.ADD, [p, ir.node(Op.CONST, [], ConstAttrs(start, DType.I64))], n.where)
     if n.attrs.dtype is not DType.I64:
         p = ir.node(Op.CAST, [p], CastAttrs(n.attrs.dtype), n.where)
     return p
-
-
-def _const(value: int, dtype: DType):
-    from ...compiler.ops import ConstAttrs
-
-    return ConstAttrs(value, dtype)
 
 
 __all__ = ["derive_step", "StepSpec", "TOKENS", "ROWS", "SEQS", "PAGE_COLS", "PAGES"]

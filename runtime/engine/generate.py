@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ...errors import InputError
-from .kv_cache import KvExhausted, PagePool, SequenceKv
+from .kv_cache import KvExhausted, PagePool, SequenceKv, waste
 from .sampler import SamplingParams, sample
 
 StepFn = Callable[[dict], np.ndarray]  # inputs by name -> logits [rows, vocab]
@@ -183,8 +183,7 @@ class TokenLoop:
         st = self.stats
         st.steps += 1
         st.tokens += sum(n for _, n in batch)
-        alloc = sum(len(s.kv.pages) for s in self.running) * self.pool.layout.page_size
-        used = sum(s.kv.length for s in self.running)
+        alloc, used = waste([s.kv for s in self.running])
         st.alloc_slot_steps += alloc
         st.used_slot_steps += used
         if alloc > st.peak_alloc_slots:

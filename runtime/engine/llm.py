@@ -19,7 +19,7 @@ import numpy as np
 from ...errors import InputError, LLMCError
 from ..manifest import GenerationSpec
 from ..threads import KernelThreads, cpu_threads
-from .generate import Generation, StepLimits, TokenLoop, check_prompt
+from .generate import Generation, StepLimits, TokenLoop
 from .kv_cache import KvLayout, PagePool
 from .sampler import SamplingParams
 
@@ -52,6 +52,7 @@ class LLM:
         self.kv_memory = kv_memory
         self._pool: PagePool | None = None
         self._lock = threading.Lock()  # one generate() at a time owns the pool
+        self._pool_made = threading.Lock()
         self.last_stats = None
         self._threads = KernelThreads()
         self._all_threads = cpu_threads()
@@ -77,11 +78,15 @@ class LLM:
 
     @property
     def pool(self) -> PagePool:
-        if self._pool is None:
-            useful = self.layout.page_bytes * self.limits.max_seqs * -(-self.limits.max_context // self.layout.page_size)
-            budget = DEFAULT_KV_MEMORY if self.kv_memory is None else int(self.kv_memory)
-            self._pool = PagePool.from_budget(self.layout, min(budget, useful) if self.kv_memory is None else budget)
+        with self._pool_made:  # generate() reads it outside the run lock: make it once
+            if self._pool is None:
+                self._pool = self._make_pool()
         return self._pool
+
+    def _make_pool(self) -> PagePool:
+        useful = self.layout.page_bytes * self.limits.max_seqs * -(-self.limits.max_context // self.layout.page_size)
+        budget = min(DEFAULT_KV_MEMORY, useful) if self.kv_memory is None else int(self.kv_memory)
+        return PagePool.from_budget(self.layout, budget)
 
     def _step(self, inputs: dict) -> np.ndarray:
         self._threads.set(1 if inputs["tokens"].size <= SMALL_STEP_TOKENS else self._all_threads)
@@ -128,12 +133,12 @@ class LLM:
                       for i in range(len(ids))]
         except (TypeError, ValueError) as e:  # e.g. temperature="hot", seed=[1]
             raise InputError(f"generate(): bad sampling argument ({e})") from None
-        for i, p in enumerate(ids):  # refused now, not at the first token of a stream
-            check_prompt(p, self.limits, f"prompt {i}")
+        # built now, so bad prompts are refused here, not at the first token of a stream; it
+        # takes no pages until it runs (under the lock)
+        loop = TokenLoop(self._step, self.pool, self.limits, ids, params)
         if stream:
-            return self._stream(ids, params)
+            return self._stream(loop)
         with self._lock:
-            loop = TokenLoop(self._step, self.pool, self.limits, ids, params)
             try:
                 for _ in loop.run():
                     pass
@@ -142,9 +147,8 @@ class LLM:
             return [Generation(s.new_tokens, s.finish, self.decode(s.new_tokens))
                     for s in (loop.finished[i] for i in range(len(ids)))]
 
-    def _stream(self, ids, params) -> Iterator[tuple[int, int]]:
+    def _stream(self, loop: TokenLoop) -> Iterator[tuple[int, int]]:
         with self._lock:
-            loop = TokenLoop(self._step, self.pool, self.limits, ids, params)
             try:
                 yield from loop.run()
             finally:
