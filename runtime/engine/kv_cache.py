@@ -8,6 +8,7 @@ the only waste is the unused tail of each sequence's last page (`waste()` measur
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
@@ -33,31 +34,37 @@ class KvLayout:
         return {"page_size": self.page_size, "dtype": self.dtype, "layers": [list(x) for x in self.layers]}
 
 
+def _host_zeros(shape: tuple, dtype: str) -> np.ndarray:
+    from ..executor import aligned_empty
+
+    c = aligned_empty(shape, dtype)
+    c.fill(0)
+    return c
+
+
 class PagePool:
     """The caches and the free list. `kv_memory` bytes decide how many pages there are."""
 
-    def __init__(self, layout: KvLayout, num_pages: int):
-        from ..executor import aligned_empty
-
+    def __init__(self, layout: KvLayout, num_pages: int, allocate: Callable[[tuple, str], Any] | None = None):
         if num_pages < 1:
             raise LLMCError(f"a KV page pool needs at least one page, got {num_pages}")
         self.layout = layout
         self.num_pages = num_pages
-        # zeroed: a step reads whole pages, and garbage NaN in a masked slot would still poison 0 * NaN
-        self.caches = []
-        for h, d in layout.layers:
-            c = aligned_empty((num_pages, 2, layout.page_size, h, d), layout.dtype)
-            c.fill(0)
-            self.caches.append(c)
+        # `allocate(shape, dtype)` returns a zeroed cache array: host memory by default, device
+        # memory for a GPU step function. Zeroed: a step reads whole pages, and garbage NaN in a
+        # masked slot would still poison 0 * NaN.
+        allocate = allocate or _host_zeros
+        self.caches = [allocate((num_pages, 2, layout.page_size, h, d), layout.dtype) for h, d in layout.layers]
         self._free = list(range(num_pages - 1, -1, -1))
 
     @classmethod
-    def from_budget(cls, layout: KvLayout, kv_memory: int) -> "PagePool":
+    def from_budget(cls, layout: KvLayout, kv_memory: int,
+                    allocate: Callable[[tuple, str], Any] | None = None) -> "PagePool":
         pages = int(kv_memory) // layout.page_bytes
         if pages < 1:
             raise LLMCError(f"kv_memory={kv_memory} bytes holds no page (one page of {layout.page_size} tokens over "
                             f"{len(layout.layers)} layers is {layout.page_bytes} bytes)")
-        return cls(layout, pages)
+        return cls(layout, pages, allocate)
 
     @property
     def free_pages(self) -> int:

@@ -88,7 +88,8 @@ class LLM:
         budget = min(DEFAULT_KV_MEMORY, useful) if self.kv_memory is None else int(self.kv_memory)
         return PagePool.from_budget(self.layout, budget)
 
-    def _step(self, inputs: dict) -> np.ndarray:
+    def step_logits(self, inputs: dict) -> np.ndarray:
+        """One call of the step function: inputs by name (TokenLoop._inputs) -> logits [rows, vocab]."""
         self._threads.set(1 if inputs["tokens"].size <= SMALL_STEP_TOKENS else self._all_threads)
         return self.step_executor(**inputs)[0]
 
@@ -135,7 +136,7 @@ class LLM:
             raise InputError(f"generate(): bad sampling argument ({e})") from None
         # built now, so bad prompts are refused here, not at the first token of a stream; it
         # takes no pages until it runs (under the lock)
-        loop = TokenLoop(self._step, self.pool, self.limits, ids, params)
+        loop = TokenLoop(self.step_logits, self.pool, self.limits, ids, params)
         if stream:
             return self._stream(loop)
         with self._lock:

@@ -52,18 +52,18 @@ def test_step_logits_match_torch_forward(compiled, family):
     rng = np.random.default_rng(7)
     prompts = [rng.integers(3, VOCAB, n).tolist() for n in (12, 5)]
     seen = []
-    orig = llm._step
+    orig = llm.step_logits
 
     def spy(inputs):
         logits = orig(inputs)
         seen.append(({k: v.copy() for k, v in inputs.items() if not k.startswith("kv_cache")}, logits.copy()))
         return logits
 
-    llm._step = spy
+    llm.step_logits = spy
     try:
         out = llm.generate(prompts, max_new_tokens=2, stop_token_ids=())
     finally:
-        llm._step = orig
+        llm.step_logits = orig
     assert len(seen) == 2  # one prefill step for both prompts, one decode step
     for step, (inputs, logits) in enumerate(seen):
         for r, n in enumerate(inputs["kv_lens"]):  # rows follow the step's order: find each one's prompt
