@@ -27,7 +27,9 @@ class KvLayout:
 
     @property
     def page_bytes(self) -> int:
-        item = np.dtype(self.dtype).itemsize
+        from ..executor import numpy_dtype
+
+        item = numpy_dtype(self.dtype).itemsize
         return sum(2 * self.page_size * h * d * item for h, d in self.layers)
 
     def to_json(self) -> dict:
@@ -86,6 +88,21 @@ class PagePool:
 
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.layout.page_size)
+
+    # Swapping a preempted sequence out to host memory and back (the serving engine). A device
+    # pool overrides both with device<->host copies; the host arrays' layout is its own business.
+    def copy_out(self, pages: list[int]) -> list[np.ndarray]:
+        """Host copies of these pages' K/V, one array [len(pages), 2, page_size, kv_heads, head_dim] per layer."""
+        idx = np.asarray(pages, np.int64)
+        return [c[idx] for c in self.caches]  # fancy indexing copies
+
+    def copy_in(self, pages: list[int], host: list[np.ndarray]) -> None:
+        """Write what copy_out returned into these pages (as many as were copied out)."""
+        idx = np.asarray(pages, np.int64)
+        for c, h in zip(self.caches, host):
+            if h.shape[0] != idx.size:
+                raise LLMCError(f"copy_in: {idx.size} pages given for {h.shape[0]} copied out")
+            c[idx] = h
 
 
 class SequenceKv:

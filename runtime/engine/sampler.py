@@ -1,7 +1,11 @@
 """Choosing the next token from a row of logits: greedy, or temperature / top-k / top-p
 sampling with a repetition penalty, in the order transformers applies them (penalty,
 temperature, top-k, top-p). Each request has its own seeded generator, so a seed
-reproduces its tokens whatever else shares the batch."""
+reproduces its tokens whatever else shares the batch.
+
+The serving engine's requests add stop strings, log-probabilities and n samples per prompt
+(the fields after stop_token_ids); `generate()` leaves them at their defaults.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -9,6 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ...errors import InputError
+
+MAX_LOGPROBS = 20  # as OpenAI's API allows
+MAX_N = 16
 
 
 @dataclass(frozen=True)
@@ -20,6 +27,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    stop: tuple[str, ...] = field(default_factory=tuple)  # text that ends a sequence (not included in it)
+    logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the k most likely
+    n: int = 1  # sequences sampled per prompt (seeds seed, seed + 1, ...)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens <= 0:
@@ -32,6 +42,12 @@ class SamplingParams:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not self.repetition_penalty > 0:
             raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if any(not isinstance(t, str) or not t for t in self.stop):
+            raise InputError(f"stop must be non-empty strings, got {self.stop!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise InputError(f"logprobs must be an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= MAX_N:
+            raise InputError(f"n must be an int in [1, {MAX_N}], got {self.n!r}")
 
 
 def penalize(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
@@ -64,4 +80,21 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
     return int(rng.choice(p.size, p=p))
 
 
-__all__ = ["SamplingParams", "sample", "penalize"]
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities of a [vocab] row of the model's logits (before any sampling transform, as
+    OpenAI's and vLLM's logprobs report them)."""
+    x = logits.astype(np.float64)
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+def top_logprobs(logp: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k most likely (token id, log-probability), most likely first (ties: lower id first)."""
+    if k == 0:
+        return []
+    idx = np.argpartition(-logp, k - 1)[:k] if k < logp.size else np.arange(logp.size)
+    idx = sorted(idx.tolist(), key=lambda i: (-logp[i], i))
+    return [(int(i), float(logp[i])) for i in idx]
+
+
+__all__ = ["SamplingParams", "sample", "penalize", "log_softmax", "top_logprobs", "MAX_LOGPROBS", "MAX_N"]
