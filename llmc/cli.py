@@ -22,6 +22,8 @@ USAGE = """examples:
   llmc inspect out.llmc
   llmc compile llmc.bench_models:llama_1b -o l1b.llmc --target cuda --weights none --batch 8
   llmc bench l1b.llmc --model llmc.bench_models:llama_1b --batch 8 --seq 512   # on a GPU machine
+  llmc serve tl.llmc --port 8000 --policy mlfq     # an OpenAI-compatible server (pip install llmc[serve])
+  llmc bench-serve --base-url http://127.0.0.1:8000 --request-rate 4 --num-prompts 200
 """
 
 
@@ -296,6 +298,27 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    try:
+        from .runtime.serve.server import serve
+    except ImportError as e:  # fastapi / uvicorn are the optional `serve` extra
+        raise LLMCError(f"llmc serve needs the serve extra (pip install 'llmc[serve]'): {e}") from None
+    from .runtime.serve.engine import EngineConfig
+
+    config = EngineConfig(policy=a.policy, max_num_batched_tokens=a.max_num_batched_tokens,
+                          max_num_seqs=a.max_num_seqs, chunked_prefill=not a.no_chunked_prefill,
+                          prefix_cache=not a.no_prefix_cache, preemption=a.preemption, swap_space=a.swap_space,
+                          max_queue=a.max_queue)
+    return serve(a.artifact, a.host, a.port, config, kv_memory=a.kv_memory, api_key=a.api_key,
+                 model_name=a.served_model_name, chat_template=a.chat_template, log_level=a.log_level)
+
+
+def cmd_bench_serve(a: argparse.Namespace) -> int:
+    from .bench_serve import main_bench_serve
+
+    return main_bench_serve(a)
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     from .bench import main_bench
 
@@ -392,7 +415,55 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-memory", type=int, help="bytes of KV cache (default: what the step limits can use, "
                                                  "up to 512 MiB)")
     g.set_defaults(fn=cmd_generate)
+    add_serve_parsers(sub, fmt)
     return p
+
+
+def add_serve_parsers(sub, fmt) -> None:
+    s = sub.add_parser("serve", help="serve a causal LM artifact over OpenAI's HTTP API (continuous batching)",
+                       formatter_class=fmt)
+    s.add_argument("artifact")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--policy", choices=["fcfs", "mlfq"], default="fcfs",
+                   help="fcfs: arrival order; mlfq: FastServe's skip-join multi-level feedback queue")
+    s.add_argument("--max-num-batched-tokens", type=int, help="tokens per step (default: the step function's limit)")
+    s.add_argument("--max-num-seqs", type=int, help="sequences per step (default: the step function's limit)")
+    s.add_argument("--kv-memory", type=int, metavar="BYTES", help="bytes of KV cache (default: what the step "
+                                                                  "limits can use, up to 512 MiB)")
+    s.add_argument("--max-queue", type=int, default=1024, help="accepted requests not yet started; more get 429")
+    s.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/")
+    s.add_argument("--no-prefix-cache", action="store_true", help="do not share the K/V of common prompt prefixes")
+    s.add_argument("--no-chunked-prefill", action="store_true",
+                   help="whole prompts in steps of their own (decodes wait), as vLLM before chunked prefill")
+    s.add_argument("--preemption", choices=["auto", "swap", "recompute"], default="auto",
+                   help="when KV pages run out: auto picks the cheaper of swapping and recomputing")
+    s.add_argument("--swap-space", type=int, default=4 << 30, metavar="BYTES",
+                   help="host memory for swapped-out K/V")
+    s.add_argument("--served-model-name", help="the model name clients ask for (default: the artifact folder's name)")
+    s.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template (default: the artifact's, else "
+                                                           "a plain one)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(fn=cmd_serve)
+
+    b = sub.add_parser("bench-serve", help="load-test a running `llmc serve` (vLLM benchmark_serving's measures)",
+                       formatter_class=fmt)
+    b.add_argument("--base-url", default="http://127.0.0.1:8000")
+    b.add_argument("--model", help="default: the server's one model")
+    b.add_argument("--api-key")
+    b.add_argument("--dataset", choices=["sharegpt", "heavy-tail", "prefix"], default="sharegpt",
+                   help="sharegpt: ShareGPT-like log-normal prompt/output lengths; heavy-tail: mostly short outputs, "
+                        "a few long; prefix: multi-turn chats over a long history (cold vs warm first token)")
+    b.add_argument("--num-prompts", type=int, default=100)
+    b.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="requests per second, Poisson arrivals (inf: all at once)")
+    b.add_argument("--max-concurrency", type=int, help="at most this many requests in flight")
+    b.add_argument("--history-tokens", type=int, default=1000, help="prefix dataset: tokens of chat history")
+    b.add_argument("--goodput", default="ttft:1000,tpot:100",
+                   help="SLOs in ms a request must meet to count for goodput (ttft, tpot, e2el)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--json", help="also write the results here")
+    b.set_defaults(fn=cmd_bench_serve)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import pathlib
+import signal
 import uuid
 from typing import Any, AsyncIterator
 
@@ -197,7 +198,8 @@ class OpenAiApp:
         @app.get("/v1/models")
         async def models():
             return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": now(),
-                                                "owned_by": "llmc", "max_model_len": self.llm.limits.max_context}]}
+                                                "owned_by": "llmc", "max_model_len": self.llm.limits.max_context,
+                                                "vocab_size": self.llm.limits.vocab}]}
 
         @app.post("/v1/completions")
         async def completions(body: CompletionRequest, request: Request):
@@ -322,7 +324,9 @@ class OpenAiApp:
 
 class DrainingServer(uvicorn.Server):
     """uvicorn, but a SIGTERM / SIGINT first closes the engine's intake (requests that still
-    reach us get 503) before uvicorn stops listening and waits for the open responses."""
+    reach us get 503) before uvicorn stops listening and waits for the open responses. The
+    signal is not raised again once uvicorn is done (as uvicorn would), so the engine drains
+    and the process exits with its own status."""
 
     def __init__(self, config: uvicorn.Config, engine: Engine):
         super().__init__(config)
@@ -330,7 +334,9 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig, frame) -> None:
         self.engine.stop_intake()
-        super().handle_exit(sig, frame)
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop waiting for open responses
+        self.should_exit = True
 
 
 def build(artifact: str | pathlib.Path, config: EngineConfig, kv_memory: int | None = None,
