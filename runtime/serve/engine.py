@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -264,9 +265,10 @@ class Engine:
                 prompt_tokens += n
         self.cost.observe_step(prompt_tokens, now - t)
         self.scheduler.served(plan.batch, self.step_no)
+        # counted before the tokens go out: a client that saw its last token finds it in /metrics
+        self.metrics.step(sum(n for _, n in plan.batch) - len(sampled), len(sampled))
         for row, s in enumerate(sampled):
             self._sample(s, logits[row], now)
-        self.metrics.step(sum(n for _, n in plan.batch) - len(sampled), len(sampled))
 
     def _sample(self, s: Seq, logits: np.ndarray, now: float) -> None:
         p = s.request.params
@@ -290,9 +292,9 @@ class Engine:
             finish = "length"
         if finish is not None and s.text is not None and not stopped:
             text += s.text.flush()
-        s.request.sink(Event(s.request.id, s.index, tok, text, lp, top, finish))
         if finish is not None:
-            self._finish(s, finish, announce=False)
+            self._finish(s, finish, announce=False)  # pages back and counted before the client hears of it
+        s.request.sink(Event(s.request.id, s.index, tok, text, lp, top, finish))
 
     def _finish(self, s: Seq, reason: str, announce: bool = True) -> None:
         r = s.request
@@ -351,6 +353,9 @@ class Engine:
             "generation_tokens_per_second": ("generated tokens per second over the last 10 s",
                                              m.tokens.per_second(time.perf_counter())),
         }
+        rss = resident_bytes()
+        if rss is not None:
+            gauges["process_resident_memory_bytes"] = ("the server process's resident memory", rss)
         counters = {
             "prompt_tokens_total": ("prompt tokens computed", m.prompt_tokens),
             "generation_tokens_total": ("tokens generated", m.generation_tokens),
@@ -368,6 +373,15 @@ class Engine:
         for reason, n in sorted(m.requests_finished.items()):
             counters[f'requests_finished_total{{reason="{reason}"}}'] = ("requests finished", n)
         return render(gauges, counters, m)
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return None
 
 
 def _collect(out: SeqResult, ev: Event) -> int:
