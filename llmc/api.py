@@ -95,8 +95,20 @@ class CompiledModel:
             from .runtime.manifest import Manifest
 
             typed = Manifest.from_json(self.manifest, "CompiledModel.manifest")
-            step = Executor(typed.step_manifest(), self.generation.step.executable.mod, self.generation.weights)
-            self._llm = LLM(self._runner(), step, typed.generation, self.generation.tokenizer)
+            forward = self._runner()
+            ex = self.generation.step.executable
+            if self.manifest["target"]["device"] == "cuda":
+                from .runtime.gpu import GpuExecutor, import_tvm_cuda
+
+                tvm = import_tvm_cuda()
+                modules = {"tvm": ex.mod.mod if ex.mod is not None else None}
+                if ex.shim_path is not None:
+                    modules["shim"] = tvm.runtime.load_module(str(ex.shim_path))
+                step = GpuExecutor(typed.step_manifest(), modules, self.generation.weights,
+                                   shared_weights=forward.device_tensors())
+            else:
+                step = Executor(typed.step_manifest(), ex.mod, self.generation.weights)
+            self._llm = LLM(forward, step, typed.generation, self.generation.tokenizer)
         return self._llm.generate(prompts, **kwargs)
 
     @property

@@ -62,13 +62,17 @@ def add_generation(forward, opts, gen: GenerateOptions, graph=None) -> Generatio
     from .passes.serve import StepSpec, derive_step
     from .passes.simplify import simplify
 
-    if forward.manifest["target"]["device"] != "cpu":
-        raise LLMCError(f"generation (the step function) is built for CPU targets so far, not "
+    device = forward.manifest["target"]["device"]
+    if device not in ("cpu", "cuda"):
+        raise LLMCError(f"generation (the step function) is built for CPU and CUDA targets, not "
                         f"{forward.manifest['target']['name']}; compile with generate=False")
     spec = StepSpec(gen.page_size, gen.max_tokens, gen.max_seqs, gen.max_context)
     source = forward.program.graph if graph is None else graph
     step_graph, report = derive_step(source, spec)
     step = compile_graph(step_graph, opts, passes=[simplify])
+    if "shim" in step.manifest.get("libraries", {}).get("roles", {}) and \
+            "shim" not in forward.manifest.get("libraries", {}).get("roles", {}):
+        raise LLMCError("the step function calls the CUDA shim library but the forward does not carry it")
     g = step.program.graph
     caches = [n for n in g.inputs if n.attrs.name.startswith("kv_cache.")]
     windows = {n.attrs.layer: n.attrs.window for n in g.nodes() if n.op is Op.PAGED_ATTENTION}
@@ -150,7 +154,8 @@ def attach(compiled, opts, gen: GenerateOptions | None, required: bool, tokenize
         gen.stop_token_ids = tuple(stop_token_ids)
     if required:
         build(compiled, opts, gen, required=True, recapture=recapture)
-    elif (eligible(compiled.program.graph) or recapture is not None) and compiled.manifest["target"]["device"] == "cpu":
+    elif (eligible(compiled.program.graph) or recapture is not None) and \
+            compiled.manifest["target"]["device"] in ("cpu", "cuda"):
         compiled._pending_generation = (opts, gen, recapture)
 
 

@@ -364,17 +364,7 @@ def load(path, device: str = "cpu", **options):
     libraries = check_library_files(path, manifest, manifest.libraries)
     weights = load_weights(path, manifest)
     if kind == "cuda":
-        from .gpu import GpuExecutor, import_tvm_cuda
-
-        tvm = import_tvm_cuda()
-        modules = {}
-        for lib, file in libraries.items():
-            try:
-                modules[lib] = tvm.runtime.load_module(str(file))
-            except (RuntimeError, OSError, ValueError) as e:
-                raise ArtifactError(f"{file}: cannot load the {lib} library "
-                                    f"({str(e).splitlines()[0][:200]})") from None
-        return GpuExecutor(manifest, modules, weights, device_id=int(index or 0), **options)
+        return _load_cuda(path, manifest, libraries, weights, int(index or 0), options)
     if manifest.cpu is not None:  # kernels using instructions this processor lacks would die with SIGILL
         check_cpu(manifest.cpu.triple, manifest.cpu.mcpu, manifest.cpu.features, str(path))
     tvm = import_tvm(with_gpu=False)
@@ -396,6 +386,42 @@ def load(path, device: str = "cpu", **options):
     if gen.tokenizer is not None:
         tok = check_file(path, gen.tokenizer, file_entry(manifest, gen.tokenizer, path), "the tokenizer")
     return LLM(forward, step, gen, tok, kv_memory=options.get("kv_memory"))
+
+
+def _load_cuda(path: pathlib.Path, manifest, libraries: dict, weights: dict, device_id: int, options: dict):
+    """A GpuExecutor; for a generation artifact an LLM over two of them (forward and step),
+    sharing the shim library (options: kv_memory for the LLM, the rest for the executors)."""
+    from .gpu import GpuExecutor, import_tvm_cuda
+
+    tvm = import_tvm_cuda()
+    gen = manifest.generation
+    if gen is not None:
+        from .artifact_files import check_file, check_library_files, file_entry
+
+        libraries = {**libraries, "step": check_library_files(path, manifest, {"step": gen.library})["step"]}
+    modules = {}
+    for lib, file in libraries.items():
+        try:
+            modules[lib] = tvm.runtime.load_module(str(file))
+        except (RuntimeError, OSError, ValueError) as e:
+            raise ArtifactError(f"{file}: cannot load the {lib} library "
+                                f"({str(e).splitlines()[0][:200]})") from None
+    kv_memory = options.pop("kv_memory", None)
+    step_module = modules.pop("step", None)
+    forward = GpuExecutor(manifest, modules, weights, device_id=device_id, **options)
+    if gen is None:
+        if kv_memory is not None:
+            raise LLMCError("kv_memory is an option of generation artifacts; this one has no step function")
+        return forward
+    from .engine.llm import LLM
+
+    # the step reads the same weights: hand it the forward's device tensors (no second upload)
+    step = GpuExecutor(manifest.step_manifest(), {**modules, "tvm": step_module}, weights, device_id=device_id,
+                       shared_weights=forward.device_tensors(), **options)
+    tok = None
+    if gen.tokenizer is not None:
+        tok = check_file(path, gen.tokenizer, file_entry(manifest, gen.tokenizer, path), "the tokenizer")
+    return LLM(forward, step, gen, tok, kv_memory=kv_memory)
 
 
 def _load_library(tvm, file: pathlib.Path):

@@ -11,7 +11,7 @@ GEMM / flash attention: views shaped as the manifest says, None for absent tenso
 call's scalars). The first call with a shape runs the launches eagerly once, then captures
 them into a CUDA graph; later calls copy the inputs in and replay the graph. If capture
 fails, or graphs are off (`graphs=False`, LLMC_CUDA_GRAPHS=0), the launches run one by one.
-Up to four shapes keep their plan and graph.
+Up to MAX_PLANS shapes keep their plan and graph.
 
 Concurrency: a plan's device buffers and its captured graph are shared by every call with
 that shape, so calls are serialized by one lock per executor (the GPU runs one call's
@@ -39,7 +39,7 @@ from ..errors import ArtifactError, InputError, LLMCError
 from .manifest import Manifest, eval_dim
 
 SHIM = "shim"
-MAX_PLANS = 4
+MAX_PLANS = 16  # a step function meets a decode shape per batch size and prefill chunks besides
 
 
 CUBLASLT = ("libcublasLt.so.13", "libcublasLt.so.12")
@@ -97,6 +97,7 @@ class _Plan:
         self.graph = None
         self.graph_state = "new"  # new | captured | failed | off
         self.graph_error = ""
+        self.staging = None  # cuda_graph.HostToDevice for the host inputs of this shape
 
 
 class GpuExecutor:
@@ -108,7 +109,8 @@ class GpuExecutor:
     before the lock is released."""
 
     def __init__(self, manifest: Manifest, modules: Mapping[str, Any], weights: Mapping[str, Any] | None,
-                 device_id: int = 0, graphs: bool | None = None, fill_weights: str = "random"):
+                 device_id: int = 0, graphs: bool | None = None, fill_weights: str = "random",
+                 shared_weights: Mapping[str, Any] | None = None):
         from .executor import numpy_dtype, take_program
 
         if not isinstance(manifest, Manifest):
@@ -124,7 +126,9 @@ class GpuExecutor:
         if not self.dev.exist:
             raise LLMCError("no CUDA device is visible to TVM's runtime")
         self.device_id = device_id
+        # graphs: True/False, or a predicate on a shape's bound symbols (capture only those shapes)
         self.graphs = (os.environ.get("LLMC_CUDA_GRAPHS", "1") != "0") if graphs is None else graphs
+        self._state: dict[str, Any] = {}  # input name -> device tensor bound for good (bind_state)
         p = manifest.program
         self._numpy_dtype = numpy_dtype
         self._kernels = {}
@@ -147,10 +151,20 @@ class GpuExecutor:
         self.weights_random = False
         self._weights: dict[int, Any] = {}
         self.omitted = set(manifest.weights.omitted)
+        self._shared: set[int] = set()  # weights owned (and filled) by another executor
+        shared = shared_weights or {}  # name -> device tensor of another executor (forward and step share)
         for b in self._buffers:
             if b.role != "weight":
                 continue
             shape, dtype = tuple(b.shape), numpy_dtype(b.dtype)
+            t = shared.get(b.name)
+            if t is not None:
+                if tuple(t.shape) != shape or str(t.dtype) != b.dtype:
+                    raise ArtifactError(f"shared weight {b.name!r} is {t.dtype}{tuple(t.shape)}, "
+                                        f"this program expects {b.dtype}{shape}")
+                self._weights[b.id] = t
+                self._shared.add(b.id)
+                continue
             t = self.tvm.runtime.empty(shape, b.dtype, self.dev)
             w = None if weights is None else weights.get(b.name)
             if w is None:
@@ -184,7 +198,9 @@ class GpuExecutor:
         plan = _Plan()
         bufs = dict(self._weights)
         for spec in self._program.inputs:
-            t = rt.empty(self._shape(spec.shape, env), spec.dtype, dev)
+            t = self._state.get(spec.name)
+            if t is None:
+                t = rt.empty(self._shape(spec.shape, env), spec.dtype, dev)
             bufs[spec.buffer] = t
             plan.inputs.append(t)
         arena_size = self._program.arena_bytes
@@ -214,11 +230,24 @@ class GpuExecutor:
                 launch = (*args, *[env[s] for s in k.symbols])
             plan.launches.append((fn, launch, c.kernel))
         plan.bufs = bufs
-        plan.graph_state = "new" if self.graphs else "off"
+        plan.graph_state = "new" if (self.graphs(env) if callable(self.graphs) else self.graphs) else "off"
         self._plans[key] = plan
         if len(self._plans) > MAX_PLANS:
             self._plans.popitem(last=False)
         return plan
+
+    def bind_state(self, tensors: Mapping[str, Any]) -> None:
+        """Bind inputs to device tensors for good: state the caller owns and the kernels update
+        in place (a step function's KV pages). Every plan reads them where they are, so a call
+        passes these same tensors (or omits nothing: the shapes still bind symbols) and nothing
+        is copied. Plans made before are dropped."""
+        names = set(self.input_names)
+        unknown = sorted(set(tensors) - names)
+        if unknown:
+            raise LLMCError(f"bind_state: no inputs named {unknown}")
+        with self._lock:
+            self._state = dict(tensors)
+            self._plans.clear()
 
     @property
     def stream(self):
@@ -295,14 +324,29 @@ class GpuExecutor:
         arrays, env = self._checked(args, kwargs)
         with self._lock:
             plan = self._plan_for(env)
-            for dst, src in zip(plan.inputs, arrays):
-                dst.copyfrom(src)
+            self._copy_inputs(plan, arrays)
             self._execute(plan)
             outs = [plan.bufs[b] for b in self._output_ids]
             if outputs == "device":
                 return outs
             self.stream.synchronize()
             return [np.array(t.numpy(), copy=True) for t in outs]
+
+    def _copy_inputs(self, plan: _Plan, arrays: list) -> None:
+        """Host arrays go through the plan's pinned staging buffer, asynchronously on the
+        executor's stream (ordered before the launches); device tensors are copied; state
+        tensors bound in place are skipped."""
+        host = [(dst, src) for dst, src in zip(plan.inputs, arrays) if isinstance(src, np.ndarray)]
+        for dst, src in zip(plan.inputs, arrays):
+            if not isinstance(src, np.ndarray) and dst is not src:
+                dst.copyfrom(src)
+        if not host:
+            return
+        if plan.staging is None:
+            from .cuda_graph import HostToDevice
+
+            plan.staging = HostToDevice(sum((a.nbytes + 255) // 256 * 256 for _, a in host))
+        plan.staging.copy(host, self.stream)
 
     def __call__(self, *args, **kwargs) -> list[np.ndarray]:
         return self.run(*args, **kwargs)
@@ -332,7 +376,8 @@ class GpuExecutor:
         from .cuda_graph import check, cudart
 
         for dst, src in zip(plan.inputs, arrays):
-            dst.copyfrom(src)
+            if dst is not src:
+                dst.copyfrom(src)
         rt = cudart()
         n = len(plan.launches)
         events = [ctypes.c_void_p() for _ in range(n + 1)]
@@ -361,7 +406,7 @@ class GpuExecutor:
         """Fill every weight with N(0, 0.02) values (a tiled random block: cheap, no NaNs)."""
         block = np.random.default_rng(seed).standard_normal(1 << 20, dtype=np.float32) * 0.02
         for b in self._buffers:
-            if b.role == "weight" and b.name in self.omitted:
+            if b.role == "weight" and b.name in self.omitted and b.id not in self._shared:
                 shape, dtype = tuple(b.shape), self._numpy_dtype(b.dtype)
                 n = int(np.prod(shape, dtype=np.int64))
                 src = block.astype(dtype) if dtype.kind in "fV" else np.zeros(1, dtype)

@@ -236,7 +236,8 @@ class Manifest:
         g = self.generation
         if g is None:
             raise ValueError("this artifact has no generation section")
-        return dataclasses.replace(self, program=g.program, input_checks=g.input_checks, libraries={"tvm": g.library})
+        libraries = {**self.libraries, "tvm": g.library}  # a CUDA step shares the forward's shim library
+        return dataclasses.replace(self, program=g.program, input_checks=g.input_checks, libraries=libraries)
 
     @property
     def input_names(self) -> list[str]:

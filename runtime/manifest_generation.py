@@ -27,7 +27,7 @@ def parse_generation(g: Any, at: At, device: str) -> GenerationSpec:
     checks = _input_checks(g["input_checks"], at["input_checks"], program) if "input_checks" in g else ()
     kv = chk.obj(g["kv"], at["kv"], ("page_size", "dtype", "layers"))
     page = chk.integer(kv["page_size"], at["kv"]["page_size"], 1, 1 << 16)
-    dtype = chk.string(kv["dtype"], at["kv"]["dtype"], ("float32", "float64"))
+    dtype = chk.string(kv["dtype"], at["kv"]["dtype"], ("float32", "float64", "float16", "bfloat16"))
 
     def layer(v: Any, a: At) -> KvLayerSpec:
         if not isinstance(v, list) or len(v) != 3:

@@ -386,9 +386,32 @@ def _match_norm(kernel: Kernel) -> Route | None:
                  [float(n.attrs.eps), kind], f"warp-per-row {'rms' if kind else 'layer'} norm")
 
 
+PAGED_FUNC = "llmc_paged_attention"
+PAGED_HEAD_DIMS = frozenset({32, 64, 128})
+
+
+def _match_paged(kernel: Kernel) -> Route | None:
+    """A PAGED_ATTENTION kernel (the step function's attention): the shim's paged kernel,
+    which appends the step's K/V into the pool and attends over the pages. It has no TVM
+    fallback (the pool is runtime state), so what the kernel does not cover is refused here."""
+    from llmc.backends.paged_route import match_paged
+    from llmc.errors import TargetError
+
+    r = match_paged(kernel)
+    if r is None:
+        return None
+    node = next(n for n in _body(kernel) if n.op is Op.PAGED_ATTENTION)
+    d = node.shape[-1]
+    if node.dtype not in ATTN_DTYPES or d not in PAGED_HEAD_DIMS:
+        raise TargetError(f"paged attention on CUDA needs float16/bfloat16 and head dim 32, 64 or 128; layer "
+                          f"{r.layer} is {node.dtype.value} with head dim {d} (compile the model in half precision)")
+    return Route(PAGED_FUNC, [(i, shape) for i, shape in enumerate(r.shapes)], [float(r.scale), int(r.window)],
+                 r.label)
+
+
 def match_route(kernel: Kernel) -> Route | None:
     """The shim call that computes `kernel` exactly, or None (then TVM builds it)."""
-    return _match_gemm(kernel) or _match_attention(kernel) or _match_norm(kernel)
+    return _match_paged(kernel) or _match_gemm(kernel) or _match_attention(kernel) or _match_norm(kernel)
 
 
 __all__ = ["prepare_graph", "cuda_grouping", "match_route", "Route", "attention_offloadable"]

@@ -5,8 +5,9 @@ causal LM carries): the forward entry point, callable as before, and `generate()
     out = llm.generate(["def main(", "import os"], max_new_tokens=32)
     out[0].token_ids, out[0].text
 
-The KV page pool is made on the first generate() from `kv_memory` (bytes; default
-DEFAULT_KV_MEMORY, trimmed to what max_seqs sequences of the full context can use).
+The KV page pool is made on the first generate() from `kv_memory` (bytes; default: 512 MiB
+on the host, half the free memory on a GPU, trimmed to what max_seqs sequences of the full
+context can use). The step runs where `step` (runtime/engine/step_runner.py) puts it.
 """
 from __future__ import annotations
 
@@ -18,13 +19,10 @@ import numpy as np
 
 from ...errors import InputError, LLMCError
 from ..manifest import GenerationSpec
-from ..threads import KernelThreads, cpu_threads
 from .generate import Generation, StepLimits, TokenLoop
 from .kv_cache import KvLayout, PagePool
 from .sampler import SamplingParams
-
-DEFAULT_KV_MEMORY = 512 << 20
-SMALL_STEP_TOKENS = 32  # steps of at most this many tokens run TVM's kernels on one thread (threads.py)
+from .step_runner import DEFAULT_KV_MEMORY, CpuStep, GpuStep
 
 
 def _load_tokenizer(file: pathlib.Path | None):
@@ -45,7 +43,14 @@ class LLM:
 
     def __init__(self, forward, step, spec: GenerationSpec, tokenizer_file: pathlib.Path | None = None,
                  kv_memory: int | None = None):
-        self.forward, self.step_executor, self.spec = forward, step, spec
+        """`step`: the step function's Executor (CPU) or GpuExecutor, or a runner wrapping one."""
+        self.forward, self.spec = forward, spec
+        if isinstance(step, (CpuStep, GpuStep)):
+            self.step = step
+        elif getattr(step, "device", "cpu") == "cuda":
+            self.step = GpuStep(step, spec.max_context, spec.page_size)
+        else:
+            self.step = CpuStep(step)
         self.tokenizer = _load_tokenizer(tokenizer_file)
         self.layout = KvLayout(spec.page_size, tuple((l.kv_heads, l.head_dim) for l in spec.layers), spec.kv_dtype)
         self.limits = StepLimits(spec.max_tokens, spec.max_seqs, spec.max_context, spec.vocab)
@@ -54,8 +59,6 @@ class LLM:
         self._lock = threading.Lock()  # one generate() at a time owns the pool
         self._pool_made = threading.Lock()
         self.last_stats = None
-        self._threads = KernelThreads()
-        self._all_threads = cpu_threads()
 
     # the forward entry point, as a plain Executor is called
     def __call__(self, *args, **kwargs):
@@ -85,13 +88,14 @@ class LLM:
 
     def _make_pool(self) -> PagePool:
         useful = self.layout.page_bytes * self.limits.max_seqs * -(-self.limits.max_context // self.layout.page_size)
-        budget = min(DEFAULT_KV_MEMORY, useful) if self.kv_memory is None else int(self.kv_memory)
-        return PagePool.from_budget(self.layout, budget)
+        budget = min(self.step.default_kv_memory(), useful) if self.kv_memory is None else int(self.kv_memory)
+        pool = PagePool.from_budget(self.layout, budget, self.step.allocate)
+        self.step.bind_pool(pool)
+        return pool
 
     def step_logits(self, inputs: dict) -> np.ndarray:
         """One call of the step function: inputs by name (TokenLoop._inputs) -> logits [rows, vocab]."""
-        self._threads.set(1 if inputs["tokens"].size <= SMALL_STEP_TOKENS else self._all_threads)
-        return self.step_executor(**inputs)[0]
+        return self.step(inputs)
 
     def encode(self, prompt: Any, i: int) -> list[int]:
         if isinstance(prompt, str):
@@ -159,8 +163,7 @@ class LLM:
         for s in list(loop.running):  # stopped early (an error, a consumer that left): pages go back
             s.kv.release()
         self.last_stats = loop.stats
-        if self._threads.current is not None:
-            self._threads.set(self._all_threads)  # the pool as every other caller expects it
+        self.step.done()
 
     def decode(self, token_ids: Sequence[int]) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode(list(token_ids))

@@ -19,12 +19,13 @@ FAMILIES = {
 }
 
 
-def tiny_causal_lm(family: str, seed: int = 0, layers: int = 2) -> torch.nn.Module:
+def tiny_causal_lm(family: str, seed: int = 0, layers: int = 2, **overrides) -> torch.nn.Module:
     cls = transformers.CONFIG_MAPPING[family]
     kw = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=64, max_position_embeddings=128, head_dim=8, pad_token_id=0, bos_token_id=1,
               eos_token_id=2, use_cache=False, tie_word_embeddings=False)
     kw.update(FAMILIES[family])
+    kw.update(overrides)  # e.g. the GPU tests' head_dim=32 (the paged kernel's smallest)
     config = cls(**{k: v for k, v in kw.items() if not isinstance(getattr(cls, k, None), property)})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

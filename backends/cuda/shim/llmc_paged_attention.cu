@@ -1,0 +1,371 @@
+// llmc CUDA shim: paged attention over a ragged batch, the CUDA route of Op.PAGED_ATTENTION.
+//
+//   llmc_paged_attention(q, k, v, kv_cache, page_table, kv_lens, q_starts, out, scale: float, window: int)
+//
+// One call serves a whole step of the step function (passes/serve/derive_step.py): the T tokens
+// of S sequences lie on one axis; sequence s owns tokens q_starts[s] .. q_starts[s+1]-1, the
+// newest of its kv_lens[s] positions. q/out [1, H, T, D], k/v [1, Hkv, T, D] (any strides but
+// the last dim), kv_cache [pages, 2, P, Hkv, D] (K and V of a page side by side), page_table
+// [S, C] int32, kv_lens [S] int32, q_starts [S + 1] int32. Every token attends causally over its
+// sequence's positions (and only the last `window` of them when window > 0); the step's own K/V
+// are appended into the pages by the same launch.
+//
+// Work split: a block (4 warps) takes one sequence, one KV head and 16 rows (a row = one query
+// token x one of the G = H / Hkv query heads sharing the KV head, so GQA reads each K/V tile
+// once for the whole group), and walks the keys in tiles of 32 staged in shared memory: a lane
+// scores one key, the warp keeps an online softmax per row. Keys older than the step come from
+// the pages; the step's own keys are read from k/v directly, which is why the append (done by
+// the blocks of split 0) needs no ordering against the reads.
+//
+// Decode (one token per sequence, T == S) has few rows and long histories, so the keys are
+// also split across blocks (flash-decoding): each split writes its partial softmax state to a
+// workspace and the last block of the group to finish (an atomic counter, reset by that block,
+// so a captured CUDA graph can replay it) merges them.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <utility>
+
+#include "llmc_shim_common.h"
+
+namespace llmc_shim_paged {
+using namespace llmc_shim;
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kRows = 16;            // rows per block
+constexpr int kSlots = kRows / kWarps;
+constexpr int kKeys = 32;            // keys per tile (one per lane)
+constexpr float kLog2e = 1.4426950408889634f;
+
+struct Params {
+  const void* q; const void* k; const void* v; void* out; void* cache;
+  int64_t q_h, q_t, k_h, k_t, v_h, v_t, o_h, o_t;
+  const int* table; const int* lens; const int* starts;
+  int C, P, H, Hkv, G, T, S;
+  int n_split, n_rowtiles, window;
+  float scale_log2;
+  float* part_o;   // [n_split][T][H][D]
+  float2* part_ml; // [n_split][T][H]: (running max, running sum)
+  unsigned* counters;  // [S][Hkv][n_rowtiles]
+};
+
+template <typename T> __device__ __forceinline__ float to_f(T x);
+template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kWarps * 32) paged_attention_kernel(Params p) {
+  constexpr int DL = D / 32;  // dims per lane in P V
+  __shared__ __align__(16) T ks[kKeys][D + 8];  // +8: a lane reads its own key row, rows 16 B apart in banks
+  __shared__ __align__(16) T vs[kKeys][D];
+  __shared__ float qs[kRows][D];
+  __shared__ bool last;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int s = blockIdx.z, h = blockIdx.y;
+  const int split = blockIdx.x % p.n_split, rowtile = blockIdx.x / p.n_split;
+  const int q0 = p.starts[s], nq = p.starts[s + 1] - q0, L = p.lens[s], first = L - nq;
+  const int r0 = rowtile * kRows;
+  if (r0 >= nq * p.G) return;  // every split of this row tile returns alike: the counter stays consistent
+  const int r_end = min(nq * p.G, r0 + kRows);
+  const int t_lo = r0 / p.G, t_hi = (r_end - 1) / p.G;  // the tokens this block's rows belong to
+  const T* K = static_cast<const T*>(p.k);
+  const T* V = static_cast<const T*>(p.v);
+  T* cache = static_cast<T*>(p.cache);
+  const int64_t page_stride = int64_t(2) * p.P * p.Hkv * D;
+  const int* table = p.table + int64_t(s) * p.C;
+
+  // append this block's new tokens' K/V (head h) into the pages; rows of one token are in one block
+  // only when G divides 16, so the block whose rows start a token writes it
+  if (split == 0) {
+    for (int i = threadIdx.x; i < (t_hi - t_lo + 1) * (D / 8); i += blockDim.x) {
+      const int t = t_lo + i / (D / 8), c = (i % (D / 8)) * 8;
+      if (t * p.G < r0) continue;  // its first row belongs to the previous block
+      const int pos = first + t;
+      T* dst = cache + table[pos / p.P] * page_stride + (int64_t(pos % p.P) * p.Hkv + h) * D + c;
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(K + h * p.k_h + int64_t(q0 + t) * p.k_t + c);
+      *reinterpret_cast<uint4*>(dst + int64_t(p.P) * p.Hkv * D) =
+          *reinterpret_cast<const uint4*>(V + h * p.v_h + int64_t(q0 + t) * p.v_t + c);
+    }
+  }
+  // the rows' queries, as float
+  const T* Q = static_cast<const T*>(p.q);
+  for (int i = threadIdx.x; i < kRows * D; i += blockDim.x) {
+    const int r = i / D, d = i % D, row = r0 + r;
+    float x = 0.f;
+    if (row < r_end) x = to_f<T>(Q[(h * p.G + row % p.G) * p.q_h + int64_t(q0 + row / p.G) * p.q_t + d]);
+    qs[r][d] = x;
+  }
+  // keys this block can see, then its split's share of them (whole tiles)
+  int k_lo = 0;
+  const int k_hi = first + t_hi + 1;
+  if (p.window > 0) k_lo = max(0, first + t_lo - p.window + 1);
+  const int n_tiles = (k_hi - k_lo + kKeys - 1) / kKeys;
+  const int per_split = (n_tiles + p.n_split - 1) / p.n_split;
+  const int tile_b = split * per_split, tile_e = min(n_tiles, tile_b + per_split);
+
+  float m[kSlots], l[kSlots], acc[kSlots][DL];
+#pragma unroll
+  for (int j = 0; j < kSlots; ++j) {
+    m[j] = -INFINITY;
+    l[j] = 0.f;
+#pragma unroll
+    for (int d = 0; d < DL; ++d) acc[j][d] = 0.f;
+  }
+  for (int tile = tile_b; tile < tile_e; ++tile) {
+    const int kb = k_lo + tile * kKeys;
+    __syncthreads();
+    for (int i = threadIdx.x; i < kKeys * (D / 8); i += blockDim.x) {
+      const int j = i / (D / 8), c = (i % (D / 8)) * 8, pos = kb + j;
+      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+      if (pos < k_hi) {
+        if (pos < first) {
+          const T* src = cache + table[pos / p.P] * page_stride + (int64_t(pos % p.P) * p.Hkv + h) * D + c;
+          kv = *reinterpret_cast<const uint4*>(src);
+          vv = *reinterpret_cast<const uint4*>(src + int64_t(p.P) * p.Hkv * D);
+        } else {
+          const int64_t t = q0 + pos - first;
+          kv = *reinterpret_cast<const uint4*>(K + h * p.k_h + t * p.k_t + c);
+          vv = *reinterpret_cast<const uint4*>(V + h * p.v_h + t * p.v_t + c);
+        }
+      }
+      *reinterpret_cast<uint4*>(&ks[j][c]) = kv;
+      *reinterpret_cast<uint4*>(&vs[j][c]) = vv;
+    }
+    __syncthreads();
+    float kf[D];
+#pragma unroll
+    for (int c = 0; c < D; c += 8) {
+      const uint4 u = *reinterpret_cast<const uint4*>(&ks[lane][c]);
+      const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) kf[c + i] = to_f<T>(e[i]);
+    }
+    const int key = kb + lane;
+#pragma unroll
+    for (int j = 0; j < kSlots; ++j) {
+      const int r = warp + j * kWarps, row = r0 + r;
+      if (row >= r_end) continue;  // warp-uniform
+      const int qpos = first + row / p.G;
+      float sc = 0.f;
+#pragma unroll
+      for (int d = 0; d < D; ++d) sc = fmaf(qs[r][d], kf[d], sc);
+      const bool ok = key < k_hi && key <= qpos && (p.window <= 0 || key > qpos - p.window);
+      sc = ok ? sc * p.scale_log2 : -INFINITY;
+      float mx = sc;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      const float m_new = fmaxf(m[j], mx);
+      if (m_new == -INFINITY) continue;  // nothing visible yet
+      const float pr = ok ? exp2f(sc - m_new) : 0.f;
+      const float corr = exp2f(m[j] - m_new);
+      float sum = pr;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      l[j] = l[j] * corr + sum;
+      m[j] = m_new;
+#pragma unroll
+      for (int d = 0; d < DL; ++d) acc[j][d] *= corr;
+#pragma unroll 8
+      for (int i = 0; i < kKeys; ++i) {
+        const float pi = __shfl_sync(0xffffffffu, pr, i);
+#pragma unroll
+        for (int d = 0; d < DL; ++d) acc[j][d] = fmaf(pi, to_f<T>(vs[i][lane * DL + d]), acc[j][d]);
+      }
+    }
+  }
+
+  T* O = static_cast<T*>(p.out);
+  if (p.n_split == 1) {
+#pragma unroll
+    for (int j = 0; j < kSlots; ++j) {
+      const int row = r0 + warp + j * kWarps;
+      if (row >= r_end) continue;
+      const float inv = l[j] > 0.f ? 1.f / l[j] : 0.f;  // a row that sees no key gets zeros
+      T* o = O + (h * p.G + row % p.G) * p.o_h + int64_t(q0 + row / p.G) * p.o_t;
+#pragma unroll
+      for (int d = 0; d < DL; ++d) o[lane * DL + d] = from_f<T>(acc[j][d] * inv);
+    }
+    return;
+  }
+  // flash-decoding: publish this split's state, the last split of the row tile merges
+#pragma unroll
+  for (int j = 0; j < kSlots; ++j) {
+    const int row = r0 + warp + j * kWarps;
+    if (row >= r_end) continue;
+    const int64_t idx = (int64_t(split) * p.T + q0 + row / p.G) * p.H + h * p.G + row % p.G;
+#pragma unroll
+    for (int d = 0; d < DL; ++d) p.part_o[idx * D + lane * DL + d] = acc[j][d];
+    if (lane == 0) p.part_ml[idx] = make_float2(m[j], l[j]);
+  }
+  __threadfence();
+  __syncthreads();
+  unsigned* counter = p.counters + (int64_t(s) * p.Hkv + h) * p.n_rowtiles + rowtile;
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == unsigned(p.n_split - 1);
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int i = threadIdx.x; i < (r_end - r0) * D; i += blockDim.x) {
+    const int row = r0 + i / D, d = i % D;
+    const int64_t t = q0 + row / p.G, head = h * p.G + row % p.G;
+    float mx = -INFINITY;
+    for (int sp = 0; sp < p.n_split; ++sp) mx = fmaxf(mx, __ldcg(&p.part_ml[(sp * p.T + t) * p.H + head]).x);
+    float num = 0.f, den = 0.f;
+    if (mx != -INFINITY) {
+      for (int sp = 0; sp < p.n_split; ++sp) {
+        const int64_t idx = (sp * p.T + t) * p.H + head;
+        const float2 ml = __ldcg(&p.part_ml[idx]);
+        const float w = ml.x == -INFINITY ? 0.f : exp2f(ml.x - mx);
+        num += w * __ldcg(&p.part_o[idx * D + d]);
+        den += w * ml.y;
+      }
+    }
+    O[head * p.o_h + t * p.o_t + d] = from_f<T>(den > 0.f ? num / den : 0.f);
+  }
+  if (threadIdx.x == 0) *counter = 0;  // ready for the next launch (graph replays)
+}
+
+// ---- workspace per (device, stream), grown at a call outside graph capture ---------------------
+struct Workspace {
+  void* buf = nullptr;
+  size_t bytes = 0;
+  unsigned* counters = nullptr;
+  size_t n_counters = 0;
+};
+std::mutex g_mu;
+std::map<std::pair<int, cudaStream_t>, Workspace> g_ws;
+
+Workspace& workspace(int dev, cudaStream_t stream, size_t bytes, size_t counters) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  Workspace& ws = g_ws[{dev, stream}];
+  if (ws.bytes < bytes) {
+    if (ws.buf) {
+      LLMC_CUDA_CHECK(cudaStreamSynchronize(stream));
+      LLMC_CUDA_CHECK(cudaFree(ws.buf));
+    }
+    LLMC_CUDA_CHECK(cudaMalloc(&ws.buf, bytes));
+    ws.bytes = bytes;
+  }
+  if (ws.n_counters < counters) {
+    if (ws.counters) {
+      LLMC_CUDA_CHECK(cudaStreamSynchronize(stream));
+      LLMC_CUDA_CHECK(cudaFree(ws.counters));
+    }
+    LLMC_CUDA_CHECK(cudaMalloc(&ws.counters, counters * sizeof(unsigned)));
+    LLMC_CUDA_CHECK(cudaMemset(ws.counters, 0, counters * sizeof(unsigned)));
+    ws.n_counters = counters;
+  }
+  return ws;
+}
+
+constexpr size_t kMaxWorkspace = size_t(64) << 20;
+
+void check_i32(const DLTensor* t, const char* name, int ndim) {
+  check_cuda_tensor(t, name);
+  LLMC_CHECK(t->dtype.code == kDLInt && t->dtype.bits == 32 && t->dtype.lanes == 1) << name << " must be int32";
+  LLMC_CHECK(t->ndim == ndim) << name << " must be " << ndim << "-D, got " << shape_str(t);
+  LLMC_CHECK(stride_of(t, ndim - 1) == 1 && (ndim == 1 || stride_of(t, 0) == t->shape[1])) << name << " must be contiguous";
+}
+
+template <typename T, int D>
+void launch(Params& p, dim3 grid, cudaStream_t stream) {
+  paged_attention_kernel<T, D><<<grid, kWarps * 32, 0, stream>>>(p);
+  LLMC_CUDA_CHECK(cudaGetLastError());
+}
+
+template <typename T>
+void launch_d(Params& p, int D, dim3 grid, cudaStream_t stream) {
+  if (D == 64) launch<T, 64>(p, grid, stream);
+  else if (D == 128) launch<T, 128>(p, grid, stream);
+  else launch<T, 32>(p, grid, stream);
+}
+
+void PagedAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, DLTensor* table, DLTensor* lens,
+                    DLTensor* starts, DLTensor* out, double scale, int64_t window) {
+  check_cuda_tensor(q, "q"); check_cuda_tensor(k, "k"); check_cuda_tensor(v, "v");
+  check_cuda_tensor(cache, "kv_cache"); check_cuda_tensor(out, "out");
+  check_i32(table, "page_table", 2); check_i32(lens, "kv_lens", 1); check_i32(starts, "q_starts", 1);
+  const DT dt = dtype_of(q);
+  LLMC_CHECK(dt == DT::kF16 || dt == DT::kBF16) << "q must be float16 or bfloat16, got " << dtype_name(dt);
+  for (const DLTensor* t : {k, v, cache, out}) LLMC_CHECK(dtype_of(t) == dt) << "q, k, v, kv_cache and out must share one dtype";
+  LLMC_CHECK(q->ndim == 4 && k->ndim == 4 && v->ndim == 4 && out->ndim == 4 && cache->ndim == 5)
+      << "q/k/v/out must be 4-D and kv_cache 5-D";
+  LLMC_CHECK(q->shape[0] == 1) << "q must be [1, H, T, D], got " << shape_str(q);
+  const int H = int(q->shape[1]), T = int(q->shape[2]), D = int(q->shape[3]);
+  const int Hkv = int(k->shape[1]);
+  LLMC_CHECK(D == 32 || D == 64 || D == 128) << "head dim must be 32, 64 or 128, got " << D;
+  LLMC_CHECK(Hkv > 0 && H % Hkv == 0) << "query heads " << H << " must be a multiple of KV heads " << Hkv;
+  for (const DLTensor* t : {k, v})
+    LLMC_CHECK(t->shape[0] == 1 && t->shape[1] == Hkv && t->shape[2] == T && t->shape[3] == D)
+        << "k/v must be [1, " << Hkv << ", " << T << ", " << D << "], got " << shape_str(t);
+  for (int i = 0; i < 4; ++i) LLMC_CHECK(out->shape[i] == q->shape[i]) << "out must be shaped like q";
+  LLMC_CHECK(cache->shape[1] == 2 && cache->shape[3] == Hkv && cache->shape[4] == D)
+      << "kv_cache must be [pages, 2, P, " << Hkv << ", " << D << "], got " << shape_str(cache);
+  int64_t expect = 1;
+  for (int i = 4; i >= 0; --i) {
+    LLMC_CHECK(stride_of(cache, i) == expect) << "kv_cache must be contiguous";
+    expect *= cache->shape[i];
+  }
+  for (const DLTensor* t : {q, k, v, out}) {
+    LLMC_CHECK(stride_of(t, 3) == 1) << "the head dim must be contiguous";
+    LLMC_CHECK(stride_of(t, 1) % 8 == 0 && stride_of(t, 2) % 8 == 0 && (reinterpret_cast<uintptr_t>(data_of(t)) & 15) == 0)
+        << "head and token strides must be multiples of 8 elements, base pointers 16-byte aligned";
+  }
+  const int S = int(lens->shape[0]);
+  LLMC_CHECK(starts->shape[0] == S + 1 && table->shape[0] == S) << "page_table [S, C], kv_lens [S] and q_starts [S+1] disagree";
+  const int dev = q->device.device_id;
+  if (T == 0 || S == 0) return;
+
+  Params p{};
+  p.q = data_of(q); p.k = data_of(k); p.v = data_of(v); p.out = data_of(out); p.cache = data_of(cache);
+  p.q_h = stride_of(q, 1); p.q_t = stride_of(q, 2);
+  p.k_h = stride_of(k, 1); p.k_t = stride_of(k, 2);
+  p.v_h = stride_of(v, 1); p.v_t = stride_of(v, 2);
+  p.o_h = stride_of(out, 1); p.o_t = stride_of(out, 2);
+  p.table = reinterpret_cast<const int*>(data_of(table));
+  p.lens = reinterpret_cast<const int*>(data_of(lens));
+  p.starts = reinterpret_cast<const int*>(data_of(starts));
+  p.C = int(table->shape[1]); p.P = int(cache->shape[2]);
+  p.H = H; p.Hkv = Hkv; p.G = H / Hkv; p.T = T; p.S = S;
+  p.window = int(window);
+  p.scale_log2 = float(scale) * kLog2e;
+  // a sequence has at most T * G rows (the host cannot see the lengths: blocks past a sequence's
+  // rows return at once); a decode step (T == S, one token each) has G
+  p.n_rowtiles = (T * p.G + kRows - 1) / kRows;
+  p.n_split = 1;
+
+  DeviceGuard guard(dev);
+  cudaStream_t stream = current_stream(dev);
+  if (T == S) {  // decode: split the keys until the GPU has ~4 blocks per SM
+    int sms = 0;
+    LLMC_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    const int blocks = S * Hkv * ((p.G + kRows - 1) / kRows);
+    const int max_tiles = (p.C * p.P + kKeys - 1) / kKeys;
+    int n = std::min((4 * sms + blocks - 1) / blocks, std::max(1, max_tiles / 2));
+    const size_t per = size_t(T) * H * (D + 2) * sizeof(float);
+    while (n > 1 && n * per > kMaxWorkspace) --n;
+    p.n_split = std::max(1, n);
+  }
+  if (p.n_split > 1) {
+    const size_t o_bytes = size_t(p.n_split) * T * H * D * sizeof(float);
+    const size_t ml_bytes = size_t(p.n_split) * T * H * sizeof(float2);
+    Workspace& ws = workspace(dev, stream, o_bytes + ml_bytes, size_t(S) * Hkv * p.n_rowtiles);
+    p.part_o = static_cast<float*>(ws.buf);
+    p.part_ml = reinterpret_cast<float2*>(static_cast<char*>(ws.buf) + o_bytes);
+    p.counters = ws.counters;
+  }
+  const dim3 grid(p.n_split * p.n_rowtiles, Hkv, S);
+  if (dt == DT::kF16) launch_d<__half>(p, D, grid, stream);
+  else launch_d<__nv_bfloat16>(p, D, grid, stream);
+}
+
+}  // namespace
+}  // namespace llmc_shim_paged
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(llmc_paged_attention, llmc_shim_paged::PagedAttention);

@@ -1,0 +1,101 @@
+"""Where a step function runs: the host (an Executor) or a GPU (a GpuExecutor).
+
+A runner gives the page pool its cache arrays (`allocate`, `default_kv_memory`), takes the
+pool once it exists (`bind_pool`) and runs one step: `runner(inputs) -> logits [rows, vocab]`
+as float32 numpy, `inputs` as TokenLoop builds them (runtime/engine/generate.py).
+
+On the GPU the KV pages stay on the device: the pool's caches are bound to the step
+executor's inputs for good (GpuExecutor.bind_state), so a step copies only the token ids and
+the page metadata in. The page table is padded to the full context, so a decode step's
+shapes, and with them its captured CUDA graph, stay the same while the sequences grow; only
+steps of up to GRAPH_MAX_TOKENS tokens are captured (a prefill chunk's length changes from
+step to step, and capturing each would cost more than it saves).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..threads import KernelThreads, cpu_threads
+
+DEFAULT_KV_MEMORY = 512 << 20  # host pool, bytes
+GPU_KV_FRACTION = 0.5  # of the free device memory, for a GPU pool
+SMALL_STEP_TOKENS = 32  # host steps of at most this many tokens run TVM's kernels on one thread (threads.py)
+GRAPH_MAX_TOKENS = 64
+
+
+class CpuStep:
+    """The step function in this process's memory, on the CPU."""
+
+    device = "cpu"
+
+    def __init__(self, executor):
+        self.executor = executor
+        self._threads = KernelThreads()
+        self._all_threads = cpu_threads()
+
+    def allocate(self, shape: tuple, dtype: str) -> np.ndarray:
+        from ..executor import aligned_empty
+
+        c = aligned_empty(shape, dtype)
+        c.fill(0)  # a step reads whole pages: garbage NaN in a masked slot would still poison 0 * NaN
+        return c
+
+    def default_kv_memory(self) -> int:
+        return DEFAULT_KV_MEMORY
+
+    def bind_pool(self, pool) -> None:
+        pass  # the caches travel with every call (numpy arrays, no copy)
+
+    def __call__(self, inputs: dict) -> np.ndarray:
+        self._threads.set(1 if inputs["tokens"].size <= SMALL_STEP_TOKENS else self._all_threads)
+        return self.executor(**inputs)[0]
+
+    def done(self) -> None:
+        if self._threads.current is not None:
+            self._threads.set(self._all_threads)  # the pool as every other caller expects it
+
+
+class GpuStep:
+    """The step function on a GPU (runtime/gpu.py: GpuExecutor), its KV pages on the device."""
+
+    device = "cuda"
+
+    def __init__(self, executor, max_context: int, page_size: int):
+        self.executor = executor
+        self.cols = -(-max_context // page_size)  # page-table columns: the whole context, always
+        executor.graphs = executor.graphs and (lambda env: env.get("tokens", 0) <= GRAPH_MAX_TOKENS)
+        self._caches: list = []
+
+    def allocate(self, shape: tuple, dtype: str) -> Any:
+        # not zeroed: the kernel reads only written positions (llmc_paged_attention.cu)
+        return self.executor.tvm.runtime.empty(shape, dtype, self.executor.dev)
+
+    def default_kv_memory(self) -> int:
+        import ctypes
+
+        from ..cuda_graph import check, cudart
+
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        check(cudart().cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)), "cudaMemGetInfo")
+        return int(free.value * GPU_KV_FRACTION)
+
+    def bind_pool(self, pool) -> None:
+        self._caches = list(pool.caches)
+        self.executor.bind_state({f"kv_cache.{i}": c for i, c in enumerate(self._caches)})
+
+    def __call__(self, inputs: dict) -> np.ndarray:
+        table = inputs["page_table"]
+        if table.shape[1] < self.cols:
+            padded = np.zeros((table.shape[0], self.cols), np.int32)
+            padded[:, :table.shape[1]] = table
+            inputs = {**inputs, "page_table": padded}
+        out = self.executor.run(**inputs)[0]
+        return out.astype(np.float32)
+
+    def done(self) -> None:
+        pass
+
+
+__all__ = ["CpuStep", "GpuStep", "DEFAULT_KV_MEMORY", "GRAPH_MAX_TOKENS"]

@@ -1,0 +1,100 @@
+"""GPU checks of llmc_paged_attention, the CUDA shim's kernel of the step function (run on the
+GPU machine: pytest -m gpu tests/backends/cuda).
+
+Reference: llmc's own numpy
+paged attention (runtime/engine/paged_attention.py, the CPU route and the compiler's
+reference, itself checked against torch eager), fed the same bf16 values as float32. Outputs
+are poisoned with NaN so that unwritten elements fail."""
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+DT = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def rel_err(got, ref):
+    got, ref = got.double(), ref.double()
+    return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------------------- paged attention
+def _reference():
+    try:
+        from llmc.runtime.engine.paged_attention import paged_attention
+    except ImportError:
+        from runtime.engine.paged_attention import paged_attention
+    return paged_attention
+
+
+def _case(seed, lens_new, lens_old, hq, hkv, d, page, dtype, pages=None):
+    """A step: sequence s brings lens_new[s] tokens after lens_old[s] cached positions."""
+    rng = np.random.default_rng(seed)
+    S, T = len(lens_new), sum(lens_new)
+    cols = max(-(-(o + n) // page) for o, n in zip(lens_old, lens_new)) + 1
+    pages = pages or S * cols + 3
+    perm = rng.permutation(pages)  # pages scattered through the pool
+    table = perm[:S * cols].reshape(S, cols).astype(np.int32)
+    cache = (rng.standard_normal((pages, 2, page, hkv, d)) * 0.5).astype(np.float32)
+    q = rng.standard_normal((1, hq, T, d)).astype(np.float32)
+    k = rng.standard_normal((1, hkv, T, d)).astype(np.float32)
+    v = rng.standard_normal((1, hkv, T, d)).astype(np.float32)
+    rnd = lambda x: torch.from_numpy(x).to(DT[dtype]).float().numpy()  # the values the GPU sees
+    q, k, v, cache = rnd(q), rnd(k), rnd(v), rnd(cache)
+    lens = np.asarray([o + n for o, n in zip(lens_old, lens_new)], np.int32)
+    starts = np.concatenate([[0], np.cumsum(lens_new)]).astype(np.int32)
+    return q, k, v, cache, table, lens, starts
+
+
+def _run_gpu(shim, case, dtype, scale, window):
+    q, k, v, cache, table, lens, starts = case
+    to = lambda x: torch.from_numpy(x).to(DT[dtype]).cuda()
+    qg, kg, vg, cg = to(q), to(k), to(v), to(cache)
+    out = torch.full(qg.shape, float("nan"), dtype=DT[dtype], device="cuda")
+    ints = [torch.from_numpy(x).cuda() for x in (table, lens, starts)]
+    shim["llmc_paged_attention"](qg, kg, vg, cg, *ints, out, scale, window)
+    torch.cuda.synchronize()
+    return out, cg
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("d,hq,hkv", [(64, 32, 8), (128, 8, 8), (32, 12, 4), (64, 40, 2)])
+@pytest.mark.parametrize("window", [0, 7])
+def test_paged_attention_mixed_step_matches_reference(shim, dtype, d, hq, hkv, window):
+    # prefill from scratch, a chunk after a cached prefix, decodes of short and long histories
+    lens_new, lens_old = [19, 5, 1, 1, 33], [0, 40, 3, 100, 16]
+    case = _case(d + hq + window, lens_new, lens_old, hq, hkv, d, 16, dtype)
+    scale = 1 / math.sqrt(d)
+    want_cache = case[3].copy()
+    ref = _reference()(*case[:3], want_cache, *case[4:], scale, window)
+    out, cache = _run_gpu(shim, case, dtype, scale, window)
+    assert not torch.isnan(out).any()
+    assert rel_err(out.float().cpu(), torch.from_numpy(ref)) < 1e-2
+    # the step's K/V landed in the pages, exactly (a copy)
+    assert torch.equal(cache.float().cpu(), torch.from_numpy(want_cache))
+
+
+@pytest.mark.parametrize("dtype", ["bf16"])
+@pytest.mark.parametrize("hist", [[511], [8191], [5, 700, 3000, 64, 1, 129, 2048, 31]])
+def test_paged_attention_decode_split_matches_reference(shim, dtype, hist):
+    """Decode steps (T == S): the keys are split across blocks and merged (flash-decoding)."""
+    lens_new = [1] * len(hist)
+    case = _case(len(hist) + hist[0], lens_new, hist, 32, 8, 64, 16, dtype)
+    want_cache = case[3].copy()
+    ref = _reference()(*case[:3], want_cache, *case[4:], 0.125, 0)
+    out, _ = _run_gpu(shim, case, dtype, 0.125, 0)
+    assert rel_err(out.float().cpu(), torch.from_numpy(ref)) < 1e-2
+
+
+def test_paged_attention_bad_arguments_raise(shim):
+    q = torch.zeros(1, 4, 2, 48, dtype=torch.bfloat16, device="cuda")  # head dim 48: not offered
+    kv = torch.zeros(1, 2, 2, 48, dtype=torch.bfloat16, device="cuda")
+    cache = torch.zeros(4, 2, 16, 2, 48, dtype=torch.bfloat16, device="cuda")
+    ints = [torch.zeros(1, 2, dtype=torch.int32, device="cuda"), torch.tensor([2], dtype=torch.int32, device="cuda"),
+            torch.tensor([0, 2], dtype=torch.int32, device="cuda")]
+    with pytest.raises(ValueError, match="head dim"):
+        shim["llmc_paged_attention"](q, kv, kv, cache, *ints, q.clone(), 0.1, 0)
