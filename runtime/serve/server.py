@@ -30,9 +30,6 @@ from .openai_api import (ChatRequest, CompletionRequest, chat_logprobs, completi
                          usage)
 from .sequence import Event
 
-DISCONNECT_POLL_S = 0.25
-
-
 class ApiError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -96,18 +93,23 @@ async def _collect(group: Group, request: Request, choices: int) -> list[list[Ev
         async for i, ev in group.events():
             out[i].append(ev)
 
+    async def disconnected():
+        # the body is read already: the next ASGI message can only be the client leaving
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
     task = asyncio.ensure_future(gather())
+    watch = asyncio.ensure_future(disconnected())
     try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if not task.done() and await request.is_disconnected():
-                task.cancel()
-                raise ApiError(499, "the client closed the connection")
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            raise ApiError(499, "the client closed the connection")
         task.result()  # the engine's failure, if any, raises here
         return out
     finally:
-        if not task.done():
-            task.cancel()
+        for t in (task, watch):
+            if not t.done():
+                t.cancel()
         group.cancel()
 
 
