@@ -37,6 +37,7 @@
 
 #include <cstdlib>
 
+#include "llmc_paged.h"
 #include "llmc_shim_common.h"
 
 namespace llmc_shim_attention {
@@ -390,6 +391,216 @@ void launch_cfg(const AttnParams& p, cudaStream_t stream) {
   LLMC_CUDA_CHECK(cudaGetLastError());
 }
 
+
+// ---- paged prefill: the flash kernel's tiles over a ragged batch whose keys live in pages ----
+// Sequence s owns query tokens starts[s]..starts[s+1]-1, the newest of its lens[s] positions;
+// row i (0-based among them) is position first + i and sees keys <= first + i (and > first + i
+// - window). Keys older than the step come from the pages (row addresses through the page
+// table), the step's own from k/v; the blocks of the first query head of each KV head also
+// append their tokens' K/V into the pages (nothing in this launch reads those slots back).
+struct PagedParams {
+  const void* q; const void* k; const void* v; void* o; void* cache;
+  int64_t q_h, q_t, k_h, k_t, v_h, v_t, o_h, o_t;
+  const int* table; const int* lens; const int* starts;
+  int C, P, Hq, Hk, group, window;
+  float scale_log2;
+};
+
+template <typename T, int D, int ROWS>
+__device__ __forceinline__ void load_paged_tile(T* s, const PagedParams& p, const T* cache, const T* kv, int64_t kv_t,
+                                                int which, int s_idx, int hk, int n0, int valid, int first, int q0,
+                                                int tid) {
+  constexpr int CH = D / 8;
+  const int64_t page_stride = int64_t(2) * p.P * p.Hk * D;
+#pragma unroll
+  for (int i = tid; i < ROWS * CH; i += kThreads) {
+    const int r = i / CH, c = i % CH, pos = n0 + r;
+    const bool ok = r < valid;
+    const T* src = kv;
+    if (ok) {
+      src = pos < first ? cache + p.table[int64_t(s_idx) * p.C + pos / p.P] * page_stride +
+                              (int64_t(which) * p.P + pos % p.P) * p.Hk * D + int64_t(hk) * D + c * 8
+                        : kv + int64_t(q0 + pos - first) * kv_t + c * 8;
+    }
+    cp_async16(s + swz<D>(r, c), src, ok);
+  }
+}
+
+template <typename T, int D, int BN>
+__global__ void __launch_bounds__(kThreads) paged_prefill_kernel(const PagedParams p) {
+  using Mma = MmaType<T>;
+  constexpr int BM = 64;
+  constexpr int CH = D / 8, KD = D / 16, NT = BN / 8, DT = D / 8;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + BM * D;
+  T* sV = sK + BN * D;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest (causal) blocks first
+  const int h = blockIdx.y, s_idx = blockIdx.z, hk = h / p.group;
+  const int q0 = p.starts[s_idx], nq = p.starts[s_idx + 1] - q0, L = p.lens[s_idx], first = L - nq;
+  const int m0 = m_block * BM;
+  if (m0 >= nq) return;
+  const T* k = static_cast<const T*>(p.k) + int64_t(hk) * p.k_h;
+  const T* v = static_cast<const T*>(p.v) + int64_t(hk) * p.v_h;
+  T* cache = static_cast<T*>(p.cache);
+  if (h % p.group == 0) {  // append this block's tokens' K/V (16-byte copies)
+    const int64_t page_stride = int64_t(2) * p.P * p.Hk * D;
+    for (int i = tid; i < min(BM, nq - m0) * CH; i += kThreads) {
+      const int r = i / CH, c = (i % CH) * 8, pos = first + m0 + r;
+      T* dst = cache + p.table[int64_t(s_idx) * p.C + pos / p.P] * page_stride + (int64_t(pos % p.P) * p.Hk + hk) * D + c;
+      const int64_t t = q0 + m0 + r;
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(k + t * p.k_t + c);
+      *reinterpret_cast<uint4*>(dst + int64_t(p.P) * p.Hk * D) = *reinterpret_cast<const uint4*>(v + t * p.v_t + c);
+    }
+  }
+  const T* q = static_cast<const T*>(p.q) + int64_t(h) * p.q_h;
+  T* o = static_cast<T*>(p.o) + int64_t(h) * p.o_h;
+  const int shift = first;  // row i sees keys <= i + shift
+  const int n_end = min(L, m0 + BM + shift);
+  int n_begin = 0;
+  if (p.window > 0) n_begin = max(0, m0 + shift - p.window + 1) / BN * BN;
+  const int n_tiles = n_end > n_begin ? (n_end - n_begin + BN - 1) / BN : 0;
+
+  load_tile<T, D, BM>(sQ, q + int64_t(q0 + m0) * p.q_t, p.q_t, nq - m0, tid);
+  if (n_tiles > 0) load_paged_tile<T, D, BN>(sK, p, cache, k, p.k_t, 0, s_idx, hk, n_begin, L - n_begin, first, q0, tid);
+  cp_async_commit();
+
+  float acc_o[DT][4];
+#pragma unroll
+  for (int i = 0; i < DT; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  uint32_t qf[KD][4];
+  const int g = lane >> 2, t4 = lane & 3;
+
+  for (int it = 0; it < n_tiles; ++it) {
+    const int n0 = n_begin + it * BN;
+    cp_async_wait_all();
+    __syncthreads();
+    if (it == 0) {
+#pragma unroll
+      for (int kk = 0; kk < KD; ++kk) ldmatrix_x4(qf[kk], sQ + swz<D>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+    }
+    load_paged_tile<T, D, BN>(sV, p, cache, v, p.v_t, 1, s_idx, hk, n0, L - n0, first, q0, tid);
+    cp_async_commit();
+
+    float sc[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) sc[i][0] = sc[i][1] = sc[i][2] = sc[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        uint32_t kb[4];
+        ldmatrix_x4(kb, sK + swz<D>(np * 16 + ((lane >> 4) << 3) + (lane & 7), kk * 2 + ((lane >> 3) & 1)));
+        Mma::mma(sc[2 * np], qf[kk], kb[0], kb[1]);
+        Mma::mma(sc[2 * np + 1], qf[kk], kb[2], kb[3]);
+      }
+    }
+    if (n0 + BN > L || n0 + BN - 1 > m0 + shift || p.window > 0) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = score_key(n0, nt, t4, e), row = score_row(m0, 0, warp, g, e);
+          if (key >= L || key > row + shift || (p.window > 0 && key <= row + shift - p.window)) sc[nt][e] = -INFINITY;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = row_max[r];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(sc[nt][2 * r], sc[nt][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_use = (mx == -INFINITY) ? 0.f : mx * p.scale_log2;
+      const float corr = fast_exp2(row_max[r] * p.scale_log2 - m_use);
+      row_max[r] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        sc[nt][2 * r] = fast_exp2(sc[nt][2 * r] * p.scale_log2 - m_use);
+        sc[nt][2 * r + 1] = fast_exp2(sc[nt][2 * r + 1] * p.scale_log2 - m_use);
+        sum += sc[nt][2 * r] + sc[nt][2 * r + 1];
+      }
+      row_sum[r] = row_sum[r] * corr + sum;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        acc_o[dt][2 * r] *= corr;
+        acc_o[dt][2 * r + 1] *= corr;
+      }
+    }
+    cp_async_wait_all();
+    __syncthreads();
+    if (it + 1 < n_tiles)
+      load_paged_tile<T, D, BN>(sK, p, cache, k, p.k_t, 0, s_idx, hk, n0 + BN, L - n0 - BN, first, q0, tid);
+    cp_async_commit();
+#pragma unroll
+    for (int j = 0; j < BN / 16; ++j) {
+      uint32_t pa[4];
+      pa[0] = Mma::pack(sc[2 * j][0], sc[2 * j][1]);
+      pa[1] = Mma::pack(sc[2 * j][2], sc[2 * j][3]);
+      pa[2] = Mma::pack(sc[2 * j + 1][0], sc[2 * j + 1][1]);
+      pa[3] = Mma::pack(sc[2 * j + 1][2], sc[2 * j + 1][3]);
+#pragma unroll
+      for (int dp = 0; dp < DT / 2; ++dp) {
+        uint32_t vb[4];
+        ldmatrix_x4_trans(vb, sV + swz<D>(j * 16 + (((lane >> 3) & 1) << 3) + (lane & 7), dp * 2 + (lane >> 4)));
+        Mma::mma(acc_o[2 * dp], pa, vb[0], vb[1]);
+        Mma::mma(acc_o[2 * dp + 1], pa, vb[2], vb[3]);
+      }
+    }
+  }
+  cp_async_wait_all();
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = row_sum[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int srow = warp * 16 + g + 8 * r;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      uint32_t val = Mma::pack(acc_o[dt][2 * r] * inv, acc_o[dt][2 * r + 1] * inv);
+      *reinterpret_cast<uint32_t*>(sQ + swz<D>(srow, dt) + 2 * t4) = val;
+    }
+  }
+  __syncwarp();
+#pragma unroll
+  for (int i = lane; i < 16 * CH; i += 32) {
+    const int r = i / CH, c = i % CH;
+    const int srow = warp * 16 + r, row = m0 + srow;
+    if (row < nq) *reinterpret_cast<uint4*>(o + int64_t(q0 + row) * p.o_t + c * 8) = *reinterpret_cast<const uint4*>(sQ + swz<D>(srow, c));
+  }
+}
+
+template <typename T, int D>
+void launch_paged(const PagedParams& p, int T_tokens, int S, cudaStream_t stream) {
+  constexpr int BM = 64, BN = 64;
+  constexpr int smem = (BM + 2 * BN) * D * sizeof(T);
+  auto kernel = paged_prefill_kernel<T, D, BN>;
+  static bool attr_set = false;
+  if (!attr_set) {
+    LLMC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    attr_set = true;
+  }
+  // a sequence has at most T tokens: blocks past its own return at once
+  dim3 grid((T_tokens + BM - 1) / BM, p.Hq, S);
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  LLMC_CUDA_CHECK(cudaGetLastError());
+}
+
+template <typename T>
+void launch_paged_d(const PagedParams& p, int D, int T_tokens, int S, cudaStream_t stream) {
+  switch (D) {
+    case 16: launch_paged<T, 16>(p, T_tokens, S, stream); break;
+    case 32: launch_paged<T, 32>(p, T_tokens, S, stream); break;
+    case 64: launch_paged<T, 64>(p, T_tokens, S, stream); break;
+    default: launch_paged<T, 128>(p, T_tokens, S, stream);
+  }
+}
+
 int num_sms(int dev) {
   static int cached[64] = {0};
   if (dev < 0 || dev >= 64) return 132;
@@ -594,6 +805,19 @@ void AttentionQKV(DLTensor* qkv, DLTensor* out, double scale, int64_t causal) {
 
 }  // namespace
 }  // namespace llmc_shim_attention
+
+namespace llmc_shim {
+void paged_prefill(const PagedPrefillArgs& a, bool bf16, cudaStream_t stream) {
+  llmc_shim_attention::PagedParams p{};
+  p.q = a.q; p.k = a.k; p.v = a.v; p.o = a.out; p.cache = a.cache;
+  p.q_h = a.q_h; p.q_t = a.q_t; p.k_h = a.k_h; p.k_t = a.k_t; p.v_h = a.v_h; p.v_t = a.v_t; p.o_h = a.o_h; p.o_t = a.o_t;
+  p.table = a.table; p.lens = a.lens; p.starts = a.starts;
+  p.C = a.C; p.P = a.P; p.Hq = a.H; p.Hk = a.Hkv; p.group = a.H / a.Hkv; p.window = a.window;
+  p.scale_log2 = a.scale * 1.4426950408889634f;
+  if (bf16) llmc_shim_attention::launch_paged_d<__nv_bfloat16>(p, a.D, a.T, a.S, stream);
+  else llmc_shim_attention::launch_paged_d<__half>(p, a.D, a.T, a.S, stream);
+}
+}  // namespace llmc_shim
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(llmc_attention_ext, llmc_shim_attention::AttentionExt);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(llmc_attention, llmc_shim_attention::Attention);

@@ -29,6 +29,7 @@
 #include <mutex>
 #include <utility>
 
+#include "llmc_paged.h"
 #include "llmc_shim_common.h"
 
 namespace llmc_shim_paged {
@@ -359,6 +360,12 @@ void PagedAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, DLTe
     p.part_o = static_cast<float*>(ws.buf);
     p.part_ml = reinterpret_cast<float2*>(static_cast<char*>(ws.buf) + o_bytes);
     p.counters = ws.counters;
+  }
+  if (T != S) {  // prefill chunks (perhaps mixed with decodes): the tensor-core kernel
+    PagedPrefillArgs a{p.q, p.k, p.v, p.out, p.cache, p.q_h, p.q_t, p.k_h, p.k_t, p.v_h, p.v_t, p.o_h, p.o_t,
+                       p.table, p.lens, p.starts, p.C, p.P, H, Hkv, T, S, D, p.window, float(scale)};
+    paged_prefill(a, dt == DT::kBF16, stream);
+    return;
   }
   const dim3 grid(p.n_split * p.n_rowtiles, Hkv, S);
   if (dt == DT::kF16) launch_d<__half>(p, D, grid, stream);
