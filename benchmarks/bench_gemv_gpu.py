@@ -34,17 +34,10 @@ def main() -> None:
     shim = tvm.runtime.load_module(a.shim)
     gemm = shim["llmc_gemm_ex"]
 
-    x = torch.empty(1024**3, dtype=torch.float16, device="cuda")
-    y = torch.empty_like(x)
-    y.copy_(x)
+    from bench_decode_gpu import copy_bandwidth  # (benchmarks/ is on sys.path when run as a script)
+
+    bw = copy_bandwidth(torch)
     s, e = torch.cuda.Event(True), torch.cuda.Event(True)
-    s.record()
-    for _ in range(10):
-        y.copy_(x)
-    e.record()
-    torch.cuda.synchronize()
-    bw = 2 * x.numel() * 2 * 10 / (s.elapsed_time(e) / 1e3)
-    del x, y
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     rows = []
     for name, K, N, layout in SHAPES:

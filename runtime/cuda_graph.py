@@ -83,6 +83,7 @@ def cudart() -> ctypes.CDLL:
             "cudaHostAlloc": (ctypes.c_int, [ctypes.POINTER(vp), ctypes.c_size_t, ctypes.c_uint]),
             "cudaFreeHost": (ctypes.c_int, [vp]),
             "cudaMemcpyAsync": (ctypes.c_int, [vp, vp, ctypes.c_size_t, ctypes.c_int, vp]),
+            "cudaMemcpy": (ctypes.c_int, [vp, vp, ctypes.c_size_t, ctypes.c_int]),
         }
         for fn, (res, args) in sig.items():
             f = getattr(lib, fn)

@@ -89,7 +89,7 @@ class LLM:
     def _make_pool(self) -> PagePool:
         useful = self.layout.page_bytes * self.limits.max_seqs * -(-self.limits.max_context // self.layout.page_size)
         budget = min(self.step.default_kv_memory(), useful) if self.kv_memory is None else int(self.kv_memory)
-        pool = PagePool.from_budget(self.layout, budget, self.step.allocate)
+        pool = self.step.make_pool(self.layout, budget)
         self.step.bind_pool(pool)
         return pool
 

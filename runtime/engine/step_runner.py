@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..threads import KernelThreads, cpu_threads
+from .kv_cache import KvLayout, PagePool
 
 DEFAULT_KV_MEMORY = 512 << 20  # host pool, bytes
 GPU_KV_FRACTION = 0.5  # of the free device memory, for a GPU pool
@@ -44,6 +45,9 @@ class CpuStep:
 
     def default_kv_memory(self) -> int:
         return DEFAULT_KV_MEMORY
+
+    def make_pool(self, layout: KvLayout, kv_memory: int) -> PagePool:
+        return PagePool.from_budget(layout, kv_memory, self.allocate)
 
     def bind_pool(self, pool) -> None:
         pass  # the caches travel with every call (numpy arrays, no copy)
@@ -81,6 +85,9 @@ class GpuStep:
         check(cudart().cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)), "cudaMemGetInfo")
         return int(free.value * GPU_KV_FRACTION)
 
+    def make_pool(self, layout: KvLayout, kv_memory: int) -> PagePool:
+        return DevicePagePool.from_budget(layout, kv_memory, self.allocate)
+
     def bind_pool(self, pool) -> None:
         self._caches = list(pool.caches)
         self.executor.bind_state({f"kv_cache.{i}": c for i, c in enumerate(self._caches)})
@@ -98,4 +105,43 @@ class GpuStep:
         pass
 
 
-__all__ = ["CpuStep", "GpuStep", "DEFAULT_KV_MEMORY", "GRAPH_MAX_TOKENS"]
+class DevicePagePool(PagePool):
+    """A page pool whose caches are device tensors: swapping pages out to host memory and back
+    (the serving engine's preemption) copies each page with cudaMemcpy. A page of one layer is
+    one contiguous block of the cache [pages, 2, P, Hkv, D]. The step executor synchronizes its
+    stream before it returns, so the pages are final when the engine copies them."""
+
+    def _page_copies(self, pages: list[int], host: list[np.ndarray], to_host: bool) -> None:
+        import ctypes
+
+        from ..cuda_graph import check, cudart
+
+        rt = cudart()
+        for c, h in zip(self.caches, host):
+            nbytes = h.nbytes // max(len(pages), 1)
+            base = c.data_ptr()
+            for j, page in enumerate(pages):
+                dev = ctypes.c_void_p(base + page * nbytes)
+                hst = ctypes.c_void_p(h.ctypes.data + j * nbytes)
+                if to_host:
+                    check(rt.cudaMemcpy(hst, dev, nbytes, 2), "cudaMemcpy (page to host)")
+                else:
+                    check(rt.cudaMemcpy(dev, hst, nbytes, 1), "cudaMemcpy (page to device)")
+
+    def copy_out(self, pages: list[int]) -> list[np.ndarray]:
+        from ..executor import numpy_dtype
+
+        host = [np.empty((len(pages), *tuple(c.shape)[1:]), numpy_dtype(str(c.dtype))) for c in self.caches]
+        self._page_copies(pages, host, to_host=True)
+        return host
+
+    def copy_in(self, pages: list[int], host: list[np.ndarray]) -> None:
+        from ...errors import LLMCError
+
+        for h in host:
+            if h.shape[0] != len(pages) or not h.flags.c_contiguous:
+                raise LLMCError(f"copy_in: {len(pages)} pages given for {h.shape[0]} copied out")
+        self._page_copies(pages, host, to_host=False)
+
+
+__all__ = ["CpuStep", "GpuStep", "DevicePagePool", "DEFAULT_KV_MEMORY", "GRAPH_MAX_TOKENS"]

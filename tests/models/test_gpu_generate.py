@@ -158,6 +158,33 @@ def test_trained_model_greedy_matches_hf_on_gpu():
         assert ours == ref, (text, ours, ref)
 
 
+def test_device_pool_swaps_pages_out_and_back():
+    """The serving engine's swap on a device pool: pages copied to the host and into other
+    pages come back bit for bit, and generation over the moved pages continues unchanged."""
+    llm, _ = _load("trained")
+    pool = llm.pool
+    src = pool.take(3)
+    try:
+        rng = np.random.default_rng(5)
+        host = [rng.standard_normal(tuple(c.shape)[1:], np.float32) for c in pool.caches]
+        from llmc.runtime.executor import numpy_dtype
+
+        data = [np.stack([h] * 3).astype(numpy_dtype(str(c.dtype))) for h, c in zip(host, pool.caches)]
+        for i, d in enumerate(data):
+            d[1] *= 2  # the three pages differ
+            d[2] *= -1
+        pool.copy_in(src, data)
+        out = pool.copy_out(src)
+        assert all(np.array_equal(a.view(np.uint16), b.view(np.uint16)) for a, b in zip(out, data))
+        dst = pool.take(3)
+        pool.copy_in(dst[::-1], [d[::-1].copy() for d in out])
+        back = pool.copy_out(dst)
+        assert all(np.array_equal(a.view(np.uint16), b.view(np.uint16)) for a, b in zip(back, data))
+        pool.give_back(dst)
+    finally:
+        pool.give_back(src)
+
+
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "--prepare":
         prepare(pathlib.Path(sys.argv[2]))
