@@ -1,7 +1,7 @@
 """Where a step function runs: the host (an Executor) or a GPU (a GpuExecutor).
 
-A runner gives the page pool its cache arrays (`allocate`, `default_kv_memory`), takes the
-pool once it exists (`bind_pool`) and runs one step: `runner(inputs) -> logits [rows, vocab]`
+A runner makes the page pool (`make_pool`, sized by `default_kv_memory` unless the caller
+says), takes it once it exists (`bind_pool`) and runs one step: `runner(inputs) -> logits [rows, vocab]`
 as float32 numpy, `inputs` as TokenLoop builds them (runtime/engine/generate.py).
 
 On the GPU the KV pages stay on the device: the pool's caches are bound to the step
@@ -36,18 +36,11 @@ class CpuStep:
         self._threads = KernelThreads()
         self._all_threads = cpu_threads()
 
-    def allocate(self, shape: tuple, dtype: str) -> np.ndarray:
-        from ..executor import aligned_empty
-
-        c = aligned_empty(shape, dtype)
-        c.fill(0)  # a step reads whole pages: garbage NaN in a masked slot would still poison 0 * NaN
-        return c
-
     def default_kv_memory(self) -> int:
         return DEFAULT_KV_MEMORY
 
     def make_pool(self, layout: KvLayout, kv_memory: int) -> PagePool:
-        return PagePool.from_budget(layout, kv_memory, self.allocate)
+        return PagePool.from_budget(layout, kv_memory)  # zeroed host arrays (kv_cache.py says why)
 
     def bind_pool(self, pool) -> None:
         pass  # the caches travel with every call (numpy arrays, no copy)
