@@ -273,7 +273,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         except ValueError:
             raise LLMCError(f"--ids {a.ids!r}: expected comma-separated token ids, e.g. 1,2,3") from None
     options = {} if a.kv_memory is None else {"kv_memory": a.kv_memory}
-    llm = load(a.artifact, **options)
+    llm = load(a.artifact, device=artifact_device(a.artifact), **options)  # a CUDA artifact runs on the GPU
     if not hasattr(llm, "generate"):
         raise LLMCError(f"{a.artifact} has no step function (not a causal LM, or compiled with --no-generate)")
     prompt = a.prompt if ids is None else ids
