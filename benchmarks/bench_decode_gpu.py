@@ -103,7 +103,7 @@ def llmc_decode(llm, batch: int, context: int, steps: int, rng) -> dict:
     try:
         for i in range(steps):
             inputs = _decode_inputs(llm, pages, [context + i + 1] * batch, rng)
-            table = np.zeros((batch, llm.step.cols), np.int32)
+            table = np.zeros((batch, llm.step.columns(inputs["page_table"].shape[1])), np.int32)
             table[:, :inputs["page_table"].shape[1]] = inputs["page_table"]
             inputs["page_table"] = table
             ex.synchronize()
@@ -132,7 +132,7 @@ def decode_profile(llm, batch: int, context: int, rng) -> list[tuple[str, int, f
     ex = llm.step.executor
     try:
         inputs = _decode_inputs(llm, pages, [context + 1] * batch, rng)
-        table = np.zeros((batch, llm.step.cols), np.int32)
+        table = np.zeros((batch, llm.step.columns(inputs["page_table"].shape[1])), np.int32)
         table[:, :inputs["page_table"].shape[1]] = inputs["page_table"]
         inputs["page_table"] = table
         prof = ex.profile(**inputs, repeat=5)
@@ -155,7 +155,7 @@ def prefill(llm, seqs: int, length: int, rng, profile: bool) -> dict:
     pages = [pool.take(pool.pages_for(length)) for _ in range(seqs)]
     ex = llm.step.executor
     try:
-        cols = llm.step.cols
+        cols = llm.step.columns(max(len(p) for p in pages))
         table = np.zeros((seqs, cols), np.int32)
         for i, p in enumerate(pages):
             table[i, :len(p)] = p

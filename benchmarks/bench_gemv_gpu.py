@@ -34,7 +34,11 @@ def main() -> None:
     shim = tvm.runtime.load_module(a.shim)
     gemm = shim["llmc_gemm_ex"]
 
-    from bench_decode_gpu import copy_bandwidth  # (benchmarks/ is on sys.path when run as a script)
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    from bench_decode_gpu import copy_bandwidth
 
     bw = copy_bandwidth(torch)
     s, e = torch.cuda.Event(True), torch.cuda.Event(True)

@@ -6,8 +6,9 @@ as float32 numpy, `inputs` as TokenLoop builds them (runtime/engine/generate.py)
 
 On the GPU the KV pages stay on the device: the pool's caches are bound to the step
 executor's inputs for good (GpuExecutor.bind_state), so a step copies only the token ids and
-the page metadata in. The page table is padded to the full context, so a decode step's
-shapes, and with them its captured CUDA graph, stay the same while the sequences grow; only
+the page metadata in. The page table is padded to a power-of-two width (GpuStep.columns), so a
+decode step's shapes, and with them its captured CUDA graph, change only a few times while
+the sequences grow; only
 steps of up to GRAPH_MAX_TOKENS tokens are captured (a prefill chunk's length changes from
 step to step, and capturing each would cost more than it saves).
 """
@@ -24,6 +25,7 @@ DEFAULT_KV_MEMORY = 512 << 20  # host pool, bytes
 GPU_KV_FRACTION = 0.5  # of the free device memory, for a GPU pool
 SMALL_STEP_TOKENS = 32  # host steps of at most this many tokens run TVM's kernels on one thread (threads.py)
 GRAPH_MAX_TOKENS = 64
+MIN_COLS = 8  # page-table columns of the smallest bucket (128 tokens of 16-token pages)
 
 
 class CpuStep:
@@ -61,7 +63,7 @@ class GpuStep:
 
     def __init__(self, executor, max_context: int, page_size: int):
         self.executor = executor
-        self.cols = -(-max_context // page_size)  # page-table columns: the whole context, always
+        self.cols = -(-max_context // page_size)  # page-table columns of the whole context
         executor.graphs = executor.graphs and (lambda env: env.get("tokens", 0) <= GRAPH_MAX_TOKENS)
         self._caches: list = []
 
@@ -85,10 +87,22 @@ class GpuStep:
         self._caches = list(pool.caches)
         self.executor.bind_state({f"kv_cache.{i}": c for i, c in enumerate(self._caches)})
 
+    def columns(self, need: int) -> int:
+        """Page-table width for a step whose longest sequence holds `need` pages: the next power
+        of two (at least MIN_COLS), at most the whole context. Shapes (and captured graphs) then
+        change only a few times as sequences grow, and the decode kernel, which sizes its key
+        splits from the table's width (it cannot read the lengths on the host), does not split
+        a 500-token history as finely as an 8k one."""
+        cols = MIN_COLS
+        while cols < need:
+            cols *= 2
+        return min(cols, self.cols)
+
     def __call__(self, inputs: dict) -> np.ndarray:
         table = inputs["page_table"]
-        if table.shape[1] < self.cols:
-            padded = np.zeros((table.shape[0], self.cols), np.int32)
+        cols = self.columns(table.shape[1])
+        if table.shape[1] != cols:
+            padded = np.zeros((table.shape[0], cols), np.int32)
             padded[:, :table.shape[1]] = table
             inputs = {**inputs, "page_table": padded}
         out = self.executor.run(**inputs)[0]
