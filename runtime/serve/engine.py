@@ -101,6 +101,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.step_no = 0
         self.failure: str | None = None
+        self._snapshot = self._count()
 
     # --- lifecycle
     def start(self) -> "Engine":
@@ -189,6 +190,7 @@ class Engine:
     def _run(self) -> None:
         try:
             while True:
+                self._snapshot = self._count()
                 if not self._take_inbox(block=not self.scheduler.active):
                     break
                 if self.scheduler.active:
@@ -317,9 +319,13 @@ class Engine:
                 with self.metrics.lock:
                     self.metrics.e2e.observe(s.last_token_at - r.arrival)
 
-    # --- observability (any thread; a scrape may see a step half applied, never a torn number)
+    # --- observability: the engine thread counts after each iteration, any thread reads the
+    # last count (walking the engine's dicts from another thread could see them change size)
     def snapshot(self) -> dict[str, int]:
-        active = list(self.scheduler.active)
+        return self._snapshot
+
+    def _count(self) -> dict[str, int]:
+        active = self.scheduler.active
         states = [s.state for s in active]
         return {
             "waiting": sum(1 for s in active if s.state is State.WAITING and s.generated == 0 and not s.kv.pages),
@@ -370,7 +376,9 @@ class Engine:
             "prefix_cache_evicted_pages_total": ("cached pages evicted for room", ps.evicted_pages),
             "rejected_queue_full_total": ("requests refused because the queue was full", m.rejected_queue_full),
         }
-        for reason, n in sorted(m.requests_finished.items()):
+        with m.lock:
+            finished = sorted(m.requests_finished.items())
+        for reason, n in finished:
             counters[f'requests_finished_total{{reason="{reason}"}}'] = ("requests finished", n)
         return render(gauges, counters, m)
 

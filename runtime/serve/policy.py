@@ -41,7 +41,7 @@ class Fcfs:
 @dataclass
 class SkipJoinMlfq:
     levels: int = 4
-    base_quantum: float = 8.0
+    base_quantum: float = 16.0
     prefill_ratio: float = 8.0
     starve_steps: int = 400
     name: str = "mlfq"
