@@ -345,10 +345,12 @@ def build(artifact: str | pathlib.Path, config: EngineConfig, kv_memory: int | N
           api_key: str | None = None, model_name: str | None = None, chat_template: str | None = None
           ) -> tuple[Engine, OpenAiApp]:
     """Load the artifact, start its engine, and make the app (not yet listening)."""
+    from ..artifact_files import read_manifest
     from ..executor import load
 
     path = pathlib.Path(artifact)
-    llm = load(path, **({} if kv_memory is None else {"kv_memory": kv_memory}))
+    device = read_manifest(path).device  # a CUDA artifact serves from the GPU (its pages on the device)
+    llm = load(path, device=device, **({} if kv_memory is None else {"kv_memory": kv_memory}))
     if not hasattr(llm, "step_logits"):
         raise LLMCError(f"{artifact} has no step function (not a causal LM, or compiled with --no-generate)")
     source, _ = find_template(path, chat_template)
