@@ -40,6 +40,7 @@ constexpr int kWarps = 4;
 constexpr int kRows = 16;            // rows per block
 constexpr int kSlots = kRows / kWarps;
 constexpr int kKeys = 32;            // keys per tile (one per lane)
+constexpr int kMaxSplits = 64;       // flash-decoding: key splits per (sequence, KV head, row tile)
 constexpr float kLog2e = 1.4426950408889634f;
 
 struct Params {
@@ -68,6 +69,7 @@ __global__ void __launch_bounds__(kWarps * 32) paged_attention_kernel(Params p) 
   __shared__ __align__(16) T vs[kKeys][D];
   __shared__ float qs[kRows][D];
   __shared__ bool last;
+  __shared__ float wts[kMaxSplits][kRows];  // flash-decoding merge: each split's weight per row
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int s = blockIdx.z, h = blockIdx.y;
   const int split = blockIdx.x % p.n_split, rowtile = blockIdx.x / p.n_split;
@@ -119,27 +121,42 @@ __global__ void __launch_bounds__(kWarps * 32) paged_attention_kernel(Params p) 
 #pragma unroll
     for (int d = 0; d < DL; ++d) acc[j][d] = 0.f;
   }
-  for (int tile = tile_b; tile < tile_e; ++tile) {
-    const int kb = k_lo + tile * kKeys;
-    __syncthreads();
-    for (int i = threadIdx.x; i < kKeys * (D / 8); i += blockDim.x) {
+  // a tile's K/V go global -> registers -> shared memory; the next tile's loads are issued
+  // before this tile's math, so their latency hides behind it
+  constexpr int kChunks = kKeys * (D / 8) / (kWarps * 32);  // 16-byte chunks per thread per tile
+  uint4 kr[kChunks], vr[kChunks];
+  auto fetch = [&](int kb) {
+#pragma unroll
+    for (int u = 0; u < kChunks; ++u) {
+      const int i = threadIdx.x + u * kWarps * 32;
       const int j = i / (D / 8), c = (i % (D / 8)) * 8, pos = kb + j;
-      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+      kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
       if (pos < k_hi) {
         if (pos < first) {
           const T* src = cache + table[pos / p.P] * page_stride + (int64_t(pos % p.P) * p.Hkv + h) * D + c;
-          kv = *reinterpret_cast<const uint4*>(src);
-          vv = *reinterpret_cast<const uint4*>(src + int64_t(p.P) * p.Hkv * D);
+          kr[u] = *reinterpret_cast<const uint4*>(src);
+          vr[u] = *reinterpret_cast<const uint4*>(src + int64_t(p.P) * p.Hkv * D);
         } else {
           const int64_t t = q0 + pos - first;
-          kv = *reinterpret_cast<const uint4*>(K + h * p.k_h + t * p.k_t + c);
-          vv = *reinterpret_cast<const uint4*>(V + h * p.v_h + t * p.v_t + c);
+          kr[u] = *reinterpret_cast<const uint4*>(K + h * p.k_h + t * p.k_t + c);
+          vr[u] = *reinterpret_cast<const uint4*>(V + h * p.v_h + t * p.v_t + c);
         }
       }
-      *reinterpret_cast<uint4*>(&ks[j][c]) = kv;
-      *reinterpret_cast<uint4*>(&vs[j][c]) = vv;
+    }
+  };
+  if (tile_b < tile_e) fetch(k_lo + tile_b * kKeys);
+  for (int tile = tile_b; tile < tile_e; ++tile) {
+    const int kb = k_lo + tile * kKeys;
+    __syncthreads();  // every warp is done with the previous tile
+#pragma unroll
+    for (int u = 0; u < kChunks; ++u) {
+      const int i = threadIdx.x + u * kWarps * 32;
+      const int j = i / (D / 8), c = (i % (D / 8)) * 8;
+      *reinterpret_cast<uint4*>(&ks[j][c]) = kr[u];
+      *reinterpret_cast<uint4*>(&vs[j][c]) = vr[u];
     }
     __syncthreads();
+    if (tile + 1 < tile_e) fetch(kb + kKeys);
     float kf[D];
 #pragma unroll
     for (int c = 0; c < D; c += 8) {
@@ -212,22 +229,36 @@ __global__ void __launch_bounds__(kWarps * 32) paged_attention_kernel(Params p) 
   __syncthreads();
   if (!last) return;
   __threadfence();
-  for (int i = threadIdx.x; i < (r_end - r0) * D; i += blockDim.x) {
-    const int row = r0 + i / D, d = i % D;
+  // merge: per row (a warp each), the splits' weights exp2(m_sp - max) / sum, in shared memory;
+  // then every output element is a weighted sum over the splits (independent loads, unrolled)
+  const int rows = r_end - r0;
+  for (int r = warp; r < rows; r += kWarps) {
+    const int row = r0 + r;
     const int64_t t = q0 + row / p.G, head = h * p.G + row % p.G;
     float mx = -INFINITY;
-    for (int sp = 0; sp < p.n_split; ++sp) mx = fmaxf(mx, __ldcg(&p.part_ml[(sp * p.T + t) * p.H + head]).x);
-    float num = 0.f, den = 0.f;
-    if (mx != -INFINITY) {
-      for (int sp = 0; sp < p.n_split; ++sp) {
-        const int64_t idx = (sp * p.T + t) * p.H + head;
-        const float2 ml = __ldcg(&p.part_ml[idx]);
-        const float w = ml.x == -INFINITY ? 0.f : exp2f(ml.x - mx);
-        num += w * __ldcg(&p.part_o[idx * D + d]);
-        den += w * ml.y;
-      }
+    for (int sp = lane; sp < p.n_split; sp += 32) mx = fmaxf(mx, __ldcg(&p.part_ml[(sp * p.T + t) * p.H + head]).x);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float den = 0.f;
+    for (int sp = lane; sp < p.n_split; sp += 32) {
+      const float2 ml = __ldcg(&p.part_ml[(sp * p.T + t) * p.H + head]);
+      const float w = (ml.x == -INFINITY || mx == -INFINITY) ? 0.f : exp2f(ml.x - mx);
+      wts[sp][r] = w;
+      den += w * ml.y;
     }
-    O[head * p.o_h + t * p.o_t + d] = from_f<T>(den > 0.f ? num / den : 0.f);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) den += __shfl_xor_sync(0xffffffffu, den, o);
+    const float inv = den > 0.f ? 1.f / den : 0.f;  // a row that sees no key gets zeros
+    for (int sp = lane; sp < p.n_split; sp += 32) wts[sp][r] *= inv;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < rows * D; i += blockDim.x) {
+    const int r = i / D, d = i % D, row = r0 + r;
+    const int64_t t = q0 + row / p.G, head = h * p.G + row % p.G;
+    float num = 0.f;
+#pragma unroll 8
+    for (int sp = 0; sp < p.n_split; ++sp) num += wts[sp][r] * __ldcg(&p.part_o[((sp * p.T + t) * p.H + head) * D + d]);
+    O[head * p.o_h + t * p.o_t + d] = from_f<T>(num);
   }
   if (threadIdx.x == 0) *counter = 0;  // ready for the next launch (graph replays)
 }
@@ -348,7 +379,7 @@ void PagedAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, DLTe
     LLMC_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     const int blocks = S * Hkv * ((p.G + kRows - 1) / kRows);
     const int max_tiles = (p.C * p.P + kKeys - 1) / kKeys;
-    int n = std::min((4 * sms + blocks - 1) / blocks, std::max(1, max_tiles / 2));
+    int n = std::min({(4 * sms + blocks - 1) / blocks, std::max(1, max_tiles / 2), kMaxSplits});
     const size_t per = size_t(T) * H * (D + 2) * sizeof(float);
     while (n > 1 && n * per > kMaxWorkspace) --n;
     p.n_split = std::max(1, n);
