@@ -20,6 +20,7 @@ import numpy as np
 from ...errors import InputError
 from .kv_cache import KvExhausted, PagePool, SequenceKv, waste
 from .sampler import SamplingParams, sample
+from .step_inputs import step_inputs
 
 StepFn = Callable[[dict], np.ndarray]  # inputs by name -> logits [rows, vocab]
 
@@ -129,27 +130,9 @@ class TokenLoop:
         return out
 
     def _inputs(self, batch: list[tuple[_Seq, int]]) -> tuple[dict, list[_Seq]]:
-        toks, pos, starts, lens, rows, sampled = [], [], [0], [], [], []
         for s, n in batch:
-            a = s.kv.length
-            s.kv.reserve(a + n)
-            toks.extend(s.tokens[a:a + n])
-            pos.extend(range(a, a + n))
-            starts.append(starts[-1] + n)
-            lens.append(a + n)
-            if a + n == len(s.tokens):
-                rows.append(starts[-1] - 1)
-                sampled.append(s)
-        cols = max(len(s.kv.pages) for s, _ in batch)
-        table = np.zeros((len(batch), cols), np.int32)
-        for r, (s, _) in enumerate(batch):
-            table[r, :len(s.kv.pages)] = s.kv.pages
-        inputs = {"tokens": np.asarray(toks, np.int64), "positions": np.asarray(pos, np.int64),
-                  "logit_rows": np.asarray(rows or [0], np.int64), "page_table": table,
-                  "kv_lens": np.asarray(lens, np.int32), "q_starts": np.asarray(starts, np.int32)}
-        for i, c in enumerate(self.pool.caches):
-            inputs[f"kv_cache.{i}"] = c
-        return inputs, sampled
+            s.kv.reserve(s.kv.length + n)
+        return step_inputs(batch, self.pool)
 
     def _finish(self, s: _Seq, reason: str) -> None:
         s.done, s.finish = True, reason
