@@ -83,6 +83,8 @@ class Engine:
         if tokens > lim.max_tokens or seqs > lim.max_seqs:
             raise InputError(f"max_num_batched_tokens={tokens}, max_num_seqs={seqs}: the step function takes at most "
                              f"{lim.max_tokens} tokens and {lim.max_seqs} sequences per step")
+        if config.max_queue < 1:
+            raise InputError(f"max_queue must be >= 1, got {config.max_queue}")
         self.pool = llm.pool
         self.blocks = BlockManager(self.pool, config.prefix_cache)
         self.cost = PreemptionCost(config.preemption)

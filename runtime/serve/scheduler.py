@@ -1,12 +1,14 @@
 """One step's plan: which sequences run, how many tokens each brings, who is preempted.
 
 Each step the policy orders every unfinished sequence. The first max_num_seqs get the
-step's slots; the token budget (max_num_batched_tokens) goes to their decodes first, then
-to prompt chunks in priority order (SARATHI's chunked prefill: a long prompt shares steps
-with running decodes instead of stalling them). Without chunked prefill, whole prompts
-go first in steps of their own and decodes wait (vLLM's scheduling before chunking).
+step's slots. Of the token budget (max_num_batched_tokens), one token per decode is set
+aside first; prompt chunks share the rest (SARATHI's chunked prefill: a long prompt shares
+steps with running decodes instead of stalling them). Without chunked prefill, whole
+prompts go first in steps of their own and decodes wait (vLLM's scheduling before
+chunking). Sequences are then served in priority order, and budget is spent only by a
+sequence that got its pages, so one that finds none holds up nobody else's tokens.
 
-Pages are then taken just in time, in priority order. When there are not enough, the
+Pages are taken just in time, in priority order. When there are not enough, the
 lowest-priority sequence holding pages is preempted, provided it ranks below the one
 asking; if none does, a prompt chunk shrinks to the pages there are, and anything else
 waits a step. A sequence that holds no pages yet (new, swapped out, or to recompute)
@@ -80,6 +82,7 @@ class PreemptionCost:
 class Plan:
     batch: list[tuple[Seq, int]] = field(default_factory=list)
     preempted: list[tuple[Seq, str]] = field(default_factory=list)
+    preempted_ids: set[int] = field(default_factory=set)
     swapped_in: list[Seq] = field(default_factory=list)
 
 
@@ -118,46 +121,51 @@ class Scheduler:
         self.policy.age(self.active, step)
         order = sorted(self.active, key=self.policy.key)
         rank = {id(s): i for i, s in enumerate(order)}
-        tokens = self._tokens(order[:self.config.max_num_seqs])
+        chosen = order[:self.config.max_num_seqs]
         out = Plan()
-        blocked = False  # a sequence without pages found no room: none ranked below it starts
-        for s in sorted(tokens, key=lambda s: rank[id(s)]):
-            if s not in tokens:  # preempted for a higher-priority sequence this step
-                continue
-            resident = s.state is State.RUNNING
-            n = 0 if blocked and not resident else self._secure(s, tokens[s], rank, order, tokens, out)
-            if n:
-                out.batch.append((s, n))
-            else:
-                del tokens[s]
-                blocked |= not resident
+        budget = self.config.max_num_batched_tokens
+        if self.config.chunked_prefill:
+            # decodes' tokens are set aside first; prompt chunks share the rest. Budget is
+            # spent only on what got its pages, so a prompt that finds none starves nobody.
+            decodes = min(budget, sum(1 for s in chosen if s.todo() == 1))
+            self._fill(chosen, rank, order, out, {"decode": decodes, "prompt": budget - decodes}, whole=False)
+        else:
+            self._fill([s for s in chosen if s.todo() > 1], rank, order, out, {"decode": 0, "prompt": budget},
+                       whole=True)
+            if not out.batch:  # decodes get the steps without prompts
+                self._fill([s for s in chosen if s.todo() == 1], rank, order, out, {"decode": budget, "prompt": 0},
+                           whole=True)
         return out
 
-    def _tokens(self, chosen: list[Seq]) -> dict[Seq, int]:
-        budget = self.config.max_num_batched_tokens
-        plan: dict[Seq, int] = {}
-        decodes = [s for s in chosen if s.todo() == 1]
-        prompts = [s for s in chosen if s.todo() > 1]
-        if self.config.chunked_prefill:
-            for s in decodes + prompts:
-                n = min(s.todo(), budget)
-                if n == 0:
-                    break
-                plan[s] = n
-                budget -= n
-            return plan
-        for s in prompts:  # whole prompts, in steps without decodes
+    def _fill(self, candidates: list[Seq], rank: dict, order: list[Seq], out: Plan, budget: dict[str, int],
+              whole: bool) -> None:
+        """Candidates in priority order into the batch, each with its pages."""
+        blocked = False  # a sequence without pages found no room: none ranked below it starts
+        for s in candidates:
+            if id(s) in out.preempted_ids:  # preempted for a higher-priority sequence this step
+                continue
             t = s.todo()
-            if t > budget and plan:
-                break
-            plan[s] = min(t, budget)  # a prompt longer than a whole step has to be cut all the same
-            budget -= plan[s]
-        if not plan:
-            for s in decodes[:budget]:
-                plan[s] = 1
-        return plan
+            kind = "decode" if t == 1 else "prompt"
+            room = budget[kind]
+            if room == 0:
+                continue
+            if whole and t > room:
+                if out.batch:
+                    break  # the prompt waits for a step of its own, and those after it too (FCFS)
+                n = room  # longer than a whole step: it has to be cut all the same
+            else:
+                n = min(t, room)
+            resident = s.state is State.RUNNING
+            if blocked and not resident:
+                continue
+            n = self._secure(s, n, rank, order, out)
+            if n:
+                out.batch.append((s, n))
+                budget[kind] -= n
+            else:
+                blocked |= not resident
 
-    def _secure(self, s: Seq, n: int, rank: dict, order: list[Seq], plan: dict, out: Plan) -> int:
+    def _secure(self, s: Seq, n: int, rank: dict, order: list[Seq], out: Plan) -> int:
         """Pages for s to take n more tokens, preempting lower-priority sequences if needed;
         returns the tokens it can take (a prompt chunk may shrink), 0 to skip this step."""
         b = self.blocks
@@ -176,7 +184,6 @@ class Scheduler:
             if v is None:
                 break
             self._preempt(v, out)
-            plan.pop(v, None)
         if b.available() < need:
             if s.state is State.SWAPPED or s.todo() == 1:
                 return 0
@@ -218,6 +225,7 @@ class Scheduler:
             b.release(v.kv)
             v.state = State.WAITING
         out.preempted.append((v, mode))
+        out.preempted_ids.add(id(v))
 
     def _swap_in(self, s: Seq) -> None:
         t = time.perf_counter()
