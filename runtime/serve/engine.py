@@ -197,6 +197,7 @@ class Engine:
                     break
                 if self.scheduler.active:
                     self._step()
+            self._snapshot = self._count()  # what the last requests left behind
         except Exception as e:  # a bug or a failing step function: every open request learns it, then we stop
             self.failure = f"{type(e).__name__}: {e}"
             log.error("engine failed:\n%s", traceback.format_exc())
@@ -412,7 +413,9 @@ def _collect(out: SeqResult, ev: Event) -> int:
 
 
 class AsyncRequest:
-    """A submitted request's events for asyncio; leaving the loop early aborts it (its pages go back)."""
+    """A submitted request's events for asyncio. Leaving early aborts it (its pages go back)
+    once the iterator is closed: at once with `contextlib.aclosing(req.__aiter__())` or
+    `req.cancel()`, else when asyncio finalizes the generator."""
 
     def __init__(self, engine: Engine, prompt: Sequence[int], params: SamplingParams, request_id: str | None):
         self.engine = engine
