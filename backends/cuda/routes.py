@@ -104,6 +104,15 @@ def prepare_graph(graph: Graph) -> tuple[Graph, int]:
 
     mapping: dict[int, Node] = {}
     for n in graph.nodes():
+        if n.op is Op.PAGED_ATTENTION:  # its kernel reads q/k/v token-major too (any strides)
+            ins = list(n.inputs)
+            for i in range(3):
+                if not _is_bshd_permute(ins[i]):
+                    y = ir.node(Op.PERMUTE, [ins[i]], PermuteAttrs(BSHD), ins[i].where)
+                    ins[i] = ir.node(Op.PERMUTE, [y], PermuteAttrs(BSHD), ins[i].where)
+            if ins != list(n.inputs):
+                mapping[n.uid] = ir.node(Op.PAGED_ATTENTION, ins, n.attrs, n.where)
+            continue
         if not attention_offloadable(n) or packed_qkv(n) is not None:
             continue
         ins = list(n.inputs)
@@ -142,6 +151,22 @@ class _Split:
             if all(n.uid in members and n.uid not in self.outputs for n in chain) and all(
                     all(u.uid in {c.uid for c in chain} | {a.uid} for u in self.users.get(n.uid, [])) for n in chain):
                 core |= {n.uid for n in chain}
+        for x in a.inputs[:3]:
+            if (_is_bshd_permute(x) and x.uid in members and x.uid not in self.outputs
+                    and all(u.uid == a.uid for u in self.users.get(x.uid, []))):
+                core.add(x.uid)
+        p = self.only_user(a, members)
+        if p is not None and _is_bshd_permute(p):
+            core.add(p.uid)
+            r = self.only_user(p, members)
+            if r is not None and r.op is Op.RESHAPE and len(r.shape) == 3 and tuple(r.shape[:2]) == tuple(p.shape[:2]):
+                core.add(r.uid)
+        return core
+
+    def paged_core(self, a: Node, members: set[int]) -> set[int]:
+        """PAGED_ATTENTION with the head transposes of its q/k/v and of its output: the shim reads
+        and writes those token-major, so they cost no kernel."""
+        core = {a.uid}
         for x in a.inputs[:3]:
             if (_is_bshd_permute(x) and x.uid in members and x.uid not in self.outputs
                     and all(u.uid == a.uid for u in self.users.get(x.uid, []))):
@@ -198,7 +223,7 @@ def cuda_grouping(graph: Graph) -> list[list[Node]]:
     from llmc.passes.partition import HEAVY, ancestors_within, fused_grouping, join_weight_transposes, split_out_cores
 
     split = _Split(graph)
-    groups = fused_grouping(graph)
+    groups = fused_grouping(graph, runtime_ops=frozenset())  # paged attention: an anchor, its core split below
     groups = join_weight_transposes(graph, groups)
     owner = {n.uid: gi for gi, g in enumerate(groups) for n in g}
     for gi, g in enumerate(groups):  # X = ADD(GEMM, bias) read in place by attention: bias -> GEMM epilogue
@@ -217,8 +242,30 @@ def cuda_grouping(graph: Graph) -> list[list[Node]]:
             owner[X.uid] = mg
             g = groups[gi]
 
+    for gi, g in enumerate(groups):  # the paged kernel writes its output token-major itself: take the
+        for a in [n for n in g if n.op is Op.PAGED_ATTENTION]:  # head transpose back from the next GEMM's prologue
+            chain, cur = [], a
+            for want in (lambda n: _is_bshd_permute(n),
+                         lambda n: n.op is Op.RESHAPE and len(n.shape) == 3 and tuple(n.shape[:2]) == tuple(cur.shape[:2])):
+                us = split.users.get(cur.uid, [])
+                if len(us) != 1 or not want(us[0]) or cur.uid in split.outputs or owner.get(us[0].uid) is None:
+                    break
+                chain.append(us[0])
+                cur = us[0]
+            for n in chain:
+                og = owner[n.uid]
+                if og != gi:
+                    groups[og] = [m for m in groups[og] if m is not n]
+                    groups[gi] = groups[gi] + [n]
+                    owner[n.uid] = gi
+
     def core_of(group: list[Node], members: set[int]) -> set[int] | None:
         heavy = [n for n in group if n.op in HEAVY]
+        paged = [n for n in group if n.op is Op.PAGED_ATTENTION]
+        if paged:
+            if len(heavy) != 1:
+                raise AssertionError(f"paged attention grouped with other heavy ops: {[n.op for n in heavy]}")
+            return split.paged_core(paged[0], members)
         if len(heavy) == 1 and heavy[0].op is Op.ATTENTION and attention_offloadable(heavy[0]):
             return split.attention_core(heavy[0], members)
         if len(heavy) == 1 and heavy[0].op is Op.MATMUL:
@@ -391,22 +438,59 @@ PAGED_HEAD_DIMS = frozenset({32, 64, 128})
 
 
 def _match_paged(kernel: Kernel) -> Route | None:
-    """A PAGED_ATTENTION kernel (the step function's attention): the shim's paged kernel,
-    which appends the step's K/V into the pool and attends over the pages. It has no TVM
-    fallback (the pool is runtime state), so what the kernel does not cover is refused here."""
-    from llmc.backends.paged_route import match_paged
+    """A PAGED_ATTENTION kernel (the step function's attention, with the head transposes of its
+    q/k/v and output that paged_core put beside it): one llmc_paged_attention call, reading and
+    writing those token-major (layout bits 1 q, 2 k, 4 v, 8 out). It has no TVM fallback (the
+    pool is runtime state), so what the kernel does not cover is refused here."""
     from llmc.errors import TargetError
 
-    r = match_paged(kernel)
-    if r is None:
+    body = _body(kernel)
+    pas = [n for n in body if n.op is Op.PAGED_ATTENTION]
+    if not pas:
         return None
-    node = next(n for n in _body(kernel) if n.op is Op.PAGED_ATTENTION)
-    d = node.shape[-1]
-    if node.dtype not in ATTN_DTYPES or d not in PAGED_HEAD_DIMS:
+    a = pas[0]
+    d = a.shape[-1]
+    if a.dtype not in ATTN_DTYPES or d not in PAGED_HEAD_DIMS:
         raise TargetError(f"paged attention on CUDA needs float16/bfloat16 and head dim 32, 64 or 128; layer "
-                          f"{r.layer} is {node.dtype.value} with head dim {d} (compile the model in half precision)")
-    return Route(PAGED_FUNC, [(i, shape) for i, shape in enumerate(r.shapes)], [float(r.scale), int(r.window)],
-                 r.label)
+                          f"{a.attrs.layer} is {a.dtype.value} with head dim {d} (compile the model in half precision)")
+    idx = _arg_index(kernel)
+    inside = {n.uid for n in body}
+    used = {a.uid}
+    layout = 0
+    tensors = []
+    for bit, x in zip((1, 2, 4), a.inputs[:3]):
+        src = x
+        if x.uid in inside:
+            if not _is_bshd_permute(x):
+                raise TargetError(f"paged attention (layer {a.attrs.layer}): unexpected {x.op.name} in its kernel")
+            used.add(x.uid)
+            layout |= bit
+            src = x.inputs[0]
+        if src.uid not in idx:
+            raise TargetError(f"paged attention (layer {a.attrs.layer}): an operand is not a kernel argument")
+        tensors.append((idx[src.uid], tuple(src.shape)))
+    for x in a.inputs[3:]:
+        tensors.append((idx[x.uid], tuple(x.shape)))
+    out = kernel.outputs[0] if len(kernel.outputs) == 1 else None
+    _, H, T, D = a.shape
+    if out is a:
+        out_view = tuple(a.shape)
+    elif out is not None and _is_bshd_permute(out) and out.inputs[0] is a:
+        used.add(out.uid)
+        layout |= 8
+        out_view = tuple(out.shape)
+    elif out is not None and out.op is Op.RESHAPE and _is_bshd_permute(out.inputs[0]) and out.inputs[0].inputs[0] is a:
+        used |= {out.uid, out.inputs[0].uid}
+        layout |= 8
+        out_view = (1, T, H, D)
+    else:
+        raise TargetError(f"paged attention (layer {a.attrs.layer}): its kernel has outputs the shim cannot write")
+    if used != inside:
+        raise TargetError(f"paged attention (layer {a.attrs.layer}): its kernel holds ops the shim does not run")
+    tensors.append((idx[out.uid], out_view))
+    label = f"paged attention (layer {a.attrs.layer}" + (f", window {a.attrs.window})" if a.attrs.window else ")") \
+        + (" token-major" if layout else "")
+    return Route(PAGED_FUNC, tensors, [float(a.attrs.scale), int(a.attrs.window), layout], label)
 
 
 def match_route(kernel: Kernel) -> Route | None:

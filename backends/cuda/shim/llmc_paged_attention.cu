@@ -1,12 +1,13 @@
 // llmc CUDA shim: paged attention over a ragged batch, the CUDA route of Op.PAGED_ATTENTION.
 //
-//   llmc_paged_attention(q, k, v, kv_cache, page_table, kv_lens, q_starts, out, scale: float, window: int)
+//   llmc_paged_attention(q, k, v, kv_cache, page_table, kv_lens, q_starts, out, scale: float, window: int,
+//                        layout: int)
 //
 // One call serves a whole step of the step function (passes/serve/derive_step.py): the T tokens
 // of S sequences lie on one axis; sequence s owns tokens q_starts[s] .. q_starts[s+1]-1, the
 // newest of its kv_lens[s] positions. q/out [1, H, T, D], k/v [1, Hkv, T, D] (any strides but
-// the last dim), kv_cache [pages, 2, P, Hkv, D] (K and V of a page side by side), page_table
-// [S, C] int32, kv_lens [S] int32, q_starts [S + 1] int32. Every token attends causally over its
+// the last dim; layout bits 1 q, 2 k, 4 v, 8 out mark a tensor token-major, [1, T, heads, D]),
+// kv_cache [pages, 2, P, Hkv, D] (K and V of a page side by side), page_table [S, C] int32, kv_lens [S] int32, q_starts [S + 1] int32. Every token attends causally over its
 // sequence's positions (and only the last `window` of them when window > 0); the step's own K/V
 // are appended into the pages by the same launch.
 //
@@ -318,8 +319,18 @@ void launch_d(Params& p, int D, dim3 grid, cudaStream_t stream) {
   else launch<T, 32>(p, grid, stream);
 }
 
+// A [1, heads, tokens, D] view of q/k/v/out; token-major ([1, tokens, heads, D]) when `tm`.
+struct HeadView {
+  const DLTensor* t;
+  bool tm;
+  int64_t heads() const { return t->shape[tm ? 2 : 1]; }
+  int64_t tokens() const { return t->shape[tm ? 1 : 2]; }
+  int64_t head_stride() const { return stride_of(t, tm ? 2 : 1); }
+  int64_t token_stride() const { return stride_of(t, tm ? 1 : 2); }
+};
+
 void PagedAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, DLTensor* table, DLTensor* lens,
-                    DLTensor* starts, DLTensor* out, double scale, int64_t window) {
+                    DLTensor* starts, DLTensor* out, double scale, int64_t window, int64_t layout) {
   check_cuda_tensor(q, "q"); check_cuda_tensor(k, "k"); check_cuda_tensor(v, "v");
   check_cuda_tensor(cache, "kv_cache"); check_cuda_tensor(out, "out");
   check_i32(table, "page_table", 2); check_i32(lens, "kv_lens", 1); check_i32(starts, "q_starts", 1);
@@ -328,15 +339,17 @@ void PagedAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, DLTe
   for (const DLTensor* t : {k, v, cache, out}) LLMC_CHECK(dtype_of(t) == dt) << "q, k, v, kv_cache and out must share one dtype";
   LLMC_CHECK(q->ndim == 4 && k->ndim == 4 && v->ndim == 4 && out->ndim == 4 && cache->ndim == 5)
       << "q/k/v/out must be 4-D and kv_cache 5-D";
-  LLMC_CHECK(q->shape[0] == 1) << "q must be [1, H, T, D], got " << shape_str(q);
-  const int H = int(q->shape[1]), T = int(q->shape[2]), D = int(q->shape[3]);
-  const int Hkv = int(k->shape[1]);
+  LLMC_CHECK(layout >= 0 && layout < 16) << "layout bits: 1 q, 2 k, 4 v, 8 out token-major";
+  const HeadView vq{q, bool(layout & 1)}, vk{k, bool(layout & 2)}, vv{v, bool(layout & 4)}, vo{out, bool(layout & 8)};
+  LLMC_CHECK(q->shape[0] == 1) << "q must be [1, H, T, D] (or token-major [1, T, H, D]), got " << shape_str(q);
+  const int H = int(vq.heads()), T = int(vq.tokens()), D = int(q->shape[3]);
+  const int Hkv = int(vk.heads());
   LLMC_CHECK(D == 32 || D == 64 || D == 128) << "head dim must be 32, 64 or 128, got " << D;
   LLMC_CHECK(Hkv > 0 && H % Hkv == 0) << "query heads " << H << " must be a multiple of KV heads " << Hkv;
-  for (const DLTensor* t : {k, v})
-    LLMC_CHECK(t->shape[0] == 1 && t->shape[1] == Hkv && t->shape[2] == T && t->shape[3] == D)
-        << "k/v must be [1, " << Hkv << ", " << T << ", " << D << "], got " << shape_str(t);
-  for (int i = 0; i < 4; ++i) LLMC_CHECK(out->shape[i] == q->shape[i]) << "out must be shaped like q";
+  for (const HeadView& t : {vk, vv})
+    LLMC_CHECK(t.t->shape[0] == 1 && t.heads() == Hkv && t.tokens() == T && t.t->shape[3] == D)
+        << "k/v must hold " << Hkv << " heads of " << T << " tokens of " << D << ", got " << shape_str(t.t);
+  LLMC_CHECK(out->shape[0] == 1 && vo.heads() == H && vo.tokens() == T && out->shape[3] == D) << "out must match q";
   LLMC_CHECK(cache->shape[1] == 2 && cache->shape[3] == Hkv && cache->shape[4] == D)
       << "kv_cache must be [pages, 2, P, " << Hkv << ", " << D << "], got " << shape_str(cache);
   int64_t expect = 1;
@@ -356,10 +369,10 @@ void PagedAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, DLTe
 
   Params p{};
   p.q = data_of(q); p.k = data_of(k); p.v = data_of(v); p.out = data_of(out); p.cache = data_of(cache);
-  p.q_h = stride_of(q, 1); p.q_t = stride_of(q, 2);
-  p.k_h = stride_of(k, 1); p.k_t = stride_of(k, 2);
-  p.v_h = stride_of(v, 1); p.v_t = stride_of(v, 2);
-  p.o_h = stride_of(out, 1); p.o_t = stride_of(out, 2);
+  p.q_h = vq.head_stride(); p.q_t = vq.token_stride();
+  p.k_h = vk.head_stride(); p.k_t = vk.token_stride();
+  p.v_h = vv.head_stride(); p.v_t = vv.token_stride();
+  p.o_h = vo.head_stride(); p.o_t = vo.token_stride();
   p.table = reinterpret_cast<const int*>(data_of(table));
   p.lens = reinterpret_cast<const int*>(data_of(lens));
   p.starts = reinterpret_cast<const int*>(data_of(starts));

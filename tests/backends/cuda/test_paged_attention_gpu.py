@@ -50,13 +50,20 @@ def _case(seed, lens_new, lens_old, hq, hkv, d, page, dtype, pages=None):
     return q, k, v, cache, table, lens, starts
 
 
-def _run_gpu(shim, case, dtype, scale, window):
+def _run_gpu(shim, case, dtype, scale, window, token_major=False):
+    """token_major: q/k/v/out passed as [1, T, heads, D] (layout bits 1|2|4|8)."""
     q, k, v, cache, table, lens, starts = case
     to = lambda x: torch.from_numpy(x).to(DT[dtype]).cuda()
     qg, kg, vg, cg = to(q), to(k), to(v), to(cache)
     out = torch.full(qg.shape, float("nan"), dtype=DT[dtype], device="cuda")
     ints = [torch.from_numpy(x).cuda() for x in (table, lens, starts)]
-    shim["llmc_paged_attention"](qg, kg, vg, cg, *ints, out, scale, window)
+    if token_major:
+        tq, tk, tv = (x.transpose(1, 2).contiguous() for x in (qg, kg, vg))
+        tout = out.transpose(1, 2).contiguous()
+        shim["llmc_paged_attention"](tq, tk, tv, cg, *ints, tout, scale, window, 15)
+        out = tout.transpose(1, 2)
+    else:
+        shim["llmc_paged_attention"](qg, kg, vg, cg, *ints, out, scale, window, 0)
     torch.cuda.synchronize()
     return out, cg
 
@@ -64,14 +71,15 @@ def _run_gpu(shim, case, dtype, scale, window):
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("d,hq,hkv", [(64, 32, 8), (128, 8, 8), (32, 12, 4), (64, 40, 2)])
 @pytest.mark.parametrize("window", [0, 7])
-def test_paged_attention_mixed_step_matches_reference(shim, dtype, d, hq, hkv, window):
+@pytest.mark.parametrize("token_major", [False, True])
+def test_paged_attention_mixed_step_matches_reference(shim, dtype, d, hq, hkv, window, token_major):
     # prefill from scratch, a chunk after a cached prefix, decodes of short and long histories
     lens_new, lens_old = [19, 5, 1, 1, 33], [0, 40, 3, 100, 16]
     case = _case(d + hq + window, lens_new, lens_old, hq, hkv, d, 16, dtype)
     scale = 1 / math.sqrt(d)
     want_cache = case[3].copy()
     ref = _reference()(*case[:3], want_cache, *case[4:], scale, window)
-    out, cache = _run_gpu(shim, case, dtype, scale, window)
+    out, cache = _run_gpu(shim, case, dtype, scale, window, token_major)
     assert not torch.isnan(out).any()
     assert rel_err(out.float().cpu(), torch.from_numpy(ref)) < 1e-2
     # the step's K/V landed in the pages, exactly (a copy)
@@ -86,7 +94,7 @@ def test_paged_attention_decode_split_matches_reference(shim, dtype, hist):
     case = _case(len(hist) + hist[0], lens_new, hist, 32, 8, 64, 16, dtype)
     want_cache = case[3].copy()
     ref = _reference()(*case[:3], want_cache, *case[4:], 0.125, 0)
-    out, _ = _run_gpu(shim, case, dtype, 0.125, 0)
+    out, _ = _run_gpu(shim, case, dtype, 0.125, 0, token_major=len(hist) > 1)
     assert rel_err(out.float().cpu(), torch.from_numpy(ref)) < 1e-2
 
 
@@ -97,4 +105,4 @@ def test_paged_attention_bad_arguments_raise(shim):
     ints = [torch.zeros(1, 2, dtype=torch.int32, device="cuda"), torch.tensor([2], dtype=torch.int32, device="cuda"),
             torch.tensor([0, 2], dtype=torch.int32, device="cuda")]
     with pytest.raises(ValueError, match="head dim"):
-        shim["llmc_paged_attention"](q, kv, kv, cache, *ints, q.clone(), 0.1, 0)
+        shim["llmc_paged_attention"](q, kv, kv, cache, *ints, q.clone(), 0.1, 0, 0)
