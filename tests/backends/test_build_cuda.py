@@ -228,6 +228,11 @@ def test_cuda_generation_artifact_routes_paged_attention_to_the_shim(tmp_path):
     for k in paged:
         assert [t.arg for t in k.tensors] == list(range(8)) and k.scalars[1] == 0
         assert abs(k.scalars[0] - 32 ** -0.5) < 1e-6
+        assert k.scalars[2] == 15  # q, k, v and out token-major: the head transposes are in the call
+    # per decoder layer: norm, qkv GEMM, one rotary kernel, paged attention, o_proj, norm, gate_up,
+    # silu*mul, down (the transposes around attention cost no launch)
+    calls = [gen.program.kernels[c.kernel] for c in gen.program.calls]
+    assert len(calls) <= 9 * 2 + 6, [k.name for k in calls]
     assert m.step_manifest().libraries == {"tvm": "step_kernels.so", "shim": "shim.so"}
 
 
