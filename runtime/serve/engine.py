@@ -78,8 +78,8 @@ class Engine:
     def __init__(self, llm: Any, config: EngineConfig = EngineConfig()):
         self.llm, self.config = llm, config
         lim = llm.limits
-        tokens = config.max_num_batched_tokens or lim.max_tokens
-        seqs = config.max_num_seqs or lim.max_seqs
+        tokens = lim.max_tokens if config.max_num_batched_tokens is None else config.max_num_batched_tokens
+        seqs = lim.max_seqs if config.max_num_seqs is None else config.max_num_seqs
         if tokens > lim.max_tokens or seqs > lim.max_seqs:
             raise InputError(f"max_num_batched_tokens={tokens}, max_num_seqs={seqs}: the step function takes at most "
                              f"{lim.max_tokens} tokens and {lim.max_seqs} sequences per step")

@@ -54,6 +54,13 @@ def test_intake_refuses_what_could_never_finish(llm, trained_artifact):
     small.submit([1] * 20, SamplingParams(max_new_tokens=10), lambda ev: None)  # 30 positions fit
 
 
+@pytest.mark.parametrize("bad", [dict(max_num_seqs=0), dict(max_num_batched_tokens=0), dict(max_queue=0),
+                                 dict(max_num_seqs=10**6), dict(policy="lifo"), dict(preemption="drop")])
+def test_bad_engine_settings_are_input_errors(llm, bad):
+    with pytest.raises(InputError):
+        Engine(llm, EngineConfig(**bad))
+
+
 def test_queue_bound_and_shutdown(llm):
     engine = Engine(llm, EngineConfig(max_queue=3))  # not started: nothing leaves the queue
     for _ in range(3):
