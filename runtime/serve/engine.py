@@ -37,7 +37,7 @@ from .metrics import EngineMetrics, render
 from .policy import make_policy
 from .scheduler import PreemptionCost, Scheduler, SchedulerConfig
 from .sequence import Event, Request, Seq, Sink, State
-from .step_inputs import step_inputs
+from ..engine.step_inputs import step_inputs
 from .text import TextStream
 
 log = logging.getLogger("llmc.serve")
