@@ -151,22 +151,17 @@ class _Split:
             if all(n.uid in members and n.uid not in self.outputs for n in chain) and all(
                     all(u.uid in {c.uid for c in chain} | {a.uid} for u in self.users.get(n.uid, [])) for n in chain):
                 core |= {n.uid for n in chain}
-        for x in a.inputs[:3]:
-            if (_is_bshd_permute(x) and x.uid in members and x.uid not in self.outputs
-                    and all(u.uid == a.uid for u in self.users.get(x.uid, []))):
-                core.add(x.uid)
-        p = self.only_user(a, members)
-        if p is not None and _is_bshd_permute(p):
-            core.add(p.uid)
-            r = self.only_user(p, members)
-            if r is not None and r.op is Op.RESHAPE and len(r.shape) == 3 and tuple(r.shape[:2]) == tuple(p.shape[:2]):
-                core.add(r.uid)
-        return core
+        return core | self.head_transposes(a, members)
 
     def paged_core(self, a: Node, members: set[int]) -> set[int]:
         """PAGED_ATTENTION with the head transposes of its q/k/v and of its output: the shim reads
         and writes those token-major, so they cost no kernel."""
-        core = {a.uid}
+        return {a.uid} | self.head_transposes(a, members)
+
+    def head_transposes(self, a: Node, members: set[int]) -> set[int]:
+        """The BSHD permutes feeding an attention's q/k/v (read by it alone) and the permute (+ the
+        [B, S, H*D] reshape) of its output: what a token-major attention call absorbs."""
+        core = set()
         for x in a.inputs[:3]:
             if (_is_bshd_permute(x) and x.uid in members and x.uid not in self.outputs
                     and all(u.uid == a.uid for u in self.users.get(x.uid, []))):
