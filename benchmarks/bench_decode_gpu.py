@@ -102,10 +102,7 @@ def llmc_decode(llm, batch: int, context: int, steps: int, rng) -> dict:
     times, dev_ms = [], []
     try:
         for i in range(steps):
-            inputs = _decode_inputs(llm, pages, [context + i + 1] * batch, rng)
-            table = np.zeros((batch, llm.step.columns(inputs["page_table"].shape[1])), np.int32)
-            table[:, :inputs["page_table"].shape[1]] = inputs["page_table"]
-            inputs["page_table"] = table
+            inputs = llm.step.padded(_decode_inputs(llm, pages, [context + i + 1] * batch, rng))
             ex.synchronize()
             t = time.perf_counter()
             ex.run(**inputs, outputs="device")
@@ -131,10 +128,7 @@ def decode_profile(llm, batch: int, context: int, rng) -> list[tuple[str, int, f
     pages = [pool.take(pool.pages_for(context + 2)) for _ in range(batch)]
     ex = llm.step.executor
     try:
-        inputs = _decode_inputs(llm, pages, [context + 1] * batch, rng)
-        table = np.zeros((batch, llm.step.columns(inputs["page_table"].shape[1])), np.int32)
-        table[:, :inputs["page_table"].shape[1]] = inputs["page_table"]
-        inputs["page_table"] = table
+        inputs = llm.step.padded(_decode_inputs(llm, pages, [context + 1] * batch, rng))
         prof = ex.profile(**inputs, repeat=5)
     finally:
         for p in pages:

@@ -98,14 +98,18 @@ class GpuStep:
             cols *= 2
         return min(cols, self.cols)
 
-    def __call__(self, inputs: dict) -> np.ndarray:
+    def padded(self, inputs: dict) -> dict:
+        """The step's inputs with the page table widened to `columns` (zeros: never read)."""
         table = inputs["page_table"]
         cols = self.columns(table.shape[1])
-        if table.shape[1] != cols:
-            padded = np.zeros((table.shape[0], cols), np.int32)
-            padded[:, :table.shape[1]] = table
-            inputs = {**inputs, "page_table": padded}
-        out = self.executor.run(**inputs)[0]
+        if table.shape[1] == cols:
+            return inputs
+        wide = np.zeros((table.shape[0], cols), np.int32)
+        wide[:, :table.shape[1]] = table
+        return {**inputs, "page_table": wide}
+
+    def __call__(self, inputs: dict) -> np.ndarray:
+        out = self.executor.run(**self.padded(inputs))[0]
         return out.astype(np.float32)
 
     def done(self) -> None:
