@@ -24,6 +24,7 @@ USAGE = """examples:
   llmc bench l1b.llmc --model llmc.bench_models:llama_1b --batch 8 --seq 512   # on a GPU machine
   llmc serve tl.llmc --port 8000 --policy mlfq     # an OpenAI-compatible server (pip install llmc[serve])
   llmc bench-serve --base-url http://127.0.0.1:8000 --request-rate 4 --num-prompts 200
+  llmc distill ./my-hf-model -o student --data train.txt --layers 2 --time-limit 600   # then llmc compile student
 """
 
 
@@ -416,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "up to 512 MiB)")
     g.set_defaults(fn=cmd_generate)
     add_serve_parsers(sub, fmt)
+    from .distill.cli import add_parser as add_distill_parser  # argparse only: torch loads when it runs
+
+    add_distill_parser(sub, fmt)
     return p
 
 
