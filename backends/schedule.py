@@ -401,7 +401,12 @@ def schedule_matmul(sch, info: CpuInfo, mt: int = MATMUL_ROW_TILE, nt: int | Non
         # per tile: wrong work and very slow to compile, so that is left to the next strategy
         if any(_extent(sch, lp) is None for lp in sch.get_loops(e)[1:]):
             raise ValueError("matmul: epilogue region per tile is not exact")
-    if b_idx is not None:  # copy the B panel [K, nt] contiguous once per task
+    deq = _find(sch, "qmm_deq")
+    if deq is not None:  # a quantized weight: dequantize its [K, nt] panel once per task instead of copying it
+        before.discard(_name(sch, deq))
+        sch.compute_at(deq, outer, preserve_unit_loops=False)
+        _vectorize_last(sch, deq, info.lanes, skip=1)
+    elif b_idx is not None:  # copy the B panel [K, nt] contiguous once per task
         bc = sch.cache_read(acc, b_idx, "global")
         sch.compute_at(bc, outer, preserve_unit_loops=False)
         _vectorize_last(sch, bc, info.lanes, skip=1)

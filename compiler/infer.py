@@ -198,6 +198,30 @@ def _routed_matmul(attrs, x: TensorType, w: TensorType, ids: TensorType) -> Tens
     return TensorType(tuple(x.shape[:-1]) + (n,), promote(x.dtype, w.dtype))
 
 
+def _qmatmul(attrs, x: TensorType, qw: TensorType, scales: TensorType, *zeros: TensorType) -> TensorType:
+    if attrs.bits not in (4, 8):
+        raise ValueError(f"quantized matmul: bits must be 4 or 8, got {attrs.bits}")
+    if x.rank < 2 or not x.dtype.is_float or qw.rank != 2 or scales.rank != 2:
+        raise ValueError(f"quantized matmul takes float x [*, K], qweight [N, .], scales [N, .], got {x}, {qw}, {scales}")
+    k, n = x.shape[-1], qw.shape[0]
+    if not isinstance(k, int) or not isinstance(n, int):
+        raise ValueError(f"quantized matmul needs static K and N, got x {x}, qweight {qw}")
+    want_q = (DType.I8, k) if attrs.bits == 8 else (DType.U8, k // 2)
+    if (qw.dtype, qw.shape[1]) != want_q or (attrs.bits == 4 and k % 2):
+        raise ValueError(f"quantized matmul: {attrs.bits}-bit qweight for K={k} must be "
+                         f"{want_q[0].value}[{n}, {want_q[1]}], got {qw}")
+    if attrs.group < 1 or k % attrs.group:
+        raise ValueError(f"quantized matmul: group {attrs.group} does not divide K={k}")
+    if tuple(scales.shape) != (n, k // attrs.group) or not scales.dtype.is_float:
+        raise ValueError(f"quantized matmul: scales must be float [{n}, {k // attrs.group}], got {scales}")
+    if attrs.symmetric == bool(zeros) or (zeros and zeros[0] != scales):
+        raise ValueError(f"quantized matmul: zeros {[str(z) for z in zeros]} disagree with symmetric="
+                         f"{attrs.symmetric} / scales {scales}")
+    if attrs.bits == 8 and not attrs.symmetric:
+        raise ValueError("quantized matmul: int8 weights are symmetric (no zeros)")
+    return TensorType(tuple(x.shape[:-1]) + (n,), attrs.out_dtype)
+
+
 def _paged_attention(attrs, q: TensorType, k: TensorType, v: TensorType, cache: TensorType, table: TensorType,
                      lens: TensorType, starts: TensorType) -> TensorType:
     if q.rank != 4 or k.rank != 4 or v.rank != 4 or q.shape[0] != 1 or tuple(k.shape) != tuple(v.shape):
@@ -245,6 +269,7 @@ INFER: dict[Op, Callable[..., TensorType]] = {
     Op.PAGED_ATTENTION: _paged_attention,
     # mixture of experts
     Op.TOPK: _topk, Op.ROUTED_MATMUL: _routed_matmul,
+    Op.QMATMUL: _qmatmul,  # weight-only quantization (passes/quantize.py)
 }
 
 

@@ -40,6 +40,9 @@ class Op(enum.Enum):
     # (x [*, K], w [E, N, K] or [E, K, N], ids [*]) -> [*, N]: each row times the matrix its id
     # picks (mixture-of-experts); a kernel reads only the picked experts' weights
     ROUTED_MATMUL = enum.auto()
+    # (x [*, K], qweight, scales[, zeros]) -> [*, N]: weight-only quantized matmul, x @ W^T with W
+    # [N, K] dequantized from packed integers (layout: compiler/quant_layout.py; QMatmulAttrs)
+    QMATMUL = enum.auto()
     # data movement
     RESHAPE = enum.auto(); PERMUTE = enum.auto(); EXPAND = enum.auto(); SLICE = enum.auto()
     CONCAT = enum.auto()
@@ -175,3 +178,18 @@ class TopkAttrs:
 @dataclass(frozen=True)
 class RoutedMatmulAttrs:
     weight_nk: bool = True  # w is [E, N, K] (nn.Linear layout, y = x @ w[id].T); False: [E, K, N]
+
+
+@dataclass(frozen=True)
+class QMatmulAttrs:
+    """Weight-only quantized matmul y = x @ W^T, W [N, K] stored output-channel major.
+
+    bits 8: qweight int8 [N, K], W = q * scale, scales [N, K // group] (group = K: per channel).
+    bits 4: qweight uint8 [N, K // 2], k = 2i in the low nibble of byte i, k = 2i + 1 in the
+    high one, unsigned 0..15; W = (q - zero) * scale per group of `group` consecutive k, with
+    scales and zeros [N, K // group] in the scales' float dtype; symmetric: zero = 8 and no
+    zeros input. The dequantize is part of the op so kernels fold it into their loads."""
+    bits: int  # 4 | 8
+    group: int  # elements of K sharing one scale (and zero)
+    symmetric: bool  # True: no zeros input (int8: zero 0; int4: zero 8)
+    out_dtype: DType  # the activation / output float dtype

@@ -128,6 +128,13 @@ def _routed_matmul(attrs, x, w, ids, env=None):
     return np.einsum(eq, xf, wsel)
 
 
+def _qmatmul(attrs, x, qw, scales, zeros=None, env=None):
+    from .quant_layout import dequantize
+
+    w = dequantize(qw, scales, zeros, attrs.bits, attrs.group)  # [N, K] float64
+    return np.matmul(x.astype(np.float64), w.T)
+
+
 def _binop(fn):
     return lambda attrs, a, b, env=None: fn(a, b)
 
@@ -178,6 +185,7 @@ REFERENCE: dict[Op, Callable[..., np.ndarray]] = {
     Op.PAGED_ATTENTION: _paged_attention,
     # mixture of experts
     Op.TOPK: _topk, Op.ROUTED_MATMUL: _routed_matmul,
+    Op.QMATMUL: _qmatmul,
 }
 
 def run_op(op: Op, attrs, inputs: list[np.ndarray], env: Env, out_dtype) -> np.ndarray:

@@ -23,6 +23,18 @@ class CompileOptions:
     progress: Callable[[str], None] | None = None
     use_shim: bool = True  # CUDA: offload GEMMs/attention to the llmc shim (cuBLASLt, flash attention)
     use_blas: bool = True  # CPU: float32/float64 GEMMs run in the BLAS numpy bundles (backends/cpu_blas.py)
+    quant: Any = None  # passes.quant.QuantScheme: weight-only quantization after fusion (None: none)
+    calib_windows: Any = None  # token-id windows [T] for gptq/awq calibration (quant_setup makes them)
+
+    def pipeline(self) -> list:
+        """The pass list: the default fusion pipeline, then quantize when asked."""
+        from .passes.pipeline import DEFAULT_PIPELINE
+
+        if self.quant is None:
+            return list(DEFAULT_PIPELINE)
+        from .passes.quantize import quantize
+
+        return [*DEFAULT_PIPELINE, quantize(self.quant, self.calib_windows or (), self.progress)]
 
 
 @dataclass
@@ -192,9 +204,11 @@ def compile_graph(graph, opts: CompileOptions, passes=None) -> CompiledModel:
     timings: dict[str, float] = {}
     t = time.perf_counter()
     _say(opts, f"optimising {len(graph.nodes())} nodes" if opts.fuse else "lowering one op per kernel")
+    if opts.quant is not None and not opts.fuse and passes is None:
+        raise LLMCError("quantization runs after fusion: drop --no-fuse (fuse=False) or --quant")
     if opts.fuse or passes is not None:
         program, reports = build_program_for(target, opts.use_blas)(
-            graph, DEFAULT_PIPELINE if passes is None else passes, opts.verify_each, opts.dump_dir)
+            graph, opts.pipeline() if passes is None else passes, opts.verify_each, opts.dump_dir)
     else:
         from .passes.index_bounds import bound_symbols_by_tables  # symbol bounds within the tables, fused or not
 
@@ -219,14 +233,81 @@ def compile_graph(graph, opts: CompileOptions, passes=None) -> CompiledModel:
         manifest = executable.update_manifest(manifest)
         timings.update(getattr(executable, "timings", {}))
     report = format_report(reports, program.graph, program, source=graph)
+    if opts.quant is not None and passes is None:
+        manifest = dict(manifest, quantization=quant_section(opts.quant, reports, program.graph))
     return CompiledModel(program, executable, manifest, report, timings)
+
+
+def quant_section(scheme, reports, graph) -> dict:
+    """The manifest's optional "quantization" section (informational: the program's own
+    buffers and kernels carry the packed weights; `llmc inspect` prints it)."""
+    from .compiler.ops import Op
+
+    rep = next(r for r in reports if r.name == "quantize")
+    q = [n for n in graph.nodes() if n.op is Op.QMATMUL]
+    params = sum(int(n.inputs[0].shape[-1]) * int(n.shape[-1]) for n in q)
+    return {"version": 1, "required": False, "scheme": scheme.kind, "group": scheme.group if scheme.kind == "int4" else 0,
+            "symmetric": scheme.is_symmetric, "method": scheme.method, "description": scheme.describe(),
+            "quantized_matmuls": rep.counts["quantized"], "quantized_params": params,
+            "bytes_before": rep.counts["bytes_before"], "bytes_after": rep.counts["bytes_after"],
+            "kept": [line for line in rep.lines if line.startswith("kept")]}
+
+
+def quant_setup(quant, group: int | None, method: str | None, calib, calib_samples: int | None, symmetric: bool,
+                act_order: bool = False):
+    """A QuantScheme from the compile keywords, with its calibration file checked (before any work)."""
+    if quant is None:
+        for name, v in (("group", group), ("method", method), ("calib", calib), ("calib_samples", calib_samples)):
+            if v is not None:
+                raise LLMCError(f"{name}= is a quantization option: pass quant='int8' or 'int4' with it")
+        return None, None
+    from .passes.quant.calibrate import check_calibration_file
+    from .passes.quant.scheme import QuantScheme
+
+    if isinstance(quant, QuantScheme):
+        scheme = quant
+    else:
+        kw = {"kind": quant, "method": method or "rtn", "symmetric": symmetric, "act_order": act_order}
+        if group is not None:
+            kw["group"] = group
+        if calib_samples is not None:
+            kw["calib_samples"] = calib_samples
+        scheme = QuantScheme(**kw)
+    return scheme, check_calibration_file(calib, scheme.method)
+
+
+def calibration_windows(scheme, calib_file, graph, tokenizer) -> list | None:
+    """Token windows of the calibration text, as long as the model's seq bound allows."""
+    if calib_file is None:
+        return None
+    from .passes.quant.calibrate import token_windows
+
+    window = scheme.calib_window
+    ids = graph.inputs[0] if graph.inputs else None
+    if ids is not None and ids.type.rank == 2 and not isinstance(ids.shape[1], int):
+        (name,) = ids.shape[1].symbols
+        window = min(window, graph.symbols[name].hi)
+    return token_windows(calib_file, tokenizer, scheme.calib_samples, window)
+
+
+def check_kv_cache_dtype(kv_cache_dtype: str | None) -> None:
+    """An int8/fp8 KV cache is asked for by the issue; the paged cache keeps the model's float
+    dtype today, so the option is refused clearly rather than ignored."""
+    if kv_cache_dtype is None:
+        return
+    if kv_cache_dtype not in ("int8", "fp8"):
+        raise LLMCError(f"unknown KV cache dtype {kv_cache_dtype!r}; choose int8 or fp8")
+    raise LLMCError(f"a {kv_cache_dtype} KV cache is not built yet: the paged KV cache stores the model's own float "
+                    f"dtype (docs/quantization.md)")
 
 
 def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None = None, *, target: Any = "llvm",
             dynamic_shapes: Any = None, dim_bounds: dict | None = None, fuse: bool = True,
             verify_each: bool = False, dump_dir: str | None = None,
             progress: Callable[[str], None] | None = None, use_blas: bool = True,
-            generate: Any = None, tokenizer: str | None = None) -> CompiledModel:
+            generate: Any = None, tokenizer: str | None = None, quant: Any = None, group: int | None = None,
+            method: str | None = None, calib: str | os.PathLike | None = None, calib_samples: int | None = None,
+            symmetric: bool = False, kv_cache_dtype: str | None = None) -> CompiledModel:
     """Compile a torch.nn.Module (captured with torch.export) or an ONNX file.
 
     Returns a CompiledModel: call it with numpy arrays or torch tensors to get numpy
@@ -238,14 +319,24 @@ def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None
     notes why not in the report when the graph does not allow it; True requires it (an
     LLMCError names the node that prevents it); False skips it; a
     `llmc.generation.GenerateOptions` sets page size, step limits, stop ids and tokenizer.
+
+    Quantization (docs/quantization.md): `quant="int8"|"int4"` (or a passes.quant.QuantScheme)
+    with `group` (int4: 32, 64, 128), `method` ("rtn", "gptq", "awq"), `calib` (a text file;
+    gptq and awq need it, with `tokenizer`), `calib_samples` and `symmetric` (int4).
     """
     from .backends.targets import parse_target
 
     parse_target(target)  # fail fast on a bad target, before the slow capture
-    opts = CompileOptions(target, dynamic_shapes, dim_bounds, fuse, verify_each, dump_dir, progress, use_blas=use_blas)
+    scheme, calib_file = quant_setup(quant, group, method, calib, calib_samples, symmetric)
+    check_kv_cache_dtype(kv_cache_dtype)
+    if scheme is not None and scheme.needs_calibration and tokenizer is None:
+        raise LLMCError(f"method {scheme.method!r} tokenizes the calibration text: pass tokenizer=PATH (tokenizer.json)")
+    opts = CompileOptions(target, dynamic_shapes, dim_bounds, fuse, verify_each, dump_dir, progress, use_blas=use_blas,
+                          quant=scheme)
     t = time.perf_counter()
     _say(opts, "capturing the graph")
     graph = capture(model, example_args, example_kwargs, opts)
+    opts.calib_windows = calibration_windows(scheme, calib_file, graph, tokenizer) if scheme else None
     capture_s = time.perf_counter() - t
     compiled = compile_graph(graph, opts)
     compiled.timings["capture_s"] = capture_s

@@ -84,6 +84,10 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
     target = target_of(a)
     parse_target(target)
+    from .api import calibration_windows, check_kv_cache_dtype, quant_setup
+
+    scheme, calib_file = quant_setup(a.quant, a.group, a.method, a.calib, a.calib_samples, a.sym)  # before any work
+    check_kv_cache_dtype(a.kv_cache_dtype)
     out_path = pathlib.Path(a.output)
     _check_output_folder(out_path, a.force)
     bounds = dim_bounds(a, onnx=a.src.endswith(".onnx"))  # before the slow load: resolve() keys on the suffix too
@@ -92,8 +96,13 @@ def cmd_compile(a: argparse.Namespace) -> int:
     src = resolve(a.src, batch=min(2, bounds["batch"][1]), seq=min(16, bounds["seq"][1]), progress=_progress)
     _progress(f"capturing {src.description}")
     opts = CompileOptions(target, None, bounds, not a.no_fuse, a.verify_each, a.dump_ir, _progress,
-                          use_shim=not a.no_shim, use_blas=not a.no_blas)
+                          use_shim=not a.no_shim, use_blas=not a.no_blas, quant=scheme)
+    if scheme is not None and scheme.needs_calibration and src.tokenizer is None:
+        raise LLMCError(f"--method {scheme.method} tokenizes --calib with the model's tokenizer, and {a.src} has no "
+                        f"tokenizer.json")
     graph = capture(src.model, src.args, src.kwargs, opts)
+    if scheme is not None:
+        opts.calib_windows = calibration_windows(scheme, calib_file, graph, src.tokenizer)
     _progress(f"captured {len(graph.nodes())} nodes, {len(graph.params)} weights in {time.perf_counter() - t0:.1f}s")
     compiled = compile_graph(graph, opts)
     from .generation import GenerateOptions, attach, eos_ids, ids_only_capture
@@ -250,6 +259,14 @@ def cmd_inspect(a: argparse.Namespace) -> int:
           + (f" ({len(w.omitted)} large ones left out: a perf artifact, random values at run time)"
              if w.omitted else ""))
     print(f"arena: {p.arena_bytes / 2**20:.2f} MiB planned")
+    q = (read_manifest_json(path) or {}).get("quantization")
+    if isinstance(q, dict):  # written by --quant (informational: the program carries the packed weights)
+        n = max(int(q.get("quantized_params", 0)), 1)
+        print(f"quantization: {q.get('scheme')} ({q.get('description')}): {q.get('quantized_matmuls')} matmuls, "
+              f"{q.get('bytes_after', 0) / n:.3f} bytes per parameter (was {q.get('bytes_before', 0) / n:.1f}), "
+              f"{q.get('bytes_before', 0) / 1e6:.2f} MB -> {q.get('bytes_after', 0) / 1e6:.2f} MB")
+        for line in q.get("kept") or ["kept: none (every weight matmul is quantized)"]:
+            print(f"  {line}; embeddings stay float")
     g = m.generation
     if g is not None:
         print(f"entry points: forward (the program above), step (generation: {len(g.program.kernels)} kernels, "
@@ -373,6 +390,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-step-tokens", type=int, default=256, help="tokens per step (longer prompts are "
                                                                     "read in chunks)")
     c.add_argument("--max-seqs", type=int, default=32, help="sequences per step")
+    q = c.add_argument_group("quantization (docs/quantization.md)")
+    q.add_argument("--quant", metavar="{int8,int4,w8a8,fp8}",
+                   help="weight-only int8 (per channel) or int4 (groups); embeddings and the LM head stay float")
+    q.add_argument("--group", type=int, help="int4 group size: 32, 64 or 128 (default 128); must divide every K")
+    q.add_argument("--sym", action="store_true", help="int4: symmetric (zero point 8, no zeros stored)")
+    q.add_argument("--method", help="rtn (default) | gptq | awq (these two need --calib)")
+    q.add_argument("--calib", metavar="FILE", help="calibration text (tokenized with the model's tokenizer)")
+    q.add_argument("--calib-samples", type=int, help="token windows read from --calib (default 32)")
+    q.add_argument("--kv-cache-dtype", metavar="{int8,fp8}", help="KV cache storage (not built yet: refused)")
     c.set_defaults(fn=cmd_compile)
     r = sub.add_parser("run", help="run an artifact on .npy/.npz inputs", formatter_class=fmt)
     r.add_argument("artifact")

@@ -168,9 +168,9 @@ def build(compiled, opts, gen: GenerateOptions, required: bool, recapture: Calla
     try:
         graph = None
         if not eligible(compiled.program.graph) and recapture is not None:
-            from .passes.pipeline import DEFAULT_PIPELINE, run_pipeline
+            from .passes.pipeline import run_pipeline
 
-            graph = run_pipeline(recapture(), DEFAULT_PIPELINE)[0]  # the forward took a mask: ids alone
+            graph = run_pipeline(recapture(), opts.pipeline())[0]  # the forward took a mask: ids alone (and quantized alike)
         b = add_generation(compiled, opts, gen, graph)
     except LLMCError as e:
         if required:

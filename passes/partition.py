@@ -26,13 +26,14 @@ from ..compiler.ir import Graph, Node
 from ..compiler.ops import ELEMENTWISE, Op
 from .report import kernels_per_layer
 
-HEAVY = frozenset({Op.MATMUL, Op.ATTENTION, Op.PAGED_ATTENTION, Op.RMS_NORM, Op.LAYER_NORM, Op.SOFTMAX, Op.SUM, Op.MEAN, Op.MAX,
+HEAVY = frozenset({Op.MATMUL, Op.QMATMUL, Op.ATTENTION, Op.PAGED_ATTENTION, Op.RMS_NORM, Op.LAYER_NORM, Op.SOFTMAX, Op.SUM, Op.MEAN, Op.MAX,
                    Op.MIN, Op.CUMSUM})
 DATA_MOVEMENT = frozenset({Op.RESHAPE, Op.PERMUTE, Op.EXPAND, Op.SLICE, Op.CONCAT, Op.TAKE, Op.INDEX, Op.GATHER})
 INJECTIVE = ELEMENTWISE | DATA_MOVEMENT | {Op.FULL, Op.ARANGE}
 NOT_COMPUTED = frozenset({Op.INPUT, Op.WEIGHT, Op.CONST})
 MATMUL_PROLOGUE = frozenset({Op.RESHAPE, Op.PERMUTE, Op.CAST, Op.SLICE, Op.EXPAND, Op.FULL, Op.ARANGE})
 LAYOUT_EPILOGUE = frozenset({Op.RESHAPE, Op.PERMUTE})
+GEMMS = frozenset({Op.MATMUL, Op.QMATMUL})  # anchors with GEMM fusion rules (a quantized one dequantizes in its loads)
 
 
 # Ops every backend runs as a library call of the runtime (a kernel of their own, operands as they are)
@@ -110,7 +111,7 @@ class _Partition:
                     and all(u is h for u in self.users[w.uid]):
                 self.merge(g, self.gid(w), check=False)
             return
-        allowed = MATMUL_PROLOGUE if h.op is Op.MATMUL else INJECTIVE
+        allowed = MATMUL_PROLOGUE if h.op in GEMMS else INJECTIVE
         heap: list[tuple[int, int, Node]] = []
         seen: set[int] = set()
 
@@ -149,7 +150,7 @@ class _Partition:
             return all(tuple(i.shape) == tuple(c.shape) for i in inside)
         if c.op is Op.RESHAPE:
             return True
-        return h.op is not Op.MATMUL and c.op in LAYOUT_EPILOGUE
+        return h.op not in GEMMS and c.op in LAYOUT_EPILOGUE
 
     def leftovers(self) -> None:
         for n in self.nodes:
@@ -167,8 +168,8 @@ class _Partition:
         # output store, rather than to the neighbouring GEMMs; then GEMMs, so a residual add
         # becomes a GEMM epilogue rather than a prologue of the next norm
         attention = [n for n in self.nodes if n.op is Op.ATTENTION]
-        matmul = [n for n in self.nodes if n.op is Op.MATMUL]
-        rest = [n for n in self.nodes if n.op in HEAVY and n.op not in (Op.ATTENTION, Op.MATMUL)]
+        matmul = [n for n in self.nodes if n.op in GEMMS]
+        rest = [n for n in self.nodes if n.op in HEAVY and n.op not in GEMMS and n.op is not Op.ATTENTION]
         for anchors in (attention, matmul, rest):
             for h in anchors:
                 self.prologues(h)

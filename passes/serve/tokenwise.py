@@ -56,9 +56,11 @@ def _axes_touched(n: Node) -> list[tuple[Node, int]]:
         return [(x, a.axis)]
     if op is Op.INDEX:
         return [(x, ax) for ax in range(len(n.inputs) - 1)]
-    if op in (Op.MATMUL, Op.ROUTED_MATMUL):
-        w = n.inputs[1]
-        return [(x, x.type.rank - 1)] + [(w, ax) for ax in range(w.type.rank)]
+    if op in (Op.MATMUL, Op.ROUTED_MATMUL, Op.QMATMUL):
+        # the weight operands (qweight, scales, zeros of a quantized one) are contracted whole;
+        # a routed matmul's ids (third input) are per token
+        weights = n.inputs[1:] if op is Op.QMATMUL else n.inputs[1:2]
+        return [(x, x.type.rank - 1)] + [(w, ax) for w in weights for ax in range(w.type.rank)]
     return []
 
 

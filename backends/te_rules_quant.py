@@ -1,0 +1,75 @@
+"""TE lowering of Op.QMATMUL: the weight-only quantized matmul, dequantizing in its B loads.
+
+The kernel is the GEMM of te_rules._matmul (leading dims of x folded into M, M and N
+padded to the register tile) whose right operand is a `qmm_deq` stage: the [K, N] float
+panel computed from the packed integers (layout: compiler/quant_layout.py). The stage is
+kept materialised (KEEP_PREFIXES), and the CPU matmul schedule computes it per output
+tile, where it would otherwise copy the B panel (schedule.py): each packed byte is read
+and dequantized once per row block into a [K, nt] panel that stays in cache while the
+register tile runs over it. A decode step (M = 1) therefore reads 1 (int8) or 1/2 (int4)
+bytes per weight instead of 4, with no full-size dequantized copy anywhere.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from tvm import te, tirx
+
+from llmc.compiler.ir import Node
+from llmc.compiler.ops import Op
+from llmc.compiler.quant_layout import INT4_SYMMETRIC_ZERO
+
+from .te_rules import (F32, MATMUL_COL_TILE, MATMUL_ROW_TILE, TE_RULES, LowerCtx, _clamp, _compute, _flat_index,
+                       _pad, _raxis, _unflat_index, c64, cast)
+
+I32 = "int32"
+
+
+def _dequant_panel(ctx: LowerCtx, node: Node, qw, scales, zeros, acc: str, n_dim, n_pad) -> te.Tensor:
+    """qmm_deq[k, n] = the float weight W[n, k] (n clamped into range on the padded columns)."""
+    a = node.attrs
+    k_dim = ctx.dim(node.inputs[0].shape[-1])
+    group = c64(a.group)
+
+    def f(k, n):
+        n = _clamp(n, n_dim, n_pad)
+        g = tirx.floordiv(k, group)
+        if a.bits == 8:
+            q = cast(qw(n, k), acc)
+        else:  # two elements per byte: even k in the low nibble, odd k in the high one
+            byte = cast(qw(n, tirx.floordiv(k, c64(2))), I32)
+            shift = cast(tirx.floormod(k, c64(2)), I32) * tirx.const(4, I32)
+            q = cast(tirx.bitwise_and(tirx.shift_right(byte, shift), tirx.const(15, I32)), acc)
+        if zeros is not None:
+            q = q - cast(zeros(n, g), acc)
+        elif a.bits == 4:
+            q = q - tirx.const(float(INT4_SYMMETRIC_ZERO), acc)
+        return q * cast(scales(n, g), acc)
+
+    return te.compute((k_dim, n_pad), f, name=ctx.name("qmm_deq"))
+
+
+def _qmatmul(ctx: LowerCtx, node: Node, ins: Sequence[te.Tensor]) -> te.Tensor:
+    x, qw, scales, *rest = ins
+    zeros = rest[0] if rest else None
+    sx = node.inputs[0].shape
+    odt = node.dtype.value
+    acc = "float64" if odt == "float64" else F32
+    n_static = node.shape[-1]
+    n_dim = c64(n_static)
+    n_pad = _pad(n_dim, n_static, MATMUL_COL_TILE)
+    deq = _dequant_panel(ctx, node, qw, scales, zeros, acc, n_dim, n_pad)
+    k = _raxis(ctx, ctx.dim(sx[-1]), "k")
+    lead = ctx.shape(sx[:-1])
+    m_flat, static = lead[0], sx[0]
+    for d, s in zip(lead[1:], sx[1:-1]):
+        m_flat, static = m_flat * d, s * static
+    m_pad = _pad(m_flat, static, MATMUL_ROW_TILE)
+    acc2 = te.compute((m_pad, n_pad), lambda m, n: te.sum(
+        cast(x(*(_unflat_index(_clamp(m, m_flat, m_pad), lead) + [k.var])), acc) * deq(k.var, n), axis=k),
+        name=ctx.name("matmul_acc"))
+    return _compute(ctx, node, lambda *i: cast(acc2(_flat_index(i[:-1], lead), i[-1]), odt), "matmul_out")
+
+
+# te_rules imports this module on its last line; either import order registers the rule
+TE_RULES.update({Op.QMATMUL: _qmatmul})

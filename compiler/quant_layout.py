@@ -1,0 +1,56 @@
+"""The packed weight layout of Op.QMATMUL, in numpy: pack, unpack, dequantize.
+
+One place defines the bytes every consumer reads (the numpy reference, the TVM kernels,
+the CUDA kernels, the artifact): weights are output-channel major like torch.nn.Linear,
+[N, K] with K contiguous.
+
+- int8: qweight int8 [N, K]; W = q * scale; scales [N, K // group] (group = K: one per row).
+- int4: qweight uint8 [N, K // 2]; element k = 2i is the LOW nibble of byte i, k = 2i + 1 the
+  HIGH nibble, values unsigned 0..15; W = (q - zero) * scale per group of `group` consecutive
+  elements of K; scales and zeros [N, K // group], both in the scales' float dtype.
+  Symmetric int4 has zero = 8 everywhere and may leave the zeros array out.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+INT4_SYMMETRIC_ZERO = 8
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """[N, K] integers in 0..15 -> uint8 [N, K // 2] (even k low nibble, odd k high nibble)."""
+    q = np.asarray(q)
+    if q.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even K, got {q.shape}")
+    if q.size and (q.min() < 0 or q.max() > 15):
+        raise ValueError("int4 values must lie in 0..15")
+    q = q.astype(np.uint8)
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_int4(packed: np.ndarray) -> np.ndarray:
+    """uint8 [N, K // 2] -> uint8 [N, K] values 0..15 (inverse of pack_int4)."""
+    p = np.asarray(packed, dtype=np.uint8)
+    out = np.empty(p.shape[:-1] + (2 * p.shape[-1],), np.uint8)
+    out[..., 0::2] = p & 0x0F
+    out[..., 1::2] = p >> 4
+    return out
+
+
+def dequantize(qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, bits: int, group: int,
+               dtype=np.float64) -> np.ndarray:
+    """The float weight [N, K] a packed weight stands for (computed in float64, then `dtype`)."""
+    if bits == 8:
+        q = np.asarray(qweight).astype(np.float64)
+        zero = 0.0 if zeros is None else np.repeat(np.asarray(zeros, np.float64), group, axis=-1)
+    elif bits == 4:
+        q = unpack_int4(qweight).astype(np.float64)
+        zero = float(INT4_SYMMETRIC_ZERO) if zeros is None else np.repeat(np.asarray(zeros).astype(np.float64),
+                                                                           group, axis=-1)
+    else:
+        raise ValueError(f"unsupported bit width {bits}")
+    s = np.repeat(np.asarray(scales).astype(np.float64), group, axis=-1)
+    return ((q - zero) * s).astype(dtype)
+
+
+__all__ = ["pack_int4", "unpack_int4", "dequantize", "INT4_SYMMETRIC_ZERO"]
