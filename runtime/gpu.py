@@ -100,6 +100,15 @@ class _Plan:
         self.staging = None  # cuda_graph.HostToDevice for the host inputs of this shape
 
 
+def _shim_function(module, name: str):
+    if module is None:
+        return None
+    try:
+        return module[name]
+    except AttributeError:
+        return None
+
+
 class GpuExecutor:
     """A loaded CUDA artifact. Call it like Executor; `run(..., outputs="device")` keeps the
     outputs on the GPU (valid until the next call with the same shape).
@@ -143,6 +152,8 @@ class GpuExecutor:
             except AttributeError:
                 raise ArtifactError(f"kernel {name!r}: function {fn_name!r} is missing from the {lib} library") from None
             self._kernels[name] = (fn, k)
+        self._argmax = _shim_function(modules.get(SHIM), "llmc_argmax_rows")  # None: an older shim
+        self._argmax_out: dict[int, Any] = {}
         if SHIM in modules and modules[SHIM] is not None:
             try:
                 modules[SHIM]["llmc_shim_init"](device_id)
@@ -331,6 +342,23 @@ class GpuExecutor:
                 return outs
             self.stream.synchronize()
             return [np.array(t.numpy(), copy=True) for t in outs]
+
+    def argmax_rows(self, logits) -> np.ndarray:
+        """Each row's argmax (first of equal maxima) of a [rows, vocab] device tensor that `run(...,
+        outputs="device")` returned: on the device when the artifact's shim has the kernel, so
+        only rows * 4 bytes come back; else through a host copy."""
+        with self._lock:
+            if self._argmax is None:
+                self.stream.synchronize()
+                return np.argmax(np.asarray(logits.numpy()), axis=1).astype(np.int32)
+            rows = int(logits.shape[0])
+            out = self._argmax_out.get(rows)
+            if out is None:
+                out = self._argmax_out[rows] = self.tvm.runtime.empty((rows,), "int32", self.dev)
+            with self.stream.use():
+                self._argmax(logits, out)
+            self.stream.synchronize()
+            return out.numpy()
 
     def _copy_inputs(self, plan: _Plan, arrays: list) -> None:
         """Host arrays go through the plan's pinned staging buffer, asynchronously on the

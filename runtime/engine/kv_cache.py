@@ -47,6 +47,10 @@ def _host_zeros(shape: tuple, dtype: str) -> np.ndarray:
 class PagePool:
     """The caches and the free list. `kv_memory` bytes decide how many pages there are."""
 
+    # Pages beyond num_pages that no sequence ever owns (a GPU step pads its batch with rows
+    # that write their K/V there: step_runner.GpuStep.padded).
+    SCRATCH_PAGES = 0
+
     def __init__(self, layout: KvLayout, num_pages: int, allocate: Callable[[tuple, str], Any] | None = None):
         if num_pages < 1:
             raise LLMCError(f"a KV page pool needs at least one page, got {num_pages}")
@@ -56,13 +60,14 @@ class PagePool:
         # memory for a GPU step function. Zeroed: a step reads whole pages, and garbage NaN in a
         # masked slot would still poison 0 * NaN.
         allocate = allocate or _host_zeros
-        self.caches = [allocate((num_pages, 2, layout.page_size, h, d), layout.dtype) for h, d in layout.layers]
+        self.caches = [allocate((num_pages + self.SCRATCH_PAGES, 2, layout.page_size, h, d), layout.dtype)
+                       for h, d in layout.layers]
         self._free = list(range(num_pages - 1, -1, -1))
 
     @classmethod
     def from_budget(cls, layout: KvLayout, kv_memory: int,
                     allocate: Callable[[tuple, str], Any] | None = None) -> "PagePool":
-        pages = int(kv_memory) // layout.page_bytes
+        pages = int(kv_memory) // layout.page_bytes - cls.SCRATCH_PAGES
         if pages < 1:
             raise LLMCError(f"kv_memory={kv_memory} bytes holds no page (one page of {layout.page_size} tokens over "
                             f"{len(layout.layers)} layers is {layout.page_bytes} bytes)")

@@ -48,7 +48,7 @@ class LLM:
         if isinstance(step, (CpuStep, GpuStep)):
             self.step = step
         elif getattr(step, "device", "cpu") == "cuda":
-            self.step = GpuStep(step, spec.max_context, spec.page_size)
+            self.step = GpuStep(step, spec.max_context, spec.page_size, spec.max_seqs)
         else:
             self.step = CpuStep(step)
         self.tokenizer = _load_tokenizer(tokenizer_file)
@@ -96,6 +96,10 @@ class LLM:
     def step_logits(self, inputs: dict) -> np.ndarray:
         """One call of the step function: inputs by name (TokenLoop._inputs) -> logits [rows, vocab]."""
         return self.step(inputs)
+
+    def step_greedy(self, inputs: dict) -> np.ndarray:
+        """One call of the step function -> each logits row's argmax [rows] (on the GPU there)."""
+        return self.step.greedy(inputs)
 
     def encode(self, prompt: Any, i: int) -> list[int]:
         if isinstance(prompt, str):

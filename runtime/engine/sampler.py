@@ -60,8 +60,16 @@ def penalize(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray
     return out
 
 
+def argmax_only(params: SamplingParams) -> bool:
+    """Whether a row's argmax is all this request needs of its logits (greedy, no penalty, no
+    logprobs): a GPU step then computes it on the device (GpuStep.greedy)."""
+    return params.temperature == 0 and params.repetition_penalty == 1.0 and params.logprobs is None
+
+
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, seen: np.ndarray) -> int:
     """One token id from a [vocab] row of logits."""
+    if params.temperature == 0 and params.repetition_penalty == 1.0:
+        return int(np.argmax(logits))  # widening to float64 keeps the order: skip the copy
     x = penalize(logits.astype(np.float64), seen, params.repetition_penalty)
     if params.temperature == 0:
         return int(np.argmax(x))  # the first of equal maxima, as torch.argmax

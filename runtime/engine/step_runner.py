@@ -10,7 +10,11 @@ the page metadata in. The page table is padded to a power-of-two width (GpuStep.
 decode step's shapes, and with them its captured CUDA graph, change only a few times while
 the sequences grow; only
 steps of up to GRAPH_MAX_TOKENS tokens are captured (a prefill chunk's length changes from
-step to step, and capturing each would cost more than it saves).
+step to step, and capturing each would cost more than it saves), and decode steps (one token per
+sequence) of up to GRAPH_MAX_SEQS sequences. A serving engine's decode batch changes size at
+nearly every step as requests come and go: padded to one of DECODE_BUCKETS sequences (rows that
+write into the pool's scratch page and whose logits are dropped), it meets a handful of shapes
+instead of one per size, each captured once (vLLM pads its decode batches the same way).
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ DEFAULT_KV_MEMORY = 512 << 20  # host pool, bytes
 GPU_KV_FRACTION = 0.5  # of the free device memory, for a GPU pool
 SMALL_STEP_TOKENS = 32  # host steps of at most this many tokens run TVM's kernels on one thread (threads.py)
 GRAPH_MAX_TOKENS = 64
+GRAPH_MAX_SEQS = 256
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 MIN_COLS = 8  # page-table columns of the smallest bucket (128 tokens of 16-token pages)
 
 
@@ -51,6 +57,10 @@ class CpuStep:
         self._threads.set(1 if inputs["tokens"].size <= SMALL_STEP_TOKENS else self._all_threads)
         return self.executor(**inputs)[0]
 
+    def greedy(self, inputs: dict) -> np.ndarray:
+        """Each logits row's argmax [rows] (the first of equal maxima)."""
+        return np.argmax(self(inputs), axis=1)
+
     def done(self) -> None:
         if self._threads.current is not None:
             self._threads.set(self._all_threads)  # the pool as every other caller expects it
@@ -61,11 +71,13 @@ class GpuStep:
 
     device = "cuda"
 
-    def __init__(self, executor, max_context: int, page_size: int):
+    def __init__(self, executor, max_context: int, page_size: int, max_seqs: int):
         self.executor = executor
         self.cols = -(-max_context // page_size)  # page-table columns of the whole context
-        executor.graphs = executor.graphs and (lambda env: env.get("tokens", 0) <= GRAPH_MAX_TOKENS)
+        self.max_seqs = max_seqs
+        executor.graphs = executor.graphs and _graph_worthy
         self._caches: list = []
+        self._scratch = 0  # the pool's scratch page (bind_pool)
 
     def allocate(self, shape: tuple, dtype: str) -> Any:
         # not zeroed: the kernel reads only written positions (llmc_paged_attention.cu)
@@ -84,6 +96,7 @@ class GpuStep:
         return DevicePagePool.from_budget(layout, kv_memory, self.allocate)
 
     def bind_pool(self, pool) -> None:
+        self._scratch = pool.num_pages  # DevicePagePool.SCRATCH_PAGES: the page after the last
         self._caches = list(pool.caches)
         self.executor.bind_state({f"kv_cache.{i}": c for i, c in enumerate(self._caches)})
 
@@ -98,29 +111,63 @@ class GpuStep:
             cols *= 2
         return min(cols, self.cols)
 
+    def bucket(self, seqs: int) -> int:
+        """How many sequences a decode step of `seqs` runs as: the next of DECODE_BUCKETS, at most
+        the step function's limit."""
+        return min(next((b for b in DECODE_BUCKETS if b >= seqs), seqs), self.max_seqs)
+
     def padded(self, inputs: dict) -> dict:
-        """The step's inputs with the page table widened to `columns` (zeros: never read)."""
-        table = inputs["page_table"]
+        """The step's inputs with the page table widened to `columns` (zeros: never read) and a
+        decode step's batch padded to `bucket` sequences: each extra row is one token at
+        position 0 whose K/V goes to the scratch page and whose logits row is dropped."""
+        table, tokens = inputs["page_table"], inputs["tokens"]
+        seqs = table.shape[0]
+        pad = self.bucket(seqs) - seqs if tokens.size == seqs and inputs["logit_rows"].size == seqs else 0
         cols = self.columns(table.shape[1])
-        if table.shape[1] == cols:
+        if table.shape[1] == cols and not pad:
             return inputs
-        wide = np.zeros((table.shape[0], cols), np.int32)
-        wide[:, :table.shape[1]] = table
-        return {**inputs, "page_table": wide}
+        wide = np.zeros((seqs + pad, cols), np.int32)
+        wide[:seqs, :table.shape[1]] = table
+        if not pad:
+            return {**inputs, "page_table": wide}
+        wide[seqs:, 0] = self._scratch
+        extra = np.arange(seqs, seqs + pad)
+        return {**inputs, "page_table": wide,
+                "tokens": np.concatenate([tokens, np.zeros(pad, tokens.dtype)]),
+                "positions": np.concatenate([inputs["positions"], np.zeros(pad, inputs["positions"].dtype)]),
+                "logit_rows": np.concatenate([inputs["logit_rows"], extra.astype(inputs["logit_rows"].dtype)]),
+                "kv_lens": np.concatenate([inputs["kv_lens"], np.ones(pad, np.int32)]),
+                "q_starts": np.concatenate([inputs["q_starts"], np.arange(seqs + 1, seqs + pad + 1, dtype=np.int32)])}
 
     def __call__(self, inputs: dict) -> np.ndarray:
+        rows = inputs["logit_rows"].size
         out = self.executor.run(**self.padded(inputs))[0]
-        return out.astype(np.float32)
+        return out[:rows].astype(np.float32)
+
+    def greedy(self, inputs: dict) -> np.ndarray:
+        """Each logits row's argmax [rows], computed on the device: the logits never leave it."""
+        rows = inputs["logit_rows"].size
+        logits = self.executor.run(**self.padded(inputs), outputs="device")[0]
+        return self.executor.argmax_rows(logits)[:rows]
 
     def done(self) -> None:
         pass
+
+
+def _graph_worthy(env: dict) -> bool:
+    """Capture a CUDA graph for small steps and for decode steps (padded to a few sizes)."""
+    tokens = env.get("tokens", 0)
+    return tokens <= GRAPH_MAX_TOKENS or (tokens == env.get("seqs") and tokens <= GRAPH_MAX_SEQS)
 
 
 class DevicePagePool(PagePool):
     """A page pool whose caches are device tensors: swapping pages out to host memory and back
     (the serving engine's preemption) copies each page with cudaMemcpy. A page of one layer is
     one contiguous block of the cache [pages, 2, P, Hkv, D]. The step executor synchronizes its
-    stream before it returns, so the pages are final when the engine copies them."""
+    stream before it returns, so the pages are final when the engine copies them. One page past
+    the last is scratch, for the rows GpuStep pads a decode batch with."""
+
+    SCRATCH_PAGES = 1
 
     def _page_copies(self, pages: list[int], host: list[np.ndarray], to_host: bool) -> None:
         import ctypes
@@ -155,4 +202,4 @@ class DevicePagePool(PagePool):
         self._page_copies(pages, host, to_host=False)
 
 
-__all__ = ["CpuStep", "GpuStep", "DevicePagePool", "DEFAULT_KV_MEMORY", "GRAPH_MAX_TOKENS"]
+__all__ = ["CpuStep", "GpuStep", "DevicePagePool", "DEFAULT_KV_MEMORY", "GRAPH_MAX_TOKENS", "DECODE_BUCKETS"]

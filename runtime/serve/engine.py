@@ -31,7 +31,7 @@ from typing import Any, AsyncIterator, Sequence
 import numpy as np
 
 from ...errors import InputError, LLMCError
-from ..engine.sampler import SamplingParams, log_softmax, sample, top_logprobs
+from ..engine.sampler import SamplingParams, argmax_only, log_softmax, sample, top_logprobs
 from .block_manager import BlockManager
 from .metrics import EngineMetrics, render
 from .policy import make_policy
@@ -260,7 +260,12 @@ class Engine:
                     self._queued -= 1
         inputs, sampled = step_inputs(plan.batch, self.pool)
         t = time.perf_counter()
-        logits = self.llm.step_logits(inputs)
+        # greedy rows need only their argmax: with no other row wanting logits the step returns
+        # token ids (on a GPU the [rows, vocab] logits then never cross to the host)
+        if sampled and all(argmax_only(s.request.params) for s in sampled):
+            logits, picked = None, self.llm.step_greedy(inputs)
+        else:
+            logits, picked = self.llm.step_logits(inputs), None
         now = time.perf_counter()
         prompt_tokens = 0
         for s, n in plan.batch:
@@ -273,12 +278,19 @@ class Engine:
         # counted before the tokens go out: a client that saw its last token finds it in /metrics
         self.metrics.step(sum(n for _, n in plan.batch) - len(sampled), len(sampled))
         for row, s in enumerate(sampled):
-            self._sample(s, logits[row], now)
+            if picked is not None:
+                self._take(s, int(picked[row]), None, now)
+            else:
+                self._sample(s, logits[row], now)
 
     def _sample(self, s: Seq, logits: np.ndarray, now: float) -> None:
         p = s.request.params
         seen = np.asarray(s.tokens, np.int64) if p.repetition_penalty != 1.0 else np.empty(0, np.int64)
-        tok = sample(logits, p, s.rng, seen)
+        self._take(s, sample(logits, p, s.rng, seen), logits, now)
+
+    def _take(self, s: Seq, tok: int, logits: np.ndarray | None, now: float) -> None:
+        """The sequence's next token is `tok` (its logits row given where logprobs need it)."""
+        p = s.request.params
         s.tokens.append(tok)
         lp = top = None
         if p.logprobs is not None:

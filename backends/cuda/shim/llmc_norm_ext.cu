@@ -111,16 +111,6 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-bool compact(const DLTensor* t) {
-  if (t->strides == nullptr) return true;
-  int64_t s = 1;
-  for (int i = t->ndim - 1; i >= 0; --i) {
-    if (t->shape[i] != 1 && t->strides[i] != s) return false;
-    s *= t->shape[i];
-  }
-  return true;
-}
-
 template <typename T>
 void launch(const DLTensor* x, const DLTensor* w, const DLTensor* b, DLTensor* y, int64_t rows, int n, float eps,
             bool rms, cudaStream_t stream) {

@@ -61,6 +61,17 @@ inline int64_t stride_of(const DLTensor* t, int i) {
   return s;
 }
 
+// Row-major with no gaps (size-1 dims may carry any stride).
+inline bool compact(const DLTensor* t) {
+  if (t->strides == nullptr) return true;
+  int64_t s = 1;
+  for (int i = t->ndim - 1; i >= 0; --i) {
+    if (t->shape[i] != 1 && t->strides[i] != s) return false;
+    s *= t->shape[i];
+  }
+  return true;
+}
+
 inline char* data_of(const DLTensor* t) { return static_cast<char*>(t->data) + t->byte_offset; }
 
 inline std::string shape_str(const DLTensor* t) {

@@ -189,3 +189,32 @@ def test_attention_errors(shim):
     k = torch.randn(1, 2, 16, 64, device="cuda").half()
     with pytest.raises(ValueError, match="multiple"):
         shim["llmc_attention"](q, k, k, q.clone(), 0.1, 0)
+
+
+# ----------------------------------------------------------------------------------- argmax
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows,vocab", [(1, 128256), (64, 32000), (5, 7), (3, 513)])
+def test_argmax_rows_matches_numpy(shim, dtype, rows, vocab):
+    """llmc_argmax_rows (greedy decoding on the device) against numpy's argmax of the same values,
+    with planted ties (the first wins), a NaN (numpy picks it) and an all -inf row."""
+    g = torch.Generator().manual_seed(rows * vocab)
+    x = torch.randn(rows, vocab, generator=g).to(dtype)
+    if vocab > 10:
+        x[0, vocab // 3] = x[0, vocab - 2] = x[0].max() + 1  # a tie at the maximum
+    if rows > 1:
+        x[1, vocab // 2] = float("nan")
+    if rows > 2:
+        x[2] = float("-inf")
+    out = torch.full((rows,), -7, dtype=torch.int32, device="cuda")
+    shim["llmc_argmax_rows"](x.cuda(), out)
+    torch.cuda.synchronize()
+    want = np.argmax(x.float().numpy(), axis=1)
+    assert out.cpu().numpy().tolist() == want.tolist()
+
+
+def test_argmax_rows_refuses_bad_shapes(shim):
+    x = torch.randn(4, 100, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(Exception, match="out must be int32"):
+        shim["llmc_argmax_rows"](x, torch.zeros(3, dtype=torch.int32, device="cuda"))
+    with pytest.raises(Exception, match="contiguous"):
+        shim["llmc_argmax_rows"](x[:, ::2], torch.zeros(4, dtype=torch.int32, device="cuda"))
