@@ -9,6 +9,9 @@ Build host (no GPU): a generation artifact of the Llama-3.2-1B shape without its
 GPU machine (runtime-only TVM; weights filled with random values on the device):
 
     python benchmarks/bench_decode_gpu.py --art gpu_art/gen/llama1b.llmc [--no-torch]
+    python benchmarks/bench_decode_gpu.py --quant-only gpu_art/gen/llama1b_int4.llmc gpu_art/gen/llama1b_int8.llmc
+        # weight-only quantized artifacts (llmc compile ... --quant int4 --group 128 --sym) against
+        # the bf16 --art: decode steps at batch 1 and 16, same run
 
 Figures (ms are medians over the timed steps):
 - decode step, batch B at context C: token ids and page metadata copied in, the captured
@@ -196,6 +199,35 @@ def forward_ms(llm, length: int, rng) -> float:
     return (time.perf_counter() - t) / 10 * 1e3
 
 
+def step_weight_bytes(llm) -> int:
+    from llmc.runtime.executor import numpy_dtype
+
+    return sum(int(np.prod(t.shape)) * numpy_dtype(str(t.dtype)).itemsize
+               for t in llm.step.executor.device_tensors().values())
+
+
+def quant_decode(base, arts: list[str], steps: int, bw: float, rng) -> None:
+    """Decode steps of each quantized artifact against the bf16 one, loaded side by side."""
+    import llmc
+
+    shapes = ((1, 512), (16, 512))
+    ref = {s: llmc_decode(base, *s, steps, rng)["step_ms"] for s in shapes}
+    wb = step_weight_bytes(base)
+    print(f"bf16: step weights {wb / 1e9:.3f} GB; " + ", ".join(f"batch {b} @ {c}: {ref[(b, c)]:.3f} ms"
+                                                              for b, c in shapes), flush=True)
+    for art in arts:
+        llm = llmc.load(art, device="cuda", kv_memory=1200 << 20)
+        _zero_pool(llm)
+        qb = step_weight_bytes(llm)
+        for b, c in shapes:
+            r = llmc_decode(llm, b, c, steps, rng)
+            print(json.dumps({"art": art, "batch": b, "context": c, "step_ms": r["step_ms"], "replay_ms": r["replay_ms"],
+                              "bf16_step_ms": ref[(b, c)], "speedup_vs_bf16": ref[(b, c)] / r["step_ms"],
+                              "weight_GB": qb / 1e9, "weight_ratio_vs_bf16": qb / wb,
+                              "floor_ms": qb / bw * 1e3}), flush=True)
+        del llm
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--art", default="gpu_art/gen/llama1b.llmc")
@@ -203,6 +235,7 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of decode steps, then stop")
+    ap.add_argument("--quant-only", nargs="+", metavar="ART", help="quantized artifacts: decode against --art, then stop")
     a = ap.parse_args()
     import torch
     import transformers as T
@@ -212,12 +245,14 @@ def main() -> None:
     rng = np.random.default_rng(0)
     bw = copy_bandwidth(torch)
     llm = llmc.load(a.art, device="cuda", kv_memory=1200 << 20)
-    weight_bytes = sum(int(np.prod(t.shape)) * 2 for t in llm.step.executor.device_tensors().values())
+    weight_bytes = step_weight_bytes(llm)
     _zero_pool(llm)
     layout = llm.layout
     res = {"copy_TBps": bw / 1e12, "weight_GB": weight_bytes / 1e9, "rows": []}
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s; step weights {weight_bytes / 1e9:.3f} GB; "
           f"floor {weight_bytes / bw * 1e3:.3f} ms", flush=True)
+    if a.quant_only:
+        return quant_decode(llm, a.quant_only, a.steps, bw, rng)
     if a.profile:
         for batch, context in ((1, 512), (16, 512), (1, 8192)):
             rows = decode_profile(llm, batch, context, rng)

@@ -3,6 +3,11 @@ against torch (cuBLAS) in the same process, as weight bytes read per second and 
 of the copy bandwidth measured here.
 
     python benchmarks/bench_gemv_gpu.py [--shim gpu_art/gen/shim.so]
+    python benchmarks/bench_gemv_gpu.py --quant [--rows 1 4 8]   # llmc_qgemv int8 / int4 against bf16
+
+--quant times the weight-only quantized GEMV (llmc_qgemv: int8 per channel, int4 g128) against
+the shim's bf16 GEMM on the same shapes, and sums a Llama-3.2-1B decode step's matmuls (16 layers
+x 4 + the LM head) for each scheme.
 
 Each timing replays a CUDA graph of calls that cycle through enough weight copies (> 2x the
 L2 cache) that every call reads its weight from HBM; median of 5 replays.
@@ -22,6 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shim", default="gpu_art/gen/shim.so")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--quant", action="store_true", help="llmc_qgemv int8 / int4 against the bf16 GEMM")
     a = ap.parse_args()
     import numpy as np
     import torch
@@ -43,6 +49,8 @@ def main() -> None:
     bw = copy_bandwidth(torch)
     s, e = torch.cuda.Event(True), torch.cuda.Event(True)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    if a.quant:
+        return quant_main(shim, torch, np, bw, [m for m in a.rows if m <= 8])
     rows = []
     for name, K, N, layout in SHAPES:
         nbytes = K * N * 2
@@ -90,6 +98,68 @@ def main() -> None:
                   f"x{r['speedup_vs_torch']:.2f}  err {err:.1e}", flush=True)
         del ws
     print(json.dumps(rows))
+
+
+def graph_time_us(torch, np, calls) -> float:
+    """Median time per call of a CUDA graph of `calls` (closures), 5 replays."""
+    st = torch.cuda.Stream()
+    with torch.cuda.stream(st):
+        for c in calls:
+            c()
+    st.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=st):
+        for c in calls:
+            c()
+    s, e = torch.cuda.Event(True), torch.cuda.Event(True)
+    times = []
+    for _ in range(5):
+        s.record()
+        g.replay()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / len(calls))
+    return float(np.median(times)) * 1e3
+
+
+def quant_main(shim, torch, np, bw: float, rows: list[int]) -> None:
+    from llmc.compiler.quant_layout import pack_int4
+
+    gemm, qgemv = shim["llmc_gemm_ex"], shim["llmc_qgemv"]
+    group = 128
+    per_step = {"qkv": 16, "o_proj": 16, "gate_up": 16, "down": 16, "lm_head": 1}
+    step = {m: {"bf16": 0.0, "int8": 0.0, "int4": 0.0} for m in rows}
+    out = []
+    for name, K, N, _ in SHAPES:
+        rng = np.random.default_rng(K + N)
+        sizes = {"bf16": K * N * 2, "int8": K * N + N * 2, "int4": K * N // 2 + N * (K // group) * 2}
+        copies = {k: max(2, int(np.ceil(200e6 / v))) for k, v in sizes.items()}
+        w16 = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / 64 for _ in range(copies["bf16"])]
+        q8 = [torch.from_numpy(rng.integers(-127, 128, (N, K), dtype=np.int8)).cuda() for _ in range(copies["int8"])]
+        s8 = torch.rand(N, 1, device="cuda", dtype=torch.bfloat16) / 100
+        q4 = [torch.from_numpy(pack_int4(rng.integers(0, 16, (N, K)))).cuda() for _ in range(copies["int4"])]
+        s4 = torch.rand(N, K // group, device="cuda", dtype=torch.bfloat16) / 100
+        for m in rows:
+            x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
+            y = torch.empty(m, N, device="cuda", dtype=torch.bfloat16)
+            t = {"bf16": graph_time_us(torch, np, [lambda w=w: gemm(x, w, None, None, y, 1, 0) for w in w16]),
+                 "int8": graph_time_us(torch, np, [lambda w=w: qgemv(x, w, s8, None, y, 8, K) for w in q8]),
+                 "int4": graph_time_us(torch, np, [lambda w=w: qgemv(x, w, s4, None, y, 4, group) for w in q4])}
+            for k in t:
+                step[m][k] += per_step[name] * t[k]
+            r = {"shape": name, "K": K, "N": N, "M": m, **{f"{k}_us": v for k, v in t.items()},
+                 **{f"{k}_of_copy_bw": sizes[k] / (t[k] * 1e-6) / bw for k in t}}
+            out.append(r)
+            print(f"{name:8s} M={m}  bf16 {t['bf16']:7.1f} us ({100 * r['bf16_of_copy_bw']:.0f}% of copy)  "
+                  f"int8 {t['int8']:7.1f} us ({100 * r['int8_of_copy_bw']:.0f}%, x{t['bf16'] / t['int8']:.2f})  "
+                  f"int4 {t['int4']:7.1f} us ({100 * r['int4_of_copy_bw']:.0f}%, x{t['bf16'] / t['int4']:.2f})",
+                  flush=True)
+        del w16, q8, q4
+    for m in rows:
+        st = step[m]
+        print(f"decode step matmuls, M={m}: bf16 {st['bf16'] / 1e3:.3f} ms, int8 {st['int8'] / 1e3:.3f} ms "
+              f"(x{st['bf16'] / st['int8']:.2f}), int4 g{group} {st['int4'] / 1e3:.3f} ms (x{st['bf16'] / st['int4']:.2f})")
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

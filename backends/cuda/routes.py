@@ -265,6 +265,9 @@ def cuda_grouping(graph: Graph) -> list[list[Node]]:
             return split.attention_core(heavy[0], members)
         if len(heavy) == 1 and heavy[0].op is Op.MATMUL:
             return split.matmul_core(heavy[0], members, ancestors_within(group, {heavy[0].uid}))
+        if len(heavy) == 1 and heavy[0].op is Op.QMATMUL:
+            check_qmatmul(heavy[0])
+            return {heavy[0].uid}  # the shim's quantized GEMV has no epilogues: a kernel of its own
         return None
 
     return split_out_cores(groups, core_of)
@@ -488,9 +491,51 @@ def _match_paged(kernel: Kernel) -> Route | None:
     return Route(PAGED_FUNC, tensors, [float(a.attrs.scale), int(a.attrs.window), layout], label)
 
 
+QGEMV_FUNC = "llmc_qgemv"
+QMATMUL_DTYPES = frozenset({DType.F16, DType.BF16})
+
+
+def check_qmatmul(m: Node) -> None:
+    """What llmc_qgemv (backends/cuda/shim/llmc_qgemv.cu) covers; the rest is refused at compile
+    time (TVM has no CUDA schedule for the packed dequantizing GEMM)."""
+    from llmc.errors import TargetError
+
+    at = m.attrs
+    k = m.inputs[0].shape[-1]
+    per = 32 if at.bits == 4 else 16
+    if m.dtype not in QMATMUL_DTYPES or any(i.dtype is not m.dtype for i in (m.inputs[0], *m.inputs[2:])):
+        raise TargetError(f"quantized matmul {m.where or m.uid} on CUDA needs float16/bfloat16 activations and scales, "
+                          f"got {m.dtype.value} (compile the model in half precision)")
+    if not isinstance(k, int) or k % per or at.group % per:
+        raise TargetError(f"quantized matmul {m.where or m.uid} on CUDA: K ({k}) and the group ({at.group}) must be "
+                          f"multiples of {per} for {at.bits}-bit weights")
+
+
+def _match_qmatmul(kernel: Kernel) -> Route | None:
+    """A lone QMATMUL: one llmc_qgemv call over x viewed as [rows, K]."""
+    body = _body(kernel)
+    if len(body) != 1 or body[0].op is not Op.QMATMUL or kernel.outputs != (body[0],):
+        return None
+    m = body[0]
+    idx = _arg_index(kernel)
+    if any(i.uid not in idx for i in m.inputs):
+        return None
+    x = m.inputs[0]
+    rows = 1
+    for d in x.shape[:-1]:
+        rows = rows * d
+    zeros = m.inputs[3] if len(m.inputs) > 3 else None
+    tensors = [(idx[x.uid], (rows, x.shape[-1]))] + [(idx[i.uid], tuple(i.shape)) for i in m.inputs[1:3]]
+    tensors += [None if zeros is None else (idx[zeros.uid], tuple(zeros.shape)), (idx[m.uid], (rows, m.shape[-1]))]
+    at = m.attrs
+    return Route(QGEMV_FUNC, tensors, [int(at.bits), int(at.group)],
+                 f"int{at.bits} g{at.group} dequantizing gemv" + ("" if at.symmetric else " +zeros"))
+
+
 def match_route(kernel: Kernel) -> Route | None:
     """The shim call that computes `kernel` exactly, or None (then TVM builds it)."""
-    return _match_paged(kernel) or _match_gemm(kernel) or _match_attention(kernel) or _match_norm(kernel)
+    return _match_paged(kernel) or _match_qmatmul(kernel) or _match_gemm(kernel) or _match_attention(kernel) \
+        or _match_norm(kernel)
 
 
 __all__ = ["prepare_graph", "cuda_grouping", "match_route", "Route", "attention_offloadable"]

@@ -251,3 +251,32 @@ def test_cuda_generation_of_an_fp32_model_is_refused_clearly():
     kw = dict(target="cuda:sm_90", dim_bounds={"batch": (1, 2), "seq": (1, 64)})
     with pytest.raises(llmc.LLMCError, match="half precision"):
         llmc.compile(model, (ids,), generate=True, **kw)
+
+
+@pytest.mark.slow
+def test_cuda_quantized_generation_routes_qmatmul_to_the_shim(tmp_path):
+    """A bf16 causal LM quantized to int4 and compiled for CUDA: every QMATMUL of the forward
+    and of the step function is one llmc_qgemv call over x viewed as [rows, K] (a kernel of its
+    own), with the scheme's bits and group as scalars; an fp32 model's is refused by name."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "helpers"))
+    from causal_lms import tiny_causal_lm
+
+    import llmc
+    from llmc.generation import GenerateOptions
+    from llmc.runtime.artifact_files import read_manifest
+
+    model = tiny_causal_lm("llama", hidden_size=128, head_dim=32).to(torch.bfloat16)
+    ids = torch.randint(3, 90, (1, 8))
+    kw = dict(target="cuda:sm_90", dim_bounds={"batch": (1, 2), "seq": (1, 64)}, quant="int4", group=32, symmetric=True)
+    cm = llmc.compile(model, (ids,), generate=GenerateOptions(max_tokens=32, max_seqs=4), **kw)
+    m = read_manifest(cm.export(tmp_path / "q.llmc"))
+    for program in (m.program, m.generation.program):
+        q = [k for k in program.kernels.values() if k.route == "shim" and k.func == "llmc_qgemv"]
+        assert q, [k.name for k in program.kernels.values()]
+        for k in q:
+            assert tuple(k.scalars) == (4, 32) and len(k.tensors) == 5 and k.tensors[3] is None  # symmetric: no zeros
+            assert len(k.tensors[0].shape) == 2 and len(k.tensors[4].shape) == 2
+    with pytest.raises(llmc.LLMCError, match="half precision"):
+        llmc.compile(tiny_causal_lm("llama", hidden_size=128, head_dim=32), (ids,), generate=False, **kw)

@@ -1,0 +1,60 @@
+"""GPU checks of llmc_qgemv (backends/cuda/shim/llmc_qgemv.cu): the weight-only quantized matmul
+for decode rows against the numpy dequantization of the same packed weights
+(compiler/quant_layout.py), x and y in float16/bfloat16, accumulation in float32."""
+import numpy as np
+import pytest
+
+from llmc.compiler.quant_layout import dequantize, pack_int4
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _packed(rng, bits: int, n: int, k: int, group: int, symmetric: bool):
+    if bits == 4:
+        q = rng.integers(0, 16, (n, k))
+        qweight = pack_int4(q)
+    else:
+        q = rng.integers(-127, 128, (n, k))
+        qweight = q.astype(np.int8)
+    scales = (rng.random((n, k // group)) * 0.02 + 0.005).astype(np.float32)
+    zeros = None if symmetric or bits == 8 else rng.integers(0, 16, (n, k // group)).astype(np.float32)
+    return qweight, scales, zeros
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True)])
+@pytest.mark.parametrize("rows,n,k,group", [(1, 2048, 2048, 128), (3, 100, 704, 32), (8, 517, 1024, 64),
+                                            (1, 8192, 4096, 4096), (20, 300, 256, 64)])
+def test_qgemv_matches_dequantized_reference(shim, dtype, bits, symmetric, rows, n, k, group):
+    if bits == 4 and group == k:  # per-channel scales are the int8 scheme; int4 keeps groups
+        group = 128
+    rng = np.random.default_rng(rows * n + k)
+    qweight, scales, zeros = _packed(rng, bits, n, k, group, symmetric)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(n)).to(dtype)
+    # the reference dequantizes with the scales as the kernel sees them (rounded to x's dtype)
+    s_dev = torch.from_numpy(scales).to(dtype)
+    z_dev = None if zeros is None else torch.from_numpy(zeros).to(dtype)
+    w = dequantize(qweight, s_dev.float().numpy(), None if z_dev is None else z_dev.float().numpy(), bits, group)
+    ref = x.double().numpy() @ w.T
+    y = torch.full((rows, n), float("nan"), dtype=dtype, device="cuda")
+    shim["llmc_qgemv"](x.cuda(), torch.from_numpy(qweight).cuda(), s_dev.cuda(),
+                       None if z_dev is None else z_dev.cuda(), y, bits, group)
+    torch.cuda.synchronize()
+    got = y.double().cpu().numpy()
+    err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert err < 5e-3, err
+
+
+def test_qgemv_refuses_bad_arguments(shim):
+    x = torch.randn(2, 256, device="cuda", dtype=torch.bfloat16)
+    qw = torch.zeros(64, 128, dtype=torch.uint8, device="cuda")
+    s = torch.ones(64, 2, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty(2, 64, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(Exception, match="bits must be 4 or 8"):
+        shim["llmc_qgemv"](x, qw, s, None, y, 3, 128)
+    with pytest.raises(Exception, match="multiples of 32"):
+        shim["llmc_qgemv"](x, qw, s, None, y, 4, 48)
+    with pytest.raises(Exception, match="scales"):
+        shim["llmc_qgemv"](x, qw, torch.ones(64, 4, dtype=torch.bfloat16, device="cuda"), None, y, 4, 128)
