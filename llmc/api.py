@@ -25,6 +25,7 @@ class CompileOptions:
     use_blas: bool = True  # CPU: float32/float64 GEMMs run in the BLAS numpy bundles (backends/cpu_blas.py)
     quant: Any = None  # passes.quant.QuantScheme: weight-only quantization after fusion (None: none)
     calib_windows: Any = None  # token-id windows [T] for gptq/awq calibration (quant_setup makes them)
+    learned_grid: Any = None  # passes.quant.learned.LearnedGrid: method "qat"'s scales (llmc.quant.convert)
 
     def pipeline(self) -> list:
         """The pass list: the default fusion pipeline, then quantize when asked."""
@@ -34,7 +35,7 @@ class CompileOptions:
             return list(DEFAULT_PIPELINE)
         from .passes.quantize import quantize
 
-        return [*DEFAULT_PIPELINE, quantize(self.quant, self.calib_windows or (), self.progress)]
+        return [*DEFAULT_PIPELINE, quantize(self.quant, self.calib_windows or (), self.progress, self.learned_grid)]
 
 
 @dataclass
@@ -262,10 +263,18 @@ def quant_setup(quant, group: int | None, method: str | None, calib, calib_sampl
                 raise LLMCError(f"{name}= is a quantization option: pass quant='int8' or 'int4' with it")
         return None, None
     from .passes.quant.calibrate import check_calibration_file
+    from .passes.quant.learned import LearnedGrid
     from .passes.quant.scheme import QuantScheme
 
-    if isinstance(quant, QuantScheme):
+    if isinstance(quant, LearnedGrid):  # QAT: the scheme the model was fine-tuned with
+        if group is not None or method not in (None, "qat"):
+            raise LLMCError("quant=<LearnedGrid> carries its own group and method (qat): drop group=/method=")
+        scheme = quant.scheme
+    elif isinstance(quant, QuantScheme) and quant.method != "qat":
         scheme = quant
+    elif method == "qat" or isinstance(quant, QuantScheme):
+        raise LLMCError("method 'qat' takes its scales from a fine-tuned model: pass quant=<the LearnedGrid "
+                        "llmc.quant.convert returned> (docs/quantization.md, QAT)")
     else:
         kw = {"kind": quant, "method": method or "rtn", "symmetric": symmetric, "act_order": act_order}
         if group is not None:
@@ -322,7 +331,8 @@ def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None
 
     Quantization (docs/quantization.md): `quant="int8"|"int4"` (or a passes.quant.QuantScheme)
     with `group` (int4: 32, 64, 128), `method` ("rtn", "gptq", "awq"), `calib` (a text file;
-    gptq and awq need it, with `tokenizer`), `calib_samples` and `symmetric` (int4).
+    gptq and awq need it, with `tokenizer`), `calib_samples` and `symmetric` (int4); or
+    `quant=grid`, the LearnedGrid of `llmc.quant.convert` (QAT: the fine-tuned scales).
     """
     from .backends.targets import parse_target
 
@@ -332,7 +342,8 @@ def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None
     if scheme is not None and scheme.needs_calibration and tokenizer is None:
         raise LLMCError(f"method {scheme.method!r} tokenizes the calibration text: pass tokenizer=PATH (tokenizer.json)")
     opts = CompileOptions(target, dynamic_shapes, dim_bounds, fuse, verify_each, dump_dir, progress, use_blas=use_blas,
-                          quant=scheme)
+                          quant=scheme, learned_grid=quant if scheme is not None and scheme.method == "qat" else None)
+    # (quant_setup admits method "qat" only as a LearnedGrid)
     t = time.perf_counter()
     _say(opts, "capturing the graph")
     graph = capture(model, example_args, example_kwargs, opts)

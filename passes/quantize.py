@@ -12,8 +12,9 @@ the LM head (a matmul whose result reaches a graph output through data movement 
 since both are the most sensitive layers of a language model; `quantize_lm_head` lifts
 the second rule.
 
-Methods: rtn, gptq (needs calibration: H = X^T X per target) and awq (needs calibration:
-mean |x| per channel and sample rows). AWQ's 1/s goes into the activation side: folded
+Methods: rtn, gptq (needs calibration: H = X^T X per target), awq (needs calibration:
+mean |x| per channel and sample rows) and qat (the scales a QAT run learned, given as a
+passes.quant.learned.LearnedGrid; the codes reproduce the fine-tuned weights exactly). AWQ's 1/s goes into the activation side: folded
 into the weight of an RMS/LayerNorm whose only user is this matmul, else a MUL by a new
 [K] weight before it (an elementwise op the partition fuses into x's producer).
 
@@ -74,8 +75,10 @@ def _reaches_output(n: Node, users, outputs: set[int]) -> bool:
     return False
 
 
-def find_targets(graph: Graph, scheme: QuantScheme) -> tuple[list[Target], list[tuple[str, str]]]:
-    """(matmuls to quantize, [(where, why kept)] for weight matmuls left as they are)."""
+def find_targets(graph: Graph, scheme: QuantScheme, learned=None) -> tuple[list[Target], list[tuple[str, str]]]:
+    """(matmuls to quantize, [(where, why kept)] for weight matmuls left as they are).
+    With a LearnedGrid (QAT), an LM head whose weight was fake-quantized is quantized too:
+    the model was fine-tuned that way."""
     users = graph.users()
     outputs = {o.uid for o in graph.outputs}
     targets, kept = [], []
@@ -95,7 +98,8 @@ def find_targets(graph: Graph, scheme: QuantScheme) -> tuple[list[Target], list[
         if readers and any(u.op not in (Op.PERMUTE, Op.MATMUL) for u in readers):
             kept.append((where, "weight shared with an embedding"))
             continue
-        if not scheme.quantize_lm_head and _reaches_output(n, users, outputs):
+        if not scheme.quantize_lm_head and _reaches_output(n, users, outputs) and \
+                not (learned is not None and learned.covers(_weight_nk_stored(graph, w, transposed))):
             kept.append((where, "lm_head"))
             continue
         targets.append(Target(n, w, transposed))
@@ -117,21 +121,30 @@ def check_groups(targets: Sequence[Target], scheme: QuantScheme) -> None:
                         f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}{hint}")
 
 
+def _weight_nk_stored(graph: Graph, w: Node, transposed: bool) -> np.ndarray:
+    """The weight as [N, K] (output-channel major), in its stored dtype."""
+    a = np.asarray(graph.params[w.attrs.name])
+    return a if transposed else a.T
+
+
 def _weight_nk(graph: Graph, t: Target) -> np.ndarray:
     """The float weight as [N, K] (output-channel major), float64."""
-    a = np.asarray(graph.params[t.name]).astype(np.float64)
-    return a if t.transposed else a.T
+    return _weight_nk_stored(graph, t.weight, t.transposed).astype(np.float64)
 
 
 def quantize_weights(graph: Graph, scheme: QuantScheme, calibration: Sequence[np.ndarray] = (),
-                     progress: Callable[[str], None] | None = None) -> tuple[Graph, PassReport]:
-    """The pass itself (see the module docstring); `calibration`: token-id windows [T]."""
+                     progress: Callable[[str], None] | None = None, learned=None) -> tuple[Graph, PassReport]:
+    """The pass itself (see the module docstring); `calibration`: token-id windows [T];
+    `learned`: the passes.quant.learned.LearnedGrid of method "qat"."""
     from .quant.awq import awq_scales
     from .quant.calibrate import collect
     from .quant.gptq import gptq
     from .quant.rtn import rtn
 
-    targets, kept = find_targets(graph, scheme)
+    if (scheme.method == "qat") != (learned is not None):
+        raise LLMCError("method 'qat' takes its scales from llmc.quant.convert: pass quant=<the LearnedGrid it "
+                        "returned> (and no LearnedGrid with other methods)")
+    targets, kept = find_targets(graph, scheme, learned)
     check_groups(targets, scheme)
     if scheme.needs_calibration and not len(calibration):
         raise LLMCError(f"--method {scheme.method} needs calibration windows (--calib FILE)")
@@ -158,6 +171,8 @@ def quantize_weights(graph: Graph, scheme: QuantScheme, calibration: Sequence[np
             s, alpha, qz = awq_scales(w, a.sample_rows(), a.abs_mean, scheme.bits, group, scheme.is_symmetric, sdt)
             alphas.append(alpha)
             inv_s = (1.0 / s).astype(sdt)
+        elif scheme.method == "qat":
+            qz = learned.codes_for(_weight_nk_stored(graph, t.weight, t.transposed), t.mm.where or t.name, sdt)
         else:
             qz = rtn(w, scheme.bits, group, scheme.is_symmetric, sdt)
         q = qz.q.astype(np.int8) if scheme.bits == 8 else pack_int4(qz.q)
@@ -229,10 +244,10 @@ def _mul(x: Node, inv_s: np.ndarray, t: Target, params) -> Node:
 
 
 def quantize(scheme: QuantScheme, calibration: Sequence[np.ndarray] = (),
-             progress: Callable[[str], None] | None = None):
+             progress: Callable[[str], None] | None = None, learned=None):
     """The pass for a pipeline: Graph -> (Graph, PassReport) with the scheme bound."""
     def quantize(graph: Graph) -> tuple[Graph, PassReport]:
-        return quantize_weights(graph, scheme, calibration, progress)
+        return quantize_weights(graph, scheme, calibration, progress, learned)
     return quantize
 
 

@@ -7,7 +7,7 @@ from ...errors import LLMCError
 
 SCHEMES = ("int8", "int4", "w8a8", "fp8")
 BUILT = ("int8", "int4")  # the schemes the quantize pass and the CPU kernels implement today
-METHODS = ("rtn", "gptq", "awq")
+METHODS = ("rtn", "gptq", "awq", "qat")  # qat: scales learned in torch (passes/quant/learned.py)
 GROUPS = (32, 64, 128)
 
 
