@@ -14,7 +14,7 @@ SCHEDULES = ("cosine", "linear")
 
 # Options that only steer how far and how visibly a run goes: a --resume may change them.
 # Every other option shapes the student or its training and must match the checkpoint's.
-RUN_CONTROL = frozenset({"steps", "time_limit", "eval_every", "checkpoint_every", "resume"})
+RUN_CONTROL = frozenset({"steps", "time_limit", "eval_every", "checkpoint_every", "resume", "pause_at"})
 
 
 @dataclass(frozen=True)
@@ -34,10 +34,10 @@ class DistillConfig:
     # the loss: kd = temperature-scaled KL on logits + hidden-state MSE (+ optional next-token CE);
     # ce = the plain next-token loss (the baseline distillation is compared with)
     loss: str = "kd"
-    temperature: float = 2.0
+    temperature: float = 1.0
     kd_weight: float = 1.0
     hidden_weight: float = 1.0
-    ce_weight: float = 0.0
+    ce_weight: float = 1.0
     # optimisation
     steps: int = 1000
     seq_len: int = 128
@@ -54,6 +54,10 @@ class DistillConfig:
     eval_windows: int = 64  # held-out windows scored every eval_every steps (the final score uses all)
     checkpoint_every: int = 100
     resume: bool = False
+    # Python API only: end this invocation once training time reaches pause_at seconds (checkpoint
+    # and model written, as at the end), while the schedule still runs to time_limit; a later
+    # resume continues. benchmarks/distill_cpu.py takes turns between two runs this way.
+    pause_at: float | None = None
 
     def recorded(self) -> dict:
         """What a checkpoint records to check a --resume against."""

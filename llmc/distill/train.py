@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import pathlib
+import sys
 import time
 from typing import Callable
 
@@ -80,7 +81,8 @@ def train(student, teacher, data: TokenData, c: DistillConfig, state: State, out
     step, seconds = state.step, state.train_seconds
 
     def out_of_time() -> bool:
-        return c.time_limit is not None and seconds >= c.time_limit
+        return (c.time_limit is not None and seconds >= c.time_limit) or \
+            (c.pause_at is not None and seconds >= c.pause_at)
 
     def snapshot(sampler_state: dict | None = None) -> State:
         state.step, state.train_seconds = step, seconds
@@ -91,7 +93,8 @@ def train(student, teacher, data: TokenData, c: DistillConfig, state: State, out
     def evaluate() -> None:
         ppl = perplexity(student, eval_windows, c.batch)
         state.evals.append((step, ppl))
-        bar.write(f"[llmc] step {step}: held-out perplexity {ppl:.3f} ({len(eval_windows)} windows)")
+        with tqdm.external_write_mode(file=sys.stderr):  # a line above the bar, not through it
+            progress(f"step {step}: held-out perplexity {ppl:.3f} ({len(eval_windows)} windows)")
 
     student.train()
     bar = tqdm(total=c.steps, initial=step, desc=f"distill ({c.loss})", unit="step", dynamic_ncols=True,
@@ -127,12 +130,14 @@ def train(student, teacher, data: TokenData, c: DistillConfig, state: State, out
     except KeyboardInterrupt:
         if not updating:  # otherwise the last periodic checkpoint stands
             save_state(out, snapshot(before))
-            bar.write(f"[llmc] interrupted: checkpoint at step {step} saved; --resume continues from it")
+            with tqdm.external_write_mode(file=sys.stderr):
+                progress(f"interrupted: checkpoint at step {step} saved; --resume continues from it")
         raise
     finally:
         bar.close()
     if out_of_time() and step < c.steps:
-        progress(f"time limit {c.time_limit:.0f}s reached at step {step} of {c.steps}")
+        why = "paused" if c.time_limit is None or seconds < c.time_limit else f"time limit {c.time_limit:.0f}s reached"
+        progress(f"{why} at step {step} of {c.steps} ({seconds:.0f}s of training)")
     if not state.evals or state.evals[-1][0] != step:
         evaluate()
     snap = snapshot()

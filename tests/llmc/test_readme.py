@@ -42,7 +42,7 @@ def test_every_cli_flag_is_documented():
     text = README.read_text()
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices  # argparse keeps subparsers here
-    assert set(commands) == {"compile", "run", "inspect", "bench", "generate", "serve", "bench-serve"}
+    assert set(commands) == {"compile", "run", "inspect", "bench", "generate", "serve", "bench-serve", "distill"}
     for name, sub in commands.items():
         assert f"llmc {name}" in text, name
         for action in sub._actions:
