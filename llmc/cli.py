@@ -84,9 +84,10 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
     target = target_of(a)
     parse_target(target)
-    from .api import calibration_windows, check_kv_cache_dtype, quant_setup
+    from .api import check_kv_cache_dtype, compression_setup, compression_windows
 
-    scheme, calib_file = quant_setup(a.quant, a.group, a.method, a.calib, a.calib_samples, a.sym)  # before any work
+    scheme, sparsity, calib_file = compression_setup(a.quant, a.sparsity, a.group, a.method, a.calib,
+                                                     a.calib_samples, a.sym)  # before any work
     check_kv_cache_dtype(a.kv_cache_dtype)
     out_path = pathlib.Path(a.output)
     _check_output_folder(out_path, a.force)
@@ -96,13 +97,13 @@ def cmd_compile(a: argparse.Namespace) -> int:
     src = resolve(a.src, batch=min(2, bounds["batch"][1]), seq=min(16, bounds["seq"][1]), progress=_progress)
     _progress(f"capturing {src.description}")
     opts = CompileOptions(target, None, bounds, not a.no_fuse, a.verify_each, a.dump_ir, _progress,
-                          use_shim=not a.no_shim, use_blas=not a.no_blas, quant=scheme)
-    if scheme is not None and scheme.needs_calibration and src.tokenizer is None:
-        raise LLMCError(f"--method {scheme.method} tokenizes --calib with the model's tokenizer, and {a.src} has no "
-                        f"tokenizer.json")
+                          use_shim=not a.no_shim, use_blas=not a.no_blas, quant=scheme, sparsity=sparsity)
+    for s in (scheme, sparsity):
+        if s is not None and s.needs_calibration and src.tokenizer is None:
+            raise LLMCError(f"--method {s.method} tokenizes --calib with the model's tokenizer, and {a.src} has no "
+                            f"tokenizer.json")
     graph = capture(src.model, src.args, src.kwargs, opts)
-    if scheme is not None:
-        opts.calib_windows = calibration_windows(scheme, calib_file, graph, src.tokenizer)
+    opts.calib_windows = compression_windows(scheme, sparsity, calib_file, graph, src.tokenizer)
     _progress(f"captured {len(graph.nodes())} nodes, {len(graph.params)} weights in {time.perf_counter() - t0:.1f}s")
     compiled = compile_graph(graph, opts)
     from .generation import GenerateOptions, attach, eos_ids, ids_only_capture
@@ -395,10 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight-only int8 (per channel) or int4 (groups); embeddings and the LM head stay float")
     q.add_argument("--group", type=int, help="int4 group size: 32, 64 or 128 (default 128); must divide every K")
     q.add_argument("--sym", action="store_true", help="int4: symmetric (zero point 8, no zeros stored)")
-    q.add_argument("--method", help="rtn (default) | gptq | awq (these two need --calib)")
+    q.add_argument("--method", help="rtn (default) | gptq | awq (these two need --calib); with --sparsity: "
+                                    "magnitude (default) | sparsegpt (needs --calib)")
     q.add_argument("--calib", metavar="FILE", help="calibration text (tokenized with the model's tokenizer)")
     q.add_argument("--calib-samples", type=int, help="token windows read from --calib (default 32)")
     q.add_argument("--kv-cache-dtype", metavar="{int8,fp8}", help="KV cache storage (not built yet: refused)")
+    q.add_argument("--sparsity", metavar="2:4", help="prune the matmul weights to 2:4 along K (before --quant)")
     c.set_defaults(fn=cmd_compile)
     r = sub.add_parser("run", help="run an artifact on .npy/.npz inputs", formatter_class=fmt)
     r.add_argument("artifact")
