@@ -2,7 +2,7 @@
 without training and trained on the plain next-token loss for the same time? And what does
 half the depth buy at decode time once llmc compiles it?
 
-    python benchmarks/distill_cpu.py [--minutes 8] [--threads 2] [--rounds 4] [--out DIR]
+    python benchmarks/distill_cpu.py [--minutes 8] [--threads 2] [--rounds 4] [--out DIR] [--decode-only]
 
 Teacher: llmc's trained 4-layer Llama (tools/train_tiny_llama.py). Training text: the stdlib
 source the teacher was trained on (written to DIR/train.txt); held-out: its heldout.txt.
@@ -16,7 +16,9 @@ only; the schedule anneals to it.
 Perplexity: every model on the same consecutive 128-token windows of heldout.txt (at most
 --eval-windows of them). Decode: the teacher and (c) compiled by llmc (CPU, fp32, generate
 step function), batch 1, one prompt; a decode step is (time of generate(1 + N new tokens) -
-time of generate(1 new token)) / N, median of --reps, the two models alternating.
+time of generate(1 new token)) / N, median of --reps; three such medians per model, the two
+models alternating, the lowest kept. `--decode-only --out DIR` times again the models an
+earlier run left in DIR (decode times move several-fold with the load on a shared machine).
 """
 from __future__ import annotations
 
@@ -85,15 +87,21 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-windows", type=int, default=400)
-    p.add_argument("--new", type=int, default=64, help="decode steps timed")
+    p.add_argument("--new", type=int, default=128, help="decode steps timed")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", help="work folder (default: a temporary one)")
+    p.add_argument("--decode-only", action="store_true", help="only the decode timing, of the student (c) that an "
+                                                              "earlier run left in --out")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     os.environ["LLMC_NUM_THREADS"] = str(a.threads)
     out = pathlib.Path(a.out or tempfile.mkdtemp(prefix="llmc-distill-"))
     out.mkdir(parents=True, exist_ok=True)
     teacher_dir = trained_model()
+    tok = transformers.AutoTokenizer.from_pretrained(teacher_dir, local_files_only=True)
+    load = lambda f: transformers.AutoModelForCausalLM.from_pretrained(f, local_files_only=True).eval()  # noqa: E731
+    if a.decode_only:
+        return decode(load(teacher_dir), load(out / "c_kd"), tok, a)
     train_file = out / "train.txt"
     train_file.write_text("\n".join(stdlib_texts(RECIPE["text_mb"])[0]), encoding="utf-8")
     heldout = teacher_dir / "heldout.txt"
@@ -107,10 +115,8 @@ def main() -> None:
     print(f"[a] kept layers {list(pruned.keep)} (loss-based importance), untrained, {time.perf_counter() - t:.0f}s")
     trained = run_pair(base, pruned.keep, a.minutes, a.rounds, out)
 
-    tok = transformers.AutoTokenizer.from_pretrained(teacher_dir, local_files_only=True)
     held = tokenize(tok, read_text(str(heldout), "heldout"))
     windows = TokenData(held, held, 128).heldout_windows(a.eval_windows)
-    load = lambda f: transformers.AutoModelForCausalLM.from_pretrained(f, local_files_only=True).eval()  # noqa: E731
     models = {"teacher (4 layers)": load(teacher_dir), "(a) 2 layers, pruned, untrained": load(out / "a_pruned"),
               "(b) 2 layers, next-token loss": load(out / "b_ce"), "(c) 2 layers, distilled (KD + hidden MSE + CE)":
               load(out / "c_kd")}
@@ -129,7 +135,10 @@ def main() -> None:
     best = min(names[1:], key=ppl.get)
     print(f"\nlowest student perplexity: {best}; distilled vs next-token: {ppl[names[3]]:.2f} vs {ppl[names[2]]:.2f}")
 
-    teacher, student = models[names[0]], models[names[3]]
+    decode(models[names[0]], models[names[3]], tok, a)
+
+
+def decode(teacher, student, tok, a) -> None:
     ids = tok(PROMPT)["input_ids"]
     compiled = {}
     for name, m in (("teacher", teacher), ("student (c)", student)):
@@ -142,10 +151,10 @@ def main() -> None:
         print(f"compiled {name} in {time.perf_counter() - t:.0f}s; greedy tokens "
               f"{'identical to' if got == ref else 'DIFFERENT from'} transformers'", flush=True)
     times = {n: [] for n in compiled}
-    for _ in range(2):  # alternate: the machine's speed drifts
+    for _ in range(3):  # alternate: the machine's speed drifts
         for n, cm in compiled.items():
             times[n].append(decode_ms(cm, ids, a.new, a.reps))
-    ms = {n: min(v) for n, v in times.items()}
+    ms = {n: min(v) for n, v in times.items()}  # the least disturbed of the alternating medians
     print(f"\ndecode step, batch 1 (llmc, CPU, {a.threads} threads, {a.new} steps): teacher {ms['teacher']:.3f} ms, "
           f"student (c) {ms['student (c)']:.3f} ms per token; student / teacher {ms['student (c)'] / ms['teacher']:.2f}x")
 
