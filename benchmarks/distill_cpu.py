@@ -155,8 +155,9 @@ def decode(teacher, student, tok, a) -> None:
         for n, cm in compiled.items():
             times[n].append(decode_ms(cm, ids, a.new, a.reps))
     ms = {n: min(v) for n, v in times.items()}  # the least disturbed of the alternating medians
-    print(f"\ndecode step, batch 1 (llmc, CPU, {a.threads} threads, {a.new} steps): teacher {ms['teacher']:.3f} ms, "
-          f"student (c) {ms['student (c)']:.3f} ms per token; student / teacher {ms['student (c)'] / ms['teacher']:.2f}x")
+    t_ms, s_ms = ms["teacher"], ms["student (c)"]
+    print(f"\ndecode step, batch 1 (llmc, CPU, {a.threads} threads, {a.new} steps): teacher {t_ms:.3f} ms, "
+          f"student (c) {s_ms:.3f} ms per token; student / teacher {s_ms / t_ms:.2f}x")
 
 
 if __name__ == "__main__":

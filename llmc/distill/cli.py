@@ -34,7 +34,7 @@ def add_parser(sub, fmt) -> None:
                                                          "with --resume)")
     d.add_argument("--data", required=True, help="UTF-8 text file to train on")
     d.add_argument("--heldout", default=S, help="UTF-8 text file for held-out perplexity (default: the last "
-                                                f"{_D.heldout_fraction:.0%} of --data, not trained on)")
+                                                f"{_D.heldout_fraction:.0%}% of --data, not trained on)")
     shape = d.add_mutually_exclusive_group()
     shape.add_argument("--layers", type=int, default=S, help="keep this many teacher layers, the most important by "
                                                              "--importance (default: half)")
@@ -46,8 +46,8 @@ def add_parser(sub, fmt) -> None:
                    help="layer score: loss rise when the layer is skipped, or 1 - cos(layer input, output) "
                         f"(default {_D.importance})")
     d.add_argument("--loss", choices=["kd", "ce"], default=S,
-                   help="kd: KL on logits + hidden-state MSE; ce: plain next-token loss, the baseline "
-                        f"(default {_D.loss})")
+                   help="kd: KL on logits + hidden-state MSE + --ce-weight x next-token loss; ce: the plain "
+                        f"next-token loss, the baseline (default {_D.loss})")
     d.add_argument("--temperature", type=float, default=S, help=f"KD temperature (default {_D.temperature})")
     d.add_argument("--kd-weight", type=float, default=S, help=f"weight of the logit KL (default {_D.kd_weight})")
     d.add_argument("--hidden-weight", type=float, default=S,

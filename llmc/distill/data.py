@@ -98,3 +98,9 @@ class WindowSampler:
     @state.setter
     def state(self, value: dict) -> None:
         self.rng.bit_generator.state = value
+
+
+def calibration_windows(ids: np.ndarray, seq_len: int, n: int, seed: int) -> np.ndarray:
+    """n random training windows [n, seq_len + 1] for layer and width scores (a generator of
+    their own: the training batches do not depend on whether calibration ran)."""
+    return WindowSampler(ids, seq_len, n, seed + 1).next()

@@ -10,14 +10,16 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 from . import checkpoint as ckpt
 from .config import DistillConfig, validate
-from .data import load_data, read_text
+from .data import calibration_windows, load_data, read_text
 from .evaluate import perplexity
 from .select import choose_layers, choose_width, layer_importance, unit_scores
 from .student import build_student, check_prunable
 from .teacher import check_layers, inspect_teacher, load_teacher
-from .train import as_windows, initial_state, train
+from .train import initial_state, train
 
 
 def _progress(msg: str) -> None:
@@ -92,7 +94,8 @@ def distill(c: DistillConfig, progress: Callable[[str], None] = _progress,
 
 def _choose(teacher, c: DistillConfig, n_layers: int, train_ids, progress):
     need_calib = c.keep is None or c.width_ratio < 1
-    calib = as_windows(train_ids, c.seq_len, c.calib_windows, c.seed) if need_calib else None
+    calib = torch.from_numpy(calibration_windows(train_ids, c.seq_len, c.calib_windows, c.seed)) if need_calib \
+        else None
     if c.keep is not None:
         keep = tuple(c.keep)
     else:

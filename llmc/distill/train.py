@@ -13,7 +13,6 @@ import sys
 import time
 from typing import Callable
 
-import numpy as np
 import torch
 
 from .checkpoint import State, save_state
@@ -148,9 +147,3 @@ def train(student, teacher, data: TokenData, c: DistillConfig, state: State, out
 def initial_state(keep, width, c: DistillConfig) -> State:
     torch.manual_seed(c.seed)
     return State(0, 0.0, {}, {}, {}, torch.get_rng_state(), keep, width, c.recorded())
-
-
-def as_windows(ids: np.ndarray, seq_len: int, n: int, seed: int) -> torch.Tensor:
-    """n random training windows for calibration (a generator of their own: the training
-    batches do not depend on whether calibration ran)."""
-    return torch.from_numpy(WindowSampler(ids, seq_len, n, seed + 1).next())

@@ -70,6 +70,17 @@ def test_cli_resume_continues_the_step_count(teacher_dir, text_file, tmp_path, c
     assert code == 2 and "--lr 0.5 differs from the checkpoint's" in err, err
 
 
+def test_cli_help_lists_the_options(capsys):
+    from llmc.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["distill", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    for flag in ("--keep I,J,...", "--width-ratio", "--time-limit SECONDS", "--resume", "last 10% of --data"):
+        assert flag in out, out
+
+
 def test_cli_errors(bert_dir, teacher_dir, text_file, tmp_path, capsys):
     code, err = cli(capsys, "distill", bert_dir, "-o", tmp_path / "o", "--data", text_file)
     assert code == 2 and "not a causal LM" in err, err

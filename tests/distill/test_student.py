@@ -38,7 +38,8 @@ def test_keep_all_student_equals_teacher(teacher):
     ids = _ids(teacher.config.vocab_size, 1)
     torch.testing.assert_close(_logits(student, ids), _logits(teacher, ids), rtol=0, atol=0)
     # copies, not shared tensors: training the student must leave the teacher alone
-    assert student.model.layers[0].mlp.up_proj.weight.data_ptr() != teacher.model.layers[0].mlp.up_proj.weight.data_ptr()
+    up = student.model.layers[0].mlp.up_proj.weight
+    assert up.data_ptr() != teacher.model.layers[0].mlp.up_proj.weight.data_ptr()
 
 
 @pytest.mark.parametrize("keep", [(0, 2), (3,), (1, 2, 3)])
@@ -85,9 +86,11 @@ def test_loss_importance_is_the_loss_rise_without_the_layer(teacher):
 def test_cosine_importance(teacher):
     windows = _ids(teacher.config.vocab_size, 5, (2, 17))
     seen = []
-    hooks = [layer.register_forward_hook(lambda m, a, kw, out: seen.append((kw.get("hidden_states", a[0] if a else None),
-                                                                           out)), with_kwargs=True)
-             for layer in teacher.model.layers]
+
+    def record(module, args, kwargs, out):
+        seen.append((args[0] if args else kwargs["hidden_states"], out))
+
+    hooks = [layer.register_forward_hook(record, with_kwargs=True) for layer in teacher.model.layers]
     try:
         _logits(teacher, windows[:, :-1])
     finally:

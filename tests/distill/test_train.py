@@ -9,7 +9,6 @@ import torch
 import transformers
 
 from llmc.distill import DistillConfig, distill
-from llmc.distill.config import DistillConfig as Config
 from llmc.distill.losses import kd_loss
 from llmc.distill.train import lr_factor
 
@@ -26,12 +25,12 @@ def _weights(folder):
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
-    c = Config(teacher="", output="", data="", warmup=4, min_lr_ratio=0.1)
+    c = DistillConfig(teacher="", output="", data="", warmup=4, min_lr_ratio=0.1)
     assert lr_factor(c, 0, 0.0) == pytest.approx(0.25)
     assert lr_factor(c, 3, 0.0) == pytest.approx(1.0)
     assert lr_factor(c, 50, 0.5) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_factor(c, 99, 1.0) == pytest.approx(0.1)
-    lin = Config(teacher="", output="", data="", warmup=0, min_lr_ratio=0.0, schedule="linear")
+    lin = DistillConfig(teacher="", output="", data="", warmup=0, min_lr_ratio=0.0, schedule="linear")
     assert lr_factor(lin, 10, 0.25) == pytest.approx(0.75)
 
 
