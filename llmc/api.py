@@ -141,8 +141,9 @@ class CompiledModel:
     def export(self, path: str | os.PathLike, weights: bool = True, keep_below: int = 1 << 16) -> pathlib.Path:
         """Write the artifact. `weights=False` writes a perf artifact: large float weights are
         left out (only their shapes and dtypes stay in the manifest, listed under
-        weights.omitted) and the CUDA runtime fills them with random values; integer ones
-        and those under `keep_below` bytes (position ids, norms, biases) are kept."""
+        weights.omitted) and the CUDA runtime fills them with random values (packed quantized
+        weights with zeros); other integer ones and those under `keep_below` bytes (position
+        ids, norms, biases) are kept."""
         from .backends.artifact import weights_of, write_artifact
 
         self.ensure_generation()
@@ -151,7 +152,12 @@ class CompiledModel:
         extra = {}
         manifest = self.manifest
         if not weights:
-            omit = sorted(k for k, a in ws.items() if a.dtype.kind in "fV" and a.nbytes >= keep_below)
+            from .compiler.ops import Op
+
+            packed = {n.inputs[1].attrs.name for n in self.program.graph.nodes()
+                      if n.op is Op.QMATMUL and n.inputs[1].op is Op.WEIGHT}
+            omit = sorted(k for k, a in ws.items()
+                          if (a.dtype.kind in "fV" or k in packed) and a.nbytes >= keep_below)
             ws = {k: a for k, a in ws.items() if k not in set(omit)}
             manifest = dict(manifest, weights=dict(manifest["weights"], omitted=omit))
         writer = self.executable.export_library

@@ -278,5 +278,9 @@ def test_cuda_quantized_generation_routes_qmatmul_to_the_shim(tmp_path):
         for k in q:
             assert tuple(k.scalars) == (4, 32) and len(k.tensors) == 5 and k.tensors[3] is None  # symmetric: no zeros
             assert len(k.tensors[0].shape) == 2 and len(k.tensors[4].shape) == 2
+    # a perf artifact (--weights none) leaves the packed weights out too: the runtime fills them
+    perf = read_manifest(cm.export(tmp_path / "perf.llmc", weights=False, keep_below=0))
+    packed = {t.name for t in perf.program.buffers if t.role == "weight" and t.dtype == "uint8"}
+    assert packed and packed <= set(perf.weights.omitted)
     with pytest.raises(llmc.LLMCError, match="half precision"):
         llmc.compile(tiny_causal_lm("llama", hidden_size=128, head_dim=32), (ids,), generate=False, **kw)

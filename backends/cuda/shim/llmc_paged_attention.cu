@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <map>
+#include <vector>
 #include <mutex>
 #include <utility>
 
@@ -265,11 +266,16 @@ __global__ void __launch_bounds__(kWarps * 32) paged_attention_kernel(Params p) 
 }
 
 // ---- workspace per (device, stream), grown at a call outside graph capture ---------------------
+// A CUDA graph captured earlier keeps the addresses it was captured with, so a workspace that
+// grows never frees the buffers it outgrew (they stay valid for those graphs' replays; growth
+// doubles, so a few retired buffers at most). Freeing them was a use-after-free: a serving
+// engine captures small decode steps first and larger ones as its batch grows.
 struct Workspace {
   void* buf = nullptr;
   size_t bytes = 0;
   unsigned* counters = nullptr;
   size_t n_counters = 0;
+  std::vector<void*> retired;
 };
 std::mutex g_mu;
 std::map<std::pair<int, cudaStream_t>, Workspace> g_ws;
@@ -278,20 +284,16 @@ Workspace& workspace(int dev, cudaStream_t stream, size_t bytes, size_t counters
   std::lock_guard<std::mutex> lock(g_mu);
   Workspace& ws = g_ws[{dev, stream}];
   if (ws.bytes < bytes) {
-    if (ws.buf) {
-      LLMC_CUDA_CHECK(cudaStreamSynchronize(stream));
-      LLMC_CUDA_CHECK(cudaFree(ws.buf));
-    }
+    if (ws.buf) ws.retired.push_back(ws.buf);
+    bytes = std::max(bytes, 2 * ws.bytes);
     LLMC_CUDA_CHECK(cudaMalloc(&ws.buf, bytes));
     ws.bytes = bytes;
   }
   if (ws.n_counters < counters) {
-    if (ws.counters) {
-      LLMC_CUDA_CHECK(cudaStreamSynchronize(stream));
-      LLMC_CUDA_CHECK(cudaFree(ws.counters));
-    }
+    if (ws.counters) ws.retired.push_back(ws.counters);
+    counters = std::max(counters, 2 * ws.n_counters);
     LLMC_CUDA_CHECK(cudaMalloc(&ws.counters, counters * sizeof(unsigned)));
-    LLMC_CUDA_CHECK(cudaMemset(ws.counters, 0, counters * sizeof(unsigned)));
+    LLMC_CUDA_CHECK(cudaMemset(ws.counters, 0, counters * sizeof(unsigned)));  // the kernels reset their own
     ws.n_counters = counters;
   }
   return ws;

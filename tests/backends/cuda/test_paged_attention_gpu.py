@@ -106,3 +106,34 @@ def test_paged_attention_bad_arguments_raise(shim):
             torch.tensor([0, 2], dtype=torch.int32, device="cuda")]
     with pytest.raises(ValueError, match="head dim"):
         shim["llmc_paged_attention"](q, kv, kv, cache, *ints, q.clone(), 0.1, 0, 0)
+
+
+def test_decode_graph_survives_a_larger_later_decode(shim):
+    """A decode step captured in a CUDA graph, then a larger decode that needs more key-split
+    workspace, then the first graph replayed: the graph still writes into live memory (the
+    workspace it was captured with is kept) and gives the reference's output. (Freeing the
+    outgrown workspace made a serving engine's replays write into freed memory.)"""
+    dtype, d, hq, hkv, page = "bf16", 64, 32, 8, 16
+    scale = 1 / math.sqrt(d)
+    small = _case(1, [1], [700], hq, hkv, d, page, dtype)
+    q, k, v, cache, table, lens, starts = small
+    to = lambda x: torch.from_numpy(x).to(DT[dtype]).cuda()
+    qg, kg, vg, cg = to(q), to(k), to(v), to(cache)
+    ints = [torch.from_numpy(x).cuda() for x in (table, lens, starts)]
+    out = torch.empty_like(qg)
+    st = torch.cuda.Stream()
+    with torch.cuda.stream(st):
+        shim["llmc_paged_attention"](qg, kg, vg, cg, *ints, out, scale, 0, 0)  # warm-up: sizes the workspace
+    st.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=st):
+        shim["llmc_paged_attention"](qg, kg, vg, cg, *ints, out, scale, 0, 0)
+    big = _case(2, [1] * 16, [4000] * 16, hq, hkv, d, page, dtype)
+    with torch.cuda.stream(st):
+        out_big, _ = _run_gpu(shim, big, dtype, scale, 0)
+    torch.cuda.synchronize()
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    ref = _reference()(q, k, v, cache.copy(), table, lens, starts, scale, 0)
+    assert rel_err(out.float().cpu(), torch.from_numpy(ref)) < 1e-2
