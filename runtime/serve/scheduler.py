@@ -135,6 +135,13 @@ class Scheduler:
             if not out.batch:  # decodes get the steps without prompts
                 self._fill([s for s in chosen if s.todo() == 1], rank, order, out, {"decode": budget, "prompt": 0},
                            whole=True)
+        if not out.batch:
+            # The chosen could not start: no free pages, and no victim their policy lets them take
+            # (MLFQ: a new job does not preempt an equal one). The pages are then held by resident
+            # sequences ranked past max_num_seqs (demoted ones): they go on, or nothing ever would.
+            resident = [s for s in order if s.state is State.RUNNING and s.kv.pages][:self.config.max_num_seqs]
+            decodes = min(budget, sum(1 for s in resident if s.todo() == 1))
+            self._fill(resident, rank, order, out, {"decode": decodes, "prompt": budget - decodes}, whole=False)
         return out
 
     def _fill(self, candidates: list[Seq], rank: dict, order: list[Seq], out: Plan, budget: dict[str, int],

@@ -1,4 +1,4 @@
-"""48 concurrent requests of mixed lengths through the real server and the openai client:
+"""64 concurrent requests of mixed lengths through the real server and the openai client:
 each greedy output equals the same request generated alone (offline llm.generate), with
 each policy, the prefix cache on and off, and under a KV budget so small that sequences
 are preempted, as /metrics counts them. The same requests straight into the engine, all
@@ -15,7 +15,7 @@ from serving import metric, serving
 
 from llmc.runtime.serve.engine import EngineConfig
 
-N = 48
+N = 64
 PAGE_BYTES = 65536  # the trained model: 4 layers x K,V x 16 tokens x 2 heads x 64 x 4 bytes
 
 
