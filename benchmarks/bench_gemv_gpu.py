@@ -47,7 +47,6 @@ def main() -> None:
     from bench_decode_gpu import copy_bandwidth
 
     bw = copy_bandwidth(torch)
-    s, e = torch.cuda.Event(True), torch.cuda.Event(True)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     if a.quant:
         return quant_main(shim, torch, np, bw, [m for m in a.rows if m <= 8])
@@ -71,23 +70,7 @@ def main() -> None:
                         gemm(xa, w, None, None, c, int(layout == "NT"), 0)
                     else:
                         torch.matmul(xa, w.T if layout == "NT" else w, out=c)
-                st = torch.cuda.Stream()
-                with torch.cuda.stream(st):
-                    for w in ws:
-                        call(w)
-                st.synchronize()
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, stream=st):
-                    for w in ws:
-                        call(w)
-                times = []
-                for _ in range(5):
-                    s.record()
-                    g.replay()
-                    e.record()
-                    torch.cuda.synchronize()
-                    times.append(s.elapsed_time(e) / len(ws))
-                out[who] = float(np.median(times)) * 1e3  # us per call
+                out[who] = graph_time_us(torch, np, [lambda w=w: call(w) for w in ws])  # us per call
             r = {"shape": name, "K": K, "N": N, "layout": layout, "M": m, "llmc_us": out["llmc"],
                  "torch_us": out["torch"], "llmc_TBps": nbytes / out["llmc"] / 1e6,
                  "llmc_of_copy_bw": nbytes / (out["llmc"] * 1e-6) / bw, "speedup_vs_torch": out["torch"] / out["llmc"],
