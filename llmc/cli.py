@@ -317,12 +317,61 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _replica_flags(a: argparse.Namespace) -> list[str]:
+    """The `llmc serve` options each replica of --dp / --ray gets (all but where it listens):
+    the engine's and the API's settings, the same for every replica."""
+    flags = ["--policy", a.policy, "--max-queue", str(a.max_queue), "--preemption", a.preemption,
+             "--swap-space", str(a.swap_space),
+             "--log-level", a.log_level if a.log_level in ("debug", "error", "critical") else "warning"]
+    for opt, value in (("--max-num-batched-tokens", a.max_num_batched_tokens), ("--max-num-seqs", a.max_num_seqs),
+                       ("--kv-memory", a.kv_memory), ("--api-key", a.api_key),
+                       ("--served-model-name", a.served_model_name or pathlib.Path(a.artifact).name),
+                       ("--chat-template", a.chat_template and str(pathlib.Path(a.chat_template).resolve()))):
+        if value is not None:
+            flags += [opt, str(value)]
+    flags += [f for f, on in (("--no-prefix-cache", a.no_prefix_cache),
+                              ("--no-chunked-prefill", a.no_chunked_prefill)) if on]
+    return flags
+
+
+def _serve_replicated(a: argparse.Namespace) -> int:
+    """--dp K (K > 1) or --ray: replicas of the single server behind one front."""
+    from .runtime.artifact_files import read_manifest
+
+    art = pathlib.Path(a.artifact)
+    manifest = read_manifest(art)  # a missing or damaged artifact fails before any replica starts
+    if manifest.generation is None:
+        raise LLMCError(f"{a.artifact} has no step function (not a causal LM, or compiled with --no-generate)")
+    if a.dp < 1:
+        raise LLMCError(f"--dp must be >= 1, got {a.dp}")
+    try:
+        devices = None if a.devices is None else [int(d) for d in a.devices.split(",")]
+    except ValueError:
+        raise LLMCError(f"--devices {a.devices}: expected GPU indices such as 0,1") from None
+    if a.ray:
+        from .runtime.serve.ray_deploy import serve_ray
+
+        return serve_ray(str(art.resolve()), _replica_flags(a), a.dp, a.ray_max_replicas, a.host, a.port,
+                         address=a.ray_address, gpu=manifest.device.startswith("cuda"), progress=_progress)
+    from .runtime.serve.dp_front import serve_dp
+    from .runtime.serve.dp_supervisor import DpConfig
+    from .runtime.serve.replica_process import placement
+
+    where = placement(a.dp, manifest.device, devices)
+    return serve_dp(str(art.resolve()), _replica_flags(a), [e for e, _ in where], [w for _, w in where], a.host,
+                    a.port, DpConfig(restart=a.restart_replicas, max_restarts=a.max_restarts),
+                    chat_template=a.chat_template, log_level=a.log_level)
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     try:
         from .runtime.serve.server import serve
     except ImportError as e:  # fastapi / uvicorn are the optional `serve` extra
         raise LLMCError(f"llmc serve needs the serve extra (pip install 'llmc[serve]'): {e}") from None
     from .runtime.serve.engine import EngineConfig
+
+    if a.dp != 1 or a.ray:
+        return _serve_replicated(a)
 
     config = EngineConfig(policy=a.policy, max_num_batched_tokens=a.max_num_batched_tokens,
                           max_num_seqs=a.max_num_seqs, chunked_prefill=not a.no_chunked_prefill,
@@ -477,6 +526,19 @@ def add_serve_parsers(sub, fmt) -> None:
     s.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template (default: the artifact's, else "
                                                            "a plain one)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    d = s.add_argument_group("data parallelism (docs/parallel.md)")
+    d.add_argument("--dp", type=int, default=1, metavar="K",
+                   help="K replicas (processes, one GPU each) behind one front that routes each request to the "
+                        "replica with the least outstanding tokens")
+    d.add_argument("--devices", metavar="LIST", help="GPU indices, one per replica (default 0..K-1)")
+    d.add_argument("--restart-replicas", action=argparse.BooleanOptionalAction, default=True,
+                   help="restart a replica that dies; with --no-restart-replicas the server exits non-zero")
+    d.add_argument("--max-restarts", type=int, default=3,
+                   help="deaths of one replica within 5 minutes that are still restarted")
+    d.add_argument("--ray", action="store_true", help="run the K replicas as a Ray Serve deployment (the cluster "
+                                                      "extra: pip install 'llmc[cluster]')")
+    d.add_argument("--ray-address", help="a running Ray cluster (default: start a local one)")
+    d.add_argument("--ray-max-replicas", type=int, help="with --ray: autoscale between K and this many replicas")
     s.set_defaults(fn=cmd_serve)
 
     b = sub.add_parser("bench-serve", help="load-test a running `llmc serve` (vLLM benchmark_serving's measures)",
