@@ -116,8 +116,8 @@ def dp1(trained_artifact):
 
 
 def _dp1_complete(dp1, prompt: str, max_tokens: int) -> dict:
-    return httpx.post(f"{dp1.base_url}/completions", json={"model": dp1.model, "prompt": prompt, "max_tokens": max_tokens,
-                                                          "temperature": 0, "return_token_ids": True}, timeout=120).json()
+    body = {"model": dp1.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "return_token_ids": True}
+    return httpx.post(f"{dp1.base_url}/completions", json=body, timeout=120).json()
 
 
 def test_greedy_completions_equal_dp1_and_spread_over_both_replicas(front, dp1):

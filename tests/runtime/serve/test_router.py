@@ -113,7 +113,7 @@ def test_metrics_merge_sums_samples_and_keeps_heads_once():
     assert merge([]) == ""
 
 
-def test_placement_one_gpu_each_or_shared_cores(monkeypatch):
+def test_placement_one_gpu_each_or_shared_cores():
     gpus = placement(2, "cuda", None, parent_env={})
     assert [e["CUDA_VISIBLE_DEVICES"] for e, _ in gpus] == ["0", "1"]
     gpus = placement(2, "cuda", [1, 0], parent_env={"CUDA_VISIBLE_DEVICES": "4,6"})
@@ -123,8 +123,9 @@ def test_placement_one_gpu_each_or_shared_cores(monkeypatch):
     assert placement(2, "cpu", None, parent_env={"LLMC_NUM_THREADS": "3"})[0][0].get("LLMC_NUM_THREADS") is None
     from llmc import LLMCError
 
-    for args, env in (((2, "cuda", [0]), {}), ((2, "cuda", [1, 1]), {}), ((2, "cuda", [0, 2]), {"CUDA_VISIBLE_DEVICES": "3,4"}),
-                      ((2, "cpu", [0, 1]), {}), ((0, "cpu", None), {})):
+    for args, env in (((2, "cuda", [0]), {}), ((2, "cuda", [1, 1]), {}),
+                      ((2, "cuda", [0, 2]), {"CUDA_VISIBLE_DEVICES": "3,4"}), ((2, "cpu", [0, 1]), {}),
+                      ((0, "cpu", None), {})):
         with pytest.raises(LLMCError):
             placement(*args, parent_env=env)
 
