@@ -1,0 +1,69 @@
+"""NcclComm: without a GPU, only what fails clearly (a missing libnccl, a missing CUDA runtime);
+on the GPU machine (@pytest.mark.gpu), collectives on 2+ GPUs against numpy, on host arrays,
+on torch's device pointers and inside a CUDA graph."""
+import os
+
+import numpy as np
+import pytest
+
+from llmc.runtime.dist import NcclError
+from llmc.runtime.dist import nccl as nccl_mod
+
+from dist_ranks import launch_workers
+from dist_workers import data
+
+
+def test_missing_libnccl_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(nccl_mod, "_nccl", None)
+    monkeypatch.setattr(nccl_mod, "_candidates", lambda: ["/nonexistent/libnccl.so.2"])
+    monkeypatch.delenv("NCCL_NVLS_ENABLE", raising=False)
+    with pytest.raises(NcclError, match="nvidia-nccl-cu13"):
+        nccl_mod.load_nccl()
+    assert os.environ["NCCL_NVLS_ENABLE"] == "0"  # set before any NCCL code could read it
+
+
+def test_nvls_setting_of_the_user_is_kept(monkeypatch):
+    monkeypatch.setattr(nccl_mod, "_nccl", None)
+    monkeypatch.setattr(nccl_mod, "_candidates", lambda: [])
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")
+    with pytest.raises(NcclError):
+        nccl_mod.load_nccl()
+    assert os.environ["NCCL_NVLS_ENABLE"] == "1"
+
+
+def _gpus() -> int:
+    torch = pytest.importorskip("torch")
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [2, 4])
+def test_nccl_collectives_match_numpy(tmp_path, n):
+    if _gpus() < n:
+        pytest.skip(f"needs {n} GPUs")
+    seed = int(np.random.default_rng().integers(1 << 30))
+    result, _, err = launch_workers("nccl", n, tmp_path, seed, timeout=300)
+    assert result.ok, result.report() + err[-4000:]
+    got = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(n)]
+    f64 = lambda k, shape, dt="float32": [data(seed + k, r, shape, dt).astype(np.float64) for r in range(n)]
+    want_ar = sum(f64(0, (1000, 3)))
+    want_ag = np.concatenate(f64(1, (4, 6)))
+    # bf16 inputs: rank r's float32 data rounded to bf16, summed by NCCL in bf16
+    import torch
+
+    bf = [torch.from_numpy(x.astype(np.float32)).bfloat16().float().numpy().astype(np.float64) for x in f64(2, (4096,))]
+    want_bf = sum(bf)
+    fp16 = np.concatenate([x.astype(np.float16).astype(np.float64) for x in f64(3, (5, 7))])
+    for r in range(n):
+        g = got[r]
+        np.testing.assert_allclose(g["host_all_reduce"], want_ar, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(g["host_all_gather"], want_ag.astype(np.float32))
+        np.testing.assert_allclose(g["dev_all_reduce_bf16"], want_bf, rtol=2e-2, atol=5e-2 * n)
+        np.testing.assert_array_equal(g["dev_all_gather_f16"], fp16)
+        for step in range(3):
+            want = sum(x + 1 for x in f64(10 + step, (256,)))
+            np.testing.assert_allclose(g[f"graph_step{step}"], want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(g["dev_ring_int64"], data(seed + 4, (r - 1) % n, (33,), "int64"))
+        if r < 2:
+            np.testing.assert_array_equal(g["sub_sum"], np.full(3, 3.0, np.float32))
+        np.testing.assert_array_equal(g["dev_all_reduce_bf16"], got[0]["dev_all_reduce_bf16"])
