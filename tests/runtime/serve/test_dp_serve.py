@@ -249,3 +249,14 @@ def test_429_only_when_every_queue_is_full_and_no_restart_exits(trained_artifact
         assert f"replica 0 (pid {rows[0]['pid']}" in log and "was killed by SIGKILL and replica restarts are off" in log
     finally:
         f.close()
+
+
+def test_a_replica_that_cannot_start_ends_the_command(trained_artifact, tmp_path):
+    port = _free_port()
+    r = subprocess.run([sys.executable, "-m", "llmc", "serve", str(trained_artifact), "--dp", "2", "--port", str(port),
+                        "--max-num-seqs", "9999"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "the step function takes at most" in r.stderr  # the replica's own error
+    assert "exited with code 2 while starting" in r.stderr.splitlines()[-1]
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/health")
