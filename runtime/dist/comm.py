@@ -76,6 +76,9 @@ class GroupBase:
             raise DistError(f"communicator {name!r}: rank {global_rank} is not among its ranks {ranks}")
         self.store, self.ranks, self.name, self.timeout = store, ranks, name, float(timeout)
         self.global_rank = global_rank
+        # the k-th communicator of this name on this rank meets the other ranks' k-th: keys of
+        # an earlier one (same name, same job) are never read as this one's
+        self._prefix = name if store is None else f"{name}@{store.add(f'{name}/generation/{global_rank}')}"
         self.rank = ranks.index(global_rank)
         self.world_size = len(ranks)
         self._splits = 0
@@ -92,7 +95,7 @@ class GroupBase:
         members that do not arrive in time are named in a RendezvousError."""
         if self.world_size == 1:
             return [value]
-        keys = [f"{self.name}/{what}/{r}" for r in range(self.world_size)]
+        keys = [f"{self._prefix}/{what}/{r}" for r in range(self.world_size)]
         self.store.set(keys[self.rank], value)
         try:
             self.store.wait(keys, self.timeout)
@@ -102,7 +105,7 @@ class GroupBase:
             raise RendezvousError(f"communicator {self.name!r} ({what}): rank(s) {missing} did not arrive within "
                                   f"{self.timeout:g} s (this is rank {self.global_rank})") from None
         values = [self.store.get(k, self.timeout) for k in keys]
-        done = f"{self.name}/{what}/done"
+        done = f"{self._prefix}/{what}/done"
         self.store.add(done)
         self.store.wait_count(done, self.world_size, self.timeout)  # all have read: rank 0 may exit
         return values

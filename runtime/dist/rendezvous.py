@@ -149,8 +149,8 @@ def rendezvous(env: DistEnv, info: Mapping[str, Any], timeout: float = DEFAULT_T
     """Publish this rank's `info` (a JSON-able dict) and return every rank's, in rank order.
 
     Raises RendezvousError naming the ranks that did not arrive within `timeout` s. The store
-    is the process's (`connect_store`) unless one is given. Use a distinct `tag` for each
-    rendezvous of a job."""
+    is the process's (`connect_store`) unless one is given. Each call is a new round: the
+    k-th call with a `tag` on every rank meet each other."""
     try:
         payload = json.dumps(dict(info), sort_keys=True).encode()
     except TypeError as e:
@@ -158,7 +158,8 @@ def rendezvous(env: DistEnv, info: Mapping[str, Any], timeout: float = DEFAULT_T
     if env.world_size == 1:
         return [json.loads(payload)]
     store = connect_store(env, timeout) if store is None else store
-    keys = [f"rdzv/{tag}/info/{r}" for r in range(env.world_size)]
+    gen = store.add(f"rdzv/{tag}/generation/{env.rank}")  # a repeated rendezvous never reads an old one's keys
+    keys = [f"rdzv/{tag}@{gen}/info/{r}" for r in range(env.world_size)]
     store.set(keys[env.rank], payload)
     try:
         store.wait(keys, timeout)
@@ -170,7 +171,7 @@ def rendezvous(env: DistEnv, info: Mapping[str, Any], timeout: float = DEFAULT_T
             f"{env.world_size} did not arrive within {timeout:g} s (store {store.address}; this is rank "
             f"{env.rank})") from None
     infos = [json.loads(store.get(k, timeout)) for k in keys]
-    done = f"rdzv/{tag}/done"
+    done = f"rdzv/{tag}@{gen}/done"
     store.add(done)
     store.wait_count(done, env.world_size, timeout)  # all have read: rank 0 may now exit
     return infos

@@ -51,6 +51,20 @@ def test_host_comm_is_a_communicator():
         c.close()
 
 
+def test_communicators_of_one_name_made_again():
+    def body(env):
+        sums = []
+        for k in range(3):  # the same name each time: each round connects afresh, none reads stale addresses
+            c = HostComm.create(env, timeout=5, name="again")
+            a = np.full(2, float(k + env.rank), np.float32)
+            c.all_reduce(a)
+            sums.append(float(a[0]))
+            c.close()
+        return sums
+    out = run_threads(3, body)
+    assert all(s == [3.0, 6.0, 9.0] for s in out), out
+
+
 def test_world_of_one_needs_no_store():
     out = run_threads(1, lambda env: HostComm.create(env.__class__.single()))
     c = out[0]

@@ -84,6 +84,15 @@ def test_rendezvous_returns_every_info_in_rank_order():
         assert got == [{"rank": r, "tp": 2, "shard": [r, 3]} for r in range(3)]
 
 
+def test_repeated_rendezvous_are_separate_rounds():
+    def body(env):
+        first = rendezvous(env, {"round": 1, "rank": env.rank}, timeout=10)
+        second = rendezvous(env, {"round": 2, "rank": env.rank}, timeout=10)
+        return first, second
+    for first, second in run_threads(3, body):
+        assert [i["round"] for i in first] == [1, 1, 1] and [i["round"] for i in second] == [2, 2, 2]
+
+
 def test_rendezvous_names_ranks_that_never_arrive():
     def body(env):
         if env.rank in (1, 3):
