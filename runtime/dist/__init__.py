@@ -9,7 +9,7 @@
 See docs/parallel.md. Like the rest of the runtime, nothing here imports the compiler, torch
 or cupy; NcclComm loads libnccl and libcudart through ctypes only when it is used.
 """
-from .comm import DEVICE_DTYPES, Communicator
+from .comm import DEVICE_DTYPES, Communicator, tp_pp_groups
 from .errors import DistError, LaunchError, NcclError, RendezvousError
 from .host_comm import HostComm
 from .rendezvous import DistEnv, check_consistent, close_store, connect_store, rendezvous
@@ -26,4 +26,4 @@ def __getattr__(name):  # NcclComm on first use: keeps `import llmc.runtime.dist
 
 __all__ = ["Communicator", "DEVICE_DTYPES", "DistEnv", "DistError", "HostComm", "LaunchError",
            "NcclComm", "NcclError", "RendezvousError", "Store", "StoreTimeout", "check_consistent",
-           "close_store", "connect_store", "rendezvous"]
+           "close_store", "connect_store", "rendezvous", "tp_pp_groups"]

@@ -175,3 +175,13 @@ def check_device_args(ptr: int, count: int, dtype: str, what: str) -> None:
         raise DistError(f"{what}: count must be a non-negative int, got {count!r}")
     if count and (not isinstance(ptr, (int, np.integer)) or ptr <= 0):
         raise DistError(f"{what}: {ptr!r} is not a device pointer")
+
+
+def tp_pp_groups(world, tp: int, pp: int = 1):
+    """Collective over `world` (a HostComm or NcclComm of tp * pp ranks): (tensor-parallel group,
+    pipeline group) of this rank, with ranks laid out `rank = stage * tp + tp_rank` (a TP group
+    is tp consecutive ranks, on one host when tp <= its GPUs). pp == 1: the pipeline group is
+    this rank alone."""
+    if tp < 1 or pp < 1 or tp * pp != world.world_size:
+        raise DistError(f"tp={tp} x pp={pp} does not match the {world.world_size} ranks of the job")
+    return world.split(world.rank // tp), world.split(world.rank % tp)

@@ -7,6 +7,10 @@ reconnects. Collectives go through group rank 0: it sums (in rank order, so ever
 bit-identical results, as greedy decoding across ranks needs) or concatenates, then sends
 the result back.
 
+`send` blocks until the socket has taken the data, and a large message only goes once the
+peer receives: order sends and receives as with blocking MPI (an exchange between two ranks:
+one sends first, the other receives first).
+
 Every message carries an op code and its byte count, so ranks that disagree about the call
 (all_gather on one, all_reduce on another) or about shapes get a DistError instead of
 reading garbage. A peer that exits closes its sockets: the others get a DistError at once;
@@ -64,6 +68,8 @@ class HostComm(GroupBase):
     # ---- setup -------------------------------------------------------------------------------
     def _connect(self) -> None:
         ip = self.store.local_ip()
+        if ip.startswith("127.") and not _loopback(self.store.host):
+            ip = self.store.host  # the store's own host (its name may resolve to 127.0.1.1 there): others reach it so
         listener = socket.create_server((ip if ip.startswith("127.") else "", 0), backlog=self.world_size)
         try:
             port = listener.getsockname()[1]
@@ -230,6 +236,13 @@ class HostComm(GroupBase):
     def __del__(self):
         if hasattr(self, "_peers"):
             self._close_peers()
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return socket.gethostbyname(host).startswith("127.")
+    except OSError:
+        return False
 
 
 def _bytes(a: np.ndarray) -> memoryview:

@@ -3,7 +3,7 @@ mismatched calls and a peer that leaves give a DistError, not garbage or a hang.
 import numpy as np
 import pytest
 
-from llmc.runtime.dist import Communicator, DistError, HostComm
+from llmc.runtime.dist import Communicator, DistError, HostComm, tp_pp_groups
 
 from dist_ranks import launch_workers, run_threads
 from dist_workers import data
@@ -122,3 +122,24 @@ def test_bad_arguments():
     assert "cannot exchange with itself" in out[0][0] and "not a rank of this group of 2" in out[0][1]
     assert "numpy array" in out[0][2] and "C-contiguous" in out[0][3]
     assert "dst must be float64(4, 3)" in out[0][4]
+
+
+def test_tp_pp_groups():
+    def body(env):
+        world = HostComm.create(env, timeout=5, name="grid")
+        tp, pp = tp_pp_groups(world, tp=2, pp=3)
+        a = np.array([env.rank], np.int64)
+        tp.all_reduce(a)
+        b = np.array([env.rank], np.int64)
+        pp.all_reduce(b)
+        try:
+            tp_pp_groups(world, tp=4, pp=2)
+        except DistError as e:
+            err = str(e)
+        return tp.ranks, pp.ranks, int(a[0]), int(b[0]), err
+    out = run_threads(6, body)
+    for r, (tp_ranks, pp_ranks, a, b, err) in enumerate(out):
+        stage, t = divmod(r, 2)
+        assert tp_ranks == [2 * stage, 2 * stage + 1] and a == 4 * stage + 1
+        assert pp_ranks == [t, t + 2, t + 4] and b == 3 * t + 6
+        assert "tp=4 x pp=2 does not match the 6 ranks" in err
