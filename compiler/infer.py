@@ -258,6 +258,14 @@ def _arange(attrs, *ts):
     return TensorType((n,), attrs.dtype)
 
 
+def _all_gather(attrs, t: TensorType) -> TensorType:
+    return TensorType((attrs.world, *t.shape), t.dtype)
+
+
+def _recv(attrs, *ts) -> TensorType:
+    return TensorType(tuple(attrs.shape), attrs.dtype)
+
+
 INFER: dict[Op, Callable[..., TensorType]] = {
     Op.INPUT: _source, Op.WEIGHT: _source, Op.CONST: _const, Op.FULL: _full, Op.ARANGE: _arange,
     **{op: _unary for op in UNARY if op is not Op.CAST}, Op.CAST: _cast,
@@ -270,6 +278,7 @@ INFER: dict[Op, Callable[..., TensorType]] = {
     # mixture of experts
     Op.TOPK: _topk, Op.ROUTED_MATMUL: _routed_matmul,
     Op.QMATMUL: _qmatmul,  # weight-only quantization (passes/quantize.py)
+    Op.ALL_REDUCE: _unary, Op.ALL_GATHER: _all_gather, Op.SEND: _unary, Op.RECV: _recv,
 }
 
 

@@ -58,6 +58,13 @@ class Op(enum.Enum):
     # ragged axis; writes their K/V into the cache pages, then each token attends causally over its
     # sequence's whole history (made by passes/serve/derive_step.py; a runtime route on every device)
     PAGED_ATTENTION = enum.auto()
+    # collectives over the ranks of a tensor-parallel group (made by passes/shard.py; a runtime route
+    # on every device: NCCL on CUDA, the host communicator on the CPU)
+    ALL_REDUCE = enum.auto()  # (x) -> x summed over the ranks
+    ALL_GATHER = enum.auto()  # (x) -> [world, *x.shape]: every rank's x stacked in rank order
+    # point-to-point between pipeline stages (made by passes/stage_split.py)
+    SEND = enum.auto()  # (x) -> x: hands x to the next stage (the result is x itself, to keep it live)
+    RECV = enum.auto()  # () -> the previous stage's SEND of the same tag; the type is carried in RecvAttrs
 
 
 UNARY = frozenset({Op.NEG, Op.EXP, Op.LOG, Op.SQRT, Op.RSQRT, Op.TANH, Op.ERF, Op.SIGMOID, Op.RELU,
@@ -68,6 +75,8 @@ COMPARE = frozenset({Op.EQ, Op.NE, Op.LT, Op.LE, Op.GT, Op.GE, Op.AND, Op.OR})
 ELEMENTWISE = UNARY | BINARY | {Op.WHERE}
 REDUCE = frozenset({Op.SUM, Op.MEAN, Op.MAX, Op.MIN})
 SOURCES = frozenset({Op.INPUT, Op.WEIGHT, Op.CONST, Op.FULL, Op.ARANGE})
+COLLECTIVES = frozenset({Op.ALL_REDUCE, Op.ALL_GATHER})
+POINT_TO_POINT = frozenset({Op.SEND, Op.RECV})
 # Ops whose output is the input's bytes reinterpreted: no kernel, an alias buffer.
 VIEWS = frozenset({Op.RESHAPE})
 
@@ -193,3 +202,22 @@ class QMatmulAttrs:
     group: int  # elements of K sharing one scale (and zero)
     symmetric: bool  # True: no zeros input (int8: zero 0; int4: zero 8)
     out_dtype: DType  # the activation / output float dtype
+
+
+@dataclass(frozen=True)
+class CollectiveAttrs:
+    world: int  # ranks in the group
+
+
+@dataclass(frozen=True)
+class SendAttrs:
+    tag: int  # pairs a SEND with the RECV of the next stage
+    peer: int  # the stage it goes to
+
+
+@dataclass(frozen=True)
+class RecvAttrs:
+    tag: int
+    peer: int  # the stage it comes from
+    shape: tuple[Dim, ...]
+    dtype: DType

@@ -151,6 +151,20 @@ def _cumsum(attrs, x, env=None):
     return np.cumsum(x, axis=attrs.axis, dtype=np.int64 if x.dtype.kind in "biu" else x.dtype)
 
 
+def _alone(what: str):
+    """A collective or point-to-point op seen by a one-rank interpreter: exact for a group of one,
+    otherwise it needs every rank's values (compiler/interpret_ranks.py runs the ranks in lockstep)."""
+    def run(attrs, *xs, env=None):
+        if what == "all_reduce" and attrs.world == 1:
+            return xs[0]
+        if what == "all_gather" and attrs.world == 1:
+            return xs[0][None]
+        from ..errors import LLMCError
+
+        raise LLMCError(f"{what} needs the other ranks' values: run the rank graphs with interpret_ranks")
+    return run
+
+
 REFERENCE: dict[Op, Callable[..., np.ndarray]] = {
     Op.CONST: lambda a, env=None: np.array(a.value, dtype=_np(a.dtype)),
     Op.FULL: lambda a, env: np.full([evaluate(d, env) for d in a.shape], a.value, dtype=_np(a.dtype)),
@@ -186,6 +200,8 @@ REFERENCE: dict[Op, Callable[..., np.ndarray]] = {
     # mixture of experts
     Op.TOPK: _topk, Op.ROUTED_MATMUL: _routed_matmul,
     Op.QMATMUL: _qmatmul,
+    Op.ALL_REDUCE: _alone("all_reduce"), Op.ALL_GATHER: _alone("all_gather"),
+    Op.SEND: _alone("send"), Op.RECV: _alone("recv"),
 }
 
 def run_op(op: Op, attrs, inputs: list[np.ndarray], env: Env, out_dtype) -> np.ndarray:

@@ -37,7 +37,7 @@ GEMMS = frozenset({Op.MATMUL, Op.QMATMUL})  # anchors with GEMM fusion rules (a 
 
 
 # Ops every backend runs as a library call of the runtime (a kernel of their own, operands as they are)
-RUNTIME_OPS = frozenset({Op.PAGED_ATTENTION})
+RUNTIME_OPS = frozenset({Op.PAGED_ATTENTION, Op.ALL_REDUCE, Op.ALL_GATHER, Op.SEND, Op.RECV})
 
 
 class _Partition:
