@@ -105,3 +105,28 @@ def test_cli_returns_the_failing_code_and_reports(tmp_path):
                          "print('fine')"], capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and sorted(ok.stdout.splitlines()) == ["[rank 0] fine", "[rank 1] fine"]
     assert "RuntimeWarning" not in ok.stderr
+
+
+SLEEPER = "import os, sys, time; open(os.path.join(sys.argv[1], os.environ['RANK']), 'w').write(str(os.getpid())); " \
+          "time.sleep(100)"
+
+
+@pytest.mark.parametrize("sig", [15, 9])
+def test_ranks_end_with_the_launcher(tmp_path, sig):
+    """SIGTERM: the launcher stops its ranks and exits 130; SIGKILL: the ranks get SIGTERM
+    from the kernel (PR_SET_PDEATHSIG). Either way no rank outlives it."""
+    p = subprocess.Popen([sys.executable, "-m", "llmc.runtime.dist.launch", "--nproc", "2", "--", sys.executable,
+                          "-c", SLEEPER, str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while len(list(tmp_path.iterdir())) < 2 or any(f.stat().st_size == 0 for f in tmp_path.iterdir()):
+        assert time.monotonic() < deadline and p.poll() is None
+        time.sleep(0.05)
+    pids = [int(f.read_text()) for f in tmp_path.iterdir()]
+    p.send_signal(sig)
+    p.wait(timeout=30)
+    if sig == 15:
+        assert p.returncode == 130 and "all ranks stopped" in p.stderr.read()
+    deadline = time.monotonic() + 10
+    while any(_alive(q) for q in pids):
+        assert time.monotonic() < deadline, "a rank outlived its launcher"
+        time.sleep(0.05)
