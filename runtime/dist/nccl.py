@@ -148,7 +148,13 @@ def _cudart():
         rt.cudaFree.restype, rt.cudaFree.argtypes = ctypes.c_int, [vp]
         rt.cudaGetDeviceCount.restype, rt.cudaGetDeviceCount.argtypes = ctypes.c_int, [ctypes.POINTER(ctypes.c_int)]
         rt._llmc_dist_sigs = True
-    return rt, cuda_graph.check
+
+    def check(err: int, what: str) -> None:
+        try:
+            cuda_graph.check(err, what)
+        except cuda_graph.CudaError as e:
+            raise NcclError(str(e)) from None
+    return rt, check
 
 
 def device_count() -> int:
@@ -251,10 +257,17 @@ class NcclComm(GroupBase):
     # ---- host calls: through a device buffer ---------------------------------------------------
     def _host_stream(self):
         if self._stream is None:
-            from ..cuda_graph import Stream
+            from ..cuda_graph import CudaError, Stream
 
-            self._stream = Stream(self.device)
+            try:
+                self._stream = Stream(self.device)
+            except CudaError as e:
+                raise NcclError(str(e)) from None
         return self._stream
+
+    def _sync(self) -> None:
+        rt, check = _cudart()
+        check(rt.cudaStreamSynchronize(self._host_stream().handle), "cudaStreamSynchronize")
 
     @contextlib.contextmanager
     def _device_copy(self, nbytes: int):
@@ -286,7 +299,7 @@ class NcclComm(GroupBase):
             self._copy(d, buf.ctypes.data, buf.nbytes, _H2D)
             self.all_reduce_device(d, buf.size, dt, s.ptr)
             self._copy(buf.ctypes.data, d, buf.nbytes, _D2H)
-            s.synchronize()
+            self._sync()
 
     def all_gather(self, src: np.ndarray, dst: np.ndarray) -> None:
         host_array(src, "all_gather", writeable=False)
@@ -298,7 +311,7 @@ class NcclComm(GroupBase):
             self._copy(ds, src.ctypes.data, src.nbytes, _H2D)
             self.all_gather_device(ds, dd, src.size, dt, s.ptr)
             self._copy(dst.ctypes.data, dd, dst.nbytes, _D2H)
-            s.synchronize()
+            self._sync()
 
     def broadcast(self, buf: np.ndarray, root: int = 0) -> None:
         host_array(buf, "broadcast")
@@ -308,7 +321,7 @@ class NcclComm(GroupBase):
             self._copy(d, buf.ctypes.data, buf.nbytes, _H2D)
             self.broadcast_device(d, buf.size, dt, root, s.ptr)
             self._copy(buf.ctypes.data, d, buf.nbytes, _D2H)
-            s.synchronize()
+            self._sync()
 
     def send(self, buf: np.ndarray, peer: int) -> None:
         host_array(buf, "send", writeable=False)
@@ -317,7 +330,7 @@ class NcclComm(GroupBase):
         with self._device_copy(buf.nbytes) as d:
             self._copy(d, buf.ctypes.data, buf.nbytes, _H2D)
             self.send_device(d, buf.size, dt, peer, s.ptr)
-            s.synchronize()
+            self._sync()
 
     def recv(self, buf: np.ndarray, peer: int) -> None:
         host_array(buf, "recv")
@@ -326,7 +339,7 @@ class NcclComm(GroupBase):
         with self._device_copy(buf.nbytes) as d:
             self.recv_device(d, buf.size, dt, peer, s.ptr)
             self._copy(buf.ctypes.data, d, buf.nbytes, _D2H)
-            s.synchronize()
+            self._sync()
 
     def barrier(self) -> None:
         """All ranks reach this point (a 1-element all-reduce on the device, waited for)."""

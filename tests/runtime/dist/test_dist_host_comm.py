@@ -143,3 +143,25 @@ def test_tp_pp_groups():
         assert tp_ranks == [2 * stage, 2 * stage + 1] and a == 4 * stage + 1
         assert pp_ranks == [t, t + 2, t + 4] and b == 3 * t + 6
         assert "tp=4 x pp=2 does not match the 6 ranks" in err
+
+
+def test_bfloat16_arrays():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng()
+    xs = [rng.standard_normal(64).astype(ml_dtypes.bfloat16) for _ in range(3)]
+
+    def body(env):
+        c = HostComm.create(env, timeout=5, name="bf16")
+        a = xs[env.rank].copy()
+        c.all_reduce(a)
+        d = np.empty(3 * 64, ml_dtypes.bfloat16)
+        c.all_gather(xs[env.rank], d)
+        return a, d
+    out = run_threads(3, body)
+    want = ((xs[0] + xs[1]) + xs[2])  # bf16 additions in rank order, as rank 0 sums
+    for a, d in out:
+        assert a.dtype == xs[0].dtype
+        np.testing.assert_array_equal(a.astype(np.float32), want.astype(np.float32))
+        np.testing.assert_array_equal(d.astype(np.float32), np.concatenate(xs).astype(np.float32))
+    exact = sum(x.astype(np.float64) for x in xs)
+    np.testing.assert_allclose(out[0][0].astype(np.float64), exact, rtol=2e-2, atol=2e-2)

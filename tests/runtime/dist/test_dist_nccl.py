@@ -31,6 +31,16 @@ def test_nvls_setting_of_the_user_is_kept(monkeypatch):
     assert os.environ["NCCL_NVLS_ENABLE"] == "1"
 
 
+def test_no_cuda_runtime_is_a_clear_error():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from llmc.runtime.dist import DistEnv, NcclComm
+
+    with pytest.raises(NcclError):  # no libnccl, or no CUDA runtime / driver: named, not a crash
+        NcclComm.create(DistEnv.single())
+
+
 def _gpus() -> int:
     torch = pytest.importorskip("torch")
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
