@@ -77,7 +77,7 @@ def load_nccl() -> ctypes.CDLL:
     errors = []
     for name in _candidates():
         try:
-            lib = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+            lib = ctypes.CDLL(name)  # local: its symbols stay out of other libraries' way
             break
         except OSError as e:
             errors.append(f"{name}: {e}")
@@ -185,6 +185,8 @@ class NcclComm(GroupBase):
             _check(self.lib.ncclGetUniqueId(ctypes.byref(uid)), "ncclGetUniqueId")
         raw = bytes(uid.internal) if self.rank == 0 else b""
         ids = self.exchange_keys("nccl_id", raw)  # also the meeting point: every member arrived
+        if len(ids[0]) != UNIQUE_ID_BYTES:
+            raise NcclError(f"communicator {self.name!r}: group rank 0 published {len(ids[0])} bytes as its NCCL id")
         ctypes.memmove(ctypes.addressof(uid), ids[0], UNIQUE_ID_BYTES)
         _check(self.lib.ncclCommInitRank(ctypes.byref(self._comm), self.world_size, uid, self.rank),
                f"ncclCommInitRank (group {self.name!r}, rank {self.rank} of {self.world_size}, GPU {self.device})")

@@ -143,6 +143,19 @@ def nccl(out: str, seed: int) -> None:
         graph.replay()
         torch.cuda.synchronize()
         res[f"graph_step{step}"] = gy.cpu().numpy()
+    # the runtime's own CUDA graph (runtime/cuda_graph.py, as the GPU executor captures a step)
+    from llmc.runtime.cuda_graph import CudaGraph
+
+    buf = torch.zeros(512, device="cuda", dtype=torch.float32)
+    torch.cuda.synchronize()
+    rg = CudaGraph(env.local_rank)
+    rg.capture(lambda: comm.all_reduce_device(buf.data_ptr(), buf.numel(), "float32", rg.stream.ptr), warmup=1)
+    for step in range(2):
+        buf.copy_(torch.from_numpy(data(seed + 20 + step, r, (512,), "float32")).cuda())
+        torch.cuda.synchronize()
+        rg.replay()
+        rg.synchronize()
+        res[f"runtime_graph_step{step}"] = buf.cpu().numpy()
     # ring exchange of int64 in one NCCL group (send and recv together cannot deadlock)
     msg = torch.from_numpy(data(seed + 4, r, (33,), "int64")).cuda()
     got = torch.empty_like(msg)

@@ -1,6 +1,6 @@
 """NcclComm: without a GPU, only what fails clearly (a missing libnccl, a missing CUDA runtime);
 on the GPU machine (@pytest.mark.gpu), collectives on 2+ GPUs against numpy, on host arrays,
-on torch's device pointers and inside a CUDA graph."""
+on torch's device pointers, inside a torch CUDA graph and inside the runtime's own CudaGraph."""
 import os
 
 import numpy as np
@@ -73,6 +73,8 @@ def test_nccl_collectives_match_numpy(tmp_path, n):
         for step in range(3):
             want = sum(x + 1 for x in f64(10 + step, (256,)))
             np.testing.assert_allclose(g[f"graph_step{step}"], want, rtol=1e-5, atol=1e-5)
+        for step in range(2):
+            np.testing.assert_allclose(g[f"runtime_graph_step{step}"], sum(f64(20 + step, (512,))), rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(g["dev_ring_int64"], data(seed + 4, (r - 1) % n, (33,), "int64"))
         if r < 2:
             np.testing.assert_array_equal(g["sub_sum"], np.full(3, 3.0, np.float32))
