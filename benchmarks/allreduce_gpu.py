@@ -76,9 +76,12 @@ def worker(a) -> None:
         if rank == 0:
             store.set("bench/torch_port", str(free_port(env.master_addr)).encode())
         port = int(store.get("bench/torch_port"))
-        dist.init_process_group("nccl", init_method=f"tcp://{env.master_addr}:{port}", rank=rank, world_size=n,
-                                device_id=dev)
-        log(f"torch.distributed up: torch {torch.__version__}, NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}")
+        init = dict(backend="nccl", init_method=f"tcp://{env.master_addr}:{port}", rank=rank, world_size=n)
+        try:
+            dist.init_process_group(**init, device_id=dev)  # eager NCCL init (torch >= 2.3)
+        except TypeError:
+            dist.init_process_group(**init)
+        log(f"torch.distributed up: torch {torch.__version__}, NCCL {torch_nccl_version(torch)}")
 
     def llmc_ar(t):
         comm.all_reduce_device(t.data_ptr(), t.numel(), "bfloat16", torch.cuda.current_stream().cuda_stream)
@@ -156,13 +159,18 @@ def worker(a) -> None:
     if rank == 0:
         out = {"world_size": n, "device": torch.cuda.get_device_name(dev), "dtype": "bfloat16",
                "nccl_llmc": ".".join(map(str, nccl_version())), "torch": torch.__version__,
-               "nccl_torch": ".".join(map(str, torch.cuda.nccl.version())) if use_torch else None,
+               "nccl_torch": torch_nccl_version(torch) if use_torch else None,
                "nvls": os.environ.get("NCCL_NVLS_ENABLE"), "rounds": a.rounds, "rows": rows, "decode": decode}
         pathlib.Path(a.result).write_text(json.dumps(out, indent=1))
     comm.barrier()
     comm.close()
     if use_torch:
         dist.destroy_process_group()
+
+
+def torch_nccl_version(torch) -> str:
+    v = torch.cuda.nccl.version()
+    return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
 
 def graph_latency(torch, comm, fn, h, calls: int, rounds: int, slowest) -> float:
@@ -239,23 +247,22 @@ def main() -> None:
     if a.worker:
         worker(a)
         return
-    from llmc.runtime.dist import LaunchError
     from llmc.runtime.dist.launch import launch
 
     with tempfile.TemporaryDirectory() as tmp:
         result = pathlib.Path(tmp) / "result.json"
         argv = sys.argv[1:]  # the workers ignore --json: the figures come back through `result`
         print(f"launching {a.nproc} ranks (one per GPU)", flush=True)
-        try:
-            launch([sys.executable, os.path.abspath(__file__), *argv, "--worker", "--result", str(result)], a.nproc,
-                   timeout=3600)
-        except LaunchError as e:
-            raise SystemExit(f"allreduce_gpu: {e}")
-        res = json.loads(result.read_text())
-    print(table(res))
-    if a.json:
-        pathlib.Path(a.json).write_text(json.dumps(res, indent=1))
-        print(f"wrote {a.json}")
+        run = launch([sys.executable, os.path.abspath(__file__), *argv, "--worker", "--result", str(result)],
+                     a.nproc, timeout=3600, check=False)
+        res = json.loads(result.read_text()) if result.exists() else None
+    if res is not None:  # figures written before a failure in the teardown still count
+        print(table(res))
+        if a.json:
+            pathlib.Path(a.json).write_text(json.dumps(res, indent=1))
+            print(f"wrote {a.json}")
+    if not run.ok:
+        raise SystemExit(f"allreduce_gpu: {run.report()}")
 
 
 if __name__ == "__main__":
