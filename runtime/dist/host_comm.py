@@ -59,7 +59,7 @@ class HostComm(GroupBase):
         over the process's store. Give each world communicator of a job its own `name`."""
         env = DistEnv.from_environ() if env is None else env
         if env.world_size == 1:
-            return cls(None, 0, [0], "world", timeout)  # type: ignore[arg-type]
+            return cls(None, 0, [0], name, timeout)  # type: ignore[arg-type]
         return cls(connect_store(env, timeout), env.rank, range(env.world_size), name, timeout)
 
     def subgroup(self, ranks: Sequence[int], name: str) -> "HostComm":
@@ -76,7 +76,11 @@ class HostComm(GroupBase):
             addrs = [json.loads(v) for v in self.exchange_keys("addr", json.dumps([ip, port]).encode())]
             for peer in range(self.rank):  # dial the lower ranks: their listeners are up
                 host, pport = addrs[peer]
-                sock = socket.create_connection((host, pport), timeout=self.timeout)
+                try:
+                    sock = socket.create_connection((host, pport), timeout=self.timeout)
+                except OSError as e:
+                    raise DistError(f"communicator {self.name!r}: rank {self.global_rank} cannot reach rank "
+                                    f"{self.ranks[peer]} at {host}:{pport} ({e}; did it exit?)") from None
                 sock.sendall(_HELLO.pack(self.rank, self._digest))
                 self._peers[peer] = sock
             listener.settimeout(self.timeout)
