@@ -138,7 +138,8 @@ class CompiledModel:
     def output_names(self) -> list[str]:
         return [o["name"] for o in self.manifest["program"]["outputs"]]
 
-    def export(self, path: str | os.PathLike, weights: bool = True, keep_below: int = 1 << 16) -> pathlib.Path:
+    def export(self, path: str | os.PathLike, weights: bool = True, keep_below: int = 1 << 16, *,
+               _weights: dict | None = None, _sections: dict | None = None) -> pathlib.Path:
         """Write the artifact. `weights=False` writes a perf artifact: large float weights are
         left out (only their shapes and dtypes stay in the manifest, listed under
         weights.omitted) and the CUDA runtime fills them with random values (packed quantized
@@ -149,8 +150,10 @@ class CompiledModel:
         self.ensure_generation()
         # one weights file for the forward and the step function
         ws = weights_of(self.program) if self.generation is None else self.generation.weights
+        if _weights is not None:  # one rank of a tensor-parallel model (llmc/tensor_parallel.py)
+            ws = _weights
         extra = {}
-        manifest = self.manifest
+        manifest = dict(self.manifest, **(_sections or {}))
         if not weights:
             from .compiler.ops import Op
 
@@ -378,7 +381,8 @@ def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None
             progress: Callable[[str], None] | None = None, use_blas: bool = True,
             generate: Any = None, tokenizer: str | None = None, quant: Any = None, group: int | None = None,
             method: str | None = None, calib: str | os.PathLike | None = None, calib_samples: int | None = None,
-            symmetric: bool = False, kv_cache_dtype: str | None = None, sparsity: str | None = None) -> CompiledModel:
+            symmetric: bool = False, kv_cache_dtype: str | None = None, sparsity: str | None = None,
+            tp: int = 1) -> CompiledModel:
     """Compile a torch.nn.Module (captured with torch.export) or an ONNX file.
 
     Returns a CompiledModel: call it with numpy arrays or torch tensors to get numpy
@@ -398,6 +402,9 @@ def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None
     `sparsity="2:4"` prunes the same matmuls first (`method` "magnitude" or "sparsegpt",
     the latter with `calib`); with `quant` too, `method` names the pruning method or the
     quantization method (rtn / awq; gptq is refused with sparsity).
+
+    `tp=N` shards the model for N tensor-parallel ranks (passes/shard.py; docs/parallel.md) and
+    returns a llmc.tensor_parallel.TensorParallelModel, whose export writes one artifact per rank.
     """
     from .backends.targets import parse_target
 
@@ -415,11 +422,18 @@ def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None
     graph = capture(model, example_args, example_kwargs, opts)
     opts.calib_windows = compression_windows(scheme, sp, calib_file, graph, tokenizer)
     capture_s = time.perf_counter() - t
-    compiled = compile_graph(graph, opts)
-    compiled.timings["capture_s"] = capture_s
     from .generation import GenerateOptions, attach, eos_ids, ids_only_capture
 
     gen = None if generate is False else generate if isinstance(generate, GenerateOptions) else GenerateOptions()
+    if tp != 1:
+        from .generation import eligible
+        from .tensor_parallel import compile_tensor_parallel
+
+        if generate is None and not eligible(graph):
+            gen = None  # not a causal LM taking ids alone: the forward only
+        return compile_tensor_parallel(graph, opts, gen, tp, tokenizer, eos_ids(model))
+    compiled = compile_graph(graph, opts)
+    compiled.timings["capture_s"] = capture_s
     attach(compiled, opts, gen, required=generate is not None, tokenizer=tokenizer, stop_token_ids=eos_ids(model),
            recapture=ids_only_capture(model, example_args, example_kwargs, opts))
     return compiled

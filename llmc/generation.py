@@ -44,6 +44,7 @@ class GenerationBuild:
     tokenizer: pathlib.Path | None = None
     report: str = ""
     weights: dict = field(default_factory=dict)  # every weight the artifact stores: the forward's and the step's
+    rank_weights: tuple = ()  # tensor parallelism: the step's weights of each rank (rank 0's are step's own)
 
 
 def eligible(graph) -> bool:
@@ -54,9 +55,10 @@ def eligible(graph) -> bool:
     return i.dtype.is_int and len(i.shape) == 2 and len(o.shape) == 3 and o.dtype.is_float
 
 
-def add_generation(forward, opts, gen: GenerateOptions, graph=None) -> GenerationBuild:
+def add_generation(forward, opts, gen: GenerateOptions, graph=None, shard_world: int = 1) -> GenerationBuild:
     """The step function of `graph` (a fused causal-LM graph taking token ids alone; default:
-    the forward's own), built for the forward's target."""
+    the forward's own), built for the forward's target; with `shard_world` > 1, one rank's
+    program of a tensor-parallel group (passes/shard.py), every rank's weights beside it."""
     from .api import compile_graph
     from .compiler.ops import Op
     from .passes.serve import StepSpec, derive_step
@@ -69,7 +71,16 @@ def add_generation(forward, opts, gen: GenerateOptions, graph=None) -> Generatio
     spec = StepSpec(gen.page_size, gen.max_tokens, gen.max_seqs, gen.max_context)
     source = forward.program.graph if graph is None else graph
     step_graph, report = derive_step(source, spec)
-    step = compile_graph(step_graph, opts, passes=[simplify])
+    rank_weights: tuple = ()
+    if shard_world > 1:  # simplified first: the shard pass comes last, so no later fold mixes ranks' weights
+        from .passes.shard import shard
+
+        sharded, shard_report = shard(simplify(step_graph)[0], shard_world)
+        step = compile_graph(sharded.graph, opts, passes=[])
+        rank_weights = sharded.rank_params
+        report = f"{report}; {shard_report}"
+    else:
+        step = compile_graph(step_graph, opts, passes=[simplify])
     if "shim" in step.manifest.get("libraries", {}).get("roles", {}) and \
             "shim" not in forward.manifest.get("libraries", {}).get("roles", {}):
         raise LLMCError("the step function calls the CUDA shim library but the forward does not carry it")
@@ -96,7 +107,7 @@ def add_generation(forward, opts, gen: GenerateOptions, graph=None) -> Generatio
         if not tok.is_file():
             raise LLMCError(f"tokenizer file {tok} does not exist")
         section["tokenizer"] = TOKENIZER_FILE
-    return GenerationBuild(step, section, tok, str(report))
+    return GenerationBuild(step, section, tok, str(report), rank_weights=rank_weights)
 
 
 def _seq_bound(graph) -> int:

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import ArtifactError, InputError, LLMCError
 from .blas import Gemm
+from .collective_call import HostCollective, check_comm
 from .engine.paged_attention import PagedAttentionCall
 from .manifest import Manifest, eval_dim
 from .tvm_runtime import import_tvm
@@ -168,7 +169,8 @@ class Executor:
 
     MAX_SHAPES = 4  # per workspace, the views of a few recent shapes stay cached
 
-    def __init__(self, manifest: Manifest, module, weights: Mapping[str, np.ndarray], device: str = "cpu"):
+    def __init__(self, manifest: Manifest, module, weights: Mapping[str, np.ndarray], device: str = "cpu",
+                 comm=None):
         if not isinstance(manifest, Manifest):
             raise TypeError("Executor takes a validated runtime.manifest.Manifest (Manifest.from_json)")
         take_program(self, manifest)
@@ -176,7 +178,9 @@ class Executor:
         p = manifest.program
         # (TVM function or None, buffer ids, symbols, kernel name, library call or None)
         self._calls = []
-        library = {"blas": Gemm, "kv": PagedAttentionCall}  # runtime library routes: (args, env) -> None
+        check_comm(p.kernels, comm, "this artifact")
+        # runtime library routes: (args, env) -> None
+        library = {"blas": Gemm, "kv": PagedAttentionCall, "coll": lambda k: HostCollective(k, comm)}
         calls = {name: library[k.route](k) for name, k in p.kernels.items() if k.route in library}
         for c in p.calls:
             if c.kernel in calls:
@@ -337,7 +341,9 @@ def load(path, device: str = "cpu", **options):
     Everything is checked before native code is loaded: the manifest (schema, checksum),
     then the size and SHA-256 of every file it names (see docs/artifact.md).
     device "cpu" gives an Executor, or for a generation artifact (a causal LM with its step
-    function) a runtime.engine.llm.LLM, which takes `kv_memory` (bytes of KV cache); "cuda"
+    function) a runtime.engine.llm.LLM, which takes `kv_memory` (bytes of KV cache). One rank
+    of a tensor-parallel artifact (`llmc compile --tp N`) takes `comm`, its group's communicator
+    (runtime/dist: HostComm on the CPU, NcclComm on CUDA); "cuda"
     (or "cuda:N") a runtime.gpu.GpuExecutor, which takes `graphs` (CUDA-graph replay,
     default on) and `fill_weights` ("random" | "none", for perf artifacts compiled without
     weights) as options.
@@ -361,6 +367,7 @@ def load(path, device: str = "cpu", **options):
         from ..errors import TargetError
 
         raise TargetError(f"device {device!r}: expected cuda or cuda:N")
+    check_rank(manifest, options.get("comm"), path)
     libraries = check_library_files(path, manifest, manifest.libraries)
     weights = load_weights(path, manifest)
     if kind == "cuda":
@@ -368,7 +375,8 @@ def load(path, device: str = "cpu", **options):
     if manifest.cpu is not None:  # kernels using instructions this processor lacks would die with SIGILL
         check_cpu(manifest.cpu.triple, manifest.cpu.mcpu, manifest.cpu.features, str(path))
     tvm = import_tvm(with_gpu=False)
-    forward = Executor(manifest, _load_library(tvm, libraries["tvm"]), weights, device)
+    comm = options.pop("comm", None)
+    forward = Executor(manifest, _load_library(tvm, libraries["tvm"]), weights, device, comm=comm)
     gen = manifest.generation
     if gen is None:
         if options:
@@ -381,11 +389,26 @@ def load(path, device: str = "cpu", **options):
     if unknown:
         raise LLMCError(f"unknown options {sorted(unknown)} (a generation artifact takes kv_memory)")
     step_file = check_library_files(path, manifest, {"step": gen.library})["step"]
-    step = Executor(manifest.step_manifest(), _load_library(tvm, step_file), weights, device)
+    step = Executor(manifest.step_manifest(), _load_library(tvm, step_file), weights, device, comm=comm)
     tok = None
     if gen.tokenizer is not None:
         tok = check_file(path, gen.tokenizer, file_entry(manifest, gen.tokenizer, path), "the tokenizer")
     return LLM(forward, step, gen, tok, kv_memory=options.get("kv_memory"))
+
+
+def check_rank(manifest, comm, path) -> None:
+    """A rank artifact with its group's communicator, as the same rank; a whole model with none."""
+    par = manifest.parallel
+    if par is None:
+        if comm is not None and getattr(comm, "world_size", 1) != 1:
+            raise ArtifactError(f"{path} is a whole model (compiled without --tp); it takes no communicator")
+        return
+    if comm is None:
+        raise ArtifactError(f"{path} is rank {par.rank} of a tensor-parallel group of {par.tp}: start it with "
+                            f"`llmc generate/serve --tp {par.tp}` (one process per rank) or pass comm=")
+    if comm.world_size != par.tp or comm.rank != par.rank:
+        raise ArtifactError(f"{path} is rank {par.rank} of {par.tp}, but this process is rank {comm.rank} of "
+                            f"{comm.world_size} (load {pathlib.Path(path).parent}/rank{comm.rank} with --tp {par.tp})")
 
 
 def _load_cuda(path: pathlib.Path, manifest, libraries: dict, weights: dict, device_id: int, options: dict):

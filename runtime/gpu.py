@@ -119,7 +119,7 @@ class GpuExecutor:
 
     def __init__(self, manifest: Manifest, modules: Mapping[str, Any], weights: Mapping[str, Any] | None,
                  device_id: int = 0, graphs: bool | None = None, fill_weights: str = "random",
-                 shared_weights: Mapping[str, Any] | None = None):
+                 shared_weights: Mapping[str, Any] | None = None, comm=None):
         from .executor import numpy_dtype, take_program
 
         if not isinstance(manifest, Manifest):
@@ -141,7 +141,12 @@ class GpuExecutor:
         p = manifest.program
         self._numpy_dtype = numpy_dtype
         self._kernels = {}
+        check_comm(p.kernels, comm, "this artifact")
+        self.comm = comm
         for name, k in p.kernels.items():
+            if k.route == "coll":  # NCCL on the executor's stream (captured into its CUDA graphs)
+                self._kernels[name] = (None, k)
+                continue
             lib = SHIM if k.route == SHIM else "tvm"
             mod = modules.get(lib)
             if mod is None:
@@ -233,7 +238,9 @@ class GpuExecutor:
         for c in self._program.calls:
             fn, k = self._kernels[c.kernel]
             args = [bufs[i] for i in c.args]
-            if k.route == SHIM:
+            if k.route == "coll":
+                fn, launch = self._collective(k, args)
+            elif k.route == SHIM:
                 tensors = [None if t is None else args[t.arg]._create_view(self._shape(t.shape, env), None, 0)
                            for t in k.tensors]
                 launch = (*tensors, *k.scalars)
@@ -246,6 +253,16 @@ class GpuExecutor:
         if len(self._plans) > MAX_PLANS:
             self._plans.popitem(last=False)
         return plan
+
+    def _collective(self, k, args) -> tuple:
+        """(fn, args) of a coll kernel: NCCL reads and writes the buffers in place on the stream the
+        plan runs on (self.stream while launching or capturing)."""
+        x, out = args
+        count = int(np.prod(x.shape, dtype=np.int64))
+        comm, stream = self.comm, self.stream
+        if k.func == "all_reduce":
+            return (lambda a, b: comm.all_reduce_device(a.data_ptr(), count, str(a.dtype), stream.ptr, out_ptr=b.data_ptr())), (x, out)
+        return (lambda a, b: comm.all_gather_device(a.data_ptr(), b.data_ptr(), count, str(a.dtype), stream.ptr)), (x, out)
 
     def bind_state(self, tensors: Mapping[str, Any]) -> None:
         """Bind inputs to device tensors for good: state the caller owns and the kernels update

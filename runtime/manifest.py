@@ -37,7 +37,7 @@ MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 MAX_MANIFEST_BYTES = 64 << 20  # checked before reading: the largest real manifests are ~1 MB
 SECTION_VERSIONS = {"target": 1, "program": 1, "weights": 1, "files": 1, "libraries": 1,
-                    "input_checks": 1, "cpu": 1, "cuda": 1, "notes": 1, "generation": 1}
+                    "input_checks": 1, "cpu": 1, "cuda": 1, "notes": 1, "generation": 1, "parallel": 1}
 REQUIRED_SECTIONS = ("target", "program", "weights")
 TOP_LEVEL = ("format", "format_version", "llmc_version", "checksum")
 DTYPES = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "int64", "int32", "int8", "uint8",
@@ -206,6 +206,15 @@ class GenerationSpec:
 
 
 @dataclass(frozen=True)
+class ParallelSpec:
+    """Which part of a parallel model this artifact is: rank `rank` of a tensor-parallel group of
+    `tp` (its weights are that rank's shards; its collectives need the group's communicator)."""
+    tp: int
+    rank: int
+    fingerprint: str  # the same for every rank of one compile (ranks from different compiles refuse to pair)
+
+
+@dataclass(frozen=True)
 class Manifest:
     llmc_version: str
     target: str
@@ -221,6 +230,7 @@ class Manifest:
     unknown_sections: tuple[str, ...] = ()
     format_version: int = FORMAT_VERSION
     generation: GenerationSpec | None = None
+    parallel: ParallelSpec | None = None
 
     def weight_buffers(self) -> dict[str, "BufferSpec"]:
         """name -> buffer of every weight the artifact's programs read (stored once)."""

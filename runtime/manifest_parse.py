@@ -86,20 +86,30 @@ def parse(m: Any, at: At, sealed: bool) -> Manifest:
     if "notes" in sections:
         n = chk.obj(sections["notes"], at["notes"], ("version", "values"))
         notes = chk.flat_scalars(n["values"], at["notes"]["values"])
+    parallel = None
+    if "parallel" in sections:
+        from .manifest import ParallelSpec
+
+        pa = chk.obj(sections["parallel"], at["parallel"], ("version", "tp", "rank", "fingerprint"))
+        tp = chk.integer(pa["tp"], at["parallel"]["tp"], 1, 1 << 16)
+        parallel = ParallelSpec(tp, chk.integer(pa["rank"], at["parallel"]["rank"], 0, tp - 1),
+                                chk.string(pa["fingerprint"], at["parallel"]["fingerprint"]))
     unknown = tuple(k for k in m if k not in TOP_LEVEL and k not in SECTION_VERSIONS)
     return Manifest(llmc_version, name, device, program, weights, files, libraries, checks, cpu, cuda, notes,
-                    unknown, generation=generation)
+                    unknown, generation=generation, parallel=parallel)
 
 
 def _check_routes(program: Program, device: str, at: At) -> None:
     for name, k in program.kernels.items():
-        if k.route != "tvm" and ROUTE_DEVICE[k.route] != device:
+        if k.route != "tvm" and device not in ROUTE_DEVICE[k.route]:
             raise at["kernels"][name]["route"].error(
-                f"route {k.route!r} exists on {ROUTE_DEVICE[k.route]} only, not in a {device} artifact")
+                f"route {k.route!r} exists on {' and '.join(ROUTE_DEVICE[k.route])} only, not in a {device} artifact")
         if k.route == "blas":
             _check_blas(k, program, at["kernels"][name])
         if k.route == "kv":
             _check_kv(k, program, at["kernels"][name])
+        if k.route == "coll":
+            _check_coll(k, program, at["kernels"][name])
 
 
 def _sections(m: dict, at: At) -> dict[str, dict]:
@@ -364,7 +374,30 @@ def _kernel(name: str, k: Any, at: At, symbols: Mapping[str, Symbol]) -> KernelS
                       text["label"], text["schedule"])
 
 
-ROUTE_DEVICE = {"shim": "cuda", "blas": "cpu", "kv": "cpu"}  # library routes besides TVM, and where they exist
+# library routes besides TVM, and the devices they exist on
+ROUTE_DEVICE = {"shim": ("cuda",), "blas": ("cpu",), "kv": ("cpu",), "coll": ("cpu", "cuda")}
+COLL_FUNCS = ("all_reduce", "all_gather")
+MAX_WORLD = 1 << 16
+
+
+def _check_coll(k: KernelSpec, program: Program, at: At) -> None:
+    """A coll kernel is one collective over its call's 2 buffers (x, out) of one dtype: all_reduce
+    (out shaped as x) or all_gather (out [world, *x.shape]); scalars: the group size, which the
+    runtime checks against its communicator when it loads."""
+    if k.func not in COLL_FUNCS:
+        raise at["func"].error(f"unknown collective {k.func!r} (this runtime has {', '.join(COLL_FUNCS)})")
+    if len(k.scalars) != 1 or isinstance(k.scalars[0], bool) or not isinstance(k.scalars[0], int) \
+            or not 1 <= k.scalars[0] <= MAX_WORLD:
+        raise at["scalars"].error("a collective takes one scalar, the group size (a positive int)")
+    if len(k.tensors) != 2 or any(t is None for t in k.tensors) or [t.arg for t in k.tensors] != [0, 1]:
+        raise at["tensors"].error("a collective reads its call's two arguments (x, out) in order")
+    x, out = (tuple(t.shape) for t in k.tensors)
+    want = x if k.func == "all_reduce" else ((k.scalars[0],) + x)
+    if out != want:
+        raise at["tensors"].error(f"{k.func}: out is shaped {list(out)}, x implies {list(want)}")
+    for c in (c for c in program.calls if c.kernel == k.name):
+        if len(c.args) != 2 or len({program.buffers[b].dtype for b in c.args}) != 1:
+            raise at.error(f"a collective is called with two buffers of one dtype")
 BLAS_DTYPES = ("float32", "float64")
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from llmc.compiler import ir
 from llmc.compiler.dtypes import DType
 from llmc.compiler.ir import Graph, Node
-from llmc.compiler.ops import Op, PermuteAttrs
+from llmc.compiler.ops import COLLECTIVES, POINT_TO_POINT, Op, PermuteAttrs
 from llmc.compiler.program import Kernel
 from llmc.passes.partition import is_transposed_2d as _transposed_2d
 from llmc.compiler.symbolic import to_json
@@ -218,7 +218,8 @@ def cuda_grouping(graph: Graph) -> list[list[Node]]:
     from llmc.passes.partition import HEAVY, ancestors_within, fused_grouping, join_weight_transposes, split_out_cores
 
     split = _Split(graph)
-    groups = fused_grouping(graph, runtime_ops=frozenset())  # paged attention: an anchor, its core split below
+    # paged attention: an anchor, its core split below; collectives: kernels of their own (NCCL calls)
+    groups = fused_grouping(graph, runtime_ops=COLLECTIVES | POINT_TO_POINT)
     groups = join_weight_transposes(graph, groups)
     owner = {n.uid: gi for gi, g in enumerate(groups) for n in g}
     for gi, g in enumerate(groups):  # X = ADD(GEMM, bias) read in place by attention: bias -> GEMM epilogue

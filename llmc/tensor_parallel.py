@@ -1,0 +1,118 @@
+"""`llmc.compile(..., tp=N)`: one compile, N rank artifacts.
+
+The fusion pipeline runs on the whole graph; the shard pass (passes/shard.py) comes last, on the
+forward and on the step function derived from the unsharded graph, so every rank runs the same
+kernels and only the weights differ. `export(path)` writes `path/rank0 .. rank{N-1}`, each a
+complete artifact with a "parallel" manifest section (tp, its rank, a fingerprint shared by the
+ranks of this compile); `llmc generate/serve --tp N` starts one process per rank.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+import time
+import uuid
+from dataclasses import dataclass
+
+from .errors import LLMCError
+
+
+def rank_dir(path: str | pathlib.Path, rank: int) -> pathlib.Path:
+    return pathlib.Path(path) / f"rank{rank}"
+
+
+@dataclass
+class TensorParallelModel:
+    """A model compiled for a tensor-parallel group: `forward` is rank 0's CompiledModel (its
+    kernels are every rank's); `rank_weights[r]` the weights rank r's artifact stores."""
+
+    forward: object
+    rank_weights: tuple
+    tp: int
+    report: str = ""
+
+    @property
+    def manifest(self) -> dict:
+        return self.forward.manifest
+
+    nonce: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    @property
+    def fingerprint(self) -> str:
+        """The programs' hash and this compile's nonce: the rank folders of two compiles of one
+        architecture have the same programs but other weights, and must not pair."""
+        m = self.forward.manifest
+        body = json.dumps([m["program"], m.get("generation", {}).get("program"), self.tp], sort_keys=True)
+        return f"{hashlib.sha256(body.encode()).hexdigest()[:16]}-{self.nonce}"
+
+    def __call__(self, *args, **kwargs):
+        raise LLMCError(f"a model compiled with tp={self.tp} runs as {self.tp} processes, one per rank: "
+                        f"export() it and run `llmc generate ART --tp {self.tp}` or `llmc serve ART --tp {self.tp}`")
+
+    generate = __call__
+
+    def export(self, path: str | pathlib.Path, weights: bool = True) -> pathlib.Path:
+        path = pathlib.Path(path)
+        fp = self.fingerprint
+        for r, ws in enumerate(self.rank_weights):
+            section = {"parallel": {"version": 1, "required": True, "tp": self.tp, "rank": r, "fingerprint": fp}}
+            self.forward.export(rank_dir(path, r), weights=weights, _weights=ws, _sections=section)
+        return path
+
+
+def compile_tensor_parallel(graph, opts, gen, tp: int, tokenizer=None, stop_token_ids=()) -> TensorParallelModel:
+    """`graph` as captured; `gen` a GenerateOptions (None: the forward alone)."""
+    from .api import compile_graph
+    from .generation import add_generation, check_shared_weights
+    from .passes.pipeline import run_pipeline
+    from .passes.shard import shard
+
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 2:
+        raise LLMCError(f"tp must be an int >= 2 here, got {tp!r}")
+    t = time.perf_counter()
+    if opts.progress:
+        opts.progress(f"tensor parallelism over {tp} ranks: fusing, then sharding")
+    fused, _ = run_pipeline(graph, opts.pipeline(), opts.verify_each, opts.dump_dir)
+    fwd, fwd_report = shard(fused, tp)
+    forward = compile_graph(fwd.graph, opts, passes=[])
+    forward.report += f"\n{fwd_report}"
+    step_weights: tuple = tuple({} for _ in range(tp))
+    if gen is not None:
+        if tokenizer is not None and gen.tokenizer is None:
+            gen.tokenizer = tokenizer
+        if not gen.stop_token_ids:
+            gen.stop_token_ids = tuple(stop_token_ids)
+        b = add_generation(forward, opts, gen, graph=fused, shard_world=tp)
+        step_weights = b.rank_weights
+        forward.generation = b
+        forward.manifest = dict(forward.manifest, generation=b.section)
+        forward.report += f"\ngeneration: {b.report}"
+    ranks = []
+    for r in range(tp):
+        ws = check_shared_weights(dict(fwd.rank_params[r]), dict(step_weights[r]))
+        ranks.append(ws)
+    needed = _program_weights(forward)
+    missing = needed - set(ranks[0])
+    if missing:  # a backend made a weight of its own from a shard (a fold): it would be rank 0's on every rank
+        raise LLMCError(f"tensor parallelism: the {forward.manifest['target']['name']} build made weights "
+                        f"{sorted(missing)[:3]} the shard pass does not know; compile without tp")
+    ranks = [{k: v for k, v in ws.items() if k in needed} for ws in ranks]
+    if forward.generation is not None:
+        forward.generation.weights = ranks[0]
+    forward.manifest = dict(forward.manifest, weights=dict(forward.manifest["weights"], count=len(ranks[0])))
+    forward.timings["tensor_parallel_s"] = time.perf_counter() - t
+    return TensorParallelModel(forward, tuple(ranks), tp, forward.report)
+
+
+def _program_weights(compiled) -> set[str]:
+    from .backends.artifact import weights_of
+
+    names = set(weights_of(compiled.program))
+    if compiled.generation is not None:
+        names |= set(weights_of(compiled.generation.step.program))
+    return names
+
+
+__all__ = ["TensorParallelModel", "compile_tensor_parallel", "rank_dir"]

@@ -1,0 +1,49 @@
+"""Route "coll": a kernel that is one collective runs as a call into the rank's communicator
+(runtime/dist: HostComm on the CPU, NcclComm on CUDA). The artifact says the group size; the
+communicator the caller hands the runtime must be that big, or loading fails."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..errors import ArtifactError
+from .manifest import KernelSpec
+
+
+def collective_world(kernels) -> int | None:
+    """The group size an artifact's collectives were compiled for (None: it has none)."""
+    sizes = {int(k.scalars[0]) for k in kernels.values() if k.route == "coll"}
+    if len(sizes) > 1:
+        raise ArtifactError(f"collectives over groups of different sizes {sorted(sizes)} in one program")
+    return sizes.pop() if sizes else None
+
+
+def check_comm(kernels, comm: Any, what: str) -> None:
+    world = collective_world(kernels)
+    if world is None:
+        return
+    if comm is None:
+        raise ArtifactError(f"{what} is one rank of a tensor-parallel group of {world}: it needs a communicator "
+                            f"(start it with `llmc serve --tp {world}` / `llmc generate --tp {world}`, or pass comm=)")
+    size = getattr(comm, "world_size", None)
+    if size != world:
+        raise ArtifactError(f"{what} was compiled for a group of {world} ranks; the communicator has {size}")
+
+
+class HostCollective:
+    """CPU: (x, out) numpy arrays; out = the sum over the ranks, or every rank's x stacked."""
+
+    def __init__(self, spec: KernelSpec, comm: Any):
+        self.func, self.world, self.comm = spec.func, int(spec.scalars[0]), comm
+
+    def __call__(self, args, env) -> None:
+        x, out = args
+        if self.func == "all_reduce":
+            np.copyto(out, x)
+            self.comm.all_reduce(out)
+        else:  # out [world, *x.shape] is the ranks' x concatenated along axis 0 (x 0-d: as [1])
+            src = np.ascontiguousarray(x).reshape((-1,) + tuple(x.shape[1:]) if x.ndim else (1,))
+            self.comm.all_gather(src, out.reshape((self.world * src.shape[0],) + tuple(src.shape[1:])))
+
+__all__ = ["HostCollective", "check_comm", "collective_world"]

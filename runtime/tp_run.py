@@ -1,0 +1,111 @@
+"""One rank of a tensor-parallel model: join the group, load this rank's artifact, run.
+
+    llmc generate ART --tp 2 --ids 1,2,3          # the CLI launches the ranks (runtime/dist/launch.py)
+    python -m llmc.runtime.tp_run generate ART --ids 1,2,3   # one rank, under torchrun / Slurm / the launcher
+
+ART is the folder `llmc compile --tp N` wrote (rank0 .. rank{N-1}); a rank reads RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT. Before loading, the ranks meet and compare their artifacts: ranks of
+different compiles, or a job of another size than the artifact's group, stop with an error
+naming the rank and the field. Every rank runs the same generation (the logits are all-gathered,
+so each rank picks the same tokens); rank 0 prints them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from typing import Sequence
+
+from ..errors import LLMCError
+from .artifact_files import read_manifest
+from .manifest import MANIFEST
+
+
+def rank_path(art: str | pathlib.Path, rank: int) -> pathlib.Path:
+    art = pathlib.Path(art)
+    if (art / MANIFEST).exists():  # a rank folder itself
+        return art
+    path = art / f"rank{rank}"
+    if not (path / MANIFEST).exists():
+        raise LLMCError(f"{art}: no {path.name}/ (expected the folder `llmc compile --tp N` writes, "
+                        f"with rank0 .. rank{{N-1}})")
+    return path
+
+
+def artifact_tp(art: str | pathlib.Path) -> int:
+    """The group size of a tensor-parallel artifact folder (1 for a whole model)."""
+    m = read_manifest(rank_path(art, 0))
+    return 1 if m.parallel is None else m.parallel.tp
+
+
+def join(art: str | pathlib.Path, device: str, timeout: float = 120.0):
+    """(DistEnv, communicator, this rank's artifact folder)."""
+    from .dist.rendezvous import DistEnv, check_consistent, rendezvous
+
+    env = DistEnv.from_environ()
+    path = rank_path(art, env.rank)
+    par = read_manifest(path).parallel
+    if par is None:
+        raise LLMCError(f"{path} is a whole model (compiled without --tp): run it without a group")
+    infos = rendezvous(env, {"fingerprint": par.fingerprint, "tp": par.tp, "rank": par.rank}, timeout, tag="tp_load")
+    check_consistent(infos, ["fingerprint", "tp"])
+    if env.world_size != par.tp:
+        raise LLMCError(f"{path} belongs to a group of {par.tp} ranks; this job has {env.world_size} "
+                        f"(start it with --tp {par.tp})")
+    if device == "cpu":
+        from .dist.host_comm import HostComm
+
+        comm = HostComm.create(env, timeout)
+    else:
+        from .dist.nccl import NcclComm
+
+        comm = NcclComm.create(env, device=_device_index(device), timeout=timeout)
+    return env, comm, path
+
+
+def _device_index(device: str) -> int | None:
+    kind, _, index = device.partition(":")
+    return int(index) if index else None
+
+
+def _generate(a: argparse.Namespace) -> int:
+    from .executor import load
+
+    device = a.device or read_manifest(rank_path(a.artifact, 0)).device
+    env, comm, path = join(a.artifact, device)
+    try:
+        options = {} if a.kv_memory is None else {"kv_memory": a.kv_memory}
+        dev = device if device == "cpu" or ":" in device else f"cuda:{getattr(comm, 'device', 0)}"
+        llm = load(path, device=dev, comm=comm, **options)
+        prompts = [[int(t) for t in p.split(",") if t.strip()] for p in a.ids]
+        outs = llm.generate(prompts, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed,
+                            stop_token_ids=())
+        if env.rank == 0:
+            print(json.dumps({"tp": comm.world_size, "token_ids": [o.token_ids for o in outs]}), flush=True)
+    finally:
+        comm.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m llmc.runtime.tp_run", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="greedy or sampled generation on every rank; rank 0 prints JSON")
+    g.add_argument("artifact")
+    g.add_argument("--ids", action="append", required=True, help="a prompt's token ids, comma-separated (repeat)")
+    g.add_argument("--max-new-tokens", type=int, default=16)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", help="cpu | cuda[:N] (default: the artifact's)")
+    g.add_argument("--kv-memory", type=int)
+    a = p.parse_args(argv)
+    try:
+        return _generate(a)
+    except LLMCError as e:
+        print(f"llmc: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

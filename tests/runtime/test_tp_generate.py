@@ -1,0 +1,82 @@
+"""Tensor parallelism on the CPU, end to end: `llmc.compile(tp=N)` -> N rank artifacts -> N real
+processes (the launcher, the host communicator, the collectives as runtime calls) -> the same
+greedy tokens as the whole model in one process; and the refusals when ranks do not match."""
+from __future__ import annotations
+
+import io
+import shutil
+import sys
+import types
+
+import pytest
+import torch
+
+import llmc
+from llmc.errors import ArtifactError
+from llmc.runtime.dist.errors import LaunchError
+from llmc.runtime.dist.launch import launch
+from llmc.runtime.executor import check_rank
+from llmc.runtime.artifact_files import read_manifest
+
+pytest.importorskip("transformers")
+from causal_lms import VOCAB, tiny_causal_lm  # noqa: E402
+
+BOUNDS = {"batch": (1, 4), "seq": (1, 64)}
+PROMPTS = [[5, 6, 7, 8, 9], [3, 17, 40, 41, 2, 88, 60, 61, 33, 12, 9]]
+
+
+def _compile(model, tp):
+    return llmc.compile(model, (torch.randint(3, VOCAB, (1, 8)),), dim_bounds=BOUNDS, generate=True, tp=tp)
+
+
+def _run_ranks(art, n, extra=()):
+    out, err = io.StringIO(), io.StringIO()
+    argv = [sys.executable, "-m", "llmc.runtime.tp_run", "generate", str(art), "--max-new-tokens", "12", *extra]
+    for p in PROMPTS:
+        argv += ["--ids", ",".join(map(str, p))]
+    launch(argv, n, stdout=out, stderr=err, timeout=240, label=False)
+    import json
+
+    lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("{")]
+    assert len(lines) == 1, out.getvalue() + err.getvalue()  # rank 0 alone prints
+    return json.loads(lines[0])
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_causal_lm("llama", num_key_value_heads=4)
+
+
+@pytest.fixture(scope="module")
+def whole_tokens(llama):
+    one = llmc.compile(llama, (torch.randint(3, VOCAB, (1, 8)),), dim_bounds=BOUNDS, generate=True)
+    return [o.token_ids for o in one.generate(PROMPTS, max_new_tokens=12, stop_token_ids=())]
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_greedy_tokens_match_the_whole_model(llama, whole_tokens, tp, tmp_path):
+    art = _compile(llama, tp).export(tmp_path / "art")
+    assert sorted(p.name for p in art.iterdir()) == [f"rank{r}" for r in range(tp)]
+    m = read_manifest(art / "rank1")
+    assert (m.parallel.tp, m.parallel.rank) == (tp, 1)
+    assert {k.route for k in m.generation.program.kernels.values()} >= {"coll", "kv"}
+    got = _run_ranks(art, tp)
+    assert got["tp"] == tp and got["token_ids"] == whole_tokens
+
+
+def test_mismatched_ranks_are_refused(llama, tmp_path):
+    a = _compile(llama, 2).export(tmp_path / "a")
+    b = _compile(llama, 2).export(tmp_path / "b")  # the same architecture: the same programs, another compile
+    shutil.rmtree(a / "rank1")
+    shutil.copytree(b / "rank1", a / "rank1")
+    with pytest.raises(LaunchError) as e:
+        _run_ranks(a, 2)
+    assert "fingerprint" in e.value.result.report()
+    with pytest.raises(LaunchError) as e:  # a job of another size than the artifact's group
+        _run_ranks(b, 3)
+    assert "rank2" in e.value.result.report()
+    with pytest.raises(ArtifactError, match="rank 0 of a tensor-parallel group of 2"):
+        llmc.load(b / "rank0")  # alone, without its group
+    wrong = types.SimpleNamespace(rank=1, world_size=2)
+    with pytest.raises(ArtifactError, match="is rank 0 of 2, but this process is rank 1 of 2"):
+        check_rank(read_manifest(b / "rank0"), wrong, b / "rank0")
