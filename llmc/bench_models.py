@@ -40,6 +40,23 @@ def llama_1b():
     return model, (), {"input_ids": ids, "use_cache": False}
 
 
+def llama_8b():
+    """Llama-3.1-8B's shape: hidden 4096, 32 heads / 8 KV heads of 128, MLP 14336, vocab 128256,
+    untied LM head, bf16. LLMC_BENCH_LAYERS sets the depth (default the full 32; a build host
+    needs about 3x the weights' bytes of memory to capture and compile, 16 GB per 32 layers)."""
+    import torch
+    import transformers as T
+
+    device, batch, seq = _env()
+    layers = int(os.environ.get("LLMC_BENCH_LAYERS", "32"))
+    cfg = T.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
+                        rope_theta=500000.0, tie_word_embeddings=False, attn_implementation="sdpa")
+    model = _build(T.LlamaForCausalLM, cfg, torch.bfloat16, device)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+    return model, (), {"input_ids": ids, "use_cache": False}
+
+
 def minilm_shape():
     """all-MiniLM-L6-v2's shape (BERT: hidden 384, 6 layers, 12 heads of 32, MLP 1536), fp16,
     random weights; input_ids + an all-ones attention_mask."""
@@ -54,4 +71,4 @@ def minilm_shape():
     return model, (), {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.int64, device=device)}
 
 
-__all__ = ["llama_1b", "minilm_shape"]
+__all__ = ["llama_1b", "llama_8b", "minilm_shape"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import pathlib
@@ -105,20 +106,27 @@ def cmd_compile(a: argparse.Namespace) -> int:
     graph = capture(src.model, src.args, src.kwargs, opts)
     opts.calib_windows = compression_windows(scheme, sparsity, calib_file, graph, src.tokenizer)
     _progress(f"captured {len(graph.nodes())} nodes, {len(graph.params)} weights in {time.perf_counter() - t0:.1f}s")
-    compiled = compile_graph(graph, opts)
-    from .generation import GenerateOptions, attach, eos_ids, ids_only_capture
+    from .generation import GenerateOptions, attach, eligible, eos_ids, ids_only_capture
 
     # a causal LM gets its step function when its graph allows it (required with --generate)
     gen = None if a.no_generate else GenerateOptions(a.page_size, a.max_step_tokens, a.max_seqs)
-    attach(compiled, opts, gen, required=a.generate, tokenizer=src.tokenizer, stop_token_ids=eos_ids(src.model),
-           recapture=ids_only_capture(src.model, src.args, src.kwargs, opts))
+    if a.tp != 1:  # one artifact per rank under --output (llmc/tensor_parallel.py)
+        from .tensor_parallel import compile_tensor_parallel
+
+        if not a.generate and not eligible(graph):
+            gen = None
+        compiled = compile_tensor_parallel(graph, opts, gen, a.tp, src.tokenizer, eos_ids(src.model))
+    else:
+        compiled = compile_graph(graph, opts)
+        attach(compiled, opts, gen, required=a.generate, tokenizer=src.tokenizer, stop_token_ids=eos_ids(src.model),
+               recapture=ids_only_capture(src.model, src.args, src.kwargs, opts))
     replacing = (out_path / "manifest.json").exists()
     _progress(f"writing {out_path}" + (" (replacing the artifact there, --force)" if replacing else ""))
     out = compiled.export(a.output, weights=a.weights == "all")
     if a.weights == "none":
         from .runtime.artifact_files import read_manifest
 
-        omitted = read_manifest(out).weights.omitted
+        omitted = read_manifest(out if a.tp == 1 else out / "rank0").weights.omitted
         _progress(f"perf artifact: {len(omitted)} large weights left out (shapes only); the CUDA runtime fills "
                   f"them with random values")
     _progress(f"wrote {out} in {time.perf_counter() - t0:.1f}s total")
@@ -291,6 +299,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
             ids = [int(t) for t in a.ids.split(",") if t.strip()]
         except ValueError:
             raise LLMCError(f"--ids {a.ids!r}: expected comma-separated token ids, e.g. 1,2,3") from None
+    from .runtime.tp_run import artifact_tp
+
+    tp = artifact_tp(a.artifact)
+    if tp > 1:  # a tensor-parallel artifact: one process per rank (GPU r for rank r)
+        return _generate_tp(a, ids, tp)
     options = {} if a.kv_memory is None else {"kv_memory": a.kv_memory}
     llm = load(a.artifact, device=artifact_device(a.artifact), **options)  # a CUDA artifact runs on the GPU
     if not hasattr(llm, "generate"):
@@ -315,6 +328,36 @@ def cmd_generate(a: argparse.Namespace) -> int:
     print()
     _progress(f"{len(new)} tokens in {dt:.2f}s ({len(new) / dt:.1f} tokens/s)")
     return 0
+
+
+def _generate_tp(a: argparse.Namespace, ids, tp: int) -> int:
+    """`llmc generate` of a --tp artifact: the ranks run under the launcher; rank 0's tokens print."""
+    from .runtime.dist.launch import launch
+
+    if ids is None:
+        raise LLMCError("a tensor-parallel artifact takes its prompt as --ids (token ids) for now")
+    if a.top_k or a.top_p != 1.0 or a.stop_ids is not None:
+        raise LLMCError("with a --tp artifact, generate takes --max-new-tokens, --temperature and --seed")
+    device = read_manifest_device(a.artifact)
+    argv = [sys.executable, "-m", "llmc.runtime.tp_run", "generate", str(a.artifact), "--ids", ",".join(map(str, ids)),
+            "--max-new-tokens", str(a.max_new_tokens), "--temperature", str(a.temperature)]
+    argv += [] if a.seed is None else ["--seed", str(a.seed)]
+    argv += [] if a.kv_memory is None else ["--kv-memory", str(a.kv_memory)]
+    _progress(f"{a.artifact}: tensor-parallel over {tp} ranks" + (" (GPU r for rank r)" if device == "cuda" else ""))
+    out = io.StringIO()
+    res = launch(argv, tp, devices=list(range(tp)) if device == "cuda" else None, stdout=out, label=False, check=False)
+    if not res.ok:
+        raise LLMCError(f"tensor-parallel generate failed:\n{res.report()}")
+    line = next(ln for ln in out.getvalue().splitlines() if ln.startswith("{"))
+    print(" ".join(map(str, json.loads(line)["token_ids"][0])))
+    return 0
+
+
+def read_manifest_device(artifact) -> str:
+    from .runtime.artifact_files import read_manifest
+    from .runtime.tp_run import rank_path
+
+    return read_manifest(rank_path(artifact, 0)).device
 
 
 def _replica_flags(a: argparse.Namespace) -> list[str]:
@@ -433,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-shim", action="store_true", help="cuda: build every kernel with TVM (no cuBLASLt / "
                                                            "flash-attention offload)")
     c.add_argument("--no-blas", action="store_true", help="cpu: build the GEMMs with TVM too (no BLAS calls)")
+    c.add_argument("--tp", type=int, default=1, metavar="N", help="tensor parallelism: shard for N ranks (one "
+                   "artifact per rank, OUTPUT/rank0 ..; run with `llmc generate/serve --tp N`)")
     c.add_argument("--no-generate", action="store_true", help="causal LMs: the forward only, no step function")
     c.add_argument("--generate", action="store_true", help="require the step function (fail, naming the node, "
                                                            "where the graph does not allow one)")

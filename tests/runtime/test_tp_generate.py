@@ -62,6 +62,13 @@ def test_greedy_tokens_match_the_whole_model(llama, whole_tokens, tp, tmp_path):
     assert {k.route for k in m.generation.program.kernels.values()} >= {"coll", "kv"}
     got = _run_ranks(art, tp)
     assert got["tp"] == tp and got["token_ids"] == whole_tokens
+    if tp == 2:  # the CLI launches the ranks itself
+        import subprocess
+
+        r = subprocess.run([sys.executable, "-m", "llmc", "generate", str(art), "--ids", ",".join(map(str, PROMPTS[0])),
+                            "--max-new-tokens", "12"], capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == [str(t) for t in whole_tokens[0]]
 
 
 def test_mismatched_ranks_are_refused(llama, tmp_path):
