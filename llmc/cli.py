@@ -396,7 +396,10 @@ def _serve_replicated(a: argparse.Namespace) -> int:
 
         return serve_ray(str(art.resolve()), _replica_flags(a), a.dp, a.ray_max_replicas, a.host, a.port,
                          address=a.ray_address, gpu=manifest.device.startswith("cuda"), progress=_progress)
-    from .runtime.serve.dp_front import serve_dp
+    try:
+        from .runtime.serve.dp_front import serve_dp
+    except ImportError as e:  # httpx / aiohttp: the serve extra
+        raise LLMCError(f"llmc serve --dp needs the serve extra (pip install 'llmc[serve]'): {e}") from None
     from .runtime.serve.dp_supervisor import DpConfig
     from .runtime.serve.replica_process import placement
 
