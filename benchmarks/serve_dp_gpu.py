@@ -11,9 +11,11 @@ ART: a CUDA generation artifact, e.g. of the Llama-3.2-1B shape (as benchmarks/s
 Requests: ShareGPT-like lengths (llmc/bench_serve.py), fixed-length outputs (ignore_eos), all
 sent at once by default (--rate inf: every configuration saturated, so output tok/s is its
 capacity), streamed through llmc bench-serve's client. Printed per configuration: output and
-request throughput, TTFT / TPOT p50 / p99, and the front's CPU use (a single Python process
-relaying every token: if DP=K falls short of K x DP=1 with the front near 100%, the front is
-the limit); then each DP=K's output tok/s over DP=1's. Issue 14's goal: DP=2 >= 1.8x DP=1.
+request throughput, TTFT / TPOT p50 / p99, and the front's CPU use, as a share of one core and
+in ms per output token (a single Python process relays every token: if DP=K falls short of
+K x DP=1 with the front near 100%, the front is the limit); then each DP=K's output tok/s over
+DP=1's. The GPU machine has aiohttp and uvloop; carry wheels of fastapi, uvicorn and httpx
+as for benchmarks/serve_gpu.py. Issue 14's goal: DP=2 >= 1.8x DP=1.
 The DP values default to 1, 2 and, with 4 GPUs visible, 4. Keep NCCL_NVLS_ENABLE=0 on shared
 hosts (nothing here uses NCCL; replicas share no memory).
 """
@@ -59,11 +61,14 @@ def run_one(art: str, dp: int, flags: list[str], work, warm, rate: float, seed: 
         asyncio.run(run_load(URL, "m", warm, float("inf"), None, {}, np.random.default_rng(0)))  # graphs, shapes
         cpu0, t0 = cpu_seconds(srv.proc.pid), time.perf_counter()
         results, dur, _, delta = asyncio.run(run_load(URL, "m", work, rate, None, {}, np.random.default_rng(seed)))
-        front_cpu = (cpu_seconds(srv.proc.pid) - cpu0) / (time.perf_counter() - t0)
+        cpu = cpu_seconds(srv.proc.pid) - cpu0
+        wall = time.perf_counter() - t0
     finally:
         srv.stop()
     res = summarize(results, dur, {})
-    res["server_cpu_fraction"] = front_cpu  # DP=1: the server itself; DP>1: the front (replicas not counted)
+    # DP=1: the server process itself (engine included); DP>1: the front alone (replicas not counted)
+    res["server_cpu_fraction"] = cpu / wall
+    res["server_cpu_ms_per_output_token"] = 1000 * cpu / max(1, sum(len(t.token_times) for t in results))
     res["server_counters"] = {k.removeprefix("llmc_"): v for k, v in delta.items() if v}
     return res
 
@@ -92,7 +97,8 @@ def main() -> None:
         warm = sharegpt_like(32 * dp, gen.max_context, gen.vocab, np.random.default_rng(8))
         r = run_one(a.art, dp, ["--max-num-seqs", str(a.max_num_seqs)], work, warm, a.rate, 11)
         out[f"dp{dp}"] = r
-        brief(f"DP={dp} (server/front CPU {100 * r['server_cpu_fraction']:.0f}%)", r)
+        brief(f"DP={dp} (server/front CPU {100 * r['server_cpu_fraction']:.0f}%, "
+              f"{r['server_cpu_ms_per_output_token']:.3f} ms/token)", r)
         if r["completed"] != r["requests"]:
             log(f"DP={dp}: {r['requests'] - r['completed']} requests did not complete "
                 f"({r['rejected_429']} got 429, {r['failed']} failed)")

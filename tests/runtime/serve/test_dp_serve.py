@@ -181,6 +181,28 @@ def test_the_next_request_goes_to_the_less_loaded_replica(front):
     assert loads[f'llmc_replica_requests_in_flight{{replica="{busy}"}}'] == 0
 
 
+def test_a_client_that_leaves_aborts_its_request_on_the_replica(front):
+    body = {"model": "tiny.llmc", "prompt": PROMPTS[4], "max_tokens": 240, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", f"{front.url}/v1/completions", json=body, timeout=30) as r:
+        replica = front.replicas()[int(r.headers["x-llmc-replica"])]
+        url = f"http://127.0.0.1:{replica['port']}"
+        before = front.metrics(url)
+        aborted = metric(before, 'llmc_requests_finished_total{reason="abort"}')
+        assert next(r.iter_lines()).startswith("data: ")
+    # the stream is closed after one event: the replica stops generating and frees its pages
+    deadline = time.monotonic() + 20
+    while metric(front.metrics(url), 'llmc_requests_finished_total{reason="abort"}') != aborted + 1:
+        assert time.monotonic() < deadline, "the replica did not abort the request"
+        time.sleep(0.05)
+    m = front.metrics(url)
+    assert metric(m, "llmc_num_requests_running") == 0 and metric(m, "llmc_kv_pages_used") == 0
+    made = metric(m, "llmc_generation_tokens_total") - metric(before, "llmc_generation_tokens_total")
+    assert 1 <= made < 240
+    rows = {x["replica"]: x for x in front.replicas()}
+    assert rows[replica["replica"]]["in_flight"] == 0 and rows[replica["replica"]]["outstanding_tokens"] == 0
+
+
 def test_a_killed_replica_fails_its_requests_and_comes_back(front):
     # a stream in flight: an error event naming the replica and the signal, then the end
     body = {"model": "tiny.llmc", "prompt": PROMPTS[2], "max_tokens": 240, "temperature": 0, "stream": True,
