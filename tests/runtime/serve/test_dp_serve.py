@@ -282,3 +282,46 @@ def test_a_replica_that_cannot_start_ends_the_command(trained_artifact, tmp_path
     assert "exited with code 2 while starting" in r.stderr.splitlines()[-1]
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/health")
+
+
+def test_a_hung_replica_is_killed_by_the_health_checks_and_restarted(trained_artifact, caplog):
+    """A replica that stops answering (SIGSTOP: alive, silent) fails its health checks, is
+    killed, and comes back: what keeps a hung replica from hanging its clients forever."""
+    import asyncio
+    import logging
+
+    from llmc.runtime.serve.dp_supervisor import DpConfig, Supervisor
+    from llmc.runtime.serve.replica_process import ReplicaProcess
+
+    config = DpConfig(health_interval=0.3, health_timeout=0.5, health_failures=2)
+    replicas = [ReplicaProcess(i, str(trained_artifact), ["--log-level", "warning"]) for i in range(2)]
+
+    async def scenario():
+        async with httpx.AsyncClient() as client:
+            sup = Supervisor(replicas, config, client, progress=lambda msg: None)
+            await sup.start_all()
+            watch = asyncio.ensure_future(sup.watch())
+            try:
+                hung = replicas[1].pid
+                os.kill(hung, signal.SIGSTOP)
+                deadline = time.monotonic() + 40
+                while not (sup.restarts[1] == 1 and sup.router.loads[1].up):
+                    assert time.monotonic() < deadline and sup.gave_up is None
+                    if replicas[1].pid == hung:
+                        assert sup.router.loads[0].up
+                    await asyncio.sleep(0.1)
+                assert replicas[1].pid != hung and not _alive(hung)
+                assert sup.last_exit[1] == "was killed by SIGKILL" and sup.restarts[0] == 0
+                r = await client.get(f"{replicas[1].url}/health")
+                assert r.status_code == 200
+            finally:
+                watch.cancel()
+                await sup.stop_all()
+
+    with caplog.at_level(logging.ERROR, logger="llmc.serve.dp"):
+        try:
+            asyncio.run(scenario())
+        finally:
+            for r in replicas:
+                r.kill()
+    assert any("failed 2 health checks in a row: killing it" in m for m in caplog.messages)
