@@ -387,6 +387,10 @@ def _serve_replicated(a: argparse.Namespace) -> int:
         raise LLMCError(f"{a.artifact} has no step function (not a causal LM, or compiled with --no-generate)")
     if a.dp < 1:
         raise LLMCError(f"--dp must be >= 1, got {a.dp}")
+    if a.max_restarts < 0:
+        raise LLMCError(f"--max-restarts must be >= 0, got {a.max_restarts}")
+    if a.ray_max_replicas is not None and a.ray_max_replicas < a.dp:
+        raise LLMCError(f"--ray-max-replicas {a.ray_max_replicas} is below --dp {a.dp} (the autoscaler's minimum)")
     try:
         devices = None if a.devices is None else [int(d) for d in a.devices.split(",")]
     except ValueError:
@@ -416,7 +420,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise LLMCError(f"llmc serve needs the serve extra (pip install 'llmc[serve]'): {e}") from None
     from .runtime.serve.engine import EngineConfig
 
-    if a.dp != 1 or a.ray:
+    if not a.ray and (a.ray_address is not None or a.ray_max_replicas is not None):
+        raise LLMCError("--ray-address and --ray-max-replicas go with --ray")
+    if a.dp != 1 or a.ray or a.devices is not None:
         return _serve_replicated(a)
 
     config = EngineConfig(policy=a.policy, max_num_batched_tokens=a.max_num_batched_tokens,
@@ -581,12 +587,13 @@ def add_serve_parsers(sub, fmt) -> None:
     d.add_argument("--devices", metavar="LIST", help="GPU indices, one per replica (default 0..K-1)")
     d.add_argument("--restart-replicas", action=argparse.BooleanOptionalAction, default=True,
                    help="restart a replica that dies; with --no-restart-replicas the server exits non-zero")
-    d.add_argument("--max-restarts", type=int, default=3,
+    d.add_argument("--max-restarts", type=int, default=3, metavar="N",
                    help="deaths of one replica within 5 minutes that are still restarted")
     d.add_argument("--ray", action="store_true", help="run the K replicas as a Ray Serve deployment (the cluster "
                                                       "extra: pip install 'llmc[cluster]')")
-    d.add_argument("--ray-address", help="a running Ray cluster (default: start a local one)")
-    d.add_argument("--ray-max-replicas", type=int, help="with --ray: autoscale between K and this many replicas")
+    d.add_argument("--ray-address", metavar="ADDR", help="a running Ray cluster (default: start a local one)")
+    d.add_argument("--ray-max-replicas", type=int, metavar="M",
+                   help="with --ray: autoscale between K and this many replicas")
     s.set_defaults(fn=cmd_serve)
 
     b = sub.add_parser("bench-serve", help="load-test a running `llmc serve` (vLLM benchmark_serving's measures)",

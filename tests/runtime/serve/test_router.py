@@ -142,5 +142,11 @@ def test_cli_refuses_bad_replica_options_before_starting(trained_artifact, tmp_p
     assert "--devices is for GPU artifacts" in capsys.readouterr().err
     assert main(["serve", str(trained_artifact), "--dp", "2", "--devices", "a,b"]) == 2
     assert "expected GPU indices" in capsys.readouterr().err
+    assert main(["serve", str(trained_artifact), "--dp", "2", "--max-restarts", "-1"]) == 2
+    assert "--max-restarts must be >= 0" in capsys.readouterr().err
+    assert main(["serve", str(trained_artifact), "--ray", "--dp", "3", "--ray-max-replicas", "2"]) == 2
+    assert "below --dp 3" in capsys.readouterr().err
+    assert main(["serve", str(trained_artifact), "--ray-max-replicas", "4"]) == 2
+    assert "go with --ray" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "missing.llmc"), "--dp", "2"]) == 2
     assert "not an llmc artifact" in capsys.readouterr().err
