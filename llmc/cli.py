@@ -380,9 +380,14 @@ def _replica_flags(a: argparse.Namespace) -> list[str]:
 def _serve_replicated(a: argparse.Namespace) -> int:
     """--dp K (K > 1) or --ray: replicas of the single server behind one front."""
     from .runtime.artifact_files import read_manifest
+    from .runtime.manifest import MANIFEST
+    from .runtime.tp_run import artifact_tp, rank_path
 
     art = pathlib.Path(a.artifact)
-    manifest = read_manifest(art)  # a missing or damaged artifact fails before any replica starts
+    # a tensor-parallel artifact (rank0 .. rankN-1): each replica is a group of N ranks, N GPUs
+    tp = artifact_tp(art) if not (art / MANIFEST).exists() and (art / "rank0").is_dir() else 1
+    first = rank_path(art, 0) if tp > 1 else art
+    manifest = read_manifest(first)  # a missing or damaged artifact fails before any replica starts
     if manifest.generation is None:
         raise LLMCError(f"{a.artifact} has no step function (not a causal LM, or compiled with --no-generate)")
     if a.dp < 1:
@@ -399,7 +404,8 @@ def _serve_replicated(a: argparse.Namespace) -> int:
         from .runtime.serve.ray_deploy import serve_ray
 
         return serve_ray(str(art.resolve()), _replica_flags(a), a.dp, a.ray_max_replicas, a.host, a.port,
-                         address=a.ray_address, gpu=manifest.device.startswith("cuda"), progress=_progress)
+                         address=a.ray_address, gpus=tp if manifest.device.startswith("cuda") else 0,
+                         progress=_progress)
     try:
         from .runtime.serve.dp_front import serve_dp
     except ImportError as e:  # httpx / aiohttp: the serve extra
@@ -407,10 +413,10 @@ def _serve_replicated(a: argparse.Namespace) -> int:
     from .runtime.serve.dp_supervisor import DpConfig
     from .runtime.serve.replica_process import placement
 
-    where = placement(a.dp, manifest.device, devices)
+    where = placement(a.dp, manifest.device, devices, gpus_per_replica=tp)
     return serve_dp(str(art.resolve()), _replica_flags(a), [e for e, _ in where], [w for _, w in where], a.host,
                     a.port, DpConfig(restart=a.restart_replicas, max_restarts=a.max_restarts),
-                    chat_template=a.chat_template, log_level=a.log_level)
+                    chat_template=a.chat_template, log_level=a.log_level, priced_from=str(first.resolve()))
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
@@ -424,6 +430,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise LLMCError("--ray-address and --ray-max-replicas go with --ray")
     if a.dp != 1 or a.ray or a.devices is not None:
         return _serve_replicated(a)
+    from .runtime.tp_run import artifact_tp
+
+    tp = artifact_tp(a.artifact)
+    if tp > 1:
+        return _serve_tp(a, tp)
 
     config = EngineConfig(policy=a.policy, max_num_batched_tokens=a.max_num_batched_tokens,
                           max_num_seqs=a.max_num_seqs, chunked_prefill=not a.no_chunked_prefill,
@@ -431,6 +442,31 @@ def cmd_serve(a: argparse.Namespace) -> int:
                           max_queue=a.max_queue)
     return serve(a.artifact, a.host, a.port, config, kv_memory=a.kv_memory, api_key=a.api_key,
                  model_name=a.served_model_name, chat_template=a.chat_template, log_level=a.log_level)
+
+
+def _serve_tp(a: argparse.Namespace, tp: int) -> int:
+    """A --tp artifact: one process per rank under the launcher (GPU r for rank r); rank 0 serves,
+    the others follow its steps. A rank that dies stops the others and the command fails."""
+    from .runtime.dist.launch import launch
+
+    if a.preemption == "swap":
+        raise LLMCError("--preemption swap is not offered with tensor parallelism (each rank holds its heads' "
+                        "pages): a tensor-parallel server preempts by recompute")
+    device = read_manifest_device(a.artifact)
+    argv = [sys.executable, "-m", "llmc.runtime.tp_run", "serve", str(a.artifact), "--host", a.host,
+            "--port", str(a.port), "--policy", a.policy, "--max-queue", str(a.max_queue), "--log-level", a.log_level]
+    for opt, value in (("--max-num-batched-tokens", a.max_num_batched_tokens), ("--max-num-seqs", a.max_num_seqs),
+                       ("--kv-memory", a.kv_memory), ("--api-key", a.api_key),
+                       ("--served-model-name", a.served_model_name), ("--chat-template", a.chat_template)):
+        if value is not None:
+            argv += [opt, str(value)]
+    argv += [f for f, on in (("--no-prefix-cache", a.no_prefix_cache),
+                             ("--no-chunked-prefill", a.no_chunked_prefill)) if on]
+    _progress(f"{a.artifact}: tensor-parallel over {tp} ranks" + (" (GPU r for rank r)" if device == "cuda" else ""))
+    res = launch(argv, tp, devices=list(range(tp)) if device == "cuda" else None, check=False)
+    if not res.ok:
+        print(res.report(), file=sys.stderr)
+    return res.exit_code
 
 
 def cmd_bench_serve(a: argparse.Namespace) -> int:

@@ -55,7 +55,8 @@ def eligible(graph) -> bool:
     return i.dtype.is_int and len(i.shape) == 2 and len(o.shape) == 3 and o.dtype.is_float
 
 
-def add_generation(forward, opts, gen: GenerateOptions, graph=None, shard_world: int = 1) -> GenerationBuild:
+def add_generation(forward, opts, gen: GenerateOptions, graph=None, shard_world: int = 1,
+                   shard_memo: dict | None = None) -> GenerationBuild:
     """The step function of `graph` (a fused causal-LM graph taking token ids alone; default:
     the forward's own), built for the forward's target; with `shard_world` > 1, one rank's
     program of a tensor-parallel group (passes/shard.py), every rank's weights beside it."""
@@ -75,7 +76,7 @@ def add_generation(forward, opts, gen: GenerateOptions, graph=None, shard_world:
     if shard_world > 1:  # simplified first: the shard pass comes last, so no later fold mixes ranks' weights
         from .passes.shard import shard
 
-        sharded, shard_report = shard(simplify(step_graph)[0], shard_world)
+        sharded, shard_report = shard(simplify(step_graph)[0], shard_world, shard_memo)
         step = compile_graph(sharded.graph, opts, passes=[])
         rank_weights = sharded.rank_params
         report = f"{report}; {shard_report}"

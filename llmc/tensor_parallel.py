@@ -75,7 +75,8 @@ def compile_tensor_parallel(graph, opts, gen, tp: int, tokenizer=None, stop_toke
     if opts.progress:
         opts.progress(f"tensor parallelism over {tp} ranks: fusing, then sharding")
     fused, _ = run_pipeline(graph, opts.pipeline(), opts.verify_each, opts.dump_dir)
-    fwd, fwd_report = shard(fused, tp)
+    memo: dict = {}  # the forward and the step share their weights' shards
+    fwd, fwd_report = shard(fused, tp, memo)
     forward = compile_graph(fwd.graph, opts, passes=[])
     forward.report += f"\n{fwd_report}"
     step_weights: tuple = tuple({} for _ in range(tp))
@@ -84,7 +85,7 @@ def compile_tensor_parallel(graph, opts, gen, tp: int, tokenizer=None, stop_toke
             gen.tokenizer = tokenizer
         if not gen.stop_token_ids:
             gen.stop_token_ids = tuple(stop_token_ids)
-        b = add_generation(forward, opts, gen, graph=fused, shard_world=tp)
+        b = add_generation(forward, opts, gen, graph=fused, shard_world=tp, shard_memo=memo)
         step_weights = b.rank_weights
         forward.generation = b
         forward.manifest = dict(forward.manifest, generation=b.section)

@@ -43,14 +43,16 @@ class ShardedGraph:
         return sum(int(np.asarray(a).nbytes) for a in self.rank_params[rank].values())
 
 
-def shard(graph: Graph, world: int) -> tuple[ShardedGraph, PassReport]:
+def shard(graph: Graph, world: int, memo: dict | None = None) -> tuple[ShardedGraph, PassReport]:
+    """`memo`: a dict shared by shard runs over the same weights, so each rank's part of a weight
+    is cut (and held) once."""
     if not isinstance(world, int) or world < 1:
         raise LLMCError(f"tensor parallelism: the group size must be a positive int, got {world!r}")
     if world == 1:
         return ShardedGraph(graph, (dict(graph.params),), 1), PassReport("shard", {}, ["tp 1: unchanged"])
     if any(n.op in (Op.ALL_REDUCE, Op.ALL_GATHER) for n in graph.nodes()):
         raise LLMCError("shard: the graph is already sharded (it has collectives)")
-    sh = Sharder(world, graph.params, graph.users())
+    sh = Sharder(world, graph.params, graph.users(), memo={} if memo is None else memo)
     for n in graph.nodes():
         if n.op in SOURCES:
             sh.local[n.uid] = (n, None)

@@ -80,6 +80,9 @@ class Sharder:
     inputs: dict[int, Node] = field(default_factory=dict)  # original input uid -> its local input
     counts: dict[str, int] = field(default_factory=dict)
     gathered_at: list[str] = field(default_factory=list)  # why activations were gathered (for the report)
+    # shards already cut, shared between shard runs over the same weights (the forward and the
+    # step function of one model store one copy of each rank's part)
+    memo: dict = field(default_factory=dict)
 
     def count(self, key: str, n: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
@@ -131,7 +134,11 @@ class Sharder:
                 elif ws.axis is None:
                     out[r][name] = self.params[ws.source]
                 else:
-                    out[r][name] = shard_array(np.asarray(self.params[ws.source]), ws.axis, ws.segments, self.world, r)
+                    key = (ws.source, id(self.params[ws.source]), ws.axis, ws.segments, self.world, r)
+                    if key not in self.memo:
+                        self.memo[key] = shard_array(np.asarray(self.params[ws.source]), ws.axis, ws.segments,
+                                                     self.world, r)
+                    out[r][name] = self.memo[key]
         return out
 
     # ---- making a value replicated -------------------------------------------------------

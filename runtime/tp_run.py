@@ -88,6 +88,40 @@ def _generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(a: argparse.Namespace) -> int:
+    """Rank 0 serves HTTP with the engine, leading; the other ranks follow its steps."""
+    from .dist.host_comm import HostComm
+    from .engine.tp_step import StepChannel, follow, lead
+    from .executor import load
+
+    device = a.device or read_manifest(rank_path(a.artifact, 0)).device
+    env, comm, path = join(a.artifact, device)
+    control = HostComm.create(env, name="tp_control")  # the leader's step inputs (host arrays)
+    dev = device if device == "cpu" or ":" in device else f"cuda:{getattr(comm, 'device', 0)}"
+    llm = load(path, device=dev, comm=comm)
+    channel = StepChannel(control)
+    try:
+        if env.rank != 0:
+            follow(llm, channel)
+            return 0
+        from .serve.engine import EngineConfig
+        from .serve.server import serve
+
+        step = lead(llm, channel)
+        config = EngineConfig(policy=a.policy, max_num_batched_tokens=a.max_num_batched_tokens,
+                              max_num_seqs=a.max_num_seqs, chunked_prefill=not a.no_chunked_prefill,
+                              prefix_cache=not a.no_prefix_cache, preemption="recompute", max_queue=a.max_queue)
+        try:
+            return serve(str(path), a.host, a.port, config, kv_memory=a.kv_memory, api_key=a.api_key,
+                         model_name=a.served_model_name or pathlib.Path(a.artifact).name,
+                         chat_template=a.chat_template, log_level=a.log_level, llm=llm)
+        finally:
+            step.stop()
+    finally:
+        control.close()
+        comm.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llmc.runtime.tp_run", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -99,9 +133,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="cpu | cuda[:N] (default: the artifact's)")
     g.add_argument("--kv-memory", type=int)
+    s = sub.add_parser("serve", help="rank 0 serves the OpenAI API, the other ranks follow its steps")
+    s.add_argument("artifact")
+    s.add_argument("--device")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--policy", default="fcfs")
+    s.add_argument("--max-num-batched-tokens", type=int)
+    s.add_argument("--max-num-seqs", type=int)
+    s.add_argument("--kv-memory", type=int)
+    s.add_argument("--max-queue", type=int, default=1024)
+    s.add_argument("--api-key")
+    s.add_argument("--served-model-name")
+    s.add_argument("--chat-template")
+    s.add_argument("--no-prefix-cache", action="store_true")
+    s.add_argument("--no-chunked-prefill", action="store_true")
+    s.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     try:
-        return _generate(a)
+        return _serve(a) if a.cmd == "serve" else _generate(a)
     except LLMCError as e:
         print(f"llmc: error: {e}", file=sys.stderr)
         return 2

@@ -342,15 +342,17 @@ class DrainingServer(uvicorn.Server):
 
 
 def build(artifact: str | pathlib.Path, config: EngineConfig, kv_memory: int | None = None,
-          api_key: str | None = None, model_name: str | None = None, chat_template: str | None = None
-          ) -> tuple[Engine, OpenAiApp]:
-    """Load the artifact, start its engine, and make the app (not yet listening)."""
+          api_key: str | None = None, model_name: str | None = None, chat_template: str | None = None,
+          llm=None) -> tuple[Engine, OpenAiApp]:
+    """Load the artifact, start its engine, and make the app (not yet listening). `llm`: the
+    artifact already loaded (rank 0 of a tensor-parallel group: runtime/tp_run.py)."""
     from ..artifact_files import read_manifest
     from ..executor import load
 
     path = pathlib.Path(artifact)
     device = read_manifest(path).device  # a CUDA artifact serves from the GPU (its pages on the device)
-    llm = load(path, device=device, **({} if kv_memory is None else {"kv_memory": kv_memory}))
+    if llm is None:
+        llm = load(path, device=device, **({} if kv_memory is None else {"kv_memory": kv_memory}))
     if not hasattr(llm, "step_logits"):
         raise LLMCError(f"{artifact} has no step function (not a causal LM, or compiled with --no-generate)")
     source, _ = find_template(path, chat_template)
@@ -363,8 +365,8 @@ def build(artifact: str | pathlib.Path, config: EngineConfig, kv_memory: int | N
 
 def serve(artifact: str, host: str, port: int, config: EngineConfig, kv_memory: int | None = None,
           api_key: str | None = None, model_name: str | None = None, chat_template: str | None = None,
-          log_level: str = "info") -> int:
-    engine, api = build(artifact, config, kv_memory, api_key, model_name, chat_template)
+          log_level: str = "info", llm=None) -> int:
+    engine, api = build(artifact, config, kv_memory, api_key, model_name, chat_template, llm)
     server = DrainingServer(uvicorn.Config(api.app, host=host, port=port, log_level=log_level,
                                            timeout_graceful_shutdown=None), engine)
     try:
