@@ -295,8 +295,11 @@ async def run_front(replicas: list[ReplicaProcess], cost: RequestCost, host: str
 
 
 def serve_dp(artifact: str, flags: list[str], envs: list[dict[str, str]], wheres: list[str], host: str, port: int,
-             config: DpConfig, chat_template: str | None = None, log_level: str = "info") -> int:
-    cost = RequestCost.from_artifact(artifact, chat_template)  # a bad artifact fails here, before any process
+             config: DpConfig, chat_template: str | None = None, log_level: str = "info",
+             priced_from: str | None = None) -> int:
+    """priced_from: the folder whose tokenizer prices requests (a tensor-parallel artifact's
+    rank 0; default the artifact itself)."""
+    cost = RequestCost.from_artifact(priced_from or artifact, chat_template)  # a bad artifact fails here
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[llmc] %(message)s"))
     log.addHandler(handler)

@@ -2,7 +2,7 @@
 extra: `pip install 'llmc[cluster]'`). Ray is imported only when this is used.
 
 Each Ray replica is an actor that runs one ordinary `llmc serve ARTIFACT` process on a
-loopback port of its node (one engine; with `gpu`, on the GPU Ray gave the actor, which
+loopback port of its node (one engine; with `gpus`, on the GPUs Ray gave the actor, which
 Ray names in CUDA_VISIBLE_DEVICES) and passes HTTP requests through to it, streams
 included. Ray Serve does the rest with its own machinery, not ours: its HTTP proxy on each
 node, its router (the replica with fewer ongoing requests of two picked at random), its
@@ -120,11 +120,12 @@ class LlmcReplica:
 
 
 def build_app(artifact: str, flags: list[str], replicas: int = 1, max_replicas: int | None = None,
-              gpu: bool = False, cpus_per_replica: float = 1.0, max_ongoing_requests: int = 256,
+              gpus: int = 0, cpus_per_replica: float = 1.0, max_ongoing_requests: int = 256,
               target_ongoing_requests: float = 32.0, health_check_period_s: float = 10.0,
               health_check_timeout_s: float = 30.0):
-    """The bound Ray Serve application: `replicas` of LlmcReplica, or (max_replicas above
-    replicas) autoscaled between the two on ongoing requests per replica. A replica takes
+    """The bound Ray Serve application: `replicas` of LlmcReplica (each asking Ray for `gpus`
+    GPUs: 1, or a tensor-parallel artifact's group size), or (max_replicas above replicas)
+    autoscaled between the two on ongoing requests per replica. A replica takes
     up to max_ongoing_requests at once: the engine batches them continuously, so Ray's
     small default would starve it."""
     from ray import serve
@@ -133,7 +134,7 @@ def build_app(artifact: str, flags: list[str], replicas: int = 1, max_replicas: 
 
     if replicas < 1 or (max_replicas is not None and max_replicas < replicas):
         raise LLMCError(f"Ray replicas: need 1 <= replicas <= max_replicas, got {replicas} and {max_replicas}")
-    options = dict(ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": 1 if gpu else 0},
+    options = dict(ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus},
                    max_ongoing_requests=max_ongoing_requests, health_check_period_s=health_check_period_s,
                    health_check_timeout_s=health_check_timeout_s)
     if max_replicas is not None and max_replicas > replicas:
@@ -146,7 +147,7 @@ def build_app(artifact: str, flags: list[str], replicas: int = 1, max_replicas: 
 
 
 def serve_ray(artifact: str, flags: list[str], replicas: int, max_replicas: int | None, host: str, port: int,
-              address: str | None = None, gpu: bool = False, progress: Callable[[str], None] = print) -> int:
+              address: str | None = None, gpus: int = 0, progress: Callable[[str], None] = print) -> int:
     """`llmc serve ART --ray`: deploy, then serve until SIGINT / SIGTERM."""
     from ...errors import LLMCError
 
@@ -161,7 +162,7 @@ def serve_ray(artifact: str, flags: list[str], replicas: int, max_replicas: int 
         serve.start(http_options={"host": host, "port": port})
         progress(f"Ray Serve: deploying {replicas} replica(s)" +
                  (f", autoscaling up to {max_replicas}" if max_replicas and max_replicas > replicas else ""))
-        serve.run(build_app(artifact, flags, replicas, max_replicas, gpu), name=DEPLOYMENT, route_prefix="/")
+        serve.run(build_app(artifact, flags, replicas, max_replicas, gpus), name=DEPLOYMENT, route_prefix="/")
         progress(f"serving on http://{host}:{port} (Ray Serve; Ctrl-C stops)")
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):

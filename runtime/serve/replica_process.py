@@ -128,32 +128,37 @@ class ReplicaProcess:
         return self.proc.returncode
 
 
-def placement(replicas: int, device: str, devices: list[int] | None = None,
-              parent_env: dict[str, str] | None = None) -> list[tuple[dict[str, str], str]]:
+def placement(replicas: int, device: str, devices: list[int] | None = None, parent_env: dict[str, str] | None = None,
+              gpus_per_replica: int = 1) -> list[tuple[dict[str, str], str]]:
     """Per replica: the environment it adds, and a word on where it runs.
 
-    cuda: one GPU each, by CUDA_VISIBLE_DEVICES (`devices`, default 0..K-1, indices into
-    the GPUs this process may see: an inherited CUDA_VISIBLE_DEVICES is respected), so each
-    replica's artifact runs on its cuda:0. cpu: the replicas share the machine, the cores
-    split evenly between them (LLMC_NUM_THREADS / OPENBLAS_NUM_THREADS, unless set)."""
+    cuda: `gpus_per_replica` GPUs each (1, or a tensor-parallel artifact's group size: the
+    replica's ranks then take its GPUs in order), by CUDA_VISIBLE_DEVICES: `devices` (default
+    0..K*G-1, indices into the GPUs this process may see: an inherited CUDA_VISIBLE_DEVICES
+    is respected) cut into consecutive groups, so each replica's artifact runs from its
+    cuda:0. cpu: the replicas share the machine, the cores split evenly between them
+    (LLMC_NUM_THREADS / OPENBLAS_NUM_THREADS, unless set)."""
     env = os.environ if parent_env is None else parent_env
     if replicas < 1:
         raise LLMCError(f"--dp must be >= 1, got {replicas}")
+    g = gpus_per_replica
     if device.startswith("cuda"):
-        devices = list(range(replicas)) if devices is None else list(devices)
-        if len(devices) != replicas:
-            raise LLMCError(f"--devices names {len(devices)} GPUs for --dp {replicas} replicas (one each)")
+        devices = list(range(replicas * g)) if devices is None else list(devices)
+        if len(devices) != replicas * g:
+            raise LLMCError(f"--devices names {len(devices)} GPUs for --dp {replicas} replicas of {g} GPU(s) each")
         if len(set(devices)) != len(devices) or min(devices) < 0:
-            raise LLMCError(f"--devices {','.join(map(str, devices))}: each replica needs a GPU of its own")
+            raise LLMCError(f"--devices {','.join(map(str, devices))}: each replica needs GPUs of its own")
         visible = env.get("CUDA_VISIBLE_DEVICES")
         names = [v.strip() for v in visible.split(",") if v.strip()] if visible else None
         if names is not None and max(devices) >= len(names):
             raise LLMCError(f"--devices asks for GPU {max(devices)}, but CUDA_VISIBLE_DEVICES={visible} shows "
                             f"{len(names)}")
-        return [({"CUDA_VISIBLE_DEVICES": names[d] if names else str(d)}, f"GPU {d}") for d in devices]
+        groups = [devices[i * g:(i + 1) * g] for i in range(replicas)]
+        return [({"CUDA_VISIBLE_DEVICES": ",".join(names[d] if names else str(d) for d in grp)},
+                 f"GPU{'s' if g > 1 else ''} {','.join(map(str, grp))}") for grp in groups]
     if devices is not None:
         raise LLMCError(f"--devices is for GPU artifacts; this one runs on the {device}")
-    cores = max(1, (os.cpu_count() or 1) // replicas)
+    cores = max(1, (os.cpu_count() or 1) // (replicas * g))
     extra = {k: str(cores) for k in ("LLMC_NUM_THREADS", "OPENBLAS_NUM_THREADS")
              if k not in env and not (k == "LLMC_NUM_THREADS" and "TVM_NUM_THREADS" in env)}
     return [(dict(extra), f"cpu, {extra.get('LLMC_NUM_THREADS', 'inherited')} threads") for _ in range(replicas)]

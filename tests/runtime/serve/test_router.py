@@ -118,6 +118,10 @@ def test_placement_one_gpu_each_or_shared_cores():
     assert [e["CUDA_VISIBLE_DEVICES"] for e, _ in gpus] == ["0", "1"]
     gpus = placement(2, "cuda", [1, 0], parent_env={"CUDA_VISIBLE_DEVICES": "4,6"})
     assert [e["CUDA_VISIBLE_DEVICES"] for e, _ in gpus] == ["6", "4"]
+    groups = placement(2, "cuda", None, parent_env={}, gpus_per_replica=2)  # --dp 2 over a --tp 2 artifact
+    assert [e["CUDA_VISIBLE_DEVICES"] for e, _ in groups] == ["0,1", "2,3"]
+    groups = placement(2, "cuda", [3, 2, 1, 0], parent_env={"CUDA_VISIBLE_DEVICES": "4,5,6,7"}, gpus_per_replica=2)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e, _ in groups] == ["7,6", "5,4"]
     cpus = placement(2, "cpu", None, parent_env={})
     assert all(int(e["LLMC_NUM_THREADS"]) >= 1 for e, _ in cpus)
     assert placement(2, "cpu", None, parent_env={"LLMC_NUM_THREADS": "3"})[0][0].get("LLMC_NUM_THREADS") is None
@@ -128,6 +132,8 @@ def test_placement_one_gpu_each_or_shared_cores():
                       ((0, "cpu", None), {})):
         with pytest.raises(LLMCError):
             placement(*args, parent_env=env)
+    with pytest.raises(LLMCError, match=r"names 3 GPUs for --dp 2 replicas of 2 GPU\(s\) each"):
+        placement(2, "cuda", [0, 1, 2], parent_env={}, gpus_per_replica=2)
 
 
 def test_exit_descriptions():
