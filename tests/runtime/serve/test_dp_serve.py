@@ -325,3 +325,15 @@ def test_a_hung_replica_is_killed_by_the_health_checks_and_restarted(trained_art
             for r in replicas:
                 r.kill()
     assert any("failed 2 health checks in a row: killing it" in m for m in caplog.messages)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_front_killed_outright_leaves_no_replica(trained_artifact, tmp_path):
+    f = Front(trained_artifact, tmp_path)
+    pids = [r["pid"] for r in f.replicas()]
+    f.proc.kill()  # SIGKILL: no chance to stop them; the replicas get SIGTERM from the kernel (Linux)
+    f.proc.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids):
+        assert time.monotonic() < deadline, "replicas outlived their front"
+        time.sleep(0.1)
