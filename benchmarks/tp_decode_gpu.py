@@ -85,7 +85,9 @@ def worker(a: argparse.Namespace) -> None:
     if env is None or env.rank == 0:
         print("RESULT " + json.dumps(out), flush=True)
     if comm is not None:
-        comm.close()
+        from llmc.runtime.tp_run import leave
+
+        leave(comm)  # os._exit: ncclCommDestroy would wait on the captured graphs
 
 
 def _tp_of(art: pathlib.Path) -> int:

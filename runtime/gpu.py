@@ -37,6 +37,7 @@ import numpy as np
 
 from ..errors import ArtifactError, InputError, LLMCError
 from .manifest import Manifest, eval_dim
+from .collective_call import check_comm
 
 SHIM = "shim"
 MAX_PLANS = 16  # a step function meets a decode shape per batch size and prefill chunks besides

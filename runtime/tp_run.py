@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 from typing import Sequence
@@ -64,6 +65,18 @@ def join(art: str | pathlib.Path, device: str, timeout: float = 120.0):
     return env, comm, path
 
 
+def leave(comm, code: int = 0) -> None:
+    """End a rank process. A host communicator closes; an NCCL one is left to the process's exit:
+    ncclCommDestroy waits for work that CUDA graphs captured with the communicator still hold,
+    and blocks for good once the graphs' peers have gone (seen on H100s)."""
+    if getattr(comm, "device", None) is None:
+        comm.close()
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _device_index(device: str) -> int | None:
     kind, _, index = device.partition(":")
     return int(index) if index else None
@@ -83,8 +96,10 @@ def _generate(a: argparse.Namespace) -> int:
                             stop_token_ids=())
         if env.rank == 0:
             print(json.dumps({"tp": comm.world_size, "token_ids": [o.token_ids for o in outs]}), flush=True)
-    finally:
+    except BaseException:
         comm.close()
+        raise
+    leave(comm)
     return 0
 
 
@@ -119,7 +134,7 @@ def _serve(a: argparse.Namespace) -> int:
             step.stop()
     finally:
         control.close()
-        comm.close()
+        leave(comm)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
