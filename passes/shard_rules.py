@@ -11,6 +11,7 @@ slices of merged projections and attention keep the split.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import numpy as np
@@ -83,6 +84,40 @@ def _matmul(sh: Sharder, n: Node):
         sh.count("row_parallel")
         return ir.node(Op.MATMUL, [sh.node(x), make(k_axis, lx.segments)], n.attrs, n.where), PARTIAL
     return None
+
+
+def _qmatmul(sh: Sharder, n: Node):
+    """A weight-only quantized matmul (compiler/quant_layout.py) splits like a matmul: its packed
+    weight, scales and zeros are [N, .] row-major by output channel, so columns split on axis 0;
+    rows split on axis 1, whole groups per rank (a per-channel scale, group = K, is kept whole and
+    each rank's group becomes its K)."""
+    x, qw, scales, *zeros = n.inputs
+    if any(w.op is not Op.WEIGHT for w in (qw, scales, *zeros)):
+        return None
+    at, lx, last = n.attrs, sh.layout(x), n.type.rank - 1
+    if lx is None:
+        segs = _segments(sh, n, last)
+        if segs is None:
+            return None
+        sh.count("column_parallel")
+        ins = [sh.node(x)] + [sh.weight(w, 0, segs) for w in (qw, scales, *zeros)]
+        return ir.node(Op.QMATMUL, ins, at, n.where), Split(last, segs)
+    if not (isinstance(lx, Split) and lx.axis == x.type.rank - 1 and len(lx.segments) == 1):
+        return None
+    k = lx.segments[0]
+    kl = k // sh.world
+    if at.bits == 4 and kl % 2:
+        return None
+    packed = (k // 2,) if at.bits == 4 else (k,)
+    if at.group == k:  # one scale per output channel: the same on every rank
+        group, grouped = kl, [sh.node(w) for w in (scales, *zeros)]
+    elif kl % at.group == 0:
+        group, grouped = at.group, [sh.weight(w, 1, (k // at.group,)) for w in (scales, *zeros)]
+    else:
+        return None
+    sh.count("row_parallel")
+    ins = [sh.node(x), sh.weight(qw, 1, packed), *grouped]
+    return ir.node(Op.QMATMUL, ins, dataclasses.replace(at, group=group), n.where), PARTIAL
 
 
 def _elementwise(sh: Sharder, n: Node):
@@ -278,7 +313,7 @@ def _attention(sh: Sharder, n: Node):
 
 
 RULES: dict[Op, Rule] = {
-    Op.MATMUL: _matmul,
+    Op.MATMUL: _matmul, Op.QMATMUL: _qmatmul,
     **{op: _elementwise for op in ELEMENTWISE},
     Op.PERMUTE: _permute, Op.RESHAPE: _reshape, Op.SLICE: _slice, Op.CONCAT: _concat, Op.TAKE: _take,
     Op.PAGED_ATTENTION: _paged_attention, Op.ATTENTION: _attention,

@@ -33,8 +33,9 @@ def _fused(model):
 
 
 @functools.lru_cache(maxsize=None)
-def _step(family: str, kv_heads: int = 4):
-    return derive_step(_fused(tiny_causal_lm(family, num_key_value_heads=kv_heads)),
+def _step(family: str, kv_heads: int = 4, wide: bool = False):
+    shape = {"hidden_size": 128, "head_dim": 32, "intermediate_size": 256} if wide else {}
+    return derive_step(_fused(tiny_causal_lm(family, num_key_value_heads=kv_heads, **shape)),
                        StepSpec(page_size=PAGE, max_tokens=64, max_seqs=4))[0]
 
 
@@ -149,3 +150,18 @@ def test_bad_group_sizes_are_refused():
     assert shard(before, 1)[0].graph is before
     with pytest.raises(LLMCError, match="already sharded"):
         shard(shard(before, 2)[0].graph, 2)
+
+
+@pytest.mark.parametrize("kind,group,symmetric", [("int8", 128, True), ("int4", 32, False)])
+def test_quantized_matmuls_shard_like_matmuls(kind, group, symmetric):
+    """Weight-only quantized projections (packed int4 with zeros, per-channel int8) split by
+    output channels and by whole groups of input channels; the ranks still give the unsharded
+    quantized step's logits."""
+    from llmc.passes.quantize import quantize_weights
+    from llmc.passes.quant.scheme import QuantScheme
+
+    # wide enough that each rank's half of every K holds whole groups of 32
+    before, _ = quantize_weights(_step("llama", wide=True), QuantScheme(kind=kind, group=group, symmetric=symmetric))
+    after, report = _compare(before, 2, seed=4)
+    assert report.counts["row_parallel"] == 4 and report.counts["column_parallel"] >= 4
+    assert sum(n.op is Op.QMATMUL for n in after.graph.nodes()) == sum(n.op is Op.QMATMUL for n in before.nodes())
