@@ -84,10 +84,10 @@ class CpuExecutable:
 def build_cpu(kernels: Mapping[str, Kernel], target: Mapping | None = None, use_blas: bool = True) -> CpuExecutable:
     """GEMMs that cpu_blas.match_blas recognises become BLAS calls; TVM builds the rest."""
     from .cpu_blas import match_blas
-    from .collective_route import match_collective
+    from .collective_route import match_runtime_comm
     from .paged_route import match_paged
 
-    routes = {name: r for name, k in kernels.items() if (r := match_paged(k) or match_collective(k)) is not None}
+    routes = {name: r for name, k in kernels.items() if (r := match_paged(k) or match_runtime_comm(k)) is not None}
     routes.update({name: r for name, k in kernels.items() if use_blas and (r := match_blas(k)) is not None})
     rest = {name: k for name, k in kernels.items() if name not in routes}
     report: dict = {}

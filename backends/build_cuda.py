@@ -212,7 +212,7 @@ def build_kernels(kernels: Mapping[str, Kernel], spec: TargetSpec, *, use_shim: 
 
     `symbols` (name -> SymDim): with their upper bounds known, kernels whose buffers all have
     < 2**31 elements get 32-bit index math (ForceNarrowIndexToInt32: about 2x on SwiGLU)."""
-    from .collective_route import match_collective
+    from .collective_route import match_runtime_comm
     from .cuda.routes import match_route
 
     if spec.kind != "cuda":
@@ -224,7 +224,7 @@ def build_kernels(kernels: Mapping[str, Kernel], spec: TargetSpec, *, use_shim: 
     target = cuda_target(spec)
     with target:
         for name, k in kernels.items():
-            route = match_collective(k) or (match_route(k) if use_shim else None)
+            route = match_runtime_comm(k) or (match_route(k) if use_shim else None)
             if route is not None:
                 routes[name] = route
                 labels[name] = route.label

@@ -41,4 +41,38 @@ def match_collective(kernel: Kernel) -> CollectiveRoute | None:
     return CollectiveRoute(COLL_FUNCS[n.op], (tuple(n.inputs[0].shape), tuple(n.shape)), n.attrs.world)
 
 
-__all__ = ["match_collective", "CollectiveRoute", "COLL_FUNCS"]
+@dataclass(frozen=True)
+class PointToPointRoute:
+    """SEND (x, out: out is x, kept live) or RECV (out) between pipeline stages; scalars: the peer."""
+
+    func: str
+    shapes: tuple[tuple[Dim, ...], ...]
+    peer: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.func} {'to' if self.func == 'send' else 'from'} stage {self.peer}"
+
+    def to_json(self) -> dict:
+        return {"route": "p2p", "func": self.func, "label": self.label, "scalars": [self.peer],
+                "tensors": [{"arg": i, "shape": [to_json(d) for d in s]} for i, s in enumerate(self.shapes)]}
+
+
+def match_point_to_point(kernel: Kernel) -> PointToPointRoute | None:
+    body = [n for n in kernel.body if n.op is not Op.CONST]
+    if len(body) != 1 or body[0].op not in (Op.SEND, Op.RECV) or list(kernel.outputs) != body:
+        return None
+    n = body[0]
+    if [p.uid for p in kernel.params] != [i.uid for i in n.inputs]:
+        return None
+    shapes = tuple(tuple(x.shape) for x in (*n.inputs, n))
+    return PointToPointRoute("send" if n.op is Op.SEND else "recv", shapes, n.attrs.peer)
+
+
+def match_runtime_comm(kernel: Kernel):
+    """The communicator route of a kernel that is one collective or send/recv, else None."""
+    return match_collective(kernel) or match_point_to_point(kernel)
+
+
+__all__ = ["match_collective", "match_point_to_point", "match_runtime_comm", "CollectiveRoute",
+           "PointToPointRoute", "COLL_FUNCS"]

@@ -382,7 +382,7 @@ def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None
             generate: Any = None, tokenizer: str | None = None, quant: Any = None, group: int | None = None,
             method: str | None = None, calib: str | os.PathLike | None = None, calib_samples: int | None = None,
             symmetric: bool = False, kv_cache_dtype: str | None = None, sparsity: str | None = None,
-            tp: int = 1) -> CompiledModel:
+            tp: int = 1, pp: int = 1) -> CompiledModel:
     """Compile a torch.nn.Module (captured with torch.export) or an ONNX file.
 
     Returns a CompiledModel: call it with numpy arrays or torch tensors to get numpy
@@ -404,7 +404,8 @@ def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None
     quantization method (rtn / awq; gptq is refused with sparsity).
 
     `tp=N` shards the model for N tensor-parallel ranks (passes/shard.py; docs/parallel.md) and
-    returns a llmc.tensor_parallel.TensorParallelModel, whose export writes one artifact per rank.
+    returns a llmc.tensor_parallel.TensorParallelModel, whose export writes one artifact per rank;
+    `pp=M` cuts the step function into M pipeline stages (passes/stage_split.py; CPU runtime).
     """
     from .backends.targets import parse_target
 
@@ -425,6 +426,12 @@ def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None
     from .generation import GenerateOptions, attach, eos_ids, ids_only_capture
 
     gen = None if generate is False else generate if isinstance(generate, GenerateOptions) else GenerateOptions()
+    if pp != 1:
+        from .pipeline_parallel import compile_pipeline
+
+        if tp != 1:
+            raise LLMCError("tp and pp together are not built yet: give one of them")
+        return compile_pipeline(graph, opts, gen, pp, tokenizer, eos_ids(model))
     if tp != 1:
         from .generation import eligible
         from .tensor_parallel import compile_tensor_parallel

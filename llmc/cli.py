@@ -110,7 +110,13 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
     # a causal LM gets its step function when its graph allows it (required with --generate)
     gen = None if a.no_generate else GenerateOptions(a.page_size, a.max_step_tokens, a.max_seqs)
-    if a.tp != 1:  # one artifact per rank under --output (llmc/tensor_parallel.py)
+    if a.pp != 1:  # one artifact per pipeline stage under --output (llmc/pipeline_parallel.py)
+        from .pipeline_parallel import compile_pipeline
+
+        if a.tp != 1:
+            raise LLMCError("--tp and --pp together are not built yet: give one of them")
+        compiled = compile_pipeline(graph, opts, gen, a.pp, src.tokenizer, eos_ids(src.model))
+    elif a.tp != 1:  # one artifact per rank under --output (llmc/tensor_parallel.py)
         from .tensor_parallel import compile_tensor_parallel
 
         if not a.generate and not eligible(graph):
@@ -126,7 +132,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
     if a.weights == "none":
         from .runtime.artifact_files import read_manifest
 
-        omitted = read_manifest(out if a.tp == 1 else out / "rank0").weights.omitted
+        omitted = read_manifest(out if a.tp == a.pp == 1 else out / "rank0").weights.omitted
         _progress(f"perf artifact: {len(omitted)} large weights left out (shapes only); the CUDA runtime fills "
                   f"them with random values")
     _progress(f"wrote {out} in {time.perf_counter() - t0:.1f}s total")
@@ -343,7 +349,7 @@ def _generate_tp(a: argparse.Namespace, ids, tp: int) -> int:
             "--max-new-tokens", str(a.max_new_tokens), "--temperature", str(a.temperature)]
     argv += [] if a.seed is None else ["--seed", str(a.seed)]
     argv += [] if a.kv_memory is None else ["--kv-memory", str(a.kv_memory)]
-    _progress(f"{a.artifact}: tensor-parallel over {tp} ranks" + (" (GPU r for rank r)" if device == "cuda" else ""))
+    _progress(f"{a.artifact}: {tp} ranks" + (" (GPU r for rank r)" if device == "cuda" else ""))
     out = io.StringIO()
     res = launch(argv, tp, devices=list(range(tp)) if device == "cuda" else None, stdout=out, label=False, check=False)
     if not res.ok:
@@ -452,6 +458,12 @@ def _serve_tp(a: argparse.Namespace, tp: int) -> int:
     if a.preemption == "swap":
         raise LLMCError("--preemption swap is not offered with tensor parallelism (each rank holds its heads' "
                         "pages): a tensor-parallel server preempts by recompute")
+    from .runtime.artifact_files import read_manifest
+    from .runtime.tp_run import rank_path
+
+    if read_manifest(rank_path(a.artifact, 0)).parallel.pp > 1:
+        raise LLMCError(f"{a.artifact} is cut into pipeline stages: serving them is not built yet (llmc generate runs "
+                        f"them; compile with --tp to serve across GPUs)")
     device = read_manifest_device(a.artifact)
     argv = [sys.executable, "-m", "llmc.runtime.tp_run", "serve", str(a.artifact), "--host", a.host,
             "--port", str(a.port), "--policy", a.policy, "--max-queue", str(a.max_queue), "--log-level", a.log_level]
@@ -523,6 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-blas", action="store_true", help="cpu: build the GEMMs with TVM too (no BLAS calls)")
     c.add_argument("--tp", type=int, default=1, metavar="N", help="tensor parallelism: shard for N ranks (one "
                    "artifact per rank, OUTPUT/rank0 ..; run with `llmc generate/serve --tp N`)")
+    c.add_argument("--pp", type=int, default=1, metavar="M", help="pipeline parallelism: the step function cut "
+                   "into M stages by layers (OUTPUT/rank0 ..; CPU runtime so far)")
     c.add_argument("--no-generate", action="store_true", help="causal LMs: the forward only, no step function")
     c.add_argument("--generate", action="store_true", help="require the step function (fail, naming the node, "
                                                            "where the graph does not allow one)")

@@ -20,6 +20,12 @@ def collective_world(kernels) -> int | None:
 
 
 def check_comm(kernels, comm: Any, what: str) -> None:
+    peers = [int(k.scalars[0]) for k in kernels.values() if k.route == "p2p"]
+    if peers and comm is None:
+        raise ArtifactError(f"{what} is a pipeline stage: it needs its pipeline's communicator (`llmc generate "
+                            f"ART` starts the stages; or pass comm=)")
+    if peers and max(peers) >= getattr(comm, "world_size", 0):
+        raise ArtifactError(f"{what} talks to stage {max(peers)}; the communicator has {comm.world_size} ranks")
     world = collective_world(kernels)
     if world is None:
         return
@@ -46,4 +52,20 @@ class HostCollective:
             src = np.ascontiguousarray(x).reshape((-1,) + tuple(x.shape[1:]) if x.ndim else (1,))
             self.comm.all_gather(src, out.reshape((self.world * src.shape[0],) + tuple(src.shape[1:])))
 
-__all__ = ["HostCollective", "check_comm", "collective_world"]
+class HostPointToPoint:
+    """CPU: send (x, out; out = x) or receive (out) from the peer stage."""
+
+    def __init__(self, spec: KernelSpec, comm: Any):
+        self.func, self.peer, self.comm = spec.func, int(spec.scalars[0]), comm
+
+    def __call__(self, args, env) -> None:
+        if self.func == "send":
+            x, out = args
+            np.copyto(out, x)
+            self.comm.send(np.ascontiguousarray(out), self.peer)
+        else:
+            (out,) = args
+            self.comm.recv(out, self.peer)
+
+
+__all__ = ["HostCollective", "HostPointToPoint", "check_comm", "collective_world"]

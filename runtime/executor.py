@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import ArtifactError, InputError, LLMCError
 from .blas import Gemm
-from .collective_call import HostCollective, check_comm
+from .collective_call import HostCollective, HostPointToPoint, check_comm
 from .engine.paged_attention import PagedAttentionCall
 from .manifest import Manifest, eval_dim
 from .tvm_runtime import import_tvm
@@ -180,7 +180,8 @@ class Executor:
         self._calls = []
         check_comm(p.kernels, comm, "this artifact")
         # runtime library routes: (args, env) -> None
-        library = {"blas": Gemm, "kv": PagedAttentionCall, "coll": lambda k: HostCollective(k, comm)}
+        library = {"blas": Gemm, "kv": PagedAttentionCall, "coll": lambda k: HostCollective(k, comm),
+                   "p2p": lambda k: HostPointToPoint(k, comm)}
         calls = {name: library[k.route](k) for name, k in p.kernels.items() if k.route in library}
         for c in p.calls:
             if c.kernel in calls:
@@ -406,9 +407,10 @@ def check_rank(manifest, comm, path) -> None:
     if comm is None:
         raise ArtifactError(f"{path} is rank {par.rank} of a tensor-parallel group of {par.tp}: start it with "
                             f"`llmc generate/serve --tp {par.tp}` (one process per rank) or pass comm=")
-    if comm.world_size != par.tp or comm.rank != par.rank:
-        raise ArtifactError(f"{path} is rank {par.rank} of {par.tp}, but this process is rank {comm.rank} of "
-                            f"{comm.world_size} (load {pathlib.Path(path).parent}/rank{comm.rank} with --tp {par.tp})")
+    world, rank = par.tp * par.pp, par.stage * par.tp + par.rank
+    if comm.world_size != world or comm.rank != rank:
+        raise ArtifactError(f"{path} is rank {rank} of {world}, but this process is rank {comm.rank} of "
+                            f"{comm.world_size} (load {pathlib.Path(path).parent}/rank{comm.rank})")
 
 
 def _load_cuda(path: pathlib.Path, manifest, libraries: dict, weights: dict, device_id: int, options: dict):

@@ -145,6 +145,9 @@ class GpuExecutor:
         check_comm(p.kernels, comm, "this artifact")
         self.comm = comm
         for name, k in p.kernels.items():
+            if k.route == "p2p":
+                raise ArtifactError("pipeline stages (send/recv between stages) run on the CPU runtime so far; "
+                                    "this CUDA artifact has them")
             if k.route == "coll":  # NCCL on the executor's stream (captured into its CUDA graphs)
                 self._kernels[name] = (None, k)
                 continue
@@ -258,9 +261,9 @@ class GpuExecutor:
     def _collective(self, k, args) -> tuple:
         """(fn, args) of a coll kernel: NCCL reads and writes the buffers in place on the stream the
         plan runs on (self.stream while launching or capturing)."""
+        comm, stream = self.comm, self.stream
         x, out = args
         count = int(np.prod(x.shape, dtype=np.int64))
-        comm, stream = self.comm, self.stream
         if k.func == "all_reduce":
             return (lambda a, b: comm.all_reduce_device(a.data_ptr(), count, str(a.dtype), stream.ptr, out_ptr=b.data_ptr())), (x, out)
         return (lambda a, b: comm.all_gather_device(a.data_ptr(), b.data_ptr(), count, str(a.dtype), stream.ptr)), (x, out)

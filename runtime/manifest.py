@@ -212,6 +212,8 @@ class ParallelSpec:
     tp: int
     rank: int
     fingerprint: str  # the same for every rank of one compile (ranks from different compiles refuse to pair)
+    pp: int = 1  # pipeline stages, and which one this artifact runs
+    stage: int = 0
 
 
 @dataclass(frozen=True)

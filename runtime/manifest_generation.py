@@ -22,7 +22,8 @@ from .manifest_checks import At
 def parse_generation(g: Any, at: At, device: str) -> GenerationSpec:
     from .manifest_parse import _input_checks, _program
 
-    chk.obj(g, at, ("version", "program", "library", "kv", "limits"), ("input_checks", "stop_token_ids", "tokenizer"))
+    chk.obj(g, at, ("version", "program", "library", "kv", "limits"),
+            ("input_checks", "stop_token_ids", "tokenizer", "stage"))
     program = _program(g["program"], at["program"])
     checks = _input_checks(g["input_checks"], at["input_checks"], program) if "input_checks" in g else ()
     kv = chk.obj(g["kv"], at["kv"], ("page_size", "dtype", "layers"))
@@ -44,11 +45,16 @@ def parse_generation(g: Any, at: At, device: str) -> GenerationSpec:
     spec = GenerationSpec(program, chk.plain_file_name(g["library"], at["library"]), checks, page, dtype, layers,
                           limits["max_tokens"], limits["max_seqs"], limits["max_context"], limits["vocab"],
                           stops, tokenizer)
-    _check_signature(spec, program, at["program"])
+    last = True
+    if "stage" in g:  # one pipeline stage: all but the last hand their activations on (SEND)
+        st = chk.obj(g["stage"], at["stage"], ("index", "count"))
+        count = chk.integer(st["count"], at["stage"]["count"], 1, 1 << 12)
+        last = chk.integer(st["index"], at["stage"]["index"], 0, count - 1) == count - 1
+    _check_signature(spec, program, at["program"], last)
     return spec
 
 
-def _check_signature(spec: GenerationSpec, program: Program, at: At) -> None:
+def _check_signature(spec: GenerationSpec, program: Program, at: At, last: bool = True) -> None:
     want = list(STEP_INPUTS) + [f"kv_cache.{i}" for i in range(len(spec.layers))]
     names = [i.name for i in program.inputs]
     if names != want:
@@ -62,6 +68,8 @@ def _check_signature(spec: GenerationSpec, program: Program, at: At) -> None:
     for inp in program.inputs[:len(STEP_INPUTS)]:
         if inp.dtype not in ("int64", "int32"):
             raise at["inputs"].error(f"step input {inp.name} must be an integer array, it is {inp.dtype}")
+    if not last:
+        return  # an earlier pipeline stage returns what it sent on
     if len(program.outputs) != 1:
         raise at["outputs"].error("a step function returns one output, the logits")
     out = program.buffers[program.outputs[0].buffer]

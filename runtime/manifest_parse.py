@@ -90,10 +90,12 @@ def parse(m: Any, at: At, sealed: bool) -> Manifest:
     if "parallel" in sections:
         from .manifest import ParallelSpec
 
-        pa = chk.obj(sections["parallel"], at["parallel"], ("version", "tp", "rank", "fingerprint"))
+        pa = chk.obj(sections["parallel"], at["parallel"], ("version", "tp", "rank", "fingerprint"), ("pp", "stage"))
         tp = chk.integer(pa["tp"], at["parallel"]["tp"], 1, 1 << 16)
+        pp = chk.integer(pa.get("pp", 1), at["parallel"]["pp"], 1, 1 << 12)
         parallel = ParallelSpec(tp, chk.integer(pa["rank"], at["parallel"]["rank"], 0, tp - 1),
-                                chk.string(pa["fingerprint"], at["parallel"]["fingerprint"]))
+                                chk.string(pa["fingerprint"], at["parallel"]["fingerprint"]), pp,
+                                chk.integer(pa.get("stage", 0), at["parallel"]["stage"], 0, pp - 1))
     unknown = tuple(k for k in m if k not in TOP_LEVEL and k not in SECTION_VERSIONS)
     return Manifest(llmc_version, name, device, program, weights, files, libraries, checks, cpu, cuda, notes,
                     unknown, generation=generation, parallel=parallel)
@@ -110,6 +112,8 @@ def _check_routes(program: Program, device: str, at: At) -> None:
             _check_kv(k, program, at["kernels"][name])
         if k.route == "coll":
             _check_coll(k, program, at["kernels"][name])
+        if k.route == "p2p":
+            _check_p2p(k, at["kernels"][name])
 
 
 def _sections(m: dict, at: At) -> dict[str, dict]:
@@ -375,9 +379,22 @@ def _kernel(name: str, k: Any, at: At, symbols: Mapping[str, Symbol]) -> KernelS
 
 
 # library routes besides TVM, and the devices they exist on
-ROUTE_DEVICE = {"shim": ("cuda",), "blas": ("cpu",), "kv": ("cpu",), "coll": ("cpu", "cuda")}
+ROUTE_DEVICE = {"shim": ("cuda",), "blas": ("cpu",), "kv": ("cpu",), "coll": ("cpu", "cuda"), "p2p": ("cpu", "cuda")}
 COLL_FUNCS = ("all_reduce", "all_gather")
 MAX_WORLD = 1 << 16
+
+
+def _check_p2p(k: KernelSpec, at: At) -> None:
+    """A p2p kernel sends its x to a pipeline stage (x, out: out is x) or receives out from one;
+    scalars: the peer stage."""
+    n = {"send": 2, "recv": 1}.get(k.func)
+    if n is None:
+        raise at["func"].error(f"unknown point-to-point function {k.func!r} (this runtime has send, recv)")
+    if len(k.scalars) != 1 or isinstance(k.scalars[0], bool) or not isinstance(k.scalars[0], int) \
+            or not 0 <= k.scalars[0] < MAX_WORLD:
+        raise at["scalars"].error("a send/recv takes one scalar, the peer stage (a non-negative int)")
+    if len(k.tensors) != n or any(t is None for t in k.tensors) or [t.arg for t in k.tensors] != list(range(n)):
+        raise at["tensors"].error(f"a {k.func} reads its call's {n} arguments in order")
 
 
 def _check_coll(k: KernelSpec, program: Program, at: At) -> None:

@@ -35,9 +35,9 @@ def rank_path(art: str | pathlib.Path, rank: int) -> pathlib.Path:
 
 
 def artifact_tp(art: str | pathlib.Path) -> int:
-    """The group size of a tensor-parallel artifact folder (1 for a whole model)."""
+    """The processes a parallel artifact folder runs as (tp x pp; 1 for a whole model)."""
     m = read_manifest(rank_path(art, 0))
-    return 1 if m.parallel is None else m.parallel.tp
+    return 1 if m.parallel is None else m.parallel.tp * m.parallel.pp
 
 
 def join(art: str | pathlib.Path, device: str, timeout: float = 120.0):
@@ -48,12 +48,13 @@ def join(art: str | pathlib.Path, device: str, timeout: float = 120.0):
     path = rank_path(art, env.rank)
     par = read_manifest(path).parallel
     if par is None:
-        raise LLMCError(f"{path} is a whole model (compiled without --tp): run it without a group")
-    infos = rendezvous(env, {"fingerprint": par.fingerprint, "tp": par.tp, "rank": par.rank}, timeout, tag="tp_load")
-    check_consistent(infos, ["fingerprint", "tp"])
-    if env.world_size != par.tp:
-        raise LLMCError(f"{path} belongs to a group of {par.tp} ranks; this job has {env.world_size} "
-                        f"(start it with --tp {par.tp})")
+        raise LLMCError(f"{path} is a whole model (compiled without --tp / --pp): run it without a group")
+    infos = rendezvous(env, {"fingerprint": par.fingerprint, "tp": par.tp, "pp": par.pp, "rank": par.rank},
+                       timeout, tag="tp_load")
+    check_consistent(infos, ["fingerprint", "tp", "pp"])
+    if env.world_size != par.tp * par.pp:
+        raise LLMCError(f"{path} belongs to a job of {par.tp * par.pp} ranks (tp {par.tp} x pp {par.pp}); this job "
+                        f"has {env.world_size}")
     if device == "cpu":
         from .dist.host_comm import HostComm
 
@@ -91,6 +92,11 @@ def _generate(a: argparse.Namespace) -> int:
         options = {} if a.kv_memory is None else {"kv_memory": a.kv_memory}
         dev = device if device == "cpu" or ":" in device else f"cuda:{getattr(comm, 'device', 0)}"
         llm = load(path, device=dev, comm=comm, **options)
+        par = read_manifest(path).parallel
+        if par.pp > 1:  # every stage runs the loop; the last one's logits are broadcast each step
+            from .engine.pp_step import PipelineStep
+
+            llm.step = PipelineStep(llm.step, comm, par.stage, par.pp, llm.spec.vocab)
         prompts = [[int(t) for t in p.split(",") if t.strip()] for p in a.ids]
         outs = llm.generate(prompts, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed,
                             stop_token_ids=())

@@ -87,3 +87,21 @@ def test_mismatched_ranks_are_refused(llama, tmp_path):
     wrong = types.SimpleNamespace(rank=1, world_size=2)
     with pytest.raises(ArtifactError, match="is rank 0 of 2, but this process is rank 1 of 2"):
         check_rank(read_manifest(b / "rank0"), wrong, b / "rank0")
+
+
+def test_pipeline_stages_give_the_whole_models_tokens(tmp_path):
+    """PP: the step cut into 2 and 4 stages by layers, one process each, the residual stream sent
+    stage to stage, the last stage's logits broadcast: the whole model's greedy tokens."""
+    model = tiny_causal_lm("llama", layers=4)
+    one = llmc.compile(model, (torch.randint(3, VOCAB, (1, 8)),), dim_bounds=BOUNDS, generate=True)
+    want = [o.token_ids for o in one.generate(PROMPTS, max_new_tokens=12, stop_token_ids=())]
+    for pp in (2, 4):
+        art = llmc.compile(model, (torch.randint(3, VOCAB, (1, 8)),), dim_bounds=BOUNDS, generate=True,
+                           pp=pp).export(tmp_path / f"pp{pp}")
+        m = read_manifest(art / "rank1")
+        assert (m.parallel.pp, m.parallel.stage) == (pp, 1) and len(m.generation.layers) == 4 // pp
+        funcs = [{k.func for k in read_manifest(art / f"rank{s}").generation.program.kernels.values()
+                  if k.route == "p2p"} for s in range(pp)]
+        assert funcs == [{"send"}] + [{"send", "recv"}] * (pp - 2) + [{"recv"}]
+        got = _run_ranks(art, pp)
+        assert got["token_ids"] == want

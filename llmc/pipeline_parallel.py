@@ -1,0 +1,118 @@
+"""`llmc.compile(..., pp=M)`: one compile, M pipeline-stage artifacts.
+
+The step function is derived from the whole fused graph, then cut into stages by the stage_split
+pass (passes/stage_split.py). Stage s's artifact runs its stage as its step function: the step
+inputs of the whole model (each stage reads what it needs: token ids on the first, the page
+metadata everywhere), its own layers' KV caches (kv_cache.0 .. of the stage), and a RECV / SEND of
+the residual stream at its cuts; the last stage returns the logits. Its forward entry point is
+the same program. `export(path)` writes `path/rank0 .. rank{M-1}` with a "parallel" section
+(pp, stage) and a "stage" entry in the generation section; `llmc generate ART` runs them as M
+processes (on the CPU: the CUDA runtime refuses send/recv kernels so far).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+import uuid
+from dataclasses import dataclass
+
+from .errors import LLMCError
+
+
+@dataclass
+class PipelineModel:
+    stages: list  # a CompiledModel per stage, its generation section set
+    pp: int
+    report: str = ""
+    nonce: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    @property
+    def fingerprint(self) -> str:
+        body = json.dumps([s.manifest["program"] for s in self.stages], sort_keys=True)
+        return f"{hashlib.sha256(body.encode()).hexdigest()[:16]}-{self.nonce}"
+
+    def __call__(self, *args, **kwargs):
+        raise LLMCError(f"a model compiled with pp={self.pp} runs as {self.pp} processes: export() it and run "
+                        f"`llmc generate ART`")
+
+    generate = __call__
+
+    def export(self, path: str | pathlib.Path, weights: bool = True) -> pathlib.Path:
+        path = pathlib.Path(path)
+        fp = self.fingerprint
+        for s, cm in enumerate(self.stages):
+            section = {"parallel": {"version": 1, "required": True, "tp": 1, "rank": 0, "pp": self.pp, "stage": s,
+                                    "fingerprint": fp}}
+            cm.export(path / f"rank{s}", weights=weights, _sections=section)
+        return path
+
+
+def _as_step_stage(step, stage, index: int, count: int):
+    """The stage graph with the whole step's inputs (STEP_INPUTS first) and its caches renamed
+    kv_cache.0 .. in layer order, the signature every step function has."""
+    from .compiler import ir
+    from .compiler.ir import Graph
+    from .passes.rewrite import substitute
+
+    base = [i for i in step.inputs if not i.attrs.name.startswith("kv_cache.")]
+    caches = [i for i in stage.inputs if i.attrs.name.startswith("kv_cache.")]
+    renamed = {c.uid: ir.input_node(f"kv_cache.{k}", c.type) for k, c in enumerate(caches)}
+    g = substitute(stage, renamed, stage.params) if renamed else stage
+    return Graph(tuple(base) + tuple(renamed[c.uid] for c in caches), g.outputs, g.params, g.symbols,
+                 g.output_names)
+
+
+def compile_pipeline(graph, opts, gen, pp: int, tokenizer=None, stop_token_ids=()) -> PipelineModel:
+    from .api import compile_graph
+    from .compiler.ops import Op
+    from .generation import STEP_LIBRARY, TOKENIZER_FILE, GenerationBuild
+    from .passes.pipeline import run_pipeline
+    from .passes.serve import StepSpec, derive_step
+    from .passes.simplify import simplify
+    from .passes.stage_split import stage_split
+
+    if not isinstance(pp, int) or isinstance(pp, bool) or pp < 2:
+        raise LLMCError(f"pp must be an int >= 2 here, got {pp!r}")
+    if gen is None:
+        raise LLMCError("pipeline stages are built for generation (a causal LM taking token ids alone)")
+    if opts.progress:
+        opts.progress(f"pipeline parallelism over {pp} stages: fusing, deriving the step, cutting")
+    gen.tokenizer = gen.tokenizer or tokenizer
+    gen.stop_token_ids = tuple(gen.stop_token_ids) or tuple(stop_token_ids)
+    fused, _ = run_pipeline(graph, opts.pipeline(), opts.verify_each, opts.dump_dir)
+    spec = StepSpec(gen.page_size, gen.max_tokens, gen.max_seqs, gen.max_context)
+    step, derive_report = derive_step(fused, spec)
+    step = simplify(step)[0]
+    staged, report = stage_split(step, pp)
+    vocab = int(step.outputs[0].shape[1])
+    seq = fused.inputs[0].shape[1]
+    context = spec.max_context or fused.symbols[next(iter(seq.symbols))].hi
+    stages = []
+    for s, sg in enumerate(staged.stages):
+        g = _as_step_stage(step, sg, s, pp)
+        cm = compile_graph(g, opts, passes=[])
+        caches = [i for i in g.inputs if i.attrs.name.startswith("kv_cache.")]
+        windows = {n.inputs[3].attrs.name: n.attrs.window for n in g.nodes() if n.op is Op.PAGED_ATTENTION}
+        section = {"version": 1, "required": True, "program": cm.manifest["program"], "library": STEP_LIBRARY,
+                   "input_checks": cm.manifest.get("input_checks", {"version": 1, "checks": []}),
+                   "kv": {"page_size": spec.page_size, "dtype": caches[0].dtype.value,
+                          "layers": [[int(c.shape[3]), int(c.shape[4]), int(windows[c.attrs.name])] for c in caches]},
+                   "limits": {"max_tokens": step.symbols["tokens"].hi, "max_seqs": step.symbols["seqs"].hi,
+                              "max_context": int(context), "vocab": vocab},
+                   "stop_token_ids": [int(t) for t in gen.stop_token_ids if 0 <= int(t) < vocab],
+                   "stage": {"index": s, "count": pp}}
+        tok = None
+        if gen.tokenizer is not None:
+            tok = pathlib.Path(gen.tokenizer)
+            section["tokenizer"] = TOKENIZER_FILE
+        from .backends.artifact import weights_of
+
+        cm.generation = GenerationBuild(cm, section, tok, str(report), weights=weights_of(cm.program))
+        cm.manifest = dict(cm.manifest, generation=section)
+        stages.append(cm)
+    return PipelineModel(stages, pp, f"{derive_report}\n{report}")
+
+
+__all__ = ["PipelineModel", "compile_pipeline"]
