@@ -4,7 +4,7 @@
 #   benchmarks/serve_cpu.sh ART256 ART1280 OUTDIR [which...]
 # ART256:  llmc compile <trained folder> -o ART256 --seq-len 256
 # ART1280: llmc compile <trained folder> -o ART1280 --seq-len 1280 --max-step-tokens 512
-# which: mlfq chunk prefix overload (default: all). The server runs with one kernel thread
+# which: mlfq chunk prefix overload overload2 (default: the first four). The server runs with one kernel thread
 # (LLMC_NUM_THREADS=1): on a 2-core host the client needs the other core.
 set -euo pipefail
 A256=$1; A1K=$2; OUT=$3; shift 3
@@ -56,6 +56,16 @@ for w in $WHICH; do
     n=$($PY -c "print(int($rate * 60))")
     bench --dataset sharegpt --num-prompts $n --request-rate $rate --seed 5 --json "$OUT/overload.json"
     curl -s http://127.0.0.1:$PORT/metrics | grep -E "kv_pages_used|requests_finished|rejected|resident" > "$OUT/overload-metrics.txt"
+    stop ;;
+  overload2)  # the same against a server of 2 sequences per step: a saturating rate low enough
+              # that this host's one-core Python client can offer 10x of it
+    serve "$A256" --max-queue 16 --max-num-seqs 2
+    bench --dataset sharegpt --num-prompts 60 --seed 4 --json "$OUT/saturation2.json"
+    rate=$($PY -c "import json; print(10 * json.load(open('$OUT/saturation2.json'))['request_throughput'])")
+    n=$($PY -c "print(int($rate * 60))")
+    (while kill -0 $SERVER 2>/dev/null; do curl -s http://127.0.0.1:$PORT/metrics | grep -E "resident_memory" || true; sleep 0.5; done) > "$OUT/overload2-rss.txt" &
+    bench --dataset sharegpt --num-prompts $n --request-rate $rate --seed 5 --json "$OUT/overload2.json"
+    curl -s http://127.0.0.1:$PORT/metrics | grep -E "kv_pages_used|requests_finished|rejected|resident" > "$OUT/overload2-metrics.txt"
     stop ;;
   esac
 done

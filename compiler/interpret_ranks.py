@@ -138,7 +138,7 @@ def interpret_ranks(runs: Sequence[RankRun]) -> list[list[np.ndarray]]:
                     for j in members:
                         states[j].waiting = None
                     for j in members:
-                        step(j, out)
+                        step(j, out.copy())  # each rank its own array, as each GPU has
                     progress = True
         if not progress:
             stuck = {i: (s.waiting.kind, s.waiting.key) for i, s in enumerate(states) if s.waiting is not None}
