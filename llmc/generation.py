@@ -61,7 +61,6 @@ def add_generation(forward, opts, gen: GenerateOptions, graph=None, shard_world:
     the forward's own), built for the forward's target; with `shard_world` > 1, one rank's
     program of a tensor-parallel group (passes/shard.py), every rank's weights beside it."""
     from .api import compile_graph
-    from .compiler.ops import Op
     from .passes.serve import StepSpec, derive_step
     from .passes.simplify import simplify
 
@@ -85,30 +84,39 @@ def add_generation(forward, opts, gen: GenerateOptions, graph=None, shard_world:
     if "shim" in step.manifest.get("libraries", {}).get("roles", {}) and \
             "shim" not in forward.manifest.get("libraries", {}).get("roles", {}):
         raise LLMCError("the step function calls the CUDA shim library but the forward does not carry it")
+    vocab = int(step.program.graph.outputs[0].shape[1])
+    section, tok = step_section(step, spec, step_graph.symbols, vocab, spec.max_context or _seq_bound(source), gen)
+    return GenerationBuild(step, section, tok, str(report), rank_weights=rank_weights)
+
+
+def step_section(step, spec, symbols, vocab: int, context: int, gen: GenerateOptions,
+                 stage: tuple[int, int] | None = None) -> tuple[dict, pathlib.Path | None]:
+    """The manifest's "generation" section for a compiled step function (and the tokenizer file
+    it names); `stage`: (index, count) of a pipeline stage (llmc/pipeline_parallel.py)."""
+    from .compiler.ops import Op
+
     g = step.program.graph
     caches = [n for n in g.inputs if n.attrs.name.startswith("kv_cache.")]
-    windows = {n.attrs.layer: n.attrs.window for n in g.nodes() if n.op is Op.PAGED_ATTENTION}
-    vocab = int(g.outputs[0].shape[1])
-    symbols = step_graph.symbols
-    context = spec.max_context or _seq_bound(source)
-    stops = [int(t) for t in gen.stop_token_ids if 0 <= int(t) < vocab]
+    windows = {n.inputs[3].attrs.name: n.attrs.window for n in g.nodes() if n.op is Op.PAGED_ATTENTION}
     section = {
         "version": 1, "required": True,
         "program": step.manifest["program"], "library": STEP_LIBRARY,
         "input_checks": step.manifest.get("input_checks", {"version": 1, "checks": []}),
         "kv": {"page_size": spec.page_size, "dtype": caches[0].dtype.value,
-               "layers": [[int(c.shape[3]), int(c.shape[4]), int(windows[i])] for i, c in enumerate(caches)]},
+               "layers": [[int(c.shape[3]), int(c.shape[4]), int(windows[c.attrs.name])] for c in caches]},
         "limits": {"max_tokens": symbols["tokens"].hi, "max_seqs": symbols["seqs"].hi,
                    "max_context": int(context), "vocab": vocab},
-        "stop_token_ids": stops,
+        "stop_token_ids": [int(t) for t in gen.stop_token_ids if 0 <= int(t) < vocab],
     }
+    if stage is not None:
+        section["stage"] = {"index": stage[0], "count": stage[1]}
     tok = None
     if gen.tokenizer is not None:
         tok = pathlib.Path(gen.tokenizer)
         if not tok.is_file():
             raise LLMCError(f"tokenizer file {tok} does not exist")
         section["tokenizer"] = TOKENIZER_FILE
-    return GenerationBuild(step, section, tok, str(report), rank_weights=rank_weights)
+    return section, tok
 
 
 def _seq_bound(graph) -> int:

@@ -12,13 +12,12 @@ processes (on the CPU: the CUDA runtime refuses send/recv kernels so far).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import pathlib
 import uuid
 from dataclasses import dataclass
 
 from .errors import LLMCError
+from .tensor_parallel import fingerprint
 
 
 @dataclass
@@ -30,8 +29,7 @@ class PipelineModel:
 
     @property
     def fingerprint(self) -> str:
-        body = json.dumps([s.manifest["program"] for s in self.stages], sort_keys=True)
-        return f"{hashlib.sha256(body.encode()).hexdigest()[:16]}-{self.nonce}"
+        return fingerprint([s.manifest["program"] for s in self.stages], self.nonce)
 
     def __call__(self, *args, **kwargs):
         raise LLMCError(f"a model compiled with pp={self.pp} runs as {self.pp} processes: export() it and run "
@@ -49,7 +47,7 @@ class PipelineModel:
         return path
 
 
-def _as_step_stage(step, stage, index: int, count: int):
+def _as_step_stage(step, stage):
     """The stage graph with the whole step's inputs (STEP_INPUTS first) and its caches renamed
     kv_cache.0 .. in layer order, the signature every step function has."""
     from .compiler import ir
@@ -66,8 +64,8 @@ def _as_step_stage(step, stage, index: int, count: int):
 
 def compile_pipeline(graph, opts, gen, pp: int, tokenizer=None, stop_token_ids=()) -> PipelineModel:
     from .api import compile_graph
-    from .compiler.ops import Op
-    from .generation import STEP_LIBRARY, TOKENIZER_FILE, GenerationBuild
+    from .backends.artifact import weights_of
+    from .generation import GenerationBuild, _seq_bound, step_section
     from .passes.pipeline import run_pipeline
     from .passes.serve import StepSpec, derive_step
     from .passes.simplify import simplify
@@ -87,28 +85,12 @@ def compile_pipeline(graph, opts, gen, pp: int, tokenizer=None, stop_token_ids=(
     step = simplify(step)[0]
     staged, report = stage_split(step, pp)
     vocab = int(step.outputs[0].shape[1])
-    seq = fused.inputs[0].shape[1]
-    context = spec.max_context or fused.symbols[next(iter(seq.symbols))].hi
+    context = spec.max_context or _seq_bound(fused)
     stages = []
     for s, sg in enumerate(staged.stages):
-        g = _as_step_stage(step, sg, s, pp)
+        g = _as_step_stage(step, sg)
         cm = compile_graph(g, opts, passes=[])
-        caches = [i for i in g.inputs if i.attrs.name.startswith("kv_cache.")]
-        windows = {n.inputs[3].attrs.name: n.attrs.window for n in g.nodes() if n.op is Op.PAGED_ATTENTION}
-        section = {"version": 1, "required": True, "program": cm.manifest["program"], "library": STEP_LIBRARY,
-                   "input_checks": cm.manifest.get("input_checks", {"version": 1, "checks": []}),
-                   "kv": {"page_size": spec.page_size, "dtype": caches[0].dtype.value,
-                          "layers": [[int(c.shape[3]), int(c.shape[4]), int(windows[c.attrs.name])] for c in caches]},
-                   "limits": {"max_tokens": step.symbols["tokens"].hi, "max_seqs": step.symbols["seqs"].hi,
-                              "max_context": int(context), "vocab": vocab},
-                   "stop_token_ids": [int(t) for t in gen.stop_token_ids if 0 <= int(t) < vocab],
-                   "stage": {"index": s, "count": pp}}
-        tok = None
-        if gen.tokenizer is not None:
-            tok = pathlib.Path(gen.tokenizer)
-            section["tokenizer"] = TOKENIZER_FILE
-        from .backends.artifact import weights_of
-
+        section, tok = step_section(cm, spec, step.symbols, vocab, context, gen, stage=(s, pp))
         cm.generation = GenerationBuild(cm, section, tok, str(report), weights=weights_of(cm.program))
         cm.manifest = dict(cm.manifest, generation=section)
         stages.append(cm)

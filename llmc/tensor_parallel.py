@@ -19,6 +19,13 @@ from dataclasses import dataclass
 from .errors import LLMCError
 
 
+def fingerprint(programs: list, nonce: str) -> str:
+    """The programs' hash and a compile's nonce: the rank folders of two compiles of one
+    architecture have the same programs but other weights, and must not pair."""
+    body = json.dumps(programs, sort_keys=True)
+    return f"{hashlib.sha256(body.encode()).hexdigest()[:16]}-{nonce}"
+
+
 def rank_dir(path: str | pathlib.Path, rank: int) -> pathlib.Path:
     return pathlib.Path(path) / f"rank{rank}"
 
@@ -32,20 +39,16 @@ class TensorParallelModel:
     rank_weights: tuple
     tp: int
     report: str = ""
+    nonce: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     @property
     def manifest(self) -> dict:
         return self.forward.manifest
 
-    nonce: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:12])
-
     @property
     def fingerprint(self) -> str:
-        """The programs' hash and this compile's nonce: the rank folders of two compiles of one
-        architecture have the same programs but other weights, and must not pair."""
         m = self.forward.manifest
-        body = json.dumps([m["program"], m.get("generation", {}).get("program"), self.tp], sort_keys=True)
-        return f"{hashlib.sha256(body.encode()).hexdigest()[:16]}-{self.nonce}"
+        return fingerprint([m["program"], m.get("generation", {}).get("program"), self.tp], self.nonce)
 
     def __call__(self, *args, **kwargs):
         raise LLMCError(f"a model compiled with tp={self.tp} runs as {self.tp} processes, one per rank: "
@@ -116,4 +119,4 @@ def _program_weights(compiled) -> set[str]:
     return names
 
 
-__all__ = ["TensorParallelModel", "compile_tensor_parallel", "rank_dir"]
+__all__ = ["TensorParallelModel", "compile_tensor_parallel", "fingerprint", "rank_dir"]
