@@ -14,7 +14,10 @@ Decode: the all-reduce of one decode step's hidden state (--hidden, 1 x 4096 bf1
 as latency, called eagerly in a loop and replayed from a CUDA graph of --graph-calls calls
 (a decode step runs in a graph).
 
-Before timing, both implementations sum (rank + 1) over a buffer and the result is checked.
+--oneshot-shim LIB adds llmc's one-shot kernel (runtime/dist/oneshot.py; messages up to
+--oneshot-max-bytes): where NCCL's ring and the one-shot kernel cross over.
+
+Before timing, every implementation sums (rank + 1) over a buffer and the result is checked.
 NCCL_NVLS_ENABLE=0 (NVLink multicast off) unless set: the launcher and NcclComm both see to it.
 """
 from __future__ import annotations
@@ -92,10 +95,29 @@ def worker(a) -> None:
     impls = {"llmc": llmc_ar}
     if use_torch:
         impls["torch"] = torch_ar
+    oneshot_max = 0
+    if a.oneshot_shim:  # the shim's one-shot kernel (runtime/dist/oneshot.py) for messages it takes
+        import tvm_ffi
+
+        from llmc.runtime.dist.oneshot import OneShotAllReduce
+        from llmc.runtime.gpu import import_tvm_cuda
+
+        kernel = import_tvm_cuda().runtime.load_module(a.oneshot_shim)["llmc_allreduce_oneshot"]
+        oneshot, why = OneShotAllReduce.create(comm, kernel, max_bytes=a.oneshot_max_bytes)
+        if oneshot is None:
+            raise SystemExit(f"one-shot all-reduce unavailable: {why}")
+        oneshot_max = a.oneshot_max_bytes
+        tdev = tvm_ffi.device("cuda", env.local_rank)
+
+        def oneshot_ar(t):
+            with tvm_ffi.use_raw_stream(tdev, torch.cuda.current_stream().cuda_stream):
+                oneshot(t, t)
+        impls["oneshot"] = oneshot_ar
 
     # correctness first: sum of (rank + 1) over every rank
     for name, fn in impls.items():
-        t = torch.full((1 << 20,), float(rank + 1), dtype=torch.bfloat16, device=dev)
+        numel = min(1 << 20, oneshot_max // 2) if name == "oneshot" else 1 << 20
+        t = torch.full((numel,), float(rank + 1), dtype=torch.bfloat16, device=dev)
         fn(t)
         torch.cuda.synchronize()
         want = n * (n + 1) / 2
@@ -128,12 +150,13 @@ def worker(a) -> None:
     for nbytes in sizes(a.min_bytes, a.max_bytes, a.factor):
         t = big[: nbytes // 2]
         iters = iters_for(nbytes, a.scale)
-        times = {name: [] for name in impls}
+        here = {k: f for k, f in impls.items() if k != "oneshot" or nbytes <= oneshot_max}
+        times = {name: [] for name in here}
         for _ in range(a.rounds):
-            for name, fn in impls.items():
+            for name, fn in here.items():
                 times[name].append(time_calls(fn, t, iters))
         row = {"bytes": nbytes, "count": nbytes // 2, "iters": iters}
-        for name in impls:
+        for name in here:
             us = float(np.median(times[name]))
             alg, bus = busbw(nbytes, us, n)
             row.update({f"{name}_us": us, f"{name}_algbw_GBps": alg, f"{name}_busbw_GBps": bus})
@@ -160,7 +183,8 @@ def worker(a) -> None:
         out = {"world_size": n, "device": torch.cuda.get_device_name(dev), "dtype": "bfloat16",
                "nccl_llmc": ".".join(map(str, nccl_version())), "torch": torch.__version__,
                "nccl_torch": torch_nccl_version(torch) if use_torch else None,
-               "nvls": os.environ.get("NCCL_NVLS_ENABLE"), "rounds": a.rounds, "rows": rows, "decode": decode}
+               "nvls": os.environ.get("NCCL_NVLS_ENABLE"), "rounds": a.rounds, "rows": rows, "decode": decode,
+               "oneshot": bool(oneshot_max)}
         pathlib.Path(a.result).write_text(json.dumps(out, indent=1))
     comm.barrier()
     comm.close()
@@ -217,10 +241,14 @@ def table(res: dict) -> str:
         if has_torch:
             line += f" | {r['torch_us']:>9.2f} {r['torch_algbw_GBps']:>7.2f} {r['torch_busbw_GBps']:>7.2f} | " \
                     f"{r['ratio']:>6.3f}"
+        if "oneshot_us" in r:
+            line += f" | one-shot {r['oneshot_us']:>8.2f} us {r['oneshot_busbw_GBps']:>7.2f} busbw"
         lines.append(line)
     d = res["decode"]
     lines.append(f"decode step hidden state (1 x {d['hidden']} bf16, {d['bytes']} B), us per all-reduce:")
-    for name in ("llmc", "torch") if has_torch else ("llmc",):
+    for name in ("llmc", "torch", "oneshot"):
+        if f"{name}_eager_us" not in d:
+            continue
         g = d.get(f"{name}_graph_us")
         gtxt = f"{g:.2f}" if g is not None else f"n/a ({d.get(f'{name}_graph_error')})"
         lines.append(f"  {name:6s} eager {d[f'{name}_eager_us']:.2f}   in a CUDA graph {gtxt}")
@@ -240,6 +268,9 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=4096, help="decode hidden size (elements)")
     ap.add_argument("--graph-calls", type=int, default=100, help="all-reduces per captured graph")
     ap.add_argument("--no-torch", action="store_true", help="time NcclComm alone")
+    ap.add_argument("--oneshot-shim", help="also time the one-shot all-reduce kernel of this shim library")
+    ap.add_argument("--oneshot-max-bytes", type=parse_bytes, default=1 << 20,
+                    help="largest message the one-shot kernel takes (its buffers are twice this)")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)

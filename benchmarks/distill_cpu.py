@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import pathlib
 import statistics
@@ -45,7 +46,7 @@ from llmc.distill.data import TokenData, read_text, tokenize  # noqa: E402
 from llmc.distill.evaluate import perplexity  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
-from train_tiny_llama import RECIPE, stdlib_texts, trained_model  # noqa: E402
+from train_tiny_llama import stdlib_texts, trained_model  # noqa: E402
 
 # shared by (b) and (c): batch, window, peak lr, warmup, schedule
 COMMON = dict(seq_len=128, batch=16, lr=1e-3, warmup=20, eval_every=100, eval_windows=64, checkpoint_every=100,
@@ -90,6 +91,9 @@ def main() -> None:
     p.add_argument("--new", type=int, default=128, help="decode steps timed")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", help="work folder (default: a temporary one)")
+    p.add_argument("--teacher", help="teacher folder (default: the trained model; e.g. one trained longer with "
+                                     "tools/train_tiny_llama.py --steps ... --out DIR); the students train on the "
+                                     "text of its recipe.json")
     p.add_argument("--decode-only", action="store_true", help="only the decode timing, of the student (c) that an "
                                                               "earlier run left in --out")
     a = p.parse_args()
@@ -97,15 +101,17 @@ def main() -> None:
     os.environ["LLMC_NUM_THREADS"] = str(a.threads)
     out = pathlib.Path(a.out or tempfile.mkdtemp(prefix="llmc-distill-"))
     out.mkdir(parents=True, exist_ok=True)
-    teacher_dir = trained_model()
+    teacher_dir = pathlib.Path(a.teacher) if a.teacher else trained_model()
+    recipe = json.loads((teacher_dir / "recipe.json").read_text())
     tok = transformers.AutoTokenizer.from_pretrained(teacher_dir, local_files_only=True)
     load = lambda f: transformers.AutoModelForCausalLM.from_pretrained(f, local_files_only=True).eval()  # noqa: E731
     if a.decode_only:
         return decode(load(teacher_dir), load(out / "c_kd"), tok, a)
     train_file = out / "train.txt"
-    train_file.write_text("\n".join(stdlib_texts(RECIPE["text_mb"])[0]), encoding="utf-8")
+    train_file.write_text("\n".join(stdlib_texts(recipe["text_mb"])[0]), encoding="utf-8")
     heldout = teacher_dir / "heldout.txt"
-    print(f"teacher: the trained 4-layer Llama; training text {train_file.stat().st_size / 1e6:.1f} MB; "
+    print(f"teacher: {teacher_dir.name} ({recipe['layers']} layers, {recipe['steps']} steps of {recipe['batch']} x "
+          f"{recipe['seq']}); training text {train_file.stat().st_size / 1e6:.1f} MB; "
           f"{a.threads} threads (OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}); {a.minutes} min per trained "
           f"student; torch {torch.__version__}", flush=True)
 

@@ -32,22 +32,47 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_decode_gpu (PYTHONSAFEPATH-proof)
 
 
-def _alone_allreduce_us(comm, nbytes: int, iters: int = 200) -> float:
+def _graph_us(call, iters: int = 50, reps: int = 5) -> float:
+    """Time of one call(stream), from a CUDA graph of `iters` calls replayed `reps` times."""
     import torch
 
-    x = torch.zeros(nbytes // 2, dtype=torch.bfloat16, device="cuda")
-    stream = torch.cuda.current_stream().cuda_stream
-    for _ in range(20):
-        comm.all_reduce_device(x.data_ptr(), x.numel(), "bfloat16", stream)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        for _ in range(5):
+            call(side.cuda_stream)
     torch.cuda.synchronize()
-    comm.barrier()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        stream = torch.cuda.current_stream().cuda_stream
+        for _ in range(iters):
+            call(stream)
+    graph.replay()
+    torch.cuda.synchronize()
     s, e = torch.cuda.Event(True), torch.cuda.Event(True)
     s.record()
-    for _ in range(iters):
-        comm.all_reduce_device(x.data_ptr(), x.numel(), "bfloat16", stream)
+    for _ in range(reps):
+        graph.replay()
     e.record()
     torch.cuda.synchronize()
-    return s.elapsed_time(e) / iters * 1e3
+    return s.elapsed_time(e) / (iters * reps) * 1e3
+
+
+def _alone_us(comm, oneshot, nbytes: int) -> dict:
+    """An all-reduce of `nbytes` bf16 alone, in a CUDA graph: NCCL's, and the one-shot kernel's."""
+    import torch
+    import tvm_ffi
+
+    x = torch.zeros(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+    out = {"nccl_alone_us": _graph_us(lambda st: comm.all_reduce_device(x.data_ptr(), x.numel(), "bfloat16", st))}
+    if oneshot is not None and oneshot.fits(nbytes, "bfloat16"):
+        y = torch.zeros_like(x)
+        dev = tvm_ffi.device("cuda", torch.cuda.current_device())
+
+        def one(st):
+            with tvm_ffi.use_raw_stream(dev, st):
+                oneshot(x, y)
+        out["oneshot_alone_us"] = _graph_us(one)
+    return out
 
 
 def worker(a: argparse.Namespace) -> None:
@@ -62,10 +87,19 @@ def worker(a: argparse.Namespace) -> None:
         env, comm, path = join(art, "cuda")
     else:
         env, comm, path = None, None, art / "rank0" if (art / "rank0").exists() else art
-    llm = load(path, device="cuda:0", comm=comm, kv_memory=a.kv_memory)
+    mode = a.allreduce[0]
+    if mode == "off":  # timing only: every collective a no-op (wrong sums), what the step costs without them
+        from llmc.runtime.gpu import GpuExecutor
+
+        GpuExecutor._collective = lambda self, k, args: ((lambda x, y: None), tuple(args))
+    llm = load(path, device="cuda:0", comm=comm, kv_memory=a.kv_memory, allreduce="nccl" if mode == "off" else mode)
     _zero_pool(llm)
     rng = np.random.default_rng(0)  # the same token ids on every rank
-    out = {"tp": tp}
+    out = {"tp": tp, "allreduce": mode if tp > 1 else "-"}
+    if tp > 1 and (env is None or env.rank == 0) and mode == "auto":
+        step = llm.step.executor
+        why = step.oneshot_why or "used for messages up to %d bytes" % step.oneshot.max_bytes
+        print(f"[tp_decode] one-shot all-reduce: {why}", flush=True)
     for batch in a.batch:
         res = llmc_decode(llm, batch, a.context, a.steps, rng)
         prof = decode_profile(llm, batch, a.context, rng)
@@ -73,14 +107,10 @@ def worker(a: argparse.Namespace) -> None:
         coll = [(k, n, t) for k, n, t in prof if "all-reduce" in k]
         row = {"step_ms": res["step_ms"], "replay_ms": res["replay_ms"], "eager_total_ms": total}
         if coll:
-            n_ar = sum(n for _, n, _ in coll)
-            t_ar = sum(t for _, _, t in coll) / n_ar * 1e3
-            nbytes = a.hidden * batch * 2  # one all-reduce: the [tokens, hidden] bf16 residual update
-            alone = _alone_allreduce_us(comm, nbytes)
-            factor = 2 * (tp - 1) / tp
-            row.update({"allreduce_calls": n_ar, "allreduce_us": t_ar, "allreduce_share": sum(t for _, _, t in coll) / total,
-                        "allreduce_bytes": nbytes, "busbw_GBps": nbytes * factor / (t_ar * 1e-6) / 1e9,
-                        "alone_us": alone, "alone_busbw_GBps": nbytes * factor / (alone * 1e-6) / 1e9})
+            row["allreduce_calls"] = sum(n for _, n, _ in coll)
+            row["allreduce_bytes"] = a.hidden * batch * 2  # one all-reduce: the [tokens, hidden] bf16 residual update
+            if mode != "off":
+                row.update(_alone_us(comm, llm.step.executor.oneshot, row["allreduce_bytes"]))
         out[f"b{batch}"] = row
     if env is None or env.rank == 0:
         print("RESULT " + json.dumps(out), flush=True)
@@ -105,6 +135,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--kv-memory", type=int, default=2 << 30)
+    p.add_argument("--allreduce", nargs="+", default=["auto", "nccl", "off"], choices=["auto", "nccl", "off"],
+                   help="all-reduce paths to time at TP > 1 (auto: the one-shot kernel for small messages; "
+                        "off: none at all, wrong sums, the step's cost without them)")
     p.add_argument("--json")
     a = p.parse_args()
     if a.worker:
@@ -113,10 +146,12 @@ def main() -> None:
     from llmc.runtime.dist.launch import launch
 
     results = []
-    for art in a.arts:
+    runs = [(art, mode) for art in a.arts for mode in (a.allreduce if _tp_of(pathlib.Path(art)) > 1 else ["-"])]
+    for art, mode in runs:
         tp = _tp_of(pathlib.Path(art))
         argv = [sys.executable, os.path.abspath(__file__), "--worker", art, "--context", str(a.context), "--steps",
-                str(a.steps), "--hidden", str(a.hidden), "--kv-memory", str(a.kv_memory), "--batch", *map(str, a.batch)]
+                str(a.steps), "--hidden", str(a.hidden), "--kv-memory", str(a.kv_memory), "--batch", *map(str, a.batch),
+                "--allreduce", mode if mode != "-" else "auto"]
         out, err = io.StringIO(), io.StringIO()
         t = time.perf_counter()
         res = launch(argv, tp, devices=list(range(tp)), stdout=out, stderr=err, timeout=400, label=False, check=False)
@@ -129,18 +164,33 @@ def main() -> None:
         results.append(r)
         print(f"[tp_decode] {art}: {json.dumps(r)} ({time.perf_counter() - t:.0f} s)", flush=True)
     base = next((r for r in results if r["tp"] == 1), None)
-    print(f"\n| TP | batch | step ms | vs TP=1 | all-reduces | us each | share of step | busbw GB/s | alone us | alone busbw | in-step / alone |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\nin-step us per all-reduce = (replay with them - replay with none) / their count; bus bandwidth as "
+          "nccl-tests' busbw (bytes * 2(n-1)/n / time); alone = the same message in a CUDA graph of 50")
+    print("| TP | all-reduce | batch | step ms | vs TP=1 | replay ms | vs TP=1 | all-reduces | in-step us | "
+          "in-step busbw GB/s | NCCL alone us | NCCL alone busbw | in-step / NCCL alone | one-shot alone us |")
+    print("| --- " * 14 + "|")
     for r in results:
         for b in a.batch:
             row = r.get(f"b{b}")
-            if row is None:
+            if row is None or r["allreduce"] == "off":
                 continue
-            ratio = "" if base is None else f"{row['step_ms'] / base[f'b{b}']['step_ms']:.3f}x"
-            ar = [f"{row[k]:.3g}" if k in row else "-" for k in ("allreduce_calls", "allreduce_us", "allreduce_share",
-                                                                  "busbw_GBps", "alone_us", "alone_busbw_GBps")]
-            eff = f"{row['alone_us'] / row['allreduce_us']:.2f}" if "alone_us" in row else "-"
-            print(f"| {r['tp']} | {b} | {row['step_ms']:.3f} | {ratio} | " + " | ".join(ar) + f" | {eff} |")
+            ref = None if base is None else base.get(f"b{b}")
+            ratio = "" if ref is None else f"{row['step_ms'] / ref['step_ms']:.3f}x"
+            rratio = "" if ref is None else f"{row['replay_ms'] / ref['replay_ms']:.3f}x"
+            off = next((o.get(f"b{b}") for o in results if o["tp"] == r["tp"] and o["allreduce"] == "off"), None)
+            cells = ["-"] * 6
+            if "allreduce_calls" in row:
+                n, nbytes, factor = row["allreduce_calls"], row["allreduce_bytes"], 2 * (r["tp"] - 1) / r["tp"]
+                bw = lambda us: nbytes * factor / (us * 1e-6) / 1e9
+                alone = row["nccl_alone_us"]
+                cells = [str(n), "-", "-", f"{alone:.1f}", f"{bw(alone):.1f}", f"{row.get('oneshot_alone_us', 0):.1f}"]
+                if off is not None:
+                    us = (row["replay_ms"] - off["replay_ms"]) / n * 1e3
+                    row["in_step_us"] = us
+                    cells[1:3] = [f"{us:.1f}", f"{bw(us):.1f}" if us > 0 else "-"]
+                cells.insert(5, f"{alone / row['in_step_us']:.2f}" if row.get("in_step_us", 0) > 0 else "-")
+            print(f"| {r['tp']} | {r['allreduce']} | {b} | {row['step_ms']:.3f} | {ratio} | {row['replay_ms']:.3f} | "
+                  f"{rratio} | " + " | ".join(cells) + " |")
     if a.json:
         pathlib.Path(a.json).write_text(json.dumps(results, indent=1))
 

@@ -120,7 +120,7 @@ class GpuExecutor:
 
     def __init__(self, manifest: Manifest, modules: Mapping[str, Any], weights: Mapping[str, Any] | None,
                  device_id: int = 0, graphs: bool | None = None, fill_weights: str = "random",
-                 shared_weights: Mapping[str, Any] | None = None, comm=None):
+                 shared_weights: Mapping[str, Any] | None = None, comm=None, allreduce: str = "auto"):
         from .executor import numpy_dtype, take_program
 
         if not isinstance(manifest, Manifest):
@@ -145,10 +145,7 @@ class GpuExecutor:
         check_comm(p.kernels, comm, "this artifact")
         self.comm = comm
         for name, k in p.kernels.items():
-            if k.route == "p2p":
-                raise ArtifactError("pipeline stages (send/recv between stages) run on the CPU runtime so far; "
-                                    "this CUDA artifact has them")
-            if k.route == "coll":  # NCCL on the executor's stream (captured into its CUDA graphs)
+            if k.route in ("coll", "p2p"):  # NCCL on the executor's stream (captured into its CUDA graphs)
                 self._kernels[name] = (None, k)
                 continue
             lib = SHIM if k.route == SHIM else "tvm"
@@ -162,6 +159,7 @@ class GpuExecutor:
                 raise ArtifactError(f"kernel {name!r}: function {fn_name!r} is missing from the {lib} library") from None
             self._kernels[name] = (fn, k)
         self._argmax = _shim_function(modules.get(SHIM), "llmc_argmax_rows")  # None: an older shim
+        self.oneshot, self.oneshot_why = self._setup_oneshot(p.kernels, modules.get(SHIM), allreduce)
         self._argmax_out: dict[int, Any] = {}
         if SHIM in modules and modules[SHIM] is not None:
             try:
@@ -244,6 +242,8 @@ class GpuExecutor:
             args = [bufs[i] for i in c.args]
             if k.route == "coll":
                 fn, launch = self._collective(k, args)
+            elif k.route == "p2p":
+                fn, launch = self._point_to_point(k, args)
             elif k.route == SHIM:
                 tensors = [None if t is None else args[t.arg]._create_view(self._shape(t.shape, env), None, 0)
                            for t in k.tensors]
@@ -258,15 +258,56 @@ class GpuExecutor:
             self._plans.popitem(last=False)
         return plan
 
+    def _setup_oneshot(self, kernels, shim, allreduce: str):
+        """The one-shot all-reduce (runtime/dist/oneshot.py) for the small all-reduces of this
+        program, or None and why not. allreduce: "auto" (one-shot where every rank can, else
+        NCCL) or "nccl". Every rank decides the same, meeting the others on the store."""
+        if allreduce not in ("auto", "nccl"):
+            raise LLMCError(f"allreduce={allreduce!r}: expected 'auto' or 'nccl'")
+        if self.comm is None or not any(k.route == "coll" and k.func == "all_reduce" for k in kernels.values()):
+            return None, "no all-reduce"
+        if allreduce == "nccl":
+            return None, "allreduce='nccl'"
+        if not hasattr(self.comm, "exchange_keys") or not hasattr(self.comm, "device"):
+            return None, "the communicator is not NCCL's"
+        from .dist.oneshot import OneShotAllReduce
+
+        return OneShotAllReduce.create(self.comm, _shim_function(shim, "llmc_allreduce_oneshot"))
+
     def _collective(self, k, args) -> tuple:
-        """(fn, args) of a coll kernel: NCCL reads and writes the buffers in place on the stream the
-        plan runs on (self.stream while launching or capturing)."""
+        """(fn, args) of a coll kernel on the stream the plan runs on (self.stream while launching
+        or capturing): a small all-reduce through the one-shot kernel when set up, the rest
+        through NCCL, reading and writing the buffers in place."""
         comm, stream = self.comm, self.stream
         x, out = args
         count = int(np.prod(x.shape, dtype=np.int64))
+        nbytes = count * np.dtype(self._numpy_dtype(str(x.dtype))).itemsize
+        if k.func == "all_reduce" and self.oneshot is not None and self.oneshot.fits(nbytes, str(x.dtype)):
+            return self.oneshot, (x, out)
         if k.func == "all_reduce":
             return (lambda a, b: comm.all_reduce_device(a.data_ptr(), count, str(a.dtype), stream.ptr, out_ptr=b.data_ptr())), (x, out)
         return (lambda a, b: comm.all_gather_device(a.data_ptr(), b.data_ptr(), count, str(a.dtype), stream.ptr)), (x, out)
+
+    def _point_to_point(self, k, args) -> tuple:
+        """(fn, args) of a p2p kernel: NCCL send of x to the peer stage (and out = x, the value the
+        stage's program goes on with), or receive into out, on the plan's stream."""
+        comm, stream, peer = self.comm, self.stream, int(k.scalars[0])
+        if k.func == "send":
+            x, out = args
+            count = int(np.prod(x.shape, dtype=np.int64))
+            nbytes = count * np.dtype(self._numpy_dtype(str(x.dtype))).itemsize
+
+            def send(a, b):
+                comm.send_device(a.data_ptr(), count, str(a.dtype), peer, stream.ptr)
+                if b.data_ptr() != a.data_ptr():
+                    from .cuda_graph import check, cudart
+
+                    check(cudart().cudaMemcpyAsync(b.data_ptr(), a.data_ptr(), nbytes, 3, stream.handle),
+                          "cudaMemcpyAsync (send's output)")  # 3: device to device
+            return send, (x, out)
+        (out,) = args
+        count = int(np.prod(out.shape, dtype=np.int64))
+        return (lambda b: comm.recv_device(b.data_ptr(), count, str(b.dtype), peer, stream.ptr)), (out,)
 
     def bind_state(self, tensors: Mapping[str, Any]) -> None:
         """Bind inputs to device tensors for good: state the caller owns and the kernels update

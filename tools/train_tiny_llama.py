@@ -4,6 +4,8 @@ Face folder. Every machine with Python has the text, so nothing is downloaded.
 
     python tools/train_tiny_llama.py                 # train (about 5 minutes on 2 cores) or reuse
     python tools/train_tiny_llama.py --out DIR       # somewhere else
+    python tools/train_tiny_llama.py --steps 4000 --batch 32 --text-mb 10 --device cuda --out DIR
+                                                     # a longer-trained teacher (for llmc distill)
 
 The result is cached under ~/.cache/llmc/trained/ keyed by the training recipe, so tests
 and examples train it once. Held-out text (every 10th stdlib file, never trained on) is
@@ -68,13 +70,16 @@ def train_tokenizer(texts: list[str], vocab: int):
     return tok
 
 
-def train(out: pathlib.Path, recipe: dict = RECIPE, log=print) -> pathlib.Path:
+def train(out: pathlib.Path, recipe: dict = RECIPE, log=print, device: str = "cpu",
+          texts: tuple[list[str], list[str]] | None = None) -> pathlib.Path:
+    """Train to `out`. `texts`: (train, held-out) in place of this Python's stdlib (e.g. another
+    machine's, dumped with --dump-texts, so a GPU machine trains on the same text)."""
     import numpy as np
     import torch
     import transformers
 
     t0 = time.perf_counter()
-    train_texts, held = stdlib_texts(recipe["text_mb"])
+    train_texts, held = texts if texts is not None else stdlib_texts(recipe["text_mb"])
     tok = train_tokenizer(train_texts, recipe["vocab"])
     eos = tok.token_to_id("<|endoftext|>")
     ids = np.concatenate([np.asarray(tok.encode(t).ids + [eos], np.int64) for t in train_texts])
@@ -85,7 +90,7 @@ def train(out: pathlib.Path, recipe: dict = RECIPE, log=print) -> pathlib.Path:
         intermediate_size=recipe["ffn"], max_position_embeddings=recipe["context"], tie_word_embeddings=True,
         bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, rms_norm_eps=1e-5)
     torch.manual_seed(recipe["seed"])
-    model = transformers.LlamaForCausalLM(cfg)
+    model = transformers.LlamaForCausalLM(cfg).to(device)
     log(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
     opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=0.1, betas=(0.9, 0.95))
     steps, warm = recipe["steps"], recipe["warmup"]
@@ -96,7 +101,7 @@ def train(out: pathlib.Path, recipe: dict = RECIPE, log=print) -> pathlib.Path:
     model.train()
     for step in range(steps):
         starts = rng.integers(0, ids.size - s - 1, b)
-        x = torch.from_numpy(np.stack([ids[i:i + s + 1] for i in starts]))
+        x = torch.from_numpy(np.stack([ids[i:i + s + 1] for i in starts])).to(device)
         loss = model(input_ids=x[:, :-1], labels=x[:, :-1].clone(), use_cache=False).loss
         # labels are shifted inside the model: predicting x[t+1] from x[:t+1]
         opt.zero_grad(set_to_none=True)
@@ -106,7 +111,7 @@ def train(out: pathlib.Path, recipe: dict = RECIPE, log=print) -> pathlib.Path:
         sched.step()
         if step % 50 == 0 or step == steps - 1:
             log(f"step {step:4d}  loss {loss.item():.3f}  {time.perf_counter() - t0:.0f}s")
-    model.eval()
+    model.to("cpu").eval()
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     model.save_pretrained(tmp)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
@@ -139,8 +144,30 @@ def trained_model(out: pathlib.Path | None = None, log=print) -> pathlib.Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="folder to write (default: the cache)")
+    p.add_argument("--steps", type=int, help=f"train longer or shorter than the recipe's {RECIPE['steps']} steps "
+                                             "(a stronger teacher for distillation; --out required)")
+    p.add_argument("--batch", type=int, help=f"sequences per step (recipe: {RECIPE['batch']})")
+    p.add_argument("--text-mb", type=float, help=f"megabytes of stdlib source read (recipe: {RECIPE['text_mb']})")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (with --steps)")
+    p.add_argument("--texts", help="train on this JSON [train texts, held-out texts] (from --dump-texts) instead "
+                                   "of this Python's stdlib")
+    p.add_argument("--dump-texts", help="write the recipe's (or --text-mb's) texts here as JSON and stop")
     a = p.parse_args(argv)
-    print(trained_model(pathlib.Path(a.out) if a.out else None))
+    recipe = dict(RECIPE, **{k: v for k, v in (("steps", a.steps), ("batch", a.batch), ("text_mb", a.text_mb))
+                             if v is not None})
+    if a.dump_texts:
+        pathlib.Path(a.dump_texts).write_text(json.dumps(stdlib_texts(recipe["text_mb"])))
+        return 0
+    if recipe == RECIPE and a.texts is None and a.device == "cpu":
+        print(trained_model(pathlib.Path(a.out) if a.out else None))
+        return 0
+    if not a.out:
+        p.error("a recipe other than the default needs --out")
+    import torch
+
+    torch.manual_seed(recipe["seed"])
+    texts = tuple(json.loads(pathlib.Path(a.texts).read_text())) if a.texts else None
+    print(train(pathlib.Path(a.out), recipe, device=a.device, texts=texts))
     return 0
 
 

@@ -1,7 +1,8 @@
-"""Tensor parallelism on GPUs: greedy tokens of the trained tiny model identical at TP = 1, 2 and 4 (one
-process per GPU, NCCL inside the step's CUDA graphs), run on the 2/4-GPU machines.
+"""Tensor and pipeline parallelism on GPUs: greedy tokens of the trained tiny model identical at TP = 1,
+2 and 4 and PP = 2 (one process per GPU, NCCL inside the step's CUDA graphs), run on the 2/4-GPU
+machines.
 
-    python tests/models/test_gpu_tp.py --prepare gpu_art/tp       # build host: compile tp 1, 2, 4
+    python tests/models/test_gpu_tp.py --prepare gpu_art/tp       # build host: compile tp 1, 2, 4 and pp 2
     pytest -m gpu tests/models/test_gpu_tp.py                      # GPU machine (LLMC_GPU_TP=gpu_art/tp)
 """
 from __future__ import annotations
@@ -69,6 +70,19 @@ def test_greedy_tokens_identical_at_tp_1_2_4():
         pytest.skip("fewer than 2 GPUs")
 
 
+@pytest.mark.gpu
+def test_greedy_tokens_identical_at_pp_2():
+    """Two pipeline stages on two GPUs (NCCL send/recv of the residual stream inside each stage's
+    CUDA graph, the last stage's logits broadcast) give the whole model's tokens."""
+    if not (ROOT / "pp2").exists():
+        pytest.skip(f"no prepared pp2 artifact under {ROOT} (run --prepare on the build host)")
+    if _gpus() < 2:
+        pytest.skip("fewer than 2 GPUs")
+    want = _whole_tokens(ROOT / "tp1")
+    got = _tokens(ROOT / "pp2", 2)
+    assert got == want, f"pp 2: {got} != whole model: {want}"
+
+
 def _margin(model, prompt: list[int]) -> float:
     import torch
 
@@ -109,10 +123,10 @@ def prepare(out: pathlib.Path, arch: str = "sm_90") -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "prompts.json").write_text(json.dumps(prompts))
     example = torch.randint(3, 1000, (1, 8))
-    for tp in TPS:
+    for name, kw in [*((f"tp{tp}", {"tp": tp}) for tp in TPS), ("pp2", {"pp": 2})]:
         cm = llmc.compile(model, (example,), target=f"cuda:{arch}", dim_bounds={"batch": (1, 4), "seq": (1, 128)},
-                          generate=GenerateOptions(max_tokens=64, max_seqs=8), tp=tp, progress=print)
-        cm.export(out / f"tp{tp}")
+                          generate=GenerateOptions(max_tokens=64, max_seqs=8), progress=print, **kw)
+        cm.export(out / name)
 
 
 if __name__ == "__main__":

@@ -175,9 +175,63 @@ def nccl(out: str, seed: int) -> None:
     np.savez(os.path.join(out, f"rank{env.rank}.npz"), **res)
 
 
+def oneshot(out: str, seed: int) -> None:
+    """The shim's one-shot all-reduce (LLMC_SHIM_LIB) through OneShotAllReduce: several sizes and
+    dtypes, in place and not, and inside a CUDA graph replayed on new data (the epochs advance
+    in device memory)."""
+    import torch
+    import tvm_ffi
+
+    from llmc.runtime.dist import NcclComm
+    from llmc.runtime.dist.oneshot import OneShotAllReduce
+    from llmc.runtime.gpu import import_tvm_cuda
+
+    env = DistEnv.from_environ()
+    torch.cuda.set_device(env.local_rank)
+    comm = NcclComm.create(env, timeout=60)
+    kernel = import_tvm_cuda().runtime.load_module(os.environ["LLMC_SHIM_LIB"])["llmc_allreduce_oneshot"]
+    ar, why = OneShotAllReduce.create(comm, kernel, max_bytes=1 << 20)
+    assert ar is not None, why
+    dev = tvm_ffi.device("cuda", env.local_rank)
+    r, res = comm.rank, {}
+    stream = torch.cuda.current_stream().cuda_stream
+    for k, (shape, dt) in enumerate([((4096,), torch.bfloat16), ((16, 4096), torch.bfloat16), ((6, 40), torch.float16),
+                                     ((65536,), torch.float32), ((3, 128), torch.float32)]):
+        x = torch.from_numpy(data(seed + k, r, shape, "float32")).to("cuda", dt)
+        y = torch.empty_like(x)
+        with tvm_ffi.use_raw_stream(dev, stream):
+            ar(x, y)
+            ar(x, x)  # in place
+        torch.cuda.synchronize()
+        res[f"out{k}"], res[f"inplace{k}"] = y.float().cpu().numpy(), x.float().cpu().numpy()
+    gx = torch.zeros(8192, device="cuda", dtype=torch.bfloat16)
+    gy = torch.zeros_like(gx)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side), tvm_ffi.use_raw_stream(dev, side.cuda_stream):
+        ar(gx, gy)  # warm-up, outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        with tvm_ffi.use_raw_stream(dev, torch.cuda.current_stream().cuda_stream):
+            ar(gx, gy)
+            gy.mul_(2)
+            ar(gy, gy)
+    for step in range(4):
+        gx.copy_(torch.from_numpy(data(seed + 30 + step, r, (8192,), "float32")).to("cuda", torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        res[f"graph{step}"] = gy.float().cpu().numpy()
+    comm.barrier()
+    ar.close()
+    np.savez(os.path.join(out, f"rank{env.rank}.npz"), **res)
+    from llmc.runtime.tp_run import leave
+
+    leave(comm)
+
+
 if __name__ == "__main__":
     scenario, outdir, *rest = sys.argv[1:]
     fn = {"collectives": collectives, "die": die, "stuck": stuck, "inconsistent": inconsistent,
-          "nccl": nccl}[scenario]
+          "nccl": nccl, "oneshot": oneshot}[scenario]
     args = [int(a) if a.lstrip("-").isdigit() else a for a in rest]
     fn(outdir, *args)

@@ -79,3 +79,39 @@ def test_nccl_collectives_match_numpy(tmp_path, n):
         if r < 2:
             np.testing.assert_array_equal(g["sub_sum"], np.full(3, 3.0, np.float32))
         np.testing.assert_array_equal(g["dev_all_reduce_bf16"], got[0]["dev_all_reduce_bf16"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [2, 4])
+def test_oneshot_allreduce_matches_numpy_and_is_the_same_on_every_rank(tmp_path, n):
+    """runtime/dist/oneshot.py with the shim's kernel (LLMC_SHIM_LIB): sums of fresh random data
+    against float64 numpy, identical bits on every rank, eager and replayed from a CUDA graph."""
+    if _gpus() < n:
+        pytest.skip(f"needs {n} GPUs")
+    if not os.environ.get("LLMC_SHIM_LIB"):
+        pytest.skip("needs LLMC_SHIM_LIB, a shim built with llmc_allreduce.cu")
+    import torch
+
+    seed = int(np.random.default_rng().integers(1 << 30))
+    result, _, err = launch_workers("oneshot", n, tmp_path, seed, timeout=300)
+    assert result.ok, result.report() + err[-4000:]
+    got = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(n)]
+
+    def rounded(k, shape, dt):  # each rank's input as the GPU saw it
+        return [torch.from_numpy(data(seed + k, r, shape, "float32")).to(dt).double().numpy() for r in range(n)]
+
+    cases = [((4096,), torch.bfloat16, 1e-2), ((16, 4096), torch.bfloat16, 1e-2), ((6, 40), torch.float16, 2e-3),
+             ((65536,), torch.float32, 1e-6), ((3, 128), torch.float32, 1e-6)]
+    for k, (shape, dt, tol) in enumerate(cases):
+        want = sum(rounded(k, shape, dt))
+        for r in range(n):
+            np.testing.assert_allclose(got[r][f"out{k}"], want, rtol=tol, atol=tol * n)
+            np.testing.assert_array_equal(got[r][f"out{k}"], got[0][f"out{k}"])
+            np.testing.assert_array_equal(got[r][f"inplace{k}"], got[r][f"out{k}"])
+    for step in range(4):
+        x = sum(rounded(30 + step, (8192,), torch.bfloat16))
+        x = torch.from_numpy(x).bfloat16().double().numpy()
+        want = n * torch.from_numpy(2 * x).bfloat16().double().numpy()
+        for r in range(n):
+            np.testing.assert_allclose(got[r][f"graph{step}"], want, rtol=2e-2, atol=2e-2 * n)
+            np.testing.assert_array_equal(got[r][f"graph{step}"], got[0][f"graph{step}"])

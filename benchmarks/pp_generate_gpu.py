@@ -1,0 +1,118 @@
+"""Pipeline-parallel generation throughput on GPUs: the whole model on one GPU against its
+`--pp M` stages on M GPUs (one process each, NCCL send/recv of the residual stream inside each
+stage's CUDA graphs, the last stage's logits broadcast), the same prompts, in one run.
+
+Build host (no GPU; weights filled with random values on each GPU):
+
+    llmc compile llmc.bench_models:llama_1b -o gpu_art/pp/pp1 --target cuda:sm_90 --weights none \\
+        --batch 1 --seq-len 1024 --generate --max-step-tokens 256 --max-seqs 16
+    (and --pp 2 -o gpu_art/pp/pp2)
+
+GPU machine:
+
+    python benchmarks/pp_generate_gpu.py gpu_art/pp/pp1 gpu_art/pp/pp2 [--batch 1 16] [--new 128]
+
+Per artifact and batch: `generate` of B prompts of --prompt-len random tokens, --new tokens each
+(greedy, no stop tokens), once to warm up (graphs captured), then timed: output tokens/s and ms
+per decode step (the loop's wall time over its steps, host work included). Stages run one step at
+a time (no micro-batches in flight), so PP trades throughput for memory: each GPU holds 1/M of
+the layers and waits while the others work.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+
+def worker(a: argparse.Namespace) -> None:
+    from llmc.runtime.artifact_files import read_manifest
+    from llmc.runtime.executor import load
+    from llmc.runtime.tp_run import join, leave, rank_path
+
+    art = pathlib.Path(a.worker)
+    stages = read_manifest(rank_path(art, 0)).parallel
+    if stages is not None:
+        env, comm, path = join(art, "cuda")
+        llm = load(path, device=f"cuda:{comm.device}", comm=comm, kv_memory=a.kv_memory)
+        par = read_manifest(path).parallel
+        from llmc.runtime.engine.pp_step import PipelineStep
+
+        llm.step = PipelineStep(llm.step, comm, par.stage, par.pp, llm.spec.vocab)
+        rank, pp = env.rank, par.pp
+    else:
+        comm, rank, pp = None, 0, 1
+        llm = load(art, device="cuda:0", kv_memory=a.kv_memory)
+    rng = np.random.default_rng(0)  # the same prompts on every stage
+    out = {"pp": pp}
+    for batch in a.batch:
+        prompts = [rng.integers(10, llm.spec.vocab - 10, a.prompt_len).tolist() for _ in range(batch)]
+        llm.generate(prompts, max_new_tokens=a.new, stop_token_ids=())  # warm-up: plans and graphs
+        t = time.perf_counter()
+        res = llm.generate(prompts, max_new_tokens=a.new, stop_token_ids=())
+        dt = time.perf_counter() - t
+        n = sum(len(r.token_ids) for r in res)
+        out[f"b{batch}"] = {"tokens": n, "seconds": dt, "tok_s": n / dt, "step_ms": dt / a.new * 1e3}
+    if rank == 0:
+        print("RESULT " + json.dumps(out), flush=True)
+    if comm is not None:
+        leave(comm)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("arts", nargs="*")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--kv-memory", type=int, default=4 << 30)
+    p.add_argument("--json")
+    a = p.parse_args()
+    if a.worker:
+        worker(a)
+        return
+    from llmc.runtime.artifact_files import read_manifest
+    from llmc.runtime.dist.launch import launch
+    from llmc.runtime.tp_run import rank_path
+
+    results = []
+    for art in a.arts:
+        par = read_manifest(rank_path(art, 0)).parallel
+        n = 1 if par is None else par.pp * par.tp
+        argv = [sys.executable, os.path.abspath(__file__), "--worker", art, "--prompt-len", str(a.prompt_len),
+                "--new", str(a.new), "--kv-memory", str(a.kv_memory), "--batch", *map(str, a.batch)]
+        out, err = io.StringIO(), io.StringIO()
+        t = time.perf_counter()
+        res = launch(argv, n, devices=list(range(n)), stdout=out, stderr=err, timeout=500, label=False, check=False)
+        line = next((ln for ln in out.getvalue().splitlines() if ln.startswith("RESULT ")), None)
+        if not res.ok or line is None:
+            print(f"[pp_generate] {art}: failed\n{res.report()}\n{err.getvalue()[-3000:]}", flush=True)
+            continue
+        r = json.loads(line[7:])
+        r["art"] = art
+        results.append(r)
+        print(f"[pp_generate] {art}: {json.dumps(r)} ({time.perf_counter() - t:.0f} s)", flush=True)
+    base = next((r for r in results if r["pp"] == 1), None)
+    print(f"\ngenerate: prompts of {a.prompt_len} tokens, {a.new} new each, greedy, timed after a warm-up run")
+    print("| PP | GPUs | batch | output tok/s | vs PP=1 | ms per step |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        for b in a.batch:
+            row = r.get(f"b{b}")
+            if row is None:
+                continue
+            ratio = "" if base is None else f"{row['tok_s'] / base[f'b{b}']['tok_s']:.3f}x"
+            print(f"| {r['pp']} | {r['pp']} | {b} | {row['tok_s']:.1f} | {ratio} | {row['step_ms']:.2f} |")
+    if a.json:
+        pathlib.Path(a.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
