@@ -90,7 +90,7 @@ def main() -> None:
                 "--new", str(a.new), "--kv-memory", str(a.kv_memory), "--batch", *map(str, a.batch)]
         out, err = io.StringIO(), io.StringIO()
         t = time.perf_counter()
-        res = launch(argv, n, devices=list(range(n)), stdout=out, stderr=err, timeout=500, label=False, check=False)
+        res = launch(argv, n, stdout=out, stderr=err, timeout=500, label=False, check=False)
         line = next((ln for ln in out.getvalue().splitlines() if ln.startswith("RESULT ")), None)
         if not res.ok or line is None:
             print(f"[pp_generate] {art}: failed\n{res.report()}\n{err.getvalue()[-3000:]}", flush=True)

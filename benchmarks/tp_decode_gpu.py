@@ -92,7 +92,11 @@ def worker(a: argparse.Namespace) -> None:
         from llmc.runtime.gpu import GpuExecutor
 
         GpuExecutor._collective = lambda self, k, args: ((lambda x, y: None), tuple(args))
-    llm = load(path, device="cuda:0", comm=comm, kv_memory=a.kv_memory, allreduce="nccl" if mode == "off" else mode)
+    device = 0 if comm is None else comm.device
+    import torch
+
+    torch.cuda.set_device(device)  # the all-reduce timings' buffers on this rank's GPU
+    llm = load(path, device=f"cuda:{device}", comm=comm, kv_memory=a.kv_memory, allreduce="nccl" if mode == "off" else mode)
     _zero_pool(llm)
     rng = np.random.default_rng(0)  # the same token ids on every rank
     out = {"tp": tp, "allreduce": mode if tp > 1 else "-"}
@@ -154,7 +158,7 @@ def main() -> None:
                 "--allreduce", mode if mode != "-" else "auto"]
         out, err = io.StringIO(), io.StringIO()
         t = time.perf_counter()
-        res = launch(argv, tp, devices=list(range(tp)), stdout=out, stderr=err, timeout=400, label=False, check=False)
+        res = launch(argv, tp, stdout=out, stderr=err, timeout=400, label=False, check=False)
         line = next((ln for ln in out.getvalue().splitlines() if ln.startswith("RESULT ")), None)
         if not res.ok or line is None:
             print(f"[tp_decode] {art}: failed\n{res.report()}\n{err.getvalue()[-3000:]}", flush=True)

@@ -351,7 +351,7 @@ def _generate_tp(a: argparse.Namespace, ids, tp: int) -> int:
     argv += [] if a.kv_memory is None else ["--kv-memory", str(a.kv_memory)]
     _progress(f"{a.artifact}: {tp} ranks" + (" (GPU r for rank r)" if device == "cuda" else ""))
     out = io.StringIO()
-    res = launch(argv, tp, devices=list(range(tp)) if device == "cuda" else None, stdout=out, label=False, check=False)
+    res = launch(argv, tp, stdout=out, label=False, check=False)
     if not res.ok:
         raise LLMCError(f"tensor-parallel generate failed:\n{res.report()}")
     line = next(ln for ln in out.getvalue().splitlines() if ln.startswith("{"))
@@ -475,7 +475,7 @@ def _serve_tp(a: argparse.Namespace, tp: int) -> int:
     argv += [f for f, on in (("--no-prefix-cache", a.no_prefix_cache),
                              ("--no-chunked-prefill", a.no_chunked_prefill)) if on]
     _progress(f"{a.artifact}: tensor-parallel over {tp} ranks" + (" (GPU r for rank r)" if device == "cuda" else ""))
-    res = launch(argv, tp, devices=list(range(tp)) if device == "cuda" else None, check=False)
+    res = launch(argv, tp, check=False)
     if not res.ok:
         print(res.report(), file=sys.stderr)
     return res.exit_code

@@ -90,7 +90,8 @@ class OneShotAllReduce:
             check(rt.cudaMemset(ptr, 0, size), "cudaMemset")
             handle = IpcHandle()
             check(rt.cudaIpcGetMemHandle(ctypes.byref(handle), ptr), "cudaIpcGetMemHandle")
-            mine = f"{_host_id()}|{comm.device}|".encode() + bytes(handle.reserved).ljust(IPC_HANDLE_BYTES, b"\0")
+            # string_at: the whole 64 bytes (the c_char field itself would stop at the first NUL)
+            mine = f"{_host_id()}|{comm.device}|".encode() + ctypes.string_at(ctypes.addressof(handle), IPC_HANDLE_BYTES)
         else:
             mine = b""
         entries = comm.exchange_keys(what, mine)
@@ -105,8 +106,10 @@ class OneShotAllReduce:
                 ctypes.memmove(ctypes.addressof(h), e.split(b"|", 2)[2], IPC_HANDLE_BYTES)
                 p = ctypes.c_void_p()
                 err = rt.cudaIpcOpenMemHandle(ctypes.byref(p), h, _IPC_LAZY_ENABLE_PEER_ACCESS)
-                if err != 0:
-                    why = f"rank {rank} could not map rank {r}'s buffer (cudaIpcOpenMemHandle error {err})"
+                if err != 0:  # e.g. each rank sees only its own GPU (CUDA_VISIBLE_DEVICES per rank)
+                    rt.cudaGetLastError()  # not sticky: clear it
+                    why = (f"rank {rank} could not map rank {r}'s buffer (cudaIpcOpenMemHandle error {err}; the "
+                           f"ranks must see each other's GPUs: one CUDA_VISIBLE_DEVICES for all, a GPU index each)")
                     break
                 bases[r] = p.value
                 opened.append(p.value)

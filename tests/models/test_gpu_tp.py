@@ -40,7 +40,7 @@ def _tokens(art: pathlib.Path, tp: int) -> list[list[int]]:
     argv = [sys.executable, "-m", "llmc.runtime.tp_run", "generate", str(art), "--max-new-tokens", str(NEW)]
     for p in _prompts():
         argv += ["--ids", ",".join(map(str, p))]
-    launch(argv, tp, devices=list(range(tp)), stdout=out, stderr=err, timeout=300, label=False)
+    launch(argv, tp, stdout=out, stderr=err, timeout=300, label=False)
     lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("{")]
     assert len(lines) == 1, out.getvalue() + err.getvalue()
     return json.loads(lines[0])["token_ids"]

@@ -171,8 +171,10 @@ def nccl(out: str, seed: int) -> None:
         res["sub_sum"] = t
         sub.close()
     comm.barrier()
-    comm.close()
     np.savez(os.path.join(out, f"rank{env.rank}.npz"), **res)
+    from llmc.runtime.tp_run import leave
+
+    leave(comm)  # not comm.close(): ncclCommDestroy blocks on the captured graphs' work once peers leave
 
 
 def oneshot(out: str, seed: int) -> None:
