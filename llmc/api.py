@@ -405,7 +405,7 @@ def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None
 
     `tp=N` shards the model for N tensor-parallel ranks (passes/shard.py; docs/parallel.md) and
     returns a llmc.tensor_parallel.TensorParallelModel, whose export writes one artifact per rank;
-    `pp=M` cuts the step function into M pipeline stages (passes/stage_split.py; CPU runtime).
+    `pp=M` cuts the step function into M pipeline stages (passes/stage_split.py).
     """
     from .backends.targets import parse_target
 

@@ -536,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tp", type=int, default=1, metavar="N", help="tensor parallelism: shard for N ranks (one "
                    "artifact per rank, OUTPUT/rank0 ..; run with `llmc generate/serve --tp N`)")
     c.add_argument("--pp", type=int, default=1, metavar="M", help="pipeline parallelism: the step function cut "
-                   "into M stages by layers (OUTPUT/rank0 ..; CPU runtime so far)")
+                   "into M stages by layers (OUTPUT/rank0 ..; one process and GPU each)")
     c.add_argument("--no-generate", action="store_true", help="causal LMs: the forward only, no step function")
     c.add_argument("--generate", action="store_true", help="require the step function (fail, naming the node, "
                                                            "where the graph does not allow one)")

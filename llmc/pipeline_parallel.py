@@ -7,7 +7,7 @@ metadata everywhere), its own layers' KV caches (kv_cache.0 .. of the stage), an
 the residual stream at its cuts; the last stage returns the logits. Its forward entry point is
 the same program. `export(path)` writes `path/rank0 .. rank{M-1}` with a "parallel" section
 (pp, stage) and a "stage" entry in the generation section; `llmc generate ART` runs them as M
-processes (on the CPU: the CUDA runtime refuses send/recv kernels so far).
+processes (CPU, or one GPU each: NCCL send/recv inside the stages' CUDA graphs).
 """
 from __future__ import annotations
 
