@@ -49,7 +49,39 @@ def _dequant_panel(ctx: LowerCtx, node: Node, qw, scales, zeros, acc: str, n_dim
     return te.compute((k_dim, n_pad), f, name=ctx.name("qmm_deq"))
 
 
+def _w8a8(ctx: LowerCtx, node: Node, ins: Sequence[te.Tensor]) -> te.Tensor:
+    """act_bits 8: each row of x quantized to int8 codes with its own scale (max|row| / 127, in
+    float32), an exact int32 product with the int8 weight codes, then both scales. The codes and
+    scales stay materialised (KEEP_PREFIXES), so rounding runs once per element, not per output."""
+    x, qw, scales = ins
+    sx = node.inputs[0].shape
+    odt = node.dtype.value
+    k_dim = ctx.dim(sx[-1])
+    lead = ctx.shape(sx[:-1])
+    m_flat = lead[0]
+    for d in lead[1:]:
+        m_flat = m_flat * d
+    row = lambda m, k: cast(x(*(_unflat_index(m, lead) + [k])), F32)  # noqa: E731
+    ka = _raxis(ctx, k_dim, "ka")
+    amax = te.compute((m_flat,), lambda m: te.max(tirx.abs(row(m, ka.var)), axis=ka), name=ctx.name("w8a8_amax"))
+    one, zero = tirx.const(1.0, F32), tirx.const(0.0, F32)
+    scale = te.compute((m_flat,), lambda m: tirx.Select(amax[m] > zero, amax[m] / tirx.const(127.0, F32), one),
+                       name=ctx.name("w8a8_scale"))
+    lim = tirx.const(127.0, F32)
+    xq = te.compute((m_flat, k_dim), lambda m, k: cast(tirx.max(tirx.min(tirx.nearbyint(row(m, k) / scale[m]), lim),
+                                                                 -lim), I32), name=ctx.name("w8a8_xq"))
+    kk = _raxis(ctx, k_dim, "k")
+    n_dim = c64(node.shape[-1])
+    acc = te.compute((m_flat, n_dim), lambda m, n: te.sum(xq[m, kk.var] * cast(qw(n, kk.var), I32), axis=kk),
+                     name=ctx.name("w8a8_acc"))
+    return _compute(ctx, node, lambda *i: cast(cast(acc(_flat_index(i[:-1], lead), i[-1]), F32) *
+                                               scale(_flat_index(i[:-1], lead)) * cast(scales(i[-1], c64(0)), F32),
+                                               odt), "w8a8_out")
+
+
 def _qmatmul(ctx: LowerCtx, node: Node, ins: Sequence[te.Tensor]) -> te.Tensor:
+    if node.attrs.act_bits:
+        return _w8a8(ctx, node, ins)
     x, qw, scales, *rest = ins
     zeros = rest[0] if rest else None
     sx = node.inputs[0].shape

@@ -45,6 +45,8 @@ CONFIGS = [  # (label, compile keywords)
     ("int4 g32 rtn", {"quant": "int4", "group": 32}),
     ("int4 g32 gptq", {"quant": "int4", "group": 32, "method": "gptq"}),
     ("int4 g32 awq", {"quant": "int4", "group": 32, "method": "awq"}),
+    ("w8a8 rtn", {"quant": "w8a8"}),
+    ("w8a8 smoothquant", {"quant": "w8a8", "method": "smoothquant"}),
     ("2:4 magnitude", {"sparsity": "2:4"}),
     ("2:4 sparsegpt", {"sparsity": "2:4", "method": "sparsegpt"}),
     ("2:4 + int4 g64 rtn", {"sparsity": "2:4", "quant": "int4", "group": 64}),
@@ -94,7 +96,7 @@ def llama_quality(args, out: pathlib.Path) -> list[tuple]:
     for label, kw in CONFIGS:
         if args.only and not any(o in label for o in args.only.split(",")):
             continue
-        if kw.get("method") in ("gptq", "awq", "sparsegpt"):
+        if kw.get("method") in ("gptq", "awq", "sparsegpt", "smoothquant"):
             kw = dict(kw, calib=str(calib), calib_samples=args.calib_samples)
         t = time.perf_counter()
         try:

@@ -219,6 +219,8 @@ def _qmatmul(attrs, x: TensorType, qw: TensorType, scales: TensorType, *zeros: T
                          f"{attrs.symmetric} / scales {scales}")
     if attrs.bits == 8 and not attrs.symmetric:
         raise ValueError("quantized matmul: int8 weights are symmetric (no zeros)")
+    if attrs.act_bits not in (0, 8) or (attrs.act_bits and (attrs.bits != 8 or attrs.group != k)):
+        raise ValueError(f"quantized matmul: act_bits {attrs.act_bits} (0, or 8 with per-channel int8 weights)")
     return TensorType(tuple(x.shape[:-1]) + (n,), attrs.out_dtype)
 
 

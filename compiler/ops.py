@@ -197,11 +197,16 @@ class QMatmulAttrs:
     bits 4: qweight uint8 [N, K // 2], k = 2i in the low nibble of byte i, k = 2i + 1 in the
     high one, unsigned 0..15; W = (q - zero) * scale per group of `group` consecutive k, with
     scales and zeros [N, K // group] in the scales' float dtype; symmetric: zero = 8 and no
-    zeros input. The dequantize is part of the op so kernels fold it into their loads."""
+    zeros input. The dequantize is part of the op so kernels fold it into their loads.
+
+    act_bits 8 (W8A8, with bits 8 and one scale per output channel): x is quantized too, per
+    row (token), symmetric, at run time: sx = max|x_row| / 127, xq = round(x / sx) in
+    [-127, 127]; y = (xq @ q^T as exact integers) * sx * scale. 0: x stays float."""
     bits: int  # 4 | 8
     group: int  # elements of K sharing one scale (and zero)
     symmetric: bool  # True: no zeros input (int8: zero 0; int4: zero 8)
     out_dtype: DType  # the activation / output float dtype
+    act_bits: int = 0  # 0: weight-only; 8: per-token dynamic int8 activations (W8A8)
 
 
 @dataclass(frozen=True)

@@ -53,4 +53,15 @@ def dequantize(qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None
     return ((q - zero) * s).astype(dtype)
 
 
-__all__ = ["pack_int4", "unpack_int4", "dequantize", "INT4_SYMMETRIC_ZERO"]
+def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """W8A8's activation side: (codes int8 [..., K], float32 scales [..., 1]) per row (last axis),
+    symmetric, in float32 whatever x's dtype: scale = max|row| / 127 (a zero row: 1), code =
+    round-half-even(x / scale)."""
+    x = np.asarray(x).astype(np.float32)
+    amax = np.max(np.abs(x), axis=-1, keepdims=True)
+    scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    q = np.clip(np.rint(x / scale), -127, 127).astype(np.int8)
+    return q, scale
+
+
+__all__ = ["pack_int4", "unpack_int4", "dequantize", "quantize_rows", "INT4_SYMMETRIC_ZERO"]

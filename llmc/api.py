@@ -409,8 +409,11 @@ def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None
     """
     from .backends.targets import parse_target
 
-    parse_target(target)  # fail fast on a bad target, before the slow capture
+    spec = parse_target(target)  # fail fast on a bad target, before the slow capture
     scheme, sp, calib_file = compression_setup(quant, sparsity, group, method, calib, calib_samples, symmetric)
+    if scheme is not None and scheme.act_bits and spec.device != "cpu":
+        raise LLMCError(f"quant={scheme.kind!r} (int8 activations) runs on the CPU backend so far; the {spec.device} "
+                        f"kernels take weight-only int8 / int4 (docs/quantization.md)")
     check_kv_cache_dtype(kv_cache_dtype)
     for s in (scheme, sp):
         if s is not None and s.needs_calibration and tokenizer is None:

@@ -546,10 +546,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-seqs", type=int, default=32, help="sequences per step")
     q = c.add_argument_group("quantization (docs/quantization.md)")
     q.add_argument("--quant", metavar="{int8,int4,w8a8,fp8}",
-                   help="weight-only int8 (per channel) or int4 (groups); embeddings and the LM head stay float")
+                   help="weight-only int8 (per channel) or int4 (groups), or w8a8 (int8 weights and per-token "
+                        "int8 activations, CPU); embeddings and the LM head stay float")
     q.add_argument("--group", type=int, help="int4 group size: 32, 64 or 128 (default 128); must divide every K")
     q.add_argument("--sym", action="store_true", help="int4: symmetric (zero point 8, no zeros stored)")
-    q.add_argument("--method", help="rtn (default) | gptq | awq (these two need --calib); with --sparsity: "
+    q.add_argument("--method", help="rtn (default) | gptq | awq; w8a8: rtn | smoothquant (gptq, awq and "
+                                    "smoothquant need --calib); with --sparsity: "
                                     "magnitude (default) | sparsegpt (needs --calib)")
     q.add_argument("--calib", metavar="FILE", help="calibration text (tokenized with the model's tokenizer)")
     q.add_argument("--calib-samples", type=int, help="token windows read from --calib (default 32)")

@@ -13,8 +13,9 @@ since both are the most sensitive layers of a language model; `quantize_lm_head`
 the second rule.
 
 Methods: rtn, gptq (needs calibration: H = X^T X per target), awq (needs calibration:
-mean |x| per channel and sample rows) and qat (the scales a QAT run learned, given as a
-passes.quant.learned.LearnedGrid; the codes reproduce the fine-tuned weights exactly). AWQ's 1/s goes into the activation side: folded
+mean |x| per channel and sample rows), smoothquant (w8a8 only; max |x| per channel and sample
+rows: passes/quant/smooth.py) and qat (the scales a QAT run learned, given as a
+passes.quant.learned.LearnedGrid; the codes reproduce the fine-tuned weights exactly). AWQ's and SmoothQuant's 1/s goes into the activation side: folded
 into the weight of an RMS/LayerNorm whose only user is this matmul, else a MUL by a new
 [K] weight before it (an elementwise op the partition fuses into x's producer).
 
@@ -140,6 +141,7 @@ def quantize_weights(graph: Graph, scheme: QuantScheme, calibration: Sequence[np
     from .quant.calibrate import collect
     from .quant.gptq import gptq
     from .quant.rtn import rtn
+    from .quant.smooth import smooth_scales
 
     if (scheme.method == "qat") != (learned is not None):
         raise LLMCError("method 'qat' takes its scales from llmc.quant.convert: pass quant=<the LearnedGrid it "
@@ -171,6 +173,11 @@ def quantize_weights(graph: Graph, scheme: QuantScheme, calibration: Sequence[np
             s, alpha, qz = awq_scales(w, a.sample_rows(), a.abs_mean, scheme.bits, group, scheme.is_symmetric, sdt)
             alphas.append(alpha)
             inv_s = (1.0 / s).astype(sdt)
+        elif scheme.method == "smoothquant":
+            a = stats[t.mm.uid]
+            s, alpha, qz = smooth_scales(w, a.sample_rows(), a.abs_max, sdt)
+            alphas.append(alpha)
+            inv_s = (1.0 / s).astype(sdt)
         elif scheme.method == "qat":
             qz = learned.codes_for(_weight_nk_stored(graph, t.weight, t.transposed), t.mm.where or t.name, sdt)
         else:
@@ -189,7 +196,7 @@ def quantize_weights(graph: Graph, scheme: QuantScheme, calibration: Sequence[np
         before += w.size * t.weight.dtype.itemsize
         if inv_s is not None:
             x = _scale_activation(x, inv_s, t, users, params, mapping)
-        attrs = QMatmulAttrs(scheme.bits, group, scheme.is_symmetric, t.mm.dtype)
+        attrs = QMatmulAttrs(scheme.bits, group, scheme.is_symmetric, t.mm.dtype, scheme.act_bits)
         mapping[t.mm.uid] = ir.node(Op.QMATMUL, [x, *nodes], attrs, t.mm.where)
     out = substitute(graph, mapping, params)
     for t in targets:  # a float weight still read elsewhere stays; with_outputs drops the rest
@@ -201,7 +208,7 @@ def quantize_weights(graph: Graph, scheme: QuantScheme, calibration: Sequence[np
         lines.append(f"kept {len(kept)} ({', '.join(sorted({why for _, why in kept}))}: "
                      f"{', '.join(w for w, _ in kept[:3])}{' ...' if len(kept) > 3 else ''})")
     if alphas:
-        lines.append(f"awq alpha mean {np.mean(alphas):.2f}")
+        lines.append(f"{scheme.method} alpha mean {np.mean(alphas):.2f}")
     counts = {"quantized": len(targets), "kept": len(kept), "bytes_before": before, "bytes_after": after}
     return out, PassReport("quantize", counts, lines)
 

@@ -104,6 +104,8 @@ def _qmatmul(sh: Sharder, n: Node):
         return ir.node(Op.QMATMUL, ins, at, n.where), Split(last, segs)
     if not (isinstance(lx, Split) and lx.axis == x.type.rank - 1 and len(lx.segments) == 1):
         return None
+    if at.act_bits:  # a row's int8 scale is its max over the whole K: a K slice would scale it otherwise
+        return None
     k = lx.segments[0]
     kl = k // sh.world
     if at.bits == 4 and kl % 2:

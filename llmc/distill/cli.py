@@ -54,6 +54,9 @@ def add_parser(sub, fmt) -> None:
                    help=f"weight of the hidden-state MSE (default {_D.hidden_weight})")
     d.add_argument("--ce-weight", type=float, default=S,
                    help=f"weight of the next-token loss added to --loss kd (default {_D.ce_weight})")
+    d.add_argument("--teacher-dtype", choices=["float32", "bfloat16"], default=S,
+                   help="the teacher's forward pass while training: bfloat16 is ~3.5x faster on CPUs with bf16 "
+                        f"matrix units (AMX) and GPUs; the student stays float32 (default {_D.teacher_dtype})")
     d.add_argument("--steps", type=int, default=S, help=f"training steps; 0 writes the pruned student untrained "
                                                         f"(default {_D.steps})")
     d.add_argument("--time-limit", type=float, default=S, metavar="SECONDS",

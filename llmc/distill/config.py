@@ -11,6 +11,7 @@ from ..errors import LLMCError
 LOSSES = ("kd", "ce")
 IMPORTANCE = ("loss", "cosine")
 SCHEDULES = ("cosine", "linear")
+TEACHER_DTYPES = ("float32", "bfloat16")
 
 # Options that only steer how far and how visibly a run goes: a --resume may change them.
 # Every other option shapes the student or its training and must match the checkpoint's.
@@ -38,6 +39,10 @@ class DistillConfig:
     kd_weight: float = 1.0
     hidden_weight: float = 1.0
     ce_weight: float = 1.0
+    # the teacher's forward pass during training: "bfloat16" runs a bf16 copy (the student and the
+    # layer choice stay float32): on CPUs with bf16 matrix units (AMX, AVX512-BF16) about 3.5x
+    # faster, and a kd step is the student's step plus the teacher's forward
+    teacher_dtype: str = "float32"
     # optimisation
     steps: int = 1000
     seq_len: int = 128
@@ -92,9 +97,10 @@ def validate(c: DistillConfig) -> None:
                         f"attention heads kept)")
     if not 0 < c.heldout_fraction < 1:
         raise LLMCError(f"heldout_fraction {c.heldout_fraction}: must be in (0, 1)")
-    for name, allowed in (("loss", LOSSES), ("importance", IMPORTANCE), ("schedule", SCHEDULES)):
+    for name, allowed in (("loss", LOSSES), ("importance", IMPORTANCE), ("schedule", SCHEDULES),
+                          ("teacher_dtype", TEACHER_DTYPES)):
         if getattr(c, name) not in allowed:
-            raise LLMCError(f"--{name} {getattr(c, name)!r}: expected one of {', '.join(allowed)}")
+            raise LLMCError(f"--{name.replace('_', '-')} {getattr(c, name)!r}: expected one of {', '.join(allowed)}")
     _positive("steps", c.steps, allow_zero=True)  # 0: write the pruned student untrained
     for name in ("seq_len", "batch", "lr", "eval_every", "eval_windows", "checkpoint_every", "temperature",
                  "calib_windows"):

@@ -81,7 +81,7 @@ def distill(c: DistillConfig, progress: Callable[[str], None] = _progress,
         ckpt.save_state(out, _with_weights(state, student))  # step 0: a run stopped at once still resumes
     start = state.step
     if c.steps > 0 or saved is not None:
-        state = train(student, teacher, data, c, state, out, progress, on_step)
+        state = train(student, _for_training(teacher, c), data, c, state, out, progress, on_step)
     else:  # --steps 0: the pruned student as it is
         ppl = perplexity(student, data.heldout_windows(c.eval_windows), c.batch)
         state.evals.append((0, ppl))
@@ -90,6 +90,16 @@ def distill(c: DistillConfig, progress: Callable[[str], None] = _progress,
     ckpt.write_record(out, _record(c, keep, width, info, state))
     progress(f"wrote {out} (step {state.step}, {state.train_seconds:.0f}s of training)")
     return Result(out, keep, start, state.step, state.train_seconds, list(state.evals))
+
+
+def _for_training(teacher, c: DistillConfig):
+    """The teacher the training loop runs: a bf16 copy for --teacher-dtype bfloat16 (a copy: the
+    student was built from the teacher's float32 tensors and must keep them)."""
+    if c.teacher_dtype == "float32" or c.loss == "ce":
+        return teacher
+    import copy
+
+    return copy.deepcopy(teacher).to(torch.bfloat16)
 
 
 def _choose(teacher, c: DistillConfig, n_layers: int, train_ids, progress):

@@ -25,7 +25,7 @@ MAX_SAMPLE_ROWS = 1024
 def check_calibration_file(path: str | pathlib.Path | None, method: str) -> pathlib.Path | None:
     """The calibration text, checked before any work: gptq/awq need one, it must exist and hold text."""
     if path is None:
-        if method in ("gptq", "awq"):
+        if method in ("gptq", "awq", "smoothquant"):
             raise LLMCError(f"--method {method} needs calibration text: pass --calib FILE (a text file in the "
                             f"model's domain; {method} measures each layer's inputs on it)")
         return None
@@ -78,6 +78,7 @@ class Activations:
 
     hessian: np.ndarray  # sum of x^T x over every calibration row, [K, K]
     abs_sum: np.ndarray  # sum of |x| per input channel, [K]
+    abs_max: np.ndarray | None = None  # max |x| per input channel, [K] (SmoothQuant)
     rows: int = 0
     sample: list = field(default_factory=list)  # some rows, for searches that need x itself
 
@@ -107,6 +108,8 @@ def collect(graph: Graph, targets: Sequence[Node], windows: Sequence[np.ndarray]
                 a = stats[t.uid] = Activations(np.zeros((x.shape[1], x.shape[1])), np.zeros(x.shape[1]))
             a.hessian += x.T @ x
             a.abs_sum += np.abs(x).sum(axis=0)
+            peak = np.abs(x).max(axis=0)
+            a.abs_max = peak if a.abs_max is None else np.maximum(a.abs_max, peak)
             a.rows += x.shape[0]
             a.sample.append(x[rng.choice(x.shape[0], min(per_window, x.shape[0]), replace=False)])
     return stats

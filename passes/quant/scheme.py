@@ -6,16 +6,18 @@ from dataclasses import dataclass
 from ...errors import LLMCError
 
 SCHEMES = ("int8", "int4", "w8a8", "fp8")
-BUILT = ("int8", "int4")  # the schemes the quantize pass and the CPU kernels implement today
-METHODS = ("rtn", "gptq", "awq", "qat")  # qat: scales learned in torch (passes/quant/learned.py)
+BUILT = ("int8", "int4", "w8a8")  # the schemes the quantize pass and the CPU kernels implement today
+METHODS = ("rtn", "gptq", "awq", "qat", "smoothquant")  # qat: scales learned in torch (passes/quant/learned.py)
 GROUPS = (32, 64, 128)
 
 
 @dataclass(frozen=True)
 class QuantScheme:
-    """Weight-only quantization of the matmuls whose right operand is a weight.
+    """Quantization of the matmuls whose right operand is a weight.
 
-    int8: symmetric, one scale per output channel (group = K); `group` is ignored.
+    int8: weight-only, symmetric, one scale per output channel (group = K); `group` is ignored.
+    w8a8: int8 weights as int8, and the activations int8 too, per token at run time (rtn or
+    smoothquant, which needs calibration).
     int4: groups of `group` consecutive input channels share a scale (and a zero point
     unless `symmetric`). A group that does not divide a matmul's K is an error naming it.
     Embeddings and the LM head stay unquantized unless `quantize_lm_head`."""
@@ -38,6 +40,10 @@ class QuantScheme:
                             f"are); see docs/quantization.md")
         if self.method not in METHODS:
             raise LLMCError(f"unknown quantization method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if (self.method == "smoothquant" and self.kind != "w8a8") or \
+                (self.kind == "w8a8" and self.method not in ("rtn", "smoothquant")):
+            raise LLMCError(f"--method {self.method} does not go with --quant {self.kind} (w8a8 takes rtn or "
+                            f"smoothquant; smoothquant is for w8a8 only)")
         if self.kind == "int4" and self.group not in GROUPS:
             raise LLMCError(f"int4 group size must be one of {GROUPS}, got {self.group!r}")
         if not isinstance(self.calib_samples, int) or self.calib_samples < 1:
@@ -47,20 +53,26 @@ class QuantScheme:
 
     @property
     def bits(self) -> int:
-        return 8 if self.kind == "int8" else 4
+        return 4 if self.kind == "int4" else 8
+
+    @property
+    def act_bits(self) -> int:
+        return 8 if self.kind == "w8a8" else 0
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method in ("gptq", "awq")
+        return self.method in ("gptq", "awq", "smoothquant")
 
     def group_for(self, k: int) -> int:
-        return k if self.kind == "int8" else self.group
+        return self.group if self.kind == "int4" else k
 
     @property
     def is_symmetric(self) -> bool:
-        return self.kind == "int8" or self.symmetric
+        return self.kind != "int4" or self.symmetric
 
     def describe(self) -> str:
+        if self.kind == "w8a8":
+            return f"w8a8: int8 weights per output channel, int8 activations per token, {self.method}"
         if self.kind == "int8":
             return f"int8 weight-only, per output channel, symmetric, {self.method}"
         return f"int4 weight-only, group {self.group}, {'symmetric' if self.symmetric else 'asymmetric'}, {self.method}"

@@ -31,12 +31,12 @@ def _zeros(rng, shape, dtype):
     return rng.integers(0, 16, size=shape).astype(dtype.numpy)
 
 
-def case(name, x_shape, n, k, bits, group, sym_, dtype=F32, sizes=({"s": 1}, {"s": 7}, {"s": 33}), **kw):
+def case(name, x_shape, n, k, bits, group, sym_, dtype=F32, sizes=({"s": 1}, {"s": 7}, {"s": 33}), act_bits=0, **kw):
     x = inp("x", x_shape, dtype)
     qw = inp("qw", (n, k if bits == 8 else k // 2), I8 if bits == 8 else U8)
     sc = inp("sc", (n, k // group), dtype)
     ins = [x, qw, sc] + ([] if sym_ else [inp("zp", (n, k // group), dtype)])
-    y = node(Op.QMATMUL, ins, QMatmulAttrs(bits, group, sym_, dtype))
+    y = node(Op.QMATMUL, ins, QMatmulAttrs(bits, group, sym_, dtype, act_bits))
     gens = {"qw": _codes(-127, 128) if bits == 8 else _codes(0, 256), "sc": _scales, "zp": _zeros}
     CASES.append(Case(name, ins, [y], sizes, gens=gens, **kw))
 
@@ -48,6 +48,11 @@ case("q4_sym_g64_ragged_n", (s, 128), 40, 128, 4, 64, True)
 case("q4_asym_batch", (b, s, 64), 32, 64, 4, 32, False, sizes=({"b": 2, "s": 5}, {"b": 1, "s": 1}))
 case("q4_asym_bf16", (1, s, 64), 32, 64, 4, 32, False, BF16, rtol=2e-2, atol=2e-2)
 case("q8_long_k_split", (1, s, 768), 32, 768, 8, 768, True, rtol=1e-4, atol=1e-4)
+# W8A8: activations quantized per row at run time, integer products (rounding ties aside, exact)
+case("w8a8_3d", (1, s, 64), 48, 64, 8, 64, True, act_bits=8, rtol=1e-5, atol=1e-5)
+case("w8a8_2d_ragged_n", (s, 96), 50, 96, 8, 96, True, act_bits=8, rtol=1e-5, atol=1e-5)
+case("w8a8_batch", (b, s, 128), 40, 128, 8, 128, True, act_bits=8, sizes=({"b": 2, "s": 5}, {"b": 1, "s": 1}),
+     rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +87,34 @@ def test_reference_matches_torch_with_hand_dequantized_weights():
     want = (torch.tensor(x).double() @ w.T).float().numpy()
     got = run_op(Op.QMATMUL, QMatmulAttrs(4, 32, False, F32), [x, packed, sc, zp], {}, F32)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_w8a8_reference_is_the_integer_product_of_per_row_codes():
+    """The reference against torch: x quantized by hand per row (max|row| / 127), weights as
+    codes, the exact integer product times both scales; and close to the float matmul."""
+    rng = np.random.default_rng()
+    x = rng.standard_normal((6, 96)).astype(np.float32) * rng.random((6, 1)).astype(np.float32) * 4
+    q = rng.integers(-127, 128, (20, 96)).astype(np.int8)
+    sc = (rng.random((20, 1)) * 0.02 + 0.001).astype(np.float32)
+    xt = torch.tensor(x)
+    sx = xt.abs().amax(1, keepdim=True) / 127
+    xq = torch.round(xt / sx).clamp(-127, 127).long()
+    want = ((xq @ torch.tensor(q).long().T).double() * sx.double() * torch.tensor(sc).double().T).numpy()
+    got = run_op(Op.QMATMUL, QMatmulAttrs(8, 96, True, F32, 8), [x, q, sc], {}, F32)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    exact = x.astype(np.float64) @ (q.astype(np.float64) * sc).T
+    assert np.abs(got - exact).max() <= 0.02 * np.abs(exact).max()  # per-row int8 rounding: ~1/254 of the range
+
+
+def test_w8a8_needs_per_channel_int8_weights():
+    from llmc.errors import LLMCError
+
+    x = inp("x", (s, 64))
+    with pytest.raises(LLMCError, match="act_bits"):
+        node(Op.QMATMUL, [x, inp("q", (8, 32), U8), inp("s", (8, 2)), inp("z", (8, 2))],
+             QMatmulAttrs(4, 32, False, F32, 8))
+    with pytest.raises(LLMCError, match="act_bits"):
+        node(Op.QMATMUL, [x, inp("q", (8, 64), I8), inp("s", (8, 2))], QMatmulAttrs(8, 32, True, F32, 8))
 
 
 def test_bad_operands_are_typed_errors():

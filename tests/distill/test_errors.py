@@ -29,6 +29,7 @@ def _run(teacher, data, out, **kw):
     ({"loss": "mse"}, "--loss 'mse'"),
     ({"steps": -1}, "--steps -1"),
     ({"lr": float("nan")}, "finite"),
+    ({"teacher_dtype": "float16"}, "--teacher-dtype 'float16'"),
 ])
 def test_bad_options(teacher_dir, text_file, tmp_path, kw, match):
     with pytest.raises(llmc.LLMCError, match=match):

@@ -53,6 +53,27 @@ def test_distillation_moves_the_student_toward_the_teacher(teacher, teacher_dir,
     assert [s for s, _ in record["heldout_perplexity"]] == list(range(2, 13, 2))  # every --eval-every steps
 
 
+def test_bf16_teacher_still_distills_and_leaves_the_student_float32(teacher, teacher_dir, text_file, tmp_path):
+    """--teacher-dtype bfloat16: the loop's teacher is a bf16 copy; the written student is float32
+    and still moves toward the (float32) teacher."""
+    keep = (0, 3)
+    untrained = distill(_config(teacher_dir, text_file, tmp_path / "s0", keep=keep, steps=0), progress=lambda m: None)
+    distill(_config(teacher_dir, text_file, tmp_path / "s1", keep=keep, steps=12, teacher_dtype="bfloat16"),
+            progress=lambda m: None)
+    assert untrained.keep == keep
+    ids = torch.randint(1, teacher.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(5))
+    student = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "s1", local_files_only=True).eval()
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert all(p.dtype == torch.float32 for p in teacher.parameters())
+
+    def kd(folder):
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+        with torch.no_grad():
+            return float(kd_loss(model(input_ids=ids).logits, teacher(input_ids=ids).logits, 1.0))
+
+    assert kd(tmp_path / "s1") < 0.9 * kd(tmp_path / "s0")
+
+
 def test_interrupted_run_resumes_to_the_uninterrupted_result(teacher_dir, text_file, tmp_path):
     """Run 6 steps straight; then 6 steps interrupted (Ctrl-C) after step 3 and resumed. The
     resumed run starts at step 3 and ends with the same weights, bit for bit (same data

@@ -121,7 +121,9 @@ def test_group_that_does_not_divide_k_names_the_node():
 @pytest.mark.parametrize("kw,msg", [({"kind": "int3"}, "unknown quantization scheme"),
                                     ({"kind": "int4", "method": "smooth"}, "unknown quantization method"),
                                     ({"kind": "int4", "group": 48}, "group size must be one of"),
-                                    ({"kind": "w8a8"}, "not built yet")])
+                                    ({"kind": "fp8"}, "not built yet"),
+                                    ({"kind": "int8", "method": "smoothquant"}, "does not go with"),
+                                    ({"kind": "w8a8", "method": "gptq"}, "does not go with")])
 def test_bad_scheme(kw, msg):
     with pytest.raises(LLMCError, match=msg):
         QuantScheme(**kw)
@@ -162,3 +164,35 @@ def test_calibrated_methods_through_the_graph(method, monkeypatch):
         verify(out)
         errs[m] = np.linalg.norm(interpret(out, [x])[0] - ref)
     assert errs[method] < errs["rtn"], errs
+
+
+def test_w8a8_before_after_and_smoothquant_beats_plain_w8a8(monkeypatch):
+    """w8a8: every weight matmul but the head becomes a QMATMUL with int8 activations (act_bits 8,
+    per-channel int8 weights); on activations with outlier channels (as in LLMs) SmoothQuant's
+    smoothing lowers the output error of plain W8A8, and both stay near the float graph."""
+    from llmc.passes.quant import calibrate
+
+    g = mlp_graph(seed=5)
+    rng = np.random.default_rng()
+    scales = np.ones(64)
+    scales[rng.choice(64, 3, replace=False)] = 40.0  # three outlier channels
+    windows = [(rng.standard_normal((8, 64)) * scales).astype(np.float32) for _ in range(6)]
+    monkeypatch.setattr(calibrate, "graph_inputs_for", lambda graph, w: [w[None]])
+    x = np.stack(windows[:2])
+    ref = interpret(g, [x])[0]
+    errs = {}
+    for m in ("rtn", "smoothquant"):
+        out, report = quantize_weights(g, QuantScheme("w8a8", method=m), windows)
+        verify(out)
+        q = [n for n in out.nodes() if n.op is Op.QMATMUL]
+        assert len(q) == 2 and all(n.attrs.act_bits == 8 and n.attrs.bits == 8 for n in q)
+        assert _ops(out)[Op.MATMUL] == 1  # the head stays
+        errs[m] = np.linalg.norm(interpret(out, [x])[0] - ref) / np.linalg.norm(ref)
+    assert errs["smoothquant"] < errs["rtn"] < 0.1, errs
+
+
+def test_w8a8_on_a_gpu_target_is_refused_before_capture():
+    import llmc
+
+    with pytest.raises(LLMCError, match="CPU backend"):
+        llmc.compile(None, (), target="cuda:sm_90", quant="w8a8")

@@ -165,3 +165,17 @@ def test_quantized_matmuls_shard_like_matmuls(kind, group, symmetric):
     after, report = _compare(before, 2, seed=4)
     assert report.counts["row_parallel"] == 4 and report.counts["column_parallel"] >= 4
     assert sum(n.op is Op.QMATMUL for n in after.graph.nodes()) == sum(n.op is Op.QMATMUL for n in before.nodes())
+
+
+def test_w8a8_matmuls_split_by_columns_only():
+    """W8A8 (int8 activations, each row scaled by its max over the whole K) splits by output
+    channels; a K-split would scale each rank's slice by its own max, so those run replicated on
+    the gathered input, and the ranks still give the unsharded step's logits."""
+    from llmc.passes.quantize import quantize_weights
+    from llmc.passes.quant.scheme import QuantScheme
+
+    before, _ = quantize_weights(_step("llama", wide=True), QuantScheme(kind="w8a8"))
+    after, report = _compare(before, 2, seed=6)
+    assert report.counts.get("row_parallel", 0) == 0 and report.counts["column_parallel"] >= 4
+    assert sum(n.op is Op.QMATMUL and n.attrs.act_bits == 8 for n in after.graph.nodes()) == \
+        sum(n.op is Op.QMATMUL for n in before.nodes())
