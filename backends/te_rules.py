@@ -27,7 +27,7 @@ from . import fastmath as fm
 I64 = "int64"
 F32 = "float32"
 # Stages the inliner leaves alone: they are computed once per row / per tensor on purpose.
-KEEP_PREFIXES = ("qmm_deq", "w8a8_scale", "w8a8_xq", "attn_q", "attn_kT", "attn_v", "attn_bias", "attn_exp", "attn_out", "softmax_exp", "rms_inv",
+KEEP_PREFIXES = ("qmm_deq", "attn_q", "attn_kT", "attn_v", "attn_bias", "attn_exp", "attn_out", "softmax_exp", "rms_inv",
                  "ln_mean", "ln_rstd")
 # Elementwise stages too costly to recompute inside a reduction (matmul prologue etc.).
 EXPENSIVE_PREFIXES = ("exp", "log", "sqrt", "rsqrt", "tanh", "erf", "sigmoid", "gelu", "silu", "sin", "cos", "pow",

@@ -40,6 +40,8 @@ def _dequant_panel(ctx: LowerCtx, node: Node, qw, scales, zeros, acc: str, n_dim
             byte = cast(qw(n, tirx.floordiv(k, c64(2))), I32)
             shift = cast(tirx.floormod(k, c64(2)), I32) * tirx.const(4, I32)
             q = cast(tirx.bitwise_and(tirx.shift_right(byte, shift), tirx.const(15, I32)), acc)
+        if a.act_bits:  # W8A8: the integer codes; both scales come in the epilogue
+            return q
         if zeros is not None:
             q = q - cast(zeros(n, g), acc)
         elif a.bits == 4:
@@ -49,41 +51,15 @@ def _dequant_panel(ctx: LowerCtx, node: Node, qw, scales, zeros, acc: str, n_dim
     return te.compute((k_dim, n_pad), f, name=ctx.name("qmm_deq"))
 
 
-def _w8a8(ctx: LowerCtx, node: Node, ins: Sequence[te.Tensor]) -> te.Tensor:
-    """act_bits 8: each row of x quantized to int8 codes with its own scale (max|row| / 127, in
-    float32), an exact int32 product with the int8 weight codes, then both scales. The codes and
-    scales stay materialised (KEEP_PREFIXES), so rounding runs once per element, not per output."""
-    x, qw, scales = ins
-    sx = node.inputs[0].shape
-    odt = node.dtype.value
-    k_dim = ctx.dim(sx[-1])
-    lead = ctx.shape(sx[:-1])
-    m_flat = lead[0]
-    for d in lead[1:]:
-        m_flat = m_flat * d
-    row = lambda m, k: cast(x(*(_unflat_index(m, lead) + [k])), F32)  # noqa: E731
-    ka = _raxis(ctx, k_dim, "ka")
-    amax = te.compute((m_flat,), lambda m: te.max(tirx.abs(row(m, ka.var)), axis=ka), name=ctx.name("w8a8_amax"))
-    one, zero = tirx.const(1.0, F32), tirx.const(0.0, F32)
-    scale = te.compute((m_flat,), lambda m: tirx.Select(amax[m] > zero, amax[m] / tirx.const(127.0, F32), one),
-                       name=ctx.name("w8a8_scale"))
-    lim = tirx.const(127.0, F32)
-    xq = te.compute((m_flat, k_dim), lambda m, k: cast(tirx.max(tirx.min(tirx.nearbyint(row(m, k) / scale[m]), lim),
-                                                                 -lim), I32), name=ctx.name("w8a8_xq"))
-    kk = _raxis(ctx, k_dim, "k")
-    n_dim = c64(node.shape[-1])
-    acc = te.compute((m_flat, n_dim), lambda m, n: te.sum(xq[m, kk.var] * cast(qw(n, kk.var), I32), axis=kk),
-                     name=ctx.name("w8a8_acc"))
-    return _compute(ctx, node, lambda *i: cast(cast(acc(_flat_index(i[:-1], lead), i[-1]), F32) *
-                                               scale(_flat_index(i[:-1], lead)) * cast(scales(i[-1], c64(0)), F32),
-                                               odt), "w8a8_out")
-
-
 def _qmatmul(ctx: LowerCtx, node: Node, ins: Sequence[te.Tensor]) -> te.Tensor:
-    if node.attrs.act_bits:
-        return _w8a8(ctx, node, ins)
+    """Weight-only: x @ dequantized W. W8A8 (act_bits 8; the 4th input is the rows' scales sx):
+    the A operand is x's int8 codes round(x / sx) clipped to +-127 and B the weight's codes, both
+    as float32 (their products and sums are integers, exact while K * 127^2 < 2^24, within float32
+    rounding beyond), then acc * sx * scale; the same GEMM schedule as the weight-only kernel."""
     x, qw, scales, *rest = ins
-    zeros = rest[0] if rest else None
+    w8a8 = bool(node.attrs.act_bits)
+    zeros = rest[0] if rest and not w8a8 else None
+    xs = rest[0] if w8a8 else None
     sx = node.inputs[0].shape
     odt = node.dtype.value
     acc = "float64" if odt == "float64" else F32
@@ -97,10 +73,21 @@ def _qmatmul(ctx: LowerCtx, node: Node, ins: Sequence[te.Tensor]) -> te.Tensor:
     for d, s in zip(lead[1:], sx[1:-1]):
         m_flat, static = m_flat * d, s * static
     m_pad = _pad(m_flat, static, MATMUL_ROW_TILE)
-    acc2 = te.compute((m_pad, n_pad), lambda m, n: te.sum(
-        cast(x(*(_unflat_index(_clamp(m, m_flat, m_pad), lead) + [k.var])), acc) * deq(k.var, n), axis=k),
-        name=ctx.name("matmul_acc"))
-    return _compute(ctx, node, lambda *i: cast(acc2(_flat_index(i[:-1], lead), i[-1]), odt), "matmul_out")
+    def a_load(m, kv):
+        row = _unflat_index(_clamp(m, m_flat, m_pad), lead)
+        v = cast(x(*(row + [kv])), acc)
+        if not w8a8:
+            return v
+        lim = tirx.const(127.0, acc)
+        return tirx.max(tirx.min(tirx.nearbyint(v / cast(xs(*(row + [c64(0)])), acc)), lim), -lim)
+
+    acc2 = te.compute((m_pad, n_pad), lambda m, n: te.sum(a_load(m, k.var) * deq(k.var, n), axis=k),
+                      name=ctx.name("matmul_acc"))
+    if not w8a8:
+        return _compute(ctx, node, lambda *i: cast(acc2(_flat_index(i[:-1], lead), i[-1]), odt), "matmul_out")
+    return _compute(ctx, node, lambda *i: cast(acc2(_flat_index(i[:-1], lead), i[-1]) *
+                                               cast(xs(*(list(i[:-1]) + [c64(0)])), acc) *
+                                               cast(scales(i[-1], c64(0)), acc), odt), "matmul_out")
 
 
 # te_rules imports this module on its last line; either import order registers the rule

@@ -199,6 +199,11 @@ def _routed_matmul(attrs, x: TensorType, w: TensorType, ids: TensorType) -> Tens
 
 
 def _qmatmul(attrs, x: TensorType, qw: TensorType, scales: TensorType, *zeros: TensorType) -> TensorType:
+    if attrs.act_bits:  # W8A8: the 4th input is the rows' activation scales, not zeros
+        if len(zeros) != 1 or tuple(zeros[0].shape) != tuple(x.shape[:-1]) + (1,) or zeros[0].dtype is not x.dtype:
+            raise ValueError(f"quantized matmul (act_bits {attrs.act_bits}): the 4th input must be the rows' "
+                             f"scales {x.dtype.value}[{', '.join(map(str, x.shape[:-1]))}, 1], got {zeros}")
+        act_scales, zeros = zeros[0], ()
     if attrs.bits not in (4, 8):
         raise ValueError(f"quantized matmul: bits must be 4 or 8, got {attrs.bits}")
     if x.rank < 2 or not x.dtype.is_float or qw.rank != 2 or scales.rank != 2:

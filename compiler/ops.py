@@ -200,8 +200,10 @@ class QMatmulAttrs:
     zeros input. The dequantize is part of the op so kernels fold it into their loads.
 
     act_bits 8 (W8A8, with bits 8 and one scale per output channel): x is quantized too, per
-    row (token), symmetric, at run time: sx = max|x_row| / 127, xq = round(x / sx) in
-    [-127, 127]; y = (xq @ q^T as exact integers) * sx * scale. 0: x stays float."""
+    row (token), symmetric, at run time. The op's 4th input is the rows' scales sx [..., 1]
+    (max|x_row| / 127, made by ordinary ops before it, so the reduction is its own kernel and the
+    GEMM keeps one); xq = round-half-even(x / sx) clipped to [-127, 127];
+    y = (xq @ q^T over the integer codes) * sx * scale. 0: x stays float."""
     bits: int  # 4 | 8
     group: int  # elements of K sharing one scale (and zero)
     symmetric: bool  # True: no zeros input (int8: zero 0; int4: zero 8)

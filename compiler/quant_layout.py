@@ -53,15 +53,29 @@ def dequantize(qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None
     return ((q - zero) * s).astype(dtype)
 
 
+ROW_SCALE_FLOOR = 1e-6  # max|row| below this counts as this: a zero row's codes are 0, not 0 / 0
+
+
+def row_scales(x: np.ndarray) -> np.ndarray:
+    """W8A8's activation scales per row (last axis), in x's dtype: max(max|row|, floor) / 127 (the
+    ops the quantize pass puts before each W8A8 matmul compute exactly this)."""
+    x = np.asarray(x)
+    amax = np.maximum(np.max(np.abs(x), axis=-1, keepdims=True), x.dtype.type(ROW_SCALE_FLOOR))
+    return (amax / x.dtype.type(127)).astype(x.dtype)
+
+
+def quantize_codes_rows(x: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """int8 codes of x's rows for their scales: round-half-even(x / scale) clipped to [-127, 127]
+    (the division in float32, as the kernels do)."""
+    q = np.rint(np.asarray(x, np.float32) / np.asarray(scales, np.float32))
+    return np.clip(q, -127, 127).astype(np.int8)
+
+
 def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """W8A8's activation side: (codes int8 [..., K], float32 scales [..., 1]) per row (last axis),
-    symmetric, in float32 whatever x's dtype: scale = max|row| / 127 (a zero row: 1), code =
-    round-half-even(x / scale)."""
-    x = np.asarray(x).astype(np.float32)
-    amax = np.max(np.abs(x), axis=-1, keepdims=True)
-    scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
-    q = np.clip(np.rint(x / scale), -127, 127).astype(np.int8)
-    return q, scale
+    """(codes int8 [..., K], scales [..., 1]) of x's rows, as a W8A8 matmul sees them."""
+    scales = row_scales(x)
+    return quantize_codes_rows(x, scales), scales
 
 
-__all__ = ["pack_int4", "unpack_int4", "dequantize", "quantize_rows", "INT4_SYMMETRIC_ZERO"]
+__all__ = ["pack_int4", "unpack_int4", "dequantize", "quantize_rows", "quantize_codes_rows", "row_scales",
+           "ROW_SCALE_FLOOR", "INT4_SYMMETRIC_ZERO"]

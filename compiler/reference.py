@@ -131,12 +131,12 @@ def _routed_matmul(attrs, x, w, ids, env=None):
 def _qmatmul(attrs, x, qw, scales, zeros=None, env=None):
     from .quant_layout import dequantize
 
-    if attrs.act_bits:  # W8A8: integer codes of both sides, exact integer products, then the two scales
-        from .quant_layout import quantize_rows
+    if attrs.act_bits:  # W8A8 (zeros is the rows' scales): both sides' integer codes, exact products, both scales
+        from .quant_layout import quantize_codes_rows
 
-        xq, sx = quantize_rows(x)
+        xq = quantize_codes_rows(x, zeros)
         acc = np.matmul(xq.astype(np.int64), qw.astype(np.int64).T)
-        return acc.astype(np.float64) * sx.astype(np.float64) * scales[:, 0].astype(np.float64)
+        return acc.astype(np.float64) * zeros.astype(np.float64) * scales[:, 0].astype(np.float64)
     w = dequantize(qw, scales, zeros, attrs.bits, attrs.group)  # [N, K] float64
     return np.matmul(x.astype(np.float64), w.T)
 

@@ -196,6 +196,8 @@ def quantize_weights(graph: Graph, scheme: QuantScheme, calibration: Sequence[np
         before += w.size * t.weight.dtype.itemsize
         if inv_s is not None:
             x = _scale_activation(x, inv_s, t, users, params, mapping)
+        if scheme.act_bits:
+            nodes.append(row_scale_nodes(x, t.mm.where))
         attrs = QMatmulAttrs(scheme.bits, group, scheme.is_symmetric, t.mm.dtype, scheme.act_bits)
         mapping[t.mm.uid] = ir.node(Op.QMATMUL, [x, *nodes], attrs, t.mm.where)
     out = substitute(graph, mapping, params)
@@ -211,6 +213,18 @@ def quantize_weights(graph: Graph, scheme: QuantScheme, calibration: Sequence[np
         lines.append(f"{scheme.method} alpha mean {np.mean(alphas):.2f}")
     counts = {"quantized": len(targets), "kept": len(kept), "bytes_before": before, "bytes_after": after}
     return out, PassReport("quantize", counts, lines)
+
+
+def row_scale_nodes(x: Node, where: str) -> Node:
+    """W8A8's activation scales [..., 1] of x's rows, as ordinary ops (compiler/quant_layout.row_scales):
+    max(max|row|, floor) / 127. A reduction of its own ahead of the GEMM, which keeps its one."""
+    from ..compiler.ops import ConstAttrs, ReduceAttrs
+    from ..compiler.quant_layout import ROW_SCALE_FLOOR
+
+    const = lambda v: ir.node(Op.CONST, [], ConstAttrs(v, x.dtype), where)  # noqa: E731
+    amax = ir.node(Op.MAX, [ir.node(Op.ABS, [x], None, where)], ReduceAttrs((x.type.rank - 1,), True), where)
+    amax = ir.node(Op.MAXIMUM, [amax, const(ROW_SCALE_FLOOR)], None, where)
+    return ir.node(Op.DIV, [amax, const(127.0)], None, where)
 
 
 def _unique(name: str, params, suffix: str = "") -> str:

@@ -92,15 +92,17 @@ def _qmatmul(sh: Sharder, n: Node):
     rows split on axis 1, whole groups per rank (a per-channel scale, group = K, is kept whole and
     each rank's group becomes its K)."""
     x, qw, scales, *zeros = n.inputs
+    act = zeros if n.attrs.act_bits else []  # W8A8: the 4th input is x's row scales, not a weight
+    zeros = [] if n.attrs.act_bits else zeros
     if any(w.op is not Op.WEIGHT for w in (qw, scales, *zeros)):
         return None
     at, lx, last = n.attrs, sh.layout(x), n.type.rank - 1
-    if lx is None:
+    if lx is None and all(sh.layout(a) is None for a in act):
         segs = _segments(sh, n, last)
         if segs is None:
             return None
         sh.count("column_parallel")
-        ins = [sh.node(x)] + [sh.weight(w, 0, segs) for w in (qw, scales, *zeros)]
+        ins = [sh.node(x)] + [sh.weight(w, 0, segs) for w in (qw, scales, *zeros)] + [sh.node(a) for a in act]
         return ir.node(Op.QMATMUL, ins, at, n.where), Split(last, segs)
     if not (isinstance(lx, Split) and lx.axis == x.type.rank - 1 and len(lx.segments) == 1):
         return None

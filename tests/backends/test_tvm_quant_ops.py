@@ -36,7 +36,12 @@ def case(name, x_shape, n, k, bits, group, sym_, dtype=F32, sizes=({"s": 1}, {"s
     qw = inp("qw", (n, k if bits == 8 else k // 2), I8 if bits == 8 else U8)
     sc = inp("sc", (n, k // group), dtype)
     ins = [x, qw, sc] + ([] if sym_ else [inp("zp", (n, k // group), dtype)])
-    y = node(Op.QMATMUL, ins, QMatmulAttrs(bits, group, sym_, dtype, act_bits))
+    if act_bits:  # the rows' scales, as the quantize pass computes them before the op
+        from llmc.passes.quantize import row_scale_nodes
+
+        y = node(Op.QMATMUL, ins + [row_scale_nodes(x, "")], QMatmulAttrs(bits, group, sym_, dtype, act_bits))
+    else:
+        y = node(Op.QMATMUL, ins, QMatmulAttrs(bits, group, sym_, dtype, act_bits))
     gens = {"qw": _codes(-127, 128) if bits == 8 else _codes(0, 256), "sc": _scales, "zp": _zeros}
     CASES.append(Case(name, ins, [y], sizes, gens=gens, **kw))
 
@@ -73,6 +78,12 @@ def test_qmatmul_kernels_get_the_matmul_schedule():
     for c in CASES[:4]:
         func, strategy = schedule_func(lower_kernel(c.kernel), cpu_info({"mcpu": "skylake-avx512"}))
         assert strategy == "matmul", (c.name, strategy)
+    # W8A8 with its row scales as an input (as after partitioning: their reduction is its own kernel)
+    x, xs = inp("x", (1, s, 64)), inp("xs", (1, s, 1))
+    ins = [x, inp("qw", (48, 64), I8), inp("sc", (48, 1)), xs]
+    w8 = Case("w8a8_alone", ins, [node(Op.QMATMUL, ins, QMatmulAttrs(8, 64, True, F32, 8))], ({"s": 3},))
+    func, strategy = schedule_func(lower_kernel(w8.kernel), cpu_info({"mcpu": "skylake-avx512"}))
+    assert strategy == "matmul", strategy
 
 
 def test_reference_matches_torch_with_hand_dequantized_weights():
@@ -100,7 +111,9 @@ def test_w8a8_reference_is_the_integer_product_of_per_row_codes():
     sx = xt.abs().amax(1, keepdim=True) / 127
     xq = torch.round(xt / sx).clamp(-127, 127).long()
     want = ((xq @ torch.tensor(q).long().T).double() * sx.double() * torch.tensor(sc).double().T).numpy()
-    got = run_op(Op.QMATMUL, QMatmulAttrs(8, 96, True, F32, 8), [x, q, sc], {}, F32)
+    from llmc.compiler.quant_layout import row_scales
+
+    got = run_op(Op.QMATMUL, QMatmulAttrs(8, 96, True, F32, 8), [x, q, sc, row_scales(x)], {}, F32)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     exact = x.astype(np.float64) @ (q.astype(np.float64) * sc).T
     assert np.abs(got - exact).max() <= 0.02 * np.abs(exact).max()  # per-row int8 rounding: ~1/254 of the range
@@ -110,11 +123,13 @@ def test_w8a8_needs_per_channel_int8_weights():
     from llmc.errors import LLMCError
 
     x = inp("x", (s, 64))
+    xs = inp("xs", (s, 1))
     with pytest.raises(LLMCError, match="act_bits"):
-        node(Op.QMATMUL, [x, inp("q", (8, 32), U8), inp("s", (8, 2)), inp("z", (8, 2))],
-             QMatmulAttrs(4, 32, False, F32, 8))
+        node(Op.QMATMUL, [x, inp("q", (8, 32), U8), inp("s", (8, 2)), xs], QMatmulAttrs(4, 32, True, F32, 8))
     with pytest.raises(LLMCError, match="act_bits"):
-        node(Op.QMATMUL, [x, inp("q", (8, 64), I8), inp("s", (8, 2))], QMatmulAttrs(8, 32, True, F32, 8))
+        node(Op.QMATMUL, [x, inp("q", (8, 64), I8), inp("s", (8, 2)), xs], QMatmulAttrs(8, 32, True, F32, 8))
+    with pytest.raises(LLMCError, match="rows' scales"):
+        node(Op.QMATMUL, [x, inp("q", (8, 64), I8), inp("s", (8, 1))], QMatmulAttrs(8, 64, True, F32, 8))
 
 
 def test_bad_operands_are_typed_errors():
