@@ -25,6 +25,34 @@ from .te_rules import (F32, MATMUL_COL_TILE, MATMUL_ROW_TILE, TE_RULES, LowerCtx
 I32 = "int32"
 
 
+def _pow2(e) -> tirx.PrimExpr:
+    """2^e as float32 for an int32 e in the normal range, built from its bits."""
+    return tirx.reinterpret(F32, tirx.shift_left(e + tirx.const(127, I32), tirx.const(23, I32)))
+
+
+def float8_decode(byte) -> tirx.PrimExpr:
+    """The float32 value of a float8 e4m3fn bit pattern (an int32 0..255): sign, 4 exponent bits
+    (bias 7), 3 mantissa bits; exponent 0 is subnormal (m * 2^-9)."""
+    sign = tirx.shift_right(byte, tirx.const(7, I32))
+    e = tirx.bitwise_and(tirx.shift_right(byte, tirx.const(3, I32)), tirx.const(15, I32))
+    m = cast(tirx.bitwise_and(byte, tirx.const(7, I32)), F32)
+    normal = (m + tirx.const(8.0, F32)) * _pow2(e - tirx.const(10, I32))
+    mag = tirx.Select(e == tirx.const(0, I32), m * tirx.const(2.0 ** -9, F32), normal)
+    return tirx.Select(sign == tirx.const(1, I32), -mag, mag)
+
+
+def float8_round(v) -> tirx.PrimExpr:
+    """v (float32, |v| <= 448) rounded to the nearest float8 e4m3fn value, ties to even: below 2^-6
+    on the subnormal grid of 2^-9, above by dropping all but 3 mantissa bits of its float32 bits."""
+    a = tirx.abs(v)
+    bits = tirx.reinterpret(I32, a)
+    lsb = tirx.bitwise_and(tirx.shift_right(bits, tirx.const(20, I32)), tirx.const(1, I32))
+    kept = tirx.bitwise_and(bits + tirx.const(0x7FFFF, I32) + lsb, tirx.const(-(1 << 20), I32))
+    sub = tirx.nearbyint(a * tirx.const(512.0, F32)) * tirx.const(2.0 ** -9, F32)
+    mag = tirx.Select(a < tirx.const(2.0 ** -6, F32), sub, tirx.reinterpret(F32, kept))
+    return tirx.Select(v < tirx.const(0.0, F32), -mag, mag)
+
+
 def _dequant_panel(ctx: LowerCtx, node: Node, qw, scales, zeros, acc: str, n_dim, n_pad) -> te.Tensor:
     """qmm_deq[k, n] = the float weight W[n, k] (n clamped into range on the padded columns)."""
     a = node.attrs
@@ -34,6 +62,8 @@ def _dequant_panel(ctx: LowerCtx, node: Node, qw, scales, zeros, acc: str, n_dim
     def f(k, n):
         n = _clamp(n, n_dim, n_pad)
         g = tirx.floordiv(k, group)
+        if a.float8:  # FP8: the e4m3 value; both scales come in the epilogue
+            return cast(float8_decode(cast(qw(n, k), I32)), acc)
         if a.bits == 8:
             q = cast(qw(n, k), acc)
         else:  # two elements per byte: even k in the low nibble, odd k in the high one
@@ -78,8 +108,11 @@ def _qmatmul(ctx: LowerCtx, node: Node, ins: Sequence[te.Tensor]) -> te.Tensor:
         v = cast(x(*(row + [kv])), acc)
         if not w8a8:
             return v
+        v = v / cast(xs(*(row + [c64(0)])), acc)
+        if node.attrs.float8:
+            return float8_round(v)
         lim = tirx.const(127.0, acc)
-        return tirx.max(tirx.min(tirx.nearbyint(v / cast(xs(*(row + [c64(0)])), acc)), lim), -lim)
+        return tirx.max(tirx.min(tirx.nearbyint(v), lim), -lim)
 
     acc2 = te.compute((m_pad, n_pad), lambda m, n: te.sum(a_load(m, k.var) * deq(k.var, n), axis=k),
                       name=ctx.name("matmul_acc"))

@@ -47,6 +47,7 @@ CONFIGS = [  # (label, compile keywords)
     ("int4 g32 awq", {"quant": "int4", "group": 32, "method": "awq"}),
     ("w8a8 rtn", {"quant": "w8a8"}),
     ("w8a8 smoothquant", {"quant": "w8a8", "method": "smoothquant"}),
+    ("fp8 e4m3", {"quant": "fp8"}),
     ("2:4 magnitude", {"sparsity": "2:4"}),
     ("2:4 sparsegpt", {"sparsity": "2:4", "method": "sparsegpt"}),
     ("2:4 + int4 g64 rtn", {"sparsity": "2:4", "quant": "int4", "group": 64}),

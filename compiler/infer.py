@@ -211,7 +211,9 @@ def _qmatmul(attrs, x: TensorType, qw: TensorType, scales: TensorType, *zeros: T
     k, n = x.shape[-1], qw.shape[0]
     if not isinstance(k, int) or not isinstance(n, int):
         raise ValueError(f"quantized matmul needs static K and N, got x {x}, qweight {qw}")
-    want_q = (DType.I8, k) if attrs.bits == 8 else (DType.U8, k // 2)
+    if attrs.float8 and not (attrs.bits == 8 and attrs.act_bits == 8 and attrs.symmetric):
+        raise ValueError("quantized matmul: float8 codes need bits 8, act_bits 8 and no zeros")
+    want_q = (DType.U8 if attrs.float8 else DType.I8, k) if attrs.bits == 8 else (DType.U8, k // 2)
     if (qw.dtype, qw.shape[1]) != want_q or (attrs.bits == 4 and k % 2):
         raise ValueError(f"quantized matmul: {attrs.bits}-bit qweight for K={k} must be "
                          f"{want_q[0].value}[{n}, {want_q[1]}], got {qw}")

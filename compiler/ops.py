@@ -203,12 +203,17 @@ class QMatmulAttrs:
     row (token), symmetric, at run time. The op's 4th input is the rows' scales sx [..., 1]
     (max|x_row| / 127, made by ordinary ops before it, so the reduction is its own kernel and the
     GEMM keeps one); xq = round-half-even(x / sx) clipped to [-127, 127];
-    y = (xq @ q^T over the integer codes) * sx * scale. 0: x stays float."""
+    y = (xq @ q^T over the integer codes) * sx * scale. 0: x stays float.
+
+    float8 (FP8, with act_bits 8 and one scale per output channel): qweight holds float8 e4m3fn
+    bit patterns (uint8 [N, K]); x's rows are rounded to e4m3 (round-half-even) after dividing by
+    sx = max|x_row| / 448 (e4m3's largest finite value); y = (x8 @ w8^T) * sx * scale."""
     bits: int  # 4 | 8
     group: int  # elements of K sharing one scale (and zero)
     symmetric: bool  # True: no zeros input (int8: zero 0; int4: zero 8)
     out_dtype: DType  # the activation / output float dtype
     act_bits: int = 0  # 0: weight-only; 8: per-token dynamic int8 activations (W8A8)
+    float8: bool = False  # FP8: the codes are float8 e4m3fn bit patterns (uint8), both sides (act_bits 8)
 
 
 @dataclass(frozen=True)

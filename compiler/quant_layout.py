@@ -56,12 +56,30 @@ def dequantize(qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None
 ROW_SCALE_FLOOR = 1e-6  # max|row| below this counts as this: a zero row's codes are 0, not 0 / 0
 
 
-def row_scales(x: np.ndarray) -> np.ndarray:
-    """W8A8's activation scales per row (last axis), in x's dtype: max(max|row|, floor) / 127 (the
-    ops the quantize pass puts before each W8A8 matmul compute exactly this)."""
+E4M3_MAX = 448.0  # float8 e4m3fn's largest finite value
+
+
+def row_scales(x: np.ndarray, qmax: float = 127.0) -> np.ndarray:
+    """W8A8's activation scales per row (last axis), in x's dtype: max(max|row|, floor) / qmax
+    (127 for int8, 448 for e4m3; the ops the quantize pass puts before each such matmul compute
+    exactly this)."""
     x = np.asarray(x)
     amax = np.maximum(np.max(np.abs(x), axis=-1, keepdims=True), x.dtype.type(ROW_SCALE_FLOOR))
-    return (amax / x.dtype.type(127)).astype(x.dtype)
+    return (amax / x.dtype.type(qmax)).astype(x.dtype)
+
+
+def float8_codes(v: np.ndarray) -> np.ndarray:
+    """float8 e4m3fn bit patterns (uint8) of v, round-half-even (|v| <= 448 expected)."""
+    import ml_dtypes
+
+    return np.asarray(v, np.float32).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+
+
+def float8_values(codes: np.ndarray) -> np.ndarray:
+    """The float64 values of float8 e4m3fn bit patterns."""
+    import ml_dtypes
+
+    return np.asarray(codes, np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float64)
 
 
 def quantize_codes_rows(x: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -78,4 +96,4 @@ def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 __all__ = ["pack_int4", "unpack_int4", "dequantize", "quantize_rows", "quantize_codes_rows", "row_scales",
-           "ROW_SCALE_FLOOR", "INT4_SYMMETRIC_ZERO"]
+           "float8_codes", "float8_values", "E4M3_MAX", "ROW_SCALE_FLOOR", "INT4_SYMMETRIC_ZERO"]

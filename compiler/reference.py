@@ -131,6 +131,12 @@ def _routed_matmul(attrs, x, w, ids, env=None):
 def _qmatmul(attrs, x, qw, scales, zeros=None, env=None):
     from .quant_layout import dequantize
 
+    if attrs.float8:  # FP8 (zeros is the rows' scales): both sides rounded to e4m3, then both scales
+        from .quant_layout import float8_codes, float8_values
+
+        x8 = float8_values(float8_codes(np.asarray(x, np.float32) / np.asarray(zeros, np.float32)))
+        acc = np.matmul(x8, float8_values(qw).T)
+        return acc * zeros.astype(np.float64) * scales[:, 0].astype(np.float64)
     if attrs.act_bits:  # W8A8 (zeros is the rows' scales): both sides' integer codes, exact products, both scales
         from .quant_layout import quantize_codes_rows
 

@@ -546,8 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-seqs", type=int, default=32, help="sequences per step")
     q = c.add_argument_group("quantization (docs/quantization.md)")
     q.add_argument("--quant", metavar="{int8,int4,w8a8,fp8}",
-                   help="weight-only int8 (per channel) or int4 (groups), or w8a8 (int8 weights and per-token "
-                        "int8 activations, CPU); embeddings and the LM head stay float")
+                   help="weight-only int8 (per channel) or int4 (groups); w8a8 (int8 weights and per-token int8 "
+                        "activations) or fp8 (e4m3 weights and activations), CPU; embeddings and the LM head "
+                        "stay float")
     q.add_argument("--group", type=int, help="int4 group size: 32, 64 or 128 (default 128); must divide every K")
     q.add_argument("--sym", action="store_true", help="int4: symmetric (zero point 8, no zeros stored)")
     q.add_argument("--method", help="rtn (default) | gptq | awq; w8a8: rtn | smoothquant (gptq, awq and "

@@ -32,7 +32,7 @@ from ..compiler import ir
 from ..compiler.dtypes import DType
 from ..compiler.ir import Graph, Node
 from ..compiler.ops import Op, QMatmulAttrs
-from ..compiler.quant_layout import pack_int4
+from ..compiler.quant_layout import E4M3_MAX, pack_int4
 from ..errors import LLMCError
 from .quant.scheme import QuantScheme
 from .report import PassReport
@@ -180,9 +180,11 @@ def quantize_weights(graph: Graph, scheme: QuantScheme, calibration: Sequence[np
             inv_s = (1.0 / s).astype(sdt)
         elif scheme.method == "qat":
             qz = learned.codes_for(_weight_nk_stored(graph, t.weight, t.transposed), t.mm.where or t.name, sdt)
+        elif scheme.kind == "fp8":
+            qz = _float8_weights(w, sdt)
         else:
             qz = rtn(w, scheme.bits, group, scheme.is_symmetric, sdt)
-        q = qz.q.astype(np.int8) if scheme.bits == 8 else pack_int4(qz.q)
+        q = qz.q if scheme.kind == "fp8" else qz.q.astype(np.int8) if scheme.bits == 8 else pack_int4(qz.q)
         arrays = {"qweight": q, "scales": qz.scales.astype(sdt)}
         if qz.zeros is not None:
             arrays["zeros"] = qz.zeros.astype(sdt)
@@ -197,8 +199,9 @@ def quantize_weights(graph: Graph, scheme: QuantScheme, calibration: Sequence[np
         if inv_s is not None:
             x = _scale_activation(x, inv_s, t, users, params, mapping)
         if scheme.act_bits:
-            nodes.append(row_scale_nodes(x, t.mm.where))
-        attrs = QMatmulAttrs(scheme.bits, group, scheme.is_symmetric, t.mm.dtype, scheme.act_bits)
+            nodes.append(row_scale_nodes(x, t.mm.where, E4M3_MAX if scheme.kind == "fp8" else 127.0))
+        attrs = QMatmulAttrs(scheme.bits, group, scheme.is_symmetric, t.mm.dtype, scheme.act_bits,
+                             scheme.kind == "fp8")
         mapping[t.mm.uid] = ir.node(Op.QMATMUL, [x, *nodes], attrs, t.mm.where)
     out = substitute(graph, mapping, params)
     for t in targets:  # a float weight still read elsewhere stays; with_outputs drops the rest
@@ -215,16 +218,27 @@ def quantize_weights(graph: Graph, scheme: QuantScheme, calibration: Sequence[np
     return out, PassReport("quantize", counts, lines)
 
 
-def row_scale_nodes(x: Node, where: str) -> Node:
-    """W8A8's activation scales [..., 1] of x's rows, as ordinary ops (compiler/quant_layout.row_scales):
-    max(max|row|, floor) / 127. A reduction of its own ahead of the GEMM, which keeps its one."""
+def _float8_weights(w: np.ndarray, scale_dtype):
+    """FP8 weights: one scale per output channel, max|w_row| / 448 (rounded to its dtype), and the
+    e4m3fn bit patterns of w / scale."""
+    from ..compiler.quant_layout import float8_codes
+    from .quant.rtn import Quantized
+
+    s = (np.maximum(np.abs(w).max(axis=1), 1e-12) / E4M3_MAX).astype(scale_dtype).astype(np.float64)
+    return Quantized(float8_codes(w / s[:, None]), s[:, None], None)
+
+
+def row_scale_nodes(x: Node, where: str, qmax: float = 127.0) -> Node:
+    """The activation scales [..., 1] of x's rows for W8A8 / FP8, as ordinary ops
+    (compiler/quant_layout.row_scales): max(max|row|, floor) / qmax (127, or e4m3's 448). A
+    reduction of its own ahead of the GEMM, which keeps its one."""
     from ..compiler.ops import ConstAttrs, ReduceAttrs
     from ..compiler.quant_layout import ROW_SCALE_FLOOR
 
     const = lambda v: ir.node(Op.CONST, [], ConstAttrs(v, x.dtype), where)  # noqa: E731
     amax = ir.node(Op.MAX, [ir.node(Op.ABS, [x], None, where)], ReduceAttrs((x.type.rank - 1,), True), where)
     amax = ir.node(Op.MAXIMUM, [amax, const(ROW_SCALE_FLOOR)], None, where)
-    return ir.node(Op.DIV, [amax, const(127.0)], None, where)
+    return ir.node(Op.DIV, [amax, const(qmax)], None, where)
 
 
 def _unique(name: str, params, suffix: str = "") -> str:

@@ -22,9 +22,12 @@ from .fake_quant import FakeQuantLinear
 
 
 def _scheme(scheme: str | QuantScheme, group: int | None, symmetric: bool) -> QuantScheme:
-    if isinstance(scheme, QuantScheme):
-        return scheme
-    return QuantScheme(scheme, 128 if group is None else group, symmetric)  # LLMCError on a bad kind/group
+    if not isinstance(scheme, QuantScheme):
+        scheme = QuantScheme(scheme, 128 if group is None else group, symmetric)  # LLMCError on a bad kind/group
+    if scheme.kind not in ("int8", "int4"):
+        raise LLMCError(f"QAT of {scheme.kind!r} is not built yet: prepare_qat fake-quantizes weights only "
+                        f"(int8 or int4)")
+    return scheme
 
 
 def _targets(model: nn.Module, scheme: QuantScheme) -> list[tuple[str, nn.Linear]]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from ...errors import LLMCError
 
 SCHEMES = ("int8", "int4", "w8a8", "fp8")
-BUILT = ("int8", "int4", "w8a8")  # the schemes the quantize pass and the CPU kernels implement today
+BUILT = ("int8", "int4", "w8a8", "fp8")  # the schemes the quantize pass and the CPU kernels implement today
 METHODS = ("rtn", "gptq", "awq", "qat", "smoothquant")  # qat: scales learned in torch (passes/quant/learned.py)
 GROUPS = (32, 64, 128)
 
@@ -18,6 +18,8 @@ class QuantScheme:
     int8: weight-only, symmetric, one scale per output channel (group = K); `group` is ignored.
     w8a8: int8 weights as int8, and the activations int8 too, per token at run time (rtn or
     smoothquant, which needs calibration).
+    fp8: weights float8 e4m3 with one scale per output channel, activations e4m3 per token at
+    run time (rtn).
     int4: groups of `group` consecutive input channels share a scale (and a zero point
     unless `symmetric`). A group that does not divide a matmul's K is an error naming it.
     Embeddings and the LM head stay unquantized unless `quantize_lm_head`."""
@@ -41,9 +43,10 @@ class QuantScheme:
         if self.method not in METHODS:
             raise LLMCError(f"unknown quantization method {self.method!r}; choose one of {', '.join(METHODS)}")
         if (self.method == "smoothquant" and self.kind != "w8a8") or \
-                (self.kind == "w8a8" and self.method not in ("rtn", "smoothquant")):
+                (self.kind == "w8a8" and self.method not in ("rtn", "smoothquant")) or \
+                (self.kind == "fp8" and self.method != "rtn"):
             raise LLMCError(f"--method {self.method} does not go with --quant {self.kind} (w8a8 takes rtn or "
-                            f"smoothquant; smoothquant is for w8a8 only)")
+                            f"smoothquant, fp8 rtn; smoothquant is for w8a8 only)")
         if self.kind == "int4" and self.group not in GROUPS:
             raise LLMCError(f"int4 group size must be one of {GROUPS}, got {self.group!r}")
         if not isinstance(self.calib_samples, int) or self.calib_samples < 1:
@@ -57,7 +60,7 @@ class QuantScheme:
 
     @property
     def act_bits(self) -> int:
-        return 8 if self.kind == "w8a8" else 0
+        return 8 if self.kind in ("w8a8", "fp8") else 0
 
     @property
     def needs_calibration(self) -> bool:
@@ -73,6 +76,8 @@ class QuantScheme:
     def describe(self) -> str:
         if self.kind == "w8a8":
             return f"w8a8: int8 weights per output channel, int8 activations per token, {self.method}"
+        if self.kind == "fp8":
+            return "fp8: e4m3 weights per output channel, e4m3 activations per token"
         if self.kind == "int8":
             return f"int8 weight-only, per output channel, symmetric, {self.method}"
         return f"int4 weight-only, group {self.group}, {'symmetric' if self.symmetric else 'asymmetric'}, {self.method}"

@@ -31,18 +31,27 @@ def _zeros(rng, shape, dtype):
     return rng.integers(0, 16, size=shape).astype(dtype.numpy)
 
 
-def case(name, x_shape, n, k, bits, group, sym_, dtype=F32, sizes=({"s": 1}, {"s": 7}, {"s": 33}), act_bits=0, **kw):
+def _float8(rng, shape, dtype):  # e4m3 bit patterns of values spread over its range (no NaN codes)
+    from llmc.compiler.quant_layout import float8_codes
+
+    return float8_codes(rng.standard_normal(shape) * np.exp(rng.uniform(-6, 5, shape)))
+
+
+def case(name, x_shape, n, k, bits, group, sym_, dtype=F32, sizes=({"s": 1}, {"s": 7}, {"s": 33}), act_bits=0,
+         float8=False, **kw):
     x = inp("x", x_shape, dtype)
-    qw = inp("qw", (n, k if bits == 8 else k // 2), I8 if bits == 8 else U8)
+    qw = inp("qw", (n, k if bits == 8 else k // 2), I8 if bits == 8 and not float8 else U8)
     sc = inp("sc", (n, k // group), dtype)
     ins = [x, qw, sc] + ([] if sym_ else [inp("zp", (n, k // group), dtype)])
     if act_bits:  # the rows' scales, as the quantize pass computes them before the op
         from llmc.passes.quantize import row_scale_nodes
 
-        y = node(Op.QMATMUL, ins + [row_scale_nodes(x, "")], QMatmulAttrs(bits, group, sym_, dtype, act_bits))
+        y = node(Op.QMATMUL, ins + [row_scale_nodes(x, "", 448.0 if float8 else 127.0)],
+                 QMatmulAttrs(bits, group, sym_, dtype, act_bits, float8))
     else:
         y = node(Op.QMATMUL, ins, QMatmulAttrs(bits, group, sym_, dtype, act_bits))
-    gens = {"qw": _codes(-127, 128) if bits == 8 else _codes(0, 256), "sc": _scales, "zp": _zeros}
+    gens = {"qw": _float8 if float8 else _codes(-127, 128) if bits == 8 else _codes(0, 256), "sc": _scales,
+            "zp": _zeros}
     CASES.append(Case(name, ins, [y], sizes, gens=gens, **kw))
 
 
@@ -58,6 +67,10 @@ case("w8a8_3d", (1, s, 64), 48, 64, 8, 64, True, act_bits=8, rtol=1e-5, atol=1e-
 case("w8a8_2d_ragged_n", (s, 96), 50, 96, 8, 96, True, act_bits=8, rtol=1e-5, atol=1e-5)
 case("w8a8_batch", (b, s, 128), 40, 128, 8, 128, True, act_bits=8, sizes=({"b": 2, "s": 5}, {"b": 1, "s": 1}),
      rtol=1e-5, atol=1e-5)
+# FP8: e4m3 weight codes decoded from their bits, activations rounded to e4m3 per row (bit tricks
+# in the kernel, ml_dtypes in the reference)
+case("fp8_3d", (1, s, 64), 48, 64, 8, 64, True, act_bits=8, float8=True, rtol=1e-5, atol=1e-5)
+case("fp8_2d_ragged_n", (s, 96), 50, 96, 8, 96, True, act_bits=8, float8=True, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +130,37 @@ def test_w8a8_reference_is_the_integer_product_of_per_row_codes():
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     exact = x.astype(np.float64) @ (q.astype(np.float64) * sc).T
     assert np.abs(got - exact).max() <= 0.02 * np.abs(exact).max()  # per-row int8 rounding: ~1/254 of the range
+
+
+def test_float8_round_and_decode_match_ml_dtypes_on_every_code():
+    """The kernel's e4m3 decode of all 254 finite codes, and its rounding of values across the range
+    (subnormals, ties between neighbours, up to 448), bit for bit against ml_dtypes, each built for
+    llvm as one elementwise kernel."""
+    import ml_dtypes
+    import tvm
+    from tvm import te
+
+    from llmc.backends.te_rules_quant import float8_decode, float8_round
+    from llmc.compiler.quant_layout import float8_codes
+
+    def run(fn, arr, in_dtype):
+        a = te.placeholder(arr.shape, in_dtype, name="a")
+        out = te.compute(a.shape, lambda i: fn(a[i]), name="out")
+        f = tvm.compile(te.create_prim_func([a, out]), target="llvm")
+        res = tvm.runtime.tensor(np.zeros(arr.shape, np.float32))
+        f(tvm.runtime.tensor(arr), res)
+        return res.numpy()
+
+    codes = np.array([c for c in range(256) if c not in (0x7F, 0xFF)], np.uint8)  # 0x7F, 0xFF: NaN
+    values = codes.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    np.testing.assert_array_equal(run(lambda b: float8_decode(b.astype("int32")), codes, "uint8"), values)
+    rng = np.random.default_rng()
+    grid = np.unique(values.astype(np.float64))
+    v = np.concatenate([rng.standard_normal(4000) * np.exp(rng.uniform(-9, 6, 4000)), grid,
+                        (grid[:-1] + grid[1:]) / 2]).astype(np.float32)  # the midpoints are ties
+    v = v[np.abs(v) <= 448]
+    np.testing.assert_array_equal(run(float8_round, v, "float32"),
+                                  float8_codes(v).view(ml_dtypes.float8_e4m3fn).astype(np.float32))
 
 
 def test_w8a8_needs_per_channel_int8_weights():

@@ -121,7 +121,7 @@ def test_group_that_does_not_divide_k_names_the_node():
 @pytest.mark.parametrize("kw,msg", [({"kind": "int3"}, "unknown quantization scheme"),
                                     ({"kind": "int4", "method": "smooth"}, "unknown quantization method"),
                                     ({"kind": "int4", "group": 48}, "group size must be one of"),
-                                    ({"kind": "fp8"}, "not built yet"),
+                                    ({"kind": "fp8", "method": "awq"}, "does not go with"),
                                     ({"kind": "int8", "method": "smoothquant"}, "does not go with"),
                                     ({"kind": "w8a8", "method": "gptq"}, "does not go with")])
 def test_bad_scheme(kw, msg):
@@ -196,3 +196,25 @@ def test_w8a8_on_a_gpu_target_is_refused_before_capture():
 
     with pytest.raises(LLMCError, match="CPU backend"):
         llmc.compile(None, (), target="cuda:sm_90", quant="w8a8")
+
+
+def test_fp8_before_after():
+    """fp8: e4m3 weight codes (uint8) with a scale per output channel, activations rounded to e4m3
+    per row; the graph stays near the float one (e4m3 keeps 3 mantissa bits: ~3% per element)."""
+    from llmc.compiler.quant_layout import float8_values
+
+    g = mlp_graph(seed=7)
+    out, report = quantize_weights(g, QuantScheme("fp8"))
+    verify(out)
+    q = [n for n in out.nodes() if n.op is Op.QMATMUL]
+    assert len(q) == 2 and all(n.attrs.float8 and n.attrs.act_bits == 8 for n in q)
+    up = next(n for n in q if "up" in n.where)
+    codes, scales = (out.params[i.attrs.name] for i in up.inputs[1:3])
+    assert codes.dtype == np.uint8 and scales.shape == (96, 1)
+    w = g.params["up.weight"].T.astype(np.float64)  # [N, K]
+    np.testing.assert_allclose(float8_values(codes) * scales, w, rtol=0.07, atol=1e-6)
+    x = _x(g)
+    ref = interpret(g, [x])[0]
+    err = np.linalg.norm(interpret(out, [x])[0] - ref) / np.linalg.norm(ref)
+    assert err < 0.08, err
+    assert "fp8" in " ".join(report.lines)
