@@ -346,8 +346,9 @@ def load(path, device: str = "cpu", **options):
     of a tensor-parallel artifact (`llmc compile --tp N`) takes `comm`, its group's communicator
     (runtime/dist: HostComm on the CPU, NcclComm on CUDA); "cuda"
     (or "cuda:N") a runtime.gpu.GpuExecutor, which takes `graphs` (CUDA-graph replay,
-    default on) and `fill_weights` ("random" | "none", for perf artifacts compiled without
-    weights) as options.
+    default on), `fill_weights` ("random" | "none", for perf artifacts compiled without
+    weights) and, for a tensor-parallel rank, `allreduce` ("auto": the one-shot kernel for
+    small all-reduces where every rank can map its peers' buffers, else NCCL; "nccl") as options.
     """
     from .artifact_files import check_library_files, load_weights, read_manifest
     from .cpu_features import check_cpu
