@@ -115,3 +115,14 @@ def test_oneshot_allreduce_matches_numpy_and_is_the_same_on_every_rank(tmp_path,
         for r in range(n):
             np.testing.assert_allclose(got[r][f"graph{step}"], want, rtol=2e-2, atol=2e-2 * n)
             np.testing.assert_array_equal(got[r][f"graph{step}"], got[0][f"graph{step}"])
+
+
+def test_oneshot_is_refused_alike_on_every_rank_for_a_missing_kernel_or_several_hosts():
+    """The one-shot set-up's verdict from what the ranks published (host | device | IPC handle):
+    a rank without the kernel (an older shim) or ranks on two hosts keep NCCL everywhere."""
+    from llmc.runtime.dist.oneshot import _why_not
+
+    handle = b"\x00" * 64
+    same = [b"host-a|0|" + handle, b"host-a|1|" + handle]
+    assert "no one-shot kernel" in _why_not([same[0], b""], None, 0, 0)
+    assert "several hosts" in _why_not([same[0], b"host-b|1|" + handle], None, 0, 0)
