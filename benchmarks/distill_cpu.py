@@ -51,7 +51,7 @@ from train_tiny_llama import stdlib_texts, trained_model  # noqa: E402
 # shared by (b) and (c): batch, window, peak lr, warmup, schedule
 COMMON = dict(seq_len=128, batch=16, lr=1e-3, warmup=20, eval_every=100, eval_windows=64, checkpoint_every=100,
               steps=100_000)  # the time limit ends both runs; the schedule anneals to it
-RECIPE_KD = dict(loss="kd", temperature=1.0, kd_weight=1.0, hidden_weight=1.0, ce_weight=1.0, teacher_dtype="bfloat16")
+RECIPE_KD = dict(loss="kd", temperature=1.0, kd_weight=1.0, hidden_weight=1.0, ce_weight=1.0)
 PROMPT = "def __init__(self, name, value=None):\n    "
 
 

@@ -19,7 +19,7 @@ from .checkpoint import State, save_state
 from .config import DistillConfig
 from .data import TokenData, WindowSampler
 from .evaluate import perplexity
-from .losses import hidden_mse, hidden_pairs, kd_loss, next_token_loss
+from .losses import hidden_mse, hidden_pairs, kd_ce_loss, next_token_loss
 
 
 def lr_factor(c: DistillConfig, step: int, progress: float) -> float:
@@ -54,11 +54,9 @@ class Objective:
             return next_token_loss(out.logits, y)
         with torch.no_grad():
             t = self.teacher(input_ids=x, use_cache=False, output_hidden_states=hidden)
-        loss = c.kd_weight * kd_loss(out.logits, t.logits, c.temperature)
+        loss = kd_ce_loss(out.logits, t.logits, y, c.temperature, c.kd_weight, c.ce_weight)
         if hidden:
             loss = loss + c.hidden_weight * hidden_mse(out.hidden_states, t.hidden_states, self.pairs)
-        if c.ce_weight:
-            loss = loss + c.ce_weight * next_token_loss(out.logits, y)
         return loss
 
 

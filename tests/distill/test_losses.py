@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from llmc.distill.losses import hidden_mse, hidden_pairs, kd_loss, next_token_loss
+from llmc.distill.losses import hidden_mse, hidden_pairs, kd_ce_loss, kd_loss, next_token_loss
 
 
 def _kd_reference(s: torch.Tensor, t: torch.Tensor, T: float) -> torch.Tensor:
@@ -41,6 +41,21 @@ def test_kd_gradient_matches_reference():
     kd_loss(s, t, 3.0).backward()
     s_ref = s.detach().clone().requires_grad_(True)
     _kd_reference(s_ref, t, 3.0).backward()
+    torch.testing.assert_close(s.grad, s_ref.grad.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("T,kd_w,ce_w", [(1.0, 1.0, 1.0), (2.0, 0.7, 0.3), (1.0, 1.0, 0.0), (3.0, 0.0, 1.0)])
+def test_fused_kd_ce_equals_the_separate_losses_in_value_and_gradient(T, kd_w, ce_w):
+    g = torch.Generator().manual_seed(int(T * 7 + kd_w * 3 + ce_w))
+    s = (torch.randn(3, 5, 13, generator=g) * 3).requires_grad_(True)
+    t = torch.randn(3, 5, 13, generator=g) * 3
+    y = torch.randint(0, 13, (3, 5), generator=g)
+    fused = kd_ce_loss(s, t, y, T, kd_w, ce_w)
+    (fused * 1.7).backward()
+    s_ref = s.detach().clone().requires_grad_(True)
+    ref = kd_w * _kd_reference(s_ref, t, T) + ce_w * next_token_loss(s_ref.double(), y)
+    (ref * 1.7).backward()
+    torch.testing.assert_close(fused.double(), ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(s.grad, s_ref.grad.float(), rtol=1e-5, atol=1e-6)
 
 
