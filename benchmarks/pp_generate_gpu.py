@@ -21,7 +21,6 @@ the layers and waits while the others work.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import pathlib
@@ -29,6 +28,8 @@ import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # rank_results (PYTHONSAFEPATH-proof)
 
 
 def worker(a: argparse.Namespace) -> None:
@@ -79,7 +80,7 @@ def main() -> None:
         worker(a)
         return
     from llmc.runtime.artifact_files import read_manifest
-    from llmc.runtime.dist.launch import launch
+    from rank_results import launch_for_result
     from llmc.runtime.tp_run import rank_path
 
     results = []
@@ -88,17 +89,9 @@ def main() -> None:
         n = 1 if par is None else par.pp * par.tp
         argv = [sys.executable, os.path.abspath(__file__), "--worker", art, "--prompt-len", str(a.prompt_len),
                 "--new", str(a.new), "--kv-memory", str(a.kv_memory), "--batch", *map(str, a.batch)]
-        out, err = io.StringIO(), io.StringIO()
-        t = time.perf_counter()
-        res = launch(argv, n, stdout=out, stderr=err, timeout=500, label=False, check=False)
-        line = next((ln for ln in out.getvalue().splitlines() if ln.startswith("RESULT ")), None)
-        if not res.ok or line is None:
-            print(f"[pp_generate] {art}: failed\n{res.report()}\n{err.getvalue()[-3000:]}", flush=True)
-            continue
-        r = json.loads(line[7:])
-        r["art"] = art
-        results.append(r)
-        print(f"[pp_generate] {art}: {json.dumps(r)} ({time.perf_counter() - t:.0f} s)", flush=True)
+        r = launch_for_result(argv, n, "pp_generate", art, timeout=500)
+        if r is not None:
+            results.append(r)
     base = next((r for r in results if r["pp"] == 1), None)
     print(f"\ngenerate: prompts of {a.prompt_len} tokens, {a.new} new each, greedy, timed after a warm-up run")
     print("| PP | GPUs | batch | output tok/s | vs PP=1 | ms per step |")

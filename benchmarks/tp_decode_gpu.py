@@ -20,12 +20,10 @@ same message alone, through the same NcclComm, in a CUDA-graph-free loop of 200.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import pathlib
 import sys
-import time
 
 import numpy as np
 
@@ -147,7 +145,7 @@ def main() -> None:
     if a.worker:
         worker(a)
         return
-    from llmc.runtime.dist.launch import launch
+    from rank_results import launch_for_result
 
     results = []
     runs = [(art, mode) for art in a.arts for mode in (a.allreduce if _tp_of(pathlib.Path(art)) > 1 else ["-"])]
@@ -156,17 +154,9 @@ def main() -> None:
         argv = [sys.executable, os.path.abspath(__file__), "--worker", art, "--context", str(a.context), "--steps",
                 str(a.steps), "--hidden", str(a.hidden), "--kv-memory", str(a.kv_memory), "--batch", *map(str, a.batch),
                 "--allreduce", mode if mode != "-" else "auto"]
-        out, err = io.StringIO(), io.StringIO()
-        t = time.perf_counter()
-        res = launch(argv, tp, stdout=out, stderr=err, timeout=400, label=False, check=False)
-        line = next((ln for ln in out.getvalue().splitlines() if ln.startswith("RESULT ")), None)
-        if not res.ok or line is None:
-            print(f"[tp_decode] {art}: failed\n{res.report()}\n{err.getvalue()[-3000:]}", flush=True)
-            continue
-        r = json.loads(line[7:])
-        r["art"] = art
-        results.append(r)
-        print(f"[tp_decode] {art}: {json.dumps(r)} ({time.perf_counter() - t:.0f} s)", flush=True)
+        r = launch_for_result(argv, tp, "tp_decode", art, timeout=400)
+        if r is not None:
+            results.append(r)
     base = next((r for r in results if r["tp"] == 1), None)
     print("\nin-step us per all-reduce = (replay with them - replay with none) / their count; bus bandwidth as "
           "nccl-tests' busbw (bytes * 2(n-1)/n / time); alone = the same message in a CUDA graph of 50")

@@ -296,12 +296,11 @@ class GpuExecutor:
             x, out = args
             count = int(np.prod(x.shape, dtype=np.int64))
             nbytes = count * np.dtype(self._numpy_dtype(str(x.dtype))).itemsize
+            from .cuda_graph import check, cudart
 
             def send(a, b):
                 comm.send_device(a.data_ptr(), count, str(a.dtype), peer, stream.ptr)
                 if b.data_ptr() != a.data_ptr():
-                    from .cuda_graph import check, cudart
-
                     check(cudart().cudaMemcpyAsync(b.data_ptr(), a.data_ptr(), nbytes, 3, stream.handle),
                           "cudaMemcpyAsync (send's output)")  # 3: device to device
             return send, (x, out)
