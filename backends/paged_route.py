@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from llmc.compiler.ops import Op
 from llmc.compiler.program import Kernel
 from llmc.compiler.symbolic import Dim, to_json
+from llmc.runtime.engine.kv_codec import CODEC_IDS
 
 PAGED_FUNC = "paged_attention"
 
@@ -22,13 +23,17 @@ class PagedRoute:
     scale: float
     window: int
     layer: int
+    codec: int = 0  # a quantized cache's index in runtime/engine/kv_codec.CODEC_IDS; 0: float
 
     @property
     def label(self) -> str:
-        return f"paged attention (layer {self.layer}" + (f", window {self.window})" if self.window else ")")
+        extra = (f", window {self.window}" if self.window else "") + \
+            (f", {CODEC_IDS[self.codec]} cache" if self.codec else "")
+        return f"paged attention (layer {self.layer}{extra})"
 
     def to_json(self) -> dict:
-        return {"route": "kv", "func": PAGED_FUNC, "label": self.label, "scalars": [self.scale, self.window],
+        scalars = [self.scale, self.window] + ([self.codec] if self.codec else [])  # a float cache: the two it always had
+        return {"route": "kv", "func": PAGED_FUNC, "label": self.label, "scalars": scalars,
                 "tensors": [{"arg": i, "shape": [to_json(d) for d in s]} for i, s in enumerate(self.shapes)]}
 
 
@@ -40,7 +45,8 @@ def match_paged(kernel: Kernel) -> PagedRoute | None:
     if [p.uid for p in kernel.params] != [i.uid for i in n.inputs]:
         return None
     shapes = tuple(tuple(x.shape) for x in (*n.inputs, n))
-    return PagedRoute(shapes, n.attrs.scale, n.attrs.window, n.attrs.layer)
+    codec = 0 if n.attrs.kv_store is None else CODEC_IDS.index(n.attrs.kv_store.value)
+    return PagedRoute(shapes, n.attrs.scale, n.attrs.window, n.attrs.layer, codec)
 
 
 __all__ = ["match_paged", "PagedRoute", "PAGED_FUNC"]

@@ -1,4 +1,5 @@
-"""TE lowering of Op.QMATMUL: the weight-only quantized matmul, dequantizing in its B loads.
+"""TE lowering of Op.QMATMUL: the weight-only quantized matmul, dequantizing in its B loads
+(and of Op.QTAKE, the rows of a quantized table, dequantized the same way).
 
 The kernel is the GEMM of te_rules._matmul (leading dims of x folded into M, M and N
 padded to the register tile) whose right operand is a `qmm_deq` stage: the [K, N] float
@@ -20,7 +21,7 @@ from llmc.compiler.ops import Op
 from llmc.compiler.quant_layout import INT4_SYMMETRIC_ZERO
 
 from .te_rules import (F32, MATMUL_COL_TILE, MATMUL_ROW_TILE, TE_RULES, LowerCtx, _clamp, _compute, _flat_index,
-                       _pad, _raxis, _unflat_index, c64, cast)
+                       _pad, _raxis, _unflat_index, c64, cast, wrap_index)
 
 I32 = "int32"
 
@@ -53,32 +54,49 @@ def float8_round(v) -> tirx.PrimExpr:
     return tirx.Select(v < tirx.const(0.0, F32), -mag, mag)
 
 
+def _weight_value(a, qw, scales, zeros, n, k, acc: str) -> tirx.PrimExpr:
+    """W[n, k] of a packed weight (QMatmulAttrs a): the float weight, or for W8A8 / FP8 the code's
+    value (their scales come in the GEMM's epilogue)."""
+    g = tirx.floordiv(k, c64(a.group))
+    if a.float8:
+        return cast(float8_decode(cast(qw(n, k), I32)), acc)
+    if a.bits == 8:
+        q = cast(qw(n, k), acc)
+    else:  # two elements per byte: even k in the low nibble, odd k in the high one
+        byte = cast(qw(n, tirx.floordiv(k, c64(2))), I32)
+        shift = cast(tirx.floormod(k, c64(2)), I32) * tirx.const(4, I32)
+        q = cast(tirx.bitwise_and(tirx.shift_right(byte, shift), tirx.const(15, I32)), acc)
+    if a.act_bits:
+        return q
+    if zeros is not None:
+        q = q - cast(zeros(n, g), acc)
+    elif a.bits == 4:
+        q = q - tirx.const(float(INT4_SYMMETRIC_ZERO), acc)
+    return q * cast(scales(n, g), acc)
+
+
 def _dequant_panel(ctx: LowerCtx, node: Node, qw, scales, zeros, acc: str, n_dim, n_pad) -> te.Tensor:
     """qmm_deq[k, n] = the float weight W[n, k] (n clamped into range on the padded columns)."""
-    a = node.attrs
     k_dim = ctx.dim(node.inputs[0].shape[-1])
-    group = c64(a.group)
+    return te.compute((k_dim, n_pad), lambda k, n: _weight_value(node.attrs, qw, scales, zeros, _clamp(n, n_dim, n_pad),
+                                                                  k, acc), name=ctx.name("qmm_deq"))
 
-    def f(k, n):
-        n = _clamp(n, n_dim, n_pad)
-        g = tirx.floordiv(k, group)
-        if a.float8:  # FP8: the e4m3 value; both scales come in the epilogue
-            return cast(float8_decode(cast(qw(n, k), I32)), acc)
-        if a.bits == 8:
-            q = cast(qw(n, k), acc)
-        else:  # two elements per byte: even k in the low nibble, odd k in the high one
-            byte = cast(qw(n, tirx.floordiv(k, c64(2))), I32)
-            shift = cast(tirx.floormod(k, c64(2)), I32) * tirx.const(4, I32)
-            q = cast(tirx.bitwise_and(tirx.shift_right(byte, shift), tirx.const(15, I32)), acc)
-        if a.act_bits:  # W8A8: the integer codes; both scales come in the epilogue
-            return q
-        if zeros is not None:
-            q = q - cast(zeros(n, g), acc)
-        elif a.bits == 4:
-            q = q - tirx.const(float(INT4_SYMMETRIC_ZERO), acc)
-        return q * cast(scales(n, g), acc)
 
-    return te.compute((k_dim, n_pad), f, name=ctx.name("qmm_deq"))
+def _qtake(ctx: LowerCtx, node: Node, ins: Sequence[te.Tensor]) -> te.Tensor:
+    """out[*i, k] = W[ids[*i], k]: the picked rows dequantized as they are read (an id out of range
+    wraps like TAKE's; the runtime's input checks refuse those first)."""
+    qw, ids, scales, *rest = ins
+    zeros = rest[0] if rest else None
+    r = len(node.inputs[1].shape)
+    rows = ctx.dim(node.inputs[0].shape[0])
+    odt = node.dtype.value
+    acc = "float64" if odt == "float64" else F32
+
+    def f(*i):
+        n = wrap_index(ids(*i[:r]), rows)
+        return cast(_weight_value(node.attrs, qw, scales, zeros, n, i[r], acc), odt)
+
+    return _compute(ctx, node, f)
 
 
 def _qmatmul(ctx: LowerCtx, node: Node, ins: Sequence[te.Tensor]) -> te.Tensor:
@@ -124,4 +142,4 @@ def _qmatmul(ctx: LowerCtx, node: Node, ins: Sequence[te.Tensor]) -> te.Tensor:
 
 
 # te_rules imports this module on its last line; either import order registers the rule
-TE_RULES.update({Op.QMATMUL: _qmatmul})
+TE_RULES.update({Op.QMATMUL: _qmatmul, Op.QTAKE: _qtake})

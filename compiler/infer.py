@@ -7,6 +7,7 @@ from .dtypes import DType, promote
 from .ir import TensorType
 from .ops import BINARY, COMPARE, REDUCE, UNARY, Op
 from .symbolic import Dim
+from ..runtime.engine.kv_codec import SCALE_BYTES as KV_SCALE_BYTES
 
 
 def broadcast_shapes(*shapes: Sequence[Dim]) -> tuple[Dim, ...]:
@@ -198,6 +199,37 @@ def _routed_matmul(attrs, x: TensorType, w: TensorType, ids: TensorType) -> Tens
     return TensorType(tuple(x.shape[:-1]) + (n,), promote(x.dtype, w.dtype))
 
 
+def _check_packed(what: str, attrs, k: int, n: int, qw: TensorType, scales: TensorType,
+                  zeros: tuple[TensorType, ...]) -> None:
+    """A packed weight W [N, K] (compiler/quant_layout.py): qweight, scales and zeros agree."""
+    want_q = (DType.U8 if attrs.float8 else DType.I8, k) if attrs.bits == 8 else (DType.U8, k // 2)
+    if (qw.dtype, qw.shape[1]) != want_q or (attrs.bits == 4 and k % 2):
+        raise ValueError(f"{what}: {attrs.bits}-bit qweight for K={k} must be "
+                         f"{want_q[0].value}[{n}, {want_q[1]}], got {qw}")
+    if attrs.group < 1 or k % attrs.group:
+        raise ValueError(f"{what}: group {attrs.group} does not divide K={k}")
+    if tuple(scales.shape) != (n, k // attrs.group) or not scales.dtype.is_float:
+        raise ValueError(f"{what}: scales must be float [{n}, {k // attrs.group}], got {scales}")
+    if attrs.symmetric == bool(zeros) or (zeros and zeros[0] != scales):
+        raise ValueError(f"{what}: zeros {[str(z) for z in zeros]} disagree with symmetric="
+                         f"{attrs.symmetric} / scales {scales}")
+    if attrs.bits == 8 and not attrs.symmetric:
+        raise ValueError(f"{what}: int8 weights are symmetric (no zeros)")
+
+
+def _qtake(attrs, qw: TensorType, ids: TensorType, scales: TensorType, *zeros: TensorType) -> TensorType:
+    if attrs.bits not in (4, 8) or attrs.act_bits or attrs.float8:
+        raise ValueError(f"quantized take: weight-only int8 / int4 tables, got bits {attrs.bits}, act_bits "
+                         f"{attrs.act_bits}, float8 {attrs.float8}")
+    if qw.rank != 2 or scales.rank != 2 or not ids.dtype.is_int:
+        raise ValueError(f"quantized take takes qweight [N, .], integer ids, scales [N, .], got {qw}, {ids}, {scales}")
+    n, k = qw.shape[0], qw.shape[1] * (2 if attrs.bits == 4 else 1)
+    if not isinstance(k, int) or not isinstance(n, int):
+        raise ValueError(f"quantized take needs a static table, got {qw}")
+    _check_packed("quantized take", attrs, k, n, qw, scales, zeros)
+    return TensorType(tuple(ids.shape) + (k,), attrs.out_dtype)
+
+
 def _qmatmul(attrs, x: TensorType, qw: TensorType, scales: TensorType, *zeros: TensorType) -> TensorType:
     if attrs.act_bits:  # W8A8: the 4th input is the rows' activation scales, not zeros
         if len(zeros) != 1 or tuple(zeros[0].shape) != tuple(x.shape[:-1]) + (1,) or zeros[0].dtype is not x.dtype:
@@ -213,19 +245,7 @@ def _qmatmul(attrs, x: TensorType, qw: TensorType, scales: TensorType, *zeros: T
         raise ValueError(f"quantized matmul needs static K and N, got x {x}, qweight {qw}")
     if attrs.float8 and not (attrs.bits == 8 and attrs.act_bits == 8 and attrs.symmetric):
         raise ValueError("quantized matmul: float8 codes need bits 8, act_bits 8 and no zeros")
-    want_q = (DType.U8 if attrs.float8 else DType.I8, k) if attrs.bits == 8 else (DType.U8, k // 2)
-    if (qw.dtype, qw.shape[1]) != want_q or (attrs.bits == 4 and k % 2):
-        raise ValueError(f"quantized matmul: {attrs.bits}-bit qweight for K={k} must be "
-                         f"{want_q[0].value}[{n}, {want_q[1]}], got {qw}")
-    if attrs.group < 1 or k % attrs.group:
-        raise ValueError(f"quantized matmul: group {attrs.group} does not divide K={k}")
-    if tuple(scales.shape) != (n, k // attrs.group) or not scales.dtype.is_float:
-        raise ValueError(f"quantized matmul: scales must be float [{n}, {k // attrs.group}], got {scales}")
-    if attrs.symmetric == bool(zeros) or (zeros and zeros[0] != scales):
-        raise ValueError(f"quantized matmul: zeros {[str(z) for z in zeros]} disagree with symmetric="
-                         f"{attrs.symmetric} / scales {scales}")
-    if attrs.bits == 8 and not attrs.symmetric:
-        raise ValueError("quantized matmul: int8 weights are symmetric (no zeros)")
+    _check_packed("quantized matmul", attrs, k, n, qw, scales, zeros)
     if attrs.act_bits not in (0, 8) or (attrs.act_bits and (attrs.bits != 8 or attrs.group != k)):
         raise ValueError(f"quantized matmul: act_bits {attrs.act_bits} (0, or 8 with per-channel int8 weights)")
     return TensorType(tuple(x.shape[:-1]) + (n,), attrs.out_dtype)
@@ -238,8 +258,11 @@ def _paged_attention(attrs, q: TensorType, k: TensorType, v: TensorType, cache: 
     h, hkv = q.shape[1], k.shape[1]
     if not (isinstance(h, int) and isinstance(hkv, int) and h % hkv == 0) or q.shape[2] != k.shape[2]:
         raise ValueError(f"paged attention: {h} query heads over {hkv} KV heads, tokens {q.shape[2]} vs {k.shape[2]}")
-    if cache.rank != 5 or cache.shape[1] != 2 or tuple(cache.shape[3:]) != (hkv, k.shape[3]) or cache.dtype != k.dtype:
-        raise ValueError(f"paged attention: KV cache {cache} is not [pages, 2, page, {hkv}, {k.shape[3]}] of {k.dtype}")
+    row, dtype = (k.shape[3], k.dtype) if attrs.kv_store is None else (k.shape[3] + KV_SCALE_BYTES, DType.U8)
+    if cache.rank != 5 or cache.shape[1] != 2 or tuple(cache.shape[3:]) != (hkv, row) or cache.dtype != dtype:
+        raise ValueError(f"paged attention: KV cache {cache} is not [pages, 2, page, {hkv}, {row}] of {dtype}")
+    if attrs.kv_store not in (None, DType.I8, DType.F8E4M3):
+        raise ValueError(f"paged attention: a KV cache stores float, int8 or float8_e4m3fn codes, not {attrs.kv_store}")
     if any(t.dtype is not DType.I32 for t in (table, lens, starts)) or (table.rank, lens.rank, starts.rank) != (2, 1, 1):
         raise ValueError(f"paged attention metadata must be int32 page_table [S, C], kv_lens [S], q_starts [S+1], "
                          f"got {table}, {lens}, {starts}")
@@ -286,7 +309,7 @@ INFER: dict[Op, Callable[..., TensorType]] = {
     Op.PAGED_ATTENTION: _paged_attention,
     # mixture of experts
     Op.TOPK: _topk, Op.ROUTED_MATMUL: _routed_matmul,
-    Op.QMATMUL: _qmatmul,  # weight-only quantization (passes/quantize.py)
+    Op.QMATMUL: _qmatmul, Op.QTAKE: _qtake,  # weight-only quantization (passes/quantize.py)
     Op.ALL_REDUCE: _unary, Op.ALL_GATHER: _all_gather, Op.SEND: _unary, Op.RECV: _recv,
 }
 

@@ -43,6 +43,10 @@ class Op(enum.Enum):
     # (x [*, K], qweight, scales[, zeros]) -> [*, N]: weight-only quantized matmul, x @ W^T with W
     # [N, K] dequantized from packed integers (layout: compiler/quant_layout.py; QMatmulAttrs)
     QMATMUL = enum.auto()
+    # (qweight, ids, scales[, zeros]) -> [*ids, K]: rows of a quantized table W [N, K] picked by ids
+    # and dequantized (an embedding whose table the LM head's QMATMUL reads too; QMatmulAttrs,
+    # weight-only). Table first and ids second, as in TAKE along axis 0.
+    QTAKE = enum.auto()
     # data movement
     RESHAPE = enum.auto(); PERMUTE = enum.auto(); EXPAND = enum.auto(); SLICE = enum.auto()
     CONCAT = enum.auto()
@@ -174,6 +178,9 @@ class PagedAttentionAttrs:
     scale: float
     layer: int  # which KV cache input this is (for reports and the manifest's kv section)
     window: int = 0  # sliding window: a token at position p sees keys in (p - window, p]; 0: all
+    # A quantized cache: I8 or F8E4M3 codes, the cache uint8 [pages, 2, page, kv_heads, head_dim + 4]
+    # (each row's float32 scale after its codes: runtime/engine/kv_codec.py); None: k's own dtype.
+    kv_store: DType | None = None
 
 
 @dataclass(frozen=True)

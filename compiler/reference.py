@@ -84,7 +84,8 @@ def _attention(attrs, q, k, v, mask=None, env=None):
 def _paged_attention(attrs, q, k, v, cache, table, lens, starts, env=None):
     from ..runtime.engine.paged_attention import paged_attention  # the runtime's kernel writes the cache
 
-    return paged_attention(q, k, v, cache, table, lens, starts, attrs.scale, attrs.window)
+    codec = "" if attrs.kv_store is None else attrs.kv_store.value
+    return paged_attention(q, k, v, cache, table, lens, starts, attrs.scale, attrs.window, codec=codec)
 
 
 def _index(attrs, x, *idx, env=None):
@@ -126,6 +127,15 @@ def _routed_matmul(attrs, x, w, ids, env=None):
     xf = x.astype(np.float64)
     eq = "...k,...nk->...n" if attrs.weight_nk else "...k,...kn->...n"
     return np.einsum(eq, xf, wsel)
+
+
+def _qtake(attrs, qw, ids, scales, zeros=None, env=None):
+    from .quant_layout import dequantize
+
+    idx = np.asarray(ids, np.int64)
+    rows = dequantize(qw[idx.reshape(-1)], scales[idx.reshape(-1)], None if zeros is None else zeros[idx.reshape(-1)],
+                      attrs.bits, attrs.group)
+    return rows.reshape(*idx.shape, rows.shape[-1])
 
 
 def _qmatmul(attrs, x, qw, scales, zeros=None, env=None):
@@ -211,7 +221,7 @@ REFERENCE: dict[Op, Callable[..., np.ndarray]] = {
     Op.PAGED_ATTENTION: _paged_attention,
     # mixture of experts
     Op.TOPK: _topk, Op.ROUTED_MATMUL: _routed_matmul,
-    Op.QMATMUL: _qmatmul,
+    Op.QMATMUL: _qmatmul, Op.QTAKE: _qtake,
     Op.ALL_REDUCE: _alone("all_reduce"), Op.ALL_GATHER: _alone("all_gather"),
     Op.SEND: _alone("send"), Op.RECV: _alone("recv"),
 }

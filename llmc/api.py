@@ -1,6 +1,7 @@
 """`llmc.compile`: frontend -> passes -> Program -> memory plan -> TVM build -> CompiledModel."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import time
@@ -272,10 +273,11 @@ def quant_section(scheme, reports, graph) -> dict:
 
 
 def quant_setup(quant, group: int | None, method: str | None, calib, calib_samples: int | None, symmetric: bool,
-                act_order: bool = False):
+                act_order: bool = False, lm_head: bool = False):
     """A QuantScheme from the compile keywords, with its calibration file checked (before any work)."""
     if quant is None:
-        for name, v in (("group", group), ("method", method), ("calib", calib), ("calib_samples", calib_samples)):
+        for name, v in (("group", group), ("method", method), ("calib", calib), ("calib_samples", calib_samples),
+                        ("quant_lm_head", lm_head or None)):
             if v is not None:
                 raise LLMCError(f"{name}= is a quantization option: pass quant='int8' or 'int4' with it")
         return None, None
@@ -293,7 +295,8 @@ def quant_setup(quant, group: int | None, method: str | None, calib, calib_sampl
         raise LLMCError("method 'qat' takes its scales from a fine-tuned model: pass quant=<the LearnedGrid "
                         "llmc.quant.convert returned> (docs/quantization.md, QAT)")
     else:
-        kw = {"kind": quant, "method": method or "rtn", "symmetric": symmetric, "act_order": act_order}
+        kw = {"kind": quant, "method": method or "rtn", "symmetric": symmetric, "act_order": act_order,
+              "quantize_lm_head": lm_head}
         if group is not None:
             kw["group"] = group
         if calib_samples is not None:
@@ -334,13 +337,14 @@ def sparsity_setup(sparsity: str | None, method: str | None, calib, calib_sample
     return scheme, (None if prune else method), calib_file
 
 
-def compression_setup(quant, sparsity, group, method, calib, calib_samples, symmetric, act_order: bool = False):
+def compression_setup(quant, sparsity, group, method, calib, calib_samples, symmetric, act_order: bool = False,
+                      lm_head: bool = False):
     """(QuantScheme or None, SparsityScheme or None, calibration file or None), all checked
     before any work: the keywords of llmc.compile / the flags of llmc compile."""
     sp, qmethod, sp_calib = sparsity_setup(sparsity, method, calib, calib_samples, quant)
     q_calib = calib if quant is not None or sp is None else None
     q_samples = calib_samples if quant is not None or sp is None else None
-    scheme, q_file = quant_setup(quant, group, qmethod, q_calib, q_samples, symmetric, act_order)
+    scheme, q_file = quant_setup(quant, group, qmethod, q_calib, q_samples, symmetric, act_order, lm_head)
     return scheme, sp, q_file or sp_calib
 
 
@@ -364,15 +368,19 @@ def calibration_windows(scheme, calib_file, graph, tokenizer) -> list | None:
     return token_windows(calib_file, tokenizer, scheme.calib_samples, window)
 
 
-def check_kv_cache_dtype(kv_cache_dtype: str | None) -> None:
-    """An int8/fp8 KV cache is asked for by the issue; the paged cache keeps the model's float
-    dtype today, so the option is refused clearly rather than ignored."""
-    if kv_cache_dtype is None:
+def check_kv_cache_dtype(kv_cache_dtype: str | None, device: str, generate: bool) -> None:
+    """Before any work: an int8/fp8 KV cache is a property of the step function (no step, no
+    cache), and the CPU's paged attention is the one that reads quantized pages so far."""
+    from .runtime.engine.kv_codec import storage_name
+
+    if storage_name(kv_cache_dtype) is None:  # (raises for an unknown name)
         return
-    if kv_cache_dtype not in ("int8", "fp8"):
-        raise LLMCError(f"unknown KV cache dtype {kv_cache_dtype!r}; choose int8 or fp8")
-    raise LLMCError(f"a {kv_cache_dtype} KV cache is not built yet: the paged KV cache stores the model's own float "
-                    f"dtype (docs/quantization.md)")
+    if not generate:
+        raise LLMCError(f"a {kv_cache_dtype} KV cache belongs to the step function, which generate=False / "
+                        f"--no-generate skips")
+    if device != "cpu":
+        raise LLMCError(f"a {kv_cache_dtype} KV cache runs on the CPU backend so far; the {device} paged attention "
+                        f"kernels read the model's float dtype (docs/quantization.md)")
 
 
 def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None = None, *, target: Any = "llvm",
@@ -381,7 +389,8 @@ def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None
             progress: Callable[[str], None] | None = None, use_blas: bool = True,
             generate: Any = None, tokenizer: str | None = None, quant: Any = None, group: int | None = None,
             method: str | None = None, calib: str | os.PathLike | None = None, calib_samples: int | None = None,
-            symmetric: bool = False, kv_cache_dtype: str | None = None, sparsity: str | None = None,
+            symmetric: bool = False, quant_lm_head: bool = False, kv_cache_dtype: str | None = None,
+            sparsity: str | None = None,
             tp: int = 1, pp: int = 1) -> CompiledModel:
     """Compile a torch.nn.Module (captured with torch.export) or an ONNX file.
 
@@ -397,11 +406,15 @@ def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None
 
     Quantization (docs/quantization.md): `quant="int8"|"int4"` (or a passes.quant.QuantScheme)
     with `group` (int4: 32, 64, 128), `method` ("rtn", "gptq", "awq"), `calib` (a text file;
-    gptq and awq need it, with `tokenizer`), `calib_samples` and `symmetric` (int4); or
+    gptq and awq need it, with `tokenizer`), `calib_samples`, `symmetric` (int4) and
+    `quant_lm_head` (the LM head too; a tied embedding then reads the same packed table); or
     `quant=grid`, the LearnedGrid of `llmc.quant.convert` (QAT: the fine-tuned scales).
     `sparsity="2:4"` prunes the same matmuls first (`method` "magnitude" or "sparsegpt",
     the latter with `calib`); with `quant` too, `method` names the pruning method or the
     quantization method (rtn / awq; gptq is refused with sparsity).
+
+    `kv_cache_dtype="int8"|"fp8"` stores the step function's paged KV cache as codes with a
+    scale per token and head (CPU; runtime/engine/kv_codec.py).
 
     `tp=N` shards the model for N tensor-parallel ranks (passes/shard.py; docs/parallel.md) and
     returns a llmc.tensor_parallel.TensorParallelModel, whose export writes one artifact per rank;
@@ -410,11 +423,12 @@ def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None
     from .backends.targets import parse_target
 
     spec = parse_target(target)  # fail fast on a bad target, before the slow capture
-    scheme, sp, calib_file = compression_setup(quant, sparsity, group, method, calib, calib_samples, symmetric)
+    scheme, sp, calib_file = compression_setup(quant, sparsity, group, method, calib, calib_samples, symmetric,
+                                               lm_head=quant_lm_head)
     if scheme is not None and scheme.act_bits and spec.device != "cpu":
         raise LLMCError(f"quant={scheme.kind!r} (int8 activations) runs on the CPU backend so far; the {spec.device} "
                         f"kernels take weight-only int8 / int4 (docs/quantization.md)")
-    check_kv_cache_dtype(kv_cache_dtype)
+    check_kv_cache_dtype(kv_cache_dtype, spec.device, generate is not False)
     for s in (scheme, sp):
         if s is not None and s.needs_calibration and tokenizer is None:
             raise LLMCError(f"method {s.method!r} tokenizes the calibration text: pass tokenizer=PATH (tokenizer.json)")
@@ -429,6 +443,8 @@ def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None
     from .generation import GenerateOptions, attach, eos_ids, ids_only_capture
 
     gen = None if generate is False else generate if isinstance(generate, GenerateOptions) else GenerateOptions()
+    if gen is not None and kv_cache_dtype is not None:
+        gen = dataclasses.replace(gen, kv_cache_dtype=kv_cache_dtype)
     if pp != 1:
         from .pipeline_parallel import compile_pipeline
 
@@ -444,6 +460,7 @@ def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None
         return compile_tensor_parallel(graph, opts, gen, tp, tokenizer, eos_ids(model))
     compiled = compile_graph(graph, opts)
     compiled.timings["capture_s"] = capture_s
-    attach(compiled, opts, gen, required=generate is not None, tokenizer=tokenizer, stop_token_ids=eos_ids(model),
+    attach(compiled, opts, gen, required=generate is not None or kv_cache_dtype is not None, tokenizer=tokenizer,
+           stop_token_ids=eos_ids(model),
            recapture=ids_only_capture(model, example_args, example_kwargs, opts))
     return compiled

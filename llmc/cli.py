@@ -88,8 +88,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
     from .api import check_kv_cache_dtype, compression_setup, compression_windows
 
     scheme, sparsity, calib_file = compression_setup(a.quant, a.sparsity, a.group, a.method, a.calib,
-                                                     a.calib_samples, a.sym)  # before any work
-    check_kv_cache_dtype(a.kv_cache_dtype)
+                                                     a.calib_samples, a.sym, lm_head=a.quant_lm_head)  # before work
+    check_kv_cache_dtype(a.kv_cache_dtype, parse_target(target).device, not a.no_generate)
     out_path = pathlib.Path(a.output)
     _check_output_folder(out_path, a.force)
     bounds = dim_bounds(a, onnx=a.src.endswith(".onnx"))  # before the slow load: resolve() keys on the suffix too
@@ -109,7 +109,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
     from .generation import GenerateOptions, attach, eligible, eos_ids, ids_only_capture
 
     # a causal LM gets its step function when its graph allows it (required with --generate)
-    gen = None if a.no_generate else GenerateOptions(a.page_size, a.max_step_tokens, a.max_seqs)
+    gen = None if a.no_generate else GenerateOptions(a.page_size, a.max_step_tokens, a.max_seqs,
+                                                     kv_cache_dtype=a.kv_cache_dtype)
     if a.pp != 1:  # one artifact per pipeline stage under --output (llmc/pipeline_parallel.py)
         from .pipeline_parallel import compile_pipeline
 
@@ -124,7 +125,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
         compiled = compile_tensor_parallel(graph, opts, gen, a.tp, src.tokenizer, eos_ids(src.model))
     else:
         compiled = compile_graph(graph, opts)
-        attach(compiled, opts, gen, required=a.generate, tokenizer=src.tokenizer, stop_token_ids=eos_ids(src.model),
+        attach(compiled, opts, gen, required=a.generate or a.kv_cache_dtype is not None, tokenizer=src.tokenizer,
+               stop_token_ids=eos_ids(src.model),
                recapture=ids_only_capture(src.model, src.args, src.kwargs, opts))
     replacing = (out_path / "manifest.json").exists()
     _progress(f"writing {out_path}" + (" (replacing the artifact there, --force)" if replacing else ""))
@@ -556,7 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "magnitude (default) | sparsegpt (needs --calib)")
     q.add_argument("--calib", metavar="FILE", help="calibration text (tokenized with the model's tokenizer)")
     q.add_argument("--calib-samples", type=int, help="token windows read from --calib (default 32)")
-    q.add_argument("--kv-cache-dtype", metavar="{int8,fp8}", help="KV cache storage (not built yet: refused)")
+    q.add_argument("--quant-lm-head", action="store_true",
+                   help="quantize the LM head too (a tied embedding then reads the same packed table)")
+    q.add_argument("--kv-cache-dtype", metavar="{int8,fp8}",
+                   help="store the paged KV cache as int8 or fp8 (e4m3) codes with a scale per token and head (CPU)")
     q.add_argument("--sparsity", metavar="2:4", help="prune the matmul weights to 2:4 along K (before --quant)")
     c.set_defaults(fn=cmd_compile)
     r = sub.add_parser("run", help="run an artifact on .npy/.npz inputs", formatter_class=fmt)

@@ -30,11 +30,19 @@ class GenerateOptions:
     max_context: int | None = None  # default: the captured sequence bound
     stop_token_ids: Sequence[int] = ()  # the model's end-of-sequence ids (generate() stops there by default)
     tokenizer: str | None = None  # a tokenizer.json (Hugging Face `tokenizers`) to carry in the artifact
+    kv_cache_dtype: str | None = None  # "int8" / "fp8": a quantized KV cache; None: the model's float dtype
 
     def __post_init__(self) -> None:  # checked here, so a bad value fails the compile instead of dropping the step
-        from .passes.serve import StepSpec
+        self.step_spec()
 
-        StepSpec(self.page_size, self.max_tokens, self.max_seqs, self.max_context)
+    def step_spec(self):
+        from .compiler.dtypes import DType
+        from .passes.serve import StepSpec
+        from .runtime.engine.kv_codec import storage_name
+
+        store = storage_name(self.kv_cache_dtype)
+        return StepSpec(self.page_size, self.max_tokens, self.max_seqs, self.max_context,
+                        None if store is None else DType(store))
 
 
 @dataclass
@@ -61,14 +69,14 @@ def add_generation(forward, opts, gen: GenerateOptions, graph=None, shard_world:
     the forward's own), built for the forward's target; with `shard_world` > 1, one rank's
     program of a tensor-parallel group (passes/shard.py), every rank's weights beside it."""
     from .api import compile_graph
-    from .passes.serve import StepSpec, derive_step
+    from .passes.serve import derive_step
     from .passes.simplify import simplify
 
     device = forward.manifest["target"]["device"]
     if device not in ("cpu", "cuda"):
         raise LLMCError(f"generation (the step function) is built for CPU and CUDA targets, not "
                         f"{forward.manifest['target']['name']}; compile with generate=False")
-    spec = StepSpec(gen.page_size, gen.max_tokens, gen.max_seqs, gen.max_context)
+    spec = gen.step_spec()
     source = forward.program.graph if graph is None else graph
     step_graph, report = derive_step(source, spec)
     rank_weights: tuple = ()
@@ -94,16 +102,19 @@ def step_section(step, spec, symbols, vocab: int, context: int, gen: GenerateOpt
     """The manifest's "generation" section for a compiled step function (and the tokenizer file
     it names); `stage`: (index, count) of a pipeline stage (llmc/pipeline_parallel.py)."""
     from .compiler.ops import Op
+    from .runtime.engine.kv_codec import SCALE_BYTES as KV_SCALE_BYTES
 
     g = step.program.graph
     caches = [n for n in g.inputs if n.attrs.name.startswith("kv_cache.")]
     windows = {n.inputs[3].attrs.name: n.attrs.window for n in g.nodes() if n.op is Op.PAGED_ATTENTION}
+    kv_dtype = caches[0].dtype.value if spec.kv_store is None else spec.kv_store.value
+    extra = 0 if spec.kv_store is None else KV_SCALE_BYTES  # a quantized row: head_dim codes + its scale
     section = {
         "version": 1, "required": True,
         "program": step.manifest["program"], "library": STEP_LIBRARY,
         "input_checks": step.manifest.get("input_checks", {"version": 1, "checks": []}),
-        "kv": {"page_size": spec.page_size, "dtype": caches[0].dtype.value,
-               "layers": [[int(c.shape[3]), int(c.shape[4]), int(windows[c.attrs.name])] for c in caches]},
+        "kv": {"page_size": spec.page_size, "dtype": kv_dtype,
+               "layers": [[int(c.shape[3]), int(c.shape[4]) - extra, int(windows[c.attrs.name])] for c in caches]},
         "limits": {"max_tokens": symbols["tokens"].hi, "max_seqs": symbols["seqs"].hi,
                    "max_context": int(context), "vocab": vocab},
         "stop_token_ids": [int(t) for t in gen.stop_token_ids if 0 <= int(t) < vocab],

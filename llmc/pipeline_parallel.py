@@ -67,7 +67,7 @@ def compile_pipeline(graph, opts, gen, pp: int, tokenizer=None, stop_token_ids=(
     from .backends.artifact import weights_of
     from .generation import GenerationBuild, _seq_bound, step_section
     from .passes.pipeline import run_pipeline
-    from .passes.serve import StepSpec, derive_step
+    from .passes.serve import derive_step
     from .passes.simplify import simplify
     from .passes.stage_split import stage_split
 
@@ -80,7 +80,7 @@ def compile_pipeline(graph, opts, gen, pp: int, tokenizer=None, stop_token_ids=(
     gen.tokenizer = gen.tokenizer or tokenizer
     gen.stop_token_ids = tuple(gen.stop_token_ids) or tuple(stop_token_ids)
     fused, _ = run_pipeline(graph, opts.pipeline(), opts.verify_each, opts.dump_dir)
-    spec = StepSpec(gen.page_size, gen.max_tokens, gen.max_seqs, gen.max_context)
+    spec = gen.step_spec()
     step, derive_report = derive_step(fused, spec)
     step = simplify(step)[0]
     staged, report = stage_split(step, pp)

@@ -109,6 +109,8 @@ def _indexings(graph: Graph) -> Iterator[tuple[Node, Node, int, int]]:
     for n in graph.nodes():
         if n.op in (Op.TAKE, Op.GATHER):
             pairs = [(n.inputs[1], n.attrs.axis)]
+        elif n.op is Op.QTAKE:  # rows of a quantized table, as TAKE along axis 0
+            pairs = [(n.inputs[1], 0)]
         elif n.op is Op.INDEX:
             pairs = [(idx, axis) for axis, idx in enumerate(n.inputs[1:])]
         else:

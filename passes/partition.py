@@ -28,7 +28,8 @@ from .report import kernels_per_layer
 
 HEAVY = frozenset({Op.MATMUL, Op.QMATMUL, Op.ATTENTION, Op.PAGED_ATTENTION, Op.RMS_NORM, Op.LAYER_NORM, Op.SOFTMAX, Op.SUM, Op.MEAN, Op.MAX,
                    Op.MIN, Op.CUMSUM})
-DATA_MOVEMENT = frozenset({Op.RESHAPE, Op.PERMUTE, Op.EXPAND, Op.SLICE, Op.CONCAT, Op.TAKE, Op.INDEX, Op.GATHER})
+DATA_MOVEMENT = frozenset({Op.RESHAPE, Op.PERMUTE, Op.EXPAND, Op.SLICE, Op.CONCAT, Op.TAKE, Op.INDEX, Op.GATHER,
+                           Op.QTAKE})  # (QTAKE: a gather whose loads dequantize, as injective as TAKE)
 INJECTIVE = ELEMENTWISE | DATA_MOVEMENT | {Op.FULL, Op.ARANGE}
 NOT_COMPUTED = frozenset({Op.INPUT, Op.WEIGHT, Op.CONST})
 MATMUL_PROLOGUE = frozenset({Op.RESHAPE, Op.PERMUTE, Op.CAST, Op.SLICE, Op.EXPAND, Op.FULL, Op.ARANGE})

@@ -7,10 +7,11 @@ PERMUTE(WEIGHT [N, K]), as the frontends make it). Each becomes
 
 with new WEIGHT sources (named after the old weight: `<name>.qweight`, `.scales`,
 `.zeros`); the float weight drops out of Graph.params when nothing else reads it. Kept as
-they are: a matmul whose weight is also read by another op (a tied embedding table), and
-the LM head (a matmul whose result reaches a graph output through data movement only),
-since both are the most sensitive layers of a language model; `quantize_lm_head` lifts
-the second rule.
+they are: the LM head (a matmul whose result reaches a graph output through data movement
+only), the most sensitive layer of a language model, unless `quantize_lm_head`; and a
+matmul whose weight another op reads too. The exception is a tied embedding with
+`quantize_lm_head` (rtn or gptq): its lookups become QTAKE over the same packed table, so
+the table is stored once, in int4 / int8, and the embedding reads the codes the head reads.
 
 Methods: rtn, gptq (needs calibration: H = X^T X per target), awq (needs calibration:
 mean |x| per channel and sample rows), smoothquant (w8a8 only; max |x| per channel and sample
@@ -47,6 +48,7 @@ class Target:
     mm: Node
     weight: Node  # the WEIGHT source
     transposed: bool  # the WEIGHT is [N, K] read through a (1, 0) permute
+    takes: tuple[Node, ...] = ()  # embedding lookups of the same table (a tied LM head): become QTAKE
 
     @property
     def name(self) -> str:
@@ -96,15 +98,25 @@ def find_targets(graph: Graph, scheme: QuantScheme, learned=None) -> tuple[list[
             kept.append((where, f"{x.dtype.value} x {w.dtype.value}"))
             continue
         readers = [u for u in users.get(w.uid, []) if u is not n and not (transposed and u is n.inputs[1])]
-        if readers and any(u.op not in (Op.PERMUTE, Op.MATMUL) for u in readers):
+        takes = tuple(u for u in readers if u.op is Op.TAKE and u.attrs.axis == 0 and u.inputs[0] is w)
+        if any(u.op not in (Op.PERMUTE, Op.MATMUL) for u in readers if u not in takes) or \
+                (takes and not _tied_table_ok(scheme, transposed)):
             kept.append((where, "weight shared with an embedding"))
             continue
         if not scheme.quantize_lm_head and _reaches_output(n, users, outputs) and \
                 not (learned is not None and learned.covers(_weight_nk_stored(graph, w, transposed))):
             kept.append((where, "lm_head"))
             continue
-        targets.append(Target(n, w, transposed))
+        targets.append(Target(n, w, transposed, takes))
     return targets, kept
+
+
+def _tied_table_ok(scheme: QuantScheme, transposed: bool) -> bool:
+    """Can the embedding read the LM head's packed table (QTAKE)? Only when asked to quantize the
+    head (embeddings stay float otherwise); the packed rows must be the table's
+    rows (the matmul reads W^T), weight-only, and the codes must stand for W itself: AWQ and
+    SmoothQuant scale the matmul's input channels, QAT learned codes for the linear alone."""
+    return scheme.quantize_lm_head and transposed and not scheme.act_bits and scheme.method in ("rtn", "gptq")
 
 
 def check_groups(targets: Sequence[Target], scheme: QuantScheme) -> None:
@@ -203,6 +215,9 @@ def quantize_weights(graph: Graph, scheme: QuantScheme, calibration: Sequence[np
         attrs = QMatmulAttrs(scheme.bits, group, scheme.is_symmetric, t.mm.dtype, scheme.act_bits,
                              scheme.kind == "fp8")
         mapping[t.mm.uid] = ir.node(Op.QMATMUL, [x, *nodes], attrs, t.mm.where)
+        for take in t.takes:  # the tied embedding reads the same codes: the table is stored once, packed
+            tattrs = QMatmulAttrs(scheme.bits, group, scheme.is_symmetric, take.dtype)
+            mapping[take.uid] = ir.node(Op.QTAKE, [nodes[0], take.inputs[1], *nodes[1:]], tattrs, take.where)
     out = substitute(graph, mapping, params)
     for t in targets:  # a float weight still read elsewhere stays; with_outputs drops the rest
         if t.name in out.params:

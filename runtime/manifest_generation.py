@@ -4,6 +4,8 @@
                    "program": {... the step function, the same schema as "program" ...},
                    "library": "step_kernels.so", "input_checks": {"version": 1, "checks": [...]},
                    "kv": {"page_size": 16, "dtype": "float32", "layers": [[kv_heads, head_dim, window], ...]},
+                   (kv dtype "int8" / "float8_e4m3fn": a quantized cache, uint8 rows of head_dim codes
+                    + a float32 scale: runtime/engine/kv_codec.py)
                    "limits": {"max_tokens", "max_seqs", "max_context", "vocab"},
                    "stop_token_ids": [...], "tokenizer": "tokenizer.json"}
 
@@ -17,6 +19,7 @@ from typing import Any
 from . import manifest_checks as chk
 from .manifest import STEP_INPUTS, GenerationSpec, KvLayerSpec, Program
 from .manifest_checks import At
+from .engine.kv_codec import QMAX, storage as kv_storage
 
 
 def parse_generation(g: Any, at: At, device: str) -> GenerationSpec:
@@ -28,7 +31,7 @@ def parse_generation(g: Any, at: At, device: str) -> GenerationSpec:
     checks = _input_checks(g["input_checks"], at["input_checks"], program) if "input_checks" in g else ()
     kv = chk.obj(g["kv"], at["kv"], ("page_size", "dtype", "layers"))
     page = chk.integer(kv["page_size"], at["kv"]["page_size"], 1, 1 << 16)
-    dtype = chk.string(kv["dtype"], at["kv"]["dtype"], ("float32", "float64", "float16", "bfloat16"))
+    dtype = chk.string(kv["dtype"], at["kv"]["dtype"], ("float32", "float64", "float16", "bfloat16", *QMAX))
 
     def layer(v: Any, a: At) -> KvLayerSpec:
         if not isinstance(v, list) or len(v) != 3:
@@ -60,11 +63,11 @@ def _check_signature(spec: GenerationSpec, program: Program, at: At, last: bool 
     if names != want:
         raise at["inputs"].error(f"a step function takes inputs {want}, this one {names}")
     for i, (inp, lay) in enumerate(zip(program.inputs[len(STEP_INPUTS):], spec.layers)):
-        if inp.dtype != spec.kv_dtype or len(inp.shape) != 5 or \
-                list(inp.shape[1:]) != [2, spec.page_size, lay.kv_heads, lay.head_dim]:
+        dtype, row = kv_storage(spec.kv_dtype, lay.head_dim)
+        if inp.dtype != dtype or len(inp.shape) != 5 or list(inp.shape[1:]) != [2, spec.page_size, lay.kv_heads, row]:
             raise at["inputs"][len(STEP_INPUTS) + i].error(
-                f"KV cache {inp.name} is {inp.dtype}{list(inp.shape)}, the kv section says "
-                f"{spec.kv_dtype}[pages, 2, {spec.page_size}, {lay.kv_heads}, {lay.head_dim}]")
+                f"KV cache {inp.name} is {inp.dtype}{list(inp.shape)}, the kv section says {spec.kv_dtype} "
+                f"(stored as {dtype}[pages, 2, {spec.page_size}, {lay.kv_heads}, {row}])")
     for inp in program.inputs[:len(STEP_INPUTS)]:
         if inp.dtype not in ("int64", "int32"):
             raise at["inputs"].error(f"step input {inp.name} must be an integer array, it is {inp.dtype}")

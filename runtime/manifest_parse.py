@@ -11,6 +11,7 @@ from .manifest import (ALIGN, DEVICES, DTYPES, FORMAT, FORMAT_VERSION, INTEGER_D
                        CpuSpec, Dim, FileEntry, InputCheck, InputSpec, KernelSpec, Manifest, OutputSpec, Program,
                        ShimTensor, Symbol, WeightsSpec, canonical_checksum, eval_dim)
 from .manifest_checks import At
+from .engine.kv_codec import CODEC_IDS
 
 MAX_DIM_SYMBOLS = 6
 
@@ -452,17 +453,22 @@ def _check_kv(k: KernelSpec, program: Program, at: At) -> None:
     if len(k.tensors) != 8 or [t.arg if t else None for t in k.tensors] != list(range(8)) \
             or [len(t.shape) for t in k.tensors] != list(KV_RANKS):
         raise at["tensors"].error(f"paged attention takes 8 tensors {KV_ARGS} of ranks {KV_RANKS}, in call order")
-    if len(k.scalars) != 2 or not isinstance(k.scalars[0], float) or not 0 < k.scalars[0] < 1e3 \
-            or isinstance(k.scalars[1], bool) or not isinstance(k.scalars[1], int) or k.scalars[1] < 0:
-        raise at["scalars"].error("paged attention takes scalars [scale (a positive float), window (an int >= 0)]")
+    codecs = len(CODEC_IDS)
+    if len(k.scalars) not in (2, 3) or not isinstance(k.scalars[0], float) or not 0 < k.scalars[0] < 1e3 \
+            or any(isinstance(s, bool) or not isinstance(s, int) for s in k.scalars[1:]) or k.scalars[1] < 0 \
+            or (len(k.scalars) == 3 and not 0 < k.scalars[2] < codecs):
+        raise at["scalars"].error(f"paged attention takes scalars [scale (a positive float), window (an int >= 0)] "
+                                  f"and, for a quantized cache, its codec (1..{codecs - 1})")
     for c in (c for c in program.calls if c.kernel == k.name):
         if len(c.args) != 8:
             raise at.error(f"paged attention is called with 8 buffers, one call passes {len(c.args)}")
         dtypes = [program.buffers[a].dtype for a in c.args]
-        floats, ints = {dtypes[i] for i in (0, 1, 2, 3, 7)}, set(dtypes[4:7])
-        if len(floats) != 1 or not floats <= set(BLAS_DTYPES) or ints != {"int32"}:
-            raise at.error(f"paged attention wants float32/float64 q, k, v, cache, out of one dtype and int32 "
-                           f"metadata; its buffers have {dtypes}")
+        quantized = len(k.scalars) == 3  # the cache holds uint8 rows: codes + scale (engine/kv_codec.py)
+        floats, ints = {dtypes[i] for i in (0, 1, 2, 7) + (() if quantized else (3,))}, set(dtypes[4:7])
+        if len(floats) != 1 or not floats <= set(BLAS_DTYPES) or ints != {"int32"} \
+                or (quantized and dtypes[3] != "uint8"):
+            raise at.error(f"paged attention wants float32/float64 q, k, v, out of one dtype, a cache of that "
+                           f"dtype (uint8 when quantized) and int32 metadata; its buffers have {dtypes}")
         if program.buffers[c.args[3]].role != "input":
             raise at.error("paged attention's KV cache must be a program input (the runtime owns the pages)")
 

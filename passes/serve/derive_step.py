@@ -19,6 +19,8 @@ reshape that folds tokens into another dim, is refused with the node named). The
   from positions see each token's true position;
 - the rows asked for (by default each sequence's last token) are gathered before the LM
   head, so the step never makes a [T, vocab] matrix.
+With `StepSpec.kv_store` the caches hold int8 or fp8 codes and a scale per token and head
+(uint8 rows, runtime/engine/kv_codec.py): half (bf16) or a quarter (fp32) of the bytes.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from ...compiler.ir import Graph, Node, TensorType
 from ...compiler.ops import AxisAttrs, CastAttrs, ConstAttrs, Op, PagedAttentionAttrs, ShapeAttrs
 from ...compiler.symbolic import SymDim, SymExpr, substitute
 from ...errors import LLMCError
+from ...runtime.engine.kv_codec import SCALE_BYTES as KV_SCALE_BYTES
 from ..report import PassReport
 from .tokenwise import check_tokenwise
 
@@ -47,11 +50,15 @@ class StepSpec:
     max_tokens: int = 512  # tokens in one step (prefill chunks above this are split by the caller)
     max_seqs: int = 64  # sequences in one step
     max_context: int | None = None  # positions per sequence; None: the captured seq bound
+    kv_store: DType | None = None  # I8 / F8E4M3: a quantized KV cache (runtime/engine/kv_codec.py); None: float
 
     def __post_init__(self) -> None:
         for f in ("page_size", "max_tokens", "max_seqs"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 raise LLMCError(f"step function: {f} must be a positive int, got {getattr(self, f)!r}")
+        if self.kv_store not in (None, DType.I8, DType.F8E4M3):
+            raise LLMCError(f"step function: a KV cache stores the model's float dtype, int8 or float8_e4m3fn codes, "
+                            f"not {self.kv_store}")
 
 
 def _refuse(n: Node, why: str) -> LLMCError:
@@ -202,8 +209,9 @@ def derive_step(graph: Graph, spec: StepSpec = StepSpec()) -> tuple[Graph, PassR
             w = _causal_window(graph, n, ids, seq)
             q, k, v = ins[:3]
             hkv, d = k.shape[1], k.shape[3]
-            cache = ir.input_node(f"kv_cache.{len(caches)}", TensorType((p_sym, 2, spec.page_size, hkv, d), k.dtype))
-            attrs = PagedAttentionAttrs(n.attrs.scale, len(caches), w)
+            row, dtype = (d, k.dtype) if spec.kv_store is None else (d + KV_SCALE_BYTES, DType.U8)
+            cache = ir.input_node(f"kv_cache.{len(caches)}", TensorType((p_sym, 2, spec.page_size, hkv, row), dtype))
+            attrs = PagedAttentionAttrs(n.attrs.scale, len(caches), w, spec.kv_store)
             caches.append(cache)
             windows.append(w)
             new[n.uid] = ir.node(Op.PAGED_ATTENTION, [q, k, v, cache, table, lens, starts], attrs, n.where)
@@ -223,7 +231,8 @@ def derive_step(graph: Graph, spec: StepSpec = StepSpec()) -> tuple[Graph, PassR
                  ("logits",)).with_outputs([logits])
     check_tokenwise(step, {TOKENS, ROWS}, frozenset(gathers))
     win = sorted(set(windows))
-    lines = [f"{len(caches)} attention -> paged attention (pages of {spec.page_size})",
+    store = "" if spec.kv_store is None else f", {spec.kv_store.value} cache"
+    lines = [f"{len(caches)} attention -> paged attention (pages of {spec.page_size}{store})",
              f"step over {TOKENS} <= {spec.max_tokens}, {SEQS} <= {spec.max_seqs}, context {context}"]
     if any(win):
         lines.append(f"sliding window {', '.join(map(str, win))}")

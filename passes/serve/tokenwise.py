@@ -54,6 +54,8 @@ def _axes_touched(n: Node) -> list[tuple[Node, int]]:
         return [(i, a.axis) for i in n.inputs]
     if op is Op.TAKE:
         return [(x, a.axis)]
+    if op is Op.QTAKE:  # the table's rows (qweight, scales, zeros), never the ids
+        return [(w, 0) for i, w in enumerate(n.inputs) if i != 1]
     if op is Op.INDEX:
         return [(x, ax) for ax in range(len(n.inputs) - 1)]
     if op in (Op.MATMUL, Op.ROUTED_MATMUL, Op.QMATMUL):

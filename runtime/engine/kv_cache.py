@@ -1,7 +1,7 @@
 """The paged KV cache: one page pool per model, pages lent to sequences on demand.
 
 Each attention layer has a cache array [pages, 2, page_size, kv_heads, head_dim] (K and V
-of a page side by side); a page index means the same page in every layer, so a sequence
+of a page side by side; a quantized cache's rows are bytes, codes + scale: kv_codec.py); a page index means the same page in every layer, so a sequence
 owns one list of pages. Pages are taken as a sequence grows and given back when it ends:
 the only waste is the unused tail of each sequence's last page (`waste()` measures it).
 """
@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ...errors import InputError, LLMCError
+from .kv_codec import storage
 
 
 class KvExhausted(InputError):
@@ -25,12 +26,21 @@ class KvLayout:
     layers: tuple[tuple[int, int], ...]  # (kv_heads, head_dim) per attention layer
     dtype: str = "float32"
 
+    def cache_shape(self, layer: int, pages: int) -> tuple[tuple[int, ...], str]:
+        """One layer's cache array: shape and dtype (a quantized cache stores uint8 rows)."""
+        h, d = self.layers[layer]
+        dtype, row = storage(self.dtype, d)
+        return (pages, 2, self.page_size, h, row), dtype
+
     @property
     def page_bytes(self) -> int:
         from ..executor import numpy_dtype
 
-        item = numpy_dtype(self.dtype).itemsize
-        return sum(2 * self.page_size * h * d * item for h, d in self.layers)
+        total = 0
+        for i in range(len(self.layers)):
+            shape, dtype = self.cache_shape(i, 1)
+            total += int(np.prod(shape)) * numpy_dtype(dtype).itemsize
+        return total
 
     def to_json(self) -> dict:
         return {"page_size": self.page_size, "dtype": self.dtype, "layers": [list(x) for x in self.layers]}
@@ -60,8 +70,8 @@ class PagePool:
         # memory for a GPU step function. Zeroed: a step reads whole pages, and garbage NaN in a
         # masked slot would still poison 0 * NaN.
         allocate = allocate or _host_zeros
-        self.caches = [allocate((num_pages + self.SCRATCH_PAGES, 2, layout.page_size, h, d), layout.dtype)
-                       for h, d in layout.layers]
+        self.caches = [allocate(*layout.cache_shape(i, num_pages + self.SCRATCH_PAGES))
+                       for i in range(len(layout.layers))]
         self._free = list(range(num_pages - 1, -1, -1))
 
     @classmethod

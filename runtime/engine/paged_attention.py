@@ -8,14 +8,18 @@ slot p % P), then every token attends over positions <= its own (and > p - windo
 sliding window), sequence by sequence: each sequence's keys are gathered from its pages in one
 copy (only its written positions are read), and a decode row needs no mask. (Padding all
 sequences to the longest and doing them in one batch measured 2x slower at 4 sequences.)
+A quantized cache (`codec` "int8" or "float8_e4m3fn", kv_codec.py) is encoded as it is
+written and decoded as a sequence's keys are gathered: attention itself runs in q's dtype.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from .kv_codec import CODEC_IDS, decode, encode
+
 
 def _append(k: np.ndarray, v: np.ndarray, cache: np.ndarray, page_table: np.ndarray, kv_lens: np.ndarray,
-            counts: np.ndarray) -> np.ndarray:
+            counts: np.ndarray, codec: str = "") -> np.ndarray:
     """Write the step's K/V into the pages; returns each token's position."""
     page = cache.shape[2]
     if k.shape[2] == len(kv_lens):  # decode: one token per sequence, the newest position
@@ -25,8 +29,9 @@ def _append(k: np.ndarray, v: np.ndarray, cache: np.ndarray, page_table: np.ndar
         starts = np.cumsum(counts) - counts
         pos = (kv_lens - counts)[seq] + (np.arange(k.shape[2]) - starts[seq])
     pages, slots = page_table[seq, pos // page], pos % page
-    cache[pages, 0, slots] = k[0].transpose(1, 0, 2)
-    cache[pages, 1, slots] = v[0].transpose(1, 0, 2)
+    for i, x in enumerate((k, v)):
+        rows = x[0].transpose(1, 0, 2)  # [T, Hkv, D]
+        cache[pages, i, slots] = encode(rows, codec) if codec else rows
     return pos
 
 
@@ -38,13 +43,16 @@ def _softmax_rows(s: np.ndarray) -> np.ndarray:
 
 
 def _attend(q: np.ndarray, cache: np.ndarray, pages: np.ndarray, n_kv: int, first: int, scale: float,
-            window: int) -> np.ndarray:
+            window: int, codec: str = "") -> np.ndarray:
     """One sequence: q [H, n, D] at positions first..first+n-1 over its n_kv cached positions."""
     h, n, d = q.shape
     hkv = cache.shape[3]
     group = h // hkv
-    keys = cache[pages, 0].reshape(-1, hkv, d)[:n_kv]  # [n_kv, Hkv, D]: one gather, a contiguous copy
-    values = cache[pages, 1].reshape(-1, hkv, d)[:n_kv]
+    row = cache.shape[4]  # D, or D + the scale's bytes in a quantized cache
+    keys = cache[pages, 0].reshape(-1, hkv, row)[:n_kv]  # [n_kv, Hkv, D]: one gather, a contiguous copy
+    values = cache[pages, 1].reshape(-1, hkv, row)[:n_kv]
+    if codec:
+        keys, values = decode(keys, codec, q.dtype), decode(values, codec, q.dtype)
     s = np.matmul(q.reshape(hkv, group * n, d), keys.transpose(1, 2, 0)).reshape(hkv, group, n, n_kv)
     s *= scale
     if n > 1 or (window and n_kv > window):  # the last query row sees every key: no mask for plain decode
@@ -60,12 +68,13 @@ def _attend(q: np.ndarray, cache: np.ndarray, pages: np.ndarray, n_kv: int, firs
 
 def paged_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: np.ndarray, page_table: np.ndarray,
                     kv_lens: np.ndarray, q_starts: np.ndarray, scale: float, window: int = 0,
-                    out: np.ndarray | None = None, counts: np.ndarray | None = None) -> np.ndarray:
-    """q [1, H, T, D]; k, v [1, Hkv, T, D]; cache [pages, 2, P, Hkv, D] (written in place).
-    `counts`: np.diff(q_starts), when the caller has it."""
+                    out: np.ndarray | None = None, counts: np.ndarray | None = None, codec: str = "") -> np.ndarray:
+    """q [1, H, T, D]; k, v [1, Hkv, T, D]; cache [pages, 2, P, Hkv, D] (written in place), or
+    uint8 [pages, 2, P, Hkv, D + 4] for a quantized `codec`. `counts`: np.diff(q_starts), when
+    the caller has it."""
     page = cache.shape[2]
     counts = np.diff(q_starts) if counts is None else counts
-    pos = _append(k, v, cache, page_table, kv_lens, counts)
+    pos = _append(k, v, cache, page_table, kv_lens, counts, codec)
     if out is None:
         out = np.empty_like(q)
     a = 0
@@ -73,18 +82,20 @@ def paged_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: np.ndarr
         n, n_kv = int(counts[s_i]), int(kv_lens[s_i])
         if n:
             pages = page_table[s_i, :-(-n_kv // page)]
-            out[0, :, a:a + n] = _attend(q[0, :, a:a + n], cache, pages, n_kv, n_kv - n, scale, window)
+            out[0, :, a:a + n] = _attend(q[0, :, a:a + n], cache, pages, n_kv, n_kv - n, scale, window, codec)
         a += n
     return out
 
 
 class PagedAttentionCall:
     """A kernel of route "kv": its call's 8 buffers are q, k, v, kv_cache, page_table,
-    kv_lens, q_starts, out (checked by the manifest parser); scalars are scale, window."""
+    kv_lens, q_starts, out (checked by the manifest parser); scalars are scale, window and,
+    for a quantized cache, its codec's index in kv_codec.CODEC_IDS."""
 
     def __init__(self, spec):
         self.scale = float(spec.scalars[0])
         self.window = int(spec.scalars[1])
+        self.codec = CODEC_IDS[int(spec.scalars[2])] if len(spec.scalars) > 2 else ""
 
     def __call__(self, args, env) -> None:
         q, k, v, cache, table, lens, starts, out = args
@@ -95,4 +106,5 @@ class PagedAttentionCall:
             raise ValueError("kv_lens outside what the sequence's new tokens and page table allow")
         if table.min() < 0 or table.max() >= cache.shape[0]:
             raise ValueError(f"page_table names a page outside the pool of {cache.shape[0]}")
-        paged_attention(q, k, v, cache, table, lens, starts, self.scale, self.window, out=out, counts=counts)
+        paged_attention(q, k, v, cache, table, lens, starts, self.scale, self.window, out=out, counts=counts,
+                        codec=self.codec)

@@ -73,6 +73,25 @@ case("fp8_3d", (1, s, 64), 48, 64, 8, 64, True, act_bits=8, float8=True, rtol=1e
 case("fp8_2d_ragged_n", (s, 96), 50, 96, 8, 96, True, act_bits=8, float8=True, rtol=1e-5, atol=1e-5)
 
 
+
+def qtake_case(name, ids_shape, n, k, bits, group, sym_, dtype=F32, **kw):
+    """QTAKE: rows of a packed table picked by ids (a tied, quantized embedding)."""
+    qw = inp("qw", (n, k if bits == 8 else k // 2), I8 if bits == 8 else U8)
+    ids = inp("ids", ids_shape, DType.I64)
+    sc = inp("sc", (n, k // group), dtype)
+    ins = [qw, ids, sc] + ([] if sym_ else [inp("zp", (n, k // group), dtype)])
+    y = node(Op.QTAKE, ins, QMatmulAttrs(bits, group, sym_, dtype))
+    gens = {"qw": _codes(-127, 128) if bits == 8 else _codes(0, 256), "sc": _scales, "zp": _zeros,
+            "ids": _codes(0, n)}
+    CASES.append(Case(name, ins, [y], ({"s": 1}, {"s": 9}), gens=gens, **kw))
+
+
+qtake_case("qtake_q4_asym_g32", (1, s), 50, 64, 4, 32, False)
+qtake_case("qtake_q4_sym_g64", (s,), 37, 128, 4, 64, True)
+qtake_case("qtake_q8", (1, s), 40, 48, 8, 48, True)
+qtake_case("qtake_q4_bf16", (1, s), 30, 64, 4, 32, False, BF16, rtol=1e-2, atol=1e-2)
+
+
 @pytest.fixture(scope="module")
 def ex():
     return build_cases(CASES)

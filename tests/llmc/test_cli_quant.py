@@ -16,7 +16,9 @@ import pytest
     (["--quant", "int4", "--group", "100"], "group size must be one of"),
     (["--quant", "int8", "--method", "magic"], "unknown quantization method"),
     (["--group", "64"], "is a quantization option"),
-    (["--quant", "int8", "--kv-cache-dtype", "int8"], "not built yet"),
+    (["--kv-cache-dtype", "int4"], "unknown KV cache dtype 'int4'"),
+    (["--kv-cache-dtype", "int8", "--no-generate"], "belongs to the step function"),
+    (["--kv-cache-dtype", "fp8", "--target", "cuda"], "runs on the CPU backend so far"),
 ])
 def test_bad_quant_options_fail_before_loading(tmp_path, args, msg):
     (tmp_path / "EMPTY").write_text("")

@@ -1,7 +1,7 @@
 """Generation on the GPU: step functions compiled for CUDA (bf16) on a host without a GPU, run
 by the runtime alone on the GPU machine, against Hugging Face on the same GPU in bf16.
 
-    python tests/models/test_gpu_generate.py --prepare gpu_art/gen     # CPU host: compile
+    python tests/models/test_gpu_generate.py --prepare gpu_art/gen [int4_head,...]  # CPU host: compile
     LLMC_GPU_GEN=gpu_art/gen pytest -m gpu tests/models/test_gpu_generate.py   # GPU machine
 
 Per tiny family (head dim 32, the paged kernel's smallest): every step's logits row within
@@ -30,7 +30,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "helpers"))
 FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "phi3", "gemma")
 GPU_SHAPE = {"hidden_size": 128, "head_dim": 32, "intermediate_size": 256}
 PROMPT_LENS = (3, 17, 9)
-QUANT_SCHEMES = {"int4": 32, "int8": None}  # scheme -> group (the trained model's MLP K = 704 = 22 x 32)
+# case -> (scheme, group, quantize the LM head: the trained model's is tied, so the embedding then
+# reads the same int4 table through QTAKE); the trained model's MLP K = 704 = 22 x 32
+QUANT_SCHEMES = {"int4": ("int4", 32, False), "int8": ("int8", None, False), "int4_head": ("int4", 32, True)}
 TRAINED_PROMPTS = ["def read_config(path):\n    ", "import os\nimport sys\n\n", "class Parser:\n    def __init__(self"]
 
 
@@ -41,11 +43,14 @@ def _export(cm, d: pathlib.Path, shim_store: pathlib.Path) -> None:
     if (art / "shim.so").exists():  # one shim copy for all cases (the carried tree must stay small)
         if not shim_store.exists():
             shutil.copy2(art / "shim.so", shim_store)
+        if (art / "shim.so").read_bytes() != shim_store.read_bytes():
+            return  # a shim built from other sources than the shared copy's: the artifact keeps its own
         (art / "shim.so").unlink()
         (art / "shim.so").symlink_to(os.path.relpath(shim_store, art))
 
 
-def prepare(out: pathlib.Path, arch: str = "sm_90") -> None:
+def prepare(out: pathlib.Path, arch: str = "sm_90", only: set[str] | None = None) -> None:
+    """Every case, or with `only` the quantized ones named there (e.g. {"int4_head"})."""
     import torch
     from causal_lms import VOCAB, tiny_causal_lm
 
@@ -55,7 +60,7 @@ def prepare(out: pathlib.Path, arch: str = "sm_90") -> None:
     out.mkdir(parents=True, exist_ok=True)
     shim = out / "shim.so"
     opts = GenerateOptions(max_tokens=64, max_seqs=8)
-    for fam in FAMILIES:
+    for fam in FAMILIES if only is None else ():
         model = tiny_causal_lm(fam, **GPU_SHAPE).to(torch.bfloat16)
         ids = torch.randint(3, VOCAB, (1, 8))
         cm = llmc.compile(model, (ids,), target=f"cuda:{arch}", dim_bounds={"batch": (1, 4), "seq": (1, 128)},
@@ -70,14 +75,17 @@ def prepare(out: pathlib.Path, arch: str = "sm_90") -> None:
     folder = trained_model()
     model = transformers.AutoModelForCausalLM.from_pretrained(folder).to(torch.bfloat16).eval()
     ids = torch.randint(3, 1000, (1, 8))
-    cm = llmc.compile(model, (ids,), target=f"cuda:{arch}", dim_bounds={"batch": (1, 4), "seq": (1, 256)},
-                      generate=GenerateOptions(max_tokens=128, max_seqs=8), tokenizer=str(folder / "tokenizer.json"),
-                      progress=print)
-    _export(cm, out / "trained" / "artifact.llmc", shim)
-    model.save_pretrained(out / "trained" / "hf")
-    shutil.copy2(folder / "tokenizer.json", out / "trained" / "hf" / "tokenizer.json")
-    for scheme, group in QUANT_SCHEMES.items():  # weight-only quantized: CUDA artifact + llmc CPU reference
-        qkw = dict(quant=scheme, group=group, symmetric=True)
+    if only is None:
+        cm = llmc.compile(model, (ids,), target=f"cuda:{arch}", dim_bounds={"batch": (1, 4), "seq": (1, 256)},
+                          generate=GenerateOptions(max_tokens=128, max_seqs=8),
+                          tokenizer=str(folder / "tokenizer.json"), progress=print)
+        _export(cm, out / "trained" / "artifact.llmc", shim)
+        model.save_pretrained(out / "trained" / "hf")
+        shutil.copy2(folder / "tokenizer.json", out / "trained" / "hf" / "tokenizer.json")
+    for scheme, (kind, group, head) in QUANT_SCHEMES.items():  # weight-only: CUDA artifact + llmc CPU reference
+        if only is not None and scheme not in only:
+            continue
+        qkw = dict(quant=kind, group=group, symmetric=True, quant_lm_head=head)
         cm = llmc.compile(model, (ids,), target=f"cuda:{arch}", dim_bounds={"batch": (1, 4), "seq": (1, 256)},
                           generate=GenerateOptions(max_tokens=128, max_seqs=8), tokenizer=str(folder / "tokenizer.json"),
                           progress=print, **qkw)
@@ -267,6 +275,6 @@ def test_serving_engine_on_gpu_matches_generate_under_preemption(preemption):
 
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "--prepare":
-        prepare(pathlib.Path(sys.argv[2]))
+        prepare(pathlib.Path(sys.argv[2]), only=set(sys.argv[3].split(",")) if len(sys.argv) > 3 else None)
     else:
         print(__doc__)

@@ -85,3 +85,34 @@ def test_generate_through_the_quantized_step_function(compiled):
     assert len(out) == 8
     logits = cm(np.array([prompt + out], np.int64))[0][0]
     assert [int(t) for t in logits[len(prompt) - 1:-1].argmax(-1)] == out
+
+
+def test_tied_lm_head_and_embedding_share_one_packed_table(tmp_path):
+    """quant_lm_head on a tied Llama: the LM head is a QMATMUL and the embedding a QTAKE over the
+    same int4 table, stored once; the CPU kernels equal the reference of the quantized graph,
+    the forward and the step function (decode through QTAKE) agree, and no float table is left."""
+    torch.manual_seed(1)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(0, VOCAB, (1, 12))
+    cm = llmc.compile(model, (ids,), dim_bounds={"batch": (1, 2), "seq": (1, 64)}, quant="int4", group=32,
+                      quant_lm_head=True, generate=True)
+    g = cm.program.graph
+    ops = [n.op for n in g.nodes()]
+    assert ops.count(Op.QTAKE) == 1 and ops.count(Op.QMATMUL) == 9 and Op.MATMUL not in ops and Op.TAKE not in ops
+    assert not any(a.dtype == np.float32 and a.shape == (VOCAB, 64) for a in g.params.values())
+    x = np.random.default_rng(6).integers(0, VOCAB, (2, 17))
+    got = cm(x)[0]
+    np.testing.assert_allclose(got, interpret(g, [x])[0], rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        fp = model(torch.from_numpy(x)).logits.numpy()
+    assert np.linalg.norm(got - fp) / np.linalg.norm(fp) < 0.3
+    q = cm.manifest["quantization"]
+    assert q["kept"] == [] and q["bytes_after"] < 0.2 * q["bytes_before"]
+    llm = llmc.load(cm.export(tmp_path / "tied.llmc"))
+    prompt = x[0, :9].tolist()
+    out = llm.generate([prompt], max_new_tokens=5)[0].token_ids
+    full = prompt + out[:-1]
+    # each generated token is the forward's argmax over the same (quantized) model
+    assert out == [int(t) for t in np.argmax(llm(input_ids=np.array([full]))[0][0, len(prompt) - 1:], -1)]

@@ -218,3 +218,55 @@ def test_fp8_before_after():
     err = np.linalg.norm(interpret(out, [x])[0] - ref) / np.linalg.norm(ref)
     assert err < 0.08, err
     assert "fp8" in " ".join(report.lines)
+
+
+def _tied_lm(vocab: int = 40, k: int = 64, seed: int = 0) -> Graph:
+    """ids -> embedding (TAKE of emb) -> rms-free toy block -> logits = h @ emb^T (tied LM head)."""
+    rng = np.random.default_rng(seed)
+    s = sym("s")
+    ids = input_node("ids", TensorType((1, s), DType.I64))
+    emb = weight_node("emb", TensorType((vocab, k), F32))
+    up = weight_node("up", TensorType((k, k), F32))
+    h = ir.node(Op.TAKE, [emb, ids], _axis0(), where="embed_tokens")
+    h = ir.node(Op.ADD, [h, ir.node(Op.TANH, [ir.node(Op.MATMUL, [h, up], where="mlp")])])
+    logits = ir.node(Op.MATMUL, [h, ir.node(Op.PERMUTE, [emb], PermuteAttrs((1, 0)))], where="lm_head")
+    params = {"emb": rng.standard_normal((vocab, k)).astype(np.float32),
+              "up": (rng.standard_normal((k, k)) / 8).astype(np.float32)}
+    return Graph((ids,), (logits,), params, {"s": SymDim("s", 1, 16)})
+
+
+@pytest.mark.parametrize("kind,group,sym_", [("int4", 32, False), ("int4", 64, True), ("int8", 128, False)])
+def test_tied_lm_head_quantized_with_its_embedding(kind, group, sym_):
+    """quantize_lm_head on a tied model: the head's QMATMUL and the embedding's QTAKE read one packed
+    table (no float copy left), and the graph equals the original with the table dequantized."""
+    g = _tied_lm()
+    out, report = quantize_weights(g, QuantScheme(kind, group, sym_, quantize_lm_head=True))
+    verify(out)
+    ops = _ops(out)
+    assert ops[Op.QMATMUL] == 2 and ops[Op.QTAKE] == 1 and Op.TAKE not in ops and Op.MATMUL not in ops
+    assert "emb" not in out.params and report.counts["kept"] == 0
+    qtake = next(n for n in out.nodes() if n.op is Op.QTAKE)
+    head = next(n for n in out.nodes() if n.op is Op.QMATMUL and n.where == "lm_head")
+    assert [i.attrs.name for i in qtake.inputs if i.op is Op.WEIGHT] == \
+        [i.attrs.name for i in head.inputs[1:]]  # the same packed weights, stored once
+    bits = 4 if kind == "int4" else 8
+    deq = dict(g.params)
+    deq["emb"] = dequantize(out.params["emb.qweight"], out.params["emb.scales"], out.params.get("emb.zeros"), bits,
+                            head.attrs.group, np.float32)
+    deq["up"] = dequantize(out.params["up.qweight"], out.params["up.scales"], out.params.get("up.zeros"), bits,
+                           next(n for n in out.nodes() if n.where == "mlp").attrs.group, np.float32).T
+    ids = np.random.default_rng(5).integers(0, 40, (1, 11))
+    want = interpret(Graph(g.inputs, g.outputs, deq, g.symbols), [ids])[0]
+    np.testing.assert_allclose(interpret(out, [ids])[0], want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [{"kind": "int4", "group": 32, "method": "awq"}, {"kind": "w8a8"},
+                                {"kind": "int4", "group": 32}])
+def test_tied_table_kept_where_the_codes_cannot_serve_the_embedding(kw):
+    """awq / w8a8 change what the head's codes stand for, and without quantize_lm_head the head is kept."""
+    g = _tied_lm()
+    head = kw.get("method") == "awq" or kw["kind"] == "w8a8"
+    scheme = QuantScheme(**kw, quantize_lm_head=head)
+    out, report = (quantize_weights(g, scheme, calibration=[np.arange(8)]) if kw.get("method") == "awq"
+                   else quantize_weights(g, scheme))
+    assert Op.QTAKE not in _ops(out) and "emb" in out.params and report.counts["kept"] == 1

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import llmc.api
+from llmc.compiler.dtypes import DType
 from llmc.compiler.interpreter import interpret
 from llmc.compiler.ops import Op
 from llmc.errors import LLMCError
@@ -115,3 +116,29 @@ def test_graph_with_attention_mask_input_is_refused():
 def test_context_above_the_captured_bound_is_refused(llama):
     with pytest.raises(LLMCError, match="max_context 100 exceeds"):
         derive_step(llama[1], StepSpec(max_context=100))
+
+
+@pytest.mark.parametrize("store", [DType.I8, DType.F8E4M3])
+def test_quantized_kv_cache_step(llama, store):
+    """kv_store: the caches become uint8 rows (head_dim codes + a float32 scale) and the step's
+    logits stay near the float forward's (the codes' rounding is the only difference)."""
+    _, before = llama
+    after, report = derive_step(before, StepSpec(page_size=4, max_tokens=64, max_seqs=4, kv_store=store))
+    assert str(after.inputs[6].type) == "u8[pages, 2, 4, 2, 12]"  # head_dim 8 + 4 scale bytes
+    assert {n.attrs.kv_store for n in after.nodes() if n.op is Op.PAGED_ATTENTION} == {store}
+    assert f"{store.value} cache" in str(report)
+    rng = np.random.default_rng(3)
+    seq = rng.integers(3, VOCAB, 10)
+    caches = [np.zeros((4, 2, 4, 2, 12), np.uint8) for _ in range(2)]
+    inputs = [seq.astype(np.int64), np.arange(10), np.array([9], np.int64), np.array([[3, 0, 2]], np.int32),
+              np.array([10], np.int32), np.array([0, 10], np.int32), *caches]
+    got = interpret(after, inputs)[0][0]
+    ref = interpret(before, [seq[None].astype(np.int64)])[0][0, -1]
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert 0 < err < (0.005 if store is DType.I8 else 0.03), err
+    assert caches[0][[3, 0, 2]].any() and not caches[0][1].any()
+
+
+def test_unknown_kv_store_is_refused():
+    with pytest.raises(LLMCError, match="KV cache stores"):
+        StepSpec(kv_store=DType.I32)
