@@ -51,6 +51,11 @@ CONFIGS = [  # (label, compile keywords)
     ("int4 g32 rtn", {"quant": "int4", "group": 32}),
     ("int4 g32 gptq", {"quant": "int4", "group": 32, "method": "gptq"}),
     ("int4 g32 awq", {"quant": "int4", "group": 32, "method": "awq"}),
+    # the tied LM head / embedding table quantized too (QTAKE reads it for the embedding)
+    ("int4 g64 rtn +head", {"quant": "int4", "group": 64, "quant_lm_head": True}),
+    ("int4 g64 gptq +head", {"quant": "int4", "group": 64, "method": "gptq", "quant_lm_head": True}),
+    ("int4 g32 gptq +head", {"quant": "int4", "group": 32, "method": "gptq", "quant_lm_head": True}),
+    ("int8 rtn +head", {"quant": "int8", "quant_lm_head": True}),
     ("w8a8 rtn", {"quant": "w8a8"}),
     ("w8a8 smoothquant", {"quant": "w8a8", "method": "smoothquant"}),
     ("fp8 e4m3", {"quant": "fp8"}),

@@ -33,6 +33,10 @@ PROMPT_LENS = (3, 17, 9)
 # case -> (scheme, group, quantize the LM head: the trained model's is tied, so the embedding then
 # reads the same int4 table through QTAKE); the trained model's MLP K = 704 = 22 x 32
 QUANT_SCHEMES = {"int4": ("int4", 32, False), "int8": ("int8", None, False), "int4_head": ("int4", 32, True)}
+# With the LM head in int4 one row (prompt 2, position 1: logits of norm 88 where most are 140-230)
+# is 3.5% off the fp32 reference on the GPU, and 3.7% when llmc runs the same codes in bf16 on
+# the CPU (measured): bf16 rounding of a small row, not the kernels; the rest stay below 1e-2.
+BF16_TOL = {"int4_head": 4.5e-2}
 TRAINED_PROMPTS = ["def read_config(path):\n    ", "import os\nimport sys\n\n", "class Parser:\n    def __init__(self"]
 
 
@@ -211,7 +215,7 @@ def test_quantized_trained_model_on_gpu_matches_llmc_cpu(scheme):
         toks, want, n = ref[f"tokens{i}"], ref[f"logits{i}"], int(ref[f"prompt{i}"])
         got = np.asarray(llm(toks[None])[0][0], np.float32)
         errs = [_rel(got[j], want[j]) for j in range(len(toks))]
-        assert max(errs) < 3e-2, (scheme, i, max(errs))
+        assert max(errs) < BF16_TOL.get(scheme, 3e-2), (scheme, i, max(errs))
         first = llm.generate([toks[:n].tolist()], max_new_tokens=1, stop_token_ids=())[0].token_ids[0]
         row = want[n - 1]
         assert first == toks[n] or row.max() - row[first] < 1e-2 * np.abs(row).max(), (scheme, i, first, toks[n])
