@@ -26,6 +26,7 @@ def _packed(rng, bits: int, n: int, k: int, group: int, symmetric: bool):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True)])
 @pytest.mark.parametrize("rows,n,k,group", [(1, 2048, 2048, 128), (3, 100, 704, 32), (8, 517, 1024, 64),
+                                            (1, 101, 704, 32), (2, 517, 1024, 64),  # 4 channels a warp, ragged n
                                             (1, 8192, 4096, 4096), (20, 300, 256, 64)])
 def test_qgemv_matches_dequantized_reference(shim, dtype, bits, symmetric, rows, n, k, group):
     if bits == 4 and group == k:  # per-channel scales are the int8 scheme; int4 keeps groups
