@@ -269,7 +269,8 @@ def quant_section(scheme, reports, graph) -> dict:
             "symmetric": scheme.is_symmetric, "method": scheme.method, "description": scheme.describe(),
             "quantized_matmuls": rep.counts["quantized"], "quantized_params": params,
             "bytes_before": rep.counts["bytes_before"], "bytes_after": rep.counts["bytes_after"],
-            "kept": [line for line in rep.lines if line.startswith("kept")]}
+            "kept": [line for line in rep.lines if line.startswith("kept")],
+            "quantized_embeddings": sum(n.op is Op.QTAKE for n in graph.nodes())}
 
 
 def quant_setup(quant, group: int | None, method: str | None, calib, calib_samples: int | None, symmetric: bool,

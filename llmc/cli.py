@@ -282,8 +282,11 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         print(f"quantization: {q.get('scheme')} ({q.get('description')}): {q.get('quantized_matmuls')} matmuls, "
               f"{q.get('bytes_after', 0) / n:.3f} bytes per parameter (was {q.get('bytes_before', 0) / n:.1f}), "
               f"{q.get('bytes_before', 0) / 1e6:.2f} MB -> {q.get('bytes_after', 0) / 1e6:.2f} MB")
+        emb = int(q.get("quantized_embeddings") or 0)
+        emb_line = f"{emb} embedding lookup(s) read the LM head's packed table (QTAKE)" if emb else \
+            "embeddings stay float"
         for line in q.get("kept") or ["kept: none (every weight matmul is quantized)"]:
-            print(f"  {line}; embeddings stay float")
+            print(f"  {line}; {emb_line}")
     g = m.generation
     if g is not None:
         print(f"entry points: forward (the program above), step (generation: {len(g.program.kernels)} kernels, "
@@ -291,8 +294,12 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         print("step inputs: " + ", ".join(f"{i.name}{shape(i.shape)}" for i in g.program.inputs))
         layers = {(lay.kv_heads, lay.head_dim, lay.window) for lay in g.layers}
         kinds = "; ".join(f"{h} kv heads x {d}" + (f", window {w}" if w else "") for h, d, w in sorted(layers))
+        from .runtime.engine.kv_codec import SCALE_BYTES, is_quantized
+
+        row = f"head dim + {SCALE_BYTES} (uint8 codes, then the row's float32 scale)" if is_quantized(g.kv_dtype) \
+            else "head dim"
         print(f"kv cache: {len(g.layers)} layers ({kinds}), {g.kv_dtype}, pages of {g.page_size} tokens "
-              f"[pages, 2 (K, V), {g.page_size}, kv heads, head dim] per layer")
+              f"[pages, 2 (K, V), {g.page_size}, kv heads, {row}] per layer")
         print(f"step limits: {g.max_tokens} tokens, {g.max_seqs} sequences per step; context {g.max_context}; "
               f"vocab {g.vocab}; stop ids {list(g.stop_token_ids)}; tokenizer {g.tokenizer or 'none'}")
     return 0
