@@ -105,3 +105,15 @@ def test_pipeline_stages_give_the_whole_models_tokens(tmp_path):
         assert funcs == [{"send"}] + [{"send", "recv"}] * (pp - 2) + [{"recv"}]
         got = _run_ranks(art, pp)
         assert got["token_ids"] == want
+
+
+def test_tp2_over_an_int8_kv_cache(llama, tmp_path):
+    """kv_cache_dtype="int8" with tp=2: each rank's cache holds its KV heads' uint8 rows (codes +
+    scale, the row unsplit), and the ranks' greedy tokens are the whole int8-cache model's."""
+    ids = (torch.randint(3, VOCAB, (1, 8)),)
+    one = llmc.compile(llama, ids, dim_bounds=BOUNDS, generate=True, kv_cache_dtype="int8")
+    want = [o.token_ids for o in one.generate(PROMPTS, max_new_tokens=12, stop_token_ids=())]
+    art = llmc.compile(llama, ids, dim_bounds=BOUNDS, generate=True, tp=2, kv_cache_dtype="int8").export(tmp_path / "a")
+    g = read_manifest(art / "rank1").generation
+    assert g.kv_dtype == "int8" and g.program.inputs[6].shape[3:] == (2, g.layers[0].head_dim + 4)  # 4 heads / 2
+    assert _run_ranks(art, 2)["token_ids"] == want
