@@ -32,7 +32,8 @@ class PagedRoute:
         return f"paged attention (layer {self.layer}{extra})"
 
     def to_json(self) -> dict:
-        scalars = [self.scale, self.window] + ([self.codec] if self.codec else [])  # a float cache: the two it always had
+        # a float cache keeps the two scalars it always had; a quantized one adds its codec
+        scalars = [self.scale, self.window] + ([self.codec] if self.codec else [])
         return {"route": "kv", "func": PAGED_FUNC, "label": self.label, "scalars": scalars,
                 "tensors": [{"arg": i, "shape": [to_json(d) for d in s]} for i, s in enumerate(self.shapes)]}
 

@@ -1,8 +1,8 @@
 """The paged KV cache: one page pool per model, pages lent to sequences on demand.
 
 Each attention layer has a cache array [pages, 2, page_size, kv_heads, head_dim] (K and V
-of a page side by side; a quantized cache's rows are bytes, codes + scale: kv_codec.py); a page index means the same page in every layer, so a sequence
-owns one list of pages. Pages are taken as a sequence grows and given back when it ends:
+of a page side by side; a quantized cache's rows are bytes, codes + scale: kv_codec.py); a
+page index means the same page in every layer, so a sequence owns one list of pages. Pages are taken as a sequence grows and given back when it ends:
 the only waste is the unused tail of each sequence's last page (`waste()` measures it).
 """
 from __future__ import annotations
