@@ -1,6 +1,7 @@
 """CPU text generation: llmc's step function + paged KV cache against transformers' generate.
 
     python benchmarks/bench_generate.py [--new 128] [--threads 2] [--reps 3] [--model FOLDER]
+    python benchmarks/bench_generate.py --kv      # llmc alone: float vs int8 vs fp8 KV cache
 
 Model: llmc's trained small Llama (tools/train_tiny_llama.py; about 4M parameters, real
 weights and tokenizer), fp32. Workloads, both greedy with no early stop:
@@ -51,6 +52,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--model", help="a causal LM folder (default: the trained small Llama)")
+    p.add_argument("--kv", action="store_true", help="only: llmc's generate with a float, int8 and fp8 KV cache "
+                   "(--kv-cache-dtype), prompts of 768 tokens, same run")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     import os
@@ -59,6 +62,8 @@ def main() -> None:
     folder = pathlib.Path(a.model) if a.model else trained_model()
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
     tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if a.kv:
+        return kv_speed(model, folder, a)
     t = time.perf_counter()
     cm = llmc.compile(model, (), {"input_ids": torch.tensor([[1, 2, 3, 4]])},
                       dim_bounds={"batch": (1, 8), "seq": (1, model.config.max_position_embeddings)},
@@ -100,6 +105,34 @@ def main() -> None:
         print(f"| {b} | {hf_r:.0f} | {us_r:.0f} | {ratio:.2f}x | {same or 'n/a (padded batch)'} |")
     prefill(cm, model, a)
     kv_waste(model, a)
+
+
+def kv_speed(model, folder, a) -> None:
+    """What decoding the cache's codes costs: generate tok/s (prompt + `--new` tokens, whole calls)
+    with each KV cache dtype, batch 1 and 4, prompts of 768 random tokens (so each step reads a
+    long history; context 1024, as kv_waste), contenders alternated round by round."""
+    arts = {}
+    for kv in (None, "int8", "fp8"):
+        cm = llmc.compile(model, (), {"input_ids": torch.tensor([[1, 2, 3, 4]])},
+                          dim_bounds={"batch": (1, 2), "seq": (1, 1024)},
+                          generate=llmc.generation.GenerateOptions(max_tokens=512, max_seqs=8), kv_cache_dtype=kv)
+        arts[kv or "float32"] = cm
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(1, model.config.vocab_size, 768).tolist() for _ in range(4)]
+    print(f"| batch | KV cache | generate tok/s ({a.new} new, prompts of 768) | vs float |")
+    print("|---|---|---|---|")
+    for batch in (1, 4):
+        times: dict[str, list[float]] = {k: [] for k in arts}
+        for cm in arts.values():
+            cm.generate(prompts[:batch], max_new_tokens=4, stop_token_ids=())  # warm-up
+        for _ in range(a.reps):
+            for k, cm in arts.items():
+                t = time.perf_counter()
+                cm.generate(prompts[:batch], max_new_tokens=a.new, stop_token_ids=())
+                times[k].append(time.perf_counter() - t)
+        rate = {k: batch * a.new / statistics.median(v) for k, v in times.items()}
+        for k, r in rate.items():
+            print(f"| {batch} | {k} | {r:.0f} | {r / rate['float32']:.2f}x |")
 
 
 def prefill(cm, model, a) -> None:

@@ -71,11 +71,28 @@ def encode(x: np.ndarray, kv_dtype: str) -> np.ndarray:
     return out
 
 
+_F8_VALUES: list[np.ndarray] = []  # the 256 e4m3 codes' float32 values, made on first use
+
+
+def _f8_values() -> np.ndarray:
+    if not _F8_VALUES:
+        _F8_VALUES.append(np.arange(256, dtype=np.uint8).view(_codes_dtype("float8_e4m3fn")).astype(np.float32))
+    return _F8_VALUES[0]
+
+
 def decode(rows: np.ndarray, kv_dtype: str, dtype=np.float32) -> np.ndarray:
-    """uint8 [..., d + 4] -> float [..., d]: code * scale."""
-    codes = rows[..., :-SCALE_BYTES].view(_codes_dtype(kv_dtype)).astype(np.float32)
-    scale = np.ascontiguousarray(rows[..., -SCALE_BYTES:]).view(np.float32)
-    return (codes * scale).astype(dtype, copy=False)
+    """uint8 [..., d + 4] -> float [..., d]: code * scale. Decode re-reads a sequence's whole history
+    every step, so it is one pass where it can be: int8 codes times the scale in one ufunc (the cast
+    happens inside its loop), fp8 codes through a 256-entry table (ml_dtypes' own cast measured 5.6x
+    the int8 path's time on a 768-token history, np.take 1.7x)."""
+    codes = rows[..., :-SCALE_BYTES]
+    scale = rows[..., -SCALE_BYTES:].view(np.float32)  # [..., 1]: a view (its last axis is contiguous bytes)
+    if kv_dtype == "int8":
+        out = np.multiply(codes.view(np.int8), scale, dtype=np.float32)
+    else:
+        out = np.take(_f8_values(), codes)  # (2.5x faster than table[codes] here)
+        out *= scale
+    return out.astype(dtype, copy=False)
 
 
 __all__ = ["encode", "decode", "storage", "storage_name", "is_quantized", "CODEC_IDS", "SCALE_BYTES", "QMAX"]
