@@ -8,7 +8,11 @@ TVM's pool and the BLAS's take turns on the same cores, kernel after kernel. A p
 spins after its work is done steals the cores the next kernel needs: measured on GPT-2,
 layer norms after a GEMM ran 30x slower while TVM's workers spun. So TVM's workers go to
 sleep as soon as their work is done (TVM_THREAD_POOL_SPIN_COUNT=0, unless the user set it).
-OpenBLAS's idle threads yield the processor, which costs little (measured).
+OpenBLAS's idle threads keep yielding the processor for up to 2^28 cycles after each GEMM
+(OPENBLAS_THREAD_TIMEOUT, read when numpy is imported, so not settable from here). Measured on
+the 2-core VM: OPENBLAS_THREAD_TIMEOUT=4 (sleep at once) made MiniLM 8 x 128 1.10-1.24x torch
+against 1.36-1.44x by default (four paired runs), but decode-heavy generate 0-15% slower (the
+threads' wake-ups per GEMV), so it stays the user's choice (benchmarks/RESULTS_CPU.md).
 """
 from __future__ import annotations
 
