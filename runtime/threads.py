@@ -11,7 +11,7 @@ sleep as soon as their work is done (TVM_THREAD_POOL_SPIN_COUNT=0, unless the us
 OpenBLAS's idle threads keep yielding the processor for up to 2^28 cycles after each GEMM
 (OPENBLAS_THREAD_TIMEOUT, read when numpy is imported, so not settable from here). Measured on
 the 2-core VM: OPENBLAS_THREAD_TIMEOUT=4 (sleep at once) made MiniLM 8 x 128 1.10-1.24x torch
-against 1.36-1.44x by default (three paired runs), but decode-heavy generate 0-15% slower (the
+against 1.36-1.50x by default (four paired runs), but decode-heavy generate 0-15% slower (the
 threads' wake-ups per GEMV), so it stays the user's choice (benchmarks/RESULTS_CPU.md).
 """
 from __future__ import annotations
