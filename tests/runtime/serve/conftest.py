@@ -14,8 +14,7 @@ transformers = pytest.importorskip("transformers")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[3] / "tools"))
 
 
-@pytest.fixture(scope="session")
-def trained_artifact(tmp_path_factory) -> pathlib.Path:
+def _compile_trained(out: pathlib.Path, **kw) -> pathlib.Path:
     import torch
 
     import llmc
@@ -25,8 +24,43 @@ def trained_artifact(tmp_path_factory) -> pathlib.Path:
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
     cm = llmc.compile(model, (), {"input_ids": torch.tensor([[1, 2, 3]])},
                       dim_bounds={"batch": (1, 2), "seq": (1, 256)}, generate=True,
-                      tokenizer=str(folder / "tokenizer.json"))
-    return cm.export(tmp_path_factory.mktemp("serve") / "tiny.llmc")
+                      tokenizer=str(folder / "tokenizer.json"), **kw)
+    return cm.export(out)
+
+
+@pytest.fixture(scope="session")
+def trained_artifact(tmp_path_factory) -> pathlib.Path:
+    return _compile_trained(tmp_path_factory.mktemp("serve") / "tiny.llmc")
+
+
+@pytest.fixture(scope="session")
+def int8_kv_artifact(tmp_path_factory) -> pathlib.Path:
+    """The same model with an int8 KV cache (codes + a scale per token and head)."""
+    return _compile_trained(tmp_path_factory.mktemp("kv8") / "tiny_kv8.llmc", kv_cache_dtype="int8")
+
+
+@pytest.fixture(scope="session")
+def drive_engine():
+    """run(engine, [(prompt, max_new_tokens), ...]) -> each request's tokens: every request queued
+    before the engine starts (so the schedule does not depend on arrival timing), then the engine
+    runs them all and is shut down."""
+    import queue
+
+    from llmc.runtime.engine.sampler import SamplingParams
+
+    def run(engine, requests) -> list[list[int]]:
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        for i, (prompt, new) in enumerate(requests):
+            engine.submit(prompt, SamplingParams(max_new_tokens=new), lambda ev, i=i: events.put((i, ev)))
+        engine.start()
+        got = [[] for _ in requests]
+        for _ in range(sum(new for _, new in requests)):
+            i, ev = events.get(timeout=300)
+            got[i].append(ev.token_id)
+        engine.shutdown()
+        return got
+
+    return run
 
 
 @pytest.fixture(scope="session")

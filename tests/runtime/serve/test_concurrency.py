@@ -105,23 +105,12 @@ ENGINE_CASES = {
 
 
 @pytest.mark.parametrize("case", list(ENGINE_CASES))
-def test_preempted_by_swap_and_recompute_outputs_are_unchanged(trained_artifact, workload, case):
-    import queue
-
+def test_preempted_by_swap_and_recompute_outputs_are_unchanged(trained_artifact, workload, case, drive_engine):
     import llmc
-    from llmc.runtime.engine.sampler import SamplingParams
     from llmc.runtime.serve.engine import Engine
 
     engine = Engine(llmc.load(trained_artifact, kv_memory=16 * PAGE_BYTES), ENGINE_CASES[case])
-    events: queue.SimpleQueue = queue.SimpleQueue()
-    for i, (prompt, new, _) in enumerate(workload):
-        engine.submit(prompt, SamplingParams(max_new_tokens=new), lambda ev, i=i: events.put((i, ev)))
-    engine.start()
-    got = [[] for _ in workload]
-    for _ in range(sum(new for _, new, _ in workload)):
-        i, ev = events.get(timeout=300)
-        got[i].append(ev.token_id)
-    engine.shutdown()
+    got = drive_engine(engine, [(prompt, new) for prompt, new, _ in workload])
     assert engine.failure is None
     assert got == [ref for _, _, ref in workload]
     c = engine.scheduler.counts

@@ -12,38 +12,19 @@ page) shows up as a divergence at a clear margin."""
 from __future__ import annotations
 
 import pathlib
-import queue
-import sys
 import sysconfig
 
 import numpy as np
 import pytest
 
 transformers = pytest.importorskip("transformers")
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[3] / "tools"))
 
 
-@pytest.fixture(scope="module")
-def int8_artifact(tmp_path_factory) -> pathlib.Path:
-    import torch
-
+def test_preempted_requests_over_an_int8_cache_equal_each_alone(int8_kv_artifact, drive_engine):
     import llmc
-    from train_tiny_llama import trained_model
-
-    folder = trained_model(log=lambda msg: None)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
-    cm = llmc.compile(model, (), {"input_ids": torch.tensor([[1, 2, 3]])},
-                      dim_bounds={"batch": (1, 2), "seq": (1, 256)}, kv_cache_dtype="int8",
-                      tokenizer=str(folder / "tokenizer.json"))
-    return cm.export(tmp_path_factory.mktemp("kv8") / "tiny_kv8.llmc")
-
-
-def test_preempted_requests_over_an_int8_cache_equal_each_alone(int8_artifact):
-    import llmc
-    from llmc.runtime.engine.sampler import SamplingParams
     from llmc.runtime.serve.engine import Engine, EngineConfig
 
-    offline = llmc.load(int8_artifact)
+    offline = llmc.load(int8_kv_artifact)
     page = offline.layout.page_bytes
     assert offline.layout.dtype == "int8" and page == 4 * 2 * 16 * 2 * 68  # layers x K,V x tokens x heads x row
     ids = offline.encode((pathlib.Path(sysconfig.get_paths()["stdlib"]) / "os.py").read_text(), 0)
@@ -53,17 +34,9 @@ def test_preempted_requests_over_an_int8_cache_equal_each_alone(int8_artifact):
         start, length, new = int(rng.integers(100, len(ids) - 200)), int(rng.integers(2, 100)), int(rng.integers(1, 48))
         prompt = ids[start:start + length]
         work.append((prompt, new, offline.generate([prompt], max_new_tokens=new, stop_token_ids=())[0].token_ids))
-    engine = Engine(llmc.load(int8_artifact, kv_memory=16 * page),
+    engine = Engine(llmc.load(int8_kv_artifact, kv_memory=16 * page),
                     EngineConfig(max_num_batched_tokens=64, swap_space=4 * page))
-    events: queue.SimpleQueue = queue.SimpleQueue()
-    for i, (prompt, new, _) in enumerate(work):
-        engine.submit(prompt, SamplingParams(max_new_tokens=new), lambda ev, i=i: events.put((i, ev)))
-    engine.start()
-    got = [[] for _ in work]
-    for _ in range(sum(new for _, new, _ in work)):
-        i, ev = events.get(timeout=300)
-        got[i].append(ev.token_id)
-    engine.shutdown()
+    got = drive_engine(engine, [(prompt, new) for prompt, new, _ in work])
     assert engine.failure is None
     same = 0
     for (prompt, _, ref), out in zip(work, got):
