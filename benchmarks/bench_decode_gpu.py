@@ -12,6 +12,8 @@ GPU machine (runtime-only TVM; weights filled with random values on the device):
     python benchmarks/bench_decode_gpu.py --quant-only gpu_art/gen/llama1b_int4.llmc gpu_art/gen/llama1b_int8.llmc
         # weight-only quantized artifacts (llmc compile ... --quant int4 --group 128 --sym) against
         # the bf16 --art: decode steps at batch 1 and 16, same run
+    python benchmarks/bench_decode_gpu.py --quant-only gpu_art/p8/fp8.llmc --art gpu_art/p8/bf16.llmc --quant-prefill 8x512
+        # and prefill steps of 8 prompts x 512 tokens (artifacts compiled with --max-step-tokens 4096)
 
 Figures (ms are medians over the timed steps):
 - decode step, batch B at context C: token ids and page metadata copied in, the captured
@@ -206,19 +208,31 @@ def step_weight_bytes(llm) -> int:
                for t in llm.step.executor.device_tensors().values())
 
 
-def quant_decode(base, arts: list[str], steps: int, bw: float, rng) -> None:
-    """Decode steps of each quantized artifact against the bf16 one, loaded side by side."""
+def _prefill_shapes(llm, shapes) -> list[tuple[int, int]]:
+    return [(n, length) for n, length in shapes if n * length <= llm.spec.max_tokens and n <= llm.spec.max_seqs]
+
+
+def quant_decode(base, arts: list[str], steps: int, bw: float, rng, prefill_shapes=()) -> None:
+    """Decode steps (and with prefill_shapes, prefill steps: n prompts of length tokens, graph
+    replayed) of each quantized artifact against the bf16 one, loaded side by side."""
     import llmc
 
     shapes = ((1, 512), (16, 512))
     ref = {s: llmc_decode(base, *s, steps, rng)["step_ms"] for s in shapes}
+    pre = {s: prefill(base, *s, rng, profile=False)["step_ms"] for s in _prefill_shapes(base, prefill_shapes)}
     wb = step_weight_bytes(base)
     print(f"bf16: step weights {wb / 1e9:.3f} GB; " + ", ".join(f"batch {b} @ {c}: {ref[(b, c)]:.3f} ms"
-                                                              for b, c in shapes), flush=True)
+                                                              for b, c in shapes)
+          + "".join(f"; prefill {n} x {length}: {t:.3f} ms" for (n, length), t in pre.items()), flush=True)
     for art in arts:
         llm = llmc.load(art, device="cuda", kv_memory=1200 << 20)
         _zero_pool(llm)
         qb = step_weight_bytes(llm)
+        for (n, length), t in pre.items():
+            if (n, length) in _prefill_shapes(llm, [(n, length)]):
+                q = prefill(llm, n, length, rng, profile=False)["step_ms"]
+                print(json.dumps({"art": art, "prefill": f"{n}x{length}", "step_ms": q, "bf16_step_ms": t,
+                                  "speedup_vs_bf16": t / q}), flush=True)
         for b, c in shapes:
             r = llmc_decode(llm, b, c, steps, rng)
             print(json.dumps({"art": art, "batch": b, "context": c, "step_ms": r["step_ms"], "replay_ms": r["replay_ms"],
@@ -236,6 +250,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of decode steps, then stop")
     ap.add_argument("--quant-only", nargs="+", metavar="ART", help="quantized artifacts: decode against --art, then stop")
+    ap.add_argument("--quant-prefill", nargs="*", default=[], metavar="NxL",
+                    help="with --quant-only, also prefill steps of N prompts of L tokens (e.g. 8x512) against --art")
     a = ap.parse_args()
     import torch
     import transformers as T
@@ -252,7 +268,8 @@ def main() -> None:
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s; step weights {weight_bytes / 1e9:.3f} GB; "
           f"floor {weight_bytes / bw * 1e3:.3f} ms", flush=True)
     if a.quant_only:
-        return quant_decode(llm, a.quant_only, a.steps, bw, rng)
+        return quant_decode(llm, a.quant_only, a.steps, bw, rng,
+                            [tuple(int(v) for v in s.split("x")) for s in a.quant_prefill])
     shapes = [(b, c) for b, c in ((1, 512), (16, 512), (1, 8192)) if c + a.steps <= llm.spec.max_context]
     if a.profile:
         for batch, context in shapes:

@@ -4,6 +4,7 @@ of the copy bandwidth measured here.
 
     python benchmarks/bench_gemv_gpu.py [--shim gpu_art/gen/shim.so]
     python benchmarks/bench_gemv_gpu.py --quant [--rows 1 4 8]   # llmc_qgemv int8 / int4 against bf16
+    python benchmarks/bench_gemv_gpu.py --tensor-cores --rows 1 16 512 4096   # fp8, w8a8, 2:4, int4 vs bf16
 
 --quant times the weight-only quantized GEMV (llmc_qgemv: int8 per channel, int4 g128) against
 the shim's bf16 GEMM on the same shapes, and sums a Llama-3.2-1B decode step's matmuls (16 layers
@@ -28,6 +29,9 @@ def main() -> None:
     ap.add_argument("--shim", default="gpu_art/gen/shim.so")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--quant", action="store_true", help="llmc_qgemv int8 / int4 against the bf16 GEMM")
+    ap.add_argument("--tensor-cores", action="store_true",
+                    help="tensor-core routes against the bf16 GEMM at prefill and decode rows: fp8, w8a8, "
+                         "2:4 sparse, int4 dequantize + GEMM")
     a = ap.parse_args()
     import numpy as np
     import torch
@@ -50,6 +54,8 @@ def main() -> None:
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     if a.quant:
         return quant_main(shim, torch, np, bw, [m for m in a.rows if m <= 8])
+    if a.tensor_cores:
+        return tensor_core_main(shim, torch, np, a.rows)
     rows = []
     for name, K, N, layout in SHAPES:
         nbytes = K * N * 2
@@ -142,6 +148,45 @@ def quant_main(shim, torch, np, bw: float, rows: list[int]) -> None:
         st = step[m]
         print(f"decode step matmuls, M={m}: bf16 {st['bf16'] / 1e3:.3f} ms, int8 {st['int8'] / 1e3:.3f} ms "
               f"(x{st['bf16'] / st['int8']:.2f}), int4 g{group} {st['int4'] / 1e3:.3f} ms (x{st['bf16'] / st['int4']:.2f})")
+    print(json.dumps(out))
+
+
+def tensor_core_main(shim, torch, np, rows: list[int]) -> None:
+    """Per Llama-3.2-1B matmul shape and row count M: the bf16 cuBLASLt GEMM against llmc's
+    tensor-core routes on the same shape: fp8 e4m3 and w8a8 int8 (llmc_qgemm_a8: the row
+    quantization pass + cuBLASLt), 2:4 sparse bf16 (llmc_gemm_sparse24: cuSPARSELt), int4 g128
+    weight-only (llmc_qgemv; from 64 rows dequantize + cuBLASLt). Weights cycled past L2."""
+    from llmc.compiler.quant_layout import pack_int4
+    from llmc.passes.sparsify import magnitude_24
+
+    gemm, a8, sp, qgemv = shim["llmc_gemm_ex"], shim["llmc_qgemm_a8"], shim["llmc_gemm_sparse24"], shim["llmc_qgemv"]
+    out = []
+    for name, K, N, _ in SHAPES[:4]:
+        rng = np.random.default_rng(K + N)
+        copies = max(2, int(np.ceil(200e6 / (K * N * 2))))
+        w16 = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / 64 for _ in range(copies)]
+        w24 = [torch.from_numpy(magnitude_24(rng.standard_normal((N, K)).astype(np.float32) / 64)).to(
+            torch.bfloat16).cuda() for _ in range(copies)]
+        q8 = [torch.from_numpy(rng.integers(-127, 128, (N, K), dtype=np.int8)).cuda() for _ in range(copies)]
+        f8 = [torch.from_numpy(rng.integers(0, 0x7E, (N, K), dtype=np.uint8)).cuda() for _ in range(copies)]
+        s1 = torch.rand(N, 1, device="cuda", dtype=torch.bfloat16) / 100
+        q4 = [torch.from_numpy(pack_int4(rng.integers(0, 16, (N, K)))).cuda() for _ in range(copies)]
+        s4 = torch.rand(N, K // 128, device="cuda", dtype=torch.bfloat16) / 100
+        for m in rows:
+            x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
+            sx = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-6)
+            y = torch.empty(m, N, device="cuda", dtype=torch.bfloat16)
+            t = {"bf16": graph_time_us(torch, np, [lambda w=w: gemm(x, w, None, None, y, 1, 0) for w in w16]),
+                 "fp8": graph_time_us(torch, np, [lambda w=w: a8(x, w, s1, sx / 448, y, 1) for w in f8]),
+                 "w8a8": graph_time_us(torch, np, [lambda w=w: a8(x, w, s1, sx / 127, y, 0) for w in q8]),
+                 "sparse24": graph_time_us(torch, np, [lambda w=w: sp(x, w, None, None, y, 1) for w in w24]),
+                 "int4": graph_time_us(torch, np, [lambda w=w: qgemv(x, w, s4, None, y, 4, 128) for w in q4])}
+            r = {"shape": name, "K": K, "N": N, "M": m, **{f"{k}_us": v for k, v in t.items()},
+                 "bf16_TFLOPs": 2 * m * K * N / (t["bf16"] * 1e-6) / 1e12}
+            out.append(r)
+            print(f"{name:8s} M={m:5d}  bf16 {t['bf16']:8.1f} us ({r['bf16_TFLOPs']:.0f} TFLOP/s)  "
+                  + "  ".join(f"{k} {t[k]:8.1f} us x{t['bf16'] / t[k]:.2f}" for k in t if k != "bf16"), flush=True)
+        del w16, w24, q8, f8, q4
     print(json.dumps(out))
 
 

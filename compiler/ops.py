@@ -99,6 +99,9 @@ class InputAttrs:
 @dataclass(frozen=True)
 class WeightAttrs:
     name: str  # key into Graph.params
+    # 2 of every 4 consecutive elements along the consuming matmul's K are exact zeros
+    # (passes/sparsify.py): what a sparse tensor-core route may rely on
+    sparse24: bool = False
 
 
 @dataclass(frozen=True)

@@ -338,6 +338,20 @@ def sparsity_setup(sparsity: str | None, method: str | None, calib, calib_sample
     return scheme, (None if prune else method), calib_file
 
 
+def check_activation_quant(scheme, spec) -> None:
+    """W8A8 / FP8 quantize activations at run time: the CPU kernels (TVM) and the CUDA shim
+    (cuBLASLt int8 / float8 GEMMs, backends/cuda/shim/llmc_qgemm.cu) do; float8 tensor cores
+    start at sm_89."""
+    if scheme is None or not scheme.act_bits or spec.device == "cpu":
+        return
+    if spec.kind != "cuda":
+        raise LLMCError(f"quant={scheme.kind!r} (quantized activations) runs on the CPU and CUDA backends; the "
+                        f"{spec.kind} kernels take weight-only int8 / int4 (docs/quantization.md)")
+    sm = int(spec.arch.removeprefix("sm_")) if spec.arch.startswith("sm_") and spec.arch[3:].isdigit() else 0
+    if scheme.kind == "fp8" and sm and sm < 89:
+        raise LLMCError(f"quant='fp8' needs float8 tensor cores (sm_89 or newer); the target is {spec.arch}")
+
+
 def compression_setup(quant, sparsity, group, method, calib, calib_samples, symmetric, act_order: bool = False,
                       lm_head: bool = False):
     """(QuantScheme or None, SparsityScheme or None, calibration file or None), all checked
@@ -426,9 +440,7 @@ def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None
     spec = parse_target(target)  # fail fast on a bad target, before the slow capture
     scheme, sp, calib_file = compression_setup(quant, sparsity, group, method, calib, calib_samples, symmetric,
                                                lm_head=quant_lm_head)
-    if scheme is not None and scheme.act_bits and spec.device != "cpu":
-        raise LLMCError(f"quant={scheme.kind!r} (int8 activations) runs on the CPU backend so far; the {spec.device} "
-                        f"kernels take weight-only int8 / int4 (docs/quantization.md)")
+    check_activation_quant(scheme, spec)
     check_kv_cache_dtype(kv_cache_dtype, spec.device, generate is not False)
     for s in (scheme, sp):
         if s is not None and s.needs_calibration and tokenizer is None:

@@ -85,10 +85,11 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
     target = target_of(a)
     parse_target(target)
-    from .api import check_kv_cache_dtype, compression_setup, compression_windows
+    from .api import check_activation_quant, check_kv_cache_dtype, compression_setup, compression_windows
 
     scheme, sparsity, calib_file = compression_setup(a.quant, a.sparsity, a.group, a.method, a.calib,
                                                      a.calib_samples, a.sym, lm_head=a.quant_lm_head)  # before work
+    check_activation_quant(scheme, parse_target(target))
     check_kv_cache_dtype(a.kv_cache_dtype, parse_target(target).device, not a.no_generate)
     out_path = pathlib.Path(a.output)
     _check_output_folder(out_path, a.force)

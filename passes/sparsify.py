@@ -16,9 +16,10 @@ Methods:
   column's change (pruned to 0, or kept) is compensated on the columns not yet visited, as
   GPTQ does for rounding. Kept weights therefore move; pruned ones are exactly 0.
 
-The pruned weight is a new WEIGHT (`<name>.sparse24`), so the pass stays pure and a
-weight some other op reads keeps its dense values there. Nothing in the kernels changes:
-the CPU kernels compute the zeros (a sparse GEMM route is a backend's business).
+The pruned weight is a new WEIGHT (`<name>.sparse24`, its attrs' `sparse24` set), so the pass
+stays pure and a weight some other op reads keeps its dense values there. The CPU kernels
+compute the zeros; the CUDA backend routes a bf16/fp16 matmul over such a weight to
+cuSPARSELt's sparse tensor cores (backends/cuda/shim/llmc_sparse24.cu).
 """
 from __future__ import annotations
 
@@ -133,7 +134,7 @@ def sparsify_weights(graph: Graph, scheme: SparsityScheme, calibration: Sequence
         stored = stored if t.transposed else stored.T  # back to the weight's own layout
         name = _unique(f"{t.name}.sparse24", params)
         params[name] = np.ascontiguousarray(stored)
-        new_w = ir.weight_node(name, t.weight.type)
+        new_w = ir.weight_node(name, t.weight.type, sparse24=True)
         right = ir.node(t.mm.inputs[1].op, [new_w], t.mm.inputs[1].attrs, t.mm.inputs[1].where) \
             if t.transposed else new_w
         mapping[t.mm.uid] = ir.node(t.mm.op, [t.mm.inputs[0], right, *t.mm.inputs[2:]], t.mm.attrs, t.mm.where)

@@ -44,21 +44,29 @@ MAX_PLANS = 16  # a step function meets a decode shape per batch size and prefil
 
 
 CUBLASLT = ("libcublasLt.so.13", "libcublasLt.so.12")
+CUSPARSELT = ("libcusparseLt.so.0",)
 
 
-def preload_cublaslt() -> str | None:
-    """Load libcublasLt globally, by soname or else from pip's nvidia-* packages on sys.path
+def _preload(sonames: tuple[str, ...]) -> str | None:
+    """Load a CUDA library globally, by soname or else from pip's nvidia-* packages on sys.path
     (torch's CUDA libraries), so that the shim's dlopen by soname finds it; returns what was
     loaded, or None. Not needed when it is on the loader path or already loaded."""
-    found = (h for name in CUBLASLT for p in sys.path
+    found = (h for name in sonames for p in sys.path
              for h in sorted(glob.glob(os.path.join(p or ".", "nvidia", "*", "lib", name + "*"))))
-    for candidate in itertools.chain(CUBLASLT, found):
+    for candidate in itertools.chain(sonames, found):
         try:
             ctypes.CDLL(candidate, mode=ctypes.RTLD_GLOBAL)
             return candidate
         except OSError:
             pass
     return None
+
+
+def preload_cublaslt() -> str | None:
+    """libcublasLt (the shim's GEMMs) and, where present, libcusparseLt (its 2:4 sparse GEMMs,
+    optional: only a 2:4-routed artifact needs it); returns the cuBLASLt loaded, or None."""
+    _preload(CUSPARSELT)
+    return _preload(CUBLASLT)
 
 
 def import_tvm_cuda():
@@ -492,8 +500,12 @@ class GpuExecutor:
         return [(name, float(t)) for (_, _, name), t in zip(plan.launches, med)]
 
     def fill_random_weights(self, seed: int = 0) -> None:
-        """Fill every weight with N(0, 0.02) values (a tiled random block: cheap, no NaNs)."""
+        """Fill every weight with N(0, 0.02) values (a tiled random block: cheap, no NaNs). Two of
+        every four consecutive values are 0, so a weight the compiler routed to the 2:4 sparse
+        GEMM (its rows' length a multiple of 4) passes cuSPARSELt's pattern check; a dense
+        kernel's time does not depend on the values."""
         block = np.random.default_rng(seed).standard_normal(1 << 20, dtype=np.float32) * 0.02
+        block.reshape(-1, 4)[:, 2:] = 0
         for b in self._buffers:
             if b.role == "weight" and b.name in self.omitted and b.id not in self._shared:
                 shape, dtype = tuple(b.shape), self._numpy_dtype(b.dtype)

@@ -345,10 +345,27 @@ def _match_gemm(kernel: Kernel) -> Route | None:
             return None
         cur = n
     out = body[-1]
+    tensors = [(idx[a.uid], tuple(a.shape)), (idx[w.uid], tuple(w.shape)), bias, residual,
+               (idx[out.uid], tuple(out.shape))]
+    if sparse24_routable(w, act, m.dtype):
+        return Route(SPARSE24_FUNC, tensors, [trans_b], "cusparselt 2:4 gemm" + (" (W^T)" if trans_b else "")
+                     + (" +bias" if bias else "") + (" +residual" if residual else ""))
     label = "cublaslt gemm" + (" (W^T)" if trans_b else "") + (" +bias" if bias else "") + {0: "", 1: " +gelu", 2: " +relu"}[act] \
         + (" +residual" if residual else "")
-    return Route(GEMM_FUNC, [(idx[a.uid], tuple(a.shape)), (idx[w.uid], tuple(w.shape)), bias, residual,
-                             (idx[out.uid], tuple(out.shape))], [trans_b, act], label)
+    return Route(GEMM_FUNC, tensors, [trans_b, act], label)
+
+
+SPARSE24_FUNC = "llmc_gemm_sparse24"
+
+
+def sparse24_routable(w: Node, act: int, dtype: DType) -> bool:
+    """A matmul cuSPARSELt runs on the sparse tensor cores (llmc_gemm_sparse24): its weight is a
+    WEIGHT pruned 2:4 along K (passes/sparsify.py; stored [N, K] or [K, N], cuSPARSELt takes
+    either), half precision, both dims multiples of 32, no activation epilogue. Others stay
+    dense (cuBLASLt)."""
+    if not (w.op is Op.WEIGHT and w.attrs.sparse24 and not act and dtype in (DType.F16, DType.BF16)):
+        return False
+    return all(isinstance(d, int) and d % 32 == 0 for d in w.shape)
 
 
 def _match_attention(kernel: Kernel) -> Route | None:
@@ -493,6 +510,7 @@ def _match_paged(kernel: Kernel) -> Route | None:
 
 
 QGEMV_FUNC = "llmc_qgemv"
+QGEMM_A8_FUNC = "llmc_qgemm_a8"
 QMATMUL_DTYPES = frozenset({DType.F16, DType.BF16})
 
 
@@ -507,13 +525,20 @@ def check_qmatmul(m: Node) -> None:
     if m.dtype not in QMATMUL_DTYPES or any(i.dtype is not m.dtype for i in (m.inputs[0], *m.inputs[2:])):
         raise TargetError(f"quantized matmul {m.where or m.uid} on CUDA needs float16/bfloat16 activations and scales, "
                           f"got {m.dtype.value} (compile the model in half precision)")
+    if at.act_bits:  # llmc_qgemm_a8: cuBLASLt's int8 / float8 GEMMs want 16-byte rows of codes
+        n = m.inputs[1].shape[0]
+        if not isinstance(k, int) or k % 16 or not isinstance(n, int) or n % 8:
+            raise TargetError(f"quantized matmul {m.where or m.uid} on CUDA ({'fp8' if at.float8 else 'w8a8'}): K "
+                              f"({k}) must be a multiple of 16 and N ({n}) of 8")
+        return
     if not isinstance(k, int) or k % per or at.group % per:
         raise TargetError(f"quantized matmul {m.where or m.uid} on CUDA: K ({k}) and the group ({at.group}) must be "
                           f"multiples of {per} for {at.bits}-bit weights")
 
 
 def _match_qmatmul(kernel: Kernel) -> Route | None:
-    """A lone QMATMUL: one llmc_qgemv call over x viewed as [rows, K]."""
+    """A lone QMATMUL: one llmc_qgemv call (weight-only) or llmc_qgemm_a8 call (W8A8 / FP8) over x
+    viewed as [rows, K]."""
     body = _body(kernel)
     if len(body) != 1 or body[0].op is not Op.QMATMUL or kernel.outputs != (body[0],):
         return None
@@ -525,10 +550,16 @@ def _match_qmatmul(kernel: Kernel) -> Route | None:
     rows = 1
     for d in x.shape[:-1]:
         rows = rows * d
+    at = m.attrs
+    if at.act_bits:  # W8A8 / FP8: the 4th input is x's row scales [..., 1]
+        sx = m.inputs[3]
+        tensors = [(idx[x.uid], (rows, x.shape[-1]))] + [(idx[i.uid], tuple(i.shape)) for i in m.inputs[1:3]]
+        tensors += [(idx[sx.uid], (rows, 1)), (idx[m.uid], (rows, m.shape[-1]))]
+        what = "fp8 e4m3" if at.float8 else "w8a8 int8"
+        return Route(QGEMM_A8_FUNC, tensors, [int(at.float8)], f"{what} GEMM (cuBLASLt), activations quantized per row")
     zeros = m.inputs[3] if len(m.inputs) > 3 else None
     tensors = [(idx[x.uid], (rows, x.shape[-1]))] + [(idx[i.uid], tuple(i.shape)) for i in m.inputs[1:3]]
     tensors += [None if zeros is None else (idx[zeros.uid], tuple(zeros.shape)), (idx[m.uid], (rows, m.shape[-1]))]
-    at = m.attrs
     return Route(QGEMV_FUNC, tensors, [int(at.bits), int(at.group)],
                  f"int{at.bits} g{at.group} dequantizing gemv" + ("" if at.symmetric else " +zeros"))
 

@@ -284,3 +284,63 @@ def test_cuda_quantized_generation_routes_qmatmul_to_the_shim(tmp_path):
     assert packed and packed <= set(perf.weights.omitted)
     with pytest.raises(llmc.LLMCError, match="half precision"):
         llmc.compile(tiny_causal_lm("llama", hidden_size=128, head_dim=32), (ids,), generate=False, **kw)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["fp8", "w8a8"])
+def test_cuda_activation_quant_routes_qmatmul_to_cublaslt(tmp_path, quant):
+    """FP8 / W8A8 for CUDA: every QMATMUL of the forward and of the step function is one
+    llmc_qgemm_a8 call [x rows, qweight, scales, the rows' scales, y] with the float8 flag, and the
+    rows' scales stay a graph computation of their own (a TVM kernel) feeding it."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "helpers"))
+    from causal_lms import tiny_causal_lm
+
+    import llmc
+    from llmc.generation import GenerateOptions
+    from llmc.runtime.artifact_files import read_manifest
+
+    model = tiny_causal_lm("llama", hidden_size=128, head_dim=32).to(torch.bfloat16)
+    ids = torch.randint(3, 90, (1, 8))
+    cm = llmc.compile(model, (ids,), target="cuda:sm_90", dim_bounds={"batch": (1, 2), "seq": (1, 64)}, quant=quant,
+                      generate=GenerateOptions(max_tokens=32, max_seqs=4))
+    m = read_manifest(cm.export(tmp_path / "q.llmc"))
+    for program in (m.program, m.generation.program):
+        q = [k for k in program.kernels.values() if k.route == "shim" and k.func == "llmc_qgemm_a8"]
+        assert q and not [k for k in program.kernels.values() if k.func == "llmc_qgemv"]
+        for k in q:
+            assert tuple(k.scalars) == (int(quant == "fp8"),) and len(k.tensors) == 5
+            assert [len(t.shape) for t in k.tensors] == [2, 2, 2, 2, 2] and k.tensors[3].shape[1] == 1
+
+
+@pytest.mark.slow
+def test_cuda_sparse24_routes_pruned_matmuls_to_cusparselt(tmp_path):
+    """--sparsity 2:4 for CUDA: each pruned matmul whose N and K are multiples of 32 is one
+    llmc_gemm_sparse24 call (the pruned weight as W [N, K]), the LM head (not pruned) stays a
+    cuBLASLt GEMM, and the pruned weights marked sparse24 in the graph are the routes' weights."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "helpers"))
+    from causal_lms import tiny_causal_lm
+
+    import llmc
+    from llmc.compiler.ops import Op
+    from llmc.runtime.artifact_files import read_manifest
+
+    model = tiny_causal_lm("llama", hidden_size=128, head_dim=32, intermediate_size=256).to(torch.bfloat16)
+    ids = torch.randint(3, 90, (1, 8))
+    cm = llmc.compile(model, (ids,), target="cuda:sm_90", dim_bounds={"batch": (1, 2), "seq": (1, 64)},
+                      sparsity="2:4", generate=False)
+    marked = {n.attrs.name for n in cm.program.graph.nodes() if n.op is Op.WEIGHT and n.attrs.sparse24}
+    assert marked and all(name.endswith(".sparse24") for name in marked)
+    m = read_manifest(cm.export(tmp_path / "s.llmc"))
+    names = {b.id: b.name for b in m.program.buffers}
+    sparse = [k for k in m.program.kernels.values() if k.route == "shim" and k.func == "llmc_gemm_sparse24"]
+    dense = [k for k in m.program.kernels.values() if k.route == "shim" and k.func == "llmc_gemm_ex"]
+    calls = {c.kernel: c.args for c in m.program.calls}
+    sparse_calls = [c for c in m.program.calls if c.kernel in {k.name for k in sparse}]
+    assert len(sparse) == 4 and len(sparse_calls) == 4 * 2 and dense  # qkv, o, gate_up, down (kernels shared
+    # by both layers); the LM head dense
+    for k in sparse:
+        assert names[calls[k.name][k.tensors[1].arg]] in marked and tuple(k.scalars) in ((0,), (1,))

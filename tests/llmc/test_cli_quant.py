@@ -19,6 +19,8 @@ import pytest
     (["--kv-cache-dtype", "int4"], "unknown KV cache dtype 'int4'"),
     (["--kv-cache-dtype", "int8", "--no-generate"], "belongs to the step function"),
     (["--kv-cache-dtype", "fp8", "--target", "cuda"], "runs on the CPU backend so far"),
+    (["--quant", "fp8", "--target", "cuda:sm_80"], "needs float8 tensor cores (sm_89 or newer)"),
+    (["--quant", "w8a8", "--target", "rocm:gfx942"], "runs on the CPU and CUDA backends"),
 ])
 def test_bad_quant_options_fail_before_loading(tmp_path, args, msg):
     (tmp_path / "EMPTY").write_text("")

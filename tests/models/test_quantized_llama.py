@@ -24,7 +24,8 @@ def model():
     return transformers.AutoModelForCausalLM.from_config(cfg).eval()
 
 
-@pytest.fixture(scope="module", params=[("int8", None, 0.02), ("int4", 32, 0.25)], ids=["int8", "int4_g32"])
+@pytest.fixture(scope="module", params=[("int8", None, 0.02), ("int4", 32, 0.25), ("w8a8", None, 0.05),
+                                        ("fp8", None, 0.1)], ids=["int8", "int4_g32", "w8a8", "fp8"])
 def compiled(request, model):
     quant, group, tol = request.param
     ids = torch.randint(0, VOCAB, (1, 12))
@@ -37,7 +38,7 @@ def test_kernels_match_the_dequantized_reference(model, compiled):
     quant, tol, cm = compiled
     g = cm.program.graph
     q = [n for n in g.nodes() if n.op is Op.QMATMUL]
-    assert len(q) == 8 and all(n.attrs.bits == (8 if quant == "int8" else 4) for n in q)  # qkv, o, gate_up, down x 2
+    assert len(q) == 8 and all(n.attrs.bits == (4 if quant == "int4" else 8) for n in q)  # qkv, o, gate_up, down x 2
     assert sum(n.op is Op.MATMUL for n in g.nodes()) == 1  # the LM head stays float
     ids = np.random.default_rng(5).integers(0, VOCAB, (2, 23))
     got = cm(ids)[0]
@@ -61,7 +62,7 @@ def test_artifact_stores_packed_weights_and_runs_without_the_compiler(compiled, 
     art = cm.export(tmp_path / "q.llmc")
     ws = load_file(str(art / "weights.safetensors"))
     packed = [a for k, a in ws.items() if k.endswith(".qweight")]
-    assert packed and all(a.dtype == (np.int8 if quant == "int8" else np.uint8) for a in packed)
+    assert packed and all(a.dtype == (np.int8 if quant in ("int8", "w8a8") else np.uint8) for a in packed)
     ids = np.random.default_rng(6).integers(0, VOCAB, (1, 9))
     np.save(tmp_path / "ids.npy", ids)
     code = ("import sys, numpy as np, llmc; m = llmc.load(sys.argv[1]); "
@@ -77,7 +78,8 @@ def test_artifact_stores_packed_weights_and_runs_without_the_compiler(compiled, 
 
 
 def test_generate_through_the_quantized_step_function(compiled):
-    """Greedy tokens from the step function (paged KV cache, quantized matmuls) are the argmax
+    """Greedy tokens from the step function (paged KV cache, quantized matmuls; W8A8 / FP8 scale
+    each token's activations by their own max, so a step's rows stay independent) are the argmax
     of the quantized forward's logits at every position."""
     _, _, cm = compiled
     prompt = [5, 17, 3, 99]

@@ -78,6 +78,9 @@ def test_before_after_on_the_graph():
     up, down = out.params["up.weight.sparse24"], out.params["down.weight.sparse24"]
     assert np.all(_zeros_per_4(up.T) == 2) and np.all(_zeros_per_4(down) == 2)  # along K of each output row
     np.testing.assert_array_equal(out.params["head.weight"], g.params["head.weight"])  # the LM head stays dense
+    marked = {n.attrs.name for n in out.nodes() if n.op is Op.WEIGHT and n.attrs.sparse24}
+    assert marked == {"up.weight.sparse24", "down.weight.sparse24"}  # what a sparse GEMM route may rely on
+    assert not any(n.op is Op.WEIGHT and n.attrs.sparse24 for n in g.nodes())
     # the pruned graph computes the original graph with the numpy-pruned weights
     ref = dict(g.params, **{"up.weight": magnitude_24(g.params["up.weight"].T).T,
                             "down.weight": magnitude_24(g.params["down.weight"])})

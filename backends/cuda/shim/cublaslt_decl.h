@@ -39,9 +39,11 @@ typedef struct {
 namespace llmc_lt {
 
 constexpr int kStatusSuccess = 0;        // CUBLAS_STATUS_SUCCESS
+constexpr int kStatusNotSupported = 15;  // CUBLAS_STATUS_NOT_SUPPORTED
 constexpr int kOpN = 0;                  // CUBLAS_OP_N
 constexpr int kOpT = 1;                  // CUBLAS_OP_T
 constexpr int kCompute32F = 68;          // CUBLAS_COMPUTE_32F
+constexpr int kCompute32I = 72;          // CUBLAS_COMPUTE_32I (int8 x int8 -> int32)
 
 // cublasLtMatmulDescAttributes_t
 constexpr int kDescTransA = 3;           // int32_t
@@ -49,6 +51,14 @@ constexpr int kDescTransB = 4;           // int32_t
 constexpr int kDescEpilogue = 7;         // uint32_t
 constexpr int kDescBiasPointer = 8;      // const void*
 constexpr int kDescBiasDataType = 26;    // int32_t (cudaDataType)
+constexpr int kDescAScalePointer = 17;   // const void* (float8 inputs: float scales)
+constexpr int kDescBScalePointer = 18;
+constexpr int kDescAScaleMode = 31;      // int32_t (cublasLtMatmulMatrixScale_t)
+constexpr int kDescBScaleMode = 32;
+
+// cublasLtMatmulMatrixScale_t
+constexpr int32_t kScaleScalar32F = 0;   // one float for the whole matrix
+constexpr int32_t kScaleOuterVec32F = 3; // one float per row of op(A) / per column of op(B)
 
 // cublasLtEpilogue_t
 constexpr uint32_t kEpiDefault = 1;

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cublaslt_decl.h"
+#include "llmc_lt.h"
 #include "llmc_shim_common.h"
 
 namespace llmc_shim {
@@ -144,11 +145,12 @@ struct PlanKey {
   uint32_t align_a, align_b, align_c, align_d, align_bias;
   bool operator==(const PlanKey& o) const { return std::memcmp(this, &o, sizeof(PlanKey)) == 0; }
 };
-struct PlanKeyHash {
-  size_t operator()(const PlanKey& k) const {
+struct PlanKeyHash {  // FNV-1a over the key's bytes (keys are memset before filling: no padding garbage)
+  template <typename Key>
+  size_t operator()(const Key& k) const {
     const unsigned char* p = reinterpret_cast<const unsigned char*>(&k);
     size_t h = 1469598103934665603ull;
-    for (size_t i = 0; i < sizeof(PlanKey); ++i) h = (h ^ p[i]) * 1099511628211ull;
+    for (size_t i = 0; i < sizeof(Key); ++i) h = (h ^ p[i]) * 1099511628211ull;
     return h;
   }
 };
@@ -320,6 +322,100 @@ void gemm_impl(DLTensor* A, DLTensor* B, DLTensor* bias, DLTensor* R, DLTensor* 
   LLMC_LT_CHECK(api, api.Matmul(ds.handle, p.desc, &alpha, b.ptr, p.la, a.ptr, p.lb, &beta, c_in, p.lc, c.ptr, p.ld,
                                 &p.algo, ds.workspace, kWorkspaceBytes, stream));
 }
+
+// ---- the internal NT matmul of the quantized routes (llmc_lt.h) ------------------------------
+struct NTKey {
+  int dev, a_type, w_type, d_type, scaled;
+  int64_t m, n, k, lda, ldw, ldd;
+  uint32_t align_a, align_w, align_d;
+  bool operator==(const NTKey& o) const { return std::memcmp(this, &o, sizeof(NTKey)) == 0; }
+};
+struct NTPlan {
+  bool found = false;  // cuBLASLt had an algorithm (remembered either way: no repeated queries)
+  Plan p;
+};
+std::unordered_map<NTKey, NTPlan, PlanKeyHash> g_nt_plans;
+
+}  // namespace
+
+bool lt_matmul_nt(int dev, cudaStream_t stream, const LtNT& q) {
+  const bool integer = q.a_type == CUDA_R_8I;
+  const bool scaled = q.a_scale != nullptr || q.w_scale != nullptr;
+  LLMC_CHECK(q.a_type == q.w_type) << "lt_matmul_nt: A and W types differ";
+  LLMC_CHECK(!(integer && scaled)) << "lt_matmul_nt: int8 takes no outer-vector scales";
+  LLMC_CHECK(!scaled || (q.a_scale != nullptr && q.w_scale != nullptr)) << "lt_matmul_nt: both scales or none";
+  if (q.m == 0 || q.n == 0) return true;
+  NTKey key;
+  std::memset(&key, 0, sizeof(key));
+  key.dev = dev;
+  key.a_type = int(q.a_type); key.w_type = int(q.w_type); key.d_type = int(q.d_type);
+  key.scaled = scaled;
+  key.m = q.m; key.n = q.n; key.k = q.k; key.lda = q.lda; key.ldw = q.ldw; key.ldd = q.ldd;
+  key.align_a = alignment_of(q.a); key.align_w = alignment_of(q.w); key.align_d = alignment_of(q.d);
+
+  std::lock_guard<std::mutex> lock(g_mu);
+  const LtApi& api = lt_api_locked();
+  DeviceState& ds = device_state_locked(dev);
+  auto it = g_nt_plans.find(key);
+  if (it == g_nt_plans.end()) {
+    NTPlan np;
+    Plan& p = np.p;
+    const cudaDataType_t scale_t = integer ? CUDA_R_32I : CUDA_R_32F;
+    LLMC_LT_CHECK(api, api.MatmulDescCreate(&p.desc, integer ? llmc_lt::kCompute32I : llmc_lt::kCompute32F, scale_t));
+    int32_t ta = llmc_lt::kOpT, tb = llmc_lt::kOpN;  // cuBLASLt's A := W (K x N stored), B := A (K x M stored)
+    LLMC_LT_CHECK(api, api.MatmulDescSetAttribute(p.desc, llmc_lt::kDescTransA, &ta, sizeof(ta)));
+    LLMC_LT_CHECK(api, api.MatmulDescSetAttribute(p.desc, llmc_lt::kDescTransB, &tb, sizeof(tb)));
+    if (scaled) {
+      const int32_t mode = llmc_lt::kScaleOuterVec32F;
+      LLMC_LT_CHECK(api, api.MatmulDescSetAttribute(p.desc, llmc_lt::kDescAScaleMode, &mode, sizeof(mode)));
+      LLMC_LT_CHECK(api, api.MatmulDescSetAttribute(p.desc, llmc_lt::kDescBScaleMode, &mode, sizeof(mode)));
+      LLMC_LT_CHECK(api, api.MatmulDescSetAttribute(p.desc, llmc_lt::kDescAScalePointer, &q.w_scale, sizeof(void*)));
+      LLMC_LT_CHECK(api, api.MatmulDescSetAttribute(p.desc, llmc_lt::kDescBScalePointer, &q.a_scale, sizeof(void*)));
+    }
+    LLMC_LT_CHECK(api, api.MatrixLayoutCreate(&p.la, q.w_type, q.k, q.n, q.ldw));
+    LLMC_LT_CHECK(api, api.MatrixLayoutCreate(&p.lb, q.a_type, q.k, q.m, q.lda));
+    LLMC_LT_CHECK(api, api.MatrixLayoutCreate(&p.lc, q.d_type, q.n, q.m, q.ldd));
+    LLMC_LT_CHECK(api, api.MatrixLayoutCreate(&p.ld, q.d_type, q.n, q.m, q.ldd));
+    llmc_cublasLtMatmulPreference_t pref = nullptr;
+    LLMC_LT_CHECK(api, api.PreferenceCreate(&pref));
+    uint64_t ws = kWorkspaceBytes;
+    LLMC_LT_CHECK(api, api.PreferenceSetAttribute(pref, llmc_lt::kPrefMaxWorkspaceBytes, &ws, sizeof(ws)));
+    const uint32_t al[4] = {key.align_w, key.align_a, key.align_d, key.align_d};
+    const int al_attr[4] = {llmc_lt::kPrefMinAlignA, llmc_lt::kPrefMinAlignB, llmc_lt::kPrefMinAlignC,
+                            llmc_lt::kPrefMinAlignD};
+    for (int i = 0; i < 4; ++i)
+      LLMC_LT_CHECK(api, api.PreferenceSetAttribute(pref, al_attr[i], &al[i], sizeof(uint32_t)));
+    llmc_cublasLtMatmulHeuristicResult_t res[1];
+    std::memset(res, 0, sizeof(res));
+    int found = 0;
+    llmc_cublasStatus_t st = api.AlgoGetHeuristic(ds.handle, p.desc, p.la, p.lb, p.lc, p.ld, pref, 1, res, &found);
+    api.PreferenceDestroy(pref);
+    np.found = st == llmc_lt::kStatusSuccess && found > 0;
+    if (np.found) p.algo = res[0].algo;
+    it = g_nt_plans.emplace(key, np).first;
+  }
+  Plan& p = it->second.p;
+  if (!it->second.found) return false;
+  if (scaled) {  // the pointers may differ between calls of one plan
+    LLMC_LT_CHECK(api, api.MatmulDescSetAttribute(p.desc, llmc_lt::kDescAScalePointer, &q.w_scale, sizeof(void*)));
+    LLMC_LT_CHECK(api, api.MatmulDescSetAttribute(p.desc, llmc_lt::kDescBScalePointer, &q.a_scale, sizeof(void*)));
+  }
+  DeviceGuard guard(dev);
+  const float alpha_f = 1.0f, beta_f = 0.0f;
+  const int32_t alpha_i = 1, beta_i = 0;
+  const void* alpha = integer ? static_cast<const void*>(&alpha_i) : static_cast<const void*>(&alpha_f);
+  const void* beta = integer ? static_cast<const void*>(&beta_i) : static_cast<const void*>(&beta_f);
+  const llmc_cublasStatus_t st = api.Matmul(ds.handle, p.desc, alpha, q.w, p.la, q.a, p.lb, beta, q.d, p.lc, q.d, p.ld,
+                                            &p.algo, ds.workspace, kWorkspaceBytes, stream);
+  if (st == llmc_lt::kStatusNotSupported && scaled) {  // an algorithm the heuristic offered but Matmul refuses
+    it->second.found = false;
+    return false;
+  }
+  LLMC_LT_CHECK(api, st);
+  return true;
+}
+
+namespace {
 
 void Gemm(DLTensor* A, DLTensor* B, DLTensor* C) { gemm_impl(A, B, nullptr, nullptr, C, 0, 0); }
 void GemmNT(DLTensor* A, DLTensor* W, DLTensor* C) { gemm_impl(A, W, nullptr, nullptr, C, 1, 0); }

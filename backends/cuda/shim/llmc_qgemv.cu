@@ -22,6 +22,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "llmc_lt.h"
 #include "llmc_shim_common.h"
 
 namespace llmc_shim_qgemv {
@@ -31,7 +32,10 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kLoads = 8;    // 16-byte weight loads in flight per lane before any math
 constexpr int kMaxRows = 8;
-constexpr int kWideRows = 4;  // output channels per warp when a row is too short to fill kLoads alone
+constexpr int kWideRows = 4;
+// From this many rows on (prefill), W is dequantized into a scratch slab and multiplied on tensor
+// cores (llmc_qgemm.cu): the GEMV streams the weights once per 8 rows.
+constexpr int64_t kGemmRows = 64;  // output channels per warp when a row is too short to fill kLoads alone
 
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -301,6 +305,11 @@ void QGemv(DLTensor* x, DLTensor* qw, DLTensor* s, tvm::ffi::AnyView z_any, DLTe
   const int dev = x->device.device_id;
   DeviceGuard guard(dev);
   cudaStream_t stream = current_stream(dev);
+  if (rows >= kGemmRows) {
+    qmatmul_dequant_gemm(dev, stream, dt == DT::kF16 ? CUDA_R_16F : CUDA_R_16BF, int(bits), data_of(x), data_of(qw),
+                         data_of(s), z ? data_of(z) : nullptr, data_of(y), rows, n, K, group);
+    return;
+  }
   if (dt == DT::kF16) launch<__half>(int(bits), rows, x, qw, s, z, y, int(n), int(K), int(group), stream);
   else launch<__nv_bfloat16>(int(bits), rows, x, qw, s, z, y, int(n), int(K), int(group), stream);
 }

@@ -5,9 +5,12 @@
 #include <cuda_runtime.h>
 #include "cublaslt_decl.h"
 #include <cublasLt.h>
-static_assert(llmc_lt::kStatusSuccess == CUBLAS_STATUS_SUCCESS, "");
+static_assert(llmc_lt::kStatusSuccess == CUBLAS_STATUS_SUCCESS && llmc_lt::kStatusNotSupported == CUBLAS_STATUS_NOT_SUPPORTED, "");
 static_assert(llmc_lt::kOpN == CUBLAS_OP_N && llmc_lt::kOpT == CUBLAS_OP_T, "");
-static_assert(llmc_lt::kCompute32F == CUBLAS_COMPUTE_32F, "");
+static_assert(llmc_lt::kCompute32F == CUBLAS_COMPUTE_32F && llmc_lt::kCompute32I == CUBLAS_COMPUTE_32I, "");
+static_assert(llmc_lt::kDescAScalePointer == CUBLASLT_MATMUL_DESC_A_SCALE_POINTER && llmc_lt::kDescBScalePointer == CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, "");
+static_assert(llmc_lt::kDescAScaleMode == CUBLASLT_MATMUL_DESC_A_SCALE_MODE && llmc_lt::kDescBScaleMode == CUBLASLT_MATMUL_DESC_B_SCALE_MODE, "");
+static_assert(llmc_lt::kScaleScalar32F == CUBLASLT_MATMUL_MATRIX_SCALE_SCALAR_32F && llmc_lt::kScaleOuterVec32F == CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F, "");
 static_assert(llmc_lt::kDescTransA == CUBLASLT_MATMUL_DESC_TRANSA && llmc_lt::kDescTransB == CUBLASLT_MATMUL_DESC_TRANSB, "");
 static_assert(llmc_lt::kDescEpilogue == CUBLASLT_MATMUL_DESC_EPILOGUE && llmc_lt::kDescBiasPointer == CUBLASLT_MATMUL_DESC_BIAS_POINTER, "");
 static_assert(llmc_lt::kDescBiasDataType == CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, "");

@@ -65,6 +65,18 @@ def test_cublaslt_declarations_match_headers(tmp_path):
                     "-o", str(tmp_path / "chk.o")], check=True)
 
 
+def test_cusparselt_declarations_match_headers(tmp_path):
+    """Same for cuSPARSELt (LLMC_CUSPARSELT_INCLUDE=<dir with cusparseLt.h>, e.g. from the
+    nvidia-cusparselt-cu13 wheel)."""
+    inc = os.environ.get("LLMC_CUSPARSELT_INCLUDE")
+    if not inc or not os.path.exists(os.path.join(inc, "cusparseLt.h")):
+        pytest.skip("no cuSPARSELt header here (set LLMC_CUSPARSELT_INCLUDE)")
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    shim_dir = HERE.parents[2] / "backends" / "cuda" / "shim"
+    subprocess.run([nvcc, "-std=c++17", f"-I{shim_dir}", f"-I{inc}", "-c", str(HERE / "cusparselt_decl_check.cu"),
+                    "-o", str(tmp_path / "chk.o")], check=True)
+
+
 def test_cuda_graph_module_imports_without_gpu(cuda_graph_mod):
     try:
         rt = cuda_graph_mod.cudart()

@@ -50,3 +50,19 @@ def test_token_mixing_is_refused(build, match):
         return
     with pytest.raises(LLMCError, match=match):
         check_tokenwise(g, {"tokens"})
+
+
+def test_quantized_matmul_row_scales_are_per_token():
+    """A W8A8 / FP8 QMATMUL's 4th input holds one scale per row of x (per token): token-wise, unlike
+    its weight operands, which are contracted whole (a weight-only QMATMUL's 4th input is its zero
+    points, a weight)."""
+    from llmc.compiler.ops import QMatmulAttrs
+
+    qw = weight_node("q", TensorType((8, 16), DType.I8))
+    s = weight_node("s", TensorType((8, 1), DType.F32))
+
+    def build(x):
+        sx = node(Op.MAX, [node(Op.ABS, [x])], ReduceAttrs((2,), True))
+        return node(Op.QMATMUL, [x, qw, s, sx], QMatmulAttrs(8, 16, True, DType.F32, 8), where="mm")
+
+    check_tokenwise(_graph(build), {"tokens"})

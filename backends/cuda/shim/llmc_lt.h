@@ -1,0 +1,49 @@
+// llmc CUDA shim: the internal matmul interface the quantized entry points share with
+// llmc_gemm.cu (which owns the cuBLASLt library, handles and plan cache), and their scratch.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <library_types.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace llmc_shim {
+
+// D[M, N] = A[M, K] @ W[N, K]^T, all row-major with the given row strides (elements), and, where
+// given, float scales per row of A (a_scale [M]) and per row of W (w_scale [N]) applied to the
+// products: cuBLASLt's outer-vector scaling (float8 inputs). Types: bf16/fp16 (float compute),
+// float8 e4m3 (float compute, D bf16/fp16) or int8 (int32 compute, D int32).
+struct LtNT {
+  const void* a = nullptr;
+  cudaDataType_t a_type = CUDA_R_16BF;
+  int64_t lda = 0;
+  const void* w = nullptr;
+  cudaDataType_t w_type = CUDA_R_16BF;
+  int64_t ldw = 0;
+  void* d = nullptr;
+  cudaDataType_t d_type = CUDA_R_16BF;
+  int64_t ldd = 0;
+  int64_t m = 0, n = 0, k = 0;
+  const float* a_scale = nullptr;
+  const float* w_scale = nullptr;
+};
+
+// Enqueues the matmul on `stream`. Returns false, enqueuing nothing, when cuBLASLt has no
+// algorithm for the problem (the caller may fall back, e.g. to unscaled products); throws on
+// any other failure. The plan (descriptors, algorithm) is cached per problem.
+bool lt_matmul_nt(int dev, cudaStream_t stream, const LtNT& p);
+
+// A device buffer of at least `bytes` for (dev, stream, slot), kept between calls. It grows only
+// at a call outside CUDA-graph capture (the first eager run of a shape); a buffer it outgrew is
+// kept alive, since graphs captured earlier still address it.
+void* scratch(int dev, cudaStream_t stream, int slot, size_t bytes);
+
+// Weight-only quantized matmul y[M, N] = x[M, K] @ dequant(W)^T for many rows: W dequantized into
+// scratch in slabs of output channels, then tensor-core GEMMs (llmc_qgemm.cu). T: __half or
+// __nv_bfloat16 as `half_dtype` says.
+void qmatmul_dequant_gemm(int dev, cudaStream_t stream, cudaDataType_t half_dtype, int bits, const void* x,
+                          const void* qw, const void* scales, const void* zeros, void* y, int64_t rows, int64_t n,
+                          int64_t k, int64_t group);
+
+}  // namespace llmc_shim

@@ -1,0 +1,268 @@
+// llmc CUDA shim: GEMMs whose weight is 2:4 sparse along K, on the sparse tensor cores through
+// cuSPARSELt (dlopen'ed at first use, like cuBLASLt).
+//
+//   llmc_gemm_sparse24(A [.., K], W, bias [N] or None, residual [.., N] or None, C [.., N], trans_b)
+//     C = A @ op(W) + bias + residual; trans_b 1: W [N, K] (op = transpose), 0: W [K, N] (as llmc
+//     stores a folded nn.Linear weight); W holds exact zeros in 2 of every 4 consecutive k of each
+//     output channel (passes/sparsify.py); A, W, bias, residual, C float16 or bfloat16 alike,
+//     float accumulation.
+//
+// The first call with a weight checks its pattern (cusparseLtSpMMAPruneCheck2: a weight that is
+// not 2:4 is an error, never silently wrong) and compresses it once into a device buffer kept for
+// the process (half the values plus 2-bit indices); later calls, graph replays included, read
+// the compressed copy. That first call is eager (the runtime runs a shape once before capturing
+// it), so the synchronizing compression never lands inside a CUDA graph. The dense weight stays
+// allocated: its buffer is the route's input and the key of its compressed copy.
+//
+// Layout: row-major C = A op(W) is column-major C^T = op(W)^T op_N(A), the structured matrix being
+// cuSPARSELt's A := W, as llmc_gemm.cu maps cuBLASLt: W [N, K] is a K x N column-major matrix
+// taken transposed, W [K, N] an N x K one taken as is; either way 2:4 runs along K.
+#include <dlfcn.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cusparselt_decl.h"
+#include "llmc_lt.h"
+#include "llmc_shim_common.h"
+
+namespace llmc_shim_sparse24 {
+using namespace llmc_shim;
+namespace {
+
+struct SpApi {
+  void* lib = nullptr;
+  std::string error;
+  llmc_sp::InitFn Init = nullptr;
+  llmc_sp::GetErrorStringFn GetErrorString = nullptr;
+  llmc_sp::DenseDescriptorInitFn DenseDescriptorInit = nullptr;
+  llmc_sp::StructuredDescriptorInitFn StructuredDescriptorInit = nullptr;
+  llmc_sp::MatmulDescriptorInitFn MatmulDescriptorInit = nullptr;
+  llmc_sp::MatmulDescSetAttributeFn MatmulDescSetAttribute = nullptr;
+  llmc_sp::MatmulAlgSelectionInitFn MatmulAlgSelectionInit = nullptr;
+  llmc_sp::MatmulPlanInitFn MatmulPlanInit = nullptr;
+  llmc_sp::MatmulGetWorkspaceFn MatmulGetWorkspace = nullptr;
+  llmc_sp::MatmulFn Matmul = nullptr;
+  llmc_sp::PruneCheck2Fn PruneCheck2 = nullptr;
+  llmc_sp::CompressedSize2Fn CompressedSize2 = nullptr;
+  llmc_sp::Compress2Fn Compress2 = nullptr;
+};
+
+std::mutex g_mu;
+SpApi g_api;
+bool g_tried = false;
+
+template <typename F>
+bool sym(void* lib, const char* name, F* out) {
+  *out = reinterpret_cast<F>(dlsym(lib, name));
+  return *out != nullptr;
+}
+
+// LLMC_CUSPARSELT (a path) wins; then the soname (pip's nvidia-cusparselt package is found and
+// preloaded by runtime/gpu.py:preload_cuda_libraries).
+const SpApi& api_locked() {
+  if (!g_tried) {
+    g_tried = true;
+    std::vector<std::string> names;
+    if (const char* env = std::getenv("LLMC_CUSPARSELT")) names.push_back(env);
+    names.insert(names.end(), {"libcusparseLt.so.0", "libcusparseLt.so"});
+    for (const auto& n : names) {
+      void* h = dlopen(n.c_str(), RTLD_NOW | RTLD_GLOBAL);
+      if (h == nullptr) {
+        const char* e = dlerror();
+        g_api.error += n + ": " + (e ? e : "not found") + "; ";
+        continue;
+      }
+      SpApi a;
+      a.lib = h;
+      bool ok = sym(h, "cusparseLtInit", &a.Init) && sym(h, "cusparseLtGetErrorString", &a.GetErrorString) &&
+                sym(h, "cusparseLtDenseDescriptorInit", &a.DenseDescriptorInit) &&
+                sym(h, "cusparseLtStructuredDescriptorInit", &a.StructuredDescriptorInit) &&
+                sym(h, "cusparseLtMatmulDescriptorInit", &a.MatmulDescriptorInit) &&
+                sym(h, "cusparseLtMatmulDescSetAttribute", &a.MatmulDescSetAttribute) &&
+                sym(h, "cusparseLtMatmulAlgSelectionInit", &a.MatmulAlgSelectionInit) &&
+                sym(h, "cusparseLtMatmulPlanInit", &a.MatmulPlanInit) &&
+                sym(h, "cusparseLtMatmulGetWorkspace", &a.MatmulGetWorkspace) &&
+                sym(h, "cusparseLtMatmul", &a.Matmul) && sym(h, "cusparseLtSpMMAPruneCheck2", &a.PruneCheck2) &&
+                sym(h, "cusparseLtSpMMACompressedSize2", &a.CompressedSize2) &&
+                sym(h, "cusparseLtSpMMACompress2", &a.Compress2);
+      if (ok) {
+        g_api = a;
+        break;
+      }
+      g_api.error += n + ": missing symbols (cuSPARSELt older than 0.6?); ";
+    }
+  }
+  if (g_api.lib == nullptr) TVM_FFI_THROW(RuntimeError) << "llmc shim: cuSPARSELt is not available: " << g_api.error;
+  return g_api;
+}
+
+#define LLMC_SP_CHECK(api, expr)                                                                      \
+  do {                                                                                                \
+    llmc_cusparseStatus_t st__ = (expr);                                                              \
+    if (st__ != llmc_sp::kSuccess) {                                                                  \
+      TVM_FFI_THROW(RuntimeError) << "llmc shim: " #expr " failed: status " << st__ << " ("           \
+                                  << (api).GetErrorString(st__) << ")";                               \
+    }                                                                                                 \
+  } while (0)
+
+constexpr int kMaxDevices = 64;
+struct DevState {
+  bool ready = false;
+  llmc_cusparseLtHandle_t handle;
+};
+DevState g_dev[kMaxDevices];
+
+// The compressed copy of one weight, keyed by (device, its buffer, its shape and dtype).
+struct Compressed {
+  llmc_cusparseLtMatDescriptor_t desc;
+  void* data = nullptr;
+};
+std::map<std::tuple<int, const void*, int64_t, int64_t, int, int>, Compressed> g_weights;  // + dtype, op
+
+struct Plan {
+  llmc_cusparseLtMatDescriptor_t b, c;
+  llmc_cusparseLtMatmulDescriptor_t mm;
+  llmc_cusparseLtMatmulAlgSelection_t alg;
+  llmc_cusparseLtMatmulPlan_t plan;
+  size_t workspace = 0;
+};
+// (device, weight, op, M, lda, ldc, bias, residual) -> plan
+std::map<std::tuple<int, const void*, int, int64_t, int64_t, int64_t, const void*, bool>, Plan> g_plans;
+
+cudaDataType_t cuda_type(DT d) { return d == DT::kF16 ? CUDA_R_16F : CUDA_R_16BF; }
+
+struct Rows {  // a tensor as [rows, cols] with a row stride (leading dims collapsed, last contiguous)
+  char* ptr;
+  int64_t rows, cols, ld;
+};
+
+Rows rows_of(const DLTensor* t, const char* name) {
+  LLMC_CHECK(t->ndim >= 2) << name << " must have at least 2 dims, got " << shape_str(t);
+  const int nd = t->ndim;
+  LLMC_CHECK(t->shape[nd - 1] <= 1 || stride_of(t, nd - 1) == 1) << name << ": last dim must be contiguous";
+  int64_t rows = 1;
+  for (int i = 0; i < nd - 1; ++i) rows *= t->shape[i];
+  for (int i = 0; i < nd - 2; ++i)  // leading dims collapse into one row stride (size-1 dims do not matter)
+    LLMC_CHECK(t->shape[i] == 1 || stride_of(t, i) == stride_of(t, i + 1) * t->shape[i + 1])
+        << name << ": leading dims of " << shape_str(t) << " do not collapse into one row stride";
+  const int64_t ld = rows <= 1 ? t->shape[nd - 1] : stride_of(t, nd - 2);
+  return Rows{data_of(t), rows, t->shape[nd - 1], ld};
+}
+
+Compressed& compressed_locked(const SpApi& api, DevState& ds, int dev, cudaStream_t stream, const DLTensor* W,
+                              cudaDataType_t type, int64_t n, int64_t k, int op) {
+  const auto key = std::make_tuple(dev, static_cast<const void*>(data_of(W)), n, k, int(type), op);
+  auto it = g_weights.find(key);
+  if (it != g_weights.end()) return it->second;
+  cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+  LLMC_CUDA_CHECK(cudaStreamIsCapturing(stream, &cap));
+  LLMC_CHECK(cap == cudaStreamCaptureStatusNone) << "a 2:4 weight met for the first time inside CUDA-graph capture "
+                                                    "(run the shape once eagerly first)";
+  Compressed c;
+  if (op == llmc_sp::kOpT) {  // W [N, K]: column-major K x N, ld K
+    LLMC_SP_CHECK(api, api.StructuredDescriptorInit(&ds.handle, &c.desc, k, n, k, 16, type, llmc_sp::kOrderCol,
+                                                    llmc_sp::kSparsity50));
+  } else {  // W [K, N]: column-major N x K, ld N
+    LLMC_SP_CHECK(api, api.StructuredDescriptorInit(&ds.handle, &c.desc, n, k, n, 16, type, llmc_sp::kOrderCol,
+                                                    llmc_sp::kSparsity50));
+  }
+  int* d_valid = nullptr;
+  LLMC_CUDA_CHECK(cudaMalloc(&d_valid, sizeof(int)));
+  LLMC_SP_CHECK(api, api.PruneCheck2(&ds.handle, &c.desc, 1, op, data_of(W), d_valid, stream));
+  int invalid = 1;
+  LLMC_CUDA_CHECK(cudaMemcpyAsync(&invalid, d_valid, sizeof(int), cudaMemcpyDeviceToHost, stream));
+  LLMC_CUDA_CHECK(cudaStreamSynchronize(stream));
+  cudaFree(d_valid);
+  LLMC_CHECK(invalid == 0) << "weight " << shape_str(W) << " is not 2:4 sparse along K (cuSPARSELt's check)";
+  size_t size = 0, buf_size = 0;
+  LLMC_SP_CHECK(api, api.CompressedSize2(&ds.handle, &c.desc, &size, &buf_size));
+  void* buf = nullptr;
+  LLMC_CUDA_CHECK(cudaMalloc(&c.data, size));
+  if (buf_size) LLMC_CUDA_CHECK(cudaMalloc(&buf, buf_size));
+  LLMC_SP_CHECK(api, api.Compress2(&ds.handle, &c.desc, 1, op, data_of(W), c.data, buf, stream));
+  LLMC_CUDA_CHECK(cudaStreamSynchronize(stream));
+  if (buf) cudaFree(buf);
+  return g_weights.emplace(key, c).first->second;
+}
+
+void GemmSparse24(DLTensor* A, DLTensor* W, tvm::ffi::AnyView bias_any, tvm::ffi::AnyView res_any, DLTensor* C,
+                  int64_t trans_b) {
+  const DLTensor* bias = optional_tensor(bias_any);
+  const DLTensor* R = optional_tensor(res_any);
+  for (auto [t, name] : {std::pair<const DLTensor*, const char*>{A, "A"}, {W, "W"}, {C, "C"}}) check_cuda_tensor(t, name);
+  const DT dt = dtype_of(A);
+  LLMC_CHECK(dt == DT::kF16 || dt == DT::kBF16) << "A dtype " << dtype_name(dt) << " (float16 or bfloat16)";
+  LLMC_CHECK(dtype_of(W) == dt && dtype_of(C) == dt) << "A, W and C must share a dtype";
+  LLMC_CHECK(trans_b == 0 || trans_b == 1) << "trans_b must be 0 or 1";
+  LLMC_CHECK(W->ndim == 2 && compact(W)) << "W must be a contiguous matrix, got " << shape_str(W);
+  const Rows a = rows_of(A, "A"), c = rows_of(C, "C");
+  const int64_t M = a.rows, K = a.cols, N = W->shape[trans_b ? 0 : 1];
+  LLMC_CHECK(W->shape[trans_b ? 1 : 0] == K) << "W " << shape_str(W) << " does not match A's K = " << K
+                                             << (trans_b ? " (W is [N, K])" : " (W is [K, N])");
+  const int op = trans_b ? llmc_sp::kOpT : llmc_sp::kOpN;
+  LLMC_CHECK(c.rows == M && c.cols == N) << "C " << shape_str(C) << " must be [" << M << ", " << N << "]";
+  LLMC_CHECK(K % 32 == 0 && N % 32 == 0 && a.ld % 8 == 0 && c.ld % 8 == 0)
+      << "K (" << K << ") and N (" << N << ") must be multiples of 32, row strides of 8";
+  Rows r{nullptr, 0, 0, 0};
+  if (R != nullptr) {
+    check_cuda_tensor(R, "residual");
+    LLMC_CHECK(dtype_of(R) == dt) << "residual dtype differs";
+    r = rows_of(R, "residual");
+    LLMC_CHECK(r.rows == M && r.cols == N && r.ld == c.ld) << "residual " << shape_str(R) << " must be [" << M << ", "
+                                                           << N << "] with C's row stride";
+  }
+  if (bias != nullptr) {
+    check_cuda_tensor(bias, "bias");
+    LLMC_CHECK(dtype_of(bias) == dt && bias->ndim == 1 && bias->shape[0] == N && compact(bias))
+        << "bias must be a contiguous [" << N << "] of A's dtype, got " << shape_str(bias);
+  }
+  if (M == 0 || N == 0) return;
+  const int dev = A->device.device_id;
+  LLMC_CHECK(dev >= 0 && dev < kMaxDevices) << "device id " << dev;
+  DeviceGuard guard(dev);
+  cudaStream_t stream = current_stream(dev);
+  std::lock_guard<std::mutex> lock(g_mu);
+  const SpApi& api = api_locked();
+  DevState& ds = g_dev[dev];
+  if (!ds.ready) {
+    LLMC_SP_CHECK(api, api.Init(&ds.handle));
+    ds.ready = true;
+  }
+  const cudaDataType_t type = cuda_type(dt);
+  Compressed& w = compressed_locked(api, ds, dev, stream, W, type, N, K, op);
+  const void* bias_ptr = bias ? static_cast<const void*>(data_of(bias)) : nullptr;
+  const auto pkey = std::make_tuple(dev, static_cast<const void*>(data_of(W)), op, M, a.ld, c.ld, bias_ptr,
+                                    R != nullptr);
+  auto it = g_plans.find(pkey);
+  if (it == g_plans.end()) {
+    Plan p;
+    LLMC_SP_CHECK(api, api.DenseDescriptorInit(&ds.handle, &p.b, K, M, a.ld, 16, type, llmc_sp::kOrderCol));
+    LLMC_SP_CHECK(api, api.DenseDescriptorInit(&ds.handle, &p.c, N, M, c.ld, 16, type, llmc_sp::kOrderCol));
+    LLMC_SP_CHECK(api, api.MatmulDescriptorInit(&ds.handle, &p.mm, op, llmc_sp::kOpN, &w.desc, &p.b, &p.c,
+                                                &p.c, llmc_sp::kCompute32F));
+    if (bias_ptr)
+      LLMC_SP_CHECK(api, api.MatmulDescSetAttribute(&ds.handle, &p.mm, llmc_sp::kDescBiasPointer, &bias_ptr,
+                                                    sizeof(bias_ptr)));
+    LLMC_SP_CHECK(api, api.MatmulAlgSelectionInit(&ds.handle, &p.alg, &p.mm, llmc_sp::kAlgDefault));
+    LLMC_SP_CHECK(api, api.MatmulPlanInit(&ds.handle, &p.plan, &p.mm, &p.alg));
+    LLMC_SP_CHECK(api, api.MatmulGetWorkspace(&ds.handle, &p.plan, &p.workspace));
+    it = g_plans.emplace(pkey, p).first;
+  }
+  Plan& p = it->second;
+  void* ws = p.workspace ? scratch(dev, stream, /*slot=*/16, p.workspace) : nullptr;
+  const float alpha = 1.0f, beta = R ? 1.0f : 0.0f;
+  cudaStream_t streams[1] = {stream};
+  LLMC_SP_CHECK(api, api.Matmul(&ds.handle, &p.plan, &alpha, w.data, a.ptr, &beta, R ? r.ptr : c.ptr, c.ptr, ws,
+                                streams, 1));
+}
+
+}  // namespace
+}  // namespace llmc_shim_sparse24
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(llmc_gemm_sparse24, llmc_shim_sparse24::GemmSparse24);
