@@ -501,9 +501,9 @@ class GpuExecutor:
 
     def fill_random_weights(self, seed: int = 0) -> None:
         """Fill every weight with N(0, 0.02) values (a tiled random block: cheap, no NaNs). Two of
-        every four consecutive values are 0, so a weight the compiler routed to the 2:4 sparse
-        GEMM (its rows' length a multiple of 4) passes cuSPARSELt's pattern check; a dense
-        kernel's time does not depend on the values."""
+        every four consecutive values along either axis of a matrix are 0, so a weight the compiler
+        routed to the 2:4 sparse GEMM, stored [N, K] or [K, N], passes cuSPARSELt's pattern check;
+        a dense kernel's time does not depend on the values."""
         block = np.random.default_rng(seed).standard_normal(1 << 20, dtype=np.float32) * 0.02
         block.reshape(-1, 4)[:, 2:] = 0
         for b in self._buffers:
@@ -511,7 +511,10 @@ class GpuExecutor:
                 shape, dtype = tuple(b.shape), self._numpy_dtype(b.dtype)
                 n = int(np.prod(shape, dtype=np.int64))
                 src = block.astype(dtype) if dtype.kind in "fV" else np.zeros(1, dtype)
-                self._weights[b.id].copyfrom(np.resize(src, n).reshape(shape))
+                values = np.resize(src, n).reshape(shape)
+                if values.ndim == 2 and shape[1] % 4 == 0:
+                    values[np.arange(shape[0]) % 4 >= 2] = 0  # rows 2, 3 of every 4: 2:4 down the columns
+                self._weights[b.id].copyfrom(values)
 
     def device_tensors(self, omitted_only: bool = False) -> dict[str, Any]:
         """Weight name -> device tensor (e.g. to fill a perf artifact's weights another way)."""

@@ -417,6 +417,14 @@ bool lt_matmul_nt(int dev, cudaStream_t stream, const LtNT& q) {
 
 namespace {
 
+}  // namespace
+
+void gemm_dense(DLTensor* A, DLTensor* B, DLTensor* bias, DLTensor* R, DLTensor* C, int64_t trans_b) {
+  gemm_impl(A, B, bias, R, C, trans_b, 0);
+}
+
+namespace {
+
 void Gemm(DLTensor* A, DLTensor* B, DLTensor* C) { gemm_impl(A, B, nullptr, nullptr, C, 0, 0); }
 void GemmNT(DLTensor* A, DLTensor* W, DLTensor* C) { gemm_impl(A, W, nullptr, nullptr, C, 1, 0); }
 void GemmEx(DLTensor* A, DLTensor* B, tvm::ffi::AnyView bias, tvm::ffi::AnyView residual, DLTensor* C,

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cuda_runtime.h>
+#include <dlpack/dlpack.h>
 #include <library_types.h>
 
 #include <cstddef>
@@ -33,6 +34,10 @@ struct LtNT {
 // algorithm for the problem (the caller may fall back, e.g. to unscaled products); throws on
 // any other failure. The plan (descriptors, algorithm) is cached per problem.
 bool lt_matmul_nt(int dev, cudaStream_t stream, const LtNT& p);
+
+// llmc_gemm_ex's cuBLASLt GEMM C = A op(B) + bias + residual on DLTensors (bias / residual may be
+// null): the dense route other entry points fall back to.
+void gemm_dense(DLTensor* A, DLTensor* B, DLTensor* bias, DLTensor* residual, DLTensor* C, int64_t trans_b);
 
 // A device buffer of at least `bytes` for (dev, stream, slot), kept between calls. It grows only
 // at a call outside CUDA-graph capture (the first eager run of a shape); a buffer it outgrew is

@@ -1,6 +1,7 @@
 // llmc CUDA shim: quantized matmuls on tensor cores through cuBLASLt (Op.QMATMUL; layouts in
 // compiler/ops.py QMatmulAttrs).
 //
+//   llmc_qgemm_stats() -> str: how many calls took each path (FP8 scaled in the GEMM or after, ...)
 //   llmc_qgemm_a8(x [M, K], qweight [N, K], scales [N, 1], sx [M, 1], y [M, N], float8: 0 | 1)
 //     W8A8 (float8 0): qweight int8; xq = round-half-even(x / sx) clipped to [-127, 127];
 //       y = (xq @ q^T, exact in int32) * sx * scale.
@@ -22,8 +23,10 @@
 #include <cuda_fp8.h>
 
 #include <algorithm>
+#include <atomic>
 #include <map>
 #include <mutex>
+#include <sstream>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -61,6 +64,8 @@ namespace qgemm {
 namespace {
 
 enum Slot { kCodes = 0, kScales = 1, kAcc = 2, kWeights = 3 };
+// calls by route, for llmc_qgemm_stats (a benchmark's check of which path ran)
+std::atomic<int64_t> g_fp8_scaled_calls{0}, g_fp8_rescaled_calls{0}, g_int8_calls{0}, g_dequant_calls{0};
 constexpr int kThreads = 256;
 constexpr size_t kMaxSlabBytes = size_t(64) << 20;  // dequantized weights per GEMM of the prefill path
 
@@ -165,11 +170,16 @@ void run_a8(int dev, cudaStream_t stream, const T* x, const uint8_t* qw, const T
     p.a_type = p.w_type = CUDA_R_8F_E4M3;
     p.d = y; p.d_type = half; p.ldd = N;
     p.a_scale = sx32; p.w_scale = s32;
-    if (lt_matmul_nt(dev, stream, p)) return;
+    if (lt_matmul_nt(dev, stream, p)) {
+      ++g_fp8_scaled_calls;
+      return;
+    }
+    ++g_fp8_rescaled_calls;
     p.a_scale = p.w_scale = nullptr;  // no scaled algorithm here: unscaled products, then scale y
     LLMC_CHECK(lt_matmul_nt(dev, stream, p)) << "cuBLASLt has no float8 GEMM for M=" << M << " N=" << N << " K=" << K;
     rescale<T, T><<<blocks_for(int64_t(M) * N), kThreads, 0, stream>>>(y, sx32, s32, y, M, N);
   } else {
+    ++g_int8_calls;
     int32_t* acc = static_cast<int32_t*>(scratch(dev, stream, kAcc, sizeof(int32_t) * size_t(M) * N));
     p.a_type = p.w_type = CUDA_R_8I;
     p.d = acc; p.d_type = CUDA_R_32I; p.ldd = N;
@@ -224,6 +234,7 @@ void dequant_gemm(int dev, cudaStream_t stream, cudaDataType_t half, int bits, c
   // slabs of output channels, so the dequantized copy stays small (the LM head is 0.5 GB in bf16)
   int64_t slab = std::max<int64_t>(int64_t(kMaxSlabBytes / (sizeof(T) * size_t(K))) / 128 * 128, 128);
   slab = std::min(slab, n);
+  ++g_dequant_calls;
   T* w = static_cast<T*>(scratch(dev, stream, kWeights, sizeof(T) * size_t(slab) * K));
   for (int64_t n0 = 0; n0 < n; n0 += slab) {
     const int r = int(std::min(slab, n - n0));
@@ -238,6 +249,13 @@ void dequant_gemm(int dev, cudaStream_t stream, cudaDataType_t half, int bits, c
     p.m = rows; p.n = r; p.k = K;
     LLMC_CHECK(lt_matmul_nt(dev, stream, p)) << "cuBLASLt has no GEMM for M=" << rows << " N=" << r << " K=" << K;
   }
+}
+
+tvm::ffi::String QGemmStats() {
+  std::ostringstream os;
+  os << "fp8 scaled in the GEMM: " << g_fp8_scaled_calls << ", fp8 rescaled after: " << g_fp8_rescaled_calls
+     << ", int8: " << g_int8_calls << ", dequantize + GEMM: " << g_dequant_calls;
+  return tvm::ffi::String(os.str());
 }
 
 }  // namespace
@@ -262,3 +280,4 @@ void qmatmul_dequant_gemm(int dev, cudaStream_t stream, cudaDataType_t half, int
 }  // namespace llmc_shim
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(llmc_qgemm_a8, llmc_shim::qgemm::QGemmA8);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(llmc_qgemm_stats, llmc_shim::qgemm::QGemmStats);

@@ -10,7 +10,7 @@
 // The first call with a weight checks its pattern (cusparseLtSpMMAPruneCheck2: a weight that is
 // not 2:4 is an error, never silently wrong) and compresses it once into a device buffer kept for
 // the process (half the values plus 2-bit indices); later calls, graph replays included, read
-// the compressed copy. That first call is eager (the runtime runs a shape once before capturing
+// the compressed copy. Row counts that are not a multiple of 16 (decode) run the dense GEMM. That first call is eager (the runtime runs a shape once before capturing
 // it), so the synchronizing compression never lands inside a CUDA graph. The dense weight stays
 // allocated: its buffer is the route's input and the key of its compressed copy.
 //
@@ -112,6 +112,10 @@ const SpApi& api_locked() {
   } while (0)
 
 constexpr int kMaxDevices = 64;
+// cuSPARSELt wants the dense operand's dims in multiples of 16 (16-bit types; it refused M = 1 as
+// "not supported"): fewer or ragged rows take the dense cuBLASLt GEMM over the same (zero-holding)
+// weight, which stays allocated anyway.
+constexpr int64_t kMinRows = 16;
 struct DevState {
   bool ready = false;
   llmc_cusparseLtHandle_t handle;
@@ -223,6 +227,10 @@ void GemmSparse24(DLTensor* A, DLTensor* W, tvm::ffi::AnyView bias_any, tvm::ffi
         << "bias must be a contiguous [" << N << "] of A's dtype, got " << shape_str(bias);
   }
   if (M == 0 || N == 0) return;
+  if (M % kMinRows != 0) {  // cuSPARSELt takes no such dense operand (decode's few rows): the dense GEMM
+    gemm_dense(A, W, const_cast<DLTensor*>(bias), const_cast<DLTensor*>(R), C, trans_b);
+    return;
+  }
   const int dev = A->device.device_id;
   LLMC_CHECK(dev >= 0 && dev < kMaxDevices) << "device id " << dev;
   DeviceGuard guard(dev);
