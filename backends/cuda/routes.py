@@ -255,8 +255,28 @@ def cuda_grouping(graph: Graph) -> list[list[Node]]:
                     groups[gi] = groups[gi] + [n]
                     owner[n.uid] = gi
 
+    for gi, g in enumerate(groups):  # W8A8 / FP8: the ops of the rows' scales (a reduction, so a group of its
+        for m in [n for n in g if n.op is Op.QMATMUL]:  # own, its abs maybe an epilogue elsewhere) join the
+            chain = act_scale_chain(m)  # matmul's group, just before it
+            if not chain or any(owner.get(n.uid) is None or n.uid in split.outputs for n in chain) or any(
+                    u.uid not in {c.uid for c in chain} | {m.uid} for n in chain for u in split.users.get(n.uid, [])):
+                continue
+            moved = [c for n in chain for c in (*[i for i in n.inputs if i.op is Op.CONST], n)
+                     if owner.get(c.uid) is not None]
+            ids = {n.uid for n in moved}
+            for og in {owner[n.uid] for n in moved}:
+                groups[og] = [n for n in groups[og] if n.uid not in ids]
+                if all(n.op is Op.CONST for n in groups[og]):
+                    groups[og] = []
+            at = groups[gi].index(m)
+            groups[gi] = groups[gi][:at] + moved + groups[gi][at:]
+            g = groups[gi]
+            for n in moved:
+                owner[n.uid] = gi
+
     def core_of(group: list[Node], members: set[int]) -> set[int] | None:
-        heavy = [n for n in group if n.op in HEAVY]
+        scales = {c.uid for m in group if m.op is Op.QMATMUL for c in (act_scale_chain(m) or ())}
+        heavy = [n for n in group if n.op in HEAVY and n.uid not in scales]  # (a row-scale MAX joined above)
         paged = [n for n in group if n.op is Op.PAGED_ATTENTION]
         if paged:
             if len(heavy) != 1:
@@ -267,8 +287,14 @@ def cuda_grouping(graph: Graph) -> list[list[Node]]:
         if len(heavy) == 1 and heavy[0].op is Op.MATMUL:
             return split.matmul_core(heavy[0], members, ancestors_within(group, {heavy[0].uid}))
         if len(heavy) == 1 and heavy[0].op is Op.QMATMUL:
-            check_qmatmul(heavy[0])
-            return {heavy[0].uid}  # the shim's quantized GEMV has no epilogues: a kernel of its own
+            m = heavy[0]
+            check_qmatmul(m)
+            chain = act_scale_chain(m)  # W8A8 / FP8: the rows' scales are computed by the shim call too
+            if chain and all(n.uid in members and n.uid not in split.outputs for n in chain) and all(
+                    u.uid in {c.uid for c in chain} | {m.uid} for n in chain for u in split.users.get(n.uid, [])):
+                return {m.uid} | {n.uid for n in chain} | {c.uid for n in chain for c in n.inputs
+                                                           if c.op is Op.CONST and c.uid in members}
+            return {m.uid}  # the shim's quantized matmuls have no epilogues: a kernel of its own
         return None
 
     return split_out_cores(groups, core_of)
@@ -536,27 +562,56 @@ def check_qmatmul(m: Node) -> None:
                           f"multiples of {per} for {at.bits}-bit weights")
 
 
+def act_scale_chain(m: Node) -> list[Node] | None:
+    """The ops the quantize pass puts before a W8A8 / FP8 QMATMUL for its rows' scales
+    (passes/quantize.py row_scale_nodes): DIV(MAXIMUM(MAX(ABS(x), last axis, keepdims), floor),
+    qmax) over the matmul's own x, in execution order; None for anything else. A kernel holding
+    them and the matmul is one llmc_qgemm_a8 call that computes the scales as it quantizes the rows
+    (one pass over x instead of a reduction kernel of its own plus the quantizing pass)."""
+    if m.op is not Op.QMATMUL or not m.attrs.act_bits or len(m.inputs) < 4:
+        return None
+    div, x = m.inputs[3], m.inputs[0]
+    if div.op is not Op.DIV or div.inputs[1].op is not Op.CONST:
+        return None
+    mx = div.inputs[0]
+    if mx.op is not Op.MAXIMUM or mx.inputs[1].op is not Op.CONST:
+        return None
+    red = mx.inputs[0]
+    if red.op is not Op.MAX or tuple(red.attrs.axes) != (x.type.rank - 1,) or not red.attrs.keepdims:
+        return None
+    ab = red.inputs[0]
+    if ab.op is not Op.ABS or ab.inputs[0] is not x:
+        return None
+    return [ab, red, mx, div]
+
+
 def _match_qmatmul(kernel: Kernel) -> Route | None:
     """A lone QMATMUL: one llmc_qgemv call (weight-only) or llmc_qgemm_a8 call (W8A8 / FP8) over x
     viewed as [rows, K]."""
     body = _body(kernel)
-    if len(body) != 1 or body[0].op is not Op.QMATMUL or kernel.outputs != (body[0],):
+    if not body or body[-1].op is not Op.QMATMUL or kernel.outputs != (body[-1],):
         return None
-    m = body[0]
+    m = body[-1]
+    chain = act_scale_chain(m) if len(body) > 1 else None
+    if len(body) > 1 and (chain is None or [n.uid for n in body[:-1]] != [n.uid for n in chain]):
+        return None
     idx = _arg_index(kernel)
-    if any(i.uid not in idx for i in m.inputs):
+    if any(i.uid not in idx for i in (m.inputs[:3] if chain else m.inputs)):
         return None
     x = m.inputs[0]
     rows = 1
     for d in x.shape[:-1]:
         rows = rows * d
     at = m.attrs
-    if at.act_bits:  # W8A8 / FP8: the 4th input is x's row scales [..., 1]
+    if at.act_bits:  # W8A8 / FP8: the 4th input is x's row scales [..., 1], computed in the call with the chain
         sx = m.inputs[3]
         tensors = [(idx[x.uid], (rows, x.shape[-1]))] + [(idx[i.uid], tuple(i.shape)) for i in m.inputs[1:3]]
-        tensors += [(idx[sx.uid], (rows, 1)), (idx[m.uid], (rows, m.shape[-1]))]
+        tensors += [None if chain else (idx[sx.uid], (rows, 1)), (idx[m.uid], (rows, m.shape[-1]))]
+        floor, qmax = (float(chain[2].inputs[1].attrs.value), float(chain[3].inputs[1].attrs.value)) if chain \
+            else (0.0, 0.0)
         what = "fp8 e4m3" if at.float8 else "w8a8 int8"
-        return Route(QGEMM_A8_FUNC, tensors, [int(at.float8)], f"{what} GEMM (cuBLASLt), activations quantized per row")
+        return Route(QGEMM_A8_FUNC, tensors, [int(at.float8), floor, qmax],
+                     f"{what} GEMM (cuBLASLt), activations quantized per row" + (" (scales too)" if chain else ""))
     zeros = m.inputs[3] if len(m.inputs) > 3 else None
     tensors = [(idx[x.uid], (rows, x.shape[-1]))] + [(idx[i.uid], tuple(i.shape)) for i in m.inputs[1:3]]
     tensors += [None if zeros is None else (idx[zeros.uid], tuple(zeros.shape)), (idx[m.uid], (rows, m.shape[-1]))]

@@ -290,8 +290,9 @@ def test_cuda_quantized_generation_routes_qmatmul_to_the_shim(tmp_path):
 @pytest.mark.parametrize("quant", ["fp8", "w8a8"])
 def test_cuda_activation_quant_routes_qmatmul_to_cublaslt(tmp_path, quant):
     """FP8 / W8A8 for CUDA: every QMATMUL of the forward and of the step function is one
-    llmc_qgemm_a8 call [x rows, qweight, scales, the rows' scales, y] with the float8 flag, and the
-    rows' scales stay a graph computation of their own (a TVM kernel) feeding it."""
+    llmc_qgemm_a8 call [x rows, qweight, scales, None, y] with the float8 flag, the floor and the
+    code range as scalars: the ops computing the rows' scales (abs, max, maximum, div) are part of
+    that call, not a reduction kernel of their own."""
     import sys
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "helpers"))
@@ -310,8 +311,10 @@ def test_cuda_activation_quant_routes_qmatmul_to_cublaslt(tmp_path, quant):
         q = [k for k in program.kernels.values() if k.route == "shim" and k.func == "llmc_qgemm_a8"]
         assert q and not [k for k in program.kernels.values() if k.func == "llmc_qgemv"]
         for k in q:
-            assert tuple(k.scalars) == (int(quant == "fp8"),) and len(k.tensors) == 5
-            assert [len(t.shape) for t in k.tensors] == [2, 2, 2, 2, 2] and k.tensors[3].shape[1] == 1
+            assert tuple(k.scalars) == (int(quant == "fp8"), 1e-6, 448.0 if quant == "fp8" else 127.0)
+            assert len(k.tensors) == 5 and k.tensors[3] is None
+            assert [len(t.shape) for t in (*k.tensors[:3], k.tensors[4])] == [2, 2, 2, 2]
+        assert not [k for k in program.kernels.values() if k.route == "tvm" and "maximum+div" in k.ops]
 
 
 @pytest.mark.slow

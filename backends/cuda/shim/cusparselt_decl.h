@@ -62,6 +62,10 @@ using MatmulFn = llmc_cusparseStatus_t (*)(const llmc_cusparseLtHandle_t*, const
                                            const void* alpha, const void* d_A, const void* d_B, const void* beta,
                                            const void* d_C, void* d_D, void* workspace, cudaStream_t* streams,
                                            int32_t numStreams);
+using MatmulSearchFn = llmc_cusparseStatus_t (*)(const llmc_cusparseLtHandle_t*, llmc_cusparseLtMatmulPlan_t*,
+                                                 const void* alpha, const void* d_A, const void* d_B, const void* beta,
+                                                 const void* d_C, void* d_D, void* workspace, cudaStream_t* streams,
+                                                 int32_t numStreams);
 using PruneCheck2Fn = llmc_cusparseStatus_t (*)(const llmc_cusparseLtHandle_t*, const llmc_cusparseLtMatDescriptor_t*,
                                                 int isSparseA, int op, const void* d_in, int* d_valid,
                                                 cudaStream_t stream);

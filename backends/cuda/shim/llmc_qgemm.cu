@@ -2,13 +2,15 @@
 // compiler/ops.py QMatmulAttrs).
 //
 //   llmc_qgemm_stats() -> str: how many calls took each path (FP8 scaled in the GEMM or after, ...)
-//   llmc_qgemm_a8(x [M, K], qweight [N, K], scales [N, 1], sx [M, 1], y [M, N], float8: 0 | 1)
+//   llmc_qgemm_a8(x [M, K], qweight [N, K], scales [N, 1], sx [M, 1] or None, y [M, N], float8: 0 | 1,
+//                 floor, qmax)
 //     W8A8 (float8 0): qweight int8; xq = round-half-even(x / sx) clipped to [-127, 127];
 //       y = (xq @ q^T, exact in int32) * sx * scale.
 //     FP8 (float8 1): qweight float8 e4m3fn bit patterns; x8 = e4m3(x / sx) (round-half-even,
 //       saturating); y = (x8 @ w8^T, float accumulation) * sx * scale.
 //     x, scales, sx, y: float16 or bfloat16 alike; sx are the rows' scales the graph computed
-//     (max|row| / 127 or / 448).
+//     (max|row| / 127 or / 448); None: the call computes them as the graph would, in x's dtype,
+//     sx = max(max|row|, floor) / qmax (the route absorbs those ops: backends/cuda/routes.py).
 //   Weight-only int4 / int8 for many rows (llmc_qgemv's prefill path, qmatmul_dequant_gemm):
 //     W dequantized into a scratch slab of output channels, then a bf16/fp16 GEMM.
 //
@@ -77,19 +79,44 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 
 // Blocks [0, M): row m of x as codes (8 values a thread-step, one 16-byte load), and its scale as
 // float; blocks [M, M + ceil(N / kThreads)): the weight scales as float.
+// max|v| over the block's threads (kThreads = 8 warps)
+__device__ __forceinline__ float block_max(float v) {
+  __shared__ float part[kThreads / 32];
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
+  __syncthreads();
+  v = part[0];
+#pragma unroll
+  for (int w = 1; w < kThreads / 32; ++w) v = fmaxf(v, part[w]);
+  return v;
+}
+
 template <typename T, bool FP8>
 __global__ void quantize_rows(const T* __restrict__ x, const T* __restrict__ sx, const T* __restrict__ s,
                               uint8_t* __restrict__ codes, float* __restrict__ sx32, float* __restrict__ s32, int M,
-                              int N, int K) {
+                              int N, int K, float floor, float qmax) {
   const int b = blockIdx.x;
   if (b >= M) {
     const int n = (b - M) * kThreads + threadIdx.x;
     if (n < N) s32[n] = to_f(s[n]);
     return;
   }
-  const float scale = to_f(sx[b]);
-  if (threadIdx.x == 0) sx32[b] = scale;
   const T* row = x + size_t(b) * K;
+  float scale;
+  if (sx != nullptr) {
+    scale = to_f(sx[b]);
+  } else {  // the graph's ops, in T: max(max|row|, floor) / qmax, each result rounded to T
+    float amax = 0.f;
+    for (int k = threadIdx.x * 8; k < K; k += kThreads * 8) {
+      const uint4 u = *reinterpret_cast<const uint4*>(row + k);
+      const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(to_f(e[j])));
+    }
+    amax = block_max(amax);
+    scale = to_f(from_f<T>(fmaxf(amax, to_f(from_f<T>(floor))) / qmax));
+  }
+  if (threadIdx.x == 0) sx32[b] = scale;
   uint8_t* out = codes + size_t(b) * K;
   for (int k = threadIdx.x * 8; k < K; k += kThreads * 8) {
     const uint4 u = *reinterpret_cast<const uint4*>(row + k);
@@ -138,13 +165,21 @@ __global__ void dequantize(const uint8_t* __restrict__ qw, const T* __restrict__
   const float scale = to_f(s[n * groups + gi]);
   const unsigned word = reinterpret_cast<const unsigned*>(qw + n * (BITS == 4 ? K / 2 : K))[wi];
   T* out = w + int64_t(r) * K + k0;
+  // one 16-byte (int4: 8 values) or 8-byte (int8: 4 values) store a thread: the slab write is the
+  // bulk of this kernel's traffic (scalar 2-byte stores ran it at a fraction of the bandwidth)
   if constexpr (BITS == 4) {
     const float zero = z ? to_f(z[n * groups + gi]) : 8.f;
+    uint4 v;
+    T* e = reinterpret_cast<T*>(&v);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) out[j] = from_f<T>((float((word >> (4 * j)) & 15u) - zero) * scale);
+    for (int j = 0; j < 8; ++j) e[j] = from_f<T>((float((word >> (4 * j)) & 15u) - zero) * scale);
+    *reinterpret_cast<uint4*>(out) = v;
   } else {
+    uint2 v;
+    T* e = reinterpret_cast<T*>(&v);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) out[j] = from_f<T>(float(int8_t((word >> (8 * j)) & 255u)) * scale);
+    for (int j = 0; j < 4; ++j) e[j] = from_f<T>(float(int8_t((word >> (8 * j)) & 255u)) * scale);
+    *reinterpret_cast<uint2*>(out) = v;
   }
 }
 
@@ -152,15 +187,15 @@ unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1)
 
 template <typename T>
 void run_a8(int dev, cudaStream_t stream, const T* x, const uint8_t* qw, const T* s, const T* sx, T* y, int M, int N,
-            int K, bool fp8, cudaDataType_t half) {
+            int K, bool fp8, cudaDataType_t half, float floor, float qmax) {
   uint8_t* codes = static_cast<uint8_t*>(scratch(dev, stream, kCodes, size_t(M) * K));
   const size_t m_pad = (size_t(M) + 63) / 64 * 64;  // the weights' scales 256-byte aligned too (cuBLASLt's vectors)
   float* f32 = static_cast<float*>(scratch(dev, stream, kScales, sizeof(float) * (m_pad + N)));
   float* sx32 = f32;
   float* s32 = f32 + m_pad;
   const unsigned grid = static_cast<unsigned>(M) + blocks_for(N);
-  if (fp8) quantize_rows<T, true><<<grid, kThreads, 0, stream>>>(x, sx, s, codes, sx32, s32, M, N, K);
-  else quantize_rows<T, false><<<grid, kThreads, 0, stream>>>(x, sx, s, codes, sx32, s32, M, N, K);
+  if (fp8) quantize_rows<T, true><<<grid, kThreads, 0, stream>>>(x, sx, s, codes, sx32, s32, M, N, K, floor, qmax);
+  else quantize_rows<T, false><<<grid, kThreads, 0, stream>>>(x, sx, s, codes, sx32, s32, M, N, K, floor, qmax);
   LLMC_CUDA_CHECK(cudaGetLastError());
   LtNT p;
   p.a = codes; p.lda = K;
@@ -189,24 +224,31 @@ void run_a8(int dev, cudaStream_t stream, const T* x, const uint8_t* qw, const T
   LLMC_CUDA_CHECK(cudaGetLastError());
 }
 
-void QGemmA8(DLTensor* x, DLTensor* qw, DLTensor* s, DLTensor* sx, DLTensor* y, int64_t float8) {
-  for (auto [t, name] : {std::pair<const DLTensor*, const char*>{x, "x"}, {qw, "qweight"}, {s, "scales"},
-                         {sx, "sx"}, {y, "y"}}) {
+void QGemmA8(DLTensor* x, DLTensor* qw, DLTensor* s, tvm::ffi::AnyView sx_any, DLTensor* y, int64_t float8,
+             double floor, double qmax) {
+  DLTensor* sx = optional_tensor(sx_any);
+  for (auto [t, name] : {std::pair<const DLTensor*, const char*>{x, "x"}, {qw, "qweight"}, {s, "scales"}, {y, "y"}}) {
     check_cuda_tensor(t, name);
     LLMC_CHECK(compact(t)) << name << " must be contiguous";
+  }
+  if (sx != nullptr) {
+    check_cuda_tensor(sx, "sx");
+    LLMC_CHECK(compact(sx) && sx->ndim == 2 && dtype_of(sx) == dtype_of(x)) << "sx must be a contiguous [M, 1] of x's dtype";
+  } else {
+    LLMC_CHECK(qmax > 0 && floor > 0) << "without sx, floor (" << floor << ") and qmax (" << qmax << ") must be > 0";
   }
   LLMC_CHECK(float8 == 0 || float8 == 1) << "float8 must be 0 (int8) or 1 (e4m3), got " << float8;
   const DT dt = dtype_of(x);
   LLMC_CHECK(dt == DT::kF16 || dt == DT::kBF16) << "x dtype " << dtype_name(dt) << " (float16 or bfloat16)";
-  LLMC_CHECK(dtype_of(s) == dt && dtype_of(sx) == dt && dtype_of(y) == dt) << "x, scales, sx and y must share a dtype";
-  LLMC_CHECK(x->ndim == 2 && y->ndim == 2 && qw->ndim == 2 && s->ndim == 2 && sx->ndim == 2)
-      << "x, qweight, scales, sx, y must be 2-D";
+  LLMC_CHECK(dtype_of(s) == dt && dtype_of(y) == dt) << "x, scales and y must share a dtype";
+  LLMC_CHECK(x->ndim == 2 && y->ndim == 2 && qw->ndim == 2 && s->ndim == 2) << "x, qweight, scales, y must be 2-D";
   const int64_t M = x->shape[0], K = x->shape[1], N = qw->shape[0];
   LLMC_CHECK(qw->shape[1] == K && qw->dtype.bits == 8 && qw->dtype.lanes == 1) << "qweight " << shape_str(qw)
                                                                                << " must be 8-bit [N, " << K << "]";
   LLMC_CHECK(K % 16 == 0 && N % 8 == 0) << "K (" << K << ") must be a multiple of 16 and N (" << N << ") of 8";
   LLMC_CHECK(s->shape[0] == N && s->shape[1] == 1) << "scales " << shape_str(s) << " must be [" << N << ", 1]";
-  LLMC_CHECK(sx->shape[0] == M && sx->shape[1] == 1) << "sx " << shape_str(sx) << " must be [" << M << ", 1]";
+  LLMC_CHECK(sx == nullptr || (sx->shape[0] == M && sx->shape[1] == 1)) << "sx " << shape_str(sx) << " must be ["
+                                                                       << M << ", 1]";
   LLMC_CHECK(y->shape[0] == M && y->shape[1] == N) << "y " << shape_str(y);
   LLMC_CHECK(M < (int64_t(1) << 31) && M * N < (int64_t(1) << 40)) << "x has " << M << " rows";
   LLMC_CHECK(reinterpret_cast<uintptr_t>(data_of(x)) % 16 == 0) << "x must be 16-byte aligned";
@@ -217,14 +259,15 @@ void QGemmA8(DLTensor* x, DLTensor* qw, DLTensor* s, DLTensor* sx, DLTensor* y, 
   const uint8_t* w = reinterpret_cast<const uint8_t*>(data_of(qw));
   if (dt == DT::kF16) {
     run_a8<__half>(dev, stream, reinterpret_cast<const __half*>(data_of(x)), w,
-                   reinterpret_cast<const __half*>(data_of(s)), reinterpret_cast<const __half*>(data_of(sx)),
-                   reinterpret_cast<__half*>(data_of(y)), int(M), int(N), int(K), float8 == 1, CUDA_R_16F);
+                   reinterpret_cast<const __half*>(data_of(s)),
+                   sx ? reinterpret_cast<const __half*>(data_of(sx)) : nullptr, reinterpret_cast<__half*>(data_of(y)),
+                   int(M), int(N), int(K), float8 == 1, CUDA_R_16F, float(floor), float(qmax));
   } else {
     run_a8<__nv_bfloat16>(dev, stream, reinterpret_cast<const __nv_bfloat16*>(data_of(x)), w,
                           reinterpret_cast<const __nv_bfloat16*>(data_of(s)),
-                          reinterpret_cast<const __nv_bfloat16*>(data_of(sx)),
+                          sx ? reinterpret_cast<const __nv_bfloat16*>(data_of(sx)) : nullptr,
                           reinterpret_cast<__nv_bfloat16*>(data_of(y)), int(M), int(N), int(K), float8 == 1,
-                          CUDA_R_16BF);
+                          CUDA_R_16BF, float(floor), float(qmax));
   }
 }
 

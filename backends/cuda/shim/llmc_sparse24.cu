@@ -48,6 +48,7 @@ struct SpApi {
   llmc_sp::MatmulPlanInitFn MatmulPlanInit = nullptr;
   llmc_sp::MatmulGetWorkspaceFn MatmulGetWorkspace = nullptr;
   llmc_sp::MatmulFn Matmul = nullptr;
+  llmc_sp::MatmulSearchFn MatmulSearch = nullptr;
   llmc_sp::PruneCheck2Fn PruneCheck2 = nullptr;
   llmc_sp::CompressedSize2Fn CompressedSize2 = nullptr;
   llmc_sp::Compress2Fn Compress2 = nullptr;
@@ -88,7 +89,8 @@ const SpApi& api_locked() {
                 sym(h, "cusparseLtMatmulAlgSelectionInit", &a.MatmulAlgSelectionInit) &&
                 sym(h, "cusparseLtMatmulPlanInit", &a.MatmulPlanInit) &&
                 sym(h, "cusparseLtMatmulGetWorkspace", &a.MatmulGetWorkspace) &&
-                sym(h, "cusparseLtMatmul", &a.Matmul) && sym(h, "cusparseLtSpMMAPruneCheck2", &a.PruneCheck2) &&
+                sym(h, "cusparseLtMatmul", &a.Matmul) && sym(h, "cusparseLtMatmulSearch", &a.MatmulSearch) &&
+                sym(h, "cusparseLtSpMMAPruneCheck2", &a.PruneCheck2) &&
                 sym(h, "cusparseLtSpMMACompressedSize2", &a.CompressedSize2) &&
                 sym(h, "cusparseLtSpMMACompress2", &a.Compress2);
       if (ok) {
@@ -178,6 +180,7 @@ Compressed& compressed_locked(const SpApi& api, DevState& ds, int dev, cudaStrea
   }
   int* d_valid = nullptr;
   LLMC_CUDA_CHECK(cudaMalloc(&d_valid, sizeof(int)));
+  LLMC_CUDA_CHECK(cudaMemsetAsync(d_valid, 0, sizeof(int), stream));  // the check writes only a failure
   LLMC_SP_CHECK(api, api.PruneCheck2(&ds.handle, &c.desc, 1, op, data_of(W), d_valid, stream));
   int invalid = 1;
   LLMC_CUDA_CHECK(cudaMemcpyAsync(&invalid, d_valid, sizeof(int), cudaMemcpyDeviceToHost, stream));
@@ -260,6 +263,19 @@ void GemmSparse24(DLTensor* A, DLTensor* W, tvm::ffi::AnyView bias_any, tvm::ffi
     LLMC_SP_CHECK(api, api.MatmulAlgSelectionInit(&ds.handle, &p.alg, &p.mm, llmc_sp::kAlgDefault));
     LLMC_SP_CHECK(api, api.MatmulPlanInit(&ds.handle, &p.plan, &p.mm, &p.alg));
     LLMC_SP_CHECK(api, api.MatmulGetWorkspace(&ds.handle, &p.plan, &p.workspace));
+    // The default algorithm ran slower than the dense GEMM on an H100 (benchmarks/RESULTS.md): time
+    // the candidates once on this problem (cusparseLtMatmulSearch runs the matmul several times
+    // and keeps the fastest in the plan). Not inside graph capture, and not where D would feed C.
+    cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+    LLMC_CUDA_CHECK(cudaStreamIsCapturing(stream, &cap));
+    if (cap == cudaStreamCaptureStatusNone && !(R != nullptr && r.ptr == c.ptr)) {
+      void* ws0 = p.workspace ? scratch(dev, stream, /*slot=*/16, p.workspace) : nullptr;
+      const float one = 1.0f, zero = 0.0f;
+      cudaStream_t st[1] = {stream};
+      LLMC_SP_CHECK(api, api.MatmulSearch(&ds.handle, &p.plan, &one, w.data, a.ptr, R ? &one : &zero, R ? r.ptr : c.ptr,
+                                          c.ptr, ws0, st, 1));
+      LLMC_SP_CHECK(api, api.MatmulGetWorkspace(&ds.handle, &p.plan, &p.workspace));
+    }
     it = g_plans.emplace(pkey, p).first;
   }
   Plan& p = it->second;

@@ -45,10 +45,10 @@ def test_sparse24_gemm_matches_reference(shim, dtype, n, k, epilogue, trans_b):
 
 def test_sparse24_refuses_a_dense_weight_and_bad_shapes(shim):
     w = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16)  # no zeros: not 2:4
-    x = torch.randn(4, 128, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty(4, 64, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(16, 128, device="cuda", dtype=torch.bfloat16)  # (fewer rows take the dense GEMM)
+    y = torch.empty(16, 64, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(Exception, match="not 2:4"):
         shim["llmc_gemm_sparse24"](x, w, None, None, y, 1)
     with pytest.raises(Exception, match="multiples of 32"):
-        shim["llmc_gemm_sparse24"](torch.randn(4, 120, device="cuda", dtype=torch.bfloat16),
+        shim["llmc_gemm_sparse24"](torch.randn(16, 120, device="cuda", dtype=torch.bfloat16),
                                    torch.zeros(64, 120, device="cuda", dtype=torch.bfloat16), None, None, y, 1)
