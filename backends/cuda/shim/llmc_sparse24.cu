@@ -170,7 +170,20 @@ Compressed& compressed_locked(const SpApi& api, DevState& ds, int dev, cudaStrea
   LLMC_CUDA_CHECK(cudaStreamIsCapturing(stream, &cap));
   LLMC_CHECK(cap == cudaStreamCaptureStatusNone) << "a 2:4 weight met for the first time inside CUDA-graph capture "
                                                     "(run the shape once eagerly first)";
-  Compressed c;
+  // Built in place: cuSPARSELt's descriptors and plans refer to one another by address, so they
+  // must not be copied once initialized (a copied plan pointed at a dead stack frame: "internal
+  // error" at the next matmul). On failure the half-built entry is dropped.
+  auto [slot, fresh] = g_weights.try_emplace(key);
+  (void)fresh;
+  Compressed& c = slot->second;
+  struct Dropper {
+    decltype(g_weights)& map;
+    decltype(slot) at;
+    bool keep = false;
+    ~Dropper() {
+      if (!keep) map.erase(at);
+    }
+  } drop{g_weights, slot};
   if (op == llmc_sp::kOpT) {  // W [N, K]: column-major K x N, ld K
     LLMC_SP_CHECK(api, api.StructuredDescriptorInit(&ds.handle, &c.desc, k, n, k, 16, type, llmc_sp::kOrderCol,
                                                     llmc_sp::kSparsity50));
@@ -195,7 +208,8 @@ Compressed& compressed_locked(const SpApi& api, DevState& ds, int dev, cudaStrea
   LLMC_SP_CHECK(api, api.Compress2(&ds.handle, &c.desc, 1, op, data_of(W), c.data, buf, stream));
   LLMC_CUDA_CHECK(cudaStreamSynchronize(stream));
   if (buf) cudaFree(buf);
-  return g_weights.emplace(key, c).first->second;
+  drop.keep = true;
+  return c;
 }
 
 void GemmSparse24(DLTensor* A, DLTensor* W, tvm::ffi::AnyView bias_any, tvm::ffi::AnyView res_any, DLTensor* C,
@@ -250,9 +264,17 @@ void GemmSparse24(DLTensor* A, DLTensor* W, tvm::ffi::AnyView bias_any, tvm::ffi
   const void* bias_ptr = bias ? static_cast<const void*>(data_of(bias)) : nullptr;
   const auto pkey = std::make_tuple(dev, static_cast<const void*>(data_of(W)), op, M, a.ld, c.ld, bias_ptr,
                                     R != nullptr);
-  auto it = g_plans.find(pkey);
-  if (it == g_plans.end()) {
-    Plan p;
+  auto [it, fresh] = g_plans.try_emplace(pkey);
+  if (fresh) {  // in place, as for the compressed weight (descriptors refer to one another)
+    struct Dropper {
+      decltype(g_plans)& map;
+      decltype(it) at;
+      bool keep = false;
+      ~Dropper() {
+        if (!keep) map.erase(at);
+      }
+    } drop{g_plans, it};
+    Plan& p = it->second;
     LLMC_SP_CHECK(api, api.DenseDescriptorInit(&ds.handle, &p.b, K, M, a.ld, 16, type, llmc_sp::kOrderCol));
     LLMC_SP_CHECK(api, api.DenseDescriptorInit(&ds.handle, &p.c, N, M, c.ld, 16, type, llmc_sp::kOrderCol));
     LLMC_SP_CHECK(api, api.MatmulDescriptorInit(&ds.handle, &p.mm, op, llmc_sp::kOpN, &w.desc, &p.b, &p.c,
@@ -276,7 +298,7 @@ void GemmSparse24(DLTensor* A, DLTensor* W, tvm::ffi::AnyView bias_any, tvm::ffi
                                           c.ptr, ws0, st, 1));
       LLMC_SP_CHECK(api, api.MatmulGetWorkspace(&ds.handle, &p.plan, &p.workspace));
     }
-    it = g_plans.emplace(pkey, p).first;
+    drop.keep = true;
   }
   Plan& p = it->second;
   void* ws = p.workspace ? scratch(dev, stream, /*slot=*/16, p.workspace) : nullptr;
