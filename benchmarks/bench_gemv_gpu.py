@@ -176,8 +176,8 @@ def tensor_core_main(shim, torch, np, rows: list[int]) -> None:
             x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
             y = torch.empty(m, N, device="cuda", dtype=torch.bfloat16)
             routes = {"bf16": [lambda w=w: gemm(x, w, None, None, y, 1, 0) for w in w16],
-                      "fp8": [lambda w=w: a8(x, w, s1, None, y, 1, 1e-6, 448.0) for w in f8],
-                      "w8a8": [lambda w=w: a8(x, w, s1, None, y, 0, 1e-6, 127.0) for w in q8],
+                      "fp8": [lambda w=w: a8(x, w, s1, None, None, y, 1, 1e-6, 448.0) for w in f8],
+                      "w8a8": [lambda w=w: a8(x, w, s1, None, None, y, 0, 1e-6, 127.0) for w in q8],
                       "sparse24": [lambda w=w: sp(x, w, None, None, y, 1) for w in w24],
                       "int4": [lambda w=w: qgemv(x, w, s4, None, y, 4, 128) for w in q4]}
             t = {}

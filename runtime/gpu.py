@@ -205,6 +205,7 @@ class GpuExecutor:
             self._weights[b.id] = t
         if self.weights_random and fill_weights == "random":
             self.fill_random_weights()
+        self._forget_sparse_weights(modules.get(SHIM))
         arena = p.arena_bytes
         self._arena = self.tvm.runtime.empty((arena,), "uint8", self.dev) if arena else None
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
@@ -498,6 +499,19 @@ class GpuExecutor:
             rt.cudaEventDestroy(e)
         med = np.median(times, axis=0)
         return [(name, float(t)) for (_, _, name), t in zip(plan.launches, med)]
+
+    def _forget_sparse_weights(self, shim) -> None:
+        """The shim compresses a 2:4 weight at its first call and remembers it by address: make it
+        forget what it holds for this executor's 2:4 weights (a freed model's weight may have had
+        the same address), so their first calls compress these values."""
+        sparse = {k.name: k for k in self._program.kernels.values() if k.func == "llmc_gemm_sparse24"}
+        if not sparse or shim is None:
+            return
+        forget = _shim_function(shim, "llmc_sparse24_forget")
+        for c in self._program.calls:
+            k = sparse.get(c.kernel)
+            if k is not None and forget is not None and c.args[k.tensors[1].arg] in self._weights:
+                forget(self._weights[c.args[k.tensors[1].arg]])
 
     def fill_random_weights(self, seed: int = 0) -> None:
         """Fill every weight with N(0, 0.02) values (a tiled random block: cheap, no NaNs). Two of

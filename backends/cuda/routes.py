@@ -174,6 +174,18 @@ class _Split:
                 core.add(r.uid)
         return core
 
+    def residual_add(self, m: Node, members: set[int], ancestors: set[int]) -> Node | None:
+        """m's only user when it is m + r with r of m's shape and dtype computed outside the group
+        (or before m in it): the residual a GEMM call adds in its epilogue."""
+        u = self.only_user(m, members)
+        if u is None or u.op is not Op.ADD or tuple(u.shape) != tuple(m.shape) or u.dtype is not m.dtype:
+            return None
+        others = [x for x in u.inputs if x.uid != m.uid]
+        if len(others) != 1 or tuple(others[0].shape) != tuple(u.shape) or others[0].dtype is not m.dtype:
+            return None
+        o = others[0]
+        return None if o.uid in members and o.uid not in ancestors else u
+
     def matmul_core(self, m: Node, members: set[int], ancestors: set[int]) -> set[int] | None:
         a, w = m.inputs
         if len(w.shape) != 2 or len(a.shape) < 2 or m.dtype not in GEMM_DTYPES:
@@ -292,9 +304,11 @@ def cuda_grouping(graph: Graph) -> list[list[Node]]:
             chain = act_scale_chain(m)  # W8A8 / FP8: the rows' scales are computed by the shim call too
             if chain and all(n.uid in members and n.uid not in split.outputs for n in chain) and all(
                     u.uid in {c.uid for c in chain} | {m.uid} for n in chain for u in split.users.get(n.uid, [])):
-                return {m.uid} | {n.uid for n in chain} | {c.uid for n in chain for c in n.inputs
-                                                           if c.op is Op.CONST and c.uid in members}
-            return {m.uid}  # the shim's quantized matmuls have no epilogues: a kernel of its own
+                core = {m.uid} | {n.uid for n in chain} | {c.uid for n in chain for c in n.inputs
+                                                          if c.op is Op.CONST and c.uid in members}
+                add = split.residual_add(m, members, ancestors_within(group, {m.uid}))
+                return core | ({add.uid} if add is not None else set())  # + a residual, as the bf16 GEMM takes
+            return {m.uid}  # the weight-only quantized matmul has no epilogues: a kernel of its own
         return None
 
     return split_out_cores(groups, core_of)
@@ -589,7 +603,10 @@ def _match_qmatmul(kernel: Kernel) -> Route | None:
     """A lone QMATMUL: one llmc_qgemv call (weight-only) or llmc_qgemm_a8 call (W8A8 / FP8) over x
     viewed as [rows, K]."""
     body = _body(kernel)
-    if not body or body[-1].op is not Op.QMATMUL or kernel.outputs != (body[-1],):
+    add = body[-1] if len(body) > 1 and body[-1].op is Op.ADD and body[-2].op is Op.QMATMUL else None
+    if add is not None:
+        body = body[:-1]
+    if not body or body[-1].op is not Op.QMATMUL or kernel.outputs != ((add or body[-1]),):
         return None
     m = body[-1]
     chain = act_scale_chain(m) if len(body) > 1 else None
@@ -598,6 +615,12 @@ def _match_qmatmul(kernel: Kernel) -> Route | None:
     idx = _arg_index(kernel)
     if any(i.uid not in idx for i in (m.inputs[:3] if chain else m.inputs)):
         return None
+    residual = None
+    if add is not None:
+        others = [x for x in add.inputs if x is not m]
+        if not m.attrs.act_bits or len(others) != 1 or others[0].uid not in idx:
+            return None
+        residual = others[0]
     x = m.inputs[0]
     rows = 1
     for d in x.shape[:-1]:
@@ -606,12 +629,16 @@ def _match_qmatmul(kernel: Kernel) -> Route | None:
     if at.act_bits:  # W8A8 / FP8: the 4th input is x's row scales [..., 1], computed in the call with the chain
         sx = m.inputs[3]
         tensors = [(idx[x.uid], (rows, x.shape[-1]))] + [(idx[i.uid], tuple(i.shape)) for i in m.inputs[1:3]]
-        tensors += [None if chain else (idx[sx.uid], (rows, 1)), (idx[m.uid], (rows, m.shape[-1]))]
+        out = add or m
+        tensors += [None if chain else (idx[sx.uid], (rows, 1)),
+                    None if residual is None else (idx[residual.uid], (rows, m.shape[-1])),
+                    (idx[out.uid], (rows, m.shape[-1]))]
         floor, qmax = (float(chain[2].inputs[1].attrs.value), float(chain[3].inputs[1].attrs.value)) if chain \
             else (0.0, 0.0)
         what = "fp8 e4m3" if at.float8 else "w8a8 int8"
         return Route(QGEMM_A8_FUNC, tensors, [int(at.float8), floor, qmax],
-                     f"{what} GEMM (cuBLASLt), activations quantized per row" + (" (scales too)" if chain else ""))
+                     f"{what} GEMM (cuBLASLt), activations quantized per row" + (" (scales too)" if chain else "")
+                     + (" +residual" if residual is not None else ""))
     zeros = m.inputs[3] if len(m.inputs) > 3 else None
     tensors = [(idx[x.uid], (rows, x.shape[-1]))] + [(idx[i.uid], tuple(i.shape)) for i in m.inputs[1:3]]
     tensors += [None if zeros is None else (idx[zeros.uid], tuple(zeros.shape)), (idx[m.uid], (rows, m.shape[-1]))]

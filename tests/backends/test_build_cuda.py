@@ -290,7 +290,7 @@ def test_cuda_quantized_generation_routes_qmatmul_to_the_shim(tmp_path):
 @pytest.mark.parametrize("quant", ["fp8", "w8a8"])
 def test_cuda_activation_quant_routes_qmatmul_to_cublaslt(tmp_path, quant):
     """FP8 / W8A8 for CUDA: every QMATMUL of the forward and of the step function is one
-    llmc_qgemm_a8 call [x rows, qweight, scales, None, y] with the float8 flag, the floor and the
+    llmc_qgemm_a8 call [x rows, qweight, scales, None, residual or None, y] with the float8 flag, the floor and the
     code range as scalars: the ops computing the rows' scales (abs, max, maximum, div) are part of
     that call, not a reduction kernel of their own."""
     import sys
@@ -312,8 +312,11 @@ def test_cuda_activation_quant_routes_qmatmul_to_cublaslt(tmp_path, quant):
         assert q and not [k for k in program.kernels.values() if k.func == "llmc_qgemv"]
         for k in q:
             assert tuple(k.scalars) == (int(quant == "fp8"), 1e-6, 448.0 if quant == "fp8" else 127.0)
-            assert len(k.tensors) == 5 and k.tensors[3] is None
-            assert [len(t.shape) for t in (*k.tensors[:3], k.tensors[4])] == [2, 2, 2, 2]
+            assert len(k.tensors) == 6 and k.tensors[3] is None
+            assert [len(t.shape) for t in (*k.tensors[:3], k.tensors[5])] == [2, 2, 2, 2]
+        # o_proj and down take the residual add into the call, as the bf16 GEMM's epilogue does
+        assert sum(k.tensors[4] is not None for k in q) == 2 and all(k.ops.endswith("+add") for k in q
+                                                                       if k.tensors[4] is not None)
         assert not [k for k in program.kernels.values() if k.route == "tvm" and "maximum+div" in k.ops]
 
 

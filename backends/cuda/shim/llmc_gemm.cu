@@ -351,7 +351,8 @@ bool lt_matmul_nt(int dev, cudaStream_t stream, const LtNT& q) {
   key.a_type = int(q.a_type); key.w_type = int(q.w_type); key.d_type = int(q.d_type);
   key.scaled = scaled;
   key.m = q.m; key.n = q.n; key.k = q.k; key.lda = q.lda; key.ldw = q.ldw; key.ldd = q.ldd;
-  key.align_a = alignment_of(q.a); key.align_w = alignment_of(q.w); key.align_d = alignment_of(q.d);
+  key.align_a = alignment_of(q.a); key.align_w = alignment_of(q.w);
+  key.align_d = std::min(alignment_of(q.d), q.c ? alignment_of(q.c) : 256u);
 
   std::lock_guard<std::mutex> lock(g_mu);
   const LtApi& api = lt_api_locked();
@@ -401,11 +402,12 @@ bool lt_matmul_nt(int dev, cudaStream_t stream, const LtNT& q) {
     LLMC_LT_CHECK(api, api.MatmulDescSetAttribute(p.desc, llmc_lt::kDescBScalePointer, &q.a_scale, sizeof(void*)));
   }
   DeviceGuard guard(dev);
-  const float alpha_f = 1.0f, beta_f = 0.0f;
-  const int32_t alpha_i = 1, beta_i = 0;
+  const float alpha_f = 1.0f, beta_f = q.c ? 1.0f : 0.0f;
+  const int32_t alpha_i = 1, beta_i = q.c ? 1 : 0;
   const void* alpha = integer ? static_cast<const void*>(&alpha_i) : static_cast<const void*>(&alpha_f);
   const void* beta = integer ? static_cast<const void*>(&beta_i) : static_cast<const void*>(&beta_f);
-  const llmc_cublasStatus_t st = api.Matmul(ds.handle, p.desc, alpha, q.w, p.la, q.a, p.lb, beta, q.d, p.lc, q.d, p.ld,
+  const llmc_cublasStatus_t st = api.Matmul(ds.handle, p.desc, alpha, q.w, p.la, q.a, p.lb, beta, q.c ? q.c : q.d,
+                                            p.lc, q.d, p.ld,
                                             &p.algo, ds.workspace, kWorkspaceBytes, stream);
   if (st == llmc_lt::kStatusNotSupported && scaled) {  // an algorithm the heuristic offered but Matmul refuses
     it->second.found = false;

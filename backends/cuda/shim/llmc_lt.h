@@ -28,6 +28,7 @@ struct LtNT {
   int64_t m = 0, n = 0, k = 0;
   const float* a_scale = nullptr;
   const float* w_scale = nullptr;
+  const void* c = nullptr;  // optional [M, N] (ld ldd, D's type) added to the products: D = AW^T + C
 };
 
 // Enqueues the matmul on `stream`. Returns false, enqueuing nothing, when cuBLASLt has no

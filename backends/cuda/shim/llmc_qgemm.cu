@@ -2,12 +2,14 @@
 // compiler/ops.py QMatmulAttrs).
 //
 //   llmc_qgemm_stats() -> str: how many calls took each path (FP8 scaled in the GEMM or after, ...)
-//   llmc_qgemm_a8(x [M, K], qweight [N, K], scales [N, 1], sx [M, 1] or None, y [M, N], float8: 0 | 1,
-//                 floor, qmax)
+//   llmc_qgemm_a8(x [M, K], qweight [N, K], scales [N, 1], sx [M, 1] or None, residual [M, N] or None,
+//                 y [M, N], float8: 0 | 1, floor, qmax)
 //     W8A8 (float8 0): qweight int8; xq = round-half-even(x / sx) clipped to [-127, 127];
 //       y = (xq @ q^T, exact in int32) * sx * scale.
 //     FP8 (float8 1): qweight float8 e4m3fn bit patterns; x8 = e4m3(x / sx) (round-half-even,
 //       saturating); y = (x8 @ w8^T, float accumulation) * sx * scale.
+//     residual (the graph's ADD after the matmul, as the bf16 GEMM takes it in its epilogue) is
+//     added to y: by the GEMM (FP8, beta 1) or by the pass that applies the scales.
 //     x, scales, sx, y: float16 or bfloat16 alike; sx are the rows' scales the graph computed
 //     (max|row| / 127 or / 448); None: the call computes them as the graph would, in x's dtype,
 //     sx = max(max|row|, floor) / qmax (the route absorbs those ops: backends/cuda/routes.py).
@@ -139,7 +141,7 @@ __global__ void quantize_rows(const T* __restrict__ x, const T* __restrict__ sx,
 // y[m, n] = acc[m, n] * sx[m] * s[n]; acc int32 (W8A8) or y itself (FP8 without fused scales).
 template <typename T, typename Acc>
 __global__ void rescale(const Acc* __restrict__ acc, const float* __restrict__ sx32, const float* __restrict__ s32,
-                        T* __restrict__ y, int64_t M, int N) {
+                        const T* __restrict__ r, T* __restrict__ y, int64_t M, int N) {
   const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= M * N) return;
   const int64_t m = i / N;
@@ -147,7 +149,7 @@ __global__ void rescale(const Acc* __restrict__ acc, const float* __restrict__ s
   float v;
   if constexpr (std::is_same<Acc, int32_t>::value) v = float(acc[i]);
   else v = to_f(acc[i]);
-  y[i] = from_f<T>(v * sx32[m] * s32[n]);
+  y[i] = from_f<T>(v * sx32[m] * s32[n] + (r ? to_f(r[i]) : 0.f));
 }
 
 // W rows [n0, n0 + rows) dequantized into w [rows, K]; a thread per 4 bytes of packed codes.
@@ -186,8 +188,8 @@ __global__ void dequantize(const uint8_t* __restrict__ qw, const T* __restrict__
 unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
 
 template <typename T>
-void run_a8(int dev, cudaStream_t stream, const T* x, const uint8_t* qw, const T* s, const T* sx, T* y, int M, int N,
-            int K, bool fp8, cudaDataType_t half, float floor, float qmax) {
+void run_a8(int dev, cudaStream_t stream, const T* x, const uint8_t* qw, const T* s, const T* sx, const T* r, T* y,
+            int M, int N, int K, bool fp8, cudaDataType_t half, float floor, float qmax) {
   uint8_t* codes = static_cast<uint8_t*>(scratch(dev, stream, kCodes, size_t(M) * K));
   const size_t m_pad = (size_t(M) + 63) / 64 * 64;  // the weights' scales 256-byte aligned too (cuBLASLt's vectors)
   float* f32 = static_cast<float*>(scratch(dev, stream, kScales, sizeof(float) * (m_pad + N)));
@@ -205,28 +207,31 @@ void run_a8(int dev, cudaStream_t stream, const T* x, const uint8_t* qw, const T
     p.a_type = p.w_type = CUDA_R_8F_E4M3;
     p.d = y; p.d_type = half; p.ldd = N;
     p.a_scale = sx32; p.w_scale = s32;
+    p.c = r;
     if (lt_matmul_nt(dev, stream, p)) {
       ++g_fp8_scaled_calls;
       return;
     }
     ++g_fp8_rescaled_calls;
     p.a_scale = p.w_scale = nullptr;  // no scaled algorithm here: unscaled products, then scale y
+    p.c = nullptr;
     LLMC_CHECK(lt_matmul_nt(dev, stream, p)) << "cuBLASLt has no float8 GEMM for M=" << M << " N=" << N << " K=" << K;
-    rescale<T, T><<<blocks_for(int64_t(M) * N), kThreads, 0, stream>>>(y, sx32, s32, y, M, N);
+    rescale<T, T><<<blocks_for(int64_t(M) * N), kThreads, 0, stream>>>(y, sx32, s32, r, y, M, N);
   } else {
     ++g_int8_calls;
     int32_t* acc = static_cast<int32_t*>(scratch(dev, stream, kAcc, sizeof(int32_t) * size_t(M) * N));
     p.a_type = p.w_type = CUDA_R_8I;
     p.d = acc; p.d_type = CUDA_R_32I; p.ldd = N;
     LLMC_CHECK(lt_matmul_nt(dev, stream, p)) << "cuBLASLt has no int8 GEMM for M=" << M << " N=" << N << " K=" << K;
-    rescale<T, int32_t><<<blocks_for(int64_t(M) * N), kThreads, 0, stream>>>(acc, sx32, s32, y, M, N);
+    rescale<T, int32_t><<<blocks_for(int64_t(M) * N), kThreads, 0, stream>>>(acc, sx32, s32, r, y, M, N);
   }
   LLMC_CUDA_CHECK(cudaGetLastError());
 }
 
-void QGemmA8(DLTensor* x, DLTensor* qw, DLTensor* s, tvm::ffi::AnyView sx_any, DLTensor* y, int64_t float8,
-             double floor, double qmax) {
+void QGemmA8(DLTensor* x, DLTensor* qw, DLTensor* s, tvm::ffi::AnyView sx_any, tvm::ffi::AnyView r_any, DLTensor* y,
+             int64_t float8, double floor, double qmax) {
   DLTensor* sx = optional_tensor(sx_any);
+  DLTensor* r = optional_tensor(r_any);
   for (auto [t, name] : {std::pair<const DLTensor*, const char*>{x, "x"}, {qw, "qweight"}, {s, "scales"}, {y, "y"}}) {
     check_cuda_tensor(t, name);
     LLMC_CHECK(compact(t)) << name << " must be contiguous";
@@ -250,6 +255,11 @@ void QGemmA8(DLTensor* x, DLTensor* qw, DLTensor* s, tvm::ffi::AnyView sx_any, D
   LLMC_CHECK(sx == nullptr || (sx->shape[0] == M && sx->shape[1] == 1)) << "sx " << shape_str(sx) << " must be ["
                                                                        << M << ", 1]";
   LLMC_CHECK(y->shape[0] == M && y->shape[1] == N) << "y " << shape_str(y);
+  if (r != nullptr) {
+    check_cuda_tensor(r, "residual");
+    LLMC_CHECK(compact(r) && r->ndim == 2 && r->shape[0] == M && r->shape[1] == N && dtype_of(r) == dt)
+        << "residual " << shape_str(r) << " must be a contiguous [" << M << ", " << N << "] of x's dtype";
+  }
   LLMC_CHECK(M < (int64_t(1) << 31) && M * N < (int64_t(1) << 40)) << "x has " << M << " rows";
   LLMC_CHECK(reinterpret_cast<uintptr_t>(data_of(x)) % 16 == 0) << "x must be 16-byte aligned";
   if (M == 0 || N == 0) return;
@@ -260,12 +270,14 @@ void QGemmA8(DLTensor* x, DLTensor* qw, DLTensor* s, tvm::ffi::AnyView sx_any, D
   if (dt == DT::kF16) {
     run_a8<__half>(dev, stream, reinterpret_cast<const __half*>(data_of(x)), w,
                    reinterpret_cast<const __half*>(data_of(s)),
-                   sx ? reinterpret_cast<const __half*>(data_of(sx)) : nullptr, reinterpret_cast<__half*>(data_of(y)),
+                   sx ? reinterpret_cast<const __half*>(data_of(sx)) : nullptr,
+                   r ? reinterpret_cast<const __half*>(data_of(r)) : nullptr, reinterpret_cast<__half*>(data_of(y)),
                    int(M), int(N), int(K), float8 == 1, CUDA_R_16F, float(floor), float(qmax));
   } else {
     run_a8<__nv_bfloat16>(dev, stream, reinterpret_cast<const __nv_bfloat16*>(data_of(x)), w,
                           reinterpret_cast<const __nv_bfloat16*>(data_of(s)),
                           sx ? reinterpret_cast<const __nv_bfloat16*>(data_of(sx)) : nullptr,
+                          r ? reinterpret_cast<const __nv_bfloat16*>(data_of(r)) : nullptr,
                           reinterpret_cast<__nv_bfloat16*>(data_of(y)), int(M), int(N), int(K), float8 == 1,
                           CUDA_R_16BF, float(floor), float(qmax));
   }

@@ -10,7 +10,8 @@
 // The first call with a weight checks its pattern (cusparseLtSpMMAPruneCheck2: a weight that is
 // not 2:4 is an error, never silently wrong) and compresses it once into a device buffer kept for
 // the process (half the values plus 2-bit indices); later calls, graph replays included, read
-// the compressed copy. Row counts that are not a multiple of 16 (decode) run the dense GEMM. That first call is eager (the runtime runs a shape once before capturing
+// the compressed copy. Fewer than 1024 rows, or a count that is not a multiple of 16, run the dense
+// GEMM (measured faster there). That first call is eager (the runtime runs a shape once before capturing
 // it), so the synchronizing compression never lands inside a CUDA graph. The dense weight stays
 // allocated: its buffer is the route's input and the key of its compressed copy.
 //
@@ -118,6 +119,9 @@ constexpr int kMaxDevices = 64;
 // "not supported"): fewer or ragged rows take the dense cuBLASLt GEMM over the same (zero-holding)
 // weight, which stays allocated anyway.
 constexpr int64_t kMinRows = 16;
+// Below this many rows the sparse GEMM measured slower than the dense one on an H100 (0.5-1.3x at
+// 16-512 rows, 1.3-1.4x at 4096: benchmarks/RESULTS.md): decode and small prefills stay dense.
+constexpr int64_t kSparseFromRows = 1024;
 struct DevState {
   bool ready = false;
   llmc_cusparseLtHandle_t handle;
@@ -138,8 +142,9 @@ struct Plan {
   llmc_cusparseLtMatmulPlan_t plan;
   size_t workspace = 0;
 };
-// (device, weight, op, M, lda, ldc, bias, residual) -> plan
-std::map<std::tuple<int, const void*, int, int64_t, int64_t, int64_t, const void*, bool>, Plan> g_plans;
+// (device, weight, op, dtype, M, lda, ldc, bias, residual) -> plan
+std::map<std::tuple<int, const void*, int, int, int64_t, int64_t, int64_t, const void*, bool>, Plan> g_plans;
+std::vector<void*> g_retired;  // compressed copies forgotten while a captured graph may still read them
 
 cudaDataType_t cuda_type(DT d) { return d == DT::kF16 ? CUDA_R_16F : CUDA_R_16BF; }
 
@@ -244,7 +249,7 @@ void GemmSparse24(DLTensor* A, DLTensor* W, tvm::ffi::AnyView bias_any, tvm::ffi
         << "bias must be a contiguous [" << N << "] of A's dtype, got " << shape_str(bias);
   }
   if (M == 0 || N == 0) return;
-  if (M % kMinRows != 0) {  // cuSPARSELt takes no such dense operand (decode's few rows): the dense GEMM
+  if (M % kMinRows != 0 || M < kSparseFromRows) {  // cuSPARSELt takes no such operand, or is slower: dense
     gemm_dense(A, W, const_cast<DLTensor*>(bias), const_cast<DLTensor*>(R), C, trans_b);
     return;
   }
@@ -262,8 +267,8 @@ void GemmSparse24(DLTensor* A, DLTensor* W, tvm::ffi::AnyView bias_any, tvm::ffi
   const cudaDataType_t type = cuda_type(dt);
   Compressed& w = compressed_locked(api, ds, dev, stream, W, type, N, K, op);
   const void* bias_ptr = bias ? static_cast<const void*>(data_of(bias)) : nullptr;
-  const auto pkey = std::make_tuple(dev, static_cast<const void*>(data_of(W)), op, M, a.ld, c.ld, bias_ptr,
-                                    R != nullptr);
+  const auto pkey = std::make_tuple(dev, static_cast<const void*>(data_of(W)), op, int(type), M, a.ld, c.ld,
+                                    bias_ptr, R != nullptr);
   auto [it, fresh] = g_plans.try_emplace(pkey);
   if (fresh) {  // in place, as for the compressed weight (descriptors refer to one another)
     struct Dropper {
@@ -308,7 +313,31 @@ void GemmSparse24(DLTensor* A, DLTensor* W, tvm::ffi::AnyView bias_any, tvm::ffi
                                 streams, 1));
 }
 
+// Drops what the shim remembers of the weight at W's address (its compressed copies and plans):
+// the runtime calls it for each 2:4 weight when it loads an artifact, so a buffer that reuses the
+// address of a freed model's weight is compressed afresh, never read through a stale copy. The
+// copies are kept allocated (a graph captured by a live executor sharing the weight may read them).
+void Forget(DLTensor* W) {
+  check_cuda_tensor(W, "W");
+  const void* ptr = data_of(W);
+  const int dev = W->device.device_id;
+  std::lock_guard<std::mutex> lock(g_mu);
+  for (auto it = g_weights.begin(); it != g_weights.end();) {
+    if (std::get<0>(it->first) == dev && std::get<1>(it->first) == ptr) {
+      g_retired.push_back(it->second.data);
+      it = g_weights.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  for (auto it = g_plans.begin(); it != g_plans.end();) {
+    if (std::get<0>(it->first) == dev && std::get<1>(it->first) == ptr) it = g_plans.erase(it);
+    else ++it;
+  }
+}
+
 }  // namespace
 }  // namespace llmc_shim_sparse24
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(llmc_gemm_sparse24, llmc_shim_sparse24::GemmSparse24);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(llmc_sparse24_forget, llmc_shim_sparse24::Forget);

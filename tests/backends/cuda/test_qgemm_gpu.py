@@ -25,10 +25,11 @@ def _rel(got: np.ndarray, ref: np.ndarray) -> float:
 @pytest.mark.parametrize("float8", [0, 1])
 @pytest.mark.parametrize("rows,n,k", [(1, 2048, 2048), (7, 256, 512), (33, 200, 320), (512, 3072, 2048),
                                       (4096, 1024, 1024)])
-@pytest.mark.parametrize("given_sx", [True, False])
-def test_qgemm_a8_matches_reference(shim, dtype, float8, rows, n, k, given_sx):
+@pytest.mark.parametrize("given_sx,residual", [(True, False), (False, False), (False, True)])
+def test_qgemm_a8_matches_reference(shim, dtype, float8, rows, n, k, given_sx, residual):
     """given_sx False: the call computes the rows' scales itself (the route that absorbs the
-    graph's abs/max/maximum/div), the same values the graph's ops give."""
+    graph's abs/max/maximum/div), the same values the graph's ops give; residual: y gets r added
+    (the route that takes the graph's ADD into the call)."""
     rng = np.random.default_rng(rows + n + k + float8)
     w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
     qmax = E4M3_MAX if float8 else 127.0
@@ -42,9 +43,13 @@ def test_qgemm_a8_matches_reference(shim, dtype, float8, rows, n, k, given_sx):
     sx = torch.from_numpy(row_scales(xn, qmax)).to(dtype)  # what the graph's ops compute, in x's dtype
     attrs = QMatmulAttrs(8, k, True, DType.BF16, 8, bool(float8))
     ref = REFERENCE[Op.QMATMUL](attrs, xn, qweight, s_seen, sx.float().numpy())
+    r = torch.randn(rows, n, generator=torch.Generator().manual_seed(k)).to(dtype) if residual else None
+    if r is not None:
+        ref = ref + r.double().numpy()
     y = torch.full((rows, n), float("nan"), dtype=dtype, device="cuda")
     shim["llmc_qgemm_a8"](x.cuda(), torch.from_numpy(qweight.view(np.uint8) if float8 else qweight).cuda(),
-                          s_dev.cuda(), sx.cuda() if given_sx else None, y, float8, 1e-6, qmax)
+                          s_dev.cuda(), sx.cuda() if given_sx else None, None if r is None else r.cuda(), y, float8,
+                          1e-6, qmax)
     torch.cuda.synchronize()
     err = _rel(y.double().cpu().numpy(), ref)
     assert err < 5e-3, err
@@ -83,11 +88,11 @@ def test_qgemm_a8_refuses_bad_arguments(shim):
     sx = torch.ones(2, 1, dtype=torch.bfloat16, device="cuda")
     y = torch.empty(2, 64, dtype=torch.bfloat16, device="cuda")
     with pytest.raises(Exception, match="multiple of 16"):
-        shim["llmc_qgemm_a8"](x, qw, s, sx, y, 1, 1e-6, 448.0)
+        shim["llmc_qgemm_a8"](x, qw, s, sx, None, y, 1, 1e-6, 448.0)
     x, qw = torch.randn(2, 32, device="cuda", dtype=torch.bfloat16), torch.zeros(64, 32, dtype=torch.uint8, device="cuda")
     with pytest.raises(Exception, match="float8 must be 0"):
-        shim["llmc_qgemm_a8"](x, qw, s, sx, y, 2, 1e-6, 448.0)
+        shim["llmc_qgemm_a8"](x, qw, s, sx, None, y, 2, 1e-6, 448.0)
     with pytest.raises(Exception, match="sx"):
-        shim["llmc_qgemm_a8"](x, qw, s, torch.ones(3, 1, dtype=torch.bfloat16, device="cuda"), y, 1, 1e-6, 448.0)
+        shim["llmc_qgemm_a8"](x, qw, s, torch.ones(3, 1, dtype=torch.bfloat16, device="cuda"), None, y, 1, 1e-6, 448.0)
     with pytest.raises(Exception, match="must be > 0"):
-        shim["llmc_qgemm_a8"](x, qw, s, None, y, 1, 0.0, 448.0)
+        shim["llmc_qgemm_a8"](x, qw, s, None, None, y, 1, 0.0, 448.0)
