@@ -11,7 +11,7 @@
 // not 2:4 is an error, never silently wrong) and compresses it once into a device buffer kept for
 // the process (half the values plus 2-bit indices); later calls, graph replays included, read
 // the compressed copy. Fewer than 1024 rows, or a count that is not a multiple of 16, run the dense
-// GEMM (measured faster there). That first call is eager (the runtime runs a shape once before capturing
+// GEMM (measured faster there), as does float16 (see GemmSparse24). That first call is eager (the runtime runs a shape once before capturing
 // it), so the synchronizing compression never lands inside a CUDA graph. The dense weight stays
 // allocated: its buffer is the route's input and the key of its compressed copy.
 //
@@ -249,7 +249,9 @@ void GemmSparse24(DLTensor* A, DLTensor* W, tvm::ffi::AnyView bias_any, tvm::ffi
         << "bias must be a contiguous [" << N << "] of A's dtype, got " << shape_str(bias);
   }
   if (M == 0 || N == 0) return;
-  if (M % kMinRows != 0 || M < kSparseFromRows) {  // cuSPARSELt takes no such operand, or is slower: dense
+  // cuSPARSELt takes no such operand, or is slower: dense; float16 too (its plan search failed with
+  // "internal error" for float16 on an H100, leaving the context unusable; bfloat16 passed)
+  if (M % kMinRows != 0 || M < kSparseFromRows || dt != DT::kBF16) {
     gemm_dense(A, W, const_cast<DLTensor*>(bias), const_cast<DLTensor*>(R), C, trans_b);
     return;
   }

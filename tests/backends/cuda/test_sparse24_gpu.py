@@ -1,7 +1,8 @@
 """GPU checks of llmc_gemm_sparse24 (backends/cuda/shim/llmc_sparse24.cu): a GEMM whose weight is
 2:4 sparse along K, on cuSPARSELt's sparse tensor cores, against numpy's float64 product of the
 same (pruned) values, with bias and residual epilogues; several row counts over one compressed
-weight (below 1024 rows the call runs the dense GEMM); a weight that is not 2:4 is refused."""
+weight (below 1024 rows, and for float16, the call runs the dense GEMM); a weight that is not 2:4
+is refused."""
 import numpy as np
 import pytest
 
