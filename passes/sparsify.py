@@ -18,7 +18,7 @@ Methods:
 
 The pruned weight is a new WEIGHT (`<name>.sparse24`, its attrs' `sparse24` set), so the pass
 stays pure and a weight some other op reads keeps its dense values there. The CPU kernels
-compute the zeros; the CUDA backend routes a bf16/fp16 matmul over such a weight to
+compute the zeros; the CUDA backend routes a bfloat16 matmul over such a weight to
 cuSPARSELt's sparse tensor cores (backends/cuda/shim/llmc_sparse24.cu).
 """
 from __future__ import annotations

@@ -618,7 +618,8 @@ def _match_qmatmul(kernel: Kernel) -> Route | None:
     residual = None
     if add is not None:
         others = [x for x in add.inputs if x is not m]
-        if not m.attrs.act_bits or len(others) != 1 or others[0].uid not in idx:
+        if not m.attrs.act_bits or len(others) != 1 or others[0].uid not in idx \
+                or tuple(others[0].shape) != tuple(m.shape):
             return None
         residual = others[0]
     x = m.inputs[0]

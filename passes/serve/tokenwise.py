@@ -62,7 +62,7 @@ def _axes_touched(n: Node) -> list[tuple[Node, int]]:
         # the weight operands (qweight, scales, zeros of a quantized one) are contracted whole;
         # a routed matmul's ids (third input) are per token, as are W8A8 / FP8's row scales
         # (a QMATMUL's 4th input when it quantizes activations: one per row of x)
-        weights = n.inputs[1:3 if op is Op.QMATMUL and a.act_bits else None] if op is Op.QMATMUL else n.inputs[1:2]
+        weights = n.inputs[1:2] if op is not Op.QMATMUL else n.inputs[1:3] if a.act_bits else n.inputs[1:]
         return [(x, x.type.rank - 1)] + [(w, ax) for w in weights for ax in range(w.type.rank)]
     return []
 
