@@ -191,11 +191,17 @@ def test_w8a8_before_after_and_smoothquant_beats_plain_w8a8(monkeypatch):
     assert errs["smoothquant"] < errs["rtn"] < 0.1, errs
 
 
-def test_w8a8_on_a_gpu_target_is_refused_before_capture():
+def test_activation_quant_where_no_kernels_take_it_is_refused_before_capture():
+    """W8A8 / FP8 run on the CPU and CUDA (sm_89+ for FP8); elsewhere the refusal names the cause
+    before the model is even looked at (None here would fail capture)."""
     import llmc
 
-    with pytest.raises(LLMCError, match="CPU backend"):
-        llmc.compile(None, (), target="cuda:sm_90", quant="w8a8")
+    with pytest.raises(LLMCError, match="runs on the CPU and CUDA backends"):
+        llmc.compile(None, (), target="rocm:gfx942", quant="w8a8")
+    with pytest.raises(LLMCError, match="sm_89 or newer"):
+        llmc.compile(None, (), target="cuda:sm_80", quant="fp8")
+    with pytest.raises(LLMCError, match="expects a torch.nn.Module"):  # allowed: the next check is the model's
+        llmc.compile(None, (), target="cuda:sm_90", quant="fp8")
 
 
 def test_fp8_before_after():

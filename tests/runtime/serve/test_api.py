@@ -76,8 +76,10 @@ def test_chat_equals_offline_generate_over_the_template(server, client, offline,
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_string_cuts_the_text(server, client, offline, stream):
     full = offline.generate([PROMPTS[1]], max_new_tokens=40, stop_token_ids=())[0].text
-    stop = full[len(full) // 2:len(full) // 2 + 3]  # text from the middle of what greedy decoding says
-    assert stop.strip() and full.index(stop) > 0
+    # 3 characters from the middle on of what greedy decoding says, not all blanks (the trained
+    # model's text differs between trainings: it may indent there)
+    stop = next(full[i:i + 3] for i in range(len(full) // 2, len(full) - 2) if full[i:i + 3].strip())
+    assert full.index(stop) > 0
     r = client.completions.create(model=server.model, prompt=PROMPTS[1], max_tokens=40, temperature=0, stop=[stop],
                                   stream=stream, extra_body={"ignore_eos": True})
     if stream:
