@@ -174,6 +174,17 @@ class _Split:
                 core.add(r.uid)
         return core
 
+    def scale_chain(self, m: Node) -> list[Node] | None:
+        """act_scale_chain(m) when its ops feed nothing but each other and m (nor a graph output):
+        then one call may compute them with the matmul."""
+        chain = act_scale_chain(m)
+        if chain is None:
+            return None
+        inside = {c.uid for c in chain} | {m.uid}
+        if any(n.uid in self.outputs or any(u.uid not in inside for u in self.users.get(n.uid, [])) for n in chain):
+            return None
+        return chain
+
     def residual_add(self, m: Node, members: set[int], ancestors: set[int]) -> Node | None:
         """m's only user when it is m + r with r of m's shape and dtype computed outside the group
         (or before m in it): the residual a GEMM call adds in its epilogue."""
@@ -269,9 +280,8 @@ def cuda_grouping(graph: Graph) -> list[list[Node]]:
 
     for gi, g in enumerate(groups):  # W8A8 / FP8: the ops of the rows' scales (a reduction, so a group of its
         for m in [n for n in g if n.op is Op.QMATMUL]:  # own, its abs maybe an epilogue elsewhere) join the
-            chain = act_scale_chain(m)  # matmul's group, just before it
-            if not chain or any(owner.get(n.uid) is None or n.uid in split.outputs for n in chain) or any(
-                    u.uid not in {c.uid for c in chain} | {m.uid} for n in chain for u in split.users.get(n.uid, [])):
+            chain = split.scale_chain(m)  # matmul's group, just before it
+            if not chain or any(owner.get(n.uid) is None for n in chain):
                 continue
             moved = [c for n in chain for c in (*[i for i in n.inputs if i.op is Op.CONST], n)
                      if owner.get(c.uid) is not None]
@@ -301,9 +311,8 @@ def cuda_grouping(graph: Graph) -> list[list[Node]]:
         if len(heavy) == 1 and heavy[0].op is Op.QMATMUL:
             m = heavy[0]
             check_qmatmul(m)
-            chain = act_scale_chain(m)  # W8A8 / FP8: the rows' scales are computed by the shim call too
-            if chain and all(n.uid in members and n.uid not in split.outputs for n in chain) and all(
-                    u.uid in {c.uid for c in chain} | {m.uid} for n in chain for u in split.users.get(n.uid, [])):
+            chain = split.scale_chain(m)  # W8A8 / FP8: the rows' scales are computed by the shim call too
+            if chain and all(n.uid in members for n in chain):
                 core = {m.uid} | {n.uid for n in chain} | {c.uid for n in chain for c in n.inputs
                                                           if c.op is Op.CONST and c.uid in members}
                 add = split.residual_add(m, members, ancestors_within(group, {m.uid}))

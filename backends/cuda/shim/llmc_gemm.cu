@@ -203,6 +203,29 @@ Mat2D as_matrix(const DLTensor* t, const char* name) {
   return Mat2D{data_of(t), rows, cols, ld};
 }
 
+// The heuristic's first algorithm for plan p's descriptors, under the workspace and the
+// operands' alignments (A, B, C, D in cuBLASLt's naming) into p.algo; false (the status in *st)
+// when it offers none.
+bool choose_algo(const LtApi& api, DeviceState& ds, Plan& p, const std::array<uint32_t, 4>& al,
+                 llmc_cublasStatus_t* st) {
+  llmc_cublasLtMatmulPreference_t pref = nullptr;
+  LLMC_LT_CHECK(api, api.PreferenceCreate(&pref));
+  uint64_t ws = kWorkspaceBytes;
+  LLMC_LT_CHECK(api, api.PreferenceSetAttribute(pref, llmc_lt::kPrefMaxWorkspaceBytes, &ws, sizeof(ws)));
+  const int al_attr[4] = {llmc_lt::kPrefMinAlignA, llmc_lt::kPrefMinAlignB, llmc_lt::kPrefMinAlignC,
+                          llmc_lt::kPrefMinAlignD};
+  for (int i = 0; i < 4; ++i)
+    LLMC_LT_CHECK(api, api.PreferenceSetAttribute(pref, al_attr[i], &al[i], sizeof(uint32_t)));
+  llmc_cublasLtMatmulHeuristicResult_t res[1];
+  std::memset(res, 0, sizeof(res));
+  int found = 0;
+  *st = api.AlgoGetHeuristic(ds.handle, p.desc, p.la, p.lb, p.lc, p.ld, pref, 1, res, &found);
+  api.PreferenceDestroy(pref);
+  if (*st != llmc_lt::kStatusSuccess || found == 0) return false;
+  p.algo = res[0].algo;
+  return true;
+}
+
 void gemm_impl(DLTensor* A, DLTensor* B, DLTensor* bias, DLTensor* R, DLTensor* C, int64_t trans_b,
                int64_t act) {
   check_cuda_tensor(A, "A");
@@ -290,21 +313,8 @@ void gemm_impl(DLTensor* A, DLTensor* B, DLTensor* bias, DLTensor* R, DLTensor* 
     LLMC_LT_CHECK(api, api.MatrixLayoutCreate(&p.lb, cdt, K, M, a.ld));
     LLMC_LT_CHECK(api, api.MatrixLayoutCreate(&p.lc, cdt, N, M, key.ldr));
     LLMC_LT_CHECK(api, api.MatrixLayoutCreate(&p.ld, cdt, N, M, c.ld));
-    llmc_cublasLtMatmulPreference_t pref = nullptr;
-    LLMC_LT_CHECK(api, api.PreferenceCreate(&pref));
-    uint64_t ws = kWorkspaceBytes;
-    LLMC_LT_CHECK(api, api.PreferenceSetAttribute(pref, llmc_lt::kPrefMaxWorkspaceBytes, &ws, sizeof(ws)));
-    const uint32_t al[4] = {key.align_a, key.align_b, key.align_c, key.align_d};
-    const int al_attr[4] = {llmc_lt::kPrefMinAlignA, llmc_lt::kPrefMinAlignB, llmc_lt::kPrefMinAlignC,
-                            llmc_lt::kPrefMinAlignD};
-    for (int i = 0; i < 4; ++i)
-      LLMC_LT_CHECK(api, api.PreferenceSetAttribute(pref, al_attr[i], &al[i], sizeof(uint32_t)));
-    llmc_cublasLtMatmulHeuristicResult_t res[1];
-    std::memset(res, 0, sizeof(res));
-    int found = 0;
-    llmc_cublasStatus_t st = api.AlgoGetHeuristic(ds.handle, p.desc, p.la, p.lb, p.lc, p.ld, pref, 1, res, &found);
-    api.PreferenceDestroy(pref);
-    if (st != llmc_lt::kStatusSuccess || found == 0) {
+    llmc_cublasStatus_t st = llmc_lt::kStatusSuccess;
+    if (!choose_algo(api, ds, p, {key.align_a, key.align_b, key.align_c, key.align_d}, &st)) {
       api.MatmulDescDestroy(p.desc);
       api.MatrixLayoutDestroy(p.la); api.MatrixLayoutDestroy(p.lb);
       api.MatrixLayoutDestroy(p.lc); api.MatrixLayoutDestroy(p.ld);
@@ -312,7 +322,6 @@ void gemm_impl(DLTensor* A, DLTensor* B, DLTensor* bias, DLTensor* R, DLTensor* 
                                   << " dtype=" << dtype_name(dt) << " trans_b=" << trans_b << " epilogue=" << epi
                                   << " (status " << st << ": " << api.GetStatusString(st) << ")";
     }
-    p.algo = res[0].algo;
     it = g_plans.emplace(key, p).first;
   }
   Plan& p = it->second;
@@ -377,22 +386,8 @@ bool lt_matmul_nt(int dev, cudaStream_t stream, const LtNT& q) {
     LLMC_LT_CHECK(api, api.MatrixLayoutCreate(&p.lb, q.a_type, q.k, q.m, q.lda));
     LLMC_LT_CHECK(api, api.MatrixLayoutCreate(&p.lc, q.d_type, q.n, q.m, q.ldd));
     LLMC_LT_CHECK(api, api.MatrixLayoutCreate(&p.ld, q.d_type, q.n, q.m, q.ldd));
-    llmc_cublasLtMatmulPreference_t pref = nullptr;
-    LLMC_LT_CHECK(api, api.PreferenceCreate(&pref));
-    uint64_t ws = kWorkspaceBytes;
-    LLMC_LT_CHECK(api, api.PreferenceSetAttribute(pref, llmc_lt::kPrefMaxWorkspaceBytes, &ws, sizeof(ws)));
-    const uint32_t al[4] = {key.align_w, key.align_a, key.align_d, key.align_d};
-    const int al_attr[4] = {llmc_lt::kPrefMinAlignA, llmc_lt::kPrefMinAlignB, llmc_lt::kPrefMinAlignC,
-                            llmc_lt::kPrefMinAlignD};
-    for (int i = 0; i < 4; ++i)
-      LLMC_LT_CHECK(api, api.PreferenceSetAttribute(pref, al_attr[i], &al[i], sizeof(uint32_t)));
-    llmc_cublasLtMatmulHeuristicResult_t res[1];
-    std::memset(res, 0, sizeof(res));
-    int found = 0;
-    llmc_cublasStatus_t st = api.AlgoGetHeuristic(ds.handle, p.desc, p.la, p.lb, p.lc, p.ld, pref, 1, res, &found);
-    api.PreferenceDestroy(pref);
-    np.found = st == llmc_lt::kStatusSuccess && found > 0;
-    if (np.found) p.algo = res[0].algo;
+    llmc_cublasStatus_t st = llmc_lt::kStatusSuccess;
+    np.found = choose_algo(api, ds, p, {key.align_w, key.align_a, key.align_d, key.align_d}, &st);
     it = g_nt_plans.emplace(key, np).first;
   }
   Plan& p = it->second.p;

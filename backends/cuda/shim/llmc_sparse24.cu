@@ -166,6 +166,18 @@ Rows rows_of(const DLTensor* t, const char* name) {
   return Rows{data_of(t), rows, t->shape[nd - 1], ld};
 }
 
+// A map entry built in place that is dropped again unless the build gets to `keep = true`
+// (an exception on the way leaves no half-built entry behind).
+template <typename Map>
+struct EraseUnlessKept {
+  Map& map;
+  typename Map::iterator at;
+  bool keep = false;
+  ~EraseUnlessKept() {
+    if (!keep) map.erase(at);
+  }
+};
+
 Compressed& compressed_locked(const SpApi& api, DevState& ds, int dev, cudaStream_t stream, const DLTensor* W,
                               cudaDataType_t type, int64_t n, int64_t k, int op) {
   const auto key = std::make_tuple(dev, static_cast<const void*>(data_of(W)), n, k, int(type), op);
@@ -178,17 +190,9 @@ Compressed& compressed_locked(const SpApi& api, DevState& ds, int dev, cudaStrea
   // Built in place: cuSPARSELt's descriptors and plans refer to one another by address, so they
   // must not be copied once initialized (a copied plan pointed at a dead stack frame: "internal
   // error" at the next matmul). On failure the half-built entry is dropped.
-  auto [slot, fresh] = g_weights.try_emplace(key);
-  (void)fresh;
+  auto slot = g_weights.try_emplace(key).first;
   Compressed& c = slot->second;
-  struct Dropper {
-    decltype(g_weights)& map;
-    decltype(slot) at;
-    bool keep = false;
-    ~Dropper() {
-      if (!keep) map.erase(at);
-    }
-  } drop{g_weights, slot};
+  EraseUnlessKept<decltype(g_weights)> drop{g_weights, slot};
   if (op == llmc_sp::kOpT) {  // W [N, K]: column-major K x N, ld K
     LLMC_SP_CHECK(api, api.StructuredDescriptorInit(&ds.handle, &c.desc, k, n, k, 16, type, llmc_sp::kOrderCol,
                                                     llmc_sp::kSparsity50));
@@ -273,14 +277,7 @@ void GemmSparse24(DLTensor* A, DLTensor* W, tvm::ffi::AnyView bias_any, tvm::ffi
                                     bias_ptr, R != nullptr);
   auto [it, fresh] = g_plans.try_emplace(pkey);
   if (fresh) {  // in place, as for the compressed weight (descriptors refer to one another)
-    struct Dropper {
-      decltype(g_plans)& map;
-      decltype(it) at;
-      bool keep = false;
-      ~Dropper() {
-        if (!keep) map.erase(at);
-      }
-    } drop{g_plans, it};
+    EraseUnlessKept<decltype(g_plans)> drop{g_plans, it};
     Plan& p = it->second;
     LLMC_SP_CHECK(api, api.DenseDescriptorInit(&ds.handle, &p.b, K, M, a.ld, 16, type, llmc_sp::kOrderCol));
     LLMC_SP_CHECK(api, api.DenseDescriptorInit(&ds.handle, &p.c, N, M, c.ld, 16, type, llmc_sp::kOrderCol));

@@ -53,28 +53,28 @@ def test_host_tensors_are_rejected(lib_sm90, tvm_gpu):
     assert "cublasLt" in info
 
 
+def _check_declarations(tmp_path, env: str, header: str, check: str) -> None:
+    """Compile a static_assert file of the shim's hand-written ABI values against the real
+    header in $env, where it exists."""
+    inc = os.environ.get(env)
+    if not inc or not os.path.exists(os.path.join(inc, header)):
+        pytest.skip(f"no {header} here (set {env})")
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    shim_dir = HERE.parents[2] / "backends" / "cuda" / "shim"
+    subprocess.run([nvcc, "-std=c++17", f"-I{shim_dir}", f"-I{inc}", "-c", str(HERE / check),
+                    "-o", str(tmp_path / "chk.o")], check=True)
+
+
 def test_cublaslt_declarations_match_headers(tmp_path):
     """The hand-written cuBLASLt ABI values agree with the real headers, where those exist
     (LLMC_CUBLAS_INCLUDE=<dir with cublasLt.h>, e.g. from the nvidia-cublas wheel)."""
-    inc = os.environ.get("LLMC_CUBLAS_INCLUDE")
-    if not inc or not os.path.exists(os.path.join(inc, "cublasLt.h")):
-        pytest.skip("no cuBLAS headers here (set LLMC_CUBLAS_INCLUDE)")
-    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
-    shim_dir = HERE.parents[2] / "backends" / "cuda" / "shim"
-    subprocess.run([nvcc, "-std=c++17", f"-I{shim_dir}", f"-I{inc}", "-c", str(HERE / "cublaslt_decl_check.cu"),
-                    "-o", str(tmp_path / "chk.o")], check=True)
+    _check_declarations(tmp_path, "LLMC_CUBLAS_INCLUDE", "cublasLt.h", "cublaslt_decl_check.cu")
 
 
 def test_cusparselt_declarations_match_headers(tmp_path):
     """Same for cuSPARSELt (LLMC_CUSPARSELT_INCLUDE=<dir with cusparseLt.h>, e.g. from the
     nvidia-cusparselt-cu13 wheel)."""
-    inc = os.environ.get("LLMC_CUSPARSELT_INCLUDE")
-    if not inc or not os.path.exists(os.path.join(inc, "cusparseLt.h")):
-        pytest.skip("no cuSPARSELt header here (set LLMC_CUSPARSELT_INCLUDE)")
-    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
-    shim_dir = HERE.parents[2] / "backends" / "cuda" / "shim"
-    subprocess.run([nvcc, "-std=c++17", f"-I{shim_dir}", f"-I{inc}", "-c", str(HERE / "cusparselt_decl_check.cu"),
-                    "-o", str(tmp_path / "chk.o")], check=True)
+    _check_declarations(tmp_path, "LLMC_CUSPARSELT_INCLUDE", "cusparseLt.h", "cusparselt_decl_check.cu")
 
 
 def test_cuda_graph_module_imports_without_gpu(cuda_graph_mod):
