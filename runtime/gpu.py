@@ -107,6 +107,8 @@ class _Plan:
         self.graph_state = "new"  # new | captured | failed | off
         self.graph_error = ""
         self.staging = None  # cuda_graph.HostToDevice for the host inputs of this shape
+        self.input_block = None  # device bytes holding every input not bound as state
+        self.input_offsets: dict[int, int] = {}  # input index -> byte offset in input_block
 
 
 def _shim_function(module, name: str):
@@ -147,6 +149,7 @@ class GpuExecutor:
         # graphs: True/False, or a predicate on a shape's bound symbols (capture only those shapes)
         self.graphs = (os.environ.get("LLMC_CUDA_GRAPHS", "1") != "0") if graphs is None else graphs
         self._state: dict[str, Any] = {}  # input name -> device tensor bound for good (bind_state)
+        self._range_checked = {c.input for c in manifest.input_checks}
         p = manifest.program
         self._numpy_dtype = numpy_dtype
         self._kernels = {}
@@ -224,10 +227,21 @@ class GpuExecutor:
         rt, dev = self.tvm.runtime, self.dev
         plan = _Plan()
         bufs = dict(self._weights)
-        for spec in self._program.inputs:
+        fed = []  # (input index, shape, dtype, byte offset) of the inputs copied in at each call
+        end = 0
+        for i, spec in enumerate(self._program.inputs):
+            if spec.name not in self._state:
+                shape = self._shape(spec.shape, env)
+                fed.append((i, shape, spec.dtype, end))
+                end += -(-int(np.prod(shape, dtype=np.int64)) * self._numpy_dtype(spec.dtype).itemsize // 256) * 256
+        # one device block for them, laid out as the pinned staging buffer: one copy a call
+        block = rt.empty((max(end, 256),), "uint8", dev)
+        plan.input_block, plan.input_offsets = block, {i: off for i, _, _, off in fed}
+        views = {i: block._create_view(shape, dtype, off) for i, shape, dtype, off in fed}
+        for i, spec in enumerate(self._program.inputs):
             t = self._state.get(spec.name)
             if t is None:
-                t = rt.empty(self._shape(spec.shape, env), spec.dtype, dev)
+                t = views[i]
             bufs[spec.buffer] = t
             plan.inputs.append(t)
         arena_size = self._program.arena_bytes
@@ -326,6 +340,10 @@ class GpuExecutor:
         unknown = sorted(set(tensors) - names)
         if unknown:
             raise LLMCError(f"bind_state: no inputs named {unknown}")
+        specs = {spec.name: spec for spec in self._program.inputs}
+        for name, t in tensors.items():
+            if str(t.dtype) != specs[name].dtype:
+                raise InputError(f"bind_state: input {name!r} expects dtype {specs[name].dtype}, got {t.dtype}")
         with self._lock:
             self._state = dict(tensors)
             self._plans.clear()
@@ -365,12 +383,16 @@ class GpuExecutor:
 
         values = match_inputs(self.input_names, args, kwargs)
         out = []
+        state = self._state
         for spec in self._program.inputs:
             v = values[spec.name]
+            if state and v is state.get(spec.name) and spec.name not in self._range_checked:  # dtype checked when bound
+                out.append(v)
+                continue
             if isinstance(v, self.tvm.runtime.Tensor):
                 if str(v.dtype) != spec.dtype:
                     raise InputError(f"input {spec.name!r}: expected dtype {spec.dtype}, got {v.dtype}")
-                if self.manifest.input_checks and any(c.input == spec.name for c in self.manifest.input_checks):
+                if spec.name in self._range_checked:
                     v = v.numpy()  # index inputs are range-checked on the host before any kernel runs
                 else:
                     out.append(v)
@@ -395,8 +417,7 @@ class GpuExecutor:
     def _bind(self, arrays) -> dict[str, int]:
         from .executor import Executor
 
-        shim = _ShapeOnly(arrays)
-        return Executor._bind(self, shim)  # type: ignore[arg-type]
+        return Executor._bind(self, arrays)  # type: ignore[arg-type]
 
     def run(self, *args, outputs: str = "numpy", **kwargs) -> list:
         """Run once. outputs="numpy" (default) copies them to the host; "device" returns the
@@ -432,19 +453,22 @@ class GpuExecutor:
 
     def _copy_inputs(self, plan: _Plan, arrays: list) -> None:
         """Host arrays go through the plan's pinned staging buffer, asynchronously on the
-        executor's stream (ordered before the launches); device tensors are copied; state
-        tensors bound in place are skipped."""
-        host = [(dst, src) for dst, src in zip(plan.inputs, arrays) if isinstance(src, np.ndarray)]
-        for dst, src in zip(plan.inputs, arrays):
-            if not isinstance(src, np.ndarray) and dst is not src:
+        executor's stream (ordered before the launches), in as few copies as the layout allows
+        (one when every input comes from the host); device tensors are copied; state tensors
+        bound in place are skipped."""
+        host = []
+        for i, (dst, src) in enumerate(zip(plan.inputs, arrays)):
+            if isinstance(src, np.ndarray):
+                host.append((plan.input_offsets[i], src))
+            elif dst is not src:
                 dst.copyfrom(src)
         if not host:
             return
         if plan.staging is None:
             from .cuda_graph import HostToDevice
 
-            plan.staging = HostToDevice(sum((a.nbytes + 255) // 256 * 256 for _, a in host))
-        plan.staging.copy(host, self.stream)
+            plan.staging = HostToDevice(int(plan.input_block.shape[0]))
+        plan.staging.copy(plan.input_block.data_ptr(), host, self.stream)
 
     def __call__(self, *args, **kwargs) -> list[np.ndarray]:
         return self.run(*args, **kwargs)
@@ -539,26 +563,6 @@ class GpuExecutor:
         from .executor import Executor
 
         return {**Executor.describe(self), "device": "cuda", "weights_random": self.weights_random}  # type: ignore[arg-type]
-
-
-class _ShapeOnly:
-    """Lets Executor._bind check shapes of device tensors and numpy arrays alike."""
-
-    def __init__(self, arrays):
-        self._a = arrays
-
-    def __iter__(self):
-        for a in self._a:
-            yield a if isinstance(a, np.ndarray) else _Shaped(tuple(int(d) for d in a.shape))
-
-    def __len__(self):
-        return len(self._a)
-
-
-class _Shaped:
-    def __init__(self, shape):
-        self.shape = shape
-        self.ndim = len(shape)
 
 
 __all__ = ["GpuExecutor", "import_tvm_cuda"]

@@ -19,10 +19,11 @@ import numpy as np
 
 from ...errors import InputError
 from .kv_cache import KvExhausted, PagePool, SequenceKv, waste
-from .sampler import SamplingParams, sample
+from .sampler import SamplingParams, argmax_only, sample
 from .step_inputs import step_inputs
 
 StepFn = Callable[[dict], np.ndarray]  # inputs by name -> logits [rows, vocab]
+GreedyFn = Callable[[dict], np.ndarray]  # inputs by name -> each logits row's argmax [rows]
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,11 @@ class TokenLoop:
     """Runs prompts to completion; `run()` yields (prompt index, token id) as tokens come."""
 
     def __init__(self, step: StepFn, pool: PagePool, limits: StepLimits, prompts: Sequence[Sequence[int]],
-                 params: Sequence[SamplingParams]):
-        self.step, self.pool, self.limits = step, pool, limits
+                 params: Sequence[SamplingParams], greedy: GreedyFn | None = None):
+        """greedy: the step returning each logits row's argmax instead of the rows (on a GPU, computed
+        there: 4 bytes a row come back instead of a vocabulary's worth), used for the steps whose
+        sampled sequences all take the argmax (sampler.argmax_only)."""
+        self.step, self.pool, self.limits, self.greedy = step, pool, limits, greedy
         self.stats = StepStats()
         self.waiting: list[_Seq] = []
         for i, (ids, p) in enumerate(zip(prompts, params)):
@@ -148,13 +152,19 @@ class TokenLoop:
                 raise KvExhausted("no sequence fits the KV pool")
             batch = self._batch()
             inputs, sampled = self._inputs(batch)
-            logits = self.step(inputs)
+            if self.greedy is not None and sampled and all(argmax_only(s.params) for s in sampled):
+                logits, picked = None, self.greedy(inputs)
+            else:
+                logits, picked = self.step(inputs), None
             for s, n in batch:
                 s.kv.length += n
             self._account(batch)
             for r, s in enumerate(sampled):
-                seen = np.asarray(s.tokens, np.int64) if s.params.repetition_penalty != 1.0 else np.empty(0, np.int64)
-                t = sample(logits[r], s.params, s.rng, seen)
+                if picked is not None:
+                    t = int(picked[r])
+                else:
+                    seen = np.asarray(s.tokens, np.int64) if s.params.repetition_penalty != 1.0 else np.empty(0, np.int64)
+                    t = sample(logits[r], s.params, s.rng, seen)
                 s.tokens.append(t)
                 yield s.index, t
                 if t in s.params.stop_token_ids:

@@ -144,7 +144,7 @@ class LLM:
             raise InputError(f"generate(): bad sampling argument ({e})") from None
         # built now, so bad prompts are refused here, not at the first token of a stream; it
         # takes no pages until it runs (under the lock)
-        loop = TokenLoop(self.step_logits, self.pool, self.limits, ids, params)
+        loop = TokenLoop(self.step_logits, self.pool, self.limits, ids, params, greedy=self.step_greedy)
         if stream:
             return self._stream(loop)
         with self._lock:

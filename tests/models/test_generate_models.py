@@ -59,11 +59,13 @@ def test_step_logits_match_torch_forward(compiled, family):
         seen.append(({k: v.copy() for k, v in inputs.items() if not k.startswith("kv_cache")}, logits.copy()))
         return logits
 
+    orig_greedy = llm.step_greedy
     llm.step_logits = spy
+    llm.step_greedy = lambda inputs: np.argmax(spy(inputs), axis=1)  # greedy steps: logits seen too
     try:
         out = llm.generate(prompts, max_new_tokens=2, stop_token_ids=())
     finally:
-        llm.step_logits = orig
+        llm.step_logits, llm.step_greedy = orig, orig_greedy
     assert len(seen) == 2  # one prefill step for both prompts, one decode step
     for step, (inputs, logits) in enumerate(seen):
         for r, n in enumerate(inputs["kv_lens"]):  # rows follow the step's order: find each one's prompt

@@ -158,11 +158,13 @@ def test_step_logits_match_hf_on_gpu(family):
         seen.append(({k: np.array(v) for k, v in inputs.items() if not k.startswith("kv_cache")}, logits.copy()))
         return logits
 
+    orig_greedy = llm.step_greedy
     llm.step_logits = spy
+    llm.step_greedy = lambda inputs: np.argmax(spy(inputs), axis=1)  # greedy steps: logits seen too
     try:
         out = llm.generate(prompts, max_new_tokens=8, stop_token_ids=())
     finally:
-        llm.step_logits = orig
+        llm.step_logits, llm.step_greedy = orig, orig_greedy
     full = [p + g.token_ids for p, g in zip(prompts, out)]
     checked = 0
     for step, (inputs, logits) in enumerate(seen):

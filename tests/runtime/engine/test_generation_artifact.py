@@ -92,3 +92,30 @@ def test_pristine_generates_like_transformers(pristine):
         [hf_greedy(model, p, 12) for p in prompts]
     with pytest.raises(llmc.LLMCError, match="unknown options"):
         llmc.load(path, graphs=True)
+
+
+def test_greedy_steps_take_only_the_argmax(pristine):
+    """Greedy decoding asks the step for each row's argmax (computed on the device on a GPU) and
+    gives transformers' greedy tokens; sampling, or a repetition penalty, brings the logits back."""
+    model, path = pristine
+    llm = llmc.load(path)
+    calls = {"greedy": 0, "logits": 0}
+    step_greedy, step_logits = llm.step_greedy, llm.step_logits
+
+    def counted(kind, fn):
+        def call(inputs):
+            calls[kind] += 1
+            return fn(inputs)
+        return call
+
+    llm.step_greedy, llm.step_logits = counted("greedy", step_greedy), counted("logits", step_logits)
+    prompts = [[5, 9, 11], list(range(3, 20))]
+    want = [hf_greedy(model, p, 6) for p in prompts]
+    assert [g.token_ids for g in llm.generate(prompts, max_new_tokens=6, stop_token_ids=())] == want
+    assert calls["greedy"] > 0 and calls["logits"] == 0
+    calls.update(greedy=0, logits=0)
+    llm.generate(prompts, max_new_tokens=6, temperature=0.8, seed=1, stop_token_ids=())
+    assert calls["logits"] > 0 and calls["greedy"] == 0
+    calls.update(greedy=0, logits=0)
+    llm.generate(prompts, max_new_tokens=6, repetition_penalty=1.3, stop_token_ids=())
+    assert calls["logits"] > 0 and calls["greedy"] == 0
