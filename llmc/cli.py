@@ -461,19 +461,18 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def _serve_tp(a: argparse.Namespace, tp: int) -> int:
-    """A --tp artifact: one process per rank under the launcher (GPU r for rank r); rank 0 serves,
-    the others follow its steps. A rank that dies stops the others and the command fails."""
+    """A --tp or --pp artifact: one process per rank under the launcher (GPU r for rank r); rank 0
+    (the first shard, or the first pipeline stage) serves, the others follow its steps. A rank that
+    dies stops the others and the command fails."""
     from .runtime.dist.launch import launch
 
     if a.preemption == "swap":
-        raise LLMCError("--preemption swap is not offered with tensor parallelism (each rank holds its heads' "
-                        "pages): a tensor-parallel server preempts by recompute")
+        raise LLMCError("--preemption swap is not offered with a --tp / --pp artifact (each rank holds its own heads' "
+                        "or layers' pages): a parallel server preempts by recompute")
     from .runtime.artifact_files import read_manifest
     from .runtime.tp_run import rank_path
 
-    if read_manifest(rank_path(a.artifact, 0)).parallel.pp > 1:
-        raise LLMCError(f"{a.artifact} is cut into pipeline stages: serving them is not built yet (llmc generate runs "
-                        f"them; compile with --tp to serve across GPUs)")
+    par = read_manifest(rank_path(a.artifact, 0)).parallel
     device = read_manifest_device(a.artifact)
     argv = [sys.executable, "-m", "llmc.runtime.tp_run", "serve", str(a.artifact), "--host", a.host,
             "--port", str(a.port), "--policy", a.policy, "--max-queue", str(a.max_queue), "--log-level", a.log_level]
@@ -484,7 +483,8 @@ def _serve_tp(a: argparse.Namespace, tp: int) -> int:
             argv += [opt, str(value)]
     argv += [f for f, on in (("--no-prefix-cache", a.no_prefix_cache),
                              ("--no-chunked-prefill", a.no_chunked_prefill)) if on]
-    _progress(f"{a.artifact}: tensor-parallel over {tp} ranks" + (" (GPU r for rank r)" if device == "cuda" else ""))
+    how = f"{par.pp} pipeline stages" if par.pp > 1 else f"tensor-parallel over {tp} ranks"
+    _progress(f"{a.artifact}: {how}" + (" (GPU r for rank r)" if device == "cuda" else ""))
     res = launch(argv, tp, check=False)
     if not res.ok:
         print(res.report(), file=sys.stderr)

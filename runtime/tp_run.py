@@ -83,6 +83,16 @@ def _device_index(device: str) -> int | None:
     return int(index) if index else None
 
 
+def _stage_runner(llm, path, comm) -> None:
+    """A pipeline stage's LLM steps through a PipelineStep: its program (RECV the previous stage's
+    activations, SEND its own on), then the last stage's logits broadcast to every stage."""
+    par = read_manifest(path).parallel
+    if par.pp > 1:
+        from .engine.pp_step import PipelineStep
+
+        llm.step = PipelineStep(llm.step, comm, par.stage, par.pp, llm.spec.vocab)
+
+
 def _generate(a: argparse.Namespace) -> int:
     from .executor import load
 
@@ -92,11 +102,7 @@ def _generate(a: argparse.Namespace) -> int:
         options = {} if a.kv_memory is None else {"kv_memory": a.kv_memory}
         dev = device if device == "cpu" or ":" in device else f"cuda:{getattr(comm, 'device', 0)}"
         llm = load(path, device=dev, comm=comm, **options)
-        par = read_manifest(path).parallel
-        if par.pp > 1:  # every stage runs the loop; the last one's logits are broadcast each step
-            from .engine.pp_step import PipelineStep
-
-            llm.step = PipelineStep(llm.step, comm, par.stage, par.pp, llm.spec.vocab)
+        _stage_runner(llm, path, comm)  # every stage runs the loop
         prompts = [[int(t) for t in p.split(",") if t.strip()] for p in a.ids]
         outs = llm.generate(prompts, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed,
                             stop_token_ids=())
@@ -110,7 +116,8 @@ def _generate(a: argparse.Namespace) -> int:
 
 
 def _serve(a: argparse.Namespace) -> int:
-    """Rank 0 serves HTTP with the engine, leading; the other ranks follow its steps."""
+    """Rank 0 serves HTTP with the engine, leading; the other ranks (tensor shards or later
+    pipeline stages) follow its steps."""
     from .dist.host_comm import HostComm
     from .engine.tp_step import StepChannel, follow, lead
     from .executor import load
@@ -120,6 +127,7 @@ def _serve(a: argparse.Namespace) -> int:
     control = HostComm.create(env, name="tp_control")  # the leader's step inputs (host arrays)
     dev = device if device == "cpu" or ":" in device else f"cuda:{getattr(comm, 'device', 0)}"
     llm = load(path, device=dev, comm=comm)
+    _stage_runner(llm, path, comm)  # pipeline stages: the leader is the first stage, as in generate
     channel = StepChannel(control)
     try:
         if env.rank != 0:

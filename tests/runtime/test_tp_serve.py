@@ -1,5 +1,6 @@
-"""`llmc serve` of a tensor-parallel artifact on the CPU: 2 rank processes under the launcher,
-rank 0 serving the OpenAI API and leading, rank 1 following its steps over the host channel;
+"""`llmc serve` of a tensor-parallel or pipeline-parallel artifact on the CPU: 2 rank processes under
+the launcher, rank 0 (the first shard or stage) serving the OpenAI API and leading, rank 1 following
+its steps over the host channel (a second stage receives the first's activations and broadcasts the logits);
 concurrent requests through a real HTTP client get the whole model's greedy tokens; a follower
 that dies takes the server down with a report instead of hanging it."""
 from __future__ import annotations
@@ -31,14 +32,15 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def arts(tmp_path_factory):
+@pytest.fixture(scope="module", params=["tp", "pp"])
+def arts(request, tmp_path_factory):
+    """The model cut for 2 ranks: 2 tensor shards, or 2 pipeline stages (a layer each)."""
     model = tiny_causal_lm("qwen2", num_key_value_heads=4)
     ids = torch.randint(3, VOCAB, (1, 8))
     whole = llmc.compile(model, (ids,), dim_bounds=BOUNDS, generate=True)
     want = [o.token_ids for o in whole.generate(PROMPTS, max_new_tokens=10, stop_token_ids=())]
-    art = llmc.compile(model, (ids,), dim_bounds=BOUNDS, generate=True, tp=2).export(tmp_path_factory.mktemp("tp") / "m")
-    return art, want
+    art = llmc.compile(model, (ids,), dim_bounds=BOUNDS, generate=True, **{request.param: 2})
+    return art.export(tmp_path_factory.mktemp(request.param) / "m"), want
 
 
 def _start(art, port):
@@ -53,7 +55,7 @@ def _start(art, port):
         except httpx.HTTPError:
             time.sleep(0.3)
     p.kill()
-    raise AssertionError("the tensor-parallel server did not come up")
+    raise AssertionError("the parallel server did not come up")
 
 
 def _ranks(p) -> list[int]:
@@ -61,7 +63,7 @@ def _ranks(p) -> list[int]:
     return [int(x) for x in out.split()]
 
 
-def test_tensor_parallel_server_matches_the_whole_model(arts):
+def test_parallel_server_matches_the_whole_model(arts):
     from concurrent.futures import ThreadPoolExecutor
 
     art, want = arts
