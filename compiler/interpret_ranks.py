@@ -26,6 +26,7 @@ class RankRun:
     arrays: Sequence[np.ndarray]
     group: tuple[int, ...] = ()  # ranks its collectives span (default: every rank)
     params: dict | None = None  # weights of this rank (default: graph.params)
+    pipeline: tuple[int, ...] = ()  # its pipeline group, by stage: SEND/RECV peers index it (default: every rank)
 
 
 @dataclass
@@ -45,7 +46,7 @@ class _State:
     collectives: int = 0
 
 
-def _rank(run: RankRun, rank: int) -> Generator:
+def _rank(run: RankRun, rank: int, pipeline: tuple[int, ...]) -> Generator:
     g = run.graph
     arrays = [np.asarray(a) for a in run.arrays]
     env = bind_symbols(g.inputs, arrays, g.symbols)
@@ -60,10 +61,10 @@ def _rank(run: RankRun, rank: int) -> Generator:
             values[n.uid] = (yield ("coll", n, values[n.inputs[0].uid])).astype(n.dtype.numpy, copy=False)
         elif n.op is Op.SEND:
             x = values[n.inputs[0].uid]
-            yield ("send", (rank, n.attrs.peer, n.attrs.tag), x)
+            yield ("send", (rank, pipeline[n.attrs.peer], n.attrs.tag), x)
             values[n.uid] = x
         elif n.op is Op.RECV:
-            values[n.uid] = yield ("recv", (n.attrs.peer, rank, n.attrs.tag), None)
+            values[n.uid] = yield ("recv", (pipeline[n.attrs.peer], rank, n.attrs.tag), None)
         else:
             values[n.uid] = run_op(n.op, n.attrs, [values[i.uid] for i in n.inputs], env, n.dtype)
     return [values[o.uid] for o in g.outputs]
@@ -83,7 +84,7 @@ def interpret_ranks(runs: Sequence[RankRun]) -> list[list[np.ndarray]]:
     collective some rank of its group never reaches) or disagree at a collective."""
     groups = [tuple(r.group) or tuple(range(len(runs))) for r in runs]
     mailbox: dict[tuple, np.ndarray] = {}
-    states = [_State(_rank(r, i)) for i, r in enumerate(runs)]
+    states = [_State(_rank(r, i, tuple(r.pipeline) or tuple(range(len(runs))))) for i, r in enumerate(runs)]
     first = [True] * len(runs)
 
     def step(i: int, value) -> None:

@@ -461,9 +461,7 @@ def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None
     if pp != 1:
         from .pipeline_parallel import compile_pipeline
 
-        if tp != 1:
-            raise LLMCError("tp and pp together are not built yet: give one of them")
-        return compile_pipeline(graph, opts, gen, pp, tokenizer, eos_ids(model))
+        return compile_pipeline(graph, opts, gen, pp, tokenizer, eos_ids(model), tp=tp)
     if tp != 1:
         from .generation import eligible
         from .tensor_parallel import compile_tensor_parallel

@@ -115,9 +115,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
     if a.pp != 1:  # one artifact per pipeline stage under --output (llmc/pipeline_parallel.py)
         from .pipeline_parallel import compile_pipeline
 
-        if a.tp != 1:
-            raise LLMCError("--tp and --pp together are not built yet: give one of them")
-        compiled = compile_pipeline(graph, opts, gen, a.pp, src.tokenizer, eos_ids(src.model))
+        compiled = compile_pipeline(graph, opts, gen, a.pp, src.tokenizer, eos_ids(src.model), tp=a.tp)
     elif a.tp != 1:  # one artifact per rank under --output (llmc/tensor_parallel.py)
         from .tensor_parallel import compile_tensor_parallel
 
@@ -546,7 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tp", type=int, default=1, metavar="N", help="tensor parallelism: shard for N ranks (one "
                    "artifact per rank, OUTPUT/rank0 ..; run with `llmc generate/serve --tp N`)")
     c.add_argument("--pp", type=int, default=1, metavar="M", help="pipeline parallelism: the step function cut "
-                   "into M stages by layers (OUTPUT/rank0 ..; one process and GPU each)")
+                   "into M stages by layers (OUTPUT/rank0 ..; one process and GPU each; with --tp N: N x M ranks, "
+                   "rank = stage * N + shard)")
     c.add_argument("--no-generate", action="store_true", help="causal LMs: the forward only, no step function")
     c.add_argument("--generate", action="store_true", help="require the step function (fail, naming the node, "
                                                            "where the graph does not allow one)")

@@ -1,4 +1,4 @@
-"""`llmc.compile(..., pp=M)`: one compile, M pipeline-stage artifacts.
+"""`llmc.compile(..., pp=M[, tp=N])`: one compile, M pipeline-stage artifacts (N x M with tp).
 
 The step function is derived from the whole fused graph, then cut into stages by the stage_split
 pass (passes/stage_split.py). Stage s's artifact runs its stage as its step function: the step
@@ -26,14 +26,17 @@ class PipelineModel:
     pp: int
     report: str = ""
     nonce: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:12])
+    tp: int = 1
+    shard_weights: tuple = ()  # tp > 1: per stage, each shard's weights (tuple of tp dicts)
 
     @property
     def fingerprint(self) -> str:
-        return fingerprint([s.manifest["program"] for s in self.stages], self.nonce)
+        return fingerprint([s.manifest["program"] for s in self.stages] + [self.tp], self.nonce)
 
     def __call__(self, *args, **kwargs):
-        raise LLMCError(f"a model compiled with pp={self.pp} runs as {self.pp} processes: export() it and run "
-                        f"`llmc generate ART`")
+        n = self.pp * self.tp
+        raise LLMCError(f"a model compiled with pp={self.pp}" + (f", tp={self.tp}" if self.tp > 1 else "") +
+                        f" runs as {n} processes: export() it and run `llmc generate ART` or `llmc serve ART`")
 
     generate = __call__
 
@@ -41,9 +44,11 @@ class PipelineModel:
         path = pathlib.Path(path)
         fp = self.fingerprint
         for s, cm in enumerate(self.stages):
-            section = {"parallel": {"version": 1, "required": True, "tp": 1, "rank": 0, "pp": self.pp, "stage": s,
-                                    "fingerprint": fp}}
-            cm.export(path / f"rank{s}", weights=weights, _sections=section)
+            for r in range(self.tp):  # rank = stage * tp + shard: a stage's shards are consecutive ranks
+                section = {"parallel": {"version": 1, "required": True, "tp": self.tp, "rank": r, "pp": self.pp,
+                                        "stage": s, "fingerprint": fp}}
+                ws = self.shard_weights[s][r] if self.tp > 1 else None
+                cm.export(path / f"rank{s * self.tp + r}", weights=weights, _weights=ws, _sections=section)
         return path
 
 
@@ -62,7 +67,11 @@ def _as_step_stage(step, stage):
                  g.output_names)
 
 
-def compile_pipeline(graph, opts, gen, pp: int, tokenizer=None, stop_token_ids=()) -> PipelineModel:
+def compile_pipeline(graph, opts, gen, pp: int, tokenizer=None, stop_token_ids=(), tp: int = 1) -> PipelineModel:
+    """The step function derived from the fused graph, sharded for `tp` ranks when tp > 1 (the
+    shard pass, as for tensor parallelism: every shard runs the same kernels, only weights
+    differ), then cut into `pp` stages: tp x pp rank artifacts, a stage's shards talking through
+    collectives, a shard's stages through SEND / RECV."""
     from .api import compile_graph
     from .backends.artifact import weights_of
     from .generation import GenerationBuild, _seq_bound, step_section
@@ -73,6 +82,8 @@ def compile_pipeline(graph, opts, gen, pp: int, tokenizer=None, stop_token_ids=(
 
     if not isinstance(pp, int) or isinstance(pp, bool) or pp < 2:
         raise LLMCError(f"pp must be an int >= 2 here, got {pp!r}")
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+        raise LLMCError(f"tp must be a positive int, got {tp!r}")
     if gen is None:
         raise LLMCError("pipeline stages are built for generation (a causal LM taking token ids alone)")
     if opts.progress:
@@ -83,18 +94,32 @@ def compile_pipeline(graph, opts, gen, pp: int, tokenizer=None, stop_token_ids=(
     spec = gen.step_spec()
     step, derive_report = derive_step(fused, spec)
     step = simplify(step)[0]
+    shard_params: tuple = ()
+    if tp > 1:  # the shard pass comes last before the cut, so no later fold mixes shards' weights
+        from .passes.shard import shard
+
+        sharded, shard_report = shard(step, tp)
+        step, shard_params = sharded.graph, sharded.rank_params
+        derive_report = f"{derive_report}\n{shard_report}"
     staged, report = stage_split(step, pp)
     vocab = int(step.outputs[0].shape[1])
     context = spec.max_context or _seq_bound(fused)
-    stages = []
+    stages, shard_weights = [], []
     for s, sg in enumerate(staged.stages):
         g = _as_step_stage(step, sg)
         cm = compile_graph(g, opts, passes=[])
         section, tok = step_section(cm, spec, step.symbols, vocab, context, gen, stage=(s, pp))
-        cm.generation = GenerationBuild(cm, section, tok, str(report), weights=weights_of(cm.program))
+        names = weights_of(cm.program)
+        cm.generation = GenerationBuild(cm, section, tok, str(report), weights=names)
         cm.manifest = dict(cm.manifest, generation=section)
         stages.append(cm)
-    return PipelineModel(stages, pp, f"{derive_report}\n{report}")
+        if tp > 1:
+            missing = set(names) - set(shard_params[0])
+            if missing:  # a backend made a weight of its own from a shard (a fold): it would be shard 0's everywhere
+                raise LLMCError(f"tp x pp: the {cm.manifest['target']['name']} build made weights "
+                                f"{sorted(missing)[:3]} the shard pass does not know; compile without tp")
+            shard_weights.append(tuple({k: ws[k] for k in names} for ws in shard_params))
+    return PipelineModel(stages, pp, f"{derive_report}\n{report}", tp=tp, shard_weights=tuple(shard_weights))
 
 
 __all__ = ["PipelineModel", "compile_pipeline"]

@@ -6,7 +6,9 @@ before the first layer (the embedding) joins stage 0 and the work after the last
 LM head) the last stage. Values computed from the step's inputs and weights alone (rotary
 tables, masks, the embedding lookup) are computed by each stage that reads them, not sent. An
 activation made in stage s and read in stage t > s is SENT from s and RECEIVED by s+1, which
-forwards it on until t: for a transformer, the residual stream at each cut.
+forwards it on until t: for a transformer, the residual stream at each cut (a sharded program
+also sends the partial sum that the next stage's all-reduce completes: several activations at a
+cut travel stacked in one message).
 
 Every stage takes the graph's inputs that it reads (the KV caches of its own layers among them);
 stage s < last returns its SENDs (so they stay live), the last stage the graph's outputs.
@@ -17,10 +19,11 @@ from dataclasses import dataclass
 
 from ..compiler import ir
 from ..compiler.ir import Graph, Node
-from ..compiler.ops import Op, RecvAttrs, SendAttrs, SOURCES
+from ..compiler.ops import AxisAttrs, Op, RecvAttrs, SendAttrs, ShapeAttrs, SliceAttrs, SOURCES
 from ..errors import LLMCError
 from .partition import HEAVY
 from .report import PassReport, layer_of_name
+from .rewrite import substitute
 
 
 @dataclass(frozen=True)
@@ -120,14 +123,50 @@ def stage_split(graph: Graph, stages: int) -> tuple[StagedGraph, PassReport]:
         inputs = tuple(i for i in graph.inputs if i.uid in used)
         names = graph.output_names if s == stages - 1 else ()
         graphs.append(Graph(inputs, outs, {}, graph.symbols, names).with_outputs(outs, graph.params))
+    graphs = _one_message_per_cut(graphs, graph.params)
     spans = []
     for s in range(stages):
         mine = [k for k in layers if stage_of_layer[k] == s]
         spans.append((mine[0], mine[-1]))
     n_sends = sum(len(x) for x in sends)
-    lines = [f"{stages} stages: layers " + ", ".join(f"{a}-{b}" for a, b in spans) + f"; {n_sends} sends per step "
-             f"({', '.join(str(len(x)) for x in sends[:-1])} at the cuts)"]
+    lines = [f"{stages} stages: layers " + ", ".join(f"{a}-{b}" for a, b in spans) + f"; {n_sends} activations sent "
+             f"per step ({', '.join(str(len(x)) for x in sends[:-1])} at the cuts, one message per cut)"]
     return StagedGraph(tuple(graphs), tuple(spans), n_sends), PassReport("stage_split", {"sends": n_sends}, lines)
+
+
+def _one_message_per_cut(graphs: list[Graph], params) -> list[Graph]:
+    """Where several activations cross one cut (a sharded program sends the all-reduced residual
+    and a partial sum the next stage's all-reduce completes), stack them into one SEND and slice
+    them out of one RECV. The runtime pairs a stage's sends with the next stage's receives in
+    call order (NCCL has no tags), and the compiled programs need not issue them in tag order:
+    with one message per cut the order cannot disagree."""
+    out = list(graphs)
+    for s in range(len(out) - 1):
+        src, dst = out[s], out[s + 1]
+        sends = list(src.outputs)
+        if len(sends) < 2:
+            continue
+        xs = [n.inputs[0] for n in sends]
+        if len({(tuple(x.shape), x.dtype) for x in xs}) != 1:
+            raise LLMCError(f"pipeline parallelism: {len(xs)} activations of different shapes or dtypes cross the cut "
+                            f"after stage {s} ({', '.join(f'{x.dtype.value}{tuple(x.shape)}' for x in xs)}); one "
+                            f"message per cut is built for activations of one shape")
+        shape, dtype = tuple(xs[0].shape), xs[0].dtype
+        where = sends[0].where
+        stacked = ir.node(Op.CONCAT, [ir.node(Op.RESHAPE, [x], ShapeAttrs((1, *shape)), where) for x in xs],
+                          AxisAttrs(0), where)
+        send = ir.node(Op.SEND, [stacked], SendAttrs(sends[0].attrs.tag, s + 1), where)
+        out[s] = Graph(src.inputs, (send,), {}, src.symbols, src.output_names).with_outputs((send,), params)
+        index = {n.attrs.tag: i for i, n in enumerate(sends)}
+        recv = ir.node(Op.RECV, [], RecvAttrs(sends[0].attrs.tag, s, (len(xs), *shape), dtype), where)
+        mapping = {}
+        for n in dst.nodes():
+            if n.op is Op.RECV and n.attrs.peer == s:
+                i = index[n.attrs.tag]
+                part = ir.node(Op.SLICE, [recv], SliceAttrs(0, i, i + 1), n.where)
+                mapping[n.uid] = ir.node(Op.RESHAPE, [part], ShapeAttrs(shape), n.where)
+        out[s + 1] = substitute(dst, mapping, dst.params)
+    return out
 
 
 def _symbols(d) -> frozenset:

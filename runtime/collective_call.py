@@ -20,15 +20,22 @@ def collective_world(kernels) -> int | None:
 
 
 def check_comm(kernels, comm: Any, what: str) -> None:
+    """The communicator a rank's program was handed fits its calls: the pipeline group (the
+    whole communicator, or a ParallelComm's `pipeline`) reaches every peer stage, the tensor
+    group has the size the collectives were compiled for."""
+    from .dist.comm import groups_of
+
+    tensor, pipeline = groups_of(comm)
     peers = [int(k.scalars[0]) for k in kernels.values() if k.route == "p2p"]
-    if peers and comm is None:
+    if peers and pipeline is None:
         raise ArtifactError(f"{what} is a pipeline stage: it needs its pipeline's communicator (`llmc generate "
                             f"ART` starts the stages; or pass comm=)")
-    if peers and max(peers) >= getattr(comm, "world_size", 0):
-        raise ArtifactError(f"{what} talks to stage {max(peers)}; the communicator has {comm.world_size} ranks")
+    if peers and max(peers) >= getattr(pipeline, "world_size", 0):
+        raise ArtifactError(f"{what} talks to stage {max(peers)}; the communicator has {pipeline.world_size} ranks")
     world = collective_world(kernels)
     if world is None:
         return
+    comm = tensor
     if comm is None:
         raise ArtifactError(f"{what} is one rank of a tensor-parallel group of {world}: it needs a communicator "
                             f"(start it with `llmc serve --tp {world}` / `llmc generate --tp {world}`, or pass comm=)")

@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import ArtifactError, InputError, LLMCError
 from .blas import Gemm
 from .collective_call import HostCollective, HostPointToPoint, check_comm
+from .dist.comm import groups_of
 from .engine.paged_attention import PagedAttentionCall
 from .manifest import Manifest, eval_dim
 from .tvm_runtime import import_tvm
@@ -211,8 +212,9 @@ class Executor:
         self._calls = []
         check_comm(p.kernels, comm, "this artifact")
         # runtime library routes: (args, env) -> None
-        library = {"blas": Gemm, "kv": PagedAttentionCall, "coll": lambda k: HostCollective(k, comm),
-                   "p2p": lambda k: HostPointToPoint(k, comm)}
+        tensor, pipeline = groups_of(comm)
+        library = {"blas": Gemm, "kv": PagedAttentionCall, "coll": lambda k: HostCollective(k, tensor),
+                   "p2p": lambda k: HostPointToPoint(k, pipeline)}
         calls = {name: library[k.route](k) for name, k in p.kernels.items() if k.route in library}
         for c in p.calls:
             if c.kernel in calls:

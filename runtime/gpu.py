@@ -154,7 +154,9 @@ class GpuExecutor:
         self._numpy_dtype = numpy_dtype
         self._kernels = {}
         check_comm(p.kernels, comm, "this artifact")
-        self.comm = comm
+        from .dist.comm import groups_of
+
+        self.comm, self._p2p_comm = groups_of(comm)  # collectives, SEND / RECV
         for name, k in p.kernels.items():
             if k.route in ("coll", "p2p"):  # NCCL on the executor's stream (captured into its CUDA graphs)
                 self._kernels[name] = (None, k)
@@ -314,7 +316,7 @@ class GpuExecutor:
     def _point_to_point(self, k, args) -> tuple:
         """(fn, args) of a p2p kernel: NCCL send of x to the peer stage (and out = x, the value the
         stage's program goes on with), or receive into out, on the plan's stream."""
-        comm, stream, peer = self.comm, self.stream, int(k.scalars[0])
+        comm, stream, peer = self._p2p_comm, self.stream, int(k.scalars[0])
         if k.func == "send":
             x, out = args
             count = int(np.prod(x.shape, dtype=np.int64))

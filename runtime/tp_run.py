@@ -1,4 +1,4 @@
-"""One rank of a tensor-parallel model: join the group, load this rank's artifact, run.
+"""One rank of a tensor- and/or pipeline-parallel model: join the job, load this rank's artifact, run.
 
     llmc generate ART --tp 2 --ids 1,2,3          # the CLI launches the ranks (runtime/dist/launch.py)
     python -m llmc.runtime.tp_run generate ART --ids 1,2,3   # one rank, under torchrun / Slurm / the launcher
@@ -63,6 +63,10 @@ def join(art: str | pathlib.Path, device: str, timeout: float = 120.0):
         from .dist.nccl import NcclComm
 
         comm = NcclComm.create(env, device=_device_index(device), timeout=timeout)
+    if par.tp > 1 and par.pp > 1:  # collectives within a stage, SEND / RECV along a shard's stages
+        from .dist.comm import ParallelComm
+
+        comm = ParallelComm.create(comm, par.tp, par.pp)
     return env, comm, path
 
 
@@ -90,7 +94,8 @@ def _stage_runner(llm, path, comm) -> None:
     if par.pp > 1:
         from .engine.pp_step import PipelineStep
 
-        llm.step = PipelineStep(llm.step, comm, par.stage, par.pp, llm.spec.vocab)
+        # the logits come from the last stage's first shard (rank = stage * tp + shard)
+        llm.step = PipelineStep(llm.step, comm, par.stage, par.pp, llm.spec.vocab, root=(par.pp - 1) * par.tp)
 
 
 def _generate(a: argparse.Namespace) -> int:

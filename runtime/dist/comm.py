@@ -185,3 +185,39 @@ def tp_pp_groups(world, tp: int, pp: int = 1):
     if tp < 1 or pp < 1 or tp * pp != world.world_size:
         raise DistError(f"tp={tp} x pp={pp} does not match the {world.world_size} ranks of the job")
     return world.split(world.rank // tp), world.split(world.rank % tp)
+
+
+class ParallelComm:
+    """One rank of a tp x pp job as the runtime sees it: the job's communicator (`world`: rank,
+    size, the broadcasts of step inputs and logits), the tensor-parallel group of its stage
+    (`tensor`: the collectives of route coll) and the pipeline group of its shard (`pipeline`:
+    SEND / RECV of route p2p, whose peer is a stage index, the group's rank order). With tp or pp
+    equal to 1 the job's communicator serves for both and no ParallelComm is needed."""
+
+    def __init__(self, world, tensor, pipeline):
+        self.world, self.tensor, self.pipeline = world, tensor, pipeline
+        self.rank, self.world_size = world.rank, world.world_size
+        self.device = getattr(world, "device", None)
+
+    @classmethod
+    def create(cls, world, tp: int, pp: int) -> "ParallelComm":
+        return cls(world, *tp_pp_groups(world, tp, pp))
+
+    def broadcast(self, buf: np.ndarray, root: int = 0) -> None:
+        self.world.broadcast(buf, root)
+
+    def barrier(self) -> None:
+        self.world.barrier()
+
+    def close(self) -> None:
+        for c in (self.tensor, self.pipeline, self.world):
+            c.close()
+
+
+def groups_of(comm):
+    """(communicator of the collectives, communicator of the point-to-point calls) of a rank:
+    a ParallelComm's two groups, or any other communicator (or None) for both."""
+    if isinstance(comm, ParallelComm):
+        return comm.tensor, comm.pipeline
+    return comm, comm
+

@@ -15,9 +15,12 @@ import numpy as np
 
 
 class PipelineStep:
-    def __init__(self, inner, comm, stage: int, stages: int, vocab: int):
+    def __init__(self, inner, comm, stage: int, stages: int, vocab: int, root: int | None = None):
+        """comm: the whole job's communicator; root: the rank whose logits every rank takes (the
+        last stage's; default stages - 1, the last stage of a job of stages alone)."""
         self.inner, self.comm = inner, comm
         self.stage, self.stages, self.vocab = stage, stages, vocab
+        self.root = stages - 1 if root is None else root
         self.device = inner.device
 
     def __getattr__(self, name: str) -> Any:
@@ -37,9 +40,9 @@ class PipelineStep:
     def __call__(self, inputs: dict) -> np.ndarray:
         out = self.inner(inputs)
         rows = int(np.asarray(inputs["logit_rows"]).size)
-        last = self.stages - 1
-        logits = np.ascontiguousarray(out, np.float32) if self.stage == last else np.empty((rows, self.vocab), np.float32)
-        self.comm.broadcast(logits, root=last)
+        mine = self.comm.rank == self.root
+        logits = np.ascontiguousarray(out, np.float32) if mine else np.empty((rows, self.vocab), np.float32)
+        self.comm.broadcast(logits, root=self.root)
         return logits
 
     def greedy(self, inputs: dict) -> np.ndarray:

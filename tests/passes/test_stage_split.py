@@ -84,3 +84,27 @@ def test_a_recv_no_one_sends_deadlocks_with_a_clear_error():
               for g in staged.stages for i in g.inputs if i.attrs.name.startswith("kv_cache.")}
     with pytest.raises(LLMCError, match="deadlock"):
         interpret_ranks([RankRun(staged.stages[1], _arrays(staged.stages[1], step, caches))])
+
+
+def test_sharded_then_cut_give_the_unsplit_logits():
+    """tp 2 x pp 2 as the compile builds it: the step sharded, then the sharded program cut into
+    stages; rank = stage * 2 + shard, collectives within a stage, SEND / RECV along a shard's
+    stages (peers are stage indices in its pipeline group)."""
+    from llmc.passes.shard import shard
+
+    before = _step("llama")
+    sharded, _ = shard(before, 2)
+    staged, report = stage_split(sharded.graph, 2)
+    # the all-reduced residual and a partial sum cross the cut: stacked into one message
+    assert report.counts["sends"] == 2 and [n.op for n in staged.stages[0].outputs] == [Op.SEND]
+    assert [n.op for n in staged.stages[1].nodes()].count(Op.RECV) == 1
+    whole = {i.attrs.name: np.zeros((16, *[int(d) for d in i.shape[1:]]), i.dtype.numpy) for i in before.inputs[6:]}
+    split = [{i.attrs.name: np.zeros((16, *[int(d) for d in i.shape[1:]]), i.dtype.numpy)
+              for i in g.inputs if i.attrs.name.startswith("kv_cache.")} for g in staged.stages for _ in range(2)]
+    for step in _steps(np.random.default_rng(1)):
+        want = interpret(before, _arrays(before, step, whole))[0]
+        runs = [RankRun(g, _arrays(g, step, split[2 * s + r]), group=(2 * s, 2 * s + 1), params=sharded.rank_params[r],
+                        pipeline=(r, 2 + r)) for s, g in enumerate(staged.stages) for r in range(2)]
+        outs = interpret_ranks(runs)
+        for r in (2, 3):
+            np.testing.assert_allclose(outs[r][0], want, rtol=1e-5, atol=1e-5)

@@ -8,6 +8,7 @@ import shutil
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from llmc.errors import ArtifactError
 from llmc.runtime.dist.errors import LaunchError
 from llmc.runtime.dist.launch import launch
 from llmc.runtime.executor import check_rank
-from llmc.runtime.artifact_files import read_manifest
+from llmc.runtime.artifact_files import load_weights, read_manifest
 
 pytest.importorskip("transformers")
 from causal_lms import VOCAB, tiny_causal_lm  # noqa: E402
@@ -117,3 +118,25 @@ def test_tp2_over_an_int8_kv_cache(llama, tmp_path):
     g = read_manifest(art / "rank1").generation
     assert g.kv_dtype == "int8" and g.program.inputs[6].shape[3:] == (2, g.layers[0].head_dim + 4)  # 4 heads / 2
     assert _run_ranks(art, 2)["token_ids"] == want
+
+
+def test_tensor_and_pipeline_parallel_together(tmp_path):
+    """tp=2 x pp=2: the step sharded for 2, then cut into 2 stages; rank = stage * 2 + shard. Each
+    stage's shards all-reduce within the stage, each shard sends the residual stream to the same
+    shard of the next stage, and the last stage's first shard broadcasts the logits: the whole
+    model's greedy tokens from 4 processes."""
+    model = tiny_causal_lm("llama", layers=4, num_key_value_heads=4)
+    ids = (torch.randint(3, VOCAB, (1, 8)),)
+    one = llmc.compile(model, ids, dim_bounds=BOUNDS, generate=True)
+    want = [o.token_ids for o in one.generate(PROMPTS, max_new_tokens=12, stop_token_ids=())]
+    art = llmc.compile(model, ids, dim_bounds=BOUNDS, generate=True, tp=2, pp=2).export(tmp_path / "tp2pp2")
+    for rank in range(4):
+        m = read_manifest(art / f"rank{rank}")
+        assert (m.parallel.tp, m.parallel.pp, m.parallel.stage, m.parallel.rank) == (2, 2, rank // 2, rank % 2)
+        routes = {k.route for k in m.generation.program.kernels.values()}
+        assert {"coll", "p2p"} <= routes
+    shard0 = load_weights(art / "rank0", read_manifest(art / "rank0"))
+    shard1 = load_weights(art / "rank1", read_manifest(art / "rank1"))
+    assert any(not np.array_equal(shard0[k], shard1[k]) for k in shard0)  # the shards' own halves
+    got = _run_ranks(art, 4)
+    assert got["token_ids"] == want

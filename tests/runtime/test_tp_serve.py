@@ -32,15 +32,19 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module", params=["tp", "pp"])
+CUTS = {"tp": {"tp": 2}, "pp": {"pp": 2}, "tp_pp": {"tp": 2, "pp": 2}}
+
+
+@pytest.fixture(scope="module", params=list(CUTS))
 def arts(request, tmp_path_factory):
-    """The model cut for 2 ranks: 2 tensor shards, or 2 pipeline stages (a layer each)."""
+    """The model cut for 2 ranks (2 tensor shards, or 2 pipeline stages of a layer each) or for 4
+    (2 stages of 2 shards)."""
     model = tiny_causal_lm("qwen2", num_key_value_heads=4)
     ids = torch.randint(3, VOCAB, (1, 8))
     whole = llmc.compile(model, (ids,), dim_bounds=BOUNDS, generate=True)
     want = [o.token_ids for o in whole.generate(PROMPTS, max_new_tokens=10, stop_token_ids=())]
-    art = llmc.compile(model, (ids,), dim_bounds=BOUNDS, generate=True, **{request.param: 2})
-    return art.export(tmp_path_factory.mktemp(request.param) / "m"), want
+    art = llmc.compile(model, (ids,), dim_bounds=BOUNDS, generate=True, **CUTS[request.param])
+    return art.export(tmp_path_factory.mktemp(request.param) / "m"), want, 2 * len(CUTS[request.param])
 
 
 def _start(art, port):
@@ -66,7 +70,7 @@ def _ranks(p) -> list[int]:
 def test_parallel_server_matches_the_whole_model(arts):
     from concurrent.futures import ThreadPoolExecutor
 
-    art, want = arts
+    art, want, _ = arts
     port = _port()
     p = _start(art, port)
     try:
@@ -86,13 +90,13 @@ def test_parallel_server_matches_the_whole_model(arts):
 
 
 def test_a_follower_that_dies_stops_the_server(arts):
-    art, _ = arts
+    art, _, n = arts
     port = _port()
     p = _start(art, port)
     try:
         ranks = _ranks(p)
-        assert len(ranks) == 2
-        follower = max(ranks)  # started second: rank 1
+        assert len(ranks) == n
+        follower = max(ranks)  # started last: the last rank
         os.kill(follower, signal.SIGKILL)
         out, _ = p.communicate(timeout=60)
         assert p.returncode != 0
