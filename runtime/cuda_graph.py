@@ -140,6 +140,19 @@ class Stream:
             self.close()
 
 
+def copy_runs(items, align: int) -> list[tuple[int, int]]:
+    """[start, end) byte ranges covering items (offset, nbytes) by increasing offset, an item
+    joining the previous range where it starts at that range's end rounded up to `align` (the
+    layout of back-to-back arrays: the padding between them is copied too)."""
+    runs: list[list[int]] = []
+    for off, n in items:
+        if runs and -(-runs[-1][1] // align) * align == off:
+            runs[-1][1] = off + n
+        else:
+            runs.append([off, off + n])
+    return [(a, b) for a, b in runs]
+
+
 class HostToDevice:
     """Small host arrays copied into one device block without a synchronous copy each: staged
     in one pinned buffer at the block's offsets, then cudaMemcpyAsync on the stream the next
@@ -169,17 +182,11 @@ class HostToDevice:
         if self._pending:
             check(rt.cudaEventSynchronize(self._event), "cudaEventSynchronize")
         host = self._host
-        runs: list[list[int]] = []  # [start, end] byte ranges to copy
         for off, src in items:
-            n = src.nbytes
-            if off + n > self.nbytes:
+            if off + src.nbytes > self.nbytes:
                 raise CudaError(f"staging buffer of {self.nbytes} bytes is too small")
-            host[off:off + n] = src.reshape(-1).view(host.dtype)
-            if runs and -(-runs[-1][1] // self.ALIGN) * self.ALIGN == off:
-                runs[-1][1] = off + n
-            else:
-                runs.append([off, off + n])
-        for start, end in runs:
+            host[off:off + src.nbytes] = src.reshape(-1).view(host.dtype)
+        for start, end in copy_runs([(off, src.nbytes) for off, src in items], self.ALIGN):
             check(rt.cudaMemcpyAsync(ctypes.c_void_p(block_ptr + start), ctypes.c_void_p(self._ptr.value + start),
                                      end - start, 1, stream.handle), "cudaMemcpyAsync")
         check(rt.cudaEventRecord(self._event, stream.handle), "cudaEventRecord")

@@ -2,14 +2,17 @@
 
 Device memory: weights are uploaded once (or, for a perf artifact that omits them, filled
 with random values on the device); temporaries are views into one arena allocation at the
-planned offsets (TVM kernels of a CUDA build accept the views' byte_offset); inputs and
-program outputs get their own device buffers, one set per input shape.
+planned offsets (TVM kernels of a CUDA build accept the views' byte_offset); program outputs
+get their own device buffers, and the inputs one block laid out like the pinned staging buffer
+they are copied from (one copy a call), one set per input shape; inputs bound as state (a step
+function's KV pages) stay where their owner put them.
 
 Per distinct input shape (the bound symbols) a plan resolves every call to a launch
 `(function, args)`: a TVM kernel (buffers, then symbol values) or a shim call (cuBLASLt
 GEMM / flash attention: views shaped as the manifest says, None for absent tensors, then the
 call's scalars). The first call with a shape runs the launches eagerly once, then captures
-them into a CUDA graph; later calls copy the inputs in and replay the graph. If capture
+them into a CUDA graph; later calls copy the inputs in and replay the graph (the symbols a
+call's shapes bind are memoized per shape tuple: a decode loop's host work is ~60 us a step). If capture
 fails, or graphs are off (`graphs=False`, LLMC_CUDA_GRAPHS=0), the launches run one by one.
 Up to MAX_PLANS shapes keep their plan and graph.
 

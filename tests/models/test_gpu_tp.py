@@ -1,8 +1,8 @@
 """Tensor and pipeline parallelism on GPUs: greedy tokens of the trained tiny model identical at TP = 1,
-2 and 4 and PP = 2 (one process per GPU, NCCL inside the step's CUDA graphs), run on the 2/4-GPU
-machines.
+2 and 4, PP = 2 and TP 2 x PP 2 (one process per GPU, NCCL inside the step's CUDA graphs), run on
+the 2/4-GPU machines.
 
-    python tests/models/test_gpu_tp.py --prepare gpu_art/tp       # build host: compile tp 1, 2, 4 and pp 2
+    python tests/models/test_gpu_tp.py --prepare gpu_art/tp       # build host: compile tp 1, 2, 4, pp 2, tp 2 x pp 2
     pytest -m gpu tests/models/test_gpu_tp.py                      # GPU machine (LLMC_GPU_TP=gpu_art/tp)
 """
 from __future__ import annotations
@@ -83,6 +83,20 @@ def test_greedy_tokens_identical_at_pp_2():
     assert got == want, f"pp 2: {got} != whole model: {want}"
 
 
+@pytest.mark.gpu
+def test_greedy_tokens_identical_at_tp_2_by_pp_2():
+    """Four GPUs, 2 stages of 2 shards (rank = stage * 2 + shard): all-reduces over the stage's
+    shards and SEND / RECV along each shard's stages, on NCCL groups split off the job's
+    communicator, inside the CUDA graphs: the whole model's tokens."""
+    if not (ROOT / "tp2pp2").exists():
+        pytest.skip(f"no prepared tp2pp2 artifact under {ROOT} (run --prepare on the build host)")
+    if _gpus() < 4:
+        pytest.skip("fewer than 4 GPUs")
+    want = _whole_tokens(ROOT / "tp1")
+    got = _tokens(ROOT / "tp2pp2", 4)
+    assert got == want, f"tp 2 x pp 2: {got} != whole model: {want}"
+
+
 def _margin(model, prompt: list[int]) -> float:
     import torch
 
@@ -123,7 +137,7 @@ def prepare(out: pathlib.Path, arch: str = "sm_90") -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "prompts.json").write_text(json.dumps(prompts))
     example = torch.randint(3, 1000, (1, 8))
-    for name, kw in [*((f"tp{tp}", {"tp": tp}) for tp in TPS), ("pp2", {"pp": 2})]:
+    for name, kw in [*((f"tp{tp}", {"tp": tp}) for tp in TPS), ("pp2", {"pp": 2}), ("tp2pp2", {"tp": 2, "pp": 2})]:
         cm = llmc.compile(model, (example,), target=f"cuda:{arch}", dim_bounds={"batch": (1, 4), "seq": (1, 128)},
                           generate=GenerateOptions(max_tokens=64, max_seqs=8), progress=print, **kw)
         cm.export(out / name)
