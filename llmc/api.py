@@ -385,7 +385,7 @@ def calibration_windows(scheme, calib_file, graph, tokenizer) -> list | None:
 
 def check_kv_cache_dtype(kv_cache_dtype: str | None, device: str, generate: bool) -> None:
     """Before any work: an int8/fp8 KV cache is a property of the step function (no step, no
-    cache), and the CPU's paged attention is the one that reads quantized pages so far."""
+    cache), whose paged attention reads quantized pages on the CPU and CUDA."""
     from .runtime.engine.kv_codec import storage_name
 
     if storage_name(kv_cache_dtype) is None:  # (raises for an unknown name)
@@ -393,9 +393,9 @@ def check_kv_cache_dtype(kv_cache_dtype: str | None, device: str, generate: bool
     if not generate:
         raise LLMCError(f"a {kv_cache_dtype} KV cache belongs to the step function, which generate=False / "
                         f"--no-generate skips")
-    if device != "cpu":
-        raise LLMCError(f"a {kv_cache_dtype} KV cache runs on the CPU backend so far; the {device} paged attention "
-                        f"kernels read the model's float dtype (docs/quantization.md)")
+    if device not in ("cpu", "cuda"):
+        raise LLMCError(f"a {kv_cache_dtype} KV cache runs on the CPU and CUDA backends; the {device} step function "
+                        f"is not built (docs/quantization.md)")
 
 
 def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None = None, *, target: Any = "llvm",
@@ -429,7 +429,7 @@ def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None
     quantization method (rtn / awq; gptq is refused with sparsity).
 
     `kv_cache_dtype="int8"|"fp8"` stores the step function's paged KV cache as codes with a
-    scale per token and head (CPU; runtime/engine/kv_codec.py).
+    scale per token and head (CPU and CUDA; runtime/engine/kv_codec.py).
 
     `tp=N` shards the model for N tensor-parallel ranks (passes/shard.py; docs/parallel.md) and
     returns a llmc.tensor_parallel.TensorParallelModel, whose export writes one artifact per rank;

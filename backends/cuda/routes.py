@@ -34,6 +34,7 @@ from llmc.compiler.ops import COLLECTIVES, POINT_TO_POINT, Op, PermuteAttrs
 from llmc.compiler.program import Kernel
 from llmc.passes.partition import is_transposed_2d as _transposed_2d
 from llmc.compiler.symbolic import to_json
+from llmc.runtime.engine.kv_codec import CODEC_IDS
 
 BSHD = (0, 2, 1, 3)
 GEMM_DTYPES = frozenset({DType.F16, DType.BF16, DType.F32})
@@ -498,7 +499,7 @@ def _match_norm(kernel: Kernel) -> Route | None:
                  [float(n.attrs.eps), kind], f"warp-per-row {'rms' if kind else 'layer'} norm")
 
 
-PAGED_FUNC = "llmc_paged_attention"
+PAGED_FUNC = "llmc_paged_attention"  # layout scalar: token-major bits 1-8, the cache's codec << 4
 PAGED_HEAD_DIMS = frozenset({32, 64, 128})
 
 
@@ -553,9 +554,10 @@ def _match_paged(kernel: Kernel) -> Route | None:
     if used != inside:
         raise TargetError(f"paged attention (layer {a.attrs.layer}): its kernel holds ops the shim does not run")
     tensors.append((idx[out.uid], out_view))
-    label = f"paged attention (layer {a.attrs.layer}" + (f", window {a.attrs.window})" if a.attrs.window else ")") \
-        + (" token-major" if layout else "")
-    return Route(PAGED_FUNC, tensors, [float(a.attrs.scale), int(a.attrs.window), layout], label)
+    codec = 0 if a.attrs.kv_store is None else CODEC_IDS.index(a.attrs.kv_store.value)  # 1 int8, 2 e4m3
+    label = f"paged attention (layer {a.attrs.layer}" + (f", window {a.attrs.window}" if a.attrs.window else "") \
+        + (f", {CODEC_IDS[codec]} cache" if codec else "") + ")" + (" token-major" if layout & 15 else "")
+    return Route(PAGED_FUNC, tensors, [float(a.attrs.scale), int(a.attrs.window), layout | codec << 4], label)
 
 
 QGEMV_FUNC = "llmc_qgemv"

@@ -202,10 +202,12 @@ def test_perf_artifact_omits_large_weights(tmp_path):
 
 
 @pytest.mark.slow
-def test_cuda_generation_artifact_routes_paged_attention_to_the_shim(tmp_path):
+@pytest.mark.parametrize("kv", [None, "int8", "fp8"])
+def test_cuda_generation_artifact_routes_paged_attention_to_the_shim(tmp_path, kv):
     """A bf16 causal LM compiled for CUDA gets its step function: every paged attention is one
     llmc_paged_attention shim call over the 8 step buffers, the KV pages are bf16 program
-    inputs, and the artifact loads back through the manifest checks (no GPU needed for that)."""
+    inputs (or uint8 rows of codes and a scale, the codec in the call's layout bits 16 / 32), and
+    the artifact loads back through the manifest checks (no GPU needed for that)."""
     import sys
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "helpers"))
@@ -218,17 +220,20 @@ def test_cuda_generation_artifact_routes_paged_attention_to_the_shim(tmp_path):
     model = tiny_causal_lm("qwen2", hidden_size=128, head_dim=32).to(torch.bfloat16)
     ids = torch.randint(3, 90, (1, 8))
     cm = llmc.compile(model, (ids,), target="cuda:sm_90", dim_bounds={"batch": (1, 2), "seq": (1, 64)},
-                      generate=GenerateOptions(max_tokens=32, max_seqs=4))
+                      generate=GenerateOptions(max_tokens=32, max_seqs=4), kv_cache_dtype=kv)
     art = cm.export(tmp_path / "gen.llmc")
     m = read_manifest(art)  # sealed: hashes of kernels.so, step_kernels.so, shim.so, weights
     gen = m.generation
-    assert gen.kv_dtype == "bfloat16" and [(l.kv_heads, l.head_dim) for l in gen.layers] == [(2, 32), (2, 32)]
+    store, codec = {None: ("bfloat16", 0), "int8": ("int8", 16), "fp8": ("float8_e4m3fn", 32)}[kv]
+    assert gen.kv_dtype == store and [(l.kv_heads, l.head_dim) for l in gen.layers] == [(2, 32), (2, 32)]
+    caches = [i for i in gen.program.inputs if i.name.startswith("kv_cache.")]
+    assert all((c.dtype, c.shape[-1]) == (("bfloat16", 32) if kv is None else ("uint8", 36)) for c in caches)
     paged = [k for k in gen.program.kernels.values() if k.route == "shim" and k.func == "llmc_paged_attention"]
     assert len(paged) == 2
     for k in paged:
         assert [t.arg for t in k.tensors] == list(range(8)) and k.scalars[1] == 0
         assert abs(k.scalars[0] - 32 ** -0.5) < 1e-6
-        assert k.scalars[2] == 15  # q, k, v and out token-major: the head transposes are in the call
+        assert k.scalars[2] == 15 | codec  # q, k, v and out token-major: the head transposes are in the call
     # per decoder layer: norm, qkv GEMM, one rotary kernel, paged attention, o_proj, norm, gate_up,
     # silu*mul, down (the transposes around attention cost no launch)
     calls = [gen.program.kernels[c.kernel] for c in gen.program.calls]

@@ -18,7 +18,7 @@ import pytest
     (["--group", "64"], "is a quantization option"),
     (["--kv-cache-dtype", "int4"], "unknown KV cache dtype 'int4'"),
     (["--kv-cache-dtype", "int8", "--no-generate"], "belongs to the step function"),
-    (["--kv-cache-dtype", "fp8", "--target", "cuda"], "runs on the CPU backend so far"),
+    (["--kv-cache-dtype", "fp8", "--target", "rocm:gfx942"], "runs on the CPU and CUDA backends"),
     (["--quant", "fp8", "--target", "cuda:sm_80"], "needs float8 tensor cores (sm_89 or newer)"),
     (["--quant", "w8a8", "--target", "rocm:gfx942"], "runs on the CPU and CUDA backends"),
 ])

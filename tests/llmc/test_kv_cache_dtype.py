@@ -77,7 +77,7 @@ def test_pool_holds_more_pages_in_the_same_memory(model, tmp_path):
 @pytest.mark.parametrize("kw,msg", [
     ({"kv_cache_dtype": "int4"}, "unknown KV cache dtype 'int4'"),
     ({"kv_cache_dtype": "int8", "generate": False}, "belongs to the step function"),
-    ({"kv_cache_dtype": "fp8", "target": "cuda"}, "runs on the CPU backend so far"),
+    ({"kv_cache_dtype": "fp8", "target": "rocm:gfx942"}, "runs on the CPU and CUDA backends"),
 ])
 def test_bad_requests_are_refused_before_capture(kw, msg):
     class Boom(torch.nn.Module):

@@ -40,6 +40,8 @@ QUANT_SCHEMES = {"int4": ("int4", 32, False), "int8": ("int8", None, False), "in
 # FP8 / W8A8 quantize activations too: the GPU rounds bf16 activations to codes where the CPU
 # reference rounds fp32 ones, so a code near a rounding midpoint can land one step apart.
 BF16_TOL = {"int4_head": 4.5e-2, "fp8": 8e-2, "w8a8": 5e-2}
+KV_SCHEMES = {"kv_int8": "int8", "kv_fp8": "fp8"}  # the step function's KV cache as codes + a scale per row
+KV_NEW = 12
 TRAINED_PROMPTS = ["def read_config(path):\n    ", "import os\nimport sys\n\n", "class Parser:\n    def __init__(self"]
 
 
@@ -89,6 +91,25 @@ def prepare(out: pathlib.Path, arch: str = "sm_90", only: set[str] | None = None
         _export(cm, out / "trained" / "artifact.llmc", shim)
         model.save_pretrained(out / "trained" / "hf")
         shutil.copy2(folder / "tokenizer.json", out / "trained" / "hf" / "tokenizer.json")
+    for scheme, kv in KV_SCHEMES.items():  # CUDA artifact + the CPU's greedy steps over the same cache codec
+        if only is not None and scheme not in only:
+            continue
+        cm = llmc.compile(model, (ids,), target=f"cuda:{arch}", dim_bounds={"batch": (1, 4), "seq": (1, 256)},
+                          generate=GenerateOptions(max_tokens=128, max_seqs=8), tokenizer=str(folder / "tokenizer.json"),
+                          progress=print, kv_cache_dtype=kv)
+        _export(cm, out / scheme / "artifact.llmc", shim)
+        cpu = llmc.compile(model.float(), (ids,), dim_bounds={"batch": (1, 4), "seq": (1, 256)},
+                           tokenizer=str(folder / "tokenizer.json"), kv_cache_dtype=kv)
+        model.to(torch.bfloat16)
+        ref = llmc.load(cpu.export(out / scheme / "cpu.llmc"))
+        arrays = {}
+        for i, text in enumerate(TRAINED_PROMPTS):
+            prompt = ref.encode(text, 0)
+            toks, rows = _greedy_steps(ref, prompt)
+            arrays[f"tokens{i}"], arrays[f"rows{i}"] = np.asarray(prompt + toks, np.int64), rows
+            arrays[f"prompt{i}"] = np.asarray(len(prompt))
+        np.savez(out / scheme / "reference.npz", **arrays)
+        shutil.rmtree(out / scheme / "cpu.llmc")
     for scheme, (kind, group, head) in QUANT_SCHEMES.items():  # CUDA artifact + llmc CPU reference
         if only is not None and scheme not in only:
             continue
@@ -111,6 +132,25 @@ def prepare(out: pathlib.Path, arch: str = "sm_90", only: set[str] | None = None
             arrays[f"logits{i}"] = ref(np.asarray([toks], np.int64))[0][0].astype(np.float32)
         np.savez(out / f"trained_{scheme}" / "reference.npz", **arrays)
         shutil.rmtree(out / f"trained_{scheme}" / "cpu.llmc")
+
+
+def _greedy_steps(llm, prompt: list[int]) -> tuple[list[int], np.ndarray]:
+    """KV_NEW greedy tokens of one prompt and the logits row each step picked from."""
+    rows = []
+    orig = llm.step_logits
+
+    def spy(inputs):
+        logits = orig(inputs)
+        rows.append(np.asarray(logits[0], np.float32).copy())
+        return logits
+
+    llm.step_logits = spy
+    llm.step_greedy = lambda inputs: np.argmax(spy(inputs), axis=1)
+    try:
+        toks = llm.generate([prompt], max_new_tokens=KV_NEW, stop_token_ids=())[0].token_ids
+    finally:
+        del llm.step_logits, llm.step_greedy  # the class's methods again
+    return toks, np.stack(rows)
 
 
 # ---- GPU half -------------------------------------------------------------------------------
@@ -225,6 +265,38 @@ def test_quantized_trained_model_on_gpu_matches_llmc_cpu(scheme):
         first = llm.generate([toks[:n].tolist()], max_new_tokens=1, stop_token_ids=())[0].token_ids[0]
         row = want[n - 1]
         assert first == toks[n] or row.max() - row[first] < 1e-2 * np.abs(row).max(), (scheme, i, first, toks[n])
+
+
+@pytest.mark.parametrize("scheme", sorted(KV_SCHEMES))
+def test_quantized_kv_cache_on_gpu_matches_llmc_cpu(scheme):
+    """The trained model's step function over an int8 / e4m3 KV cache on the GPU (the pages
+    encoded and decoded by llmc_paged_attention) against llmc's CPU run of the same codec in
+    fp32: each greedy step's logits within 3e-2 relative error while the two agree on the tokens,
+    and where they part, the GPU's pick is a near tie (within 1e-2) in the CPU's logits."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    case = ROOT / scheme
+    if not (case / "reference.npz").exists():
+        pytest.skip(f"no prepared artifact under {case} (run --prepare on the build host)")
+    import llmc
+
+    llm = llmc.load(case / "artifact.llmc", device="cuda", kv_memory=64 << 20)
+    assert llm.layout.dtype == {"kv_int8": "int8", "kv_fp8": "float8_e4m3fn"}[scheme]
+    ref = np.load(case / "reference.npz")
+    for i in range(len(TRAINED_PROMPTS)):
+        n = int(ref[f"prompt{i}"])
+        want_toks, want_rows = ref[f"tokens{i}"][n:].tolist(), ref[f"rows{i}"]
+        toks, rows = _greedy_steps(llm, ref[f"tokens{i}"][:n].tolist())
+        errs = []
+        for j, (a, b) in enumerate(zip(toks, want_toks)):
+            errs.append(_rel(rows[j], want_rows[j]))
+            assert errs[-1] < 3e-2, (scheme, i, j, errs[-1])
+            if a != b:  # parted: a near tie in the CPU's logits, and the sequences differ from here on
+                assert want_rows[j].max() - want_rows[j][a] < 1e-2 * np.abs(want_rows[j]).max(), (scheme, i, j, a, b)
+                break
+        print(f"{scheme} prompt {i}: {len(errs)} steps compared, max rel. error {max(errs):.4f}")
 
 
 def test_device_pool_swaps_pages_out_and_back():

@@ -1,7 +1,7 @@
 // llmc CUDA shim: paged attention over a ragged batch, the CUDA route of Op.PAGED_ATTENTION.
 //
 //   llmc_paged_attention(q, k, v, kv_cache, page_table, kv_lens, q_starts, out, scale: float, window: int,
-//                        layout: int)
+//                        layout: int)   (layout: token-major bits 1 q, 2 k, 4 v, 8 out; 16 / 32 a quantized cache)
 //
 // One call serves a whole step of the step function (passes/serve/derive_step.py): the T tokens
 // of S sequences lie on one axis; sequence s owns tokens q_starts[s] .. q_starts[s+1]-1, the
@@ -18,12 +18,21 @@
 // the pages; the step's own keys are read from k/v directly, which is why the append (done by
 // the blocks of split 0) needs no ordering against the reads.
 //
+// A quantized cache (layout bits 16 int8, 32 e4m3; runtime/engine/kv_codec.py) is uint8
+// [pages, 2, P, Hkv, D + 4]: a row holds one token's K (or V) for one head as D codes, then the
+// row's float32 scale (max |x| / 127 or / 448). The step's K/V are encoded by a launch of their
+// own (a warp per row: the scale needs the whole row), then every key, the step's own included,
+// is read back from the pages and decoded, as the CPU route does, so both see the same values.
+// Prefill steps over a quantized cache take the CUDA-core kernel (the tensor-core one reads
+// float pages).
+//
 // Decode (one token per sequence, T == S) has few rows and long histories, so the keys are
 // also split across blocks (flash-decoding): each split writes its partial softmax state to a
 // workspace and the last block of the group to finish (an atomic counter, reset by that block,
 // so a captured CUDA graph can replay it) merges them.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include <algorithm>
 #include <map>
@@ -64,7 +73,55 @@ template <typename T> __device__ __forceinline__ T from_f(float x);
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-template <typename T, int D>
+// ---- quantized cache codecs (CODEC 1: int8, 2: e4m3), as runtime/engine/kv_codec.py ----------
+constexpr int kScaleBytes = 4;
+template <int CODEC> __device__ __forceinline__ float code_max() { return CODEC == 1 ? 127.f : 448.f; }
+template <int CODEC> __device__ __forceinline__ unsigned char encode_code(float y) {
+  if (CODEC == 1) {  // round half to even, as numpy's rint; clipped to +-127
+    const int q = max(-127, min(127, __float2int_rn(y)));
+    return static_cast<unsigned char>(static_cast<signed char>(q));
+  }
+  y = fminf(fmaxf(y, -448.f), 448.f);  // (the division may round just past 448)
+  return static_cast<unsigned char>(__nv_cvt_float_to_fp8(y, __NV_SATFINITE, __NV_E4M3));
+}
+template <int CODEC> __device__ __forceinline__ float decode_code(unsigned char c) {
+  if (CODEC == 1) return float(static_cast<signed char>(c));
+  return __half2float(__half(__nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(c), __NV_E4M3)));
+}
+
+// The step's K/V rows into a quantized cache: one warp per (token, KV head, K or V) row.
+template <typename T, int D, int CODEC>
+__global__ void __launch_bounds__(kWarps * 32) paged_append_quant_kernel(Params p) {
+  constexpr int R = D + kScaleBytes, DL = D / 32;
+  const int lane = threadIdx.x & 31;
+  const int64_t row = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (row >= int64_t(p.T) * p.Hkv * 2) return;
+  const int which = int(row % 2), h = int((row / 2) % p.Hkv), t = int(row / (2 * p.Hkv));
+  int lo = 0, hi = p.S;  // the sequence of token t: the last s with starts[s] <= t
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (p.starts[mid] <= t) lo = mid; else hi = mid;
+  }
+  const int s = lo, pos = p.lens[s] - (p.starts[s + 1] - p.starts[s]) + (t - p.starts[s]);
+  const T* src = which == 0 ? static_cast<const T*>(p.k) + h * p.k_h + int64_t(t) * p.k_t
+                            : static_cast<const T*>(p.v) + h * p.v_h + int64_t(t) * p.v_t;
+  float x[DL], amax = 0.f;
+#pragma unroll
+  for (int j = 0; j < DL; ++j) {
+    x[j] = to_f<T>(src[lane + 32 * j]);
+    amax = fmaxf(amax, fabsf(x[j]));
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const float scale = amax > 0.f ? amax / code_max<CODEC>() : 1.f;
+  unsigned char* dst = static_cast<unsigned char*>(p.cache) + int64_t(p.table[int64_t(s) * p.C + pos / p.P]) * 2 * p.P * p.Hkv * R
+                       + int64_t(which) * p.P * p.Hkv * R + (int64_t(pos % p.P) * p.Hkv + h) * R;
+#pragma unroll
+  for (int j = 0; j < DL; ++j) dst[lane + 32 * j] = encode_code<CODEC>(x[j] / scale);
+  if (lane == 0) *reinterpret_cast<float*>(dst + D) = amax > 0.f ? scale : 0.f;  // a zero row decodes to zeros
+}
+
+template <typename T, int D, int CODEC>
 __global__ void __launch_bounds__(kWarps * 32) paged_attention_kernel(Params p) {
   constexpr int DL = D / 32;  // dims per lane in P V
   __shared__ __align__(16) T ks[kKeys][D + 8];  // +8: a lane reads its own key row, rows 16 B apart in banks
@@ -84,11 +141,13 @@ __global__ void __launch_bounds__(kWarps * 32) paged_attention_kernel(Params p) 
   const T* V = static_cast<const T*>(p.v);
   T* cache = static_cast<T*>(p.cache);
   const int64_t page_stride = int64_t(2) * p.P * p.Hkv * D;
+  constexpr int R = D + kScaleBytes;  // a quantized cache's row bytes
+  const unsigned char* qcache = static_cast<const unsigned char*>(p.cache);
   const int* table = p.table + int64_t(s) * p.C;
 
   // append this block's new tokens' K/V (head h) into the pages; rows of one token are in one block
   // only when G divides 16, so the block whose rows start a token writes it
-  if (split == 0) {
+  if (CODEC == 0 && split == 0) {
     for (int i = threadIdx.x; i < (t_hi - t_lo + 1) * (D / 8); i += blockDim.x) {
       const int t = t_lo + i / (D / 8), c = (i % (D / 8)) * 8;
       if (t * p.G < r0) continue;  // its first row belongs to the previous block
@@ -134,7 +193,21 @@ __global__ void __launch_bounds__(kWarps * 32) paged_attention_kernel(Params p) 
       const int j = i / (D / 8), c = (i % (D / 8)) * 8, pos = kb + j;
       kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
       if (pos < k_hi) {
-        if (pos < first) {
+        if (CODEC != 0) {  // every key from the pages (the step's own were encoded before this launch)
+          const unsigned char* row = qcache + int64_t(table[pos / p.P]) * 2 * p.P * p.Hkv * R
+                                     + (int64_t(pos % p.P) * p.Hkv + h) * R;
+#pragma unroll
+          for (int kv = 0; kv < 2; ++kv) {
+            const unsigned char* r = row + int64_t(kv) * p.P * p.Hkv * R;
+            const uint32_t lo4 = *reinterpret_cast<const uint32_t*>(r + c), hi4 = *reinterpret_cast<const uint32_t*>(r + c + 4);
+            const float sc = *reinterpret_cast<const float*>(r + D);
+            uint4 packed;
+            T* e = reinterpret_cast<T*>(&packed);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) e[i] = from_f<T>(decode_code<CODEC>((i < 4 ? lo4 >> (8 * i) : hi4 >> (8 * (i - 4))) & 0xffu) * sc);
+            (kv == 0 ? kr[u] : vr[u]) = packed;
+          }
+        } else if (pos < first) {
           const T* src = cache + table[pos / p.P] * page_stride + (int64_t(pos % p.P) * p.Hkv + h) * D + c;
           kr[u] = *reinterpret_cast<const uint4*>(src);
           vr[u] = *reinterpret_cast<const uint4*>(src + int64_t(p.P) * p.Hkv * D);
@@ -308,17 +381,29 @@ void check_i32(const DLTensor* t, const char* name, int ndim) {
   LLMC_CHECK(stride_of(t, ndim - 1) == 1 && (ndim == 1 || stride_of(t, 0) == t->shape[1])) << name << " must be contiguous";
 }
 
-template <typename T, int D>
+template <typename T, int D, int CODEC>
 void launch(Params& p, dim3 grid, cudaStream_t stream) {
-  paged_attention_kernel<T, D><<<grid, kWarps * 32, 0, stream>>>(p);
+  if (CODEC != 0) {  // the step's K/V encoded into the pages first: the attention reads them back
+    const int64_t rows = int64_t(p.T) * p.Hkv * 2;
+    paged_append_quant_kernel<T, D, CODEC><<<unsigned((rows + kWarps - 1) / kWarps), kWarps * 32, 0, stream>>>(p);
+    LLMC_CUDA_CHECK(cudaGetLastError());
+  }
+  paged_attention_kernel<T, D, CODEC><<<grid, kWarps * 32, 0, stream>>>(p);
   LLMC_CUDA_CHECK(cudaGetLastError());
 }
 
+template <typename T, int D>
+void launch_codec(Params& p, int codec, dim3 grid, cudaStream_t stream) {
+  if (codec == 1) launch<T, D, 1>(p, grid, stream);
+  else if (codec == 2) launch<T, D, 2>(p, grid, stream);
+  else launch<T, D, 0>(p, grid, stream);
+}
+
 template <typename T>
-void launch_d(Params& p, int D, dim3 grid, cudaStream_t stream) {
-  if (D == 64) launch<T, 64>(p, grid, stream);
-  else if (D == 128) launch<T, 128>(p, grid, stream);
-  else launch<T, 32>(p, grid, stream);
+void launch_d(Params& p, int D, int codec, dim3 grid, cudaStream_t stream) {
+  if (D == 64) launch_codec<T, 64>(p, codec, grid, stream);
+  else if (D == 128) launch_codec<T, 128>(p, codec, grid, stream);
+  else launch_codec<T, 32>(p, codec, grid, stream);
 }
 
 // A [1, heads, tokens, D] view of q/k/v/out; token-major ([1, tokens, heads, D]) when `tm`.
@@ -338,10 +423,18 @@ void PagedAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, DLTe
   check_i32(table, "page_table", 2); check_i32(lens, "kv_lens", 1); check_i32(starts, "q_starts", 1);
   const DT dt = dtype_of(q);
   LLMC_CHECK(dt == DT::kF16 || dt == DT::kBF16) << "q must be float16 or bfloat16, got " << dtype_name(dt);
-  for (const DLTensor* t : {k, v, cache, out}) LLMC_CHECK(dtype_of(t) == dt) << "q, k, v, kv_cache and out must share one dtype";
+  LLMC_CHECK(layout >= 0 && layout < 48 && (layout >> 4) != 3)
+      << "layout bits: 1 q, 2 k, 4 v, 8 out token-major; 16 an int8 cache, 32 an e4m3 cache";
+  const int codec = int(layout >> 4);
+  for (const DLTensor* t : {k, v, out}) LLMC_CHECK(dtype_of(t) == dt) << "q, k, v and out must share one dtype";
+  if (codec == 0) {
+    LLMC_CHECK(dtype_of(cache) == dt) << "a float kv_cache must have q's dtype";
+  } else {
+    LLMC_CHECK(cache->dtype.code == kDLUInt && cache->dtype.bits == 8 && cache->dtype.lanes == 1)
+        << "a quantized kv_cache must be uint8 rows (codes, then a float32 scale)";
+  }
   LLMC_CHECK(q->ndim == 4 && k->ndim == 4 && v->ndim == 4 && out->ndim == 4 && cache->ndim == 5)
       << "q/k/v/out must be 4-D and kv_cache 5-D";
-  LLMC_CHECK(layout >= 0 && layout < 16) << "layout bits: 1 q, 2 k, 4 v, 8 out token-major";
   const HeadView vq{q, bool(layout & 1)}, vk{k, bool(layout & 2)}, vv{v, bool(layout & 4)}, vo{out, bool(layout & 8)};
   LLMC_CHECK(q->shape[0] == 1) << "q must be [1, H, T, D] (or token-major [1, T, H, D]), got " << shape_str(q);
   const int H = int(vq.heads()), T = int(vq.tokens()), D = int(q->shape[3]);
@@ -352,8 +445,9 @@ void PagedAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, DLTe
     LLMC_CHECK(t.t->shape[0] == 1 && t.heads() == Hkv && t.tokens() == T && t.t->shape[3] == D)
         << "k/v must hold " << Hkv << " heads of " << T << " tokens of " << D << ", got " << shape_str(t.t);
   LLMC_CHECK(out->shape[0] == 1 && vo.heads() == H && vo.tokens() == T && out->shape[3] == D) << "out must match q";
-  LLMC_CHECK(cache->shape[1] == 2 && cache->shape[3] == Hkv && cache->shape[4] == D)
-      << "kv_cache must be [pages, 2, P, " << Hkv << ", " << D << "], got " << shape_str(cache);
+  const int row = codec == 0 ? D : D + 4;
+  LLMC_CHECK(cache->shape[1] == 2 && cache->shape[3] == Hkv && cache->shape[4] == row)
+      << "kv_cache must be [pages, 2, P, " << Hkv << ", " << row << "], got " << shape_str(cache);
   int64_t expect = 1;
   for (int i = 4; i >= 0; --i) {
     LLMC_CHECK(stride_of(cache, i) == expect) << "kv_cache must be contiguous";
@@ -407,15 +501,15 @@ void PagedAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, DLTe
     p.part_ml = reinterpret_cast<float2*>(static_cast<char*>(ws.buf) + o_bytes);
     p.counters = ws.counters;
   }
-  if (T != S) {  // prefill chunks (perhaps mixed with decodes): the tensor-core kernel
+  if (T != S && codec == 0) {  // prefill chunks (perhaps mixed with decodes): the tensor-core kernel
     PagedPrefillArgs a{p.q, p.k, p.v, p.out, p.cache, p.q_h, p.q_t, p.k_h, p.k_t, p.v_h, p.v_t, p.o_h, p.o_t,
                        p.table, p.lens, p.starts, p.C, p.P, H, Hkv, T, S, D, p.window, float(scale)};
     paged_prefill(a, dt == DT::kBF16, stream);
     return;
   }
   const dim3 grid(p.n_split * p.n_rowtiles, Hkv, S);
-  if (dt == DT::kF16) launch_d<__half>(p, D, grid, stream);
-  else launch_d<__nv_bfloat16>(p, D, grid, stream);
+  if (dt == DT::kF16) launch_d<__half>(p, D, codec, grid, stream);
+  else launch_d<__nv_bfloat16>(p, D, codec, grid, stream);
 }
 
 }  // namespace

@@ -98,6 +98,52 @@ def test_paged_attention_decode_split_matches_reference(shim, dtype, hist):
     assert rel_err(out.float().cpu(), torch.from_numpy(ref)) < 1e-2
 
 
+def _run_gpu_quantized(shim, case, codes, codec, scale, token_major):
+    """The step over a quantized cache (uint8 rows `codes`): layout bits 16 int8, 32 e4m3."""
+    from llmc.runtime.engine.kv_codec import CODEC_IDS
+
+    q, k, v, _, table, lens, starts = case
+    to = lambda x: torch.from_numpy(x).to(torch.bfloat16).cuda()
+    qg, kg, vg = to(q), to(k), to(v)
+    cg = torch.from_numpy(codes).cuda()
+    out = torch.full(qg.shape, float("nan"), dtype=torch.bfloat16, device="cuda")
+    ints = [torch.from_numpy(x).cuda() for x in (table, lens, starts)]
+    layout = 16 * CODEC_IDS.index(codec)
+    if token_major:
+        tq, tk, tv = (x.transpose(1, 2).contiguous() for x in (qg, kg, vg))
+        tout = out.transpose(1, 2).contiguous()
+        shim["llmc_paged_attention"](tq, tk, tv, cg, *ints, tout, scale, 0, 15 | layout)
+        out = tout.transpose(1, 2)
+    else:
+        shim["llmc_paged_attention"](qg, kg, vg, cg, *ints, out, scale, 0, layout)
+    torch.cuda.synchronize()
+    return out, cg
+
+
+@pytest.mark.parametrize("codec", ["int8", "float8_e4m3fn"])
+@pytest.mark.parametrize("steps", ["mixed", "decode"])
+def test_paged_attention_over_a_quantized_cache(shim, codec, steps):
+    """int8 / e4m3 pages (codes and a float32 scale per token and head): the step's K/V encoded
+    into exactly the bytes the CPU route writes, and the attention (every key decoded from the
+    pages, the step's own included) within 2e-2 of llmc's numpy route over the same cache."""
+    from llmc.runtime.engine.kv_codec import encode
+
+    if steps == "mixed":  # prefill from scratch, a chunk after a cached prefix, short and long decodes
+        lens_new, lens_old, d, hq, hkv = [19, 5, 1, 1, 33], [0, 40, 3, 100, 16], 64, 32, 8
+    else:  # decodes split across blocks (flash-decoding), D 128
+        lens_new, lens_old, d, hq, hkv = [1, 1, 1], [8191, 700, 5], 128, 16, 4
+    case = _case(len(codec) + d, lens_new, lens_old, hq, hkv, d, 16, "bf16")
+    codes = encode(case[3], codec)  # the cached history as codes
+    want_codes = codes.copy()
+    scale = 1 / math.sqrt(d)
+    ref = _reference()(*case[:3], want_codes, *case[4:], scale, 0, codec=codec)
+    for token_major in (False, True):
+        out, got_codes = _run_gpu_quantized(shim, case, codes.copy(), codec, scale, token_major)
+        assert not torch.isnan(out).any()
+        assert rel_err(out.float().cpu(), torch.from_numpy(ref)) < 2e-2
+        assert torch.equal(got_codes.cpu(), torch.from_numpy(want_codes))  # the same codes and scales
+
+
 def test_paged_attention_bad_arguments_raise(shim):
     q = torch.zeros(1, 4, 2, 48, dtype=torch.bfloat16, device="cuda")  # head dim 48: not offered
     kv = torch.zeros(1, 2, 2, 48, dtype=torch.bfloat16, device="cuda")
