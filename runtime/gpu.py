@@ -463,9 +463,13 @@ class GpuExecutor:
         bound in place are skipped."""
         host = []
         for i, (dst, src) in enumerate(zip(plan.inputs, arrays)):
-            if isinstance(src, np.ndarray):
+            if i not in plan.input_offsets:  # bound as state: the call must pass the bound tensor itself
+                if src is not dst:
+                    raise InputError(f"input {self.input_names[i]!r} is bound as state (bind_state): pass the "
+                                     f"bound device tensor, not another array")
+            elif isinstance(src, np.ndarray):
                 host.append((plan.input_offsets[i], src))
-            elif dst is not src:
+            else:
                 dst.copyfrom(src)
         if not host:
             return

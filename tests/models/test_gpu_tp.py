@@ -70,17 +70,22 @@ def test_greedy_tokens_identical_at_tp_1_2_4():
         pytest.skip("fewer than 2 GPUs")
 
 
+def _check_against_whole(name: str, ranks: int) -> None:
+    """The prepared artifact `name`, run as `ranks` processes, gives the whole model's tokens."""
+    if not (ROOT / name).exists():
+        pytest.skip(f"no prepared {name} artifact under {ROOT} (run --prepare on the build host)")
+    if _gpus() < ranks:
+        pytest.skip(f"fewer than {ranks} GPUs")
+    want = _whole_tokens(ROOT / "tp1")
+    got = _tokens(ROOT / name, ranks)
+    assert got == want, f"{name}: {got} != whole model: {want}"
+
+
 @pytest.mark.gpu
 def test_greedy_tokens_identical_at_pp_2():
     """Two pipeline stages on two GPUs (NCCL send/recv of the residual stream inside each stage's
     CUDA graph, the last stage's logits broadcast) give the whole model's tokens."""
-    if not (ROOT / "pp2").exists():
-        pytest.skip(f"no prepared pp2 artifact under {ROOT} (run --prepare on the build host)")
-    if _gpus() < 2:
-        pytest.skip("fewer than 2 GPUs")
-    want = _whole_tokens(ROOT / "tp1")
-    got = _tokens(ROOT / "pp2", 2)
-    assert got == want, f"pp 2: {got} != whole model: {want}"
+    _check_against_whole("pp2", 2)
 
 
 @pytest.mark.gpu
@@ -88,13 +93,7 @@ def test_greedy_tokens_identical_at_tp_2_by_pp_2():
     """Four GPUs, 2 stages of 2 shards (rank = stage * 2 + shard): all-reduces over the stage's
     shards and SEND / RECV along each shard's stages, on NCCL groups split off the job's
     communicator, inside the CUDA graphs: the whole model's tokens."""
-    if not (ROOT / "tp2pp2").exists():
-        pytest.skip(f"no prepared tp2pp2 artifact under {ROOT} (run --prepare on the build host)")
-    if _gpus() < 4:
-        pytest.skip("fewer than 4 GPUs")
-    want = _whole_tokens(ROOT / "tp1")
-    got = _tokens(ROOT / "tp2pp2", 4)
-    assert got == want, f"tp 2 x pp 2: {got} != whole model: {want}"
+    _check_against_whole("tp2pp2", 4)
 
 
 def _margin(model, prompt: list[int]) -> float:
