@@ -235,10 +235,36 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect_parallel(a: argparse.Namespace, path: pathlib.Path) -> int:
+    """The folder `llmc compile --tp N / --pp M` writes: its ranks (each checked), then rank 0 in full."""
+    from .runtime.artifact_files import read_manifest
+
+    m0 = read_manifest(path / "rank0")
+    if m0.parallel is None:
+        raise LLMCError(f"{path}/rank0 is a whole model, not a rank of a parallel artifact")
+    n = m0.parallel.tp * m0.parallel.pp
+    ranks = [read_manifest(path / f"rank{r}") for r in range(n)]  # validated, every one
+    other = [r for r, m in enumerate(ranks) if m.parallel is None or m.parallel.fingerprint != m0.parallel.fingerprint]
+    if other:
+        raise LLMCError(f"{path}/rank{other[0]} belongs to another compile than rank0 (their fingerprints differ)")
+    if not a.json:
+        print(f"parallel artifact {path}: tp {m0.parallel.tp} x pp {m0.parallel.pp} = {n} ranks "
+              f"(rank = stage * {m0.parallel.tp} + shard), fingerprint {m0.parallel.fingerprint}")
+        for r, m in enumerate(ranks):
+            layers = f", {len(m.generation.layers)} attention layers" if m.generation is not None else ""
+            print(f"  rank{r}: stage {m.parallel.stage}, shard {m.parallel.rank}{layers}, "
+                  f"{m.weights.count} weights")
+        print("rank0 in full (inspect PATH/rankN for another):")
+    a = argparse.Namespace(**{**vars(a), "artifact": str(path / "rank0")})
+    return cmd_inspect(a)
+
+
 def cmd_inspect(a: argparse.Namespace) -> int:
     from .runtime.artifact_files import read_manifest, read_manifest_json
 
     path = pathlib.Path(a.artifact)
+    if not (path / "manifest.json").exists() and (path / "rank0" / "manifest.json").exists():
+        return _inspect_parallel(a, path)
     m = read_manifest(path)  # validated (raises ArtifactError) before anything is printed
     if a.json:
         print(json.dumps(read_manifest_json(path), indent=1))
@@ -250,6 +276,10 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
     p = m.program
     print(f"llmc artifact {a.artifact}  (llmc {m.llmc_version}, target {m.target}, device {m.device})")
+    if m.parallel is not None:
+        par = m.parallel
+        print(f"parallel: rank {par.stage * par.tp + par.rank} of tp {par.tp} x pp {par.pp} (stage {par.stage}, "
+              f"shard {par.rank}), fingerprint {par.fingerprint}")
     print("symbols: " + ", ".join(f"{s.name} in [{s.lo}, {s.hi}]" for s in p.symbols))
     for i in p.inputs:
         print(f"input  {i.name}: {i.dtype}{shape(i.shape)}")
