@@ -79,7 +79,7 @@ def torch_decode_ms(torch, T, batch: int, context: int, steps: int) -> float:
 
 def _zero_pool(llm) -> None:
     for c in llm.pool.caches:  # the benchmark reads histories it never wrote: make them zeros, not NaN
-        c.copyfrom(np.zeros(tuple(c.shape), np.uint16).view(_np_dtype(str(c.dtype))))
+        c.copyfrom(np.zeros(tuple(c.shape), _np_dtype(str(c.dtype))))  # (uint8 rows for a quantized cache)
 
 
 def _np_dtype(name):
