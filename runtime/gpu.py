@@ -12,8 +12,8 @@ Per distinct input shape (the bound symbols) a plan resolves every call to a lau
 GEMM / flash attention: views shaped as the manifest says, None for absent tensors, then the
 call's scalars). The first call with a shape runs the launches eagerly once, then captures
 them into a CUDA graph; later calls copy the inputs in and replay the graph (the symbols a
-call's shapes bind are memoized per shape tuple: a decode loop's host work is ~60 us a step). If capture
-fails, or graphs are off (`graphs=False`, LLMC_CUDA_GRAPHS=0), the launches run one by one.
+call's shapes bind are memoized per shape tuple: a decode step's host work is ~60-90 us on an
+H100 host). If capture fails, or graphs are off (`graphs=False`, LLMC_CUDA_GRAPHS=0), the launches run one by one.
 Up to MAX_PLANS shapes keep their plan and graph.
 
 Concurrency: a plan's device buffers and its captured graph are shared by every call with
@@ -41,6 +41,7 @@ import numpy as np
 from ..errors import ArtifactError, InputError, LLMCError
 from .manifest import Manifest, eval_dim
 from .collective_call import check_comm
+from .dist.comm import groups_of
 
 SHIM = "shim"
 MAX_PLANS = 16  # a step function meets a decode shape per batch size and prefill chunks besides
@@ -157,8 +158,6 @@ class GpuExecutor:
         self._numpy_dtype = numpy_dtype
         self._kernels = {}
         check_comm(p.kernels, comm, "this artifact")
-        from .dist.comm import groups_of
-
         self.comm, self._p2p_comm = groups_of(comm)  # collectives, SEND / RECV
         for name, k in p.kernels.items():
             if k.route in ("coll", "p2p"):  # NCCL on the executor's stream (captured into its CUDA graphs)
