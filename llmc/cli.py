@@ -346,7 +346,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from .runtime.tp_run import artifact_tp
 
     tp = artifact_tp(a.artifact)
-    if tp > 1:  # a tensor-parallel artifact: one process per rank (GPU r for rank r)
+    if tp > 1:  # a --tp / --pp artifact: one process per rank (GPU r for rank r)
         return _generate_tp(a, ids, tp)
     options = {} if a.kv_memory is None else {"kv_memory": a.kv_memory}
     llm = load(a.artifact, device=artifact_device(a.artifact), **options)  # a CUDA artifact runs on the GPU
@@ -375,13 +375,13 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 def _generate_tp(a: argparse.Namespace, ids, tp: int) -> int:
-    """`llmc generate` of a --tp artifact: the ranks run under the launcher; rank 0's tokens print."""
+    """`llmc generate` of a --tp / --pp artifact: the ranks run under the launcher; rank 0's tokens print."""
     from .runtime.dist.launch import launch
 
     if ids is None:
-        raise LLMCError("a tensor-parallel artifact takes its prompt as --ids (token ids) for now")
+        raise LLMCError("a --tp / --pp artifact takes its prompt as --ids (token ids) for now")
     if a.top_k or a.top_p != 1.0 or a.stop_ids is not None:
-        raise LLMCError("with a --tp artifact, generate takes --max-new-tokens, --temperature and --seed")
+        raise LLMCError("with a --tp / --pp artifact, generate takes --max-new-tokens, --temperature and --seed")
     device = read_manifest_device(a.artifact)
     argv = [sys.executable, "-m", "llmc.runtime.tp_run", "generate", str(a.artifact), "--ids", ",".join(map(str, ids)),
             "--max-new-tokens", str(a.max_new_tokens), "--temperature", str(a.temperature)]
@@ -391,7 +391,7 @@ def _generate_tp(a: argparse.Namespace, ids, tp: int) -> int:
     out = io.StringIO()
     res = launch(argv, tp, stdout=out, label=False, check=False)
     if not res.ok:
-        raise LLMCError(f"tensor-parallel generate failed:\n{res.report()}")
+        raise LLMCError(f"parallel generate ({tp} ranks) failed:\n{res.report()}")
     line = next(ln for ln in out.getvalue().splitlines() if ln.startswith("{"))
     print(" ".join(map(str, json.loads(line)["token_ids"][0])))
     return 0
@@ -511,7 +511,7 @@ def _serve_tp(a: argparse.Namespace, tp: int) -> int:
             argv += [opt, str(value)]
     argv += [f for f, on in (("--no-prefix-cache", a.no_prefix_cache),
                              ("--no-chunked-prefill", a.no_chunked_prefill)) if on]
-    how = f"{par.pp} pipeline stages" if par.pp > 1 else f"tensor-parallel over {tp} ranks"
+    how = f"tp {par.tp} x pp {par.pp} = {tp} ranks" if par.pp > 1 else f"tensor-parallel over {tp} ranks"
     _progress(f"{a.artifact}: {how}" + (" (GPU r for rank r)" if device == "cuda" else ""))
     res = launch(argv, tp, check=False)
     if not res.ok:

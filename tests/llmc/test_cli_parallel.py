@@ -1,6 +1,7 @@
-"""`llmc inspect` of the folder a `--tp N --pp M` compile writes: one line per rank (stage,
-shard, its layers), every rank's manifest checked, then rank 0 in full; a rank folder from
-another compile is named as such."""
+"""The `llmc` command over the folder a `--tp N --pp M` compile writes: `inspect` lists one line per
+rank (stage, shard, its layers), checks every rank's manifest, then shows rank 0 in full, and
+names a rank folder from another compile; `generate` runs the 4 ranks and prints the whole
+model's greedy tokens."""
 from __future__ import annotations
 
 import shutil
@@ -21,11 +22,17 @@ def _inspect(path):
                           timeout=120)
 
 
-def test_inspect_a_tp_by_pp_folder(tmp_path):
+def test_inspect_and_generate_a_tp_by_pp_folder(tmp_path):
     model = tiny_causal_lm("llama", layers=2)
     ids = (torch.randint(3, VOCAB, (1, 8)),)
     bounds = {"batch": (1, 2), "seq": (1, 32)}
     art = llmc.compile(model, ids, dim_bounds=bounds, generate=True, tp=2, pp=2).export(tmp_path / "a")
+    whole = llmc.compile(model, ids, dim_bounds=bounds, generate=True)
+    want = whole.generate([[5, 9, 11, 3]], max_new_tokens=6, stop_token_ids=())[0].token_ids
+    r = subprocess.run([sys.executable, "-m", "llmc", "generate", str(art), "--ids", "5,9,11,3", "--max-new-tokens", "6"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(t) for t in want], (r.stdout, want)
     r = _inspect(art)
     assert r.returncode == 0, r.stderr
     assert "tp 2 x pp 2 = 4 ranks" in r.stdout
