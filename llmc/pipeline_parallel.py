@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 
 from .errors import LLMCError
-from .tensor_parallel import fingerprint
+from .tensor_parallel import fingerprint, shard_weights_of
 
 
 @dataclass
@@ -114,11 +114,7 @@ def compile_pipeline(graph, opts, gen, pp: int, tokenizer=None, stop_token_ids=(
         cm.manifest = dict(cm.manifest, generation=section)
         stages.append(cm)
         if tp > 1:
-            missing = set(names) - set(shard_params[0])
-            if missing:  # a backend made a weight of its own from a shard (a fold): it would be shard 0's everywhere
-                raise LLMCError(f"tp x pp: the {cm.manifest['target']['name']} build made weights "
-                                f"{sorted(missing)[:3]} the shard pass does not know; compile without tp")
-            shard_weights.append(tuple({k: ws[k] for k in names} for ws in shard_params))
+            shard_weights.append(shard_weights_of(cm, names, shard_params))
     return PipelineModel(stages, pp, f"{derive_report}\n{report}", tp=tp, shard_weights=tuple(shard_weights))
 
 

@@ -97,17 +97,23 @@ def compile_tensor_parallel(graph, opts, gen, tp: int, tokenizer=None, stop_toke
     for r in range(tp):
         ws = check_shared_weights(dict(fwd.rank_params[r]), dict(step_weights[r]))
         ranks.append(ws)
-    needed = _program_weights(forward)
-    missing = needed - set(ranks[0])
-    if missing:  # a backend made a weight of its own from a shard (a fold): it would be rank 0's on every rank
-        raise LLMCError(f"tensor parallelism: the {forward.manifest['target']['name']} build made weights "
-                        f"{sorted(missing)[:3]} the shard pass does not know; compile without tp")
-    ranks = [{k: v for k, v in ws.items() if k in needed} for ws in ranks]
+    ranks = list(shard_weights_of(forward, _program_weights(forward), ranks))
     if forward.generation is not None:
         forward.generation.weights = ranks[0]
     forward.manifest = dict(forward.manifest, weights=dict(forward.manifest["weights"], count=len(ranks[0])))
     forward.timings["tensor_parallel_s"] = time.perf_counter() - t
     return TensorParallelModel(forward, tuple(ranks), tp, forward.report)
+
+
+def shard_weights_of(compiled, needed, rank_params) -> tuple[dict, ...]:
+    """Each shard's arrays of the weights `compiled` reads (`needed`); an LLMCError when the build
+    made a weight of its own from a shard (a fold): it would be shard 0's on every rank."""
+    needed = set(needed)
+    missing = needed - set(rank_params[0])
+    if missing:
+        raise LLMCError(f"tensor parallelism: the {compiled.manifest['target']['name']} build made weights "
+                        f"{sorted(missing)[:3]} the shard pass does not know; compile without tp")
+    return tuple({k: v for k, v in ws.items() if k in needed} for ws in rank_params)  # in the shard's order
 
 
 def _program_weights(compiled) -> set[str]:
@@ -119,4 +125,4 @@ def _program_weights(compiled) -> set[str]:
     return names
 
 
-__all__ = ["TensorParallelModel", "compile_tensor_parallel", "fingerprint", "rank_dir"]
+__all__ = ["TensorParallelModel", "compile_tensor_parallel", "fingerprint", "rank_dir", "shard_weights_of"]

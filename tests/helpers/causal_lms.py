@@ -39,3 +39,30 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], new: int) -> list[int]:
                          pad_token_id=0)[0, len(prompt):].tolist()
     assert len(out) == new  # (min_new_tokens would not do: it bans the eos id instead)
     return out
+
+
+class recorded_steps:
+    """`with recorded_steps(llm) as steps:` every step call of llm.generate inside the block is
+    appended to `steps` as (inputs without the KV caches, logits): greedy steps too, which then
+    take their argmax from those logits instead of the device's."""
+
+    def __init__(self, llm):
+        self.llm, self.steps = llm, []
+
+    def __enter__(self) -> list:
+        import numpy as np
+
+        llm, orig = self.llm, self.llm.step_logits
+
+        def spy(inputs):
+            logits = orig(inputs)
+            self.steps.append(({k: np.array(v) for k, v in inputs.items() if not k.startswith("kv_cache")},
+                               np.array(logits)))
+            return logits
+
+        llm.step_logits = spy
+        llm.step_greedy = lambda inputs: np.argmax(spy(inputs), axis=1)
+        return self.steps
+
+    def __exit__(self, *exc) -> None:
+        del self.llm.step_logits, self.llm.step_greedy  # the class's methods again

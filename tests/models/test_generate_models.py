@@ -10,7 +10,7 @@ import torch
 import llmc
 
 pytest.importorskip("transformers")
-from causal_lms import FAMILIES, VOCAB, hf_greedy, tiny_causal_lm  # noqa: E402
+from causal_lms import FAMILIES, VOCAB, hf_greedy, recorded_steps, tiny_causal_lm  # noqa: E402
 
 pytestmark = pytest.mark.slow
 NEW = 32
@@ -51,21 +51,8 @@ def test_step_logits_match_torch_forward(compiled, family):
     llm = cm._llm or (cm.generate([[3]], max_new_tokens=1) and cm._llm)
     rng = np.random.default_rng(7)
     prompts = [rng.integers(3, VOCAB, n).tolist() for n in (12, 5)]
-    seen = []
-    orig = llm.step_logits
-
-    def spy(inputs):
-        logits = orig(inputs)
-        seen.append(({k: v.copy() for k, v in inputs.items() if not k.startswith("kv_cache")}, logits.copy()))
-        return logits
-
-    orig_greedy = llm.step_greedy
-    llm.step_logits = spy
-    llm.step_greedy = lambda inputs: np.argmax(spy(inputs), axis=1)  # greedy steps: logits seen too
-    try:
+    with recorded_steps(llm) as seen:
         out = llm.generate(prompts, max_new_tokens=2, stop_token_ids=())
-    finally:
-        llm.step_logits, llm.step_greedy = orig, orig_greedy
     assert len(seen) == 2  # one prefill step for both prompts, one decode step
     for step, (inputs, logits) in enumerate(seen):
         for r, n in enumerate(inputs["kv_lens"]):  # rows follow the step's order: find each one's prompt

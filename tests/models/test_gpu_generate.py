@@ -136,20 +136,11 @@ def prepare(out: pathlib.Path, arch: str = "sm_90", only: set[str] | None = None
 
 def _greedy_steps(llm, prompt: list[int]) -> tuple[list[int], np.ndarray]:
     """KV_NEW greedy tokens of one prompt and the logits row each step picked from."""
-    rows = []
-    orig = llm.step_logits
+    from causal_lms import recorded_steps
 
-    def spy(inputs):
-        logits = orig(inputs)
-        rows.append(np.asarray(logits[0], np.float32).copy())
-        return logits
-
-    llm.step_logits = spy
-    llm.step_greedy = lambda inputs: np.argmax(spy(inputs), axis=1)
-    try:
+    with recorded_steps(llm) as steps:
         toks = llm.generate([prompt], max_new_tokens=KV_NEW, stop_token_ids=())[0].token_ids
-    finally:
-        del llm.step_logits, llm.step_greedy  # the class's methods again
+    rows = [np.asarray(logits[0], np.float32) for _, logits in steps]
     return toks, np.stack(rows)
 
 
@@ -190,21 +181,10 @@ def test_step_logits_match_hf_on_gpu(family):
     rng = np.random.default_rng(11)
     vocab = hf.config.vocab_size
     prompts = [rng.integers(3, vocab, n).tolist() for n in PROMPT_LENS]
-    seen = []
-    orig = llm.step_logits
+    from causal_lms import recorded_steps
 
-    def spy(inputs):
-        logits = orig(inputs)
-        seen.append(({k: np.array(v) for k, v in inputs.items() if not k.startswith("kv_cache")}, logits.copy()))
-        return logits
-
-    orig_greedy = llm.step_greedy
-    llm.step_logits = spy
-    llm.step_greedy = lambda inputs: np.argmax(spy(inputs), axis=1)  # greedy steps: logits seen too
-    try:
+    with recorded_steps(llm) as seen:
         out = llm.generate(prompts, max_new_tokens=8, stop_token_ids=())
-    finally:
-        llm.step_logits, llm.step_greedy = orig, orig_greedy
     full = [p + g.token_ids for p, g in zip(prompts, out)]
     checked = 0
     for step, (inputs, logits) in enumerate(seen):
