@@ -7,11 +7,14 @@
 """
 from __future__ import annotations
 
+import pathlib
+import shutil
 import time
 from typing import Mapping
 
 import tvm
 
+from llmc.compiler.dtypes import DType
 from llmc.compiler.program import Kernel
 from llmc.errors import TargetError
 
@@ -60,17 +63,23 @@ def build_kernels(kernels: Mapping[str, Kernel], target: Mapping | None = None, 
 
 
 class CpuExecutable:
-    """TVM kernels (`mod`; None when every kernel is a BLAS call) and the per-kernel routes."""
+    """TVM kernels (`mod`; None when every kernel is a BLAS call), the per-kernel routes, and
+    llmc's CPU GEMM library (`gemm_path`; None where it does not apply) for the BLAS routes."""
 
-    def __init__(self, mod, routes: dict, labels: dict, timings: dict):
+    def __init__(self, mod, routes: dict, labels: dict, timings: dict, gemm_path=None):
         self.mod = mod
         self.routes = routes  # kernel name -> cpu_blas.BlasRoute / paged_route.PagedRoute; absent: TVM
         self.labels = labels  # kernel name -> "tvm <strategy>" / route label
         self.timings = timings
+        self.gemm_path = gemm_path
 
     def export_library(self, file: str) -> None:
         # with no TVM kernel at all, an empty library keeps the artifact layout
         (self.mod or tvm.compile(tvm.IRModule({}), target=default_target())).export_library(file)
+        if self.gemm_path is not None:
+            from .cpu_gemm import ARTIFACT_FILE
+
+            shutil.copy2(self.gemm_path, pathlib.Path(file).parent / ARTIFACT_FILE)
 
     def update_manifest(self, manifest: dict) -> dict:
         program = dict(manifest["program"])
@@ -78,12 +87,18 @@ class CpuExecutable:
         for name, entry in program["kernels"].items():
             r = self.routes.get(name)
             kernels[name] = {**entry, **(r.to_json() if r is not None else {}), "schedule": self.labels.get(name, "")}
-        return dict(manifest, program=dict(program, kernels=kernels))
+        manifest = dict(manifest, program=dict(program, kernels=kernels))
+        if self.gemm_path is not None:
+            from .artifact import with_library
+            from .cpu_gemm import ARTIFACT_FILE
+
+            manifest = with_library(manifest, "gemm", ARTIFACT_FILE)
+        return manifest
 
 
 def build_cpu(kernels: Mapping[str, Kernel], target: Mapping | None = None, use_blas: bool = True) -> CpuExecutable:
     """GEMMs that cpu_blas.match_blas recognises become BLAS calls; TVM builds the rest."""
-    from .cpu_blas import match_blas
+    from .cpu_blas import BlasRoute, match_blas
     from .collective_route import match_runtime_comm
     from .paged_route import match_paged
 
@@ -95,4 +110,9 @@ def build_cpu(kernels: Mapping[str, Kernel], target: Mapping | None = None, use_
     mod = build_kernels(rest, target, report=report) if rest else None
     labels = {name: f"tvm {label}" for name, (_, label) in report.items()}
     labels.update({name: r.label for name, r in routes.items()})
-    return CpuExecutable(mod, routes, labels, {"tvm_s": time.perf_counter() - t})
+    gemm = None
+    if any(isinstance(r, BlasRoute) and r.trans_b and r.dtype is DType.F32 for r in routes.values()):
+        from .cpu_gemm import gemm_library
+
+        gemm = gemm_library()
+    return CpuExecutable(mod, routes, labels, {"tvm_s": time.perf_counter() - t}, gemm_path=gemm)

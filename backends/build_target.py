@@ -48,9 +48,10 @@ def build_kernels(kernels: Mapping[str, Kernel], target: TargetSpec, progress: C
     return ex
 
 
-def build_program_for(target: TargetSpec, use_blas: bool = True):
+def build_program_for(target: TargetSpec, use_blas: bool = True, gemm_weight_layout: bool = True):
     """The Graph -> Program builder for a target: CUDA and CPU group kernels for their library
-    offloads (cuBLASLt and flash attention; the BLAS)."""
+    offloads (cuBLASLt and flash attention; llmc's CPU GEMM or the BLAS, with the GEMM weights
+    stored [N, K] for the former unless `gemm_weight_layout` is off)."""
     if target.kind == "cuda":
         from .build_cuda import build_program
 
@@ -60,8 +61,17 @@ def build_program_for(target: TargetSpec, use_blas: bool = True):
     if target.kind == "llvm" and use_blas:
         from .cpu_blas import cpu_grouping
 
-        return functools.partial(build_program, grouping=cpu_grouping, grouping_name="cpu_grouping")
+        return functools.partial(build_program, grouping=cpu_grouping, grouping_name="cpu_grouping",
+                                 prepare=_cpu_prepare if gemm_weight_layout else None)
     return build_program
+
+
+def _cpu_prepare(graph):
+    """GEMM weights stored [N, K], the layout llmc's CPU GEMM reads (passes/gemm_weight_layout.py)."""
+    from ..passes.gemm_weight_layout import transpose_gemm_weights
+
+    graph, report = transpose_gemm_weights(graph)
+    return graph, report.lines[0]
 
 
 __all__ = ["build_kernels", "build_program_for", "describe_kernel"]

@@ -7,11 +7,13 @@ Models: MiniLM (real all-MiniLM-L6-v2 weights) at 8 x 128; a small Llama (4 laye
 512, GQA 8/4, random weights) at 1 x 128; GPT-2 124M (GPT2LMHeadModel, random weights) at
 1 x 128, 4 x 128 and 1 x 1 (a one-token forward: every weight is read once, so it is
 bandwidth-bound like a decode step). Rows: torch eager; llmc as compiled by default (GEMMs
-in the BLAS); llmc with every GEMM built by TVM (`use_blas=False`, the previous default);
+in llmc's CPU GEMM, GEMVs in numpy's BLAS); the same kernels with every GEMM in numpy's BLAS;
+llmc with every GEMM built by TVM (`use_blas=False`, unless --no-tvm-gemm);
 onnxruntime (ORT_ENABLE_ALL) on the legacy ONNX export where that export works.
 
 GEMM table: each GEMM shape these models run, timed in numpy (its BLAS: the baseline),
-torch (MKL) and llmc (a compiled one-MATMUL graph, called through the runtime, so its
+torch (MKL) and llmc (a compiled one-MATMUL graph, called through the runtime, its GEMM in llmc's
+CPU GEMM, backends/cpu_gemm, where the processor has AVX-512, and again in numpy's BLAS; so its
 per-call overhead counts, and like a torch call it returns a freshly allocated output,
 whose pages the kernel faults in; the LM head reads the tied [vocab, hidden] table
 transposed, as in GPT-2), as ms and GFLOP/s, with llmc's rate as a fraction of numpy's.
@@ -122,6 +124,16 @@ class Table:
 TARGET = ["llvm"]  # --target
 
 
+def numpy_blas_runner(cm):
+    """The same compiled model with every BLAS-routed GEMM in numpy's BLAS instead of llmc's
+    CPU GEMM (an Executor given no sgemm): the A/B of the GEMM library on the same kernels."""
+    from llmc.backends.artifact import weights_of
+    from llmc.runtime.executor import Executor
+    from llmc.runtime.manifest import Manifest
+
+    return Executor(Manifest.from_json(cm.manifest), cm.executable.mod, weights_of(cm.program), "cpu")
+
+
 def compile_timed(model, example: dict, bounds: dict, use_blas: bool):
     t0 = time.perf_counter()
     cm = llmc.compile(model, (), example, dim_bounds=bounds, use_blas=use_blas, target=TARGET[0])
@@ -132,13 +144,15 @@ def bench_model(name: str, model, shapes: dict, example: dict, bounds: dict, arg
                 copy_buffers: tuple | None = None) -> None:
     """`shapes`: label -> torch kwargs; the model is compiled once (dynamic dims) per variant."""
     say(f"== {name}: compiling")
-    variants = [("llmc (GEMMs in the BLAS)", True)] + ([("llmc (GEMMs built by TVM)", False)] if args.tvm_gemm else [])
+    variants = [(LLMC, True)] + ([("llmc (GEMMs built by TVM)", False)] if args.tvm_gemm else [])
     compiled = {}
     for label, use_blas in variants:
         cm, secs = compile_timed(model, example, bounds, use_blas)
         kernels = cm.manifest["program"]["kernels"]
         n_blas = sum(1 for c in cm.program.calls if kernels[c.kernel].get("route") == "blas")
-        compiled[label] = (cm, f"compile {secs:.1f} s, {len(cm.program.calls)} calls ({n_blas} BLAS)")
+        compiled[label] = (cm, f"compile {secs:.1f} s, {len(cm.program.calls)} calls ({n_blas} GEMM library)")
+        if use_blas:
+            compiled[NUMPY_BLAS] = (numpy_blas_runner(cm), f"the same kernels, {n_blas} GEMMs in numpy's BLAS")
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     sess = ort_session_for(name, model, shapes, args, table) if args.ort else None
     for label, kwargs in shapes.items():
@@ -174,6 +188,8 @@ def bench_model(name: str, model, shapes: dict, example: dict, bounds: dict, arg
 
 
 ORT = "onnxruntime ORT_ENABLE_ALL (legacy export)"
+LLMC = "llmc (GEMMs in llmc's CPU GEMM)"
+NUMPY_BLAS = "llmc (GEMMs in numpy's BLAS)"
 COPY = "numpy copy of 512 MiB (bandwidth ceiling)"
 
 
@@ -256,8 +272,7 @@ def gemm_table(args) -> None:
 
     rng = np.random.default_rng(0)
     say("\nGEMMs (fp32): ms and GFLOP/s; llmc / numpy = llmc's rate as a fraction of numpy's BLAS")
-    cols = ["numpy (BLAS)", "torch (MKL)", "llmc", "llmc TVM GEMM"] if args.tvm_gemm else \
-        ["numpy (BLAS)", "torch (MKL)", "llmc"]
+    cols = ["numpy (BLAS)", "torch (MKL)", "llmc", "llmc, numpy's BLAS"] + (["llmc TVM GEMM"] if args.tvm_gemm else [])
     say("| GEMM | M x K x N | " + " | ".join(cols) + " | llmc / numpy |")
     say("| --- | --- |" + " ---: |" * (len(cols) + 1))
     for what, m, k, n, transposed in GEMMS:
@@ -277,6 +292,8 @@ def gemm_table(args) -> None:
             if err > 1e-3:
                 raise SystemExit(f"{what}: {col} is wrong (max abs err {err})")
             fns[col] = lambda cm=cm: cm(x)
+            if use_blas:
+                fns["llmc, numpy's BLAS"] = lambda ex=numpy_blas_runner(cm): ex(x)
         times = race(fns, reps)
         gf = {c: 2 * m * k * n / t / 1e6 for c, t in times.items()}
         cells = " | ".join(f"{times[c]:.3f} ms, {gf[c]:.0f} GF/s" for c in cols)

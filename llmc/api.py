@@ -28,6 +28,9 @@ class CompileOptions:
     calib_windows: Any = None  # token-id windows [T] for gptq/awq calibration (quant_setup makes them)
     learned_grid: Any = None  # passes.quant.learned.LearnedGrid: method "qat"'s scales (llmc.quant.convert)
     sparsity: Any = None  # passes.sparsify.SparsityScheme: 2:4 pruning after fusion, before quantize (None: none)
+    # CPU: fp32 GEMM weights stored [N, K], the layout llmc's CPU GEMM reads (passes/gemm_weight_layout.py).
+    # Off for tensor-parallel ranks: their weights are the shard pass's arrays, not the build's
+    gemm_weight_layout: bool = True
 
     def pipeline(self) -> list:
         """The pass list: the default fusion pipeline, then quantize when asked."""
@@ -94,9 +97,11 @@ class CompiledModel:
                 modules["shim"] = tvm.runtime.load_module(str(ex.shim_path))
             self._executor = GpuExecutor(typed, modules, weights_of(self.program))
         else:
+            from .runtime.cpu_gemm import load_sgemm
             from .runtime.executor import Executor
 
-            self._executor = Executor(typed, self.executable.mod, weights_of(self.program), device)
+            self._executor = Executor(typed, self.executable.mod, weights_of(self.program), device,
+                                      sgemm=load_sgemm(getattr(self.executable, "gemm_path", None)))
         return self._executor
 
     def __call__(self, *args, **kwargs) -> list[np.ndarray]:
@@ -127,7 +132,10 @@ class CompiledModel:
                 step = GpuExecutor(typed.step_manifest(), modules, self.generation.weights,
                                    shared_weights=forward.device_tensors())
             else:
-                step = Executor(typed.step_manifest(), ex.mod, self.generation.weights)
+                from .runtime.cpu_gemm import load_sgemm
+
+                step = Executor(typed.step_manifest(), ex.mod, self.generation.weights,
+                                sgemm=load_sgemm(getattr(ex, "gemm_path", None)))
             self._llm = LLM(forward, step, typed.generation, self.generation.tokenizer)
         return self._llm.generate(prompts, **kwargs)
 
@@ -226,7 +234,7 @@ def compile_graph(graph, opts: CompileOptions, passes=None) -> CompiledModel:
     if opts.sparsity is not None and not opts.fuse and passes is None:
         raise LLMCError("2:4 sparsity runs after fusion: drop --no-fuse (fuse=False) or --sparsity")
     if opts.fuse or passes is not None:
-        program, reports = build_program_for(target, opts.use_blas)(
+        program, reports = build_program_for(target, opts.use_blas, opts.gemm_weight_layout)(
             graph, opts.pipeline() if passes is None else passes, opts.verify_each, opts.dump_dir)
     else:
         from .passes.index_bounds import bound_symbols_by_tables  # symbol bounds within the tables, fused or not

@@ -75,6 +75,7 @@ def compile_tensor_parallel(graph, opts, gen, tp: int, tokenizer=None, stop_toke
     if not isinstance(tp, int) or isinstance(tp, bool) or tp < 2:
         raise LLMCError(f"tp must be an int >= 2 here, got {tp!r}")
     t = time.perf_counter()
+    opts = dataclasses.replace(opts, gemm_weight_layout=False)  # the ranks' weights are the shard pass's
     if opts.progress:
         opts.progress(f"tensor parallelism over {tp} ranks: fusing, then sharding")
     fused, _ = run_pipeline(graph, opts.pipeline(), opts.verify_each, opts.dump_dir)

@@ -14,6 +14,11 @@ libtorch_cpu.so, and oneMKL's pip package, loaded into a process that imported t
 to some of them and returns wrong results (measured); loading it in a private link-map
 namespace (dlmopen) crashed. A runtime that is wrong whenever torch is imported first is
 not one users can trust, so the BLAS is numpy's.
+
+Where the artifact ships llmc's own GEMM (library role "gemm", runtime/cpu_gemm.py) and the
+processor runs it, a float32 GEMM of W^T (every CPU GEMM weight is stored [N, K] for it) runs
+there instead: measured faster than OpenBLAS on the prefill shapes and as fast on GEMVs
+(benchmarks/RESULTS_CPU.md). Everything else still goes to numpy.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from .cpu_gemm import Sgemm
 from .manifest import KernelSpec, eval_dim
 
 
@@ -29,7 +35,8 @@ class Gemm:
 
     The view shapes are evaluated once per value of the symbols they use, not per call."""
 
-    def __init__(self, spec: KernelSpec):
+    def __init__(self, spec: KernelSpec, sgemm: Sgemm | None = None):
+        self.sgemm = sgemm if spec.scalars[0] else None  # it reads W^T only
         self.args = tuple(t.arg for t in spec.tensors)  # a, w, out
         self.shapes = tuple(t.shape for t in spec.tensors)
         self.trans_b = bool(spec.scalars[0])
@@ -48,7 +55,10 @@ class Gemm:
         a, w, out = a.reshape(shapes[0]), w.reshape(shapes[1]), buf.reshape(shapes[2])
         if not np.may_share_memory(out, buf):  # reshape copied (never for contiguous buffers): results would be lost
             raise ValueError("gemm output is not a view of its buffer")
-        np.matmul(a, w.T if self.trans_b else w, out=out)
+        if self.sgemm is not None and self.sgemm.takes(a, w, out):
+            self.sgemm(a, w, out)
+        else:
+            np.matmul(a, w.T if self.trans_b else w, out=out)
 
 
 __all__ = ["Gemm"]

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import ArtifactError, InputError, LLMCError
 from .blas import Gemm
+from .cpu_gemm import Sgemm, load_sgemm
 from .collective_call import HostCollective, HostPointToPoint, check_comm
 from .dist.comm import groups_of
 from .engine.paged_attention import PagedAttentionCall
@@ -202,7 +203,7 @@ class Executor:
     MAX_SHAPES = 4  # per workspace, the views of a few recent shapes stay cached
 
     def __init__(self, manifest: Manifest, module, weights: Mapping[str, np.ndarray], device: str = "cpu",
-                 comm=None):
+                 comm=None, sgemm: Sgemm | None = None):
         if not isinstance(manifest, Manifest):
             raise TypeError("Executor takes a validated runtime.manifest.Manifest (Manifest.from_json)")
         take_program(self, manifest)
@@ -213,7 +214,7 @@ class Executor:
         check_comm(p.kernels, comm, "this artifact")
         # runtime library routes: (args, env) -> None
         tensor, pipeline = groups_of(comm)
-        library = {"blas": Gemm, "kv": PagedAttentionCall, "coll": lambda k: HostCollective(k, tensor),
+        library = {"blas": lambda k: Gemm(k, sgemm), "kv": PagedAttentionCall, "coll": lambda k: HostCollective(k, tensor),
                    "p2p": lambda k: HostPointToPoint(k, pipeline)}
         calls = {name: library[k.route](k) for name, k in p.kernels.items() if k.route in library}
         for c in p.calls:
@@ -400,7 +401,8 @@ def load(path, device: str = "cpu", **options):
         check_cpu(manifest.cpu.triple, manifest.cpu.mcpu, manifest.cpu.features, str(path))
     tvm = import_tvm(with_gpu=False)
     comm = options.pop("comm", None)
-    forward = Executor(manifest, _load_library(tvm, libraries["tvm"]), weights, device, comm=comm)
+    sgemm = load_sgemm(libraries.get("gemm"))
+    forward = Executor(manifest, _load_library(tvm, libraries["tvm"]), weights, device, comm=comm, sgemm=sgemm)
     gen = manifest.generation
     if gen is None:
         if options:
@@ -413,7 +415,7 @@ def load(path, device: str = "cpu", **options):
     if unknown:
         raise LLMCError(f"unknown options {sorted(unknown)} (a generation artifact takes kv_memory)")
     step_file = check_library_files(path, manifest, {"step": gen.library})["step"]
-    step = Executor(manifest.step_manifest(), _load_library(tvm, step_file), weights, device, comm=comm)
+    step = Executor(manifest.step_manifest(), _load_library(tvm, step_file), weights, device, comm=comm, sgemm=sgemm)
     tok = None
     if gen.tokenizer is not None:
         tok = check_file(path, gen.tokenizer, file_entry(manifest, gen.tokenizer, path), "the tokenizer")

@@ -44,7 +44,7 @@ DTYPES = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "int64",
           "bool", "int4x2")
 INTEGER_DTYPES = ("int64", "int32", "int8", "uint8")
 DEVICES = ("cpu", "cuda", "rocm", "metal")
-LIBRARY_ROLES = ("tvm", "shim")  # the CUDA loader opens these roles only
+LIBRARY_ROLES = ("tvm", "shim", "gemm")  # shim: CUDA's; gemm: llmc's CPU GEMM (runtime/cpu_gemm.py)
 ROLES = ("input", "weight", "temp", "alias")
 ALIGN = 64  # arena offsets: TVM kernels assume aligned data
 # (buffer dtype, word dtype stored in safetensors): safetensors' numpy API has no bf16/fp8

@@ -50,8 +50,10 @@ def parse(m: Any, at: At, sealed: bool) -> Manifest:
             chk.string(role, at["libraries"]["roles"][role], LIBRARY_ROLES)
         if "tvm" not in libraries:
             raise at["libraries"]["roles"].error("no 'tvm' library")
-        if device != "cuda" and set(libraries) != {"tvm"}:
-            raise at["libraries"]["roles"].error(f"a {device} artifact has one library, 'tvm'")
+        allowed = {"cuda": {"tvm", "shim"}, "cpu": {"tvm", "gemm"}}.get(device, {"tvm"})
+        if not set(libraries) <= allowed:
+            raise at["libraries"]["roles"].error(f"a {device} artifact has libraries {sorted(allowed)}, "
+                                                 f"not {sorted(set(libraries) - allowed)}")
     files: dict[str, FileEntry] = {}
     if "files" in sections:
         files = _files(sections["files"], at["files"])

@@ -1,0 +1,79 @@
+"""Build llmc's CPU GEMM library (llmc_sgemm.cc) into a shared library an artifact ships.
+
+The library is plain C ABI (`llmc_sgemm_nt`, `llmc_sgemm_supported`), loaded by the runtime
+through ctypes (runtime/cpu_gemm.py): no TVM, no torch. It is built with the host's C++
+compiler, the one TVM already needs to link a CPU artifact's kernels, for x86-64 only (its
+kernels are AVX-512 intrinsics; the runtime checks the processor before every use and falls
+back to numpy's BLAS where it lacks AVX-512F/VL). Builds are cached under
+``$LLMC_CACHE_DIR/cpu_gemm`` (default ``~/.cache/llmc``), keyed by a hash of the source,
+the flags and the compiler's version.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+from ...errors import LLMCError
+
+SOURCE = pathlib.Path(__file__).resolve().parent / "llmc_sgemm.cc"
+LIB_NAME = "libllmc_sgemm.so"
+ARTIFACT_FILE = "gemm.so"  # its name inside an artifact (manifest libraries role "gemm")
+# -fvisibility=hidden: only the two extern "C" entry points are exported; the base ISA stays
+# x86-64 so the library loads anywhere and the AVX-512 code runs only after the CPU check.
+FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fvisibility=hidden", "-pthread")
+
+
+class GemmBuildError(LLMCError):
+    pass
+
+
+def compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _version(cxx: str) -> str:
+    return subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+
+
+def cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("LLMC_CACHE_DIR", pathlib.Path.home() / ".cache" / "llmc")) / "cpu_gemm"
+
+
+def build_gemm_library() -> pathlib.Path:
+    """The library's path in the cache, compiled on first use."""
+    cxx = compiler()
+    if cxx is None:
+        raise GemmBuildError("no C++ compiler (g++ or $CXX) to build llmc's CPU GEMM library")
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(" ".join(FLAGS).encode())
+    h.update(_version(cxx).encode())
+    out = cache_dir() / h.hexdigest()[:16] / LIB_NAME
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_out = pathlib.Path(tmp) / LIB_NAME
+        cmd = [cxx, *FLAGS, "-o", str(tmp_out), str(SOURCE)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise GemmBuildError(f"building the CPU GEMM library failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-2000:]}")
+        os.replace(tmp_out, out)  # atomic: a concurrent build never sees half a file
+    return out
+
+
+def gemm_library() -> pathlib.Path | None:
+    """The library for a CPU artifact built here (llvm targets are this host's architecture),
+    or None on a host that is not x86-64 or has no C++ compiler (then its GEMMs run in numpy's
+    BLAS, as they would on a processor without AVX-512)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64") or compiler() is None:
+        return None
+    return build_gemm_library()
+
+
+__all__ = ["build_gemm_library", "gemm_library", "GemmBuildError", "ARTIFACT_FILE", "LIB_NAME", "SOURCE"]

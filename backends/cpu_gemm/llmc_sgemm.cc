@@ -1,0 +1,269 @@
+// llmc CPU GEMM: C[M, N] = A[M, K] @ W[N, K]^T in float32, for x86-64 processors with AVX-512F and VL.
+//
+//   int llmc_sgemm_nt(const float* a, int64_t lda, const float* w, int64_t ldw, float* c, int64_t ldc,
+//                     int64_t m, int64_t n, int64_t k, int threads)
+//     returns 0, or -1 when this processor lacks AVX-512F/VL (the caller then uses another GEMM).
+//   int llmc_sgemm_supported(void): 1 when llmc_sgemm_nt can run here.
+//
+// Why this shape of kernel: every weight llmc hands it is stored [N, K] (out features x in
+// features, as torch.nn.Linear keeps it and as a tied embedding is read by the LM head), so both
+// operands are K-contiguous. A tile of MR rows of A and NR rows of W keeps MR x NR 16-lane partial
+// dot products in registers: per 16 values of k it loads MR + NR vectors and issues MR * NR FMAs
+// (4 x 6: 10 loads, 24 FMAs, 24 of the 32 zmm registers), then reduces each partial sum once
+// per K block. Nothing is packed, at compile time or per call: rows are read in their natural
+// layout, so the tied LM head needs no second copy, and a ragged N (50257) costs one narrow tile
+// at the edge, not a padded panel. Measured on the 2-core Zen 4 VM: 90-98 GFLOP/s on one core
+// (peak 115) for GPT-2's shapes, against OpenBLAS's 80 (benchmarks/RESULTS_CPU.md).
+//
+// Blocking: N in blocks of NB weight rows, which stay in L2 while every row of A passes over
+// them (A, M x K floats, stays in L2 or L3). Threads split N (each a contiguous range of whole tiles);
+// a GEMV (M = 1..3) runs the same code with MR = M, reading each weight once.
+//
+// Threads: a small pool of its own (workers spin 50 us after a part, then block on a condition
+// variable: runtime/threads.py explains why a longer-spinning pool slows the TVM kernels that follow).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include <unistd.h>
+
+namespace {
+
+constexpr int MR = 4;       // rows of A per tile
+constexpr int NR = 6;       // rows of W per tile
+// K blocks only bound a tile's rows to L2 for very long rows: each block's partial sums are
+// reduced and added to C, which cost 25-35% at KC = 512 (K = 768 .. 3072, measured), more than
+// the L1 misses of whole rows do.
+constexpr int64_t KC = 8192;
+constexpr int64_t NB = 48;  // rows of W per block: they stay in L2 while all of A passes
+
+// The 16-lane sums of 8 vectors, as 8 floats: a shuffle tree (8 -> 4 -> 2 -> 1 vectors, each
+// step adding halves of two vectors side by side), 24 instructions where 8 separate
+// reductions take ~64. Measured: the per-tile reductions were 8% (K = 768) to 15% (K = 384)
+// of a tile's time with separate reductions.
+__attribute__((target("avx512f,avx512vl"))) inline __m256 hsum8(const __m512* x) {
+  __m512 v[4], w[2];
+#pragma GCC unroll 4
+  for (int p = 0; p < 4; ++p)  // 128-bit lanes [a0+a2, a1+a3, b0+b2, b1+b3]
+    v[p] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * p], x[2 * p + 1], 0x44),
+                         _mm512_shuffle_f32x4(x[2 * p], x[2 * p + 1], 0xEE));
+#pragma GCC unroll 2
+  for (int q = 0; q < 2; ++q)  // lane L: 4 partial sums of x[4q + L]
+    w[q] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * q], v[2 * q + 1], 0x88),
+                         _mm512_shuffle_f32x4(v[2 * q], v[2 * q + 1], 0xDD));
+  // lane L: [x_L, x_L, x_{4+L}, x_{4+L}] partial pairs, then whole sums
+  const __m512 t = _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xDD));
+  const __m512 u = _mm512_add_ps(t, _mm512_shuffle_ps(t, t, 0xB1));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_castps512_ps256(_mm512_permutexvar_ps(order, u));
+}
+
+// c[i, j] (+)= sum over kc of a[i, :] * w[j, :] for an M x N tile (M <= MR, N <= NR).
+template <int M, int N>
+__attribute__((target("avx512f,avx512vl"))) void tile(int64_t kc, const float* a, int64_t lda, const float* w, int64_t ldw,
+                                              float* c, int64_t ldc, bool accumulate) {
+  __m512 acc[M][N];
+#pragma GCC unroll 8
+  for (int i = 0; i < M; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < N; ++j) acc[i][j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= kc; k += 16) {
+    __m512 wv[N];
+#pragma GCC unroll 8
+    for (int j = 0; j < N; ++j) wv[j] = _mm512_loadu_ps(w + j * ldw + k);
+#pragma GCC unroll 8
+    for (int i = 0; i < M; ++i) {
+      const __m512 av = _mm512_loadu_ps(a + i * lda + k);
+#pragma GCC unroll 8
+      for (int j = 0; j < N; ++j) acc[i][j] = _mm512_fmadd_ps(av, wv[j], acc[i][j]);
+    }
+  }
+  if (k < kc) {  // the last k % 16 values, masked (nothing is read past a row's end)
+    const __mmask16 mk = static_cast<__mmask16>((1u << (kc - k)) - 1);
+    __m512 wv[N];
+#pragma GCC unroll 8
+    for (int j = 0; j < N; ++j) wv[j] = _mm512_maskz_loadu_ps(mk, w + j * ldw + k);
+#pragma GCC unroll 8
+    for (int i = 0; i < M; ++i) {
+      const __m512 av = _mm512_maskz_loadu_ps(mk, a + i * lda + k);
+#pragma GCC unroll 8
+      for (int j = 0; j < N; ++j) acc[i][j] = _mm512_fmadd_ps(av, wv[j], acc[i][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < M; ++i) {
+    __m512 row[8];
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) row[j] = j < N ? acc[i][j] : _mm512_setzero_ps();
+    const __m256 sums = hsum8(row);
+    const __mmask8 mn = static_cast<__mmask8>((1u << N) - 1);
+    float* ci = c + i * ldc;
+    _mm256_mask_storeu_ps(ci, mn, accumulate ? _mm256_add_ps(sums, _mm256_maskz_loadu_ps(mn, ci)) : sums);
+  }
+}
+
+using TileFn = void (*)(int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool);
+
+// Every (M, N) tile shape, so edge tiles (a ragged N, M = 1..3) run the same register code.
+template <int M, int... Ns>
+constexpr std::array<TileFn, NR> row_of(std::integer_sequence<int, Ns...>) { return {&tile<M, Ns + 1>...}; }
+template <int... Ms>
+constexpr std::array<std::array<TileFn, NR>, MR> table_of(std::integer_sequence<int, Ms...>) {
+  return {row_of<Ms + 1>(std::make_integer_sequence<int, NR>{})...};
+}
+const std::array<std::array<TileFn, NR>, MR> kTiles = table_of(std::make_integer_sequence<int, MR>{});
+
+struct Gemm {
+  const float* a; int64_t lda; const float* w; int64_t ldw; float* c; int64_t ldc; int64_t m, n, k;
+
+  // Output columns [n0, n1) for every row.
+  void columns(int64_t n0, int64_t n1) const {
+    for (int64_t k0 = 0; k0 < k; k0 += KC) {
+      const int64_t kc = std::min(KC, k - k0);
+      for (int64_t j0 = n0; j0 < n1; j0 += NB) {
+        const int64_t j1 = std::min(n1, j0 + NB);
+        for (int64_t i = 0; i < m; i += MR) {
+          const int mi = static_cast<int>(std::min<int64_t>(MR, m - i));
+          for (int64_t j = j0; j < j1; j += NR) {
+            const int nj = static_cast<int>(std::min<int64_t>(NR, j1 - j));
+            kTiles[mi - 1][nj - 1](kc, a + i * lda + k0, lda, w + j * ldw + k0, ldw, c + i * ldc + j, ldc, k0 > 0);
+          }
+        }
+      }
+    }
+  }
+};
+
+// A pool of worker threads that run part t of a job each; the caller runs part 0.
+//
+// Waking a blocked worker (a futex wake and a reschedule) took 30-50 us on the 2-core VM, as
+// long as a whole cache-resident GEMV, so a worker spins for kSpin after its part before it
+// blocks: decode's GEMVs follow each other closely. It spins no longer: a spinning worker
+// takes a core from the TVM kernels between GEMMs (runtime/threads.py).
+class Pool {
+ public:
+  void run(int parts, const std::function<void(int)>& part) {
+    ensure(parts - 1);
+    job_ = &part;
+    parts_ = parts;
+    pending_.store(parts - 1, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> g(mu_);  // a worker between its check and its wait sees this
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    part(0);
+    if (!spin_until([&] { return pending_.load(std::memory_order_acquire) == 0; })) {
+      std::unique_lock<std::mutex> g(mu_);
+      done_.wait(g, [&] { return pending_.load(std::memory_order_acquire) == 0; });
+    }
+  }
+
+ private:
+  static constexpr auto kSpin = std::chrono::microseconds(50);
+
+  template <typename F>
+  static bool spin_until(F ready) {
+    const auto until = std::chrono::steady_clock::now() + kSpin;
+    do {
+      for (int i = 0; i < 64; ++i) {
+        if (ready()) return true;
+        _mm_pause();
+      }
+    } while (std::chrono::steady_clock::now() < until);
+    return ready();
+  }
+
+  void ensure(int workers) {
+    if (pid_ != getpid()) {  // a forked child has none of its parent's threads
+      for (auto& t : workers_) t.detach();
+      workers_.clear();
+      pid_ = getpid();
+    }
+    while (static_cast<int>(workers_.size()) < workers) {
+      const int id = static_cast<int>(workers_.size()) + 1;
+      // read before run() publishes the next job, which the new worker must then see
+      const uint64_t now = generation_.load(std::memory_order_acquire);
+      workers_.emplace_back([this, id, now] { loop(id, now); });
+    }
+  }
+
+  void loop(int id, uint64_t seen) {
+    for (;;) {
+      auto fresh = [&] { return generation_.load(std::memory_order_acquire) != seen; };
+      if (!spin_until(fresh)) {
+        std::unique_lock<std::mutex> g(mu_);
+        cv_.wait(g, fresh);
+      }
+      seen = generation_.load(std::memory_order_acquire);
+      if (id >= parts_) continue;
+      (*job_)(id);
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> g(mu_);  // the caller, between its check and its wait, sees this
+        done_.notify_one();
+      }
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void(int)>* job_ = nullptr;  // written before generation_'s release
+  int parts_ = 0;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+  pid_t pid_ = getpid();
+};
+
+Pool& pool() {
+  static Pool* p = new Pool();  // never destroyed: workers outlive static destruction at exit
+  return *p;
+}
+std::mutex pool_busy;  // one caller at a time uses the workers; a concurrent one runs alone
+
+}  // namespace
+
+extern "C" {
+
+__attribute__((visibility("default"))) int llmc_sgemm_supported(void) {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") ? 1 : 0;
+}
+
+__attribute__((visibility("default"))) int llmc_sgemm_nt(const float* a, int64_t lda, const float* w, int64_t ldw,
+                                                         float* c, int64_t ldc, int64_t m, int64_t n, int64_t k,
+                                                         int threads) {
+  if (!llmc_sgemm_supported()) return -1;
+  if (m <= 0 || n <= 0) return 0;
+  const Gemm g{a, lda, w, ldw, c, ldc, m, n, k};
+  if (k <= 0) {
+    for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.f);
+    return 0;
+  }
+  const int64_t tiles = (n + NR - 1) / NR;
+  // a part is worth a worker's wake-up (tens of us) from ~2 MFLOP or ~512 KB of weights on
+  const int64_t useful = std::max<int64_t>({1, m * n * k / (1 << 20), n * k / (1 << 17)});
+  const int parts = static_cast<int>(std::min<int64_t>({threads, tiles, useful}));
+  std::unique_lock<std::mutex> busy(pool_busy, std::try_to_lock);
+  if (parts <= 1 || !busy.owns_lock()) {
+    g.columns(0, n);
+    return 0;
+  }
+  pool().run(parts, [&](int t) {
+    const int64_t n0 = tiles * t / parts * NR, n1 = std::min(n, tiles * (t + 1) / parts * NR);
+    if (n0 < n1) g.columns(n0, n1);
+  });
+  return 0;
+}
+
+}  // extern "C"

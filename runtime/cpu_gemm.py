@@ -1,0 +1,60 @@
+"""llmc's own CPU GEMM (backends/cpu_gemm/llmc_sgemm.cc), loaded through ctypes.
+
+An artifact built on x86-64 ships it as library role "gemm". It computes out = a @ w^T in
+float32 with both operands K-contiguous (w stored [N, K]: the layout the compiler gives every
+GEMM weight on the CPU, passes/gemm_weight_layout.py), with AVX-512 tiles and a thread pool of
+its own, and runs GPT-2's prefill GEMMs 10-30% faster than numpy's OpenBLAS on the 2-core
+AVX-512 VM, its GEMVs as fast, and 2-3 row GEMMs 5-10x faster (benchmarks/RESULTS_CPU.md).
+Every row count goes to the same kernel, so a row's result does not depend on how many rows
+share the call (a padded decode step gives its real rows the same bits). Where it does not
+apply, runtime/blas.py calls numpy: a processor without AVX-512F/VL, float64, operands that
+are not K-contiguous.
+"""
+from __future__ import annotations
+
+import ctypes
+import pathlib
+
+import numpy as np
+
+from .cpu_features import host_cpu_features
+from .threads import cpu_threads
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+class Sgemm:
+    """out[M, N] = a[M, K] @ w[N, K]^T, float32, rows contiguous (any row strides)."""
+
+    def __init__(self, lib: ctypes.CDLL, threads: int):
+        self._fn = lib.llmc_sgemm_nt
+        self._fn.argtypes = [_P, _I, _P, _I, _P, _I, _I, _I, _I, ctypes.c_int]
+        self._fn.restype = ctypes.c_int
+        self.threads = threads
+
+    def takes(self, a: np.ndarray, w: np.ndarray, out: np.ndarray) -> bool:
+        """Whether these 2-D views are ones this kernel reads (else the caller uses numpy)."""
+        return a.dtype == w.dtype == out.dtype == np.float32 and all(x.strides[1] == 4 for x in (a, w, out))
+
+    def __call__(self, a: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+        m, k = a.shape
+        n = w.shape[0]
+        if w.shape[1] != k or out.shape != (m, n):
+            raise ValueError(f"sgemm: a {a.shape}, w {w.shape}, out {out.shape} do not make out = a @ w^T")
+        rc = self._fn(a.ctypes.data, a.strides[0] // 4, w.ctypes.data, w.strides[0] // 4,
+                      out.ctypes.data, out.strides[0] // 4, m, n, k, self.threads)
+        if rc != 0:
+            raise RuntimeError("llmc_sgemm_nt refused to run (this processor lacks AVX-512F/VL)")
+
+
+def load_sgemm(path: str | pathlib.Path | None) -> Sgemm | None:
+    """The library at `path` as an Sgemm, or None where it cannot run on this processor."""
+    if path is None or not {"AVX512F", "AVX512VL"} <= host_cpu_features():
+        return None
+    lib = ctypes.CDLL(str(path))
+    if lib.llmc_sgemm_supported() != 1:  # its own CPUID check agrees with numpy's, or we do not use it
+        return None
+    return Sgemm(lib, cpu_threads())
+
+
+__all__ = ["Sgemm", "load_sgemm"]

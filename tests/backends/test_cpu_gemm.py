@@ -1,0 +1,125 @@
+"""llmc's CPU GEMM (backends/cpu_gemm/llmc_sgemm.cc, runtime/cpu_gemm.py): out = a @ w^T against
+numpy in float64 on fresh random inputs (relative 1e-5 of the row norms' product, fp32), over
+the shapes the kernel has to get right: ragged N and K, edge tiles, GEMV rows, strided rows,
+one and two threads, concurrent callers; and the artifact side: a compiled model ships the
+library, its GEMMs run there, and the outputs match torch eager."""
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import llmc
+from llmc.backends.cpu_gemm import build_gemm_library
+from llmc.runtime.cpu_features import host_cpu_features
+from llmc.runtime.cpu_gemm import Sgemm, load_sgemm
+
+HAS_AVX512 = {"AVX512F", "AVX512VL"} <= host_cpu_features()
+needs_avx512 = pytest.mark.skipif(not HAS_AVX512, reason="llmc's CPU GEMM runs on AVX-512F/VL processors only")
+
+
+@pytest.fixture(scope="module")
+def sgemm() -> Sgemm:
+    s = load_sgemm(build_gemm_library())
+    assert s is not None
+    return s
+
+
+def _check(sgemm, m, n, k, threads=2, lda=None, seed=0):
+    rng = np.random.default_rng(seed)
+    a_full = rng.standard_normal((m, lda or k)).astype(np.float32)
+    a = a_full[:, :k]  # rows lda apart
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    out = np.full((m, n), np.nan, np.float32)
+    sgemm.threads = threads
+    sgemm(a, w, out)
+    ref = a.astype(np.float64) @ w.T.astype(np.float64)
+    scale = np.linalg.norm(a, axis=1)[:, None] * np.linalg.norm(w, axis=1)[None, :] + 1e-30
+    assert np.all(np.abs(out - ref) <= 1e-5 * scale), (m, n, k)
+
+
+@needs_avx512
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (3, 5, 17), (4, 6, 16), (5, 7, 33), (7, 13, 100), (1, 2304, 768),
+                                   (2, 50, 3072), (9, 50257 // 64, 64), (128, 101, 768), (64, 48 * 3 + 5, 31)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matches_numpy(sgemm, m, n, k, threads):
+    _check(sgemm, m, n, k, threads)
+
+
+@needs_avx512
+def test_strided_rows_and_empty_k(sgemm):
+    _check(sgemm, 6, 20, 40, lda=56)
+    out = np.ones((3, 4), np.float32)
+    sgemm(np.zeros((3, 0), np.float32), np.zeros((4, 0), np.float32), out)
+    assert not out.any()
+
+
+@needs_avx512
+def test_concurrent_callers(sgemm):
+    """Two Python threads at once: one gets the worker pool, the other runs alone; both right."""
+    errors = []
+
+    def work(seed):
+        try:
+            for i in range(5):
+                _check(sgemm, 64, 300, 200, seed=seed * 10 + i)
+        except AssertionError as e:
+            errors.append(e)
+
+    ts = [threading.Thread(target=work, args=(s,)) for s in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
+
+
+@needs_avx512
+def test_takes_only_what_it_reads(sgemm):
+    f = np.zeros((8, 16), np.float32)
+    w = np.zeros((4, 16), np.float32)
+    assert sgemm.takes(f, w, np.zeros((8, 4), np.float32))
+    assert sgemm.takes(f[:1], w, np.zeros((1, 4), np.float32))  # a GEMV too: the same kernel for every M
+    assert not sgemm.takes(f.astype(np.float64), w.astype(np.float64), np.zeros((8, 4)))
+    assert not sgemm.takes(f[:, ::2], w[:, ::2], np.zeros((8, 4), np.float32))  # columns strided
+    with pytest.raises(ValueError, match="do not make"):
+        sgemm(f, np.zeros((4, 8), np.float32), np.zeros((8, 4), np.float32))
+
+
+def test_not_loaded_without_avx512(monkeypatch):
+    import llmc.runtime.cpu_gemm as cg
+
+    monkeypatch.setattr(cg, "host_cpu_features", lambda: frozenset({"AVX2", "FMA3"}))
+    assert cg.load_sgemm(build_gemm_library()) is None
+    assert cg.load_sgemm(None) is None
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(48, 200)
+        self.down = torch.nn.Linear(200, 48)
+        self.proj = torch.nn.Parameter(torch.randn(48, 70) * 0.1)  # x @ P: a [K, N] weight
+
+    def forward(self, x):
+        return torch.relu(self.up(x)).matmul(self.down.weight.T) @ self.proj
+
+
+def test_artifact_ships_and_uses_it(tmp_path):
+    torch.manual_seed(0)
+    model = _MLP().eval()
+    x = torch.randn(2, 9, 48)
+    cm = llmc.compile(model, (x,))
+    assert cm.manifest["libraries"]["roles"].get("gemm") == "gemm.so"
+    routes = [k for k in cm.manifest["program"]["kernels"].values() if k.get("route") == "blas"]
+    assert len(routes) == 3 and all(k["scalars"] == [1] for k in routes)  # every GEMM reads W^T
+    art = cm.export(tmp_path / "mlp")
+    assert (art / "gemm.so").exists()
+    ex = llmc.load(art)
+    gemms = [c[4] for c in ex._calls if c[4] is not None]
+    assert len(gemms) == 3 and all((g.sgemm is not None) == HAS_AVX512 for g in gemms)
+    xs = torch.randn(2, 9, 48)
+    with torch.no_grad():
+        ref = model(xs).numpy()
+    np.testing.assert_allclose(ex(xs.numpy())[0], ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(cm(xs.numpy())[0], ref, rtol=1e-4, atol=1e-4)
