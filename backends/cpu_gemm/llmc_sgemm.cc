@@ -16,11 +16,11 @@
 // (peak 115) for GPT-2's shapes, against OpenBLAS's 80 (benchmarks/RESULTS_CPU.md).
 //
 // Blocking: N in blocks of NB weight rows, which stay in L2 while every row of A passes over
-// them (A, M x K floats, stays in L2 or L3). Threads split N (each a contiguous range of whole tiles);
+// them (A, M x K floats, stays in L2 or L3). Threads split N (chunks of whole tiles, taken in turn);
 // a GEMV (M = 1..3) runs the same code with MR = M, reading each weight once.
 //
-// Threads: a small pool of its own (workers spin 50 us after a part, then block on a condition
-// variable: runtime/threads.py explains why a longer-spinning pool slows the TVM kernels that follow).
+// Threads: a small pool of its own (workers wait for the next call yielding the processor for
+// 2 ms, then block on a condition variable; see Pool).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -35,6 +35,7 @@
 #include <utility>
 #include <vector>
 
+#include <sched.h>
 #include <unistd.h>
 
 namespace {
@@ -147,10 +148,13 @@ struct Gemm {
 
 // A pool of worker threads that run part t of a job each; the caller runs part 0.
 //
-// Waking a blocked worker (a futex wake and a reschedule) took 30-50 us on the 2-core VM, as
-// long as a whole cache-resident GEMV, so a worker spins for kSpin after its part before it
-// blocks: decode's GEMVs follow each other closely. It spins no longer: a spinning worker
-// takes a core from the TVM kernels between GEMMs (runtime/threads.py).
+// Waking a blocked worker took 30-50 us on the 2-core VM (as long as a cache-resident GEMV),
+// and after an idle spell milliseconds (the hypervisor halts an idle vCPU): GPT-2's one-token
+// forward took 36 ms after 0.2 s idle against 23 ms back to back. So a worker waits for the
+// next job spinning for kSpin, yielding the processor between checks: a TVM kernel's thread
+// between two GEMMs gets the core at once (a worker that spins without yielding slowed them,
+// runtime/threads.py), and the forward keeps both vCPUs awake. Measured: 25 ms after idle, 20
+// back to back; GPT-2 1 x 128 unchanged or faster.
 class Pool {
  public:
   void run(int parts, const std::function<void(int)>& part) {
@@ -171,7 +175,7 @@ class Pool {
   }
 
  private:
-  static constexpr auto kSpin = std::chrono::microseconds(50);
+  static constexpr auto kSpin = std::chrono::microseconds(2000);  // then block on the condition variable
 
   template <typename F>
   static bool spin_until(F ready) {
@@ -181,6 +185,7 @@ class Pool {
         if (ready()) return true;
         _mm_pause();
       }
+      sched_yield();
     } while (std::chrono::steady_clock::now() < until);
     return ready();
   }
@@ -259,9 +264,16 @@ __attribute__((visibility("default"))) int llmc_sgemm_nt(const float* a, int64_t
     g.columns(0, n);
     return 0;
   }
-  pool().run(parts, [&](int t) {
-    const int64_t n0 = tiles * t / parts * NR, n1 = std::min(n, tiles * (t + 1) / parts * NR);
-    if (n0 < n1) g.columns(n0, n1);
+  // Columns go out in chunks (about 8 per thread) that each thread takes as it gets to them,
+  // not in one fixed share per thread: a worker woken late (after an idle spell its wake-up
+  // took milliseconds on the VM, measured) then costs its share of the chunks, not a doubled
+  // run time. Each output is still computed by one thread in one order: the same bits.
+  const int64_t chunk = std::max<int64_t>(1, tiles / (8 * parts)) * NR;
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  pool().run(parts, [&](int) {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;)
+      g.columns(c * chunk, std::min(n, (c + 1) * chunk));
   });
   return 0;
 }
