@@ -214,7 +214,8 @@ class Executor:
         check_comm(p.kernels, comm, "this artifact")
         # runtime library routes: (args, env) -> None
         tensor, pipeline = groups_of(comm)
-        library = {"blas": lambda k: Gemm(k, sgemm), "kv": PagedAttentionCall, "coll": lambda k: HostCollective(k, tensor),
+        library = {"blas": lambda k: Gemm(k, sgemm), "kv": lambda k: PagedAttentionCall(k, sgemm),
+                   "coll": lambda k: HostCollective(k, tensor),
                    "p2p": lambda k: HostPointToPoint(k, pipeline)}
         calls = {name: library[k.route](k) for name, k in p.kernels.items() if k.route in library}
         for c in p.calls:

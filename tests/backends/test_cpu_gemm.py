@@ -123,3 +123,24 @@ def test_artifact_ships_and_uses_it(tmp_path):
         ref = model(xs).numpy()
     np.testing.assert_allclose(ex(xs.numpy())[0], ref, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(cm(xs.numpy())[0], ref, rtol=1e-4, atol=1e-4)
+
+
+@needs_avx512
+def test_paged_attention_products_in_the_gemm(sgemm):
+    """The CPU paged attention's prefill-sized products through llmc's GEMM give numpy's values
+    (a GQA prefill of two sequences, one continuing a cached prefix), fp32, 1e-5."""
+    from llmc.runtime.engine.paged_attention import GEMM_MIN_MACS, paged_attention
+
+    rng = np.random.default_rng(7)
+    h, hkv, d, page = 8, 2, 32, 16
+    counts, lens = np.array([96, 80]), np.array([96, 144])  # the second sequence had 64 cached tokens
+    t = int(counts.sum())
+    assert 4 * 80 * 32 * 144 >= GEMM_MIN_MACS  # so the GEMM route is taken
+    q = rng.standard_normal((1, h, t, d)).astype(np.float32)
+    k, v = (rng.standard_normal((1, hkv, t, d)).astype(np.float32) for _ in range(2))
+    cache = rng.standard_normal((24, 2, page, hkv, d)).astype(np.float32)
+    table = np.array([np.arange(0, 12), np.arange(12, 24)], np.int32)
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    ref = paged_attention(q, k, v, cache.copy(), table, lens, starts, 0.17)
+    got = paged_attention(q, k, v, cache.copy(), table, lens, starts, 0.17, sgemm=sgemm)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
