@@ -191,11 +191,6 @@ class Pool {
   }
 
   void ensure(int workers) {
-    if (pid_ != getpid()) {  // a forked child has none of its parent's threads
-      for (auto& t : workers_) t.detach();
-      workers_.clear();
-      pid_ = getpid();
-    }
     while (static_cast<int>(workers_.size()) < workers) {
       const int id = static_cast<int>(workers_.size()) + 1;
       // read before run() publishes the next job, which the new worker must then see
@@ -228,11 +223,18 @@ class Pool {
   int parts_ = 0;
   std::atomic<uint64_t> generation_{0};
   std::atomic<int> pending_{0};
-  pid_t pid_ = getpid();
 };
 
 Pool& pool() {
-  static Pool* p = new Pool();  // never destroyed: workers outlive static destruction at exit
+  // Never destroyed: workers outlive static destruction at exit. A forked child has none of its
+  // parent's threads, and a mutex a worker held at the fork stays locked there: it gets a new
+  // pool (the parent's copy is left alone).
+  static Pool* p = nullptr;
+  static pid_t owner = 0;
+  if (p == nullptr || owner != getpid()) {
+    p = new Pool();
+    owner = getpid();
+  }
   return *p;
 }
 std::mutex pool_busy;  // one caller at a time uses the workers; a concurrent one runs alone

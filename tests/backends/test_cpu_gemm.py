@@ -144,3 +144,28 @@ def test_paged_attention_products_in_the_gemm(sgemm):
     ref = paged_attention(q, k, v, cache.copy(), table, lens, starts, 0.17)
     got = paged_attention(q, k, v, cache.copy(), table, lens, starts, 0.17, sgemm=sgemm)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_avx512
+def test_a_forked_child_gets_a_pool_of_its_own(sgemm):
+    """After fork the child has none of the parent's workers: its GEMMs still finish, right."""
+    import os
+
+    _check(sgemm, 32, 300, 64)  # the parent's pool exists
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only when the 2-thread GEMM finished and matched
+        try:
+            _check(sgemm, 32, 300, 64, seed=5)
+            os._exit(0)
+        except BaseException:  # noqa: BLE001 - reported through the exit status
+            os._exit(1)
+    import time
+
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:  # a hung child fails the test, not the run
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            raise AssertionError("the forked child's GEMM hung")
+        time.sleep(0.05)
+    assert os.WIFEXITED(done[1]) and os.WEXITSTATUS(done[1]) == 0
