@@ -9,11 +9,11 @@
 // features, as torch.nn.Linear keeps it and as a tied embedding is read by the LM head), so both
 // operands are K-contiguous. A tile of MR rows of A and NR rows of W keeps MR x NR 16-lane partial
 // dot products in registers: per 16 values of k it loads MR + NR vectors and issues MR * NR FMAs
-// (4 x 6: 10 loads, 24 FMAs, 24 of the 32 zmm registers), then reduces each partial sum once
-// per K block. Nothing is packed, at compile time or per call: rows are read in their natural
+// (4 x 6: 10 loads, 24 FMAs, 24 of the 32 zmm registers), then reduces the partial sums once
+// per K block (hsum8). Nothing is packed, at compile time or per call: rows are read in their natural
 // layout, so the tied LM head needs no second copy, and a ragged N (50257) costs one narrow tile
 // at the edge, not a padded panel. Measured on the 2-core Zen 4 VM: 90-98 GFLOP/s on one core
-// (peak 115) for GPT-2's shapes, against OpenBLAS's 80 (benchmarks/RESULTS_CPU.md).
+// (peak 115) for GPT-2's shapes, against OpenBLAS's 80; 165-215 on two (benchmarks/RESULTS_CPU.md).
 //
 // Blocking: N in blocks of NB weight rows, which stay in L2 while every row of A passes over
 // them (A, M x K floats, stays in L2 or L3). Threads split N (chunks of whole tiles, taken in turn);
@@ -43,8 +43,9 @@ namespace {
 constexpr int MR = 4;       // rows of A per tile
 constexpr int NR = 6;       // rows of W per tile
 // K blocks only bound a tile's rows to L2 for very long rows: each block's partial sums are
-// reduced and added to C, which cost 25-35% at KC = 512 (K = 768 .. 3072, measured), more than
-// the L1 misses of whole rows do.
+// reduced and added to C. Measured at K = 768 .. 3072: KC = 512 cost 25-35% with separate
+// reductions; with the shuffle tree, KC = 768 .. 1536 changed nothing (M = 512, K = 3072, N = 768
+// stays at 165-170 GFLOP/s on two cores, the other GPT-2 shapes 205-215).
 constexpr int64_t KC = 8192;
 constexpr int64_t NB = 48;  // rows of W per block: they stay in L2 while all of A passes
 

@@ -40,7 +40,8 @@ def _check(sgemm, m, n, k, threads=2, lda=None, seed=0):
 
 @needs_avx512
 @pytest.mark.parametrize("m,n,k", [(1, 1, 1), (3, 5, 17), (4, 6, 16), (5, 7, 33), (7, 13, 100), (1, 2304, 768),
-                                   (2, 50, 3072), (9, 50257 // 64, 64), (128, 101, 768), (64, 48 * 3 + 5, 31)])
+                                   (2, 50, 3072), (9, 50257 // 64, 64), (128, 101, 768), (64, 48 * 3 + 5, 31),
+                                   (5, 7, 8192 * 2 + 37)])  # K blocks: partial sums added into C
 @pytest.mark.parametrize("threads", [1, 2])
 def test_matches_numpy(sgemm, m, n, k, threads):
     _check(sgemm, m, n, k, threads)
