@@ -160,11 +160,14 @@ class Pool {
  public:
   void run(int parts, const std::function<void(int)>& part) {
     ensure(parts - 1);
-    job_ = &part;
-    parts_ = parts;
     pending_.store(parts - 1, std::memory_order_relaxed);
     {
-      std::lock_guard<std::mutex> g(mu_);  // a worker between its check and its wait sees this
+      // the job and its generation change together: a worker reads all three under this lock,
+      // so it never runs one job's part with another's (a worker left out of a job, id >= parts,
+      // could otherwise see the next job's parts_ and then run it twice)
+      std::lock_guard<std::mutex> g(mu_);
+      job_ = &part;
+      parts_ = parts;
       generation_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
@@ -207,9 +210,16 @@ class Pool {
         std::unique_lock<std::mutex> g(mu_);
         cv_.wait(g, fresh);
       }
-      seen = generation_.load(std::memory_order_acquire);
-      if (id >= parts_) continue;
-      (*job_)(id);
+      const std::function<void(int)>* job;
+      int parts;
+      {
+        std::lock_guard<std::mutex> g(mu_);
+        seen = generation_.load(std::memory_order_relaxed);
+        job = job_;
+        parts = parts_;
+      }
+      if (id >= parts) continue;  // not needed this time
+      (*job)(id);
       if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
         std::lock_guard<std::mutex> g(mu_);  // the caller, between its check and its wait, sees this
         done_.notify_one();
@@ -220,7 +230,7 @@ class Pool {
   std::mutex mu_;
   std::condition_variable cv_, done_;
   std::vector<std::thread> workers_;
-  const std::function<void(int)>* job_ = nullptr;  // written before generation_'s release
+  const std::function<void(int)>* job_ = nullptr;  // job_, parts_, generation_: written under mu_
   int parts_ = 0;
   std::atomic<uint64_t> generation_{0};
   std::atomic<int> pending_{0};

@@ -170,3 +170,27 @@ def test_a_forked_child_gets_a_pool_of_its_own(sgemm):
             raise AssertionError("the forked child's GEMM hung")
         time.sleep(0.05)
     assert os.WIFEXITED(done[1]) and os.WEXITSTATUS(done[1]) == 0
+
+
+@needs_avx512
+def test_workers_left_out_of_a_call(sgemm):
+    """Four threads' worth of workers, calls that use 2, 3 or 4 of them in turn: a worker left
+    out of one call must run the next one's part once, with that call's job (all right, no hang)."""
+    errors = []
+
+    def work():
+        try:
+            sgemm.threads = 4
+            for i in range(60):
+                # parts = min(threads, tiles, n * k / 2^17 ...): 2, 3, 4, 1 with these sizes
+                _check(sgemm, 1 + i % 7, (1100, 1600, 2600, 600)[i % 4], 256 + i % 5, threads=4, seed=i)
+        except AssertionError as e:
+            errors.append(e)
+        finally:
+            sgemm.threads = 2
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join(120)
+    assert not t.is_alive(), "a GEMM hung"
+    assert not errors, errors[0]
