@@ -9,8 +9,9 @@ front so the graph computes the same values. The GEMM grouping then reads it wit
 backends/cpu_blas.py); numpy's BLAS reads such a W^T as fast as W.
 
 Only weights that nothing but MATMULs read, as their right operand, move: any other reader
-would see a different layout. 2:4-pruned weights keep theirs (their flag describes it). Pure: Graph -> Graph, the params gain the transposed arrays under
-new names and lose the old ones.
+would see a different layout. 2:4-pruned weights keep theirs (their flag describes it).
+Pure: Graph -> Graph; the params gain the transposed arrays under new names (`<name>.T`) and
+lose the old ones.
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import pathlib
+import warnings
 
 import numpy as np
 
@@ -51,7 +52,11 @@ def load_sgemm(path: str | pathlib.Path | None) -> Sgemm | None:
     """The library at `path` as an Sgemm, or None where it cannot run on this processor."""
     if path is None or not {"AVX512F", "AVX512VL"} <= host_cpu_features():
         return None
-    lib = ctypes.CDLL(str(path))
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:  # e.g. built against a newer C library than this system's: numpy's BLAS does the GEMMs
+        warnings.warn(f"llmc's CPU GEMM library {path} does not load here ({e}); using numpy's BLAS", stacklevel=2)
+        return None
     if lib.llmc_sgemm_supported() != 1:  # its own CPUID check agrees with numpy's, or we do not use it
         return None
     return Sgemm(lib, cpu_threads())

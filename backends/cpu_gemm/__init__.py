@@ -25,6 +25,10 @@ ARTIFACT_FILE = "gemm.so"  # its name inside an artifact (manifest libraries rol
 # -fvisibility=hidden: only the two extern "C" entry points are exported; the base ISA stays
 # x86-64 so the library loads anywhere and the AVX-512 code runs only after the CPU check.
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fvisibility=hidden", "-pthread")
+# The C++ runtime linked in, its symbols kept private: the library then needs only libc, so an
+# artifact built with a new g++ loads where the system's libstdc++ is older. Where the compiler
+# has no static libstdc++, the library links it dynamically instead.
+STATIC = ("-static-libstdc++", "-static-libgcc", "-Wl,--exclude-libs,ALL")
 
 
 class GemmBuildError(LLMCError):
@@ -49,7 +53,7 @@ def build_gemm_library() -> pathlib.Path:
     if cxx is None:
         raise GemmBuildError("no C++ compiler (g++ or $CXX) to build llmc's CPU GEMM library")
     h = hashlib.sha256(SOURCE.read_bytes())
-    h.update(" ".join(FLAGS).encode())
+    h.update(" ".join(FLAGS + STATIC).encode())
     h.update(_version(cxx).encode())
     out = cache_dir() / h.hexdigest()[:16] / LIB_NAME
     if out.exists():
@@ -57,9 +61,12 @@ def build_gemm_library() -> pathlib.Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = pathlib.Path(tmp) / LIB_NAME
-        cmd = [cxx, *FLAGS, "-o", str(tmp_out), str(SOURCE)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
+        for extra in (STATIC, ()):
+            cmd = [cxx, *FLAGS, *extra, "-o", str(tmp_out), str(SOURCE)]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode == 0:
+                break
+        else:
             raise GemmBuildError(f"building the CPU GEMM library failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-2000:]}")
         os.replace(tmp_out, out)  # atomic: a concurrent build never sees half a file
     return out

@@ -194,3 +194,34 @@ def test_workers_left_out_of_a_call(sgemm):
     t.join(120)
     assert not t.is_alive(), "a GEMM hung"
     assert not errors, errors[0]
+
+
+def test_a_library_that_does_not_load_falls_back(monkeypatch, tmp_path):
+    """A gemm.so this system cannot load (here: not a library at all) leaves the GEMMs to numpy,
+    with a warning, instead of failing the load."""
+    import llmc.runtime.cpu_gemm as cg
+
+    monkeypatch.setattr(cg, "host_cpu_features", lambda: frozenset({"AVX512F", "AVX512VL"}))
+    bad = tmp_path / "gemm.so"
+    bad.write_text("not an ELF file")
+    with pytest.warns(UserWarning, match="does not load here"):
+        assert cg.load_sgemm(bad) is None
+
+
+def test_the_library_needs_only_the_c_library():
+    """Built with the C++ runtime inside (when the compiler has it), exporting two symbols."""
+    import os
+    import subprocess
+
+    from llmc.backends.cpu_gemm import compiler
+
+    static = subprocess.run([compiler(), "-print-file-name=libstdc++.a"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(static):
+        pytest.skip("this compiler has no static libstdc++: the library links it dynamically")
+    lib = build_gemm_library()
+    needed = subprocess.run(["objdump", "-p", str(lib)], capture_output=True, text=True).stdout
+    deps = [line.split()[-1] for line in needed.splitlines() if line.strip().startswith("NEEDED")]
+    assert "libstdc++.so.6" not in deps, deps
+    syms = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True).stdout
+    exported = sorted(line.split()[-1] for line in syms.splitlines() if " T " in line)
+    assert exported == ["llmc_sgemm_nt", "llmc_sgemm_supported"], exported
