@@ -1,8 +1,9 @@
 """CPU threads for the runtime: the one place its thread settings are read.
 
-    LLMC_NUM_THREADS   threads for TVM kernels (default: every core; TVM_NUM_THREADS, if
-                       set, is honoured too). The BLAS (numpy's OpenBLAS) sizes its own pool
-                       from OPENBLAS_NUM_THREADS when numpy is imported.
+    LLMC_NUM_THREADS   threads for TVM kernels and llmc's CPU GEMM (default: every core;
+                       TVM_NUM_THREADS, if set, is honoured too). The BLAS (numpy's OpenBLAS,
+                       where llmc's GEMM does not run) sizes its own pool from
+                       OPENBLAS_NUM_THREADS when numpy is imported.
 
 TVM's pool and the BLAS's take turns on the same cores, kernel after kernel. A pool that
 spins after its work is done steals the cores the next kernel needs: measured on GPT-2,
