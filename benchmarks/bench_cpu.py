@@ -7,7 +7,7 @@ Models: MiniLM (real all-MiniLM-L6-v2 weights) at 8 x 128; a small Llama (4 laye
 512, GQA 8/4, random weights) at 1 x 128; GPT-2 124M (GPT2LMHeadModel, random weights) at
 1 x 128, 4 x 128 and 1 x 1 (a one-token forward: every weight is read once, so it is
 bandwidth-bound like a decode step). Rows: torch eager; llmc as compiled by default (GEMMs
-in llmc's CPU GEMM, GEMVs in numpy's BLAS); the same kernels with every GEMM in numpy's BLAS;
+in llmc's CPU GEMM where the processor has AVX-512); the same kernels with every GEMM in numpy's BLAS;
 llmc with every GEMM built by TVM (`use_blas=False`, unless --no-tvm-gemm);
 onnxruntime (ORT_ENABLE_ALL) on the legacy ONNX export where that export works.
 

@@ -96,12 +96,9 @@ def compile_pipeline(graph, opts, gen, pp: int, tokenizer=None, stop_token_ids=(
     step = simplify(step)[0]
     shard_params: tuple = ()
     if tp > 1:  # the shard pass comes last before the cut, so no later fold mixes shards' weights
-        import dataclasses
-
         from .passes.shard import shard
 
         opts = dataclasses.replace(opts, gemm_weight_layout=False)  # nor a build's relayout
-
         sharded, shard_report = shard(step, tp)
         step, shard_params = sharded.graph, sharded.rank_params
         derive_report = f"{derive_report}\n{shard_report}"
