@@ -1,6 +1,6 @@
 """Kernel-by-kernel CPU profile of llmc on GPT-2 124M (random weights): where a forward's time goes.
 
-    python benchmarks/profile_cpu.py [--batch 1] [--seq 128] [--reps 5] [--numpy-blas]
+    python benchmarks/profile_cpu.py [--batch 1] [--seq 128] [--reps 5] [--numpy-blas] [--settle 0.2]
 
 Times every call of the executor back to back (after 2 warm-up forwards): per kernel, the total
 ms per forward, the number of calls and, for GEMMs, the GFLOP/s. `--numpy-blas` sends the GEMMs
@@ -25,6 +25,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--numpy-blas", action="store_true")
+    ap.add_argument("--settle", type=float, default=0.0,
+                    help="seconds idle before each timed forward (bench_cpu.py idles 0.2 s)")
     a = ap.parse_args()
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(attn_implementation="sdpa")).eval()
@@ -65,10 +67,12 @@ def main() -> None:
         ex(**feeds)
     total.clear()
     calls.clear()
-    t = time.perf_counter()
+    wall = 0.0
     for _ in range(a.reps):
+        time.sleep(a.settle)
+        t = time.perf_counter()
         ex(**feeds)
-    wall = (time.perf_counter() - t) / a.reps * 1e3
+        wall += (time.perf_counter() - t) / a.reps * 1e3
     labels = {k: v.get("label", v.get("ops", "")) for k, v in cm.manifest["program"]["kernels"].items()}
     print(f"GPT-2 {a.batch} x {a.seq}, GEMMs in {'numpy BLAS' if a.numpy_blas else 'llmc CPU GEMM'}: "
           f"{wall:.1f} ms per forward, kernels {sum(total.values()) / a.reps * 1e3:.1f} ms")

@@ -10,9 +10,10 @@
 // operands are K-contiguous. A tile of MR rows of A and NR rows of W keeps MR x NR 16-lane partial
 // dot products in registers: per 16 values of k it loads MR + NR vectors and issues MR * NR FMAs
 // (4 x 6: 10 loads, 24 FMAs, 24 of the 32 zmm registers), then reduces the partial sums once
-// per K block (hsum8). Nothing is packed, at compile time or per call: rows are read in their natural
-// layout, so the tied LM head needs no second copy, and a ragged N (50257) costs one narrow tile
-// at the edge, not a padded panel. Measured on the 2-core Zen 4 VM: 90-98 GFLOP/s on one core
+// per K block (hsum8). Nothing is packed at compile time: rows are read in their natural layout,
+// so the tied LM head needs no second copy, and a ragged N (50257) costs one narrow tile at the
+// edge, not a padded panel. Only a block of W whose rows are a multiple of 2 KB apart is copied
+// per call to rows that are not (see conflicting_stride). Measured on the 2-core Zen 4 VM: 90-98 GFLOP/s on one core
 // (peak 115) for GPT-2's shapes, against OpenBLAS's 80; 165-215 on two (benchmarks/RESULTS_CPU.md).
 //
 // Blocking: N in blocks of NB weight rows, which stay in L2 while every row of A passes over
@@ -126,20 +127,49 @@ constexpr std::array<std::array<TileFn, NR>, MR> table_of(std::integer_sequence<
 }
 const std::array<std::array<TileFn, NR>, MR> kTiles = table_of(std::make_integer_sequence<int, MR>{});
 
+// Whether rows ld floats apart collide in the L1 cache: with a row stride of a multiple of 2 KB
+// (K = 512, 1024, 3072, ...), the tile's 10 rows map to one or two of the 64 sets of a 32 KB
+// 8-way L1 at every k, and evict each other. Measured on the 2-core Zen 4 VM at M = 512,
+// K = 3072, N = 768 (GPT-2's MLP down-projection): 140 GFLOP/s on two cores with W read in
+// place, 213 with W's rows 64 bytes further apart; K = 1024: 164 -> 198; K = 768 (3 KB rows)
+// unchanged.
+inline bool conflicting_stride(int64_t ld) { return (ld * 4) % 2048 == 0; }
+
+// The row stride of a packed block of kc-long rows: a multiple of 16 floats that is not.
+inline int64_t packed_stride(int64_t kc) {
+  int64_t ld = (kc + 15) / 16 * 16;
+  return conflicting_stride(ld) ? ld + 16 : ld;
+}
+
 struct Gemm {
   const float* a; int64_t lda; const float* w; int64_t ldw; float* c; int64_t ldc; int64_t m, n, k;
 
-  // Output columns [n0, n1) for every row.
+  // Output columns [n0, n1) for every row. A block of W with colliding rows is first copied to
+  // a per-thread buffer with a stride that does not collide, when enough rows of A (M >= 8) pass
+  // over it to repay the copy (2-4% of the block's FMAs at M = 512); the values and the order of
+  // the FMAs are the same, so the result is the same bits either way.
   void columns(int64_t n0, int64_t n1) const {
+    const bool pack = m >= 8 && conflicting_stride(ldw);
+    thread_local std::vector<float> buffer;
     for (int64_t k0 = 0; k0 < k; k0 += KC) {
       const int64_t kc = std::min(KC, k - k0);
+      const int64_t ldp = packed_stride(kc);
+      if (pack && buffer.size() < static_cast<size_t>(NB * ldp)) buffer.resize(NB * ldp);
       for (int64_t j0 = n0; j0 < n1; j0 += NB) {
         const int64_t j1 = std::min(n1, j0 + NB);
+        const float* wb = w + j0 * ldw + k0;  // row j of the block at wb + (j - j0) * ldb
+        int64_t ldb = ldw;
+        if (pack) {
+          for (int64_t j = j0; j < j1; ++j) std::copy_n(w + j * ldw + k0, kc, buffer.data() + (j - j0) * ldp);
+          wb = buffer.data();
+          ldb = ldp;
+        }
         for (int64_t i = 0; i < m; i += MR) {
           const int mi = static_cast<int>(std::min<int64_t>(MR, m - i));
           for (int64_t j = j0; j < j1; j += NR) {
             const int nj = static_cast<int>(std::min<int64_t>(NR, j1 - j));
-            kTiles[mi - 1][nj - 1](kc, a + i * lda + k0, lda, w + j * ldw + k0, ldw, c + i * ldc + j, ldc, k0 > 0);
+            kTiles[mi - 1][nj - 1](kc, a + i * lda + k0, lda, wb + (j - j0) * ldb, ldb, c + i * ldc + j, ldc,
+                                   k0 > 0);
           }
         }
       }

@@ -41,10 +41,26 @@ def _check(sgemm, m, n, k, threads=2, lda=None, seed=0):
 @needs_avx512
 @pytest.mark.parametrize("m,n,k", [(1, 1, 1), (3, 5, 17), (4, 6, 16), (5, 7, 33), (7, 13, 100), (1, 2304, 768),
                                    (2, 50, 3072), (9, 50257 // 64, 64), (128, 101, 768), (64, 48 * 3 + 5, 31),
-                                   (5, 7, 8192 * 2 + 37)])  # K blocks: partial sums added into C
+                                   (5, 7, 8192 * 2 + 37),  # K blocks: partial sums added into C
+                                   (12, 53, 512), (16, 100, 3072), (9, 60, 8192 + 1024)])  # W blocks copied
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_matches_numpy(sgemm, m, n, k, threads):
     _check(sgemm, m, n, k, threads)
+
+
+@needs_avx512
+@pytest.mark.parametrize("k", [1024, 3072])
+def test_copied_weight_blocks_give_the_same_bits(sgemm, k):
+    """Rows 4 KB apart are copied to a buffer when 8+ rows of A pass over them; a 3-row call reads
+    them in place. The same FMAs in the same order: each row's result is the same bits."""
+    rng = np.random.default_rng(k)
+    a = rng.standard_normal((16, k)).astype(np.float32)
+    w = rng.standard_normal((100, k)).astype(np.float32)
+    many, few = np.empty((16, 100), np.float32), np.empty((3, 100), np.float32)
+    sgemm(a, w, many)
+    sgemm(a[5:8], w, few)
+    assert np.array_equal(many[5:8], few)
 
 
 @needs_avx512
