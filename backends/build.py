@@ -68,7 +68,7 @@ class CpuExecutable:
 
     def __init__(self, mod, routes: dict, labels: dict, timings: dict, gemm_path=None):
         self.mod = mod
-        self.routes = routes  # kernel name -> cpu_blas.BlasRoute / paged_route.PagedRoute; absent: TVM
+        self.routes = routes  # kernel name -> BlasRoute / AttentionRoute / PagedRoute; absent: TVM
         self.labels = labels  # kernel name -> "tvm <strategy>" / route label
         self.timings = timings
         self.gemm_path = gemm_path
@@ -97,22 +97,27 @@ class CpuExecutable:
 
 
 def build_cpu(kernels: Mapping[str, Kernel], target: Mapping | None = None, use_blas: bool = True) -> CpuExecutable:
-    """GEMMs that cpu_blas.match_blas recognises become BLAS calls; TVM builds the rest."""
+    """GEMMs that cpu_blas.match_blas recognises become BLAS calls, attentions that
+    cpu_attention.match_attention recognises calls of llmc's CPU kernel library (where this host
+    builds it); TVM builds the rest."""
+    from .cpu_attention import AttentionRoute, match_attention
     from .cpu_blas import BlasRoute, match_blas
+    from .cpu_gemm import gemm_library
     from .collective_route import match_runtime_comm
     from .paged_route import match_paged
 
     routes = {name: r for name, k in kernels.items() if (r := match_paged(k) or match_runtime_comm(k)) is not None}
     routes.update({name: r for name, k in kernels.items() if use_blas and (r := match_blas(k)) is not None})
+    library = gemm_library() if use_blas else None
+    if library is not None:
+        routes.update({name: r for name, k in kernels.items() if (r := match_attention(k)) is not None})
     rest = {name: k for name, k in kernels.items() if name not in routes}
     report: dict = {}
     t = time.perf_counter()
     mod = build_kernels(rest, target, report=report) if rest else None
     labels = {name: f"tvm {label}" for name, (_, label) in report.items()}
     labels.update({name: r.label for name, r in routes.items()})
-    gemm = None
-    if any(isinstance(r, BlasRoute) and r.trans_b and r.dtype is DType.F32 for r in routes.values()):
-        from .cpu_gemm import gemm_library
-
-        gemm = gemm_library()
-    return CpuExecutable(mod, routes, labels, {"tvm_s": time.perf_counter() - t}, gemm_path=gemm)
+    uses_library = any(isinstance(r, AttentionRoute) or (isinstance(r, BlasRoute) and r.trans_b and r.dtype is DType.F32)
+                       for r in routes.values())
+    return CpuExecutable(mod, routes, labels, {"tvm_s": time.perf_counter() - t},
+                         gemm_path=library if uses_library else None)

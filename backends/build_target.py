@@ -60,8 +60,11 @@ def build_program_for(target: TargetSpec, use_blas: bool = True, gemm_weight_lay
 
     if target.kind == "llvm" and use_blas:
         from .cpu_blas import cpu_grouping
+        from .cpu_gemm import gemm_library
 
-        return functools.partial(build_program, grouping=cpu_grouping, grouping_name="cpu_grouping",
+        # attention runs in llmc's CPU kernel library where this host builds it (x86-64 with g++)
+        grouping = functools.partial(cpu_grouping, attention=gemm_library() is not None)
+        return functools.partial(build_program, grouping=grouping, grouping_name="cpu_grouping",
                                  prepare=_cpu_prepare if gemm_weight_layout else None)
     return build_program
 

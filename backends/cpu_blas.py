@@ -41,9 +41,15 @@ def _gemm_operands(m: Node) -> bool:
     return len(w.shape) == 2 and len(a.shape) >= 2 and a.dtype is m.dtype and w.dtype is m.dtype
 
 
-def cpu_grouping(graph: Graph) -> list[list[Node]]:
-    """fused_grouping with every BLAS-runnable GEMM in a kernel of its own (see passes/partition.py)."""
-    return fused_grouping(graph, library_gemm=_gemm_operands)
+def cpu_grouping(graph: Graph, attention: bool = False) -> list[list[Node]]:
+    """fused_grouping with every BLAS-runnable GEMM in a kernel of its own (see passes/partition.py),
+    and, with `attention` (llmc's CPU kernel library is built for this artifact), every ATTENTION
+    that library runs (backends/cpu_attention.py)."""
+    if not attention:
+        return fused_grouping(graph, library_op=_gemm_operands)
+    from .cpu_attention import library_attention
+
+    return fused_grouping(graph, library_op=lambda n: _gemm_operands(n) or library_attention(n))
 
 
 @dataclass(frozen=True)

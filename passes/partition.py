@@ -42,10 +42,10 @@ RUNTIME_OPS = frozenset({Op.PAGED_ATTENTION, Op.ALL_REDUCE, Op.ALL_GATHER, Op.SE
 
 
 class _Partition:
-    def __init__(self, graph: Graph, library_gemm: Callable[[Node], bool] | None = None,
+    def __init__(self, graph: Graph, library_op: Callable[[Node], bool] | None = None,
                  runtime_ops: frozenset = RUNTIME_OPS) -> None:
-        gemm = library_gemm or (lambda n: False)
-        self.library_call = lambda n: n.op in runtime_ops or gemm(n)  # a kernel of its own, run by a library
+        library = library_op or (lambda n: False)
+        self.library_call = lambda n: n.op in runtime_ops or library(n)  # a kernel of its own, run by a library
         self.nodes = [n for n in graph.nodes() if n.op not in NOT_COMPUTED]
         self.idx = {n.uid: i for i, n in enumerate(self.nodes)}
         self.users: dict[int, list[Node]] = {n.uid: [] for n in self.nodes}
@@ -190,17 +190,17 @@ class _Partition:
         return groups
 
 
-def fused_grouping(graph: Graph, library_gemm: Callable[[Node], bool] | None = None,
+def fused_grouping(graph: Graph, library_op: Callable[[Node], bool] | None = None,
                    runtime_ops: frozenset = RUNTIME_OPS) -> list[list[Node]]:
     """The fused partition of a graph's computing nodes, in a valid execution order.
 
-    MATMULs for which `library_gemm(node)` holds will be one library call each (the CPU's
-    BLAS): their kernel holds only the GEMM (and a W^T it reads transposed), and what would
+    Nodes for which `library_op(node)` holds will be one library call each (the CPU's GEMMs and
+    attention): their kernel holds only the node (and a W^T a GEMM reads transposed), and what would
     have been their prologue and epilogue fuses with the neighbouring kernels instead (a QKV
     bias into the attention kernel's loads, bias + GELU into one elementwise kernel).
     `runtime_ops`: ops that stay alone likewise; a backend that splits their operand layouts
     out itself (CUDA: backends/cuda/routes.py) passes fewer and groups them as anchors."""
-    return _Partition(graph, library_gemm, runtime_ops).run()
+    return _Partition(graph, library_op, runtime_ops).run()
 
 
 def ancestors_within(group: list[Node], roots: set[int]) -> set[int]:

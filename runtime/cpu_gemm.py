@@ -28,6 +28,7 @@ class Sgemm:
     """out[M, N] = a[M, K] @ w[N, K]^T, float32, rows contiguous (any row strides)."""
 
     def __init__(self, lib: ctypes.CDLL, threads: int):
+        self.lib = lib  # its other kernels (runtime/cpu_attention.py) are called through it too
         self._fn = lib.llmc_sgemm_nt
         self._fn.argtypes = [_P, _I, _P, _I, _P, _I, _I, _I, _I, ctypes.c_int]
         self._fn.restype = ctypes.c_int

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import ArtifactError, InputError, LLMCError
 from .blas import Gemm
+from .cpu_attention import AttentionCall
 from .cpu_gemm import Sgemm, load_sgemm
 from .collective_call import HostCollective, HostPointToPoint, check_comm
 from .dist.comm import groups_of
@@ -214,8 +215,8 @@ class Executor:
         check_comm(p.kernels, comm, "this artifact")
         # runtime library routes: (args, env) -> None
         tensor, pipeline = groups_of(comm)
-        library = {"blas": lambda k: Gemm(k, sgemm), "kv": lambda k: PagedAttentionCall(k, sgemm),
-                   "coll": lambda k: HostCollective(k, tensor),
+        library = {"blas": lambda k: Gemm(k, sgemm), "attn": lambda k: AttentionCall(k, sgemm),
+                   "kv": lambda k: PagedAttentionCall(k, sgemm), "coll": lambda k: HostCollective(k, tensor),
                    "p2p": lambda k: HostPointToPoint(k, pipeline)}
         calls = {name: library[k.route](k) for name, k in p.kernels.items() if k.route in library}
         for c in p.calls:

@@ -10,6 +10,7 @@ from .manifest import (ALIGN, DEVICES, DTYPES, FORMAT, FORMAT_VERSION, INTEGER_D
                        REQUIRED_SECTIONS, ROLES, SECTION_VERSIONS, STORAGE_WORDS, TOP_LEVEL, BufferSpec, Call,
                        CpuSpec, Dim, FileEntry, InputCheck, InputSpec, KernelSpec, Manifest, OutputSpec, Program,
                        ShimTensor, Symbol, WeightsSpec, canonical_checksum, eval_dim)
+from .cpu_attention import ATTENTION_FUNC, MASK_KINDS
 from .manifest_checks import At
 from .engine.kv_codec import CODEC_IDS
 
@@ -111,6 +112,8 @@ def _check_routes(program: Program, device: str, at: At) -> None:
                 f"route {k.route!r} exists on {' and '.join(ROUTE_DEVICE[k.route])} only, not in a {device} artifact")
         if k.route == "blas":
             _check_blas(k, program, at["kernels"][name])
+        if k.route == "attn":
+            _check_attn(k, program, at["kernels"][name])
         if k.route == "kv":
             _check_kv(k, program, at["kernels"][name])
         if k.route == "coll":
@@ -382,7 +385,7 @@ def _kernel(name: str, k: Any, at: At, symbols: Mapping[str, Symbol]) -> KernelS
 
 
 # library routes besides TVM, and the devices they exist on
-ROUTE_DEVICE = {"shim": ("cuda",), "blas": ("cpu",), "kv": ("cpu",), "coll": ("cpu", "cuda"), "p2p": ("cpu", "cuda")}
+ROUTE_DEVICE = {"shim": ("cuda",), "blas": ("cpu",), "attn": ("cpu",), "kv": ("cpu",), "coll": ("cpu", "cuda"), "p2p": ("cpu", "cuda")}
 COLL_FUNCS = ("all_reduce", "all_gather")
 MAX_WORLD = 1 << 16
 
@@ -440,6 +443,34 @@ def _check_blas(k: KernelSpec, program: Program, at: At) -> None:
             dtypes.add(program.buffers[c.args[t.arg]].dtype)
         if len(dtypes) != 1 or not dtypes <= set(BLAS_DTYPES):
             raise at.error(f"a blas gemm runs on one of {BLAS_DTYPES}, its buffers have {sorted(dtypes)}")
+
+
+def _check_attn(k: KernelSpec, program: Program, at: At) -> None:
+    """An attn kernel is one attention over its call's q, k, v, [mask,] out: float32 rank-4 q, k,
+    v and out, a bool or float32 mask of rank <= 4; scalars: scale, causal (0/1), mask kind."""
+    if k.func != ATTENTION_FUNC:
+        raise at["func"].error(f"unknown attn function {k.func!r} (this runtime has {ATTENTION_FUNC!r})")
+    sc = k.scalars
+    if len(sc) != 3 or isinstance(sc[0], bool) or not isinstance(sc[0], (int, float)) or not 0 < sc[0] < 1e3 \
+            or sc[1] not in (0, 1) or sc[2] not in MASK_KINDS.values() or any(isinstance(x, bool) for x in sc[1:]):
+        kinds = ", ".join(f"{v}: {n or 'none'}" for n, v in MASK_KINDS.items())
+        raise at["scalars"].error(f"attention takes scalars [scale (a positive number), causal (0 or 1), "
+                                  f"mask kind ({kinds})]")
+    n = 5 if sc[2] else 4
+    if len(k.tensors) != n or [t.arg if t else None for t in k.tensors] != list(range(n)):
+        raise at["tensors"].error(f"attention reads its call's {n} arguments (q, k, v, {'mask, ' if sc[2] else ''}out) "
+                                  f"in order")
+    mask_dtype = {v: name for name, v in MASK_KINDS.items()}[sc[2]]
+    for c in (c for c in program.calls if c.kernel == k.name):
+        if len(c.args) != n:
+            raise at.error(f"attention is called with {n} buffers, one call passes {len(c.args)}")
+        bufs = [program.buffers[a] for a in c.args]
+        want = ["float32"] * 3 + ([mask_dtype] if sc[2] else []) + ["float32"]
+        ranks_ok = all(len(b.shape) == 4 for i, b in enumerate(bufs) if not (sc[2] and i == 3)) \
+            and (not sc[2] or len(bufs[3].shape) <= 4)
+        if [b.dtype for b in bufs] != want or not ranks_ok:
+            raise at.error(f"attention runs on rank-4 float32 q, k, v, out (and a {mask_dtype or 'no'} mask), one call "
+                           f"passes {[(b.dtype, len(b.shape)) for b in bufs]}")
 
 
 KV_ARGS = ("q", "k", "v", "kv_cache", "page_table", "kv_lens", "q_starts", "out")

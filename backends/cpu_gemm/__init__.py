@@ -1,7 +1,9 @@
-"""Build llmc's CPU GEMM library (llmc_sgemm.cc) into a shared library an artifact ships.
+"""Build llmc's CPU kernel library (llmc_sgemm.cc: the GEMM; llmc_attention.cc: attention;
+llmc_pool.h: their thread pool) into one shared library an artifact ships.
 
-The library is plain C ABI (`llmc_sgemm_nt`, `llmc_sgemm_supported`), loaded by the runtime
-through ctypes (runtime/cpu_gemm.py): no TVM, no torch. It is built with the host's C++
+The library is plain C ABI (`llmc_sgemm_nt`, `llmc_sgemm_supported`, `llmc_attention_f32`),
+loaded by the runtime through ctypes (runtime/cpu_gemm.py, runtime/cpu_attention.py): no TVM,
+no torch. It is built with the host's C++
 compiler, the one TVM already needs to link a CPU artifact's kernels, for x86-64 only (its
 kernels are AVX-512 intrinsics; the runtime checks the processor before every use and falls
 back to numpy's BLAS where it lacks AVX-512F/VL). Builds are cached under
@@ -19,15 +21,18 @@ import tempfile
 
 from ...errors import LLMCError
 
-SOURCE = pathlib.Path(__file__).resolve().parent / "llmc_sgemm.cc"
+HERE = pathlib.Path(__file__).resolve().parent
+SOURCES = (HERE / "llmc_sgemm.cc", HERE / "llmc_attention.cc")
+HEADERS = (HERE / "llmc_pool.h",)
 LIB_NAME = "libllmc_sgemm.so"
 ARTIFACT_FILE = "gemm.so"  # its name inside an artifact (manifest libraries role "gemm")
-# -fvisibility=hidden: only the two extern "C" entry points are exported; the base ISA stays
+# -fvisibility=hidden: only the extern "C" entry points are exported; the base ISA stays
 # x86-64 so the library loads anywhere and the AVX-512 code runs only after the CPU check.
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fvisibility=hidden", "-pthread")
 # The C++ runtime linked in, its symbols kept private: the library then needs only libc, so an
 # artifact built with a new g++ loads where the system's libstdc++ is older. Where the compiler
 # has no static libstdc++, the library links it dynamically instead.
+EXPORTS = "{ global: llmc_*; local: *; };\n"
 STATIC = ("-static-libstdc++", "-static-libgcc", "-Wl,--exclude-libs,ALL")
 
 
@@ -52,8 +57,10 @@ def build_gemm_library() -> pathlib.Path:
     cxx = compiler()
     if cxx is None:
         raise GemmBuildError("no C++ compiler (g++ or $CXX) to build llmc's CPU GEMM library")
-    h = hashlib.sha256(SOURCE.read_bytes())
-    h.update(" ".join(FLAGS + STATIC).encode())
+    h = hashlib.sha256()
+    for f in SOURCES + HEADERS:
+        h.update(f.read_bytes())
+    h.update(" ".join(FLAGS + STATIC + (EXPORTS,)).encode())
     h.update(_version(cxx).encode())
     out = cache_dir() / h.hexdigest()[:16] / LIB_NAME
     if out.exists():
@@ -61,8 +68,11 @@ def build_gemm_library() -> pathlib.Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = pathlib.Path(tmp) / LIB_NAME
-        for extra in (STATIC, ()):
-            cmd = [cxx, *FLAGS, *extra, "-o", str(tmp_out), str(SOURCE)]
+        exports = pathlib.Path(tmp) / "exports.map"  # the llmc_* entry points, nothing else (not
+        exports.write_text(EXPORTS)                   # the std:: templates its kernels instantiate)
+        script = f"-Wl,--version-script={exports}"
+        for extra in ((*STATIC, script), (script,), ()):  # each fallback for a linker without it
+            cmd = [cxx, *FLAGS, *extra, "-o", str(tmp_out), *map(str, SOURCES)]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode == 0:
                 break
@@ -83,4 +93,4 @@ def gemm_library() -> pathlib.Path | None:
     return build_gemm_library()
 
 
-__all__ = ["build_gemm_library", "gemm_library", "GemmBuildError", "ARTIFACT_FILE", "LIB_NAME", "SOURCE"]
+__all__ = ["build_gemm_library", "gemm_library", "GemmBuildError", "ARTIFACT_FILE", "LIB_NAME", "SOURCES"]

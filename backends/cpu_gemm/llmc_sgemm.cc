@@ -20,24 +20,17 @@
 // them (A, M x K floats, stays in L2 or L3). Threads split N (chunks of whole tiles, taken in turn);
 // a GEMV (M = 1..3) runs the same code with MR = M, reading each weight once.
 //
-// Threads: a small pool of its own (workers wait for the next call yielding the processor for
+// Threads: the library's pool (llmc_pool.h; workers wait for the next call yielding the processor for
 // 2 ms, then block on a condition variable; see Pool).
+#include "llmc_pool.h"
+
 #include <immintrin.h>
 
 #include <algorithm>
 #include <array>
-#include <atomic>
-#include <chrono>
-#include <condition_variable>
 #include <cstdint>
-#include <functional>
-#include <mutex>
-#include <thread>
 #include <utility>
 #include <vector>
-
-#include <sched.h>
-#include <unistd.h>
 
 namespace {
 
@@ -177,94 +170,9 @@ struct Gemm {
   }
 };
 
-// A pool of worker threads that run part t of a job each; the caller runs part 0.
-//
-// Waking a blocked worker took 30-50 us on the 2-core VM (as long as a cache-resident GEMV),
-// and after an idle spell milliseconds (the hypervisor halts an idle vCPU): GPT-2's one-token
-// forward took 36 ms after 0.2 s idle against 23 ms back to back. So a worker waits for the
-// next job spinning for kSpin, yielding the processor between checks: a TVM kernel's thread
-// between two GEMMs gets the core at once (a worker that spins without yielding slowed them,
-// runtime/threads.py), and the forward keeps both vCPUs awake. Measured: 25 ms after idle, 20
-// back to back; GPT-2 1 x 128 unchanged or faster.
-class Pool {
- public:
-  void run(int parts, const std::function<void(int)>& part) {
-    ensure(parts - 1);
-    pending_.store(parts - 1, std::memory_order_relaxed);
-    {
-      // the job and its generation change together: a worker reads all three under this lock,
-      // so it never runs one job's part with another's (a worker left out of a job, id >= parts,
-      // could otherwise see the next job's parts_ and then run it twice)
-      std::lock_guard<std::mutex> g(mu_);
-      job_ = &part;
-      parts_ = parts;
-      generation_.fetch_add(1, std::memory_order_release);
-    }
-    cv_.notify_all();
-    part(0);
-    if (!spin_until([&] { return pending_.load(std::memory_order_acquire) == 0; })) {
-      std::unique_lock<std::mutex> g(mu_);
-      done_.wait(g, [&] { return pending_.load(std::memory_order_acquire) == 0; });
-    }
-  }
+}  // namespace
 
- private:
-  static constexpr auto kSpin = std::chrono::microseconds(2000);  // then block on the condition variable
-
-  template <typename F>
-  static bool spin_until(F ready) {
-    const auto until = std::chrono::steady_clock::now() + kSpin;
-    do {
-      for (int i = 0; i < 64; ++i) {
-        if (ready()) return true;
-        _mm_pause();
-      }
-      sched_yield();
-    } while (std::chrono::steady_clock::now() < until);
-    return ready();
-  }
-
-  void ensure(int workers) {
-    while (static_cast<int>(workers_.size()) < workers) {
-      const int id = static_cast<int>(workers_.size()) + 1;
-      // read before run() publishes the next job, which the new worker must then see
-      const uint64_t now = generation_.load(std::memory_order_acquire);
-      workers_.emplace_back([this, id, now] { loop(id, now); });
-    }
-  }
-
-  void loop(int id, uint64_t seen) {
-    for (;;) {
-      auto fresh = [&] { return generation_.load(std::memory_order_acquire) != seen; };
-      if (!spin_until(fresh)) {
-        std::unique_lock<std::mutex> g(mu_);
-        cv_.wait(g, fresh);
-      }
-      const std::function<void(int)>* job;
-      int parts;
-      {
-        std::lock_guard<std::mutex> g(mu_);
-        seen = generation_.load(std::memory_order_relaxed);
-        job = job_;
-        parts = parts_;
-      }
-      if (id >= parts) continue;  // not needed this time
-      (*job)(id);
-      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-        std::lock_guard<std::mutex> g(mu_);  // the caller, between its check and its wait, sees this
-        done_.notify_one();
-      }
-    }
-  }
-
-  std::mutex mu_;
-  std::condition_variable cv_, done_;
-  std::vector<std::thread> workers_;
-  const std::function<void(int)>* job_ = nullptr;  // job_, parts_, generation_: written under mu_
-  int parts_ = 0;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
-};
+namespace llmc {
 
 Pool& pool() {
   // Never destroyed: workers outlive static destruction at exit. A forked child has none of its
@@ -278,9 +186,21 @@ Pool& pool() {
   }
   return *p;
 }
-std::mutex pool_busy;  // one caller at a time uses the workers; a concurrent one runs alone
 
-}  // namespace
+void run_in_turn(int parts, int64_t chunks, const std::function<void(int64_t)>& work) {
+  static std::mutex busy;  // one caller at a time uses the workers; a concurrent one runs alone
+  std::unique_lock<std::mutex> owner(busy, std::try_to_lock);
+  if (parts <= 1 || chunks <= 1 || !owner.owns_lock()) {
+    for (int64_t c = 0; c < chunks; ++c) work(c);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  pool().run(static_cast<int>(std::min<int64_t>(parts, chunks)), [&](int) {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) work(c);
+  });
+}
+
+}  // namespace llmc
 
 extern "C" {
 
@@ -302,22 +222,15 @@ __attribute__((visibility("default"))) int llmc_sgemm_nt(const float* a, int64_t
   // a part is worth a worker's wake-up (tens of us) from ~2 MFLOP or ~512 KB of weights on
   const int64_t useful = std::max<int64_t>({1, m * n * k / (1 << 20), n * k / (1 << 17)});
   const int parts = static_cast<int>(std::min<int64_t>({threads, tiles, useful}));
-  std::unique_lock<std::mutex> busy(pool_busy, std::try_to_lock);
-  if (parts <= 1 || !busy.owns_lock()) {
+  if (parts <= 1) {
     g.columns(0, n);
     return 0;
   }
-  // Columns go out in chunks (about 8 per thread) that each thread takes as it gets to them,
-  // not in one fixed share per thread: a worker woken late (after an idle spell its wake-up
-  // took milliseconds on the VM, measured) then costs its share of the chunks, not a doubled
-  // run time. Each output is still computed by one thread in one order: the same bits.
+  // Columns go out in chunks, about 8 per thread (run_in_turn). Each output is still computed
+  // by one thread in one order: the same bits.
   const int64_t chunk = std::max<int64_t>(1, tiles / (8 * parts)) * NR;
-  const int64_t chunks = (n + chunk - 1) / chunk;
-  std::atomic<int64_t> next{0};
-  pool().run(parts, [&](int) {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;)
-      g.columns(c * chunk, std::min(n, (c + 1) * chunk));
-  });
+  llmc::run_in_turn(parts, (n + chunk - 1) / chunk,
+                    [&](int64_t c) { g.columns(c * chunk, std::min(n, (c + 1) * chunk)); });
   return 0;
 }
 
