@@ -23,7 +23,7 @@ class CompileOptions:
     dump_dir: str | None = None  # write the printed IR after each pass here
     progress: Callable[[str], None] | None = None
     use_shim: bool = True  # CUDA: offload GEMMs/attention to the llmc shim (cuBLASLt, flash attention)
-    use_blas: bool = True  # CPU: float32/float64 GEMMs run in the BLAS numpy bundles (backends/cpu_blas.py)
+    use_blas: bool = True  # CPU: GEMMs (and attention) in llmc's kernel library / numpy's BLAS (backends/cpu_blas.py)
     quant: Any = None  # passes.quant.QuantScheme: weight-only quantization after fusion (None: none)
     calib_windows: Any = None  # token-id windows [T] for gptq/awq calibration (quant_setup makes them)
     learned_grid: Any = None  # passes.quant.learned.LearnedGrid: method "qat"'s scales (llmc.quant.convert)
@@ -419,7 +419,7 @@ def compile(model: Any, example_args: Sequence = (), example_kwargs: dict | None
 
     Returns a CompiledModel: call it with numpy arrays or torch tensors to get numpy
     outputs (flattened in the model's order), or `.export(path)` it as an artifact.
-    `use_blas=False` builds the CPU GEMMs with TVM too, instead of calling the BLAS.
+    `use_blas=False` builds the CPU GEMMs and attention with TVM too, instead of calling libraries.
 
     A causal LM captured with token ids alone (logits out) also gets a step function over a
     paged KV cache, so the result has `.generate()`: `generate=None` tries (on the CPU) and

@@ -570,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="none: a perf artifact without its large weights (the CUDA runtime fills random values)")
     c.add_argument("--no-shim", action="store_true", help="cuda: build every kernel with TVM (no cuBLASLt / "
                                                            "flash-attention offload)")
-    c.add_argument("--no-blas", action="store_true", help="cpu: build the GEMMs with TVM too (no BLAS calls)")
+    c.add_argument("--no-blas", action="store_true", help="cpu: build the GEMMs and attention with TVM too (no library calls)")
     c.add_argument("--tp", type=int, default=1, metavar="N", help="tensor parallelism: shard for N ranks (one "
                    "artifact per rank, OUTPUT/rank0 ..; run with `llmc generate/serve --tp N`)")
     c.add_argument("--pp", type=int, default=1, metavar="M", help="pipeline parallelism: the step function cut "
