@@ -181,21 +181,34 @@ struct Attention {
   // Every query row of head (bi, hi).
   AVX512 void head(int64_t bi, int64_t hi) const {
     const int64_t kvh = hi / (h / hk);
-    const int64_t tp = (t + KV * L - 1) / (KV * L) * (KV * L);  // score tiles of 64 keys: zero-padded
+    const int64_t tp = (t + L - 1) / L * L;  // keys padded to whole vectors (zeros, never visible)
     thread_local std::vector<float> kT, scores, qs;
-    kT.assign(d * tp, 0.f);
+    kT.resize(d * tp);
     scores.resize(R * tp);
     qs.resize(R * d);
     const float* kh = k + (bi * hk + kvh) * t * d;
-    for (int64_t j = 0; j < t; ++j)
-      for (int64_t e = 0; e < d; ++e) kT[e * tp + j] = kh[j * d + e];
+    // K^T by gathers: element e of 16 consecutive keys per instruction (past t: zeros)
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(static_cast<int>(d)));
+    for (int64_t j = 0; j < t; j += L) {
+      const __mmask16 in = lanes_below(t - j);
+      for (int64_t e = 0; e < d; ++e)
+        _mm512_storeu_ps(kT.data() + e * tp + j,
+                         _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, rows, kh + j * d + e, 4));
+    }
     const float* vh = v + (bi * hk + kvh) * t * dv;
     const float* qh = q + (bi * h + hi) * s * d;
     float* oh = out + (bi * h + hi) * s * dv;
     for (int64_t i0 = 0; i0 < s; i0 += R) {
       const int rows = static_cast<int>(std::min<int64_t>(R, s - i0));
-      for (int r = 0; r < R; ++r)  // rows past s repeat the last one (never stored)
-        for (int64_t e = 0; e < d; ++e) qs[r * d + e] = qh[std::min<int64_t>(i0 + r, s - 1) * d + e] * scale;
+      for (int r = 0; r < R; ++r) {  // rows past s repeat the last one (never stored)
+        const float* qr = qh + std::min<int64_t>(i0 + r, s - 1) * d;
+        for (int64_t e = 0; e < d; e += L) {
+          const __mmask16 in = lanes_below(d - e);
+          _mm512_mask_storeu_ps(qs.data() + r * d + e, in,
+                                _mm512_mul_ps(_mm512_maskz_loadu_ps(in, qr + e), _mm512_set1_ps(scale)));
+        }
+      }
       const int64_t keys = visible(i0 + rows - 1);  // the tile's last row sees the most keys
       const int64_t keys16 = (keys + L - 1) / L * L;
       for (int64_t j0 = 0; j0 < keys16; j0 += KV * L) {

@@ -35,7 +35,7 @@ def test_inspect(artifact):
     r = llmc("inspect", str(artifact))
     assert r.returncode == 0, r.stderr
     for word in ("input  input_ids: int64[batch, seq]", "output logits", "kernels:", "weights:", "seq in [1, 32]",
-                 "blas:gemm (blas gemm (W^T))", "tvm (attention)", "libraries: tvm=kernels.so, gemm=gemm.so"):
+                 "blas:gemm (blas gemm (W^T))", "attn:attention (library attention", "libraries: tvm=kernels.so, gemm=gemm.so"):
         assert word in r.stdout, r.stdout
 
 

@@ -49,9 +49,10 @@ def test_every_attention_and_norm_fused(compiled):
     assert ("RMS_NORM" if name in ("llama", "qwen2", "mistral") else "LAYER_NORM") in ops
     per_layer = {k: v for k, v in cm.program.notes["kernels_per_layer"].items() if k is not None}
     assert len(per_layer) == model.config.num_hidden_layers  # every layer recognised
-    # per layer: 4 GEMMs (BLAS calls), 2 norms, attention (with its rotary/bias prologue),
+    # per layer: 4 GEMMs (BLAS calls), 2 norms, attention (a call of llmc's CPU kernel library)
+    # with its rotary/bias prologue (q and k, v: up to two kernels) and the head merge after it,
     # the MLP's activation, 2 residual adds; the rotary tables and mask count in layer 0
-    assert max(per_layer.values()) <= 10, per_layer
+    assert max(per_layer.values()) <= 12, per_layer
 
 
 def test_minilm_sentence_embeddings():

@@ -75,6 +75,28 @@ def test_outputs_survive_the_next_call(mlp_artifact):
         np.testing.assert_array_equal(x, y)
 
 
+def test_memory_of_dropped_outputs_is_reused_and_held_outputs_are_not(mlp_artifact):
+    """An output's memory is handed out again only once no array of it is left (a view, a
+    slice): what the caller holds never changes, and fresh pages are not faulted in per call."""
+    _, compiled, _ = mlp_artifact
+    first = compiled(_inputs(2, 8, seed=4))[0]
+    view = first[1, 2:5]  # the caller keeps a view only
+    want = view.copy()
+    address = first.ctypes.data
+    del first
+    seen = set()
+    for seed in range(5, 10):  # each call's output dropped before the next
+        out = compiled(_inputs(2, 8, seed=seed))[0]
+        seen.add(out.ctypes.data)
+        del out
+    assert address not in seen  # the viewed memory was never handed out again
+    np.testing.assert_array_equal(view, want)
+    assert len(seen) == 1  # the dropped outputs' memory was: one buffer served every call
+    held = [compiled(_inputs(2, 8, seed=s))[0] for s in range(3)]  # all held: all distinct
+    assert len({h.ctypes.data for h in held}) == 3
+    np.testing.assert_array_equal(held[0], compiled(_inputs(2, 8, seed=0))[0])
+
+
 def _copy(path, tmp_path):
     dst = tmp_path / "copy.llmc"
     shutil.copytree(path, dst)
