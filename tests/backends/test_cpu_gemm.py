@@ -50,17 +50,22 @@ def test_matches_numpy(sgemm, m, n, k, threads):
 
 
 @needs_avx512
-@pytest.mark.parametrize("k", [1024, 3072])
-def test_copied_weight_blocks_give_the_same_bits(sgemm, k):
-    """Rows 4 KB apart are copied to a buffer when 8+ rows of A pass over them; a 3-row call reads
-    them in place. The same FMAs in the same order: each row's result is the same bits."""
-    rng = np.random.default_rng(k)
-    a = rng.standard_normal((16, k)).astype(np.float32)
-    w = rng.standard_normal((100, k)).astype(np.float32)
-    many, few = np.empty((16, 100), np.float32), np.empty((3, 100), np.float32)
+@pytest.mark.parametrize("m,n,k", [(16, 100, 1024), (16, 100, 3072), (64, 20, 1024), (70, 9, 3072)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_copied_rows_give_the_same_bits(sgemm, m, n, k, threads):
+    """Rows of W 4 KB apart: its blocks are copied to rows that do not collide when 8+ rows of A
+    share the work; a 3-row call reads them in place. The same FMAs in the same order: each row's
+    result is the same bits, and right."""
+    rng = np.random.default_rng(k + m)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    many, few = np.empty((m, n), np.float32), np.empty((3, n), np.float32)
+    sgemm.threads = threads
     sgemm(a, w, many)
     sgemm(a[5:8], w, few)
     assert np.array_equal(many[5:8], few)
+    ref = a.astype(np.float64) @ w.T.astype(np.float64)
+    assert np.all(np.abs(many - ref) <= 1e-5 * np.linalg.norm(a, axis=1)[:, None] * np.linalg.norm(w, axis=1))
 
 
 @needs_avx512
