@@ -203,9 +203,10 @@ class _Workspace:
     Outputs are fresh arrays owned by the caller, but fresh memory costs page faults: GPT-2's
     4 x 128 logits (103 MB) took 8-12 ms more to write into new pages than into used ones on the
     2-core VM. So the memory of an output whose every array the caller has dropped (no view of
-    it left anywhere: its owner's reference count says so) is handed out again."""
+    it left anywhere: its owner's reference count says so) is handed out again. The price: up to
+    SPARES dropped outputs per output buffer stay allocated while the executor lives."""
 
-    SPARES = 2  # owners kept per output buffer
+    SPARES = 2  # owners kept per output buffer (`out = f(x)` in a loop: the one before last is free)
 
     def __init__(self, arena_bytes: int):
         self.arena = aligned_empty((arena_bytes,), np.uint8) if arena_bytes else None

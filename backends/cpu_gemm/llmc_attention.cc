@@ -8,7 +8,8 @@
 //     head i reads key/value head i / (h / hk) (grouped-query attention). causal: query row i sees
 //     keys j <= i + t - s. mask_kind 0: none; 1: bool (uint8, nonzero = attend); 2: float32 added
 //     to the scores; its element (b, h, i, j) is at mask[sum of index * mask_strides] (a stride of
-//     0 broadcasts). A row that sees no key gives zeros. Returns 0, or -1 without AVX-512F/VL.
+//     0 broadcasts). A row that sees no key gives zeros. Returns 0; -1 without AVX-512F/VL; -2 for
+//     head counts that do not divide (h % hk), a negative t or d, an unknown mask_kind.
 //
 // Why a kernel of its own: TVM's schedule (backends/schedule.py) computes every score of a causal
 // row, masked or not, and reached about a quarter of this processor's rate on GPT-2's 12 heads of

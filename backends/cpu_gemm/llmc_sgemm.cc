@@ -13,8 +13,9 @@
 // per K block (hsum8). Nothing is packed at compile time: rows are read in their natural layout,
 // so the tied LM head needs no second copy, and a ragged N (50257) costs one narrow tile at the
 // edge, not a padded panel. Only a block of W whose rows are a multiple of 2 KB apart is copied
-// per call to rows that are not (see conflicting_stride). Measured on the 2-core Zen 4 VM: 90-98 GFLOP/s on one core
-// (peak 115) for GPT-2's shapes, against OpenBLAS's 80; 165-215 on two (benchmarks/RESULTS_CPU.md).
+// per call to rows that are not (see conflicting_stride). Measured on the 2-core Zen 4 VM: 90-98
+// GFLOP/s on one core (peak 115) for GPT-2's shapes, against OpenBLAS's 80; 200-215 on two
+// (benchmarks/RESULTS_CPU.md).
 //
 // Blocking: N in blocks of NB weight rows, which stay in L2 while every row of A passes over
 // them (A, M x K floats, stays in L2 or L3). Threads split N (chunks of whole tiles, taken in turn);
@@ -141,17 +142,15 @@ inline int64_t packed_stride(int64_t kc) {
 // GEMVs (fewer than 4 row tiles), where the hardware's stream prefetch keeps up on its own.
 struct Prefetch {
   const float* w;  // first row of the block
-  int64_t ldw, rows, kc, steps;
+  int64_t ldw, rows, lines;  // lines: 64-byte lines per row
   int64_t row = 0, line = 0, per_step = 0;
 
-  Prefetch(const float* w_, int64_t ldw_, int64_t rows_, int64_t kc_, int64_t steps_)
-      : w(w_), ldw(ldw_), rows(steps_ >= 4 ? rows_ : 0), kc(kc_), steps(steps_) {
-    const int64_t lines = (kc * 4 + 63) / 64;
-    per_step = (std::max<int64_t>(rows, 0) * lines + steps - 1) / steps;
+  Prefetch(const float* w_, int64_t ldw_, int64_t rows_, int64_t kc, int64_t steps)
+      : w(w_), ldw(ldw_), rows(steps >= 4 ? rows_ : 0), lines((kc * 4 + 63) / 64) {
+    per_step = (std::max<int64_t>(rows, 0) * lines + steps - 1) / std::max<int64_t>(steps, 1);
   }
 
   void step() {
-    const int64_t lines = (kc * 4 + 63) / 64;
     for (int64_t x = 0; x < per_step && row < rows; ++x) {
       _mm_prefetch(reinterpret_cast<const char*>(w + row * ldw) + line * 64, _MM_HINT_T1);
       if (++line == lines) {
