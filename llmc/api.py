@@ -48,6 +48,15 @@ class CompileOptions:
         return passes
 
 
+def _cpu_executor(manifest, executable, weights, device: str = "cpu"):
+    """An in-process CPU Executor over a build's TVM module and its CPU kernel library, if any."""
+    from .runtime.cpu_gemm import load_sgemm
+    from .runtime.executor import Executor
+
+    return Executor(manifest, executable.mod, weights, device,
+                    sgemm=load_sgemm(getattr(executable, "gemm_path", None)))
+
+
 @dataclass
 class CompiledModel:
     """A compiled model: call it like the original (numpy or torch inputs -> numpy outputs)."""
@@ -97,11 +106,7 @@ class CompiledModel:
                 modules["shim"] = tvm.runtime.load_module(str(ex.shim_path))
             self._executor = GpuExecutor(typed, modules, weights_of(self.program))
         else:
-            from .runtime.cpu_gemm import load_sgemm
-            from .runtime.executor import Executor
-
-            self._executor = Executor(typed, self.executable.mod, weights_of(self.program), device,
-                                      sgemm=load_sgemm(getattr(self.executable, "gemm_path", None)))
+            self._executor = _cpu_executor(typed, self.executable, weights_of(self.program), device)
         return self._executor
 
     def __call__(self, *args, **kwargs) -> list[np.ndarray]:
@@ -116,7 +121,6 @@ class CompiledModel:
                             "alone, or compiled with generate=False), so it cannot generate")
         if self._llm is None:
             from .runtime.engine.llm import LLM
-            from .runtime.executor import Executor
             from .runtime.manifest import Manifest
 
             typed = Manifest.from_json(self.manifest, "CompiledModel.manifest")
@@ -132,10 +136,7 @@ class CompiledModel:
                 step = GpuExecutor(typed.step_manifest(), modules, self.generation.weights,
                                    shared_weights=forward.device_tensors())
             else:
-                from .runtime.cpu_gemm import load_sgemm
-
-                step = Executor(typed.step_manifest(), ex.mod, self.generation.weights,
-                                sgemm=load_sgemm(getattr(ex, "gemm_path", None)))
+                step = _cpu_executor(typed.step_manifest(), ex, self.generation.weights)
             self._llm = LLM(forward, step, typed.generation, self.generation.tokenizer)
         return self._llm.generate(prompts, **kwargs)
 

@@ -21,8 +21,6 @@ from .cpu_gemm import Sgemm
 ATTENTION_FUNC = "attention"
 MASK_KINDS = {"": 0, "bool": 1, "float32": 2}  # the third scalar of an attn kernel
 
-_P, _I = ctypes.c_void_p, ctypes.c_int64
-
 
 def attention_numpy(q, k, v, mask, scale: float, causal: bool, out: np.ndarray) -> None:
     """The formula in numpy (float32 scores, as the library computes them)."""
@@ -50,14 +48,7 @@ class AttentionCall:
         self.scale = float(spec.scalars[0])
         self.causal = bool(spec.scalars[1])
         self.mask_kind = int(spec.scalars[2])
-        self.threads = sgemm.threads if sgemm is not None else 1
-        self._fn = None
-        if sgemm is not None:
-            fn = sgemm.lib.llmc_attention_f32
-            fn.argtypes = [_P, _P, _P, _P, _P, ctypes.c_int, _P, _I, _I, _I, _I, _I, _I, _I, ctypes.c_float,
-                           ctypes.c_int, ctypes.c_int]
-            fn.restype = ctypes.c_int
-            self._fn = fn
+        self.sgemm = sgemm if sgemm is not None and sgemm.attention is not None else None
 
     def __call__(self, args: Sequence[np.ndarray], env: Mapping[str, int]) -> None:
         q, k, v = args[:3]
@@ -67,7 +58,7 @@ class AttentionCall:
         Hk, T, Dv = k.shape[1], k.shape[2], v.shape[3]
         if k.shape != (B, Hk, T, D) or v.shape != (B, Hk, T, Dv) or out.shape != (B, H, S, Dv) or H % Hk:
             raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape}, out {out.shape} do not fit")
-        if self._fn is None or not all(x.flags.c_contiguous for x in (q, k, v, out)):
+        if self.sgemm is None or not all(x.flags.c_contiguous for x in (q, k, v, out)):
             attention_numpy(q, k, v, mask, self.scale, self.causal, out)
             return
         strides = (ctypes.c_int64 * 4)()
@@ -75,9 +66,9 @@ class AttentionCall:
             pad = 4 - mask.ndim
             for i, (n, st) in enumerate(zip(mask.shape, mask.strides)):
                 strides[pad + i] = 0 if n == 1 else st // mask.itemsize
-        rc = self._fn(q.ctypes.data, k.ctypes.data, v.ctypes.data, out.ctypes.data,
-                      None if mask is None else mask.ctypes.data, self.mask_kind, strides,
-                      B, H, Hk, S, T, D, Dv, self.scale, int(self.causal), self.threads)
+        rc = self.sgemm.attention(q.ctypes.data, k.ctypes.data, v.ctypes.data, out.ctypes.data,
+                                  None if mask is None else mask.ctypes.data, self.mask_kind, strides,
+                                  B, H, Hk, S, T, D, Dv, self.scale, int(self.causal), self.sgemm.threads)
         if rc != 0:
             raise RuntimeError(f"llmc_attention_f32 refused to run ({rc})")
 

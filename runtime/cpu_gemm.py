@@ -28,11 +28,16 @@ class Sgemm:
     """out[M, N] = a[M, K] @ w[N, K]^T, float32, rows contiguous (any row strides)."""
 
     def __init__(self, lib: ctypes.CDLL, threads: int):
-        self.lib = lib  # its other kernels (runtime/cpu_attention.py) are called through it too
         self._fn = lib.llmc_sgemm_nt
         self._fn.argtypes = [_P, _I, _P, _I, _P, _I, _I, _I, _I, ctypes.c_int]
         self._fn.restype = ctypes.c_int
         self.threads = threads
+        # the library's attention (runtime/cpu_attention.py); None in a library built before it
+        self.attention = getattr(lib, "llmc_attention_f32", None)
+        if self.attention is not None:
+            self.attention.argtypes = [_P, _P, _P, _P, _P, ctypes.c_int, _P, _I, _I, _I, _I, _I, _I, _I,
+                                       ctypes.c_float, ctypes.c_int, ctypes.c_int]
+            self.attention.restype = ctypes.c_int
 
     def takes(self, a: np.ndarray, w: np.ndarray, out: np.ndarray) -> bool:
         """Whether these 2-D views are ones this kernel reads (else the caller uses numpy)."""

@@ -3,12 +3,11 @@ llmc_pool.h: their thread pool) into one shared library an artifact ships.
 
 The library is plain C ABI (`llmc_sgemm_nt`, `llmc_sgemm_supported`, `llmc_attention_f32`),
 loaded by the runtime through ctypes (runtime/cpu_gemm.py, runtime/cpu_attention.py): no TVM,
-no torch. It is built with the host's C++
-compiler, the one TVM already needs to link a CPU artifact's kernels, for x86-64 only (its
-kernels are AVX-512 intrinsics; the runtime checks the processor before every use and falls
-back to numpy's BLAS where it lacks AVX-512F/VL). Builds are cached under
-``$LLMC_CACHE_DIR/cpu_gemm`` (default ``~/.cache/llmc``), keyed by a hash of the source,
-the flags and the compiler's version.
+no torch. It is built with the host's C++ compiler, the one TVM already needs to link a CPU
+artifact's kernels, for x86-64 only (its kernels are AVX-512 intrinsics; the runtime checks the
+processor before every use and falls back to numpy where it lacks AVX-512F/VL). Builds are
+cached under ``$LLMC_CACHE_DIR/cpu_gemm`` (default ``~/.cache/llmc``), keyed by a hash of the
+sources, the flags and the compiler's version.
 """
 from __future__ import annotations
 
@@ -56,7 +55,7 @@ def build_gemm_library() -> pathlib.Path:
     """The library's path in the cache, compiled on first use."""
     cxx = compiler()
     if cxx is None:
-        raise GemmBuildError("no C++ compiler (g++ or $CXX) to build llmc's CPU GEMM library")
+        raise GemmBuildError("no C++ compiler (g++ or $CXX) to build llmc's CPU kernel library")
     h = hashlib.sha256()
     for f in SOURCES + HEADERS:
         h.update(f.read_bytes())
@@ -77,7 +76,7 @@ def build_gemm_library() -> pathlib.Path:
             if r.returncode == 0:
                 break
         else:
-            raise GemmBuildError(f"building the CPU GEMM library failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-2000:]}")
+            raise GemmBuildError(f"building llmc's CPU kernel library failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-2000:]}")
         os.replace(tmp_out, out)  # atomic: a concurrent build never sees half a file
     return out
 

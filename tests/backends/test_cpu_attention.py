@@ -12,7 +12,6 @@ import torch
 import llmc
 from llmc.backends.cpu_attention import match_attention
 from llmc.backends.cpu_blas import cpu_grouping
-from llmc.backends.cpu_gemm import build_gemm_library
 from llmc.compiler.dtypes import DType
 from llmc.compiler.ir import Graph, TensorType, input_node, node, sym
 from llmc.compiler.ops import AttentionAttrs, Op, PermuteAttrs, ShapeAttrs
@@ -20,19 +19,15 @@ from llmc.compiler.program import lower_to_program
 from llmc.compiler.symbolic import SymDim
 from llmc.errors import LLMCError
 from llmc.runtime.cpu_attention import MASK_KINDS, AttentionCall, attention_numpy
-from llmc.runtime.cpu_features import host_cpu_features
-from llmc.runtime.cpu_gemm import Sgemm, load_sgemm
+from llmc.runtime.cpu_gemm import Sgemm
 from llmc.runtime.manifest import Manifest
 
-needs_avx512 = pytest.mark.skipif(not {"AVX512F", "AVX512VL"} <= host_cpu_features(),
-                                  reason="llmc's CPU kernel library runs on AVX-512F/VL processors only")
+from cpu_kernels import kernel_library, needs_avx512  # tests/helpers
 
 
 @pytest.fixture(scope="module")
 def sgemm() -> Sgemm:
-    s = load_sgemm(build_gemm_library())
-    assert s is not None
-    return s
+    return kernel_library()
 
 
 def _reference(q, k, v, mask, scale, causal):

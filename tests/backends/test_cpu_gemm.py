@@ -11,18 +11,14 @@ import torch
 
 import llmc
 from llmc.backends.cpu_gemm import build_gemm_library
-from llmc.runtime.cpu_features import host_cpu_features
-from llmc.runtime.cpu_gemm import Sgemm, load_sgemm
+from llmc.runtime.cpu_gemm import Sgemm
 
-HAS_AVX512 = {"AVX512F", "AVX512VL"} <= host_cpu_features()
-needs_avx512 = pytest.mark.skipif(not HAS_AVX512, reason="llmc's CPU GEMM runs on AVX-512F/VL processors only")
+from cpu_kernels import HAS_AVX512, kernel_library, needs_avx512  # tests/helpers
 
 
 @pytest.fixture(scope="module")
 def sgemm() -> Sgemm:
-    s = load_sgemm(build_gemm_library())
-    assert s is not None
-    return s
+    return kernel_library()
 
 
 def _check(sgemm, m, n, k, threads=2, lda=None, seed=0):
