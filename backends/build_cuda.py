@@ -274,8 +274,14 @@ def build_shim_for(arch: str) -> pathlib.Path:
 
 
 # ---- the CUDA program: CUDA-specific grouping ------------------------------------------------
-def build_program(graph, passes=None, verify_each: bool = False, dump_dir=None):
-    """passes.pipeline.build_program with the CUDA grouping (see backends/cuda/routes.py)."""
+def build_program(graph, passes=None, verify_each: bool = False, dump_dir=None, fuse_gemv: bool = True):
+    """passes.pipeline.build_program with the CUDA grouping (see backends/cuda/routes.py). With
+    `fuse_gemv` (the shim runs the GEMMs, weights are the build's to lay out), half-precision GEMM
+    weights are stored [N, K] and the norms and SwiGLUs around GEMMs join them (cuda/fused_gemm.py)."""
+    import functools
+
+    from llmc.compiler.dtypes import DType
+    from llmc.passes.gemm_weight_layout import transpose_gemm_weights
     from llmc.passes.pipeline import DEFAULT_PIPELINE
     from llmc.passes.pipeline import build_program as build
 
@@ -283,10 +289,15 @@ def build_program(graph, passes=None, verify_each: bool = False, dump_dir=None):
 
     def prepare(g):
         g, n_attn = prepare_graph(g)
-        return g, f"CUDA grouping; {n_attn} attentions read token-major q/k/v"
+        note = f"CUDA grouping; {n_attn} attentions read token-major q/k/v"
+        if fuse_gemv:
+            g, report = transpose_gemm_weights(g, frozenset({DType.F16, DType.BF16}))
+            note += f"; {report.lines[0]}"
+        return g, note
 
     return build(graph, DEFAULT_PIPELINE if passes is None else passes, verify_each, dump_dir,
-                 grouping=cuda_grouping, prepare=prepare, grouping_name="cuda_grouping")
+                 grouping=functools.partial(cuda_grouping, fuse_gemv=fuse_gemv), prepare=prepare,
+                 grouping_name="cuda_grouping")
 
 
 __all__ = ["build_kernels", "build_program", "CudaExecutable", "ensure_cuda_plugin", "SHIM_FILE"]

@@ -48,14 +48,16 @@ def build_kernels(kernels: Mapping[str, Kernel], target: TargetSpec, progress: C
     return ex
 
 
-def build_program_for(target: TargetSpec, use_blas: bool = True, gemm_weight_layout: bool = True):
+def build_program_for(target: TargetSpec, use_blas: bool = True, gemm_weight_layout: bool = True,
+                      use_shim: bool = True):
     """The Graph -> Program builder for a target: CUDA and CPU group kernels for their library
-    offloads (cuBLASLt and flash attention; llmc's CPU GEMM or the BLAS, with the GEMM weights
-    stored [N, K] for the former unless `gemm_weight_layout` is off)."""
+    offloads (cuBLASLt and flash attention; llmc's CPU GEMM or the BLAS), with the GEMM weights
+    stored [N, K] for llmc's CPU GEMM and the CUDA shim's decode GEMV unless `gemm_weight_layout`
+    is off (or, for CUDA, the shim is)."""
     if target.kind == "cuda":
         from .build_cuda import build_program
 
-        return build_program
+        return functools.partial(build_program, fuse_gemv=gemm_weight_layout and use_shim)
     from ..passes.pipeline import build_program
 
     if target.kind == "llvm" and use_blas:

@@ -5,6 +5,12 @@ of the copy bandwidth measured here.
     python benchmarks/bench_gemv_gpu.py [--shim gpu_art/gen/shim.so]
     python benchmarks/bench_gemv_gpu.py --quant [--rows 1 4 8]   # llmc_qgemv int8 / int4 against bf16
     python benchmarks/bench_gemv_gpu.py --tensor-cores --rows 1 16 512 4096   # fp8, w8a8, 2:4, int4 vs bf16
+    python benchmarks/bench_gemv_gpu.py --fused --rows 1 2 4 8 16   # the decode GEMV, norm / SwiGLU fused in
+
+--fused times, on W stored [N, K] (the CUDA build's layout), llmc's decode GEMV (llmc_gemm_ex at
+<= 8 rows) and llmc_gemm_fused (RMSNorm -> GEMM -> SwiGLU in one call, as a Llama layer's QKV and
+gate/up run) against the same work as separate launches: the shim's norm kernel, torch's cuBLAS
+matmul, torch's silu * mul; and sums a decode step's matmuls both ways.
 
 --quant times the weight-only quantized GEMV (llmc_qgemv: int8 per channel, int4 g128) against
 the shim's bf16 GEMM on the same shapes, and sums a Llama-3.2-1B decode step's matmuls (16 layers
@@ -32,6 +38,8 @@ def main() -> None:
     ap.add_argument("--tensor-cores", action="store_true",
                     help="tensor-core routes against the bf16 GEMM at prefill and decode rows: fp8, w8a8, "
                          "2:4 sparse, int4 dequantize + GEMM")
+    ap.add_argument("--fused", action="store_true",
+                    help="the decode GEMV and llmc_gemm_fused against norm + cuBLAS + SwiGLU as separate launches")
     a = ap.parse_args()
     import numpy as np
     import torch
@@ -56,6 +64,8 @@ def main() -> None:
         return quant_main(shim, torch, np, bw, [m for m in a.rows if m <= 8])
     if a.tensor_cores:
         return tensor_core_main(shim, torch, np, a.rows)
+    if a.fused:
+        return fused_main(shim, torch, np, bw, a.rows)
     rows = []
     for name, K, N, layout in SHAPES:
         nbytes = K * N * 2
@@ -109,6 +119,69 @@ def graph_time_us(torch, np, calls) -> float:
         torch.cuda.synchronize()
         times.append(s.elapsed_time(e) / len(calls))
     return float(np.median(times)) * 1e3
+
+
+FUSED_PLAN = [  # name, K, N, RMSNorm before, SwiGLU after, matmuls of this shape per decode step
+    ("qkv", 2048, 3072, True, False, 16), ("o_proj", 2048, 2048, False, False, 16),
+    ("gate_up", 2048, 16384, True, True, 16), ("down", 8192, 2048, False, False, 16),
+    ("lm_head", 2048, 128256, False, False, 1),
+]
+
+
+def fused_main(shim, torch, np, bw: float, rows: list[int]) -> None:
+    gemm, fused, norm = shim["llmc_gemm_ex"], shim["llmc_gemm_fused"], shim["llmc_norm_ext"]
+    silu = torch.nn.functional.silu
+    step = {m: {"llmc": 0.0, "split": 0.0} for m in rows}
+    out = []
+    for name, K, N, has_norm, glu, per_step in FUSED_PLAN:
+        nbytes = K * N * 2
+        ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / 64
+              for _ in range(max(2, int(np.ceil(200e6 / nbytes))))]
+        g = (torch.rand(K, device="cuda") + 0.5).to(torch.bfloat16)
+        n_out = N // 2 if glu else N
+        for m in rows:
+            x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
+            xn = torch.empty(m, K, device="cuda", dtype=torch.bfloat16)
+            h = torch.empty(m, N, device="cuda", dtype=torch.bfloat16)
+            y = torch.empty(m, n_out, device="cuda", dtype=torch.bfloat16)
+            y2 = torch.empty_like(y)
+
+            def llmc_call(w):
+                if has_norm or glu:
+                    fused(x, g if has_norm else None, w, None, None, y, int(glu), 1e-5)
+                else:
+                    gemm(x, w, None, None, y, 1, 0)
+
+            def split_call(w):
+                a = x
+                if has_norm:
+                    norm(x, g, None, xn, 1e-5, 1)
+                    a = xn
+                if glu:
+                    torch.matmul(a, w.T, out=h)
+                    torch.mul(silu(h[:, :n_out]), h[:, n_out:], out=y2)
+                else:
+                    torch.matmul(a, w.T, out=y2)
+            llmc_call(ws[0])
+            split_call(ws[0])
+            torch.cuda.synchronize()
+            err = float((y.float() - y2.float()).norm() / y2.float().norm())
+            t = {"llmc": graph_time_us(torch, np, [lambda w=w: llmc_call(w) for w in ws]),
+                 "split": graph_time_us(torch, np, [lambda w=w: split_call(w) for w in ws])}
+            for k in t:
+                step[m][k] += per_step * t[k]
+            r = {"shape": name, "K": K, "N": N, "M": m, "norm": has_norm, "glu": glu, "llmc_us": t["llmc"],
+                 "split_us": t["split"], "llmc_of_copy_bw": nbytes / (t["llmc"] * 1e-6) / bw,
+                 "speedup": t["split"] / t["llmc"], "rel_err_vs_split": err}
+            out.append(r)
+            print(f"{name:8s} M={m:2d}  llmc {t['llmc']:7.1f} us ({100 * r['llmc_of_copy_bw']:.0f}% of copy)  "
+                  f"separate launches {t['split']:7.1f} us  x{r['speedup']:.2f}  err {err:.1e}", flush=True)
+        del ws
+    for m in rows:
+        st = step[m]
+        print(f"decode step matmuls (+ norms, SwiGLU), M={m}: llmc {st['llmc'] / 1e3:.3f} ms, separate "
+              f"{st['split'] / 1e3:.3f} ms (x{st['split'] / st['llmc']:.2f})")
+    print(json.dumps(out))
 
 
 def quant_main(shim, torch, np, bw: float, rows: list[int]) -> None:

@@ -28,7 +28,8 @@ class CompileOptions:
     calib_windows: Any = None  # token-id windows [T] for gptq/awq calibration (quant_setup makes them)
     learned_grid: Any = None  # passes.quant.learned.LearnedGrid: method "qat"'s scales (llmc.quant.convert)
     sparsity: Any = None  # passes.sparsify.SparsityScheme: 2:4 pruning after fusion, before quantize (None: none)
-    # CPU: fp32 GEMM weights stored [N, K], the layout llmc's CPU GEMM reads (passes/gemm_weight_layout.py).
+    # GEMM weights stored [N, K] (passes/gemm_weight_layout.py): fp32 on the CPU (llmc's CPU GEMM reads
+    # them so), fp16/bf16 on CUDA with the shim (its decode GEMV, and norms / SwiGLUs fused into GEMMs).
     # Off for tensor-parallel ranks: their weights are the shard pass's arrays, not the build's
     gemm_weight_layout: bool = True
 
@@ -235,7 +236,7 @@ def compile_graph(graph, opts: CompileOptions, passes=None) -> CompiledModel:
     if opts.sparsity is not None and not opts.fuse and passes is None:
         raise LLMCError("2:4 sparsity runs after fusion: drop --no-fuse (fuse=False) or --sparsity")
     if opts.fuse or passes is not None:
-        program, reports = build_program_for(target, opts.use_blas, opts.gemm_weight_layout)(
+        program, reports = build_program_for(target, opts.use_blas, opts.gemm_weight_layout, opts.use_shim)(
             graph, opts.pipeline() if passes is None else passes, opts.verify_each, opts.dump_dir)
     else:
         from .passes.index_bounds import bound_symbols_by_tables  # symbol bounds within the tables, fused or not

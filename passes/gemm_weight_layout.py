@@ -10,8 +10,8 @@ backends/cpu_blas.py); numpy's BLAS reads such a W^T as fast as W.
 
 Only weights that nothing but MATMULs read, as their right operand, move: any other reader
 would see a different layout. 2:4-pruned weights keep theirs (their flag describes it).
-Pure: Graph -> Graph; the params gain the transposed arrays under new names (`<name>.T`) and
-lose the old ones.
+Pure: Graph -> Graph; the params gain the transposed arrays under new names (`<name>.T`, or
+`<name>` for a `<name>.T`: simplify.transposed_name) and lose the old ones.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from ..compiler.ir import Graph, Node, TensorType
 from ..compiler.ops import Op, PermuteAttrs
 from .quantize import _unique
 from .report import PassReport
+from .simplify import transposed_name
 from .rewrite import substitute
 
 
@@ -30,18 +31,23 @@ def _gemm_only(w: Node, users: list[Node]) -> bool:
     return bool(users) and all(u.op is Op.MATMUL and u.inputs[1] is w and u.inputs[0] is not w for u in users)
 
 
-def transpose_gemm_weights(graph: Graph) -> tuple[Graph, PassReport]:
+def transpose_gemm_weights(graph: Graph, dtypes: frozenset = frozenset({DType.F32})) -> tuple[Graph, PassReport]:
+    """`dtypes`: the weights' dtypes that move (float32 for the CPU GEMM; CUDA moves its half-precision
+    weights for the decode GEMV, backends/cuda/fused_gemm.py)."""
     users = graph.users()
     outputs = {o.uid for o in graph.outputs}
     params = dict(graph.params)
     mapping: dict[int, Node] = {}
     for w in graph.nodes():
-        if (w.op is not Op.WEIGHT or w.type.rank != 2 or w.dtype is not DType.F32 or w.uid in outputs
+        if (w.op is not Op.WEIGHT or w.type.rank != 2 or w.dtype not in dtypes or w.uid in outputs
                 or w.attrs.sparse24 or w.attrs.name not in params or not _gemm_only(w, users.get(w.uid, []))):
             continue
         k, n = w.shape
-        name = _unique(f"{w.attrs.name}.T", params)
-        params[name] = np.ascontiguousarray(np.asarray(params[w.attrs.name]).T)
+        arr = np.ascontiguousarray(np.asarray(params[w.attrs.name]).T)
+        name = transposed_name(w.attrs.name)
+        if name in params and not (params[name].shape == arr.shape and np.array_equal(params[name], arr)):
+            name = _unique(name, params)  # the name holds another array: a fresh one
+        params[name] = arr
         wt = ir.weight_node(name, TensorType((n, k), w.dtype))
         mapping[w.uid] = ir.node(Op.PERMUTE, [wt], PermuteAttrs((1, 0)), w.where)
     out = substitute(graph, mapping, params) if mapping else graph

@@ -134,9 +134,18 @@ def _permute_weight(m: Match) -> Node | None:
     # A weight read elsewhere untransposed (tied embeddings) would be duplicated: keep it.
     if any(u.op is not Op.PERMUTE or u.attrs.perm != perm for u in m.users(w)):
         return None
-    suffix = ".T" if perm == (1, 0) else ".perm" + "".join(map(str, perm))
     arr = np.ascontiguousarray(np.transpose(m.params[w.attrs.name], perm))
-    return m.add_param(w.attrs.name + suffix, arr)
+    return m.add_param(transposed_name(w.attrs.name, perm), arr)
+
+
+def transposed_name(name: str, perm: tuple = (1, 0)) -> str:
+    """The name of a weight's permuted copy: `<name>.T` for a transpose, and back to `<name>` for
+    the transpose of a `<name>.T`, so a layout undone and redone (a step function derived from a
+    forward whose GEMM weights were stored [N, K], passes/gemm_weight_layout.py) lands on the
+    forward's own name and the artifact stores the array once."""
+    if tuple(perm) == (1, 0):
+        return name[:-2] if name.endswith(".T") else name + ".T"
+    return name + ".perm" + "".join(map(str, perm))
 
 
 x = Var("x")

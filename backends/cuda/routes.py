@@ -32,6 +32,7 @@ from llmc.compiler.dtypes import DType
 from llmc.compiler.ir import Graph, Node
 from llmc.compiler.ops import COLLECTIVES, POINT_TO_POINT, Op, PermuteAttrs
 from llmc.compiler.program import Kernel
+from llmc.backends.cuda.fused_gemm import fuse_gemm_neighbours, match_fused_gemm
 from llmc.passes.partition import is_transposed_2d as _transposed_2d
 from llmc.compiler.symbolic import to_json
 from llmc.runtime.engine.kv_codec import CODEC_IDS
@@ -237,8 +238,9 @@ class _Split:
         return core
 
 
-def cuda_grouping(graph: Graph) -> list[list[Node]]:
-    """fused_grouping, with each shim-runnable core split out into its own kernel."""
+def cuda_grouping(graph: Graph, fuse_gemv: bool = False) -> list[list[Node]]:
+    """fused_grouping, with each shim-runnable core split out into its own kernel; with `fuse_gemv`,
+    W^T GEMMs then take in the norm before them and the SwiGLU after them (cuda/fused_gemm.py)."""
     from llmc.passes.partition import HEAVY, ancestors_within, fused_grouping, join_weight_transposes, split_out_cores
 
     split = _Split(graph)
@@ -321,7 +323,8 @@ def cuda_grouping(graph: Graph) -> list[list[Node]]:
             return {m.uid}  # the weight-only quantized matmul has no epilogues: a kernel of its own
         return None
 
-    return split_out_cores(groups, core_of)
+    groups = split_out_cores(groups, core_of)
+    return fuse_gemm_neighbours(graph, groups) if fuse_gemv else groups
 
 
 # ---- routes of built kernels ------------------------------------------------------------------
@@ -660,8 +663,8 @@ def _match_qmatmul(kernel: Kernel) -> Route | None:
 
 def match_route(kernel: Kernel) -> Route | None:
     """The shim call that computes `kernel` exactly, or None (then TVM builds it)."""
-    return _match_paged(kernel) or _match_qmatmul(kernel) or _match_gemm(kernel) or _match_attention(kernel) \
-        or _match_norm(kernel)
+    return _match_paged(kernel) or _match_qmatmul(kernel) or match_fused_gemm(kernel, Route) or _match_gemm(kernel) \
+        or _match_attention(kernel) or _match_norm(kernel)
 
 
 __all__ = ["prepare_graph", "cuda_grouping", "match_route", "Route", "attention_offloadable"]

@@ -177,32 +177,6 @@ cudaDataType_t cuda_dtype(DT d) {
 }
 
 // A 2-D row-major view of a tensor with >= 2 dims: rows = prod(leading dims), cols = last.
-struct Mat2D {
-  char* ptr;
-  int64_t rows, cols, ld;  // ld: element stride between rows
-};
-
-Mat2D as_matrix(const DLTensor* t, const char* name) {
-  LLMC_CHECK(t->ndim >= 1) << name << " must have at least one dimension";
-  const int nd = t->ndim;
-  const int64_t cols = t->shape[nd - 1];
-  LLMC_CHECK(cols <= 1 || stride_of(t, nd - 1) == 1) << name << ": last dim must be contiguous";
-  int64_t rows = 1;
-  for (int i = 0; i < nd - 1; ++i) rows *= t->shape[i];
-  int64_t ld = nd >= 2 ? stride_of(t, nd - 2) : cols;
-  // the leading dims must collapse into one row stride (size-1 dims do not matter)
-  for (int i = 0; i < nd - 2; ++i) {
-    if (t->shape[i] == 1) continue;
-    int64_t inner = 1;  // rows spanned by one step of dim i
-    for (int j = i + 1; j < nd - 1; ++j) inner *= t->shape[j];
-    LLMC_CHECK(stride_of(t, i) == inner * ld || inner == 0)
-        << name << ": leading dims of " << shape_str(t) << " do not collapse into one row stride";
-  }
-  if (rows <= 1) ld = std::max<int64_t>(cols, 1);
-  LLMC_CHECK(ld >= cols) << name << ": rows overlap (row stride " << ld << " < " << cols << ")";
-  return Mat2D{data_of(t), rows, cols, ld};
-}
-
 // The heuristic's first algorithm for plan p's descriptors, under the workspace and the
 // operands' alignments (A, B, C, D in cuBLASLt's naming) into p.algo; false (the status in *st)
 // when it offers none.
@@ -265,6 +239,12 @@ void gemm_impl(DLTensor* A, DLTensor* B, DLTensor* bias, DLTensor* R, DLTensor* 
     bias_ptr = data_of(bias);
   }
   if (M == 0 || N == 0) return;
+  if (trans_b && act == 0 && dt != DT::kF32) {  // decode-sized: the weight-streaming GEMV (llmc_gemv.cu)
+    GemvArgs g{cuda_dtype(dt), a.ptr, a.ld, nullptr, 0.f, b.ptr, b.ld, bias_ptr, R ? r.ptr : nullptr, r.ld,
+               c.ptr, c.ld, M, N, K, false};
+    DeviceGuard guard(dev);
+    if (gemv_nt(dev, current_stream(dev), g)) return;
+  }
 
   uint32_t epi = llmc_lt::kEpiDefault;
   if (bias_ptr) epi = act == 1 ? llmc_lt::kEpiGeluBias : act == 2 ? llmc_lt::kEpiReluBias : llmc_lt::kEpiBias;

@@ -1,4 +1,4 @@
-// llmc CUDA shim: the internal matmul interface the quantized entry points share with
+// llmc CUDA shim: the internal matmul interface the quantized and fused entry points share with
 // llmc_gemm.cu (which owns the cuBLASLt library, handles and plan cache), and their scratch.
 #pragma once
 
@@ -51,5 +51,31 @@ void* scratch(int dev, cudaStream_t stream, int slot, size_t bytes);
 void qmatmul_dequant_gemm(int dev, cudaStream_t stream, cudaDataType_t half_dtype, int bits, const void* x,
                           const void* qw, const void* scales, const void* zeros, void* y, int64_t rows, int64_t n,
                           int64_t k, int64_t group);
+
+
+// The decode GEMV of llmc_gemv.cu: y[M, n_out] = act(rmsnorm(x) @ W^T + bias) + res, W [N, K]
+// row-major (ld ldw), N = 2 n_out with glu (SwiGLU of the halves), else n_out; norm_w, bias, res
+// may be null. Returns false, enqueuing nothing, when the problem is not GEMV-sized (more than 8
+// rows, K not a multiple of 8, unaligned rows): the caller runs the GEMM.
+struct GemvArgs {
+  cudaDataType_t dtype = CUDA_R_16BF;
+  const void* x = nullptr;
+  int64_t ldx = 0;
+  const void* norm_w = nullptr;
+  float eps = 0.f;
+  const void* w = nullptr;
+  int64_t ldw = 0;
+  const void* bias = nullptr;
+  const void* res = nullptr;
+  int64_t ldr = 0;
+  void* y = nullptr;
+  int64_t ldy = 0;
+  int64_t m = 0, n_out = 0, k = 0;
+  bool glu = false;
+};
+bool gemv_nt(int dev, cudaStream_t stream, const GemvArgs& a);
+
+// llmc_norm_ext's row norm (LayerNorm with b, or RMSNorm) of contiguous x into y, on the current stream.
+void norm_rows(const DLTensor* x, const DLTensor* w, const DLTensor* b, DLTensor* y, float eps, bool rms);
 
 }  // namespace llmc_shim

@@ -11,6 +11,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "llmc_lt.h"
 #include "llmc_shim_common.h"
 
 namespace llmc_shim_norm {
@@ -151,18 +152,28 @@ void NormExt(DLTensor* x, DLTensor* w, tvm::ffi::AnyView b_any, DLTensor* y, dou
     check_cuda_tensor(b, "b");
     LLMC_CHECK(dtype_of(b) == dt && b->ndim == 1 && b->shape[0] == n && compact(b)) << "b must be [" << n << "]";
   }
+  norm_rows(x, w, b, y, float(eps), kind == 1);
+}
+
+}  // namespace
+}  // namespace llmc_shim_norm
+
+namespace llmc_shim {
+void norm_rows(const DLTensor* x, const DLTensor* w, const DLTensor* b, DLTensor* y, float eps, bool rms) {
+  using namespace llmc_shim_norm;
+  LLMC_CHECK(compact(x) && compact(y)) << "x and y of a row norm must be contiguous";
+  const int64_t n = x->shape[x->ndim - 1];
   int64_t rows = 1;
   for (int i = 0; i + 1 < x->ndim; ++i) rows *= x->shape[i];
   if (rows == 0) return;
   const int dev = x->device.device_id;
   DeviceGuard guard(dev);
   cudaStream_t stream = current_stream(dev);
-  if (dt == DT::kF16) launch<__half>(x, w, b, y, rows, int(n), float(eps), kind == 1, stream);
-  else if (dt == DT::kBF16) launch<__nv_bfloat16>(x, w, b, y, rows, int(n), float(eps), kind == 1, stream);
-  else launch<float>(x, w, b, y, rows, int(n), float(eps), kind == 1, stream);
+  const DT dt = dtype_of(x);
+  if (dt == DT::kF16) launch<__half>(x, w, b, y, rows, int(n), eps, rms, stream);
+  else if (dt == DT::kBF16) launch<__nv_bfloat16>(x, w, b, y, rows, int(n), eps, rms, stream);
+  else launch<float>(x, w, b, y, rows, int(n), eps, rms, stream);
 }
-
-}  // namespace
-}  // namespace llmc_shim_norm
+}  // namespace llmc_shim
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(llmc_norm_ext, llmc_shim_norm::NormExt);

@@ -15,6 +15,7 @@
 #include <tvm/ffi/extra/c_env_api.h>
 #include <tvm/ffi/function.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <sstream>
 #include <string>
@@ -108,6 +109,33 @@ class DeviceGuard {
 
 inline cudaStream_t current_stream(int device_id) {
   return static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device_id));
+}
+
+// A tensor as a row-major matrix: leading dims flattened into rows, the last contiguous.
+struct Mat2D {
+  char* ptr;
+  int64_t rows, cols, ld;  // ld: element stride between rows
+};
+
+inline Mat2D as_matrix(const DLTensor* t, const char* name) {
+  LLMC_CHECK(t->ndim >= 1) << name << " must have at least one dimension";
+  const int nd = t->ndim;
+  const int64_t cols = t->shape[nd - 1];
+  LLMC_CHECK(cols <= 1 || stride_of(t, nd - 1) == 1) << name << ": last dim must be contiguous";
+  int64_t rows = 1;
+  for (int i = 0; i < nd - 1; ++i) rows *= t->shape[i];
+  int64_t ld = nd >= 2 ? stride_of(t, nd - 2) : cols;
+  // the leading dims must collapse into one row stride (size-1 dims do not matter)
+  for (int i = 0; i < nd - 2; ++i) {
+    if (t->shape[i] == 1) continue;
+    int64_t inner = 1;  // rows spanned by one step of dim i
+    for (int j = i + 1; j < nd - 1; ++j) inner *= t->shape[j];
+    LLMC_CHECK(stride_of(t, i) == inner * ld || inner == 0)
+        << name << ": leading dims of " << shape_str(t) << " do not collapse into one row stride";
+  }
+  if (rows <= 1) ld = std::max<int64_t>(cols, 1);
+  LLMC_CHECK(ld >= cols) << name << ": rows overlap (row stride " << ld << " < " << cols << ")";
+  return Mat2D{data_of(t), rows, cols, ld};
 }
 
 // An optional tensor argument: Python None (or a missing value) -> nullptr.

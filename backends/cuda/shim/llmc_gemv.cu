@@ -1,0 +1,333 @@
+// llmc CUDA shim: decode-sized matmuls with their neighbours fused in.
+//
+//   llmc_gemm_fused(x [M, K], norm_w [K] or None, W [N, K], bias [N] or None, residual or None,
+//                   y [M, N_out], glu: int, eps: float)
+//     a = x / sqrt(mean(x^2) + eps) * norm_w     (RMSNorm over K, where norm_w is given; else a = x)
+//     h = a @ W^T + bias                          [M, N]
+//     y = glu ? silu(h[:, :N/2]) * h[:, N/2:] : h  (+ residual [M, N_out])
+//   float16 or bfloat16 alike; arithmetic in float32. x, y, residual may have strided rows.
+//
+// Why: a decode step of a Llama-shaped model is ~150 launches, and at one token the small ones
+// (the norm before the QKV and gate/up projections, the SwiGLU after gate/up) cost as much as
+// their neighbours' weight reads. With up to kMaxRows rows, the norm and the SwiGLU are done
+// inside a weight-streaming GEMV (below); with more rows (prefill), the same call runs the norm
+// kernel, cuBLASLt and an elementwise SwiGLU pass through scratch memory, so the route is right
+// for any step. llmc_gemm_ex (llmc_gemm.cu) sends its own decode-sized W^T calls to the GEMV too.
+//
+// The GEMV: a warp per output channel (two weight rows with glu: gate row n and up row n + N/2),
+// each lane with kLoads 16-byte weight loads in flight before any math, read past L1
+// (ld.global.nc.L1::no_allocate) so x stays there for the block's other warps. The first batch of
+// loads is issued before the norm's block reduction, which then hides under it: with the norm,
+// each block sums x^2 over its rows (a few KB from L2) and scales the products once at the end
+// (the norm's 1/rms is per row, so it factors out of the dot product); the norm weight multiplies
+// x as it is read. Runs on TVM-FFI's current stream (graph-capturable).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "llmc_lt.h"
+#include "llmc_shim_common.h"
+
+namespace llmc_shim {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kLoads = 8;  // 16-byte weight loads in flight per lane
+constexpr int kMaxRows = 8;
+// scratch slots (llmc_lt.h scratch()): the normalized x and the GEMM's output before the SwiGLU
+constexpr int kSlotNormed = 32, kSlotGlu = 33;
+
+__device__ __forceinline__ uint4 ld_stream(const void* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+template <typename T> struct Half;
+template <> struct Half<__nv_bfloat16> {
+  // bf16 -> float is a shift: the two halves of a word become the high halves of two floats
+  static __device__ __forceinline__ void to8(const uint4& u, float* f) {
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      f[2 * i] = __uint_as_float(w[i] << 16);
+      f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  }
+  static __device__ __forceinline__ float f(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 t(float v) { return __float2bfloat16_rn(v); }
+};
+template <> struct Half<__half> {
+  static __device__ __forceinline__ void to8(const uint4& u, float* f) {
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 p = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+      f[2 * i] = p.x;
+      f[2 * i + 1] = p.y;
+    }
+  }
+  static __device__ __forceinline__ float f(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half t(float v) { return __float2half_rn(v); }
+};
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename T>
+struct GemvParams {
+  const T* x; int64_t ldx;
+  const T* g;  // the norm weight or null
+  float eps;
+  const T* w; int64_t ldw;
+  const T* bias;
+  const T* res; int64_t ldr;
+  T* y; int64_t ldy;
+  int rows, n_out, k;
+};
+
+template <typename T, int M, bool NORM, bool GLU>
+__global__ void __launch_bounds__(kWarps * 32) gemv_nt_kernel(const GemvParams<T> p) {
+  using H = Half<T>;
+  constexpr int NR = GLU ? 2 : 1;  // weight rows per output channel
+  constexpr int U = kLoads / NR;    // 16-byte chunks of each row per lane per step
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int n = blockIdx.x * kWarps + warp;
+  const int nn = min(n, p.n_out - 1);  // a warp past the end computes the last channel, stores nothing
+  const int chunks = p.k / 8;
+  const T* wr[NR];
+  wr[0] = p.w + int64_t(nn) * p.ldw;
+  if constexpr (GLU) wr[NR - 1] = p.w + int64_t(nn + p.n_out) * p.ldw;
+
+  uint4 buf[U][NR];
+  auto load = [&](int c0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + lane + 32 * u;
+#pragma unroll
+      for (int r = 0; r < NR; ++r) buf[u][r] = c < chunks ? ld_stream(wr[r] + int64_t(c) * 8) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  load(0);
+
+  float scale[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) scale[m] = 1.f;
+  if constexpr (NORM) {  // every block sums x^2 of its rows while its first weights are in flight
+    __shared__ float part[kWarps][M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float s = 0.f;
+      if (m < p.rows) {
+        for (int c = threadIdx.x; c < chunks; c += kWarps * 32) {
+          float v[8];
+          H::to8(__ldg(reinterpret_cast<const uint4*>(p.x + m * p.ldx) + c), v);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) s = fmaf(v[j], v[j], s);
+        }
+      }
+      s = warp_sum(s);
+      if (lane == 0) part[warp][m] = s;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float s = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) s += part[w][m];
+      scale[m] = rsqrtf(s / float(p.k) + p.eps);
+    }
+  }
+
+  float acc[M][NR];
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < NR; ++r) acc[m][r] = 0.f;
+  for (int c0 = 0; c0 < chunks; c0 += 32 * U) {
+    if (c0 > 0) load(c0);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + lane + 32 * u;
+      if (c >= chunks) break;
+      float wv[NR][8];
+#pragma unroll
+      for (int r = 0; r < NR; ++r) H::to8(buf[u][r], wv[r]);
+      float gv[8];
+      if constexpr (NORM) H::to8(__ldg(reinterpret_cast<const uint4*>(p.g) + c), gv);
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        if (m >= p.rows) break;
+        float xv[8];
+        H::to8(__ldg(reinterpret_cast<const uint4*>(p.x + m * p.ldx) + c), xv);
+        if constexpr (NORM) {
+#pragma unroll
+          for (int j = 0; j < 8; ++j) xv[j] *= gv[j];
+        }
+#pragma unroll
+        for (int r = 0; r < NR; ++r)
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[m][r] = fmaf(xv[j], wv[r][j], acc[m][r]);
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < NR; ++r) acc[m][r] = warp_sum(acc[m][r]);
+  if (n >= p.n_out) return;
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    if (m >= p.rows || lane != m) continue;  // lane m stores row m
+    float h = acc[m][0] * scale[m] + (p.bias ? H::f(p.bias[n]) : 0.f);
+    if constexpr (GLU) {
+      const float up = acc[m][NR - 1] * scale[m] + (p.bias ? H::f(p.bias[n + p.n_out]) : 0.f);
+      h = h / (1.f + __expf(-h)) * up;
+    }
+    if (p.res) h += H::f(p.res[m * p.ldr + n]);
+    p.y[m * p.ldy + n] = H::t(h);
+  }
+}
+
+template <typename T, int M>
+void launch_m(const GemvParams<T>& p, bool norm, bool glu, cudaStream_t stream) {
+  const dim3 grid(unsigned((p.n_out + kWarps - 1) / kWarps)), block(kWarps * 32);
+  if (norm && glu) gemv_nt_kernel<T, M, true, true><<<grid, block, 0, stream>>>(p);
+  else if (norm) gemv_nt_kernel<T, M, true, false><<<grid, block, 0, stream>>>(p);
+  else if (glu) gemv_nt_kernel<T, M, false, true><<<grid, block, 0, stream>>>(p);
+  else gemv_nt_kernel<T, M, false, false><<<grid, block, 0, stream>>>(p);
+}
+
+template <typename T>
+void launch(const GemvArgs& a, cudaStream_t stream) {
+  GemvParams<T> p{static_cast<const T*>(a.x), a.ldx, static_cast<const T*>(a.norm_w), a.eps,
+                  static_cast<const T*>(a.w), a.ldw, static_cast<const T*>(a.bias), static_cast<const T*>(a.res),
+                  a.ldr, static_cast<T*>(a.y), a.ldy, int(a.m), int(a.n_out), int(a.k)};
+  const bool norm = a.norm_w != nullptr;
+  if (a.m == 1) launch_m<T, 1>(p, norm, a.glu, stream);
+  else if (a.m == 2) launch_m<T, 2>(p, norm, a.glu, stream);
+  else if (a.m <= 4) launch_m<T, 4>(p, norm, a.glu, stream);
+  else launch_m<T, 8>(p, norm, a.glu, stream);
+  LLMC_CUDA_CHECK(cudaGetLastError());
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Elementwise SwiGLU of the prefill path: y[m, j] = silu(h[m, j]) * h[m, j + n] (+ res[m, j]).
+template <typename T>
+__global__ void glu_kernel(const T* __restrict__ h, T* __restrict__ y, int64_t ldy, const T* __restrict__ res,
+                           int64_t ldr, int64_t rows, int n) {
+  using H = Half<T>;
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows * n) return;
+  const int64_t m = i / n;
+  const int j = int(i - m * n);
+  const float g = H::f(h[m * 2 * n + j]), u = H::f(h[m * 2 * n + n + j]);
+  float v = g / (1.f + __expf(-g)) * u;
+  if (res) v += H::f(res[m * ldr + j]);
+  y[m * ldy + j] = H::t(v);
+}
+
+DLTensor matrix_view(void* data, const DLTensor* like, int64_t rows, int64_t cols, int64_t* shape) {
+  shape[0] = rows;
+  shape[1] = cols;
+  DLTensor t{};
+  t.data = data;
+  t.device = like->device;
+  t.ndim = 2;
+  t.dtype = like->dtype;
+  t.shape = shape;
+  t.strides = nullptr;
+  t.byte_offset = 0;
+  return t;
+}
+
+void GemmFused(DLTensor* X, tvm::ffi::AnyView g_any, DLTensor* W, tvm::ffi::AnyView bias_any,
+               tvm::ffi::AnyView res_any, DLTensor* Y, int64_t glu, double eps) {
+  DLTensor* G = optional_tensor(g_any);
+  DLTensor* bias = optional_tensor(bias_any);
+  DLTensor* R = optional_tensor(res_any);
+  check_cuda_tensor(X, "x");
+  check_cuda_tensor(W, "W");
+  check_cuda_tensor(Y, "y");
+  const DT dt = dtype_of(X);
+  LLMC_CHECK(dt == DT::kF16 || dt == DT::kBF16) << "x dtype " << dtype_name(dt) << " (float16 or bfloat16)";
+  LLMC_CHECK(glu == 0 || glu == 1) << "glu must be 0 or 1, got " << glu;
+  Mat2D x = as_matrix(X, "x"), y = as_matrix(Y, "y"), w = as_matrix(W, "W");
+  LLMC_CHECK(dtype_of(W) == dt && dtype_of(Y) == dt) << "x, W and y must share a dtype";
+  LLMC_CHECK(W->ndim == 2 && w.cols == x.cols) << "W " << shape_str(W) << " must be [N, " << x.cols << "]";
+  const int64_t M = x.rows, K = x.cols, N = w.rows, n_out = glu ? N / 2 : N;
+  LLMC_CHECK(!glu || N % 2 == 0) << "glu needs an even N, W is " << shape_str(W);
+  LLMC_CHECK(y.rows == M && y.cols == n_out) << "y " << shape_str(Y) << " must be [" << M << ", " << n_out << "]";
+  for (auto [t, name] : {std::pair<DLTensor*, const char*>{G, "norm_w"}, {bias, "bias"}}) {
+    if (t == nullptr) continue;
+    check_cuda_tensor(t, name);
+    const int64_t want = t == G ? K : N;
+    LLMC_CHECK(dtype_of(t) == dt && t->ndim == 1 && t->shape[0] == want && compact(t))
+        << name << " must be a contiguous [" << want << "] of x's dtype, got " << shape_str(t);
+  }
+  Mat2D r{nullptr, 0, 0, 0};
+  if (R != nullptr) {
+    check_cuda_tensor(R, "residual");
+    r = as_matrix(R, "residual");
+    LLMC_CHECK(dtype_of(R) == dt && r.rows == M && r.cols == n_out)
+        << "residual " << shape_str(R) << " must be [" << M << ", " << n_out << "] of x's dtype";
+  }
+  if (M == 0 || n_out == 0) return;
+  const int dev = X->device.device_id;
+  DeviceGuard guard(dev);
+  cudaStream_t stream = current_stream(dev);
+  GemvArgs a{dt == DT::kF16 ? CUDA_R_16F : CUDA_R_16BF, x.ptr, x.ld, G ? data_of(G) : nullptr, float(eps),
+             w.ptr, w.ld, bias ? data_of(bias) : nullptr, r.ptr, r.ld, y.ptr, y.ld, M, n_out, K, glu != 0};
+  if (gemv_nt(dev, stream, a)) return;
+
+  // prefill: the norm into scratch, cuBLASLt, the SwiGLU from scratch
+  int64_t shape_a[2], shape_h[2], shape_x[2], x_strides[2] = {x.ld, 1};
+  DLTensor xa = matrix_view(x.ptr, X, M, K, shape_x);  // x as [M, K] with its row stride
+  xa.strides = x_strides;
+  DLTensor a_in = xa;
+  if (G != nullptr) {
+    void* buf = scratch(dev, stream, kSlotNormed, size_t(M) * K * 2);
+    a_in = matrix_view(buf, X, M, K, shape_a);
+    norm_rows(&xa, G, nullptr, &a_in, float(eps), true);
+  }
+  if (!glu) {
+    gemm_dense(&a_in, W, bias, R, Y, 1);
+    return;
+  }
+  void* hbuf = scratch(dev, stream, kSlotGlu, size_t(M) * N * 2);
+  DLTensor h = matrix_view(hbuf, X, M, N, shape_h);
+  gemm_dense(&a_in, W, bias, nullptr, &h, 1);
+  const int64_t total = M * n_out;
+  const unsigned blocks = unsigned((total + 255) / 256);
+  if (dt == DT::kF16)
+    glu_kernel<__half><<<blocks, 256, 0, stream>>>(static_cast<const __half*>(hbuf), reinterpret_cast<__half*>(y.ptr),
+                                                   y.ld, reinterpret_cast<const __half*>(r.ptr), r.ld, M, int(n_out));
+  else
+    glu_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(
+        static_cast<const __nv_bfloat16*>(hbuf), reinterpret_cast<__nv_bfloat16*>(y.ptr), y.ld,
+        reinterpret_cast<const __nv_bfloat16*>(r.ptr), r.ld, M, int(n_out));
+  LLMC_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+
+bool gemv_nt(int dev, cudaStream_t stream, const GemvArgs& a) {
+  (void)dev;
+  if (a.m < 1 || a.m > kMaxRows || a.k % 8 != 0 || a.k == 0 || a.n_out <= 0) return false;
+  if (a.dtype != CUDA_R_16F && a.dtype != CUDA_R_16BF) return false;
+  // 16-byte loads of W rows, x rows and the norm weight
+  if (!aligned16(a.w) || !aligned16(a.x) || (a.norm_w && !aligned16(a.norm_w)) || a.ldw % 8 != 0 || a.ldx % 8 != 0)
+    return false;
+  if (a.dtype == CUDA_R_16F) launch<__half>(a, stream);
+  else launch<__nv_bfloat16>(a, stream);
+  return true;
+}
+
+}  // namespace llmc_shim
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(llmc_gemm_fused, llmc_shim::GemmFused);
