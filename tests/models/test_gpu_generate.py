@@ -306,12 +306,21 @@ def test_device_pool_swaps_pages_out_and_back():
         pool.give_back(src)
 
 
+NEAR_TIE = 0.03  # of the top logit's magnitude: a few bf16 roundings (2^-8 each) of the logits
+
+
 @pytest.mark.parametrize("preemption", ["swap", "recompute"])
 def test_serving_engine_on_gpu_matches_generate_under_preemption(preemption):
     """The serving engine over the CUDA step (runtime/serve): 12 concurrent greedy requests
     through a KV pool too small for all of them, so sequences are preempted (pages swapped to
-    the host and back, or dropped and recomputed); each output equals the same prompt run alone."""
+    the host and back, or dropped and recomputed); each output equals the same prompt run alone,
+    up to a bf16 near tie: batches of different sizes run different matmul kernels (the decode
+    GEMV for 1-2 rows, cuBLASLt beyond; a recomputed prefix is a prefill), whose roundings
+    differ, so where the prompt alone had two tokens within NEAR_TIE of the top logit, either may
+    be taken and the rest of the sequence follows it. A wrong or lost page gives a far-off token."""
     import concurrent.futures
+
+    from causal_lms import recorded_steps
 
     import llmc
     from llmc.runtime.engine.sampler import SamplingParams
@@ -320,7 +329,11 @@ def test_serving_engine_on_gpu_matches_generate_under_preemption(preemption):
     llm, _ = _load("trained")
     rng = np.random.default_rng(3)
     prompts = [llm.encode(TRAINED_PROMPTS[i % 3], 0) + rng.integers(100, 4000, i % 5).tolist() for i in range(12)]
-    alone = [llm.generate([p], max_new_tokens=24, stop_token_ids=())[0].token_ids for p in prompts]
+    alone, alone_logits = [], []
+    for p in prompts:
+        with recorded_steps(llm) as steps:
+            alone.append(llm.generate([p], max_new_tokens=24, stop_token_ids=())[0].token_ids)
+        alone_logits.append([np.asarray(logits, np.float32)[-1] for _, logits in steps])
     page_bytes = llm.layout.page_bytes
     small = llmc.load(ROOT / "trained" / "artifact.llmc", device="cuda", kv_memory=10 * page_bytes)
     engine = Engine(small, EngineConfig(preemption=preemption)).start()
@@ -331,7 +344,17 @@ def test_serving_engine_on_gpu_matches_generate_under_preemption(preemption):
         counts = engine.scheduler.counts
     finally:
         engine.shutdown()
-    assert outs == alone
+    exact = 0
+    for out, ref, rows in zip(outs, alone, alone_logits):
+        assert len(out) == len(ref)
+        first = next((i for i, (a, b) in enumerate(zip(out, ref)) if a != b), None)
+        if first is None:
+            exact += 1
+            continue
+        row = rows[first]  # the logits the prompt alone chose token `first` from
+        gap = float(row[ref[first]] - row[out[first]])
+        assert gap <= NEAR_TIE * max(1.0, abs(float(row[ref[first]]))), (first, ref[first], out[first], gap)
+    assert exact >= len(prompts) // 2, exact
     assert getattr(counts, preemption) > 0, counts  # the small pool did force preemption
 
 

@@ -241,7 +241,7 @@ void gemm_impl(DLTensor* A, DLTensor* B, DLTensor* bias, DLTensor* R, DLTensor* 
   if (M == 0 || N == 0) return;
   if (trans_b && act == 0 && dt != DT::kF32) {  // decode-sized: the weight-streaming GEMV (llmc_gemv.cu)
     GemvArgs g{cuda_dtype(dt), a.ptr, a.ld, nullptr, 0.f, b.ptr, b.ld, bias_ptr, R ? r.ptr : nullptr, r.ld,
-               c.ptr, c.ld, M, N, K, false};
+               c.ptr, c.ld, M, N, K, false, 1};
     DeviceGuard guard(dev);
     if (gemv_nt(dev, current_stream(dev), g)) return;
   }

@@ -32,7 +32,7 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kLoads = 8;  // 16-byte weight loads in flight per lane
-constexpr int kMaxRows = 8;
+constexpr int kMaxRows = 8;  // the kernel's row templates (1, 2, 4, 8); GemvArgs::max_rows picks the routes' limit
 // scratch slots (llmc_lt.h scratch()): the normalized x and the GEMM's output before the SwiGLU
 constexpr int kSlotNormed = 32, kSlotGlu = 33;
 
@@ -217,19 +217,51 @@ void launch(const GemvArgs& a, cudaStream_t stream) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// Elementwise SwiGLU of the prefill path: y[m, j] = silu(h[m, j]) * h[m, j + n] (+ res[m, j]).
-template <typename T>
+// Elementwise SwiGLU of the prefill path: y[m, j] = silu(h[m, j]) * h[m, j + n] (+ res[m, j]),
+// VEC consecutive j per thread (16-byte accesses where n and the row strides allow).
+template <typename T, int VEC>
 __global__ void glu_kernel(const T* __restrict__ h, T* __restrict__ y, int64_t ldy, const T* __restrict__ res,
                            int64_t ldr, int64_t rows, int n) {
   using H = Half<T>;
+  const int per_row = n / VEC;
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= rows * n) return;
-  const int64_t m = i / n;
-  const int j = int(i - m * n);
-  const float g = H::f(h[m * 2 * n + j]), u = H::f(h[m * 2 * n + n + j]);
-  float v = g / (1.f + __expf(-g)) * u;
-  if (res) v += H::f(res[m * ldr + j]);
-  y[m * ldy + j] = H::t(v);
+  if (i >= rows * per_row) return;
+  const int64_t m = i / per_row;
+  const int j = int(i - m * per_row) * VEC;
+  T g[VEC], u[VEC], r[VEC], o[VEC];
+  const T* hr = h + m * 2 * n;
+  if constexpr (VEC == 8) {
+    *reinterpret_cast<uint4*>(g) = *reinterpret_cast<const uint4*>(hr + j);
+    *reinterpret_cast<uint4*>(u) = *reinterpret_cast<const uint4*>(hr + n + j);
+    if (res) *reinterpret_cast<uint4*>(r) = *reinterpret_cast<const uint4*>(res + m * ldr + j);
+  } else {
+    g[0] = hr[j];
+    u[0] = hr[n + j];
+    if (res) r[0] = res[m * ldr + j];
+  }
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    const float gf = H::f(g[e]);
+    float v = gf / (1.f + __expf(-gf)) * H::f(u[e]);
+    if (res) v += H::f(r[e]);
+    o[e] = H::t(v);
+  }
+  if constexpr (VEC == 8) *reinterpret_cast<uint4*>(y + m * ldy + j) = *reinterpret_cast<const uint4*>(o);
+  else y[m * ldy + j] = o[0];
+}
+
+template <typename T>
+void launch_glu(const void* h, char* y, int64_t ldy, const char* res, int64_t ldr, int64_t rows, int n,
+                cudaStream_t stream) {
+  const bool vec = n % 8 == 0 && ldy % 8 == 0 && aligned16(y) && (!res || (ldr % 8 == 0 && aligned16(res)));
+  const int64_t total = rows * (vec ? n / 8 : n);
+  const unsigned blocks = unsigned((total + 255) / 256);
+  const T* hp = static_cast<const T*>(h);
+  T* yp = reinterpret_cast<T*>(y);
+  const T* rp = reinterpret_cast<const T*>(res);
+  if (vec) glu_kernel<T, 8><<<blocks, 256, 0, stream>>>(hp, yp, ldy, rp, ldr, rows, n);
+  else glu_kernel<T, 1><<<blocks, 256, 0, stream>>>(hp, yp, ldy, rp, ldr, rows, n);
+  LLMC_CUDA_CHECK(cudaGetLastError());
 }
 
 DLTensor matrix_view(void* data, const DLTensor* like, int64_t rows, int64_t cols, int64_t* shape) {
@@ -302,23 +334,15 @@ void GemmFused(DLTensor* X, tvm::ffi::AnyView g_any, DLTensor* W, tvm::ffi::AnyV
   void* hbuf = scratch(dev, stream, kSlotGlu, size_t(M) * N * 2);
   DLTensor h = matrix_view(hbuf, X, M, N, shape_h);
   gemm_dense(&a_in, W, bias, nullptr, &h, 1);
-  const int64_t total = M * n_out;
-  const unsigned blocks = unsigned((total + 255) / 256);
-  if (dt == DT::kF16)
-    glu_kernel<__half><<<blocks, 256, 0, stream>>>(static_cast<const __half*>(hbuf), reinterpret_cast<__half*>(y.ptr),
-                                                   y.ld, reinterpret_cast<const __half*>(r.ptr), r.ld, M, int(n_out));
-  else
-    glu_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(
-        static_cast<const __nv_bfloat16*>(hbuf), reinterpret_cast<__nv_bfloat16*>(y.ptr), y.ld,
-        reinterpret_cast<const __nv_bfloat16*>(r.ptr), r.ld, M, int(n_out));
-  LLMC_CUDA_CHECK(cudaGetLastError());
+  if (dt == DT::kF16) launch_glu<__half>(hbuf, y.ptr, y.ld, r.ptr, r.ld, M, int(n_out), stream);
+  else launch_glu<__nv_bfloat16>(hbuf, y.ptr, y.ld, r.ptr, r.ld, M, int(n_out), stream);
 }
 
 }  // namespace
 
 bool gemv_nt(int dev, cudaStream_t stream, const GemvArgs& a) {
   (void)dev;
-  if (a.m < 1 || a.m > kMaxRows || a.k % 8 != 0 || a.k == 0 || a.n_out <= 0) return false;
+  if (a.m < 1 || a.m > std::min<int64_t>(a.max_rows, kMaxRows) || a.k % 8 != 0 || a.k == 0 || a.n_out <= 0) return false;
   if (a.dtype != CUDA_R_16F && a.dtype != CUDA_R_16BF) return false;
   // 16-byte loads of W rows, x rows and the norm weight
   if (!aligned16(a.w) || !aligned16(a.x) || (a.norm_w && !aligned16(a.norm_w)) || a.ldw % 8 != 0 || a.ldx % 8 != 0)

@@ -55,8 +55,10 @@ void qmatmul_dequant_gemm(int dev, cudaStream_t stream, cudaDataType_t half_dtyp
 
 // The decode GEMV of llmc_gemv.cu: y[M, n_out] = act(rmsnorm(x) @ W^T + bias) + res, W [N, K]
 // row-major (ld ldw), N = 2 n_out with glu (SwiGLU of the halves), else n_out; norm_w, bias, res
-// may be null. Returns false, enqueuing nothing, when the problem is not GEMV-sized (more than 8
-// rows, K not a multiple of 8, unaligned rows): the caller runs the GEMM.
+// may be null. Returns false, enqueuing nothing, when the problem is not GEMV-sized (more than
+// max_rows rows, K not a multiple of 8, unaligned rows): the caller runs the GEMM. max_rows is the
+// measured break-even against cuBLASLt (benchmarks/bench_gemv_gpu.py --fused, H100): with the norm
+// and the SwiGLU saved, 2 rows; a plain GEMM, 1 (cuBLASLt's small-M kernels win from 2 rows).
 struct GemvArgs {
   cudaDataType_t dtype = CUDA_R_16BF;
   const void* x = nullptr;
@@ -72,6 +74,7 @@ struct GemvArgs {
   int64_t ldy = 0;
   int64_t m = 0, n_out = 0, k = 0;
   bool glu = false;
+  int64_t max_rows = 2;
 };
 bool gemv_nt(int dev, cudaStream_t stream, const GemvArgs& a);
 
