@@ -24,6 +24,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <map>
+#include <mutex>
+
 #include "llmc_lt.h"
 #include "llmc_shim_common.h"
 
@@ -42,6 +45,23 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(p));
   return v;
+}
+
+// Programmatic dependent launch (Hopper): a GEMV launched with the attribute may start while the
+// kernel before it finishes; it issues its first weight loads (weights are never written by an
+// earlier kernel), then waits for that kernel's results (griddepcontrol.wait) before reading x,
+// the residual or writing y. It lets the next such launch start once all its own blocks run
+// (launch_dependents). So in a chain of GEMVs (O projection -> gate/up -> down -> next QKV) each
+// one's weight fetch overlaps the previous one's tail. No-ops before sm_90.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 }
 
 template <typename T> struct Half;
@@ -113,6 +133,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_nt_kernel(const GemvParams<T
     }
   };
   load(0);
+  pdl_launch_dependents();
+  pdl_wait();
 
   float scale[M];
 #pragma unroll
@@ -193,26 +215,50 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_nt_kernel(const GemvParams<T
   }
 }
 
+// Whether `dev` takes programmatic dependent launches (compute capability 9.0+), asked once per device.
+bool pdl_capable(int dev) {
+  static std::mutex mu;
+  static std::map<int, bool> known;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = known.find(dev);
+  if (it != known.end()) return it->second;
+  int major = 0;
+  LLMC_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  return known[dev] = major >= 9;
+}
+
+template <typename T, int M, bool NORM, bool GLU>
+void launch_kernel(const GemvParams<T>& p, int dev, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned((p.n_out + kWarps - 1) / kWarps));
+  cfg.blockDim = dim3(kWarps * 32);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_capable(dev) ? 1 : 0;
+  LLMC_CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv_nt_kernel<T, M, NORM, GLU>, p));
+}
+
 template <typename T, int M>
-void launch_m(const GemvParams<T>& p, bool norm, bool glu, cudaStream_t stream) {
-  const dim3 grid(unsigned((p.n_out + kWarps - 1) / kWarps)), block(kWarps * 32);
-  if (norm && glu) gemv_nt_kernel<T, M, true, true><<<grid, block, 0, stream>>>(p);
-  else if (norm) gemv_nt_kernel<T, M, true, false><<<grid, block, 0, stream>>>(p);
-  else if (glu) gemv_nt_kernel<T, M, false, true><<<grid, block, 0, stream>>>(p);
-  else gemv_nt_kernel<T, M, false, false><<<grid, block, 0, stream>>>(p);
+void launch_m(const GemvParams<T>& p, bool norm, bool glu, int dev, cudaStream_t stream) {
+  if (norm && glu) launch_kernel<T, M, true, true>(p, dev, stream);
+  else if (norm) launch_kernel<T, M, true, false>(p, dev, stream);
+  else if (glu) launch_kernel<T, M, false, true>(p, dev, stream);
+  else launch_kernel<T, M, false, false>(p, dev, stream);
 }
 
 template <typename T>
-void launch(const GemvArgs& a, cudaStream_t stream) {
+void launch(const GemvArgs& a, int dev, cudaStream_t stream) {
   GemvParams<T> p{static_cast<const T*>(a.x), a.ldx, static_cast<const T*>(a.norm_w), a.eps,
                   static_cast<const T*>(a.w), a.ldw, static_cast<const T*>(a.bias), static_cast<const T*>(a.res),
                   a.ldr, static_cast<T*>(a.y), a.ldy, int(a.m), int(a.n_out), int(a.k)};
   const bool norm = a.norm_w != nullptr;
-  if (a.m == 1) launch_m<T, 1>(p, norm, a.glu, stream);
-  else if (a.m == 2) launch_m<T, 2>(p, norm, a.glu, stream);
-  else if (a.m <= 4) launch_m<T, 4>(p, norm, a.glu, stream);
-  else launch_m<T, 8>(p, norm, a.glu, stream);
-  LLMC_CUDA_CHECK(cudaGetLastError());
+  if (a.m == 1) launch_m<T, 1>(p, norm, a.glu, dev, stream);
+  else if (a.m == 2) launch_m<T, 2>(p, norm, a.glu, dev, stream);
+  else if (a.m <= 4) launch_m<T, 4>(p, norm, a.glu, dev, stream);
+  else launch_m<T, 8>(p, norm, a.glu, dev, stream);
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -341,14 +387,13 @@ void GemmFused(DLTensor* X, tvm::ffi::AnyView g_any, DLTensor* W, tvm::ffi::AnyV
 }  // namespace
 
 bool gemv_nt(int dev, cudaStream_t stream, const GemvArgs& a) {
-  (void)dev;
   if (a.m < 1 || a.m > std::min<int64_t>(a.max_rows, kMaxRows) || a.k % 8 != 0 || a.k == 0 || a.n_out <= 0) return false;
   if (a.dtype != CUDA_R_16F && a.dtype != CUDA_R_16BF) return false;
   // 16-byte loads of W rows, x rows and the norm weight
   if (!aligned16(a.w) || !aligned16(a.x) || (a.norm_w && !aligned16(a.norm_w)) || a.ldw % 8 != 0 || a.ldx % 8 != 0)
     return false;
-  if (a.dtype == CUDA_R_16F) launch<__half>(a, stream);
-  else launch<__nv_bfloat16>(a, stream);
+  if (a.dtype == CUDA_R_16F) launch<__half>(a, dev, stream);
+  else launch<__nv_bfloat16>(a, dev, stream);
   return true;
 }
 
