@@ -132,7 +132,7 @@ def input_node(name: str, ty: TensorType) -> Node:
     return Node(Op.INPUT, (), InputAttrs(name), ty, name)
 
 
-def weight_node(name: str, ty: TensorType, sparse24: bool = False) -> Node:
+def weight_node(name: str, ty: TensorType, sparse24: bool = False, gemm_rows: bool = False) -> Node:
     from .ops import WeightAttrs
 
-    return Node(Op.WEIGHT, (), WeightAttrs(name, sparse24), ty, name)
+    return Node(Op.WEIGHT, (), WeightAttrs(name, sparse24, gemm_rows), ty, name)

@@ -102,6 +102,9 @@ class WeightAttrs:
     # 2 of every 4 consecutive elements along the consuming matmul's K are exact zeros
     # (passes/sparsify.py): what a sparse tensor-core route may rely on
     sparse24: bool = False
+    # stored [N, K] for GEMMs that read it through a (1, 0) permute, on purpose
+    # (passes/gemm_weight_layout.py): simplify keeps that permute instead of folding it into a copy
+    gemm_rows: bool = False
 
 
 @dataclass(frozen=True)

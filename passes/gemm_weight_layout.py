@@ -48,7 +48,7 @@ def transpose_gemm_weights(graph: Graph, dtypes: frozenset = frozenset({DType.F3
         if name in params and not (params[name].shape == arr.shape and np.array_equal(params[name], arr)):
             name = _unique(name, params)  # the name holds another array: a fresh one
         params[name] = arr
-        wt = ir.weight_node(name, TensorType((n, k), w.dtype))
+        wt = ir.weight_node(name, TensorType((n, k), w.dtype), gemm_rows=True)
         mapping[w.uid] = ir.node(Op.PERMUTE, [wt], PermuteAttrs((1, 0)), w.where)
     out = substitute(graph, mapping, params) if mapping else graph
     return out, PassReport("transpose_gemm_weights", {"transposed": len(mapping)},

@@ -131,6 +131,8 @@ def _mask_before_expand(m: Match) -> Node:
 def _permute_weight(m: Match) -> Node | None:
     w = m.old("w")
     perm = m.root.attrs.perm
+    if w.attrs.gemm_rows:  # laid out [N, K] for its GEMMs on purpose: folding would copy it back
+        return None
     # A weight read elsewhere untransposed (tied embeddings) would be duplicated: keep it.
     if any(u.op is not Op.PERMUTE or u.attrs.perm != perm for u in m.users(w)):
         return None

@@ -54,3 +54,19 @@ def test_leaves_other_dtypes_and_is_a_no_op_when_nothing_moves():
     g = _graph(DType.F16)
     out, report = transpose_gemm_weights(g)
     assert out is g and report.counts == {"transposed": 0}
+
+
+def test_simplify_keeps_the_layout_and_names_round_trip():
+    """A moved weight is marked (gemm_rows): simplify, run again on the result (as the step
+    function's build does on the forward's graph), keeps its permute instead of folding it into
+    a [K, N] copy that the layout pass would then copy back; and a `<name>.T` moves back to
+    `<name>` (simplify.transposed_name), so forward and step name the array alike."""
+    from llmc.passes.simplify import simplify, transposed_name
+
+    after, _ = transpose_gemm_weights(_graph())
+    moved = [n for n in after.nodes() if n.op is Op.WEIGHT and n.attrs.gemm_rows]
+    assert {n.attrs.name for n in moved} == {"w.T", "shared.T"}
+    again, _ = simplify(after)
+    assert {n.attrs.name for n in again.nodes() if n.op is Op.WEIGHT and n.attrs.gemm_rows} == {"w.T", "shared.T"}
+    assert all(again.params[k] is after.params[k] for k in ("w.T", "shared.T"))  # no copies
+    assert transposed_name("w") == "w.T" and transposed_name("w.T") == "w" and transposed_name("e", (2, 0, 1)) == "e.perm201"
