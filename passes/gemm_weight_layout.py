@@ -23,8 +23,8 @@ from ..compiler.ir import Graph, Node, TensorType
 from ..compiler.ops import Op, PermuteAttrs
 from .quantize import _unique
 from .report import PassReport
-from .simplify import transposed_name
 from .rewrite import substitute
+from .simplify import transposed_name
 
 
 def _gemm_only(w: Node, users: list[Node]) -> bool:

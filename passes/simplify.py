@@ -142,9 +142,9 @@ def _permute_weight(m: Match) -> Node | None:
 
 def transposed_name(name: str, perm: tuple = (1, 0)) -> str:
     """The name of a weight's permuted copy: `<name>.T` for a transpose, and back to `<name>` for
-    the transpose of a `<name>.T`, so a layout undone and redone (a step function derived from a
-    forward whose GEMM weights were stored [N, K], passes/gemm_weight_layout.py) lands on the
-    forward's own name and the artifact stores the array once."""
+    the transpose of a `<name>.T` (it is the original layout again): torch's `x.weight` [N, K],
+    folded to `x.weight.T` [K, N] at capture, is `x.weight` again once passes/gemm_weight_layout.py
+    stores it [N, K] for a GEMM, not `x.weight.T.T`."""
     if tuple(perm) == (1, 0):
         return name[:-2] if name.endswith(".T") else name + ".T"
     return name + ".perm" + "".join(map(str, perm))

@@ -72,9 +72,10 @@ def _glu_tail(h: Node, users: dict) -> list[Node] | None:
     up = next((s for s in us if _is_half_slice(s, h, False)), None)
     if gate is None or up is None:
         return None
-    (silu,) = users.get(gate.uid, [None]) if len(users.get(gate.uid, [])) == 1 else (None,)
-    if silu is None or silu.op is not Op.SILU:
+    after_gate = users.get(gate.uid, [])
+    if len(after_gate) != 1 or after_gate[0].op is not Op.SILU:
         return None
+    silu = after_gate[0]
     mul = users.get(silu.uid, [])
     if len(mul) != 1 or mul[0].op is not Op.MUL or {i.uid for i in mul[0].inputs} != {silu.uid, up.uid}:
         return None
@@ -97,9 +98,10 @@ def _core(group: list[Node]) -> tuple[Node, Node | None, Node | None] | None:
     for n in rest:
         if n.op is not Op.ADD or cur not in n.inputs or tuple(n.shape) != tuple(mm.shape):
             return None
-        (o,) = [i for i in n.inputs if i is not cur] or [None]
-        if o is None:
+        others = [i for i in n.inputs if i is not cur]
+        if len(others) != 1 or others[0].op is Op.CONST:  # a constant would be inside the kernel, not an argument
             return None
+        o = others[0]
         if bias is None and res is None and len(o.shape) == 1 and o.shape[0] == mm.shape[-1]:
             bias = n
         elif res is None and tuple(o.shape) == tuple(mm.shape):
@@ -165,8 +167,10 @@ def match_fused_gemm(kernel: Kernel, route_cls):
         for i in n.inputs:
             users.setdefault(i.uid, []).append(n)
     if tail:
-        if res is not None or _glu_tail(last, users) != tail:
+        glu = _glu_tail(last, users)
+        if res is not None or glu is None or {n.uid for n in glu} != {n.uid for n in tail}:
             return None
+        tail = glu  # [gate slice, SILU, up slice, MUL]: the MUL is the output
     out = tail[-1] if tail else last
     if kernel.outputs[0] is not out:
         return None
