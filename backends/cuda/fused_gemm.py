@@ -33,8 +33,8 @@ def _weight_rows(mm: Node) -> Node | None:
     b = mm.inputs[1]
     if b.op is not Op.PERMUTE or tuple(b.attrs.perm) != (1, 0):
         return None
-    w = b.inputs[0]
-    return w if w.op is Op.WEIGHT and len(w.shape) == 2 else None
+    w = b.inputs[0]  # (a 2:4-pruned weight keeps its cuSPARSELt route)
+    return w if w.op is Op.WEIGHT and len(w.shape) == 2 and not w.attrs.sparse24 else None
 
 
 def _gemm_ok(mm: Node) -> bool:
