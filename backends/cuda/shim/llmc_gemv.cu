@@ -9,10 +9,12 @@
 //
 // Why: a decode step of a Llama-shaped model is ~150 launches, and at one token the small ones
 // (the norm before the QKV and gate/up projections, the SwiGLU after gate/up) cost as much as
-// their neighbours' weight reads. With up to kMaxRows rows, the norm and the SwiGLU are done
-// inside a weight-streaming GEMV (below); with more rows (prefill), the same call runs the norm
+// their neighbours' weight reads. With 1-2 rows (GemvArgs::max_rows, the measured break-even; the
+// kernel has row templates up to kMaxRows), the norm and the SwiGLU are done inside a
+// weight-streaming GEMV (below); with more rows (batches, prefill), the same call runs the norm
 // kernel, cuBLASLt and an elementwise SwiGLU pass through scratch memory, so the route is right
-// for any step. llmc_gemm_ex (llmc_gemm.cu) sends its own decode-sized W^T calls to the GEMV too.
+// for any step. llmc_gemm_ex (llmc_gemm.cu) sends its own one-row W^T calls to the GEMV too. On
+// Hopper the GEMV is a programmatic dependent launch (pdl_wait below).
 //
 // The GEMV: a warp per output channel (two weight rows with glu: gate row n and up row n + N/2),
 // each lane with kLoads 16-byte weight loads in flight before any math, read past L1
