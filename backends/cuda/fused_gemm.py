@@ -40,9 +40,9 @@ def _weight_rows(mm: Node) -> Node | None:
 def _gemm_ok(mm: Node) -> bool:
     a = mm.inputs[0]
     k = a.shape[-1] if len(a.shape) >= 2 else None
+    w = _weight_rows(mm)
     return (mm.op is Op.MATMUL and mm.dtype in FUSED_DTYPES and a.dtype is mm.dtype and len(a.shape) >= 2
-            and _weight_rows(mm) is not None and _weight_rows(mm).dtype is mm.dtype
-            and isinstance(k, int) and k % 8 == 0)
+            and w is not None and w.dtype is mm.dtype and isinstance(k, int) and k % 8 == 0)
 
 
 def _norm_ok(n: Node, mm: Node) -> bool:
@@ -148,7 +148,7 @@ def fuse_gemm_neighbours(graph: Graph, groups: list[list[Node]]) -> list[list[No
     return [g for g in groups if g]
 
 
-def match_fused_gemm(kernel: Kernel, route_cls):
+def match_fused_gemm(kernel: Kernel):
     """The llmc_gemm_fused route of a merged kernel (a norm or a SwiGLU with its GEMM), else None.
     Tensors: x, norm weight or None, W [N, K], bias or None, residual or None, y; scalars glu, eps."""
     body = [n for n in kernel.body if n.op is not Op.CONST]
@@ -174,8 +174,9 @@ def match_fused_gemm(kernel: Kernel, route_cls):
     out = tail[-1] if tail else last
     if kernel.outputs[0] is not out:
         return None
-    idx = {p.uid: i for i, p in enumerate(kernel.params)}
-    idx[out.uid] = len(kernel.params)
+    from .routes import Route, _arg_index  # (routes imports this module)
+
+    idx = _arg_index(kernel)
     x = norm.inputs[0] if norm else mm.inputs[0]
     w = _weight_rows(mm)
     ins = [x, w] + ([norm.inputs[1]] if norm else [])
@@ -197,7 +198,7 @@ def match_fused_gemm(kernel: Kernel, route_cls):
     eps = float(norm.attrs.eps) if norm else 0.0
     label = "fused gemv/gemm" + (" rmsnorm+" if norm else " ") + "W^T" + (" +bias" if b else "") + \
         (" +swiglu" if tail else "") + (" +residual" if r else "")
-    return route_cls(FUSED_FUNC, tensors, [int(bool(tail)), eps], label)
+    return Route(FUSED_FUNC, tensors, [int(bool(tail)), eps], label)
 
 
 __all__ = ["fuse_gemm_neighbours", "match_fused_gemm", "FUSED_FUNC"]

@@ -663,7 +663,7 @@ def _match_qmatmul(kernel: Kernel) -> Route | None:
 
 def match_route(kernel: Kernel) -> Route | None:
     """The shim call that computes `kernel` exactly, or None (then TVM builds it)."""
-    return _match_paged(kernel) or _match_qmatmul(kernel) or match_fused_gemm(kernel, Route) or _match_gemm(kernel) \
+    return _match_paged(kernel) or _match_qmatmul(kernel) or match_fused_gemm(kernel) or _match_gemm(kernel) \
         or _match_attention(kernel) or _match_norm(kernel)
 
 
