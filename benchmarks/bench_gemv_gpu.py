@@ -6,6 +6,7 @@ of the copy bandwidth measured here.
     python benchmarks/bench_gemv_gpu.py --quant [--rows 1 4 8]   # llmc_qgemv int8 / int4 against bf16
     python benchmarks/bench_gemv_gpu.py --tensor-cores --rows 1 16 512 4096   # fp8, w8a8, 2:4, int4 vs bf16
     python benchmarks/bench_gemv_gpu.py --fused --rows 1 2 4 8 16   # the decode GEMV, norm / SwiGLU fused in
+    python benchmarks/bench_gemv_gpu.py --quant --fused --rows 1 2   # the same fusions, int8 / int4 vs bf16
 
 --fused times, on W stored [N, K] (the CUDA build's layout), llmc's decode GEMV (llmc_gemm_ex at
 <= 8 rows) and llmc_gemm_fused (RMSNorm -> GEMM -> SwiGLU in one call, as a Llama layer's QKV and
@@ -14,7 +15,9 @@ matmul, torch's silu * mul; and sums a decode step's matmuls both ways.
 
 --quant times the weight-only quantized GEMV (llmc_qgemv: int8 per channel, int4 g128) against
 the shim's bf16 GEMM on the same shapes, and sums a Llama-3.2-1B decode step's matmuls (16 layers
-x 4 + the LM head) for each scheme.
+x 4 + the LM head) for each scheme. With --fused too, every scheme runs the step's fused calls
+(norm + QKV, O projection + residual, norm + gate/up + SwiGLU, down + residual, norm + LM head):
+llmc_gemm_fused / llmc_gemm_ex for bf16 ([N, K] weights), llmc_qgemv_fused for int8 / int4.
 
 Each timing replays a CUDA graph of calls that cycle through enough weight copies (> 2x the
 L2 cache) that every call reads its weight from HBM; median of 5 replays.
@@ -60,6 +63,8 @@ def main() -> None:
 
     bw = copy_bandwidth(torch)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    if a.quant and a.fused:
+        return quant_fused_main(shim, torch, np, bw, [m for m in a.rows if m <= 8])
     if a.quant:
         return quant_main(shim, torch, np, bw, [m for m in a.rows if m <= 8])
     if a.tensor_cores:
@@ -220,6 +225,57 @@ def quant_main(shim, torch, np, bw: float, rows: list[int]) -> None:
     for m in rows:
         st = step[m]
         print(f"decode step matmuls, M={m}: bf16 {st['bf16'] / 1e3:.3f} ms, int8 {st['int8'] / 1e3:.3f} ms "
+              f"(x{st['bf16'] / st['int8']:.2f}), int4 g{group} {st['int4'] / 1e3:.3f} ms (x{st['bf16'] / st['int4']:.2f})")
+    print(json.dumps(out))
+
+
+def quant_fused_main(shim, torch, np, bw: float, rows: list[int]) -> None:
+    from llmc.compiler.quant_layout import pack_int4
+
+    fused, gemm, qfused = shim["llmc_gemm_fused"], shim["llmc_gemm_ex"], shim["llmc_qgemv_fused"]
+    group = 128
+    step = {m: {"bf16": 0.0, "int8": 0.0, "int4": 0.0} for m in rows}
+    out = []
+    for name, K, N, has_norm, glu, per_step in FUSED_PLAN:
+        rng = np.random.default_rng(K + N)
+        sizes = {"bf16": K * N * 2, "int8": K * N + N * 2, "int4": K * N // 2 + N * (K // group) * 2}
+        copies = {k: max(2, int(np.ceil(200e6 / v))) for k, v in sizes.items()}
+        w16 = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / 64 for _ in range(copies["bf16"])]
+        q8 = [torch.from_numpy(rng.integers(-127, 128, (N, K), dtype=np.int8)).cuda() for _ in range(copies["int8"])]
+        s8 = torch.rand(N, 1, device="cuda", dtype=torch.bfloat16) / 100
+        q4 = [torch.from_numpy(pack_int4(rng.integers(0, 16, (N, K)))).cuda() for _ in range(copies["int4"])]
+        s4 = torch.rand(N, K // group, device="cuda", dtype=torch.bfloat16) / 100
+        g = (torch.rand(K, device="cuda") + 0.5).to(torch.bfloat16) if has_norm else None
+        residual = not has_norm and not glu and name != "lm_head"  # o_proj, down: + the residual stream
+        n_out = N // 2 if glu else N
+        for m in rows:
+            x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
+            res = torch.randn(m, n_out, device="cuda", dtype=torch.bfloat16) if residual else None
+            y = torch.empty(m, n_out, device="cuda", dtype=torch.bfloat16)
+
+            def bf16(w):
+                if has_norm or glu:
+                    fused(x, g, w, None, res, y, int(glu), 1e-5)
+                else:
+                    gemm(x, w, None, res, y, 1, 0)
+            t = {"bf16": graph_time_us(torch, np, [lambda w=w: bf16(w) for w in w16]),
+                 "int8": graph_time_us(torch, np, [lambda w=w: qfused(x, g, w, s8, None, res, y, 8, K, int(glu), 1e-5)
+                                                   for w in q8]),
+                 "int4": graph_time_us(torch, np, [lambda w=w: qfused(x, g, w, s4, None, res, y, 4, group, int(glu),
+                                                                      1e-5) for w in q4])}
+            for k in t:
+                step[m][k] += per_step * t[k]
+            r = {"shape": name, "K": K, "N": N, "M": m, "norm": has_norm, "glu": glu, "residual": residual,
+                 **{f"{k}_us": v for k, v in t.items()}, **{f"{k}_of_copy_bw": sizes[k] / (t[k] * 1e-6) / bw for k in t}}
+            out.append(r)
+            print(f"{name:8s} M={m}  bf16 {t['bf16']:7.1f} us ({100 * r['bf16_of_copy_bw']:.0f}% of copy)  "
+                  f"int8 {t['int8']:7.1f} us ({100 * r['int8_of_copy_bw']:.0f}%, x{t['bf16'] / t['int8']:.2f})  "
+                  f"int4 {t['int4']:7.1f} us ({100 * r['int4_of_copy_bw']:.0f}%, x{t['bf16'] / t['int4']:.2f})",
+                  flush=True)
+        del w16, q8, q4
+    for m in rows:
+        st = step[m]
+        print(f"decode step fused calls, M={m}: bf16 {st['bf16'] / 1e3:.3f} ms, int8 {st['int8'] / 1e3:.3f} ms "
               f"(x{st['bf16'] / st['int8']:.2f}), int4 g{group} {st['int4'] / 1e3:.3f} ms (x{st['bf16'] / st['int4']:.2f})")
     print(json.dumps(out))
 

@@ -25,6 +25,7 @@ from llmc.compiler.ops import Op
 from llmc.compiler.program import Kernel
 
 FUSED_FUNC = "llmc_gemm_fused"
+QFUSED_FUNC = "llmc_qgemv_fused"  # (shim/llmc_qgemv.cu)
 FUSED_DTYPES = frozenset({DType.F16, DType.BF16})
 
 
@@ -43,6 +44,13 @@ def _gemm_ok(mm: Node) -> bool:
     w = _weight_rows(mm)
     return (mm.op is Op.MATMUL and mm.dtype in FUSED_DTYPES and a.dtype is mm.dtype and len(a.shape) >= 2
             and w is not None and w.dtype is mm.dtype and isinstance(k, int) and k % 8 == 0)
+
+
+def _qmatmul_ok(mm: Node) -> bool:
+    """A weight-only int4 / int8 QMATMUL in half precision (llmc_qgemv_fused's; check_qmatmul has
+    checked K and the group when the core was split out)."""
+    return (mm.op is Op.QMATMUL and not mm.attrs.act_bits and mm.dtype in FUSED_DTYPES and len(mm.inputs[0].shape) >= 2
+            and all(i.dtype is mm.dtype for i in (mm.inputs[0], *mm.inputs[2:])))
 
 
 def _norm_ok(n: Node, mm: Node) -> bool:
@@ -86,10 +94,11 @@ def _glu_tail(h: Node, users: dict) -> list[Node] | None:
 
 def _core(group: list[Node]) -> tuple[Node, Node | None, Node | None] | None:
     """(matmul, bias add, residual add) when `group` (CONSTs aside) is [PERMUTE(W)] MATMUL [bias] [residual]
-    as backends/cuda/routes.py's GEMM core forms it, with the W^T layout."""
+    as backends/cuda/routes.py's GEMM core forms it, with the W^T layout, or a weight-only
+    QMATMUL [residual]."""
     body = [n for n in group if n.op is not Op.CONST]
-    mms = [n for n in body if n.op is Op.MATMUL]
-    if len(mms) != 1 or not _gemm_ok(mms[0]):
+    mms = [n for n in body if n.op in (Op.MATMUL, Op.QMATMUL)]
+    if len(mms) != 1 or not (_gemm_ok(mms[0]) or _qmatmul_ok(mms[0])):
         return None
     mm = mms[0]
     rest = [n for n in body if n is not mm and n is not mm.inputs[1]]
@@ -109,6 +118,8 @@ def _core(group: list[Node]) -> tuple[Node, Node | None, Node | None] | None:
         else:
             return None
         cur = n
+    if bias is not None and mm.op is Op.QMATMUL:  # (the quantized core takes a residual only)
+        return None
     return mm, bias, res
 
 
@@ -156,9 +167,11 @@ def match_fused_gemm(kernel: Kernel):
     rest = body[1:] if norm else body
     tail = [n for n in rest if n.op in (Op.SLICE, Op.SILU, Op.MUL)]
     core = _core([n for n in rest if n not in tail])
-    if core is None or (norm is None and not tail) or len(kernel.outputs) != 1:
+    if core is None or len(kernel.outputs) != 1:
         return None
     mm, bias, res = core
+    if norm is None and not tail and (mm.op is Op.MATMUL or res is None):  # (routes.py's own GEMM / qgemv routes)
+        return None
     if norm is not None and not _norm_ok(norm, mm):
         return None
     last = res or bias or mm
@@ -178,8 +191,8 @@ def match_fused_gemm(kernel: Kernel):
 
     idx = _arg_index(kernel)
     x = norm.inputs[0] if norm else mm.inputs[0]
-    w = _weight_rows(mm)
-    ins = [x, w] + ([norm.inputs[1]] if norm else [])
+    ws = list(mm.inputs[1:]) if mm.op is Op.QMATMUL else [_weight_rows(mm)]  # qweight, scales[, zeros] | W
+    ins = [x, *ws] + ([norm.inputs[1]] if norm else [])
     if any(i.uid not in idx for i in ins):
         return None
 
@@ -193,12 +206,18 @@ def match_fused_gemm(kernel: Kernel):
     r = other(res, bias or mm)
     if b is False or r is False:
         return None
-    tensors = [(idx[x.uid], tuple(x.shape)), None if norm is None else (idx[norm.inputs[1].uid], tuple(norm.inputs[1].shape)),
-               (idx[w.uid], tuple(w.shape)), b, r, (idx[out.uid], tuple(out.shape))]
+    arg = lambda n: (idx[n.uid], tuple(n.shape))  # noqa: E731
+    g = None if norm is None else arg(norm.inputs[1])
     eps = float(norm.attrs.eps) if norm else 0.0
-    label = "fused gemv/gemm" + (" rmsnorm+" if norm else " ") + "W^T" + (" +bias" if b else "") + \
+    what = ("rmsnorm+" if norm else "") + ("W^T" if mm.op is Op.MATMUL else "") + (" +bias" if b else "") + \
         (" +swiglu" if tail else "") + (" +residual" if r else "")
-    return Route(FUSED_FUNC, tensors, [int(bool(tail)), eps], label)
+    if mm.op is Op.QMATMUL:
+        at = mm.attrs
+        zeros = arg(ws[2]) if len(ws) > 2 else None
+        return Route(QFUSED_FUNC, [arg(x), g, arg(ws[0]), arg(ws[1]), zeros, r, arg(out)],
+                     [int(at.bits), int(at.group), int(bool(tail)), eps],
+                     f"int{at.bits} g{at.group} dequantizing gemv " + what.strip() + ("" if at.symmetric else " +zeros"))
+    return Route(FUSED_FUNC, [arg(x), g, arg(ws[0]), b, r, arg(out)], [int(bool(tail)), eps], "fused gemv/gemm " + what)
 
 
-__all__ = ["fuse_gemm_neighbours", "match_fused_gemm", "FUSED_FUNC"]
+__all__ = ["fuse_gemm_neighbours", "match_fused_gemm", "FUSED_FUNC", "QFUSED_FUNC"]

@@ -320,7 +320,10 @@ def cuda_grouping(graph: Graph, fuse_gemv: bool = False) -> list[list[Node]]:
                                                           if c.op is Op.CONST and c.uid in members}
                 add = split.residual_add(m, members, ancestors_within(group, {m.uid}))
                 return core | ({add.uid} if add is not None else set())  # + a residual, as the bf16 GEMM takes
-            return {m.uid}  # the weight-only quantized matmul has no epilogues: a kernel of its own
+            if fuse_gemv:  # llmc_qgemv_fused adds a residual too (and takes a norm / SwiGLU: fused_gemm.py)
+                add = split.residual_add(m, members, ancestors_within(group, {m.uid}))
+                return {m.uid} | ({add.uid} if add is not None else set())
+            return {m.uid}  # llmc_qgemv: no epilogues, a kernel of its own
         return None
 
     groups = split_out_cores(groups, core_of)

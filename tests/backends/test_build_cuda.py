@@ -272,7 +272,8 @@ def test_cuda_generation_of_an_fp32_model_is_refused_clearly():
 def test_cuda_quantized_generation_routes_qmatmul_to_the_shim(tmp_path):
     """A bf16 causal LM quantized to int4 and compiled for CUDA: every QMATMUL of the forward
     and of the step function is one llmc_qgemv call over x viewed as [rows, K] (a kernel of its
-    own), with the scheme's bits and group as scalars; an fp32 model's is refused by name."""
+    own) or one llmc_qgemv_fused call with its neighbours, with the scheme's bits and group as
+    scalars; an fp32 model's is refused by name."""
     import sys
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "helpers"))
@@ -288,11 +289,15 @@ def test_cuda_quantized_generation_routes_qmatmul_to_the_shim(tmp_path):
     cm = llmc.compile(model, (ids,), generate=GenerateOptions(max_tokens=32, max_seqs=4), **kw)
     m = read_manifest(cm.export(tmp_path / "q.llmc"))
     for program in (m.program, m.generation.program):
-        q = [k for k in program.kernels.values() if k.route == "shim" and k.func == "llmc_qgemv"]
-        assert q, [k.name for k in program.kernels.values()]
+        q = [k for k in program.kernels.values() if k.route == "shim" and k.func in ("llmc_qgemv", "llmc_qgemv_fused")]
+        assert any(k.func == "llmc_qgemv_fused" for k in q), [k.name for k in program.kernels.values()]
         for k in q:
-            assert tuple(k.scalars) == (4, 32) and len(k.tensors) == 5 and k.tensors[3] is None  # symmetric: no zeros
-            assert len(k.tensors[0].shape) == 2 and len(k.tensors[4].shape) == 2
+            if k.func == "llmc_qgemv":
+                assert tuple(k.scalars) == (4, 32) and len(k.tensors) == 5 and k.tensors[3] is None  # symmetric: no zeros
+                assert len(k.tensors[0].shape) == 2 and len(k.tensors[4].shape) == 2
+            else:  # a norm before it, a SwiGLU or a residual after it in the same call (cuda/fused_gemm.py)
+                assert tuple(k.scalars[:2]) == (4, 32) and len(k.tensors) == 7 and k.tensors[4] is None
+                assert k.tensors[1] is not None or k.tensors[5] is not None or k.scalars[2] == 1
     # a perf artifact (--weights none) leaves the packed weights out too: the runtime fills them
     perf = read_manifest(cm.export(tmp_path / "perf.llmc", weights=False, keep_below=0))
     packed = {t.name for t in perf.program.buffers if t.role == "weight" and t.dtype == "uint8"}

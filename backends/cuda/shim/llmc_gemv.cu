@@ -14,7 +14,7 @@
 // weight-streaming GEMV (below); with more rows (batches, prefill), the same call runs the norm
 // kernel, cuBLASLt and an elementwise SwiGLU pass through scratch memory, so the route is right
 // for any step. llmc_gemm_ex (llmc_gemm.cu) sends its own one-row W^T calls to the GEMV too. On
-// Hopper the GEMV is a programmatic dependent launch (pdl_wait below).
+// Hopper the GEMV is a programmatic dependent launch (llmc_stream_kernels.h).
 //
 // The GEMV: a warp per output channel (two weight rows with glu: gate row n and up row n + N/2),
 // each lane with kLoads 16-byte weight loads in flight before any math, read past L1
@@ -26,11 +26,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <map>
-#include <mutex>
-
 #include "llmc_lt.h"
 #include "llmc_shim_common.h"
+#include "llmc_stream_kernels.h"
 
 namespace llmc_shim {
 namespace {
@@ -41,30 +39,7 @@ constexpr int kMaxRows = 8;  // the kernel's row templates (1, 2, 4, 8); GemvArg
 // scratch slots (llmc_lt.h scratch()): the normalized x and the GEMM's output before the SwiGLU
 constexpr int kSlotNormed = 32, kSlotGlu = 33;
 
-__device__ __forceinline__ uint4 ld_stream(const void* p) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
-  return v;
-}
-
-// Programmatic dependent launch (Hopper): a GEMV launched with the attribute may start while the
-// kernel before it finishes; it issues its first weight loads (weights are never written by an
-// earlier kernel), then waits for that kernel's results (griddepcontrol.wait) before reading x,
-// the residual or writing y. It lets the next such launch start once all its own blocks run
-// (launch_dependents). So in a chain of GEMVs (O projection -> gate/up -> down -> next QKV) each
-// one's weight fetch overlaps the previous one's tail. No-ops before sm_90.
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename T> struct Half;
 template <> struct Half<__nv_bfloat16> {
@@ -93,12 +68,6 @@ template <> struct Half<__half> {
   static __device__ __forceinline__ float f(__half v) { return __half2float(v); }
   static __device__ __forceinline__ __half t(float v) { return __float2half_rn(v); }
 };
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 template <typename T>
 struct GemvParams {
@@ -217,30 +186,10 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_nt_kernel(const GemvParams<T
   }
 }
 
-// Whether `dev` takes programmatic dependent launches (compute capability 9.0+), asked once per device.
-bool pdl_capable(int dev) {
-  static std::mutex mu;
-  static std::map<int, bool> known;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = known.find(dev);
-  if (it != known.end()) return it->second;
-  int major = 0;
-  LLMC_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  return known[dev] = major >= 9;
-}
-
 template <typename T, int M, bool NORM, bool GLU>
 void launch_kernel(const GemvParams<T>& p, int dev, cudaStream_t stream) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(unsigned((p.n_out + kWarps - 1) / kWarps));
-  cfg.blockDim = dim3(kWarps * 32);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl_capable(dev) ? 1 : 0;
-  LLMC_CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv_nt_kernel<T, M, NORM, GLU>, p));
+  launch_pdl(gemv_nt_kernel<T, M, NORM, GLU>, dim3(unsigned((p.n_out + kWarps - 1) / kWarps)), dim3(kWarps * 32), dev,
+             stream, p);
 }
 
 template <typename T, int M>
@@ -263,13 +212,12 @@ void launch(const GemvArgs& a, int dev, cudaStream_t stream) {
   else launch_m<T, 8>(p, norm, a.glu, dev, stream);
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// Elementwise SwiGLU of the prefill path: y[m, j] = silu(h[m, j]) * h[m, j + n] (+ res[m, j]),
-// VEC consecutive j per thread (16-byte accesses where n and the row strides allow).
-template <typename T, int VEC>
-__global__ void glu_kernel(const T* __restrict__ h, T* __restrict__ y, int64_t ldy, const T* __restrict__ res,
-                           int64_t ldr, int64_t rows, int n) {
+// The elementwise epilogue of the prefill paths (here and llmc_qgemv.cu's): y[m, j] = silu(h[m, j]) *
+// h[m, j + n] with GLU, else h[m, j], (+ res[m, j]); h compact; VEC consecutive j per thread
+// (16-byte accesses where n and the row strides allow).
+template <typename T, int VEC, bool GLU>
+__global__ void epilogue_kernel(const T* __restrict__ h, T* __restrict__ y, int64_t ldy, const T* __restrict__ res,
+                                int64_t ldr, int64_t rows, int n) {
   using H = Half<T>;
   const int per_row = n / VEC;
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -277,20 +225,20 @@ __global__ void glu_kernel(const T* __restrict__ h, T* __restrict__ y, int64_t l
   const int64_t m = i / per_row;
   const int j = int(i - m * per_row) * VEC;
   T g[VEC], u[VEC], r[VEC], o[VEC];
-  const T* hr = h + m * 2 * n;
+  const T* hr = h + m * (GLU ? 2 : 1) * n;
   if constexpr (VEC == 8) {
     *reinterpret_cast<uint4*>(g) = *reinterpret_cast<const uint4*>(hr + j);
-    *reinterpret_cast<uint4*>(u) = *reinterpret_cast<const uint4*>(hr + n + j);
+    if constexpr (GLU) *reinterpret_cast<uint4*>(u) = *reinterpret_cast<const uint4*>(hr + n + j);
     if (res) *reinterpret_cast<uint4*>(r) = *reinterpret_cast<const uint4*>(res + m * ldr + j);
   } else {
     g[0] = hr[j];
-    u[0] = hr[n + j];
+    if constexpr (GLU) u[0] = hr[n + j];
     if (res) r[0] = res[m * ldr + j];
   }
 #pragma unroll
   for (int e = 0; e < VEC; ++e) {
-    const float gf = H::f(g[e]);
-    float v = gf / (1.f + __expf(-gf)) * H::f(u[e]);
+    float v = H::f(g[e]);
+    if constexpr (GLU) v = v / (1.f + __expf(-v)) * H::f(u[e]);
     if (res) v += H::f(r[e]);
     o[e] = H::t(v);
   }
@@ -298,32 +246,18 @@ __global__ void glu_kernel(const T* __restrict__ h, T* __restrict__ y, int64_t l
   else y[m * ldy + j] = o[0];
 }
 
-template <typename T>
-void launch_glu(const void* h, char* y, int64_t ldy, const char* res, int64_t ldr, int64_t rows, int n,
-                cudaStream_t stream) {
+template <typename T, bool GLU>
+void launch_epilogue(const void* h, void* y, int64_t ldy, const void* res, int64_t ldr, int64_t rows, int n,
+                     cudaStream_t stream) {
   const bool vec = n % 8 == 0 && ldy % 8 == 0 && aligned16(y) && (!res || (ldr % 8 == 0 && aligned16(res)));
   const int64_t total = rows * (vec ? n / 8 : n);
   const unsigned blocks = unsigned((total + 255) / 256);
   const T* hp = static_cast<const T*>(h);
-  T* yp = reinterpret_cast<T*>(y);
-  const T* rp = reinterpret_cast<const T*>(res);
-  if (vec) glu_kernel<T, 8><<<blocks, 256, 0, stream>>>(hp, yp, ldy, rp, ldr, rows, n);
-  else glu_kernel<T, 1><<<blocks, 256, 0, stream>>>(hp, yp, ldy, rp, ldr, rows, n);
+  T* yp = static_cast<T*>(y);
+  const T* rp = static_cast<const T*>(res);
+  if (vec) epilogue_kernel<T, 8, GLU><<<blocks, 256, 0, stream>>>(hp, yp, ldy, rp, ldr, rows, n);
+  else epilogue_kernel<T, 1, GLU><<<blocks, 256, 0, stream>>>(hp, yp, ldy, rp, ldr, rows, n);
   LLMC_CUDA_CHECK(cudaGetLastError());
-}
-
-DLTensor matrix_view(void* data, const DLTensor* like, int64_t rows, int64_t cols, int64_t* shape) {
-  shape[0] = rows;
-  shape[1] = cols;
-  DLTensor t{};
-  t.data = data;
-  t.device = like->device;
-  t.ndim = 2;
-  t.dtype = like->dtype;
-  t.shape = shape;
-  t.strides = nullptr;
-  t.byte_offset = 0;
-  return t;
 }
 
 void GemmFused(DLTensor* X, tvm::ffi::AnyView g_any, DLTensor* W, tvm::ffi::AnyView bias_any,
@@ -382,11 +316,22 @@ void GemmFused(DLTensor* X, tvm::ffi::AnyView g_any, DLTensor* W, tvm::ffi::AnyV
   void* hbuf = scratch(dev, stream, kSlotGlu, size_t(M) * N * 2);
   DLTensor h = matrix_view(hbuf, X, M, N, shape_h);
   gemm_dense(&a_in, W, bias, nullptr, &h, 1);
-  if (dt == DT::kF16) launch_glu<__half>(hbuf, y.ptr, y.ld, r.ptr, r.ld, M, int(n_out), stream);
-  else launch_glu<__nv_bfloat16>(hbuf, y.ptr, y.ld, r.ptr, r.ld, M, int(n_out), stream);
+  gemm_epilogue_rows(a.dtype, hbuf, y.ptr, y.ld, r.ptr, r.ld, M, n_out, true, stream);
 }
 
 }  // namespace
+
+void gemm_epilogue_rows(cudaDataType_t dtype, const void* h, void* y, int64_t ldy, const void* res, int64_t ldr,
+                        int64_t rows, int64_t n, bool glu, cudaStream_t stream) {
+  if (rows == 0 || n == 0) return;
+  if (dtype == CUDA_R_16F) {
+    if (glu) launch_epilogue<__half, true>(h, y, ldy, res, ldr, rows, int(n), stream);
+    else launch_epilogue<__half, false>(h, y, ldy, res, ldr, rows, int(n), stream);
+  } else {
+    if (glu) launch_epilogue<__nv_bfloat16, true>(h, y, ldy, res, ldr, rows, int(n), stream);
+    else launch_epilogue<__nv_bfloat16, false>(h, y, ldy, res, ldr, rows, int(n), stream);
+  }
+}
 
 bool gemv_nt(int dev, cudaStream_t stream, const GemvArgs& a) {
   if (a.m < 1 || a.m > std::min<int64_t>(a.max_rows, kMaxRows) || a.k % 8 != 0 || a.k == 0 || a.n_out <= 0) return false;

@@ -78,6 +78,12 @@ struct GemvArgs {
 };
 bool gemv_nt(int dev, cudaStream_t stream, const GemvArgs& a);
 
+// The prefill paths' elementwise epilogue (llmc_gemv.cu): y[m, :n] = (glu ? silu(h[m, :n]) * h[m, n:2n]
+// : h[m, :n]) + res[m, :n] (res may be null), h compact [rows, glu ? 2n : n], y and res with row
+// strides ldy, ldr; bf16 or fp16 as `dtype` says; on `stream`.
+void gemm_epilogue_rows(cudaDataType_t dtype, const void* h, void* y, int64_t ldy, const void* res, int64_t ldr,
+                        int64_t rows, int64_t n, bool glu, cudaStream_t stream);
+
 // llmc_norm_ext's row norm (LayerNorm with b, or RMSNorm) of contiguous x into y, on the current stream.
 void norm_rows(const DLTensor* x, const DLTensor* w, const DLTensor* b, DLTensor* y, float eps, bool rms);
 

@@ -1,29 +1,42 @@
-// llmc CUDA shim: weight-only quantized matmul for decode, y = x @ W^T with W dequantized as it
-// is read (Op.QMATMUL; layout in compiler/ops.py QMatmulAttrs).
+// llmc CUDA shim: weight-only quantized matmul, y = x @ W^T with W dequantized as it is read
+// (Op.QMATMUL; layout in compiler/ops.py QMatmulAttrs), with a decode layer's neighbours fused in.
 //
 //   llmc_qgemv(x [M, K], qweight, scales [N, K / group], zeros [N, K / group] or None, y [M, N],
 //              bits: 4 | 8, group: int)
 //     bits 8: qweight int8 [N, K], W = q * scale
 //     bits 4: qweight uint8 [N, K / 2] (k = 2i low nibble of byte i, 2i + 1 high), W = (q - zero) * scale,
 //             zero = 8 without a zeros input; zeros hold integers 0..15 (compiler/quant_layout.py)
-//   x, scales, zeros, y: float16 or bfloat16 alike; accumulation in float32. Any M: rows go in
-//   chunks of 8 (a grid row each), every chunk streaming the weights again (from L2 when they fit:
-//   right for decode and small batches, a fallback for prefill, which wants a tensor-core GEMM).
+//   llmc_qgemv_fused(x, norm_w [K] or None, qweight, scales, zeros or None, residual or None, y,
+//                    bits, group, glu: int, eps: float)
+//     a = rmsnorm(x) * norm_w (where given), h = a @ W^T,
+//     y = (glu ? silu(h[:, :N/2]) * h[:, N/2:] : h) (+ residual [M, N_out])
+//     the int4 / int8 counterpart of llmc_gemm_fused (llmc_gemv.cu): a decode layer's norm + QKV,
+//     O projection + residual, norm + gate/up + SwiGLU and down + residual are one launch each.
+//   x, scales, zeros, residual, y: float16 or bfloat16 alike; accumulation in float32; x, y and
+//   the residual may have strided rows (16-byte aligned). Below 64 rows, rows go in chunks of 8
+//   (a grid row each), every chunk streaming the weights again (from L2 when they fit: right for
+//   decode and small batches); from 64 rows on, W is dequantized into slabs for tensor-core GEMMs
+//   (llmc_qgemm.cu), the norm and the SwiGLU / residual running as passes of their own.
 //
 // Decode reads every weight once, so time is bytes: a warp streams the packed rows of one output
-// channel (or of 4 when rows are short) with 16-byte loads, 8 in flight per lane before any math,
-// each load 32 int4 or 16 int8 weights of one group; per load the dot product is
-// s * (sum q x - z * sum x), so the dequantization is two multiply-adds per group slice, not one
-// per weight, and codes become floats by bit tricks, not conversions (int4: two at a time, packed
-// bf16/fp16 math; see chunk_dot_int4x2). x ([M, K], a few KB) is
-// read through the L1 cache by every warp, once per chunk for all its channels. Runs on TVM-FFI's
-// current stream (graph-capturable). (The first version, one channel per warp and two loads in
-// flight at K = 2048, read at 27% of the copy bandwidth: latency-bound.)
+// channel (or of 4 when rows are short; with the SwiGLU, gate row n and up row n + N/2 side by
+// side) with 16-byte loads, 8 in flight per lane before any math, each load 32 int4 or 16 int8
+// weights of one group; per load the dot product is s * (sum q x - z * sum x), so the
+// dequantization is two multiply-adds per group slice, not one per weight, and codes become
+// floats by bit tricks, not conversions (int4: two at a time, packed bf16/fp16 math; see
+// chunk_dot_int4x2). x ([M, K], a few KB) is read through the L1 cache by every warp, once per
+// chunk for all its channels, times the norm weight as it is read; the norm's 1/rms is per row,
+// so it factors out of the dot products and each block sums x^2 for its rows while its first
+// weight loads are in flight. On Hopper the kernel is a programmatic dependent launch
+// (llmc_stream_kernels.h): its first weight loads overlap the previous kernel's tail. Runs on
+// TVM-FFI's current stream (graph-capturable). (The first version, one channel per warp and two
+// loads in flight at K = 2048, read at 27% of the copy bandwidth: latency-bound.)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include "llmc_lt.h"
 #include "llmc_shim_common.h"
+#include "llmc_stream_kernels.h"
 
 namespace llmc_shim_qgemv {
 using namespace llmc_shim;
@@ -32,10 +45,12 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kLoads = 8;    // 16-byte weight loads in flight per lane before any math
 constexpr int kMaxRows = 8;
-constexpr int kWideRows = 4;
 // From this many rows on (prefill), W is dequantized into a scratch slab and multiplied on tensor
 // cores (llmc_qgemm.cu): the GEMV streams the weights once per 8 rows.
-constexpr int64_t kGemmRows = 64;  // output channels per warp when a row is too short to fill kLoads alone
+constexpr int64_t kGemmRows = 64;
+constexpr int kWideRows = 4;  // weight rows per warp when a row is too short to fill kLoads alone
+// scratch slots (llmc_lt.h scratch()) of the prefill path: the normalized x, the GEMM's output
+constexpr int kSlotNormed = 34, kSlotOut = 35;
 
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -64,10 +79,11 @@ __device__ __forceinline__ float code(unsigned word, int j) {
   }
 }
 
-// One 16-byte chunk per row of R output channels (w[r]) against M rows of x: `per` weights from
-// k. x is loaded once for all R channels; each channel's dot product is s * (sum q x - z * sum x).
+// One 16-byte chunk per row of R weight rows (w[r]) against M rows of x: `per` weights from k.
+// x (times the norm weight g where given) is loaded once for all R rows; each row's dot product
+// is s * (sum q x - z * sum x).
 template <typename T, int BITS, int M, int R>
-__device__ __forceinline__ void chunk_dot(const uint4* w, const T* x, int64_t ldx, int k, const float* s,
+__device__ __forceinline__ void chunk_dot(const uint4* w, const T* x, int64_t ldx, const T* g, int k, const float* s,
                                           const float* z, float (*acc)[R], int rows) {
   constexpr int per = BITS == 4 ? 32 : 16;
   constexpr int words_per8 = BITS == 4 ? 1 : 2;  // 32-bit words holding 8 codes
@@ -81,6 +97,12 @@ __device__ __forceinline__ void chunk_dot(const uint4* w, const T* x, int64_t ld
     for (int h = 0; h < per / 8; ++h) {
       float xv[8];
       load8(x + m * ldx + k + h * 8, xv);
+      if (g != nullptr) {
+        float gv[8];
+        load8(g + k + h * 8, gv);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) xv[j] *= gv[j];
+      }
 #pragma unroll
       for (int j = 0; j < 8; ++j) sx += xv[j];
 #pragma unroll
@@ -126,11 +148,22 @@ __device__ __forceinline__ T2 as_pair(unsigned v) {
   return *reinterpret_cast<const T2*>(&v);
 }
 
-// One 16-byte chunk of int4 codes (32 weights from k) per channel against M rows of x: packed
-// math, float accumulation per 8 codes. z is the zero point (8 without a zeros input), an integer.
+
+// The pairs (v_j, v_j+4), j = 0..3, of 8 consecutive halves: the order chunk_dot_int4x2's codes come out in.
+template <typename T2>
+__device__ __forceinline__ void pairs(const uint4& u, T2* out) {
+  out[0] = as_pair<T2>(__byte_perm(u.x, u.z, 0x5410));
+  out[1] = as_pair<T2>(__byte_perm(u.x, u.z, 0x7632));
+  out[2] = as_pair<T2>(__byte_perm(u.y, u.w, 0x5410));
+  out[3] = as_pair<T2>(__byte_perm(u.y, u.w, 0x7632));
+}
+
+// One 16-byte chunk of int4 codes (32 weights from k) per weight row against M rows of x (times
+// the norm weight g where given, in the packed type): packed math, float accumulation per 8
+// codes. z is the zero point (8 without a zeros input), an integer.
 template <typename T, int M, int R>
-__device__ __forceinline__ void chunk_dot_int4x2(const uint4* w, const T* x, int64_t ldx, int k, const float* s,
-                                                 const float* z, float (*acc)[R], int rows) {
+__device__ __forceinline__ void chunk_dot_int4x2(const uint4* w, const T* x, int64_t ldx, const T* g, int k,
+                                                 const float* s, const float* z, float (*acc)[R], int rows) {
   using P = Packed<T>;
   using T2 = typename P::T2;
   T2 zz[R];
@@ -144,12 +177,14 @@ __device__ __forceinline__ void chunk_dot_int4x2(const uint4* w, const T* x, int
     for (int r = 0; r < R; ++r) part[r] = 0.f;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {  // word i: codes 8i .. 8i + 7
-      const uint4 u = __ldg(reinterpret_cast<const uint4*>(x + m * ldx + k + i * 8));
-      T2 xp[4];  // (x_j, x_j+4), the order the codes come out in
-      xp[0] = as_pair<T2>(__byte_perm(u.x, u.z, 0x5410));
-      xp[1] = as_pair<T2>(__byte_perm(u.x, u.z, 0x7632));
-      xp[2] = as_pair<T2>(__byte_perm(u.y, u.w, 0x5410));
-      xp[3] = as_pair<T2>(__byte_perm(u.y, u.w, 0x7632));
+      T2 xp[4];
+      pairs(__ldg(reinterpret_cast<const uint4*>(x + m * ldx + k + i * 8)), xp);
+      if (g != nullptr) {
+        T2 gp[4];
+        pairs(__ldg(reinterpret_cast<const uint4*>(g + k + i * 8)), gp);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) xp[j] = __hmul2(xp[j], gp[j]);
+      }
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         const unsigned word = reinterpret_cast<const unsigned*>(&w[r])[i];
@@ -168,153 +203,262 @@ __device__ __forceinline__ void chunk_dot_int4x2(const uint4* w, const T* x, int
   }
 }
 
-// A warp computes R consecutive output channels: each lane issues kLoads 16-byte loads of their
-// packed rows (kLoads / R chunks of each) before any math, so a short row (K = 2048 at int4 is 64
-// chunks, two per lane) still keeps enough bytes in flight to cover the memory latency.
+template <typename T>
+struct QParams {
+  const T* x; int64_t ldx;
+  const T* g;  // the norm weight or null
+  float eps;
+  const uint4* qw;
+  const T* scales;
+  const T* zeros;  // or null
+  const T* res;    // or null
+  int64_t ldr;
+  T* y; int64_t ldy;
+  int n_out, k, group, rows;
+  bool glu;  // R even: slots r < R/2 read gate rows, the others the matching up rows N/2 further
+};
+
+// A warp computes R weight rows: R consecutive output channels, or with glu R/2 channels' gate
+// and up rows. Each lane issues kLoads 16-byte loads of those rows (kLoads / R chunks of each)
+// before any math, so a short row (K = 2048 at int4 is 64 chunks, two per lane) still keeps
+// enough bytes in flight to cover the memory latency.
 template <typename T, int BITS, int M, int R>
-__global__ void __launch_bounds__(kWarps * 32) qgemv_kernel(const T* __restrict__ x, const uint4* __restrict__ qw,
-                                                             const T* __restrict__ scales, const T* __restrict__ zeros,
-                                                             T* __restrict__ y, int n_out, int K, int group,
-                                                             int rows_total) {
+__global__ void __launch_bounds__(kWarps * 32) qgemv_kernel(QParams<T> p) {
   constexpr int per = BITS == 4 ? 32 : 16;  // weights per 16-byte chunk
-  constexpr int U = kLoads / R;             // chunks of each channel per lane per step
-  const int lane = threadIdx.x % 32;
-  const int n0 = (blockIdx.x * kWarps + threadIdx.x / 32) * R;
-  if (n0 >= n_out) return;
-  const int rows = min(M, rows_total - int(blockIdx.y) * M);
-  x += int64_t(blockIdx.y) * M * K;
-  y += int64_t(blockIdx.y) * M * n_out;
-  const int chunks = K / per, groups = K / group;
+  constexpr int U = kLoads / R;             // chunks of each row per lane per step
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int ch = p.glu ? R / 2 : R;  // output channels per warp
+  const int n0 = (blockIdx.x * kWarps + warp) * ch;
+  const int rows = min(M, p.rows - int(blockIdx.y) * M);
+  const T* x = p.x + int64_t(blockIdx.y) * M * p.ldx;
+  const int chunks = p.k / per, groups = p.k / p.group;
   const float zero_default = BITS == 4 ? 8.f : 0.f;
-  int nr[R];  // the channel of slot r (clamped: a missing one recomputes the last, never stored)
+  int nr[R];  // the weight row of slot r (clamped: a channel past the end recomputes the last, never stored)
 #pragma unroll
-  for (int r = 0; r < R; ++r) nr[r] = min(n0 + r, n_out - 1);
+  for (int r = 0; r < R; ++r) {
+    const int c = p.glu && r >= R / 2 ? r - R / 2 : r;
+    nr[r] = min(n0 + c, p.n_out - 1) + (p.glu && r >= R / 2 ? p.n_out : 0);
+  }
+  uint4 w[U][R];
+  auto load = [&](int c0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + lane + 32 * u;
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        w[u][r] = c < chunks ? ld_stream(p.qw + int64_t(nr[r]) * chunks + c) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  load(0);
+  pdl_launch_dependents();
+  pdl_wait();
+
+  float scale[M];  // the norm's 1/rms per row
+#pragma unroll
+  for (int m = 0; m < M; ++m) scale[m] = 1.f;
+  if (p.g != nullptr) {  // every block sums x^2 of its rows while its first weights are in flight
+    __shared__ float part[kWarps][M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float sq = 0.f;
+      if (m < rows) {
+        for (int c = threadIdx.x; c < p.k / 8; c += kWarps * 32) {
+          float v[8];
+          load8(x + m * p.ldx + c * 8, v);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) sq = fmaf(v[j], v[j], sq);
+        }
+      }
+      sq = warp_sum(sq);
+      if (lane == 0) part[warp][m] = sq;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float sq = 0.f;
+#pragma unroll
+      for (int i = 0; i < kWarps; ++i) sq += part[i][m];
+      scale[m] = rsqrtf(sq / float(p.k) + p.eps);
+    }
+  }
+
   float acc[M][R];
 #pragma unroll
   for (int m = 0; m < M; ++m)
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
   for (int c0 = 0; c0 < chunks; c0 += 32 * U) {
-    uint4 w[U][R];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int c = c0 + lane + 32 * u;
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-        w[u][r] = c < chunks ? __ldg(qw + int64_t(nr[r]) * chunks + c) : make_uint4(0, 0, 0, 0);
-    }
+    if (c0 > 0) load(c0);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c0 + lane + 32 * u;
       if (c >= chunks) continue;
-      const int k = c * per, g = k / group;
+      const int k = c * per, g = k / p.group;
       float s[R], z[R];
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        s[r] = to_f(scales[int64_t(nr[r]) * groups + g]);
-        z[r] = zeros ? to_f(zeros[int64_t(nr[r]) * groups + g]) : zero_default;
+        s[r] = to_f(p.scales[int64_t(nr[r]) * groups + g]);
+        z[r] = p.zeros ? to_f(p.zeros[int64_t(nr[r]) * groups + g]) : zero_default;
       }
-      if constexpr (BITS == 4) chunk_dot_int4x2<T, M, R>(w[u], x, K, k, s, z, acc, rows);
-      else chunk_dot<T, BITS, M, R>(w[u], x, K, k, s, z, acc, rows);
+      if constexpr (BITS == 4) chunk_dot_int4x2<T, M, R>(w[u], x, p.ldx, p.g, k, s, z, acc, rows);
+      else chunk_dot<T, BITS, M, R>(w[u], x, p.ldx, p.g, k, s, z, acc, rows);
     }
   }
 #pragma unroll
   for (int m = 0; m < M; ++m)
 #pragma unroll
-    for (int r = 0; r < R; ++r)
+    for (int r = 0; r < R; ++r) acc[m][r] = warp_sum(acc[m][r]);
+  if (lane != 0) return;
+  const int64_t row0 = int64_t(blockIdx.y) * M;
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) acc[m][r] += __shfl_xor_sync(0xffffffffu, acc[m][r], o);
-  if (lane == 0) {
+  for (int m = 0; m < M; ++m) {
+    if (m >= rows) break;
+    T* y = p.y + (row0 + m) * p.ldy;
+    const T* res = p.res ? p.res + (row0 + m) * p.ldr : nullptr;
 #pragma unroll
-    for (int m = 0; m < M; ++m)
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-        if (m < rows && n0 + r < n_out) y[int64_t(m) * n_out + n0 + r] = from_f<T>(acc[m][r]);
+    for (int r = 0; r < R; ++r) {
+      if (p.glu && r >= R / 2) break;
+      const int n = n0 + r;
+      if (n >= p.n_out) break;
+      float h = acc[m][r] * scale[m];
+      if (p.glu) h = h / (1.f + __expf(-h)) * (acc[m][(r + R / 2) % R] * scale[m]);
+      if (res) h += to_f(res[n]);
+      y[n] = from_f<T>(h);
+    }
   }
 }
 
 template <typename T, int BITS, int R>
-void launch_grid(int64_t rows, const T* x, const uint4* qw, const T* s, const T* z, T* y, int n, int K, int group,
-                 cudaStream_t stream) {
-  const int warps = (n + R - 1) / R;
+void launch_grid(const QParams<T>& p, int dev, cudaStream_t stream) {
+  const int ch = p.glu ? R / 2 : R;
+  const int warps = (p.n_out + ch - 1) / ch;
   const dim3 grid(static_cast<unsigned>((warps + kWarps - 1) / kWarps),
-                  static_cast<unsigned>((rows + kMaxRows - 1) / kMaxRows)),
+                  static_cast<unsigned>((p.rows + kMaxRows - 1) / kMaxRows)),
       block(kWarps * 32);
-  const int m = rows > kMaxRows ? kMaxRows : int(rows);
+  const int m = p.rows > kMaxRows ? kMaxRows : p.rows;
 #define LLMC_QGEMV_CASE(MR) \
-  case MR: qgemv_kernel<T, BITS, MR, R><<<grid, block, 0, stream>>>(x, qw, s, z, y, n, K, group, int(rows)); break;
-  if constexpr (R == 1) {
+  case MR: launch_pdl(qgemv_kernel<T, BITS, MR, R>, grid, block, dev, stream, p); break;
+  if constexpr (R == kWideRows) {
+    switch (m) { LLMC_QGEMV_CASE(1) LLMC_QGEMV_CASE(2) }
+  } else {
     switch (m) {
       LLMC_QGEMV_CASE(1) LLMC_QGEMV_CASE(2) LLMC_QGEMV_CASE(3) LLMC_QGEMV_CASE(4)
       LLMC_QGEMV_CASE(5) LLMC_QGEMV_CASE(6) LLMC_QGEMV_CASE(7) LLMC_QGEMV_CASE(8)
     }
-  } else {
-    switch (m) { LLMC_QGEMV_CASE(1) LLMC_QGEMV_CASE(2) }
   }
 #undef LLMC_QGEMV_CASE
-  LLMC_CUDA_CHECK(cudaGetLastError());
 }
 
 template <typename T, int BITS>
-void launch_rows(int64_t rows, const T* x, const uint4* qw, const T* s, const T* z, T* y, int n, int K, int group,
-                 cudaStream_t stream) {
-  // a row of fewer than 32 * kLoads chunks leaves loads to spare: give the warp kWideRows channels
-  // (decode's 1-2 rows only: more x rows would need more registers than the loads save)
-  const int chunks = K / (BITS == 4 ? 32 : 16);
-  if (rows <= 2 && chunks < 32 * kLoads) launch_grid<T, BITS, kWideRows>(rows, x, qw, s, z, y, n, K, group, stream);
-  else launch_grid<T, BITS, 1>(rows, x, qw, s, z, y, n, K, group, stream);
+void launch_rows(const QParams<T>& p, int dev, cudaStream_t stream) {
+  // a row of fewer than 32 * kLoads chunks leaves loads to spare: give the warp kWideRows rows
+  // (decode's 1-2 rows only: more x rows would need more registers than the loads save); the
+  // SwiGLU needs a gate and an up row per channel
+  const int chunks = p.k / (BITS == 4 ? 32 : 16);
+  if (p.rows <= 2 && chunks < 32 * kLoads) launch_grid<T, BITS, kWideRows>(p, dev, stream);
+  else if (p.glu) launch_grid<T, BITS, 2>(p, dev, stream);
+  else launch_grid<T, BITS, 1>(p, dev, stream);
 }
 
 template <typename T>
-void launch(int bits, int64_t rows, DLTensor* x, DLTensor* qw, DLTensor* s, const DLTensor* z, DLTensor* y, int n, int K,
-            int group, cudaStream_t stream) {
-  const T* xp = reinterpret_cast<const T*>(data_of(x));
-  const uint4* wp = reinterpret_cast<const uint4*>(data_of(qw));
-  const T* sp = reinterpret_cast<const T*>(data_of(s));
-  const T* zp = z ? reinterpret_cast<const T*>(data_of(z)) : nullptr;
-  T* yp = reinterpret_cast<T*>(data_of(y));
-  if (bits == 4) launch_rows<T, 4>(rows, xp, wp, sp, zp, yp, n, K, group, stream);
-  else launch_rows<T, 8>(rows, xp, wp, sp, zp, yp, n, K, group, stream);
+void launch(int bits, const QParams<T>& p, int dev, cudaStream_t stream) {
+  if (bits == 4) launch_rows<T, 4>(p, dev, stream);
+  else launch_rows<T, 8>(p, dev, stream);
 }
 
-void QGemv(DLTensor* x, DLTensor* qw, DLTensor* s, tvm::ffi::AnyView z_any, DLTensor* y, int64_t bits, int64_t group) {
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename T>
+QParams<T> params(const Mat2D& x, const DLTensor* g, double eps, const DLTensor* qw, const DLTensor* s,
+                  const DLTensor* z, const Mat2D& r, const Mat2D& y, int64_t n_out, int64_t group, int64_t glu) {
+  auto as = [](const DLTensor* t) { return t ? reinterpret_cast<const T*>(data_of(t)) : nullptr; };
+  return QParams<T>{reinterpret_cast<const T*>(x.ptr), x.ld, as(g), float(eps),
+                    reinterpret_cast<const uint4*>(data_of(qw)), as(s), as(z), reinterpret_cast<const T*>(r.ptr), r.ld,
+                    reinterpret_cast<T*>(y.ptr), y.ld, int(n_out), int(x.cols), int(group), int(x.rows), glu != 0};
+}
+
+void QGemvFused(DLTensor* X, tvm::ffi::AnyView g_any, DLTensor* qw, DLTensor* s, tvm::ffi::AnyView z_any,
+                tvm::ffi::AnyView res_any, DLTensor* Y, int64_t bits, int64_t group, int64_t glu, double eps) {
+  DLTensor* G = optional_tensor(g_any);
   const DLTensor* z = optional_tensor(z_any);
-  for (auto [t, name] : {std::pair<const DLTensor*, const char*>{x, "x"}, {qw, "qweight"}, {s, "scales"}, {y, "y"}}) {
+  DLTensor* R = optional_tensor(res_any);
+  for (auto [t, name] : {std::pair<const DLTensor*, const char*>{X, "x"}, {qw, "qweight"}, {s, "scales"}, {Y, "y"}})
     check_cuda_tensor(t, name);
+  for (auto [t, name] : {std::pair<const DLTensor*, const char*>{qw, "qweight"}, {s, "scales"}})
     LLMC_CHECK(compact(t)) << name << " must be contiguous";
-  }
   LLMC_CHECK(bits == 4 || bits == 8) << "bits must be 4 or 8, got " << bits;
-  const DT dt = dtype_of(x);
+  LLMC_CHECK(glu == 0 || glu == 1) << "glu must be 0 or 1, got " << glu;
+  const DT dt = dtype_of(X);
   LLMC_CHECK(dt == DT::kF16 || dt == DT::kBF16) << "x dtype " << dtype_name(dt) << " (float16 or bfloat16)";
-  LLMC_CHECK(dtype_of(s) == dt && dtype_of(y) == dt) << "x, scales and y must share a dtype";
-  LLMC_CHECK(x->ndim == 2 && y->ndim == 2 && qw->ndim == 2 && s->ndim == 2) << "x, y, qweight, scales must be 2-D";
-  const int64_t rows = x->shape[0], K = x->shape[1], n = qw->shape[0];
+  LLMC_CHECK(dtype_of(s) == dt && dtype_of(Y) == dt) << "x, scales and y must share a dtype";
+  LLMC_CHECK(qw->ndim == 2 && s->ndim == 2) << "qweight and scales must be 2-D";
+  const Mat2D x = as_matrix(X, "x"), y = as_matrix(Y, "y");
+  const int64_t rows = x.rows, K = x.cols, n = qw->shape[0], n_out = glu ? n / 2 : n;
   LLMC_CHECK(rows >= 0 && rows / kMaxRows < 65535) << "x has " << rows << " rows";
   const int per = bits == 4 ? 32 : 16;
   LLMC_CHECK(K % per == 0 && group % per == 0 && K % group == 0)
       << "K " << K << " and group " << group << " must be multiples of " << per << ", group dividing K";
   LLMC_CHECK(qw->shape[1] == (bits == 4 ? K / 2 : K) && qw->dtype.bits == 8) << "qweight " << shape_str(qw);
+  LLMC_CHECK(!glu || n % 2 == 0) << "glu needs an even N, qweight is " << shape_str(qw);
   LLMC_CHECK(s->shape[0] == n && s->shape[1] == K / group) << "scales " << shape_str(s);
-  LLMC_CHECK(y->shape[0] == rows && y->shape[1] == n) << "y " << shape_str(y);
+  LLMC_CHECK(y.rows == rows && y.cols == n_out) << "y " << shape_str(Y) << " must be [" << rows << ", " << n_out << "]";
+  // 16-byte loads of x rows (and of the norm weight)
+  LLMC_CHECK(aligned16(x.ptr) && x.ld % 8 == 0) << "x rows must be 16-byte aligned (row stride " << x.ld << ")";
   if (z != nullptr) {
     check_cuda_tensor(z, "zeros");
     LLMC_CHECK(dtype_of(z) == dt && z->ndim == 2 && z->shape[0] == n && z->shape[1] == K / group && compact(z))
         << "zeros " << shape_str(z);
   }
-  if (rows == 0 || n == 0) return;
-  const int dev = x->device.device_id;
+  if (G != nullptr) {
+    check_cuda_tensor(G, "norm_w");
+    LLMC_CHECK(dtype_of(G) == dt && G->ndim == 1 && G->shape[0] == K && compact(G) && aligned16(data_of(G)))
+        << "norm_w must be a contiguous, 16-byte aligned [" << K << "] of x's dtype, got " << shape_str(G);
+  }
+  Mat2D r{nullptr, 0, 0, 0};
+  if (R != nullptr) {
+    check_cuda_tensor(R, "residual");
+    r = as_matrix(R, "residual");
+    LLMC_CHECK(dtype_of(R) == dt && r.rows == rows && r.cols == n_out)
+        << "residual " << shape_str(R) << " must be [" << rows << ", " << n_out << "] of x's dtype";
+  }
+  if (rows == 0 || n_out == 0) return;
+  const int dev = X->device.device_id;
   DeviceGuard guard(dev);
   cudaStream_t stream = current_stream(dev);
-  if (rows >= kGemmRows) {
-    qmatmul_dequant_gemm(dev, stream, dt == DT::kF16 ? CUDA_R_16F : CUDA_R_16BF, int(bits), data_of(x), data_of(qw),
-                         data_of(s), z ? data_of(z) : nullptr, data_of(y), rows, n, K, group);
+  const cudaDataType_t half = dt == DT::kF16 ? CUDA_R_16F : CUDA_R_16BF;
+  if (rows >= kGemmRows) {  // prefill: the norm into scratch, dequantize + tensor-core GEMM, the epilogue pass
+    const void* a = x.ptr;
+    if (G != nullptr) {
+      int64_t shape_x[2], shape_a[2], x_strides[2] = {x.ld, 1};
+      DLTensor xa = matrix_view(x.ptr, X, rows, K, shape_x);
+      xa.strides = x_strides;
+      void* buf = scratch(dev, stream, kSlotNormed, size_t(rows) * K * 2);
+      DLTensor normed = matrix_view(buf, X, rows, K, shape_a);
+      norm_rows(&xa, G, nullptr, &normed, float(eps), true);
+      a = buf;
+    } else if (x.ld != K) {  // the GEMM reads compact rows
+      void* buf = scratch(dev, stream, kSlotNormed, size_t(rows) * K * 2);
+      LLMC_CUDA_CHECK(cudaMemcpy2DAsync(buf, size_t(K) * 2, x.ptr, size_t(x.ld) * 2, size_t(K) * 2, size_t(rows),
+                                        cudaMemcpyDeviceToDevice, stream));
+      a = buf;
+    }
+    const bool direct = !glu && R == nullptr && y.ld == n_out;
+    void* out = direct ? y.ptr : scratch(dev, stream, kSlotOut, size_t(rows) * n * 2);
+    qmatmul_dequant_gemm(dev, stream, half, int(bits), a, data_of(qw), data_of(s), z ? data_of(z) : nullptr, out, rows,
+                         n, K, group);
+    if (!direct) gemm_epilogue_rows(half, out, y.ptr, y.ld, r.ptr, r.ld, rows, n_out, glu != 0, stream);
     return;
   }
-  if (dt == DT::kF16) launch<__half>(int(bits), rows, x, qw, s, z, y, int(n), int(K), int(group), stream);
-  else launch<__nv_bfloat16>(int(bits), rows, x, qw, s, z, y, int(n), int(K), int(group), stream);
+  if (dt == DT::kF16) launch<__half>(int(bits), params<__half>(x, G, eps, qw, s, z, r, y, n_out, group, glu), dev, stream);
+  else launch<__nv_bfloat16>(int(bits), params<__nv_bfloat16>(x, G, eps, qw, s, z, r, y, n_out, group, glu), dev, stream);
+}
+
+void QGemv(DLTensor* x, DLTensor* qw, DLTensor* s, tvm::ffi::AnyView z_any, DLTensor* y, int64_t bits, int64_t group) {
+  QGemvFused(x, nullptr, qw, s, z_any, nullptr, y, bits, group, 0, 0.0);
 }
 
 }  // namespace
 }  // namespace llmc_shim_qgemv
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(llmc_qgemv, llmc_shim_qgemv::QGemv);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(llmc_qgemv_fused, llmc_shim_qgemv::QGemvFused);

@@ -138,6 +138,22 @@ inline Mat2D as_matrix(const DLTensor* t, const char* name) {
   return Mat2D{data_of(t), rows, cols, ld};
 }
 
+// A compact [rows, cols] DLTensor over `data` with `like`'s device and dtype; `shape` (2 entries,
+// the caller's) must outlive it.
+inline DLTensor matrix_view(void* data, const DLTensor* like, int64_t rows, int64_t cols, int64_t* shape) {
+  shape[0] = rows;
+  shape[1] = cols;
+  DLTensor t{};
+  t.data = data;
+  t.device = like->device;
+  t.ndim = 2;
+  t.dtype = like->dtype;
+  t.shape = shape;
+  t.strides = nullptr;
+  t.byte_offset = 0;
+  return t;
+}
+
 // An optional tensor argument: Python None (or a missing value) -> nullptr.
 inline DLTensor* optional_tensor(const tvm::ffi::AnyView& v) {
   if (v == nullptr) return nullptr;
