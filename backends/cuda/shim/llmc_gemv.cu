@@ -303,12 +303,9 @@ void GemmFused(DLTensor* X, tvm::ffi::AnyView g_any, DLTensor* W, tvm::ffi::AnyV
   int64_t shape_a[2], shape_h[2], shape_x[2], x_strides[2] = {x.ld, 1};
   DLTensor xa = matrix_view(x.ptr, X, M, K, shape_x);  // x as [M, K] with its row stride
   xa.strides = x_strides;
-  DLTensor a_in = xa;
-  if (G != nullptr) {
-    void* buf = scratch(dev, stream, kSlotNormed, size_t(M) * K * 2);
-    a_in = matrix_view(buf, X, M, K, shape_a);
-    norm_rows(&xa, G, nullptr, &a_in, float(eps), true);
-  }
+  DLTensor a_in = G == nullptr ? xa
+                                : matrix_view(rms_rows_to_scratch(dev, stream, X, x.ptr, M, K, x.ld, G, float(eps),
+                                                                  kSlotNormed), X, M, K, shape_a);
   if (!glu) {
     gemm_dense(&a_in, W, bias, R, Y, 1);
     return;
@@ -320,6 +317,22 @@ void GemmFused(DLTensor* X, tvm::ffi::AnyView g_any, DLTensor* W, tvm::ffi::AnyV
 }
 
 }  // namespace
+
+void* rms_rows_to_scratch(int dev, cudaStream_t stream, const DLTensor* like, const void* x, int64_t rows, int64_t cols,
+                          int64_t ld, const DLTensor* g, float eps, int slot) {
+  const size_t bytes = size_t(rows) * cols * 2;
+  char* buf = static_cast<char*>(scratch(dev, stream, slot, ld == cols ? bytes : 2 * bytes));
+  if (ld != cols) {  // the norm kernel reads compact rows: copy them into the buffer's second half first
+    LLMC_CUDA_CHECK(cudaMemcpy2DAsync(buf + bytes, size_t(cols) * 2, x, size_t(ld) * 2, size_t(cols) * 2, size_t(rows),
+                                      cudaMemcpyDeviceToDevice, stream));
+    x = buf + bytes;
+  }
+  int64_t shape_x[2], shape_y[2];
+  DLTensor xt = matrix_view(const_cast<void*>(x), like, rows, cols, shape_x);
+  DLTensor yt = matrix_view(buf, like, rows, cols, shape_y);
+  norm_rows(&xt, g, nullptr, &yt, eps, true);
+  return buf;
+}
 
 void gemm_epilogue_rows(cudaDataType_t dtype, const void* h, void* y, int64_t ldy, const void* res, int64_t ldr,
                         int64_t rows, int64_t n, bool glu, cudaStream_t stream) {

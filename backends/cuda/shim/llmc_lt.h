@@ -84,6 +84,11 @@ bool gemv_nt(int dev, cudaStream_t stream, const GemvArgs& a);
 void gemm_epilogue_rows(cudaDataType_t dtype, const void* h, void* y, int64_t ldy, const void* res, int64_t ldr,
                         int64_t rows, int64_t n, bool glu, cudaStream_t stream);
 
+// RMSNorm(x)·g of x's rows (row stride ld, 16-bit `like`'s dtype) into the shim scratch buffer
+// `slot`, compact [rows, cols]; returns it (llmc_gemv.cu; the prefill paths' norm).
+void* rms_rows_to_scratch(int dev, cudaStream_t stream, const DLTensor* like, const void* x, int64_t rows, int64_t cols,
+                          int64_t ld, const DLTensor* g, float eps, int slot);
+
 // llmc_norm_ext's row norm (LayerNorm with b, or RMSNorm) of contiguous x into y, on the current stream.
 void norm_rows(const DLTensor* x, const DLTensor* w, const DLTensor* b, DLTensor* y, float eps, bool rms);
 

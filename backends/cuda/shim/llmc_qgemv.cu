@@ -48,6 +48,9 @@ constexpr int kMaxRows = 8;
 // From this many rows on (prefill), W is dequantized into a scratch slab and multiplied on tensor
 // cores (llmc_qgemm.cu): the GEMV streams the weights once per 8 rows.
 constexpr int64_t kGemmRows = 64;
+// Up to this many rows the norm, SwiGLU and residual run inside the GEMV (decode); with more, every
+// block's x^2 sums and the gate + up rows per warp cost more than passes of their own.
+constexpr int64_t kFusedRows = 2;
 constexpr int kWideRows = 4;  // weight rows per warp when a row is too short to fill kLoads alone
 // scratch slots (llmc_lt.h scratch()) of the prefill path: the normalized x, the GEMM's output
 constexpr int kSlotNormed = 34, kSlotOut = 35;
@@ -338,7 +341,7 @@ void launch_grid(const QParams<T>& p, int dev, cudaStream_t stream) {
   const int m = p.rows > kMaxRows ? kMaxRows : p.rows;
 #define LLMC_QGEMV_CASE(MR) \
   case MR: launch_pdl(qgemv_kernel<T, BITS, MR, R>, grid, block, dev, stream, p); break;
-  if constexpr (R == kWideRows) {
+  if constexpr (R > 1) {  // short rows or the SwiGLU: decode's 1-2 rows only (launch_rows, kFusedRows)
     switch (m) { LLMC_QGEMV_CASE(1) LLMC_QGEMV_CASE(2) }
   } else {
     switch (m) {
@@ -356,7 +359,7 @@ void launch_rows(const QParams<T>& p, int dev, cudaStream_t stream) {
   // SwiGLU needs a gate and an up row per channel
   const int chunks = p.k / (BITS == 4 ? 32 : 16);
   if (p.rows <= 2 && chunks < 32 * kLoads) launch_grid<T, BITS, kWideRows>(p, dev, stream);
-  else if (p.glu) launch_grid<T, BITS, 2>(p, dev, stream);
+  else if (p.glu && p.rows <= 2) launch_grid<T, BITS, 2>(p, dev, stream);
   else launch_grid<T, BITS, 1>(p, dev, stream);
 }
 
@@ -368,13 +371,34 @@ void launch(int bits, const QParams<T>& p, int dev, cudaStream_t stream) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// The kernel's arguments, typeless until run_gemv picks the element type.
+struct GemvCall {
+  Mat2D x;
+  const void *g, *qw, *scales, *zeros;
+  float eps;
+  Mat2D res, y;
+  int64_t n_out, group;
+  bool glu;
+};
+
+GemvCall params_of(const Mat2D& x, const DLTensor* g, double eps, const DLTensor* qw, const DLTensor* s,
+                   const DLTensor* z, const Mat2D& r, const Mat2D& y, int64_t n_out, int64_t group, int64_t glu) {
+  return GemvCall{x, g ? data_of(g) : nullptr, data_of(qw), data_of(s), z ? data_of(z) : nullptr, float(eps), r, y,
+                  n_out, group, glu != 0};
+}
+
 template <typename T>
-QParams<T> params(const Mat2D& x, const DLTensor* g, double eps, const DLTensor* qw, const DLTensor* s,
-                  const DLTensor* z, const Mat2D& r, const Mat2D& y, int64_t n_out, int64_t group, int64_t glu) {
-  auto as = [](const DLTensor* t) { return t ? reinterpret_cast<const T*>(data_of(t)) : nullptr; };
-  return QParams<T>{reinterpret_cast<const T*>(x.ptr), x.ld, as(g), float(eps),
-                    reinterpret_cast<const uint4*>(data_of(qw)), as(s), as(z), reinterpret_cast<const T*>(r.ptr), r.ld,
-                    reinterpret_cast<T*>(y.ptr), y.ld, int(n_out), int(x.cols), int(group), int(x.rows), glu != 0};
+void run_typed(int bits, const GemvCall& c, int dev, cudaStream_t stream) {
+  QParams<T> p{reinterpret_cast<const T*>(c.x.ptr), c.x.ld, static_cast<const T*>(c.g), c.eps,
+               static_cast<const uint4*>(c.qw), static_cast<const T*>(c.scales), static_cast<const T*>(c.zeros),
+               reinterpret_cast<const T*>(c.res.ptr), c.res.ld, reinterpret_cast<T*>(c.y.ptr), c.y.ld, int(c.n_out),
+               int(c.x.cols), int(c.group), int(c.x.rows), c.glu};
+  launch<T>(bits, p, dev, stream);
+}
+
+void run_gemv(DT dt, int bits, const GemvCall& c, int dev, cudaStream_t stream) {
+  if (dt == DT::kF16) run_typed<__half>(bits, c, dev, stream);
+  else run_typed<__nv_bfloat16>(bits, c, dev, stream);
 }
 
 void QGemvFused(DLTensor* X, tvm::ffi::AnyView g_any, DLTensor* qw, DLTensor* s, tvm::ffi::AnyView z_any,
@@ -426,31 +450,32 @@ void QGemvFused(DLTensor* X, tvm::ffi::AnyView g_any, DLTensor* qw, DLTensor* s,
   DeviceGuard guard(dev);
   cudaStream_t stream = current_stream(dev);
   const cudaDataType_t half = dt == DT::kF16 ? CUDA_R_16F : CUDA_R_16BF;
-  if (rows >= kGemmRows) {  // prefill: the norm into scratch, dequantize + tensor-core GEMM, the epilogue pass
-    const void* a = x.ptr;
-    if (G != nullptr) {
-      int64_t shape_x[2], shape_a[2], x_strides[2] = {x.ld, 1};
-      DLTensor xa = matrix_view(x.ptr, X, rows, K, shape_x);
-      xa.strides = x_strides;
-      void* buf = scratch(dev, stream, kSlotNormed, size_t(rows) * K * 2);
-      DLTensor normed = matrix_view(buf, X, rows, K, shape_a);
-      norm_rows(&xa, G, nullptr, &normed, float(eps), true);
-      a = buf;
-    } else if (x.ld != K) {  // the GEMM reads compact rows
-      void* buf = scratch(dev, stream, kSlotNormed, size_t(rows) * K * 2);
-      LLMC_CUDA_CHECK(cudaMemcpy2DAsync(buf, size_t(K) * 2, x.ptr, size_t(x.ld) * 2, size_t(K) * 2, size_t(rows),
-                                        cudaMemcpyDeviceToDevice, stream));
-      a = buf;
-    }
-    const bool direct = !glu && R == nullptr && y.ld == n_out;
-    void* out = direct ? y.ptr : scratch(dev, stream, kSlotOut, size_t(rows) * n * 2);
-    qmatmul_dequant_gemm(dev, stream, half, int(bits), a, data_of(qw), data_of(s), z ? data_of(z) : nullptr, out, rows,
-                         n, K, group);
-    if (!direct) gemm_epilogue_rows(half, out, y.ptr, y.ld, r.ptr, r.ld, rows, n_out, glu != 0, stream);
+  const bool fused = G != nullptr || glu || R != nullptr;
+  if (rows < kGemmRows && (!fused || rows <= kFusedRows)) {  // one launch
+    run_gemv(dt, int(bits), params_of(x, G, eps, qw, s, z, r, y, n_out, group, glu), dev, stream);
     return;
   }
-  if (dt == DT::kF16) launch<__half>(int(bits), params<__half>(x, G, eps, qw, s, z, r, y, n_out, group, glu), dev, stream);
-  else launch<__nv_bfloat16>(int(bits), params<__nv_bfloat16>(x, G, eps, qw, s, z, r, y, n_out, group, glu), dev, stream);
+  // More rows: the norm into scratch, the GEMV (below kGemmRows) or dequantize + tensor-core GEMM,
+  // the SwiGLU / residual as an epilogue pass from scratch.
+  Mat2D a = x;
+  if (G != nullptr) {
+    a = Mat2D{static_cast<char*>(rms_rows_to_scratch(dev, stream, X, x.ptr, rows, K, x.ld, G, float(eps), kSlotNormed)),
+              rows, K, K};
+  } else if (rows >= kGemmRows && x.ld != K) {  // the GEMM reads compact rows
+    char* buf = static_cast<char*>(scratch(dev, stream, kSlotNormed, size_t(rows) * K * 2));
+    LLMC_CUDA_CHECK(cudaMemcpy2DAsync(buf, size_t(K) * 2, x.ptr, size_t(x.ld) * 2, size_t(K) * 2, size_t(rows),
+                                      cudaMemcpyDeviceToDevice, stream));
+    a = Mat2D{buf, rows, K, K};
+  }
+  const bool direct = !glu && R == nullptr && (rows < kGemmRows || y.ld == n_out);
+  const Mat2D h = direct ? y : Mat2D{static_cast<char*>(scratch(dev, stream, kSlotOut, size_t(rows) * n * 2)), rows, n, n};
+  if (rows >= kGemmRows) {
+    qmatmul_dequant_gemm(dev, stream, half, int(bits), a.ptr, data_of(qw), data_of(s), z ? data_of(z) : nullptr, h.ptr,
+                         rows, n, K, group);
+  } else {
+    run_gemv(dt, int(bits), params_of(a, nullptr, 0.0, qw, s, z, Mat2D{nullptr, 0, 0, 0}, h, n, group, 0), dev, stream);
+  }
+  if (!direct) gemm_epilogue_rows(half, h.ptr, y.ptr, y.ld, r.ptr, r.ld, rows, n_out, glu != 0, stream);
 }
 
 void QGemv(DLTensor* x, DLTensor* qw, DLTensor* s, tvm::ffi::AnyView z_any, DLTensor* y, int64_t bits, int64_t group) {
