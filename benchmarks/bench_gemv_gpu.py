@@ -189,23 +189,39 @@ def fused_main(shim, torch, np, bw: float, rows: list[int]) -> None:
     print(json.dumps(out))
 
 
-def quant_main(shim, torch, np, bw: float, rows: list[int]) -> None:
+def _quant_weights(torch, np, K: int, N: int, group: int):
+    """Byte sizes per scheme and enough copies of each weight (bf16 [N, K], int8 per channel,
+    int4 g`group`) to cycle past L2: (sizes, w16, (q8, s8), (q4, s4))."""
     from llmc.compiler.quant_layout import pack_int4
 
+    rng = np.random.default_rng(K + N)
+    sizes = {"bf16": K * N * 2, "int8": K * N + N * 2, "int4": K * N // 2 + N * (K // group) * 2}
+    copies = {k: max(2, int(np.ceil(200e6 / v))) for k, v in sizes.items()}
+    w16 = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / 64 for _ in range(copies["bf16"])]
+    q8 = [torch.from_numpy(rng.integers(-127, 128, (N, K), dtype=np.int8)).cuda() for _ in range(copies["int8"])]
+    s8 = torch.rand(N, 1, device="cuda", dtype=torch.bfloat16) / 100
+    q4 = [torch.from_numpy(pack_int4(rng.integers(0, 16, (N, K)))).cuda() for _ in range(copies["int4"])]
+    s4 = torch.rand(N, K // group, device="cuda", dtype=torch.bfloat16) / 100
+    return sizes, w16, (q8, s8), (q4, s4)
+
+
+def _quant_row(name: str, K: int, N: int, m: int, t: dict, sizes: dict, bw: float, **extra) -> dict:
+    r = {"shape": name, "K": K, "N": N, "M": m, **extra, **{f"{k}_us": v for k, v in t.items()},
+         **{f"{k}_of_copy_bw": sizes[k] / (t[k] * 1e-6) / bw for k in t}}
+    print(f"{name:8s} M={m}  bf16 {t['bf16']:7.1f} us ({100 * r['bf16_of_copy_bw']:.0f}% of copy)  "
+          f"int8 {t['int8']:7.1f} us ({100 * r['int8_of_copy_bw']:.0f}%, x{t['bf16'] / t['int8']:.2f})  "
+          f"int4 {t['int4']:7.1f} us ({100 * r['int4_of_copy_bw']:.0f}%, x{t['bf16'] / t['int4']:.2f})", flush=True)
+    return r
+
+
+def quant_main(shim, torch, np, bw: float, rows: list[int]) -> None:
     gemm, qgemv = shim["llmc_gemm_ex"], shim["llmc_qgemv"]
     group = 128
     per_step = {"qkv": 16, "o_proj": 16, "gate_up": 16, "down": 16, "lm_head": 1}
     step = {m: {"bf16": 0.0, "int8": 0.0, "int4": 0.0} for m in rows}
     out = []
     for name, K, N, _ in SHAPES:
-        rng = np.random.default_rng(K + N)
-        sizes = {"bf16": K * N * 2, "int8": K * N + N * 2, "int4": K * N // 2 + N * (K // group) * 2}
-        copies = {k: max(2, int(np.ceil(200e6 / v))) for k, v in sizes.items()}
-        w16 = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / 64 for _ in range(copies["bf16"])]
-        q8 = [torch.from_numpy(rng.integers(-127, 128, (N, K), dtype=np.int8)).cuda() for _ in range(copies["int8"])]
-        s8 = torch.rand(N, 1, device="cuda", dtype=torch.bfloat16) / 100
-        q4 = [torch.from_numpy(pack_int4(rng.integers(0, 16, (N, K)))).cuda() for _ in range(copies["int4"])]
-        s4 = torch.rand(N, K // group, device="cuda", dtype=torch.bfloat16) / 100
+        sizes, w16, (q8, s8), (q4, s4) = _quant_weights(torch, np, K, N, group)
         for m in rows:
             x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
             y = torch.empty(m, N, device="cuda", dtype=torch.bfloat16)
@@ -214,37 +230,25 @@ def quant_main(shim, torch, np, bw: float, rows: list[int]) -> None:
                  "int4": graph_time_us(torch, np, [lambda w=w: qgemv(x, w, s4, None, y, 4, group) for w in q4])}
             for k in t:
                 step[m][k] += per_step[name] * t[k]
-            r = {"shape": name, "K": K, "N": N, "M": m, **{f"{k}_us": v for k, v in t.items()},
-                 **{f"{k}_of_copy_bw": sizes[k] / (t[k] * 1e-6) / bw for k in t}}
-            out.append(r)
-            print(f"{name:8s} M={m}  bf16 {t['bf16']:7.1f} us ({100 * r['bf16_of_copy_bw']:.0f}% of copy)  "
-                  f"int8 {t['int8']:7.1f} us ({100 * r['int8_of_copy_bw']:.0f}%, x{t['bf16'] / t['int8']:.2f})  "
-                  f"int4 {t['int4']:7.1f} us ({100 * r['int4_of_copy_bw']:.0f}%, x{t['bf16'] / t['int4']:.2f})",
-                  flush=True)
+            out.append(_quant_row(name, K, N, m, t, sizes, bw))
         del w16, q8, q4
-    for m in rows:
-        st = step[m]
-        print(f"decode step matmuls, M={m}: bf16 {st['bf16'] / 1e3:.3f} ms, int8 {st['int8'] / 1e3:.3f} ms "
-              f"(x{st['bf16'] / st['int8']:.2f}), int4 g{group} {st['int4'] / 1e3:.3f} ms (x{st['bf16'] / st['int4']:.2f})")
+    _quant_step_summary(step, group, "matmuls")
     print(json.dumps(out))
 
 
-def quant_fused_main(shim, torch, np, bw: float, rows: list[int]) -> None:
-    from llmc.compiler.quant_layout import pack_int4
+def _quant_step_summary(step: dict, group: int, what: str) -> None:
+    for m, st in step.items():
+        print(f"decode step {what}, M={m}: bf16 {st['bf16'] / 1e3:.3f} ms, int8 {st['int8'] / 1e3:.3f} ms "
+              f"(x{st['bf16'] / st['int8']:.2f}), int4 g{group} {st['int4'] / 1e3:.3f} ms (x{st['bf16'] / st['int4']:.2f})")
 
+
+def quant_fused_main(shim, torch, np, bw: float, rows: list[int]) -> None:
     fused, gemm, qfused = shim["llmc_gemm_fused"], shim["llmc_gemm_ex"], shim["llmc_qgemv_fused"]
     group = 128
     step = {m: {"bf16": 0.0, "int8": 0.0, "int4": 0.0} for m in rows}
     out = []
     for name, K, N, has_norm, glu, per_step in FUSED_PLAN:
-        rng = np.random.default_rng(K + N)
-        sizes = {"bf16": K * N * 2, "int8": K * N + N * 2, "int4": K * N // 2 + N * (K // group) * 2}
-        copies = {k: max(2, int(np.ceil(200e6 / v))) for k, v in sizes.items()}
-        w16 = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / 64 for _ in range(copies["bf16"])]
-        q8 = [torch.from_numpy(rng.integers(-127, 128, (N, K), dtype=np.int8)).cuda() for _ in range(copies["int8"])]
-        s8 = torch.rand(N, 1, device="cuda", dtype=torch.bfloat16) / 100
-        q4 = [torch.from_numpy(pack_int4(rng.integers(0, 16, (N, K)))).cuda() for _ in range(copies["int4"])]
-        s4 = torch.rand(N, K // group, device="cuda", dtype=torch.bfloat16) / 100
+        sizes, w16, (q8, s8), (q4, s4) = _quant_weights(torch, np, K, N, group)
         g = (torch.rand(K, device="cuda") + 0.5).to(torch.bfloat16) if has_norm else None
         residual = not has_norm and not glu and name != "lm_head"  # o_proj, down: + the residual stream
         n_out = N // 2 if glu else N
@@ -265,18 +269,9 @@ def quant_fused_main(shim, torch, np, bw: float, rows: list[int]) -> None:
                                                                       1e-5) for w in q4])}
             for k in t:
                 step[m][k] += per_step * t[k]
-            r = {"shape": name, "K": K, "N": N, "M": m, "norm": has_norm, "glu": glu, "residual": residual,
-                 **{f"{k}_us": v for k, v in t.items()}, **{f"{k}_of_copy_bw": sizes[k] / (t[k] * 1e-6) / bw for k in t}}
-            out.append(r)
-            print(f"{name:8s} M={m}  bf16 {t['bf16']:7.1f} us ({100 * r['bf16_of_copy_bw']:.0f}% of copy)  "
-                  f"int8 {t['int8']:7.1f} us ({100 * r['int8_of_copy_bw']:.0f}%, x{t['bf16'] / t['int8']:.2f})  "
-                  f"int4 {t['int4']:7.1f} us ({100 * r['int4_of_copy_bw']:.0f}%, x{t['bf16'] / t['int4']:.2f})",
-                  flush=True)
+            out.append(_quant_row(name, K, N, m, t, sizes, bw, norm=has_norm, glu=glu, residual=residual))
         del w16, q8, q4
-    for m in rows:
-        st = step[m]
-        print(f"decode step fused calls, M={m}: bf16 {st['bf16'] / 1e3:.3f} ms, int8 {st['int8'] / 1e3:.3f} ms "
-              f"(x{st['bf16'] / st['int8']:.2f}), int4 g{group} {st['int4'] / 1e3:.3f} ms (x{st['bf16'] / st['int4']:.2f})")
+    _quant_step_summary(step, group, "fused calls")
     print(json.dumps(out))
 
 

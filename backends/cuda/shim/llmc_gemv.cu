@@ -110,31 +110,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_nt_kernel(const GemvParams<T
   float scale[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) scale[m] = 1.f;
-  if constexpr (NORM) {  // every block sums x^2 of its rows while its first weights are in flight
-    __shared__ float part[kWarps][M];
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      float s = 0.f;
-      if (m < p.rows) {
-        for (int c = threadIdx.x; c < chunks; c += kWarps * 32) {
-          float v[8];
-          H::to8(__ldg(reinterpret_cast<const uint4*>(p.x + m * p.ldx) + c), v);
-#pragma unroll
-          for (int j = 0; j < 8; ++j) s = fmaf(v[j], v[j], s);
-        }
-      }
-      s = warp_sum(s);
-      if (lane == 0) part[warp][m] = s;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      float s = 0.f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) s += part[w][m];
-      scale[m] = rsqrtf(s / float(p.k) + p.eps);
-    }
-  }
+  if constexpr (NORM)  // every block sums x^2 of its rows while its first weights are in flight
+    block_rms_scales<M, kWarps>(p.x, p.ldx, p.rows, p.k, p.eps, [](const uint4& u, float* f) { H::to8(u, f); }, scale);
 
   float acc[M][NR];
 #pragma unroll

@@ -51,7 +51,7 @@ constexpr int64_t kGemmRows = 64;
 // Up to this many rows the norm, SwiGLU and residual run inside the GEMV (decode); with more, every
 // block's x^2 sums and the gate + up rows per warp cost more than passes of their own.
 constexpr int64_t kFusedRows = 2;
-constexpr int kWideRows = 4;  // weight rows per warp when a row is too short to fill kLoads alone
+constexpr int kWarpsPerSm = 8;  // launch_rows: the fewest warps an SM gets before a warp takes more weight rows
 // scratch slots (llmc_lt.h scratch()) of the prefill path: the normalized x, the GEMM's output
 constexpr int kSlotNormed = 34, kSlotOut = 35;
 
@@ -259,31 +259,12 @@ __global__ void __launch_bounds__(kWarps * 32) qgemv_kernel(QParams<T> p) {
   float scale[M];  // the norm's 1/rms per row
 #pragma unroll
   for (int m = 0; m < M; ++m) scale[m] = 1.f;
-  if (p.g != nullptr) {  // every block sums x^2 of its rows while its first weights are in flight
-    __shared__ float part[kWarps][M];
+  if (p.g != nullptr)  // every block sums x^2 of its rows while its first weights are in flight
+    block_rms_scales<M, kWarps>(x, p.ldx, rows, p.k, p.eps, [](const uint4& u, float* f) {
+      const T* e = reinterpret_cast<const T*>(&u);
 #pragma unroll
-    for (int m = 0; m < M; ++m) {
-      float sq = 0.f;
-      if (m < rows) {
-        for (int c = threadIdx.x; c < p.k / 8; c += kWarps * 32) {
-          float v[8];
-          load8(x + m * p.ldx + c * 8, v);
-#pragma unroll
-          for (int j = 0; j < 8; ++j) sq = fmaf(v[j], v[j], sq);
-        }
-      }
-      sq = warp_sum(sq);
-      if (lane == 0) part[warp][m] = sq;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      float sq = 0.f;
-#pragma unroll
-      for (int i = 0; i < kWarps; ++i) sq += part[i][m];
-      scale[m] = rsqrtf(sq / float(p.k) + p.eps);
-    }
-  }
+      for (int j = 0; j < 8; ++j) f[j] = to_f(e[j]);
+    }, scale);
 
   float acc[M][R];
 #pragma unroll
@@ -341,7 +322,7 @@ void launch_grid(const QParams<T>& p, int dev, cudaStream_t stream) {
   const int m = p.rows > kMaxRows ? kMaxRows : p.rows;
 #define LLMC_QGEMV_CASE(MR) \
   case MR: launch_pdl(qgemv_kernel<T, BITS, MR, R>, grid, block, dev, stream, p); break;
-  if constexpr (R > 1) {  // short rows or the SwiGLU: decode's 1-2 rows only (launch_rows, kFusedRows)
+  if constexpr (R > 1) {  // short rows or the SwiGLU: decode's 1-2 rows only (launch_rows)
     switch (m) { LLMC_QGEMV_CASE(1) LLMC_QGEMV_CASE(2) }
   } else {
     switch (m) {
@@ -354,13 +335,23 @@ void launch_grid(const QParams<T>& p, int dev, cudaStream_t stream) {
 
 template <typename T, int BITS>
 void launch_rows(const QParams<T>& p, int dev, cudaStream_t stream) {
-  // a row of fewer than 32 * kLoads chunks leaves loads to spare: give the warp kWideRows rows
-  // (decode's 1-2 rows only: more x rows would need more registers than the loads save); the
-  // SwiGLU needs a gate and an up row per channel
+  // A row of fewer than 32 * kLoads chunks leaves loads to spare: give the warp more weight rows
+  // (decode's 1-2 rows only: more x rows would need more registers than the loads save), as many
+  // (4, 2, 1) as keep >= kWarpsPerSm warps per SM: the dequantizing math makes each warp's
+  // instruction stream long, and a GPU with 3-4 warps an SM cannot hide it (measured, H200, 1 row:
+  // O projection 2048 x 2048 int4 5.5 us with 4 rows a warp, 4.1 with 1; QKV 6.5 vs 5.7 with 2;
+  // the LM head 60 us with 4, 78 with 2). The SwiGLU needs a gate and an up row per channel.
   const int chunks = p.k / (BITS == 4 ? 32 : 16);
-  if (p.rows <= 2 && chunks < 32 * kLoads) launch_grid<T, BITS, kWideRows>(p, dev, stream);
-  else if (p.glu && p.rows <= 2) launch_grid<T, BITS, 2>(p, dev, stream);
-  else launch_grid<T, BITS, 1>(p, dev, stream);
+  if (p.rows > 2) return launch_grid<T, BITS, 1>(p, dev, stream);
+  if (chunks < 32 * kLoads) {
+    const int64_t enough = int64_t(kWarpsPerSm) * sm_count(dev);
+    const auto warps = [&](int r) { return (p.n_out + (p.glu ? r / 2 : r) - 1) / (p.glu ? r / 2 : r); };
+    if (warps(4) >= enough) return launch_grid<T, BITS, 4>(p, dev, stream);
+    if (p.glu || warps(2) >= enough) return launch_grid<T, BITS, 2>(p, dev, stream);
+    return launch_grid<T, BITS, 1>(p, dev, stream);
+  }
+  if (p.glu) return launch_grid<T, BITS, 2>(p, dev, stream);
+  launch_grid<T, BITS, 1>(p, dev, stream);
 }
 
 template <typename T>

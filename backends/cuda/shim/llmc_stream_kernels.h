@@ -6,6 +6,7 @@
 
 #include <map>
 #include <mutex>
+#include <utility>
 
 #include "llmc_shim_common.h"
 
@@ -27,6 +28,39 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// The RMSNorm factor 1 / sqrt(mean(x^2) + eps) of each of the first `rows` (<= M) rows of x (k
+// elements, k % 8 == 0, row stride ldx, 16-byte aligned rows) into scale[0..M), summed by all
+// WARPS warps of the block (every thread must call it). The fused GEMVs call it while their first
+// weight loads are in flight. to8(u, f): the 8 halves of a 16-byte load as floats.
+template <int M, int WARPS, typename T, typename To8>
+__device__ __forceinline__ void block_rms_scales(const T* x, int64_t ldx, int rows, int k, float eps, To8 to8,
+                                                 float* scale) {
+  __shared__ float part[WARPS][M];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    float sq = 0.f;
+    if (m < rows) {
+      for (int c = threadIdx.x; c < k / 8; c += WARPS * 32) {
+        float v[8];
+        to8(__ldg(reinterpret_cast<const uint4*>(x + m * ldx) + c), v);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) sq = fmaf(v[j], v[j], sq);
+      }
+    }
+    sq = warp_sum(sq);
+    if (lane == 0) part[warp][m] = sq;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    float sq = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) sq += part[w][m];
+    scale[m] = rsqrtf(sq / float(k) + eps);
+  }
+}
+
 // Programmatic dependent launch (Hopper): a kernel launched with launch_pdl may start while the
 // kernel before it finishes; it issues its first weight loads (weights are never written by an
 // earlier kernel), then waits for that kernel's results (pdl_wait) before reading activations or
@@ -44,17 +78,22 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
-// Whether `dev` takes programmatic dependent launches (compute capability 9.0+), asked once per device.
-inline bool pdl_capable(int dev) {
+// A device attribute of `dev`, asked once per (device, attribute).
+inline int device_attribute(int dev, cudaDeviceAttr attr) {
   static std::mutex mu;
-  static std::map<int, bool> known;
+  static std::map<std::pair<int, int>, int> known;
   std::lock_guard<std::mutex> lock(mu);
-  auto it = known.find(dev);
+  auto it = known.find({dev, int(attr)});
   if (it != known.end()) return it->second;
-  int major = 0;
-  LLMC_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  return known[dev] = major >= 9;
+  int v = 0;
+  LLMC_CUDA_CHECK(cudaDeviceGetAttribute(&v, attr, dev));
+  return known[{dev, int(attr)}] = v;
 }
+
+// Whether `dev` takes programmatic dependent launches (compute capability 9.0+).
+inline bool pdl_capable(int dev) { return device_attribute(dev, cudaDevAttrComputeCapabilityMajor) >= 9; }
+
+inline int sm_count(int dev) { return device_attribute(dev, cudaDevAttrMultiProcessorCount); }
 
 // kernel<<<grid, block, 0, stream>>>(args...) as a programmatic dependent launch where the device has it.
 template <typename... KArgs, typename... Args>

@@ -26,7 +26,7 @@ def _packed(rng, bits: int, n: int, k: int, group: int, symmetric: bool):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True)])
 @pytest.mark.parametrize("rows,n,k,group", [(1, 2048, 2048, 128), (3, 100, 704, 32), (8, 517, 1024, 64),
-                                            (1, 101, 704, 32), (2, 517, 1024, 64),  # 4 channels a warp, ragged n
+                                            (1, 101, 704, 32), (2, 517, 1024, 64), (1, 4227, 704, 32),  # 4 channels a warp (the last), ragged n
                                             (1, 8192, 4096, 4096), (20, 300, 256, 64)])
 def test_qgemv_matches_dequantized_reference(shim, dtype, bits, symmetric, rows, n, k, group):
     if bits == 4 and group == k:  # per-channel scales are the int8 scheme; int4 keeps groups
@@ -66,6 +66,7 @@ def test_qgemv_refuses_bad_arguments(shim):
 @pytest.mark.parametrize("norm,glu,residual", [(True, False, False), (True, True, False), (False, False, True),
                                                (False, True, True), (True, True, True)])
 @pytest.mark.parametrize("rows,n,k,group", [(1, 2048, 2048, 128), (2, 258, 1024, 64), (1, 64, 8192, 128),
+                                            (1, 8450, 512, 32), (2, 16896, 1024, 128), (1, 3072, 1024, 64),  # 4, 2 rows a warp
                                             (5, 100, 704, 32), (70, 96, 512, 64)])  # 70 rows: the GEMM path
 def test_qgemv_fused_matches_the_reference(shim, dtype, bits, symmetric, norm, glu, residual, rows, n, k, group):
     """llmc_qgemv_fused: y = [silu(h[:, :N/2]) * h[:, N/2:] or h] (+ residual), h = rmsnorm(x) * g @ W^T,
