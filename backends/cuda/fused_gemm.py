@@ -209,15 +209,16 @@ def match_fused_gemm(kernel: Kernel):
     arg = lambda n: (idx[n.uid], tuple(n.shape))  # noqa: E731
     g = None if norm is None else arg(norm.inputs[1])
     eps = float(norm.attrs.eps) if norm else 0.0
-    what = ("rmsnorm+" if norm else "") + ("W^T" if mm.op is Op.MATMUL else "") + (" +bias" if b else "") + \
-        (" +swiglu" if tail else "") + (" +residual" if r else "")
+    epilogue = (" +bias" if b else "") + (" +swiglu" if tail else "") + (" +residual" if r else "")
     if mm.op is Op.QMATMUL:
         at = mm.attrs
         zeros = arg(ws[2]) if len(ws) > 2 else None
         return Route(QFUSED_FUNC, [arg(x), g, arg(ws[0]), arg(ws[1]), zeros, r, arg(out)],
                      [int(at.bits), int(at.group), int(bool(tail)), eps],
-                     f"int{at.bits} g{at.group} dequantizing gemv " + what.strip() + ("" if at.symmetric else " +zeros"))
-    return Route(FUSED_FUNC, [arg(x), g, arg(ws[0]), b, r, arg(out)], [int(bool(tail)), eps], "fused gemv/gemm " + what)
+                     f"int{at.bits} g{at.group} dequantizing gemv" + (" rmsnorm+" if norm else " ") + "W^T" + epilogue
+                     + ("" if at.symmetric else " +zeros"))
+    return Route(FUSED_FUNC, [arg(x), g, arg(ws[0]), b, r, arg(out)], [int(bool(tail)), eps],
+                 "fused gemv/gemm" + (" rmsnorm+" if norm else " ") + "W^T" + epilogue)
 
 
 __all__ = ["fuse_gemm_neighbours", "match_fused_gemm", "FUSED_FUNC", "QFUSED_FUNC"]

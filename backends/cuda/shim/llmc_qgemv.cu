@@ -342,7 +342,7 @@ void launch_rows(const QParams<T>& p, int dev, cudaStream_t stream) {
   // O projection 2048 x 2048 int4 5.5 us with 4 rows a warp, 4.1 with 1; QKV 6.5 vs 5.7 with 2;
   // the LM head 60 us with 4, 78 with 2). The SwiGLU needs a gate and an up row per channel.
   const int chunks = p.k / (BITS == 4 ? 32 : 16);
-  if (p.rows > 2) return launch_grid<T, BITS, 1>(p, dev, stream);
+  if (p.rows > 2) return launch_grid<T, BITS, 1>(p, dev, stream);  // (never with glu: QGemvFused splits those)
   if (chunks < 32 * kLoads) {
     const int64_t enough = int64_t(kWarpsPerSm) * sm_count(dev);
     const auto warps = [&](int r) { return (p.n_out + (p.glu ? r / 2 : r) - 1) / (p.glu ? r / 2 : r); };
