@@ -39,8 +39,6 @@ constexpr int kMaxRows = 8;  // the kernel's row templates (1, 2, 4, 8); GemvArg
 // scratch slots (llmc_lt.h scratch()): the normalized x and the GEMM's output before the SwiGLU
 constexpr int kSlotNormed = 32, kSlotGlu = 33;
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 template <typename T> struct Half;
 template <> struct Half<__nv_bfloat16> {
   // bf16 -> float is a shift: the two halves of a word become the high halves of two floats
@@ -300,8 +298,7 @@ void* rms_rows_to_scratch(int dev, cudaStream_t stream, const DLTensor* like, co
   const size_t bytes = size_t(rows) * cols * 2;
   char* buf = static_cast<char*>(scratch(dev, stream, slot, ld == cols ? bytes : 2 * bytes));
   if (ld != cols) {  // the norm kernel reads compact rows: copy them into the buffer's second half first
-    LLMC_CUDA_CHECK(cudaMemcpy2DAsync(buf + bytes, size_t(cols) * 2, x, size_t(ld) * 2, size_t(cols) * 2, size_t(rows),
-                                      cudaMemcpyDeviceToDevice, stream));
+    copy_rows_compact(buf + bytes, x, rows, cols, ld, stream);
     x = buf + bytes;
   }
   int64_t shape_x[2], shape_y[2];

@@ -19,8 +19,8 @@
 //   (llmc_qgemm.cu), the norm and the SwiGLU / residual running as passes of their own.
 //
 // Decode reads every weight once, so time is bytes: a warp streams the packed rows of one output
-// channel (or of 4 when rows are short; with the SwiGLU, gate row n and up row n + N/2 side by
-// side) with 16-byte loads, 8 in flight per lane before any math, each load 32 int4 or 16 int8
+// channel (or of 2 or 4 when rows are short, as many as keep 8 warps an SM: launch_rows; with the
+// SwiGLU, gate row n and up row n + N/2 side by side) with 16-byte loads, 8 in flight per lane before any math, each load 32 int4 or 16 int8
 // weights of one group; per load the dot product is s * (sum q x - z * sum x), so the
 // dequantization is two multiply-adds per group slice, not one per weight, and codes become
 // floats by bit tricks, not conversions (int4: two at a time, packed bf16/fp16 math; see
@@ -360,8 +360,6 @@ void launch(int bits, const QParams<T>& p, int dev, cudaStream_t stream) {
   else launch_rows<T, 8>(p, dev, stream);
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // The kernel's arguments, typeless until run_gemv picks the element type.
 struct GemvCall {
   Mat2D x;
@@ -454,8 +452,7 @@ void QGemvFused(DLTensor* X, tvm::ffi::AnyView g_any, DLTensor* qw, DLTensor* s,
               rows, K, K};
   } else if (rows >= kGemmRows && x.ld != K) {  // the GEMM reads compact rows
     char* buf = static_cast<char*>(scratch(dev, stream, kSlotNormed, size_t(rows) * K * 2));
-    LLMC_CUDA_CHECK(cudaMemcpy2DAsync(buf, size_t(K) * 2, x.ptr, size_t(x.ld) * 2, size_t(K) * 2, size_t(rows),
-                                      cudaMemcpyDeviceToDevice, stream));
+    copy_rows_compact(buf, x.ptr, rows, K, x.ld, stream);
     a = Mat2D{buf, rows, K, K};
   }
   const bool direct = !glu && R == nullptr && (rows < kGemmRows || y.ld == n_out);

@@ -138,6 +138,14 @@ inline Mat2D as_matrix(const DLTensor* t, const char* name) {
   return Mat2D{data_of(t), rows, cols, ld};
 }
 
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Copies `rows` rows of `cols` 16-bit elements, row stride `ld`, from src into compact rows at dst (on `stream`).
+inline void copy_rows_compact(void* dst, const void* src, int64_t rows, int64_t cols, int64_t ld, cudaStream_t stream) {
+  LLMC_CUDA_CHECK(cudaMemcpy2DAsync(dst, size_t(cols) * 2, src, size_t(ld) * 2, size_t(cols) * 2, size_t(rows),
+                                    cudaMemcpyDeviceToDevice, stream));
+}
+
 // A compact [rows, cols] DLTensor over `data` with `like`'s device and dtype; `shape` (2 entries,
 // the caller's) must outlive it.
 inline DLTensor matrix_view(void* data, const DLTensor* like, int64_t rows, int64_t cols, int64_t* shape) {
