@@ -30,7 +30,7 @@ class CompileOptions:
     sparsity: Any = None  # passes.sparsify.SparsityScheme: 2:4 pruning after fusion, before quantize (None: none)
     # GEMM weights stored [N, K] (passes/gemm_weight_layout.py): fp32 on the CPU (llmc's CPU GEMM reads
     # them so), fp16/bf16 on CUDA with the shim (its decode GEMV, and norms / SwiGLUs fused into GEMMs).
-    # Off for tensor-parallel ranks and pipeline stages: their weights are the shard / stage pass's arrays
+    # (tensor-parallel ranks too: each rank's shards transposed as the build did rank 0's, tensor_parallel.py)
     gemm_weight_layout: bool = True
 
     def pipeline(self) -> list:

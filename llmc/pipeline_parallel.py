@@ -98,7 +98,6 @@ def compile_pipeline(graph, opts, gen, pp: int, tokenizer=None, stop_token_ids=(
     if tp > 1:  # the shard pass comes last before the cut, so no later fold mixes shards' weights
         from .passes.shard import shard
 
-        opts = dataclasses.replace(opts, gemm_weight_layout=False)  # nor a build's relayout
         sharded, shard_report = shard(step, tp)
         step, shard_params = sharded.graph, sharded.rank_params
         derive_report = f"{derive_report}\n{shard_report}"

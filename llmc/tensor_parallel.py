@@ -16,7 +16,10 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import numpy as np
+
 from .errors import LLMCError
+from .passes.simplify import transposed_name
 
 
 def fingerprint(programs: list, nonce: str) -> str:
@@ -75,7 +78,6 @@ def compile_tensor_parallel(graph, opts, gen, tp: int, tokenizer=None, stop_toke
     if not isinstance(tp, int) or isinstance(tp, bool) or tp < 2:
         raise LLMCError(f"tp must be an int >= 2 here, got {tp!r}")
     t = time.perf_counter()
-    opts = dataclasses.replace(opts, gemm_weight_layout=False)  # the ranks' weights are the shard pass's
     if opts.progress:
         opts.progress(f"tensor parallelism over {tp} ranks: fusing, then sharding")
     fused, _ = run_pipeline(graph, opts.pipeline(), opts.verify_each, opts.dump_dir)
@@ -83,22 +85,20 @@ def compile_tensor_parallel(graph, opts, gen, tp: int, tokenizer=None, stop_toke
     fwd, fwd_report = shard(fused, tp, memo)
     forward = compile_graph(fwd.graph, opts, passes=[])
     forward.report += f"\n{fwd_report}"
-    step_weights: tuple = tuple({} for _ in range(tp))
+    ranks = list(fwd.rank_params)
     if gen is not None:
         if tokenizer is not None and gen.tokenizer is None:
             gen.tokenizer = tokenizer
         if not gen.stop_token_ids:
             gen.stop_token_ids = tuple(stop_token_ids)
         b = add_generation(forward, opts, gen, graph=fused, shard_world=tp, shard_memo=memo)
-        step_weights = b.rank_weights
+        ranks = [check_shared_weights(dict(ranks[r]), dict(b.rank_weights[r])) for r in range(tp)]
+        b.rank_weights = ()  # from here the ranks' arrays are held by `ranks` alone
         forward.generation = b
         forward.manifest = dict(forward.manifest, generation=b.section)
         forward.report += f"\ngeneration: {b.report}"
-    ranks = []
-    for r in range(tp):
-        ws = check_shared_weights(dict(fwd.rank_params[r]), dict(step_weights[r]))
-        ranks.append(ws)
-    ranks = list(shard_weights_of(forward, _program_weights(forward), ranks))
+    del fwd, memo  # so each rank's untransposed shards go as soon as its transposes are made
+    ranks = shard_weights_of(forward, _program_weights(forward), ranks, consume=True)
     if forward.generation is not None:
         forward.generation.weights = ranks[0]
     forward.manifest = dict(forward.manifest, weights=dict(forward.manifest["weights"], count=len(ranks[0])))
@@ -106,23 +106,46 @@ def compile_tensor_parallel(graph, opts, gen, tp: int, tokenizer=None, stop_toke
     return TensorParallelModel(forward, tuple(ranks), tp, forward.report)
 
 
-def shard_weights_of(compiled, needed, rank_params) -> tuple[dict, ...]:
-    """Each shard's arrays of the weights `compiled` reads (`needed`); an LLMCError when the build
-    made a weight of its own from a shard (a fold): it would be shard 0's on every rank."""
-    needed = set(needed)
-    missing = needed - set(rank_params[0])
-    if missing:
+def shard_weights_of(compiled, needed: dict, rank_params, consume: bool = False) -> tuple[dict, ...]:
+    """Each shard's arrays of the weights `compiled` reads (`needed`: name -> rank 0's array, as the
+    build stored it). The build may store a GEMM weight transposed ([N, K] for the CPU GEMM and the
+    CUDA decode GEMV, passes/gemm_weight_layout.py) under `transposed_name` of the shard's name:
+    each other rank gets its own shard transposed the same way (rank 0's is the build's array).
+    An LLMCError when the build made any other weight of its own from a shard (a fold): it would be
+    shard 0's on every rank. `consume`: `rank_params` is a list the caller gives up; each rank's
+    entry is dropped once its weights are taken, so the build host frees a rank's untransposed
+    shards before it makes the next rank's transposes (at the 8B shape, GBs)."""
+    unknown = [k for k, a in needed.items() if k not in rank_params[0] and not _transposed_of(k, a, rank_params[0])]
+    if unknown:
         raise LLMCError(f"tensor parallelism: the {compiled.manifest['target']['name']} build made weights "
-                        f"{sorted(missing)[:3]} the shard pass does not know; compile without tp")
-    return tuple({k: v for k, v in ws.items() if k in needed} for ws in rank_params)  # in the shard's order
+                        f"{sorted(unknown)[:3]} the shard pass does not know; compile without tp")
+    out = []
+    for r in range(len(rank_params)):  # in the shard's order, then the build's transposed weights
+        ws = rank_params[r]
+        mine = {k: v for k, v in ws.items() if k in needed}
+        for k, a in needed.items():
+            if k not in mine:
+                mine[k] = a if r == 0 else np.ascontiguousarray(np.asarray(ws[transposed_name(k)]).T)
+        out.append(mine)
+        if consume:
+            rank_params[r] = None
+    return tuple(out)
 
 
-def _program_weights(compiled) -> set[str]:
+def _transposed_of(name: str, arr, shard: dict) -> bool:
+    """`name` is the build's [N, K] copy of the shard's 2-D weight `transposed_name(name)`."""
+    src = shard.get(transposed_name(name))
+    return src is not None and np.ndim(arr) == 2 and tuple(np.shape(src))[::-1] == tuple(np.shape(arr))
+
+
+def _program_weights(compiled) -> dict:
+    """name -> array of the weights the forward and the step programs read (rank 0's)."""
     from .backends.artifact import weights_of
 
-    names = set(weights_of(compiled.program))
+    names = weights_of(compiled.program)
     if compiled.generation is not None:
-        names |= set(weights_of(compiled.generation.step.program))
+        for k, a in weights_of(compiled.generation.step.program).items():
+            names.setdefault(k, a)
     return names
 
 

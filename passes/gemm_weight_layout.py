@@ -15,6 +15,8 @@ Pure: Graph -> Graph; the params gain the transposed arrays under new names (`<n
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from ..compiler import ir
@@ -31,6 +33,24 @@ def _gemm_only(w: Node, users: list[Node]) -> bool:
     return bool(users) and all(u.op is Op.MATMUL and u.inputs[1] is w and u.inputs[0] is not w for u in users)
 
 
+# source array id -> (a weak reference to it, its transpose). A generation artifact's forward and
+# step function are built from the same weight arrays (a tensor-parallel compile: the same shards);
+# each build transposing its own copy held two of every GEMM weight on the build host (5.6 GB more
+# at the 8B shape's rank 0). An entry goes when its source array does.
+_TRANSPOSED: dict[int, tuple[weakref.ref, np.ndarray]] = {}
+
+
+def _transposed(a: np.ndarray) -> np.ndarray:
+    key = id(a)
+    hit = _TRANSPOSED.get(key)
+    if hit is not None and hit[0]() is a:
+        return hit[1]
+    t = np.ascontiguousarray(a.T)
+    t.flags.writeable = False  # shared between programs: nobody writes a weight in place
+    _TRANSPOSED[key] = (weakref.ref(a, lambda _, k=key: _TRANSPOSED.pop(k, None)), t)
+    return t
+
+
 def transpose_gemm_weights(graph: Graph, dtypes: frozenset = frozenset({DType.F32})) -> tuple[Graph, PassReport]:
     """`dtypes`: the weights' dtypes that move (float32 for the CPU GEMM; CUDA moves its half-precision
     weights for the decode GEMV, backends/cuda/fused_gemm.py)."""
@@ -43,7 +63,7 @@ def transpose_gemm_weights(graph: Graph, dtypes: frozenset = frozenset({DType.F3
                 or w.attrs.sparse24 or w.attrs.name not in params or not _gemm_only(w, users.get(w.uid, []))):
             continue
         k, n = w.shape
-        arr = np.ascontiguousarray(np.asarray(params[w.attrs.name]).T)
+        arr = _transposed(np.asarray(params[w.attrs.name]))
         name = transposed_name(w.attrs.name)
         if name in params and not (params[name].shape == arr.shape and np.array_equal(params[name], arr)):
             name = _unique(name, params)  # the name holds another array: a fresh one

@@ -251,6 +251,41 @@ def test_cuda_generation_artifact_routes_paged_attention_to_the_shim(tmp_path, k
     assert m.step_manifest().libraries == {"tvm": "step_kernels.so", "shim": "shim.so"}
 
 
+@pytest.mark.slow
+def test_cuda_tensor_parallel_ranks_get_the_fused_decode_gemvs(tmp_path):
+    """tp=2 for CUDA: every rank runs the single-GPU build's fused GEMV calls (norm -> QKV, norm ->
+    gate/up -> SwiGLU) over [N, K] weights, each rank its own shards transposed as the build did
+    rank 0's. (The tokens the ranks give together are checked on GPUs: tests/models/test_gpu_tp.py.)"""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "helpers"))
+    from causal_lms import tiny_causal_lm
+
+    import llmc
+    from llmc.generation import GenerateOptions
+    from llmc.runtime.artifact_files import load_weights, read_manifest
+
+    model = tiny_causal_lm("llama", hidden_size=128, head_dim=32, num_key_value_heads=2).to(torch.bfloat16)
+    ids = torch.randint(3, 90, (1, 8))
+    art = llmc.compile(model, (ids,), target="cuda:sm_90", dim_bounds={"batch": (1, 2), "seq": (1, 64)},
+                       generate=GenerateOptions(max_tokens=32, max_seqs=4), tp=2).export(tmp_path / "tp2")
+    for r in range(2):
+        m = read_manifest(art / f"rank{r}")
+        prog = m.generation.program
+        kernels = [prog.kernels[c.kernel] for c in prog.calls]  # one per launch, in order
+        fused = sorted(k.label for k in kernels if k.route == "shim" and k.func == "llmc_gemm_fused")
+        assert fused.count("fused gemv/gemm rmsnorm+W^T") == 2 and fused.count("fused gemv/gemm rmsnorm+W^T +swiglu") == 2, fused
+        # one all-reduce after the vocabulary-split embedding and one after each row-parallel GEMM,
+        # whose epilogue adds the residual stream's partial sum (the shard pass defers the reduce)
+        assert [k.func for k in kernels if k.route == "coll"] == ["all_reduce"] * 5 + ["all_gather"]
+        w = load_weights(art / f"rank{r}", m)
+        for name, mod in (("self_attn.o_proj", model.model.layers[1].self_attn.o_proj),
+                          ("mlp.down_proj", model.model.layers[1].mlp.down_proj)):
+            whole = mod.weight.detach().float().numpy()  # torch [N, K]; row-parallel: rank r's K block
+            k = whole.shape[1] // 2
+            np.testing.assert_array_equal(w[f"model.layers.1.{name}.weight"].astype(np.float32), whole[:, r * k:(r + 1) * k])
+
+
 def test_cuda_generation_of_an_fp32_model_is_refused_clearly():
     """The paged kernel is half precision only: required generation names the cause; the
     default (generate=None) compiles the forward and leaves the step out."""

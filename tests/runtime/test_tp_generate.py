@@ -60,6 +60,11 @@ def test_greedy_tokens_match_the_whole_model(llama, whole_tokens, tp, tmp_path):
     assert sorted(p.name for p in art.iterdir()) == [f"rank{r}" for r in range(tp)]
     m = read_manifest(art / "rank1")
     assert (m.parallel.tp, m.parallel.rank) == (tp, 1)
+    # each rank's GEMM weights stored [N, K], as the build stores rank 0's for llmc's CPU GEMM:
+    # the row-parallel O projection's rank-1 shard is its torch weight's second column block
+    d = llama.config.hidden_size
+    o = load_weights(art / "rank1", m)["model.layers.0.self_attn.o_proj.weight"]
+    np.testing.assert_array_equal(o, llama.model.layers[0].self_attn.o_proj.weight.detach().numpy()[:, d // tp:2 * d // tp])
     assert {k.route for k in m.generation.program.kernels.values()} >= {"coll", "kv"}
     got = _run_ranks(art, tp)
     assert got["tp"] == tp and got["token_ids"] == whole_tokens
