@@ -112,16 +112,20 @@ def cmd_compile(a: argparse.Namespace) -> int:
     # a causal LM gets its step function when its graph allows it (required with --generate)
     gen = None if a.no_generate else GenerateOptions(a.page_size, a.max_step_tokens, a.max_seqs,
                                                      kv_cache_dtype=a.kv_cache_dtype)
+    if a.pp != 1 or a.tp != 1:
+        # these builds never recapture: the torch weights go now (the graph holds its own copies; at the
+        # 8B shape that is 5.6 GB of the build host's memory while every rank's shards are made)
+        stop_ids, src.model = eos_ids(src.model), None
     if a.pp != 1:  # one artifact per pipeline stage under --output (llmc/pipeline_parallel.py)
         from .pipeline_parallel import compile_pipeline
 
-        compiled = compile_pipeline(graph, opts, gen, a.pp, src.tokenizer, eos_ids(src.model), tp=a.tp)
+        compiled = compile_pipeline(graph, opts, gen, a.pp, src.tokenizer, stop_ids, tp=a.tp)
     elif a.tp != 1:  # one artifact per rank under --output (llmc/tensor_parallel.py)
         from .tensor_parallel import compile_tensor_parallel
 
         if not a.generate and not eligible(graph):
             gen = None
-        compiled = compile_tensor_parallel(graph, opts, gen, a.tp, src.tokenizer, eos_ids(src.model))
+        compiled = compile_tensor_parallel(graph, opts, gen, a.tp, src.tokenizer, stop_ids)
     else:
         compiled = compile_graph(graph, opts)
         attach(compiled, opts, gen, required=a.generate or a.kv_cache_dtype is not None, tokenizer=src.tokenizer,
