@@ -64,9 +64,9 @@ def main() -> None:
     bw = copy_bandwidth(torch)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     if a.quant and a.fused:
-        return quant_fused_main(shim, torch, np, bw, [m for m in a.rows if m <= 8])
+        return quant_fused_main(shim, torch, np, bw, [m for m in a.rows if m < 64])
     if a.quant:
-        return quant_main(shim, torch, np, bw, [m for m in a.rows if m <= 8])
+        return quant_main(shim, torch, np, bw, [m for m in a.rows if m < 64])
     if a.tensor_cores:
         return tensor_core_main(shim, torch, np, a.rows)
     if a.fused:

@@ -36,6 +36,11 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kLoads = 8;  // 16-byte weight loads in flight per lane
 constexpr int kMaxRows = 8;  // the kernel's row templates (1, 2, 4, 8); GemvArgs::max_rows picks the routes' limit
+// Above max_rows and up to this many rows, a SwiGLU call runs the tensor-core GEMV (one launch for
+// the GEMM and the SwiGLU) in place of cuBLASLt and the epilogue pass: gate/up at 16 rows 34 us
+// against 40 (H100, bench_gemv_gpu.py --fused). Without the SwiGLU, cuBLASLt's GEMM is the faster
+// one at these shapes (QKV 10.7 against 13.0 us, down 17.4 against 21.3), so those stay there.
+constexpr int64_t kTcRows = 16;
 // scratch slots (llmc_lt.h scratch()): the normalized x and the GEMM's output before the SwiGLU
 constexpr int kSlotNormed = 32, kSlotGlu = 33;
 
@@ -273,6 +278,12 @@ void GemmFused(DLTensor* X, tvm::ffi::AnyView g_any, DLTensor* W, tvm::ffi::AnyV
   GemvArgs a{dt == DT::kF16 ? CUDA_R_16F : CUDA_R_16BF, x.ptr, x.ld, G ? data_of(G) : nullptr, float(eps),
              w.ptr, w.ld, bias ? data_of(bias) : nullptr, r.ptr, r.ld, y.ptr, y.ld, M, n_out, K, glu != 0};
   if (gemv_nt(dev, stream, a)) return;
+  if (G != nullptr && glu && M <= kTcRows) {  // small batches: the norm into scratch, then GEMM + SwiGLU on tensor cores
+    GemvArgs b = a;
+    b.x = rms_rows_to_scratch(dev, stream, X, x.ptr, M, K, x.ld, G, float(eps), kSlotNormed);
+    b.ldx = K, b.norm_w = nullptr;
+    if (gemv_nt(dev, stream, b)) return;
+  }
 
   // prefill: the norm into scratch, cuBLASLt, the SwiGLU from scratch
   int64_t shape_a[2], shape_h[2], shape_x[2], x_strides[2] = {x.ld, 1};
@@ -321,7 +332,14 @@ void gemm_epilogue_rows(cudaDataType_t dtype, const void* h, void* y, int64_t ld
 }
 
 bool gemv_nt(int dev, cudaStream_t stream, const GemvArgs& a) {
-  if (a.m < 1 || a.m > std::min<int64_t>(a.max_rows, kMaxRows) || a.k % 8 != 0 || a.k == 0 || a.n_out <= 0) return false;
+  if (a.m > std::min<int64_t>(a.max_rows, kMaxRows)) {  // 3-16 rows of a SwiGLU: tensor cores (llmc_tc_gemv.cu)
+    if (a.m < 3 || a.m > kTcRows || a.norm_w != nullptr || !a.glu) return false;
+    TcGemvArgs t;
+    t.dtype = a.dtype, t.x = a.x, t.ldx = a.ldx, t.w = a.w, t.ldw = a.ldw, t.bias = a.bias, t.res = a.res;
+    t.ldr = a.ldr, t.y = a.y, t.ldy = a.ldy, t.m = a.m, t.n_out = a.n_out, t.k = a.k, t.glu = a.glu;
+    return tc_gemv(dev, stream, t);
+  }
+  if (a.m < 1 || a.k % 8 != 0 || a.k == 0 || a.n_out <= 0) return false;
   if (a.dtype != CUDA_R_16F && a.dtype != CUDA_R_16BF) return false;
   // 16-byte loads of W rows, x rows and the norm weight
   if (!aligned16(a.w) || !aligned16(a.x) || (a.norm_w && !aligned16(a.norm_w)) || a.ldw % 8 != 0 || a.ldx % 8 != 0)

@@ -13,10 +13,11 @@
 //     the int4 / int8 counterpart of llmc_gemm_fused (llmc_gemv.cu): a decode layer's norm + QKV,
 //     O projection + residual, norm + gate/up + SwiGLU and down + residual are one launch each.
 //   x, scales, zeros, residual, y: float16 or bfloat16 alike; accumulation in float32; x, y and
-//   the residual may have strided rows (16-byte aligned). Below 64 rows, rows go in chunks of 8
-//   (a grid row each), every chunk streaming the weights again (from L2 when they fit: right for
-//   decode and small batches); from 64 rows on, W is dequantized into slabs for tensor-core GEMMs
-//   (llmc_qgemm.cu), the norm and the SwiGLU / residual running as passes of their own.
+//   the residual may have strided rows (16-byte aligned). 1-2 rows (decode) run the GEMV below;
+//   3-63 rows the tensor-core GEMV of llmc_tc_gemv.cu (where K is a multiple of 128 and the group
+//   of 32; else this GEMV, in chunks of 8 rows, each re-reading the weights); from 64 rows on, W is
+//   dequantized into slabs for tensor-core GEMMs (llmc_qgemm.cu), the norm and the SwiGLU /
+//   residual running as passes of their own.
 //
 // Decode reads every weight once, so time is bytes: a warp streams the packed rows of one output
 // channel (or of 2 or 4 when rows are short, as many as keep 8 warps an SM: launch_rows; with the
@@ -130,37 +131,6 @@ __device__ __forceinline__ void chunk_dot(const uint4* w, const T* x, int64_t ld
 // ~4.5 (shift, mask, float subtract, FMA, plus x converted per chunk), which bounded the scalar
 // loop at ~3 T weights/s. The bf16 partials of four products cost ~2^-9 relative, the size of
 // the output's own rounding.
-template <typename T> struct Packed;
-template <> struct Packed<__nv_bfloat16> {
-  using T2 = __nv_bfloat162;
-  static constexpr unsigned kMagic = 0x43004300u;
-  static constexpr float kBase = 128.f;
-  static __device__ __forceinline__ T2 splat(float v) { return __float2bfloat162_rn(v); }
-  static __device__ __forceinline__ float2 to_float2(T2 v) { return __bfloat1622float2(v); }
-};
-template <> struct Packed<__half> {
-  using T2 = __half2;
-  static constexpr unsigned kMagic = 0x64006400u;
-  static constexpr float kBase = 1024.f;
-  static __device__ __forceinline__ T2 splat(float v) { return __float2half2_rn(v); }
-  static __device__ __forceinline__ float2 to_float2(T2 v) { return __half22float2(v); }
-};
-
-template <typename T2>
-__device__ __forceinline__ T2 as_pair(unsigned v) {
-  return *reinterpret_cast<const T2*>(&v);
-}
-
-
-// The pairs (v_j, v_j+4), j = 0..3, of 8 consecutive halves: the order chunk_dot_int4x2's codes come out in.
-template <typename T2>
-__device__ __forceinline__ void pairs(const uint4& u, T2* out) {
-  out[0] = as_pair<T2>(__byte_perm(u.x, u.z, 0x5410));
-  out[1] = as_pair<T2>(__byte_perm(u.x, u.z, 0x7632));
-  out[2] = as_pair<T2>(__byte_perm(u.y, u.w, 0x5410));
-  out[3] = as_pair<T2>(__byte_perm(u.y, u.w, 0x7632));
-}
-
 // One 16-byte chunk of int4 codes (32 weights from k) per weight row against M rows of x (times
 // the norm weight g where given, in the packed type): packed math, float accumulation per 8
 // codes. z is the zero point (8 without a zeros input), an integer.
@@ -440,6 +410,14 @@ void QGemvFused(DLTensor* X, tvm::ffi::AnyView g_any, DLTensor* qw, DLTensor* s,
   cudaStream_t stream = current_stream(dev);
   const cudaDataType_t half = dt == DT::kF16 ? CUDA_R_16F : CUDA_R_16BF;
   const bool fused = G != nullptr || glu || R != nullptr;
+  if (rows > kFusedRows && rows < kGemmRows) {  // small batches: tensor cores, the norm first where asked
+    TcGemvArgs t;
+    t.dtype = half, t.x = x.ptr, t.ldx = x.ld, t.bits = int(bits), t.w = data_of(qw), t.ldw = qw->shape[1];
+    t.scales = data_of(s), t.zeros = z ? data_of(z) : nullptr, t.group = group, t.res = r.ptr, t.ldr = r.ld;
+    t.y = y.ptr, t.ldy = y.ld, t.m = rows, t.n_out = n_out, t.k = K, t.glu = glu != 0;
+    if (G != nullptr) t.x = rms_rows_to_scratch(dev, stream, X, x.ptr, rows, K, x.ld, G, float(eps), kSlotNormed), t.ldx = K;
+    if (tc_gemv(dev, stream, t)) return;
+  }
   if (rows < kGemmRows && (!fused || rows <= kFusedRows)) {  // one launch
     run_gemv(dt, int(bits), params_of(x, G, eps, qw, s, z, r, y, n_out, group, glu), dev, stream);
     return;

@@ -1,7 +1,10 @@
 // llmc CUDA shim: device helpers of the weight-streaming decode kernels (llmc_gemv.cu's fused
-// GEMV, llmc_qgemv.cu's dequantizing GEMV) and their programmatic dependent launch.
+// GEMV, llmc_qgemv.cu's dequantizing GEMV, llmc_tc_gemv.cu's tensor-core one) and their
+// programmatic dependent launch.
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <map>
@@ -61,6 +64,47 @@ __device__ __forceinline__ void block_rms_scales(const T* x, int64_t ldx, int ro
   }
 }
 
+// The packed half type of T (bf16x2 / half2) and the magic number that makes int4 codes halves:
+// OR-ing bf16's 128.0 (0x4300) or fp16's 1024.0 (0x6400), whose last mantissa bits are 1 apart,
+// onto a code q in the low bits gives base + q exactly (llmc_qgemv.cu: chunk_dot_int4x2).
+template <typename T> struct Packed;
+template <> struct Packed<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  static constexpr unsigned kMagic = 0x43004300u;
+  static constexpr float kBase = 128.f;
+  static __device__ __forceinline__ T2 splat(float v) { return __float2bfloat162_rn(v); }
+  static __device__ __forceinline__ T2 pack(float a, float b) { return __floats2bfloat162_rn(a, b); }
+  static __device__ __forceinline__ float2 to_float2(T2 v) { return __bfloat1622float2(v); }
+  static __device__ __forceinline__ float f(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 t(float v) { return __float2bfloat16_rn(v); }
+};
+template <> struct Packed<__half> {
+  using T2 = __half2;
+  static constexpr unsigned kMagic = 0x64006400u;
+  static constexpr float kBase = 1024.f;
+  static __device__ __forceinline__ T2 splat(float v) { return __float2half2_rn(v); }
+  static __device__ __forceinline__ T2 pack(float a, float b) { return __floats2half2_rn(a, b); }
+  static __device__ __forceinline__ float2 to_float2(T2 v) { return __half22float2(v); }
+  static __device__ __forceinline__ float f(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half t(float v) { return __float2half_rn(v); }
+};
+
+template <typename T2>
+__device__ __forceinline__ T2 as_pair(unsigned v) {
+  return *reinterpret_cast<const T2*>(&v);
+}
+
+// The pairs (v_j, v_j+4), j = 0..3, of 8 consecutive halves: the order in which int4 codes come
+// out of a 32-bit word two at a time (code j at bits 4j: the word shifted by 4j, masked with
+// 0x000F000F, holds codes j and j + 4).
+template <typename T2>
+__device__ __forceinline__ void pairs(const uint4& u, T2* out) {
+  out[0] = as_pair<T2>(__byte_perm(u.x, u.z, 0x5410));
+  out[1] = as_pair<T2>(__byte_perm(u.x, u.z, 0x7632));
+  out[2] = as_pair<T2>(__byte_perm(u.y, u.w, 0x5410));
+  out[3] = as_pair<T2>(__byte_perm(u.y, u.w, 0x7632));
+}
+
 // Programmatic dependent launch (Hopper): a kernel launched with launch_pdl may start while the
 // kernel before it finishes; it issues its first weight loads (weights are never written by an
 // earlier kernel), then waits for that kernel's results (pdl_wait) before reading activations or
@@ -95,12 +139,14 @@ inline bool pdl_capable(int dev) { return device_attribute(dev, cudaDevAttrCompu
 
 inline int sm_count(int dev) { return device_attribute(dev, cudaDevAttrMultiProcessorCount); }
 
-// kernel<<<grid, block, 0, stream>>>(args...) as a programmatic dependent launch where the device has it.
+// kernel<<<grid, block, smem, stream>>>(args...) as a programmatic dependent launch where the device has it.
 template <typename... KArgs, typename... Args>
-void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, int dev, cudaStream_t stream, Args&&... args) {
+void launch_pdl_smem(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, int dev, cudaStream_t stream,
+                     Args&&... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -108,6 +154,11 @@ void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, int dev, cudaSt
   cfg.attrs = attr;
   cfg.numAttrs = pdl_capable(dev) ? 1 : 0;
   LLMC_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+}
+
+template <typename... KArgs, typename... Args>
+void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, int dev, cudaStream_t stream, Args&&... args) {
+  launch_pdl_smem(kernel, grid, block, 0, dev, stream, std::forward<Args>(args)...);
 }
 
 }  // namespace llmc_shim

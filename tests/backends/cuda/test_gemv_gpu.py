@@ -1,8 +1,9 @@
 """GPU checks of llmc_gemm_fused and of llmc_gemm_ex's decode-sized path (backends/cuda/shim/
 llmc_gemv.cu): RMSNorm -> x @ W^T (+ bias) -> SwiGLU of the halves (+ residual) against the same
-math in float64 on the host, for the GEMV rows (1-8) and the prefill path (norm kernel, cuBLASLt,
-SwiGLU pass through scratch), float16 and bfloat16 (inputs rounded to the dtype first, so the
-reference sees what the kernel reads)."""
+math in float64 on the host, for the GEMV rows (1-2), the tensor-core GEMV's (3-16 rows with the
+SwiGLU, llmc_tc_gemv.cu: K a multiple of 128; other K fall back) and the prefill path (norm kernel,
+cuBLASLt, SwiGLU pass through scratch), float16 and bfloat16 (inputs rounded to the dtype first, so the reference sees
+what the kernel reads)."""
 import numpy as np
 import pytest
 
@@ -27,11 +28,12 @@ def _ref(x, g, w, bias, res, glu, eps):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 16, 40])
 @pytest.mark.parametrize("norm,glu,bias,res", [(True, False, False, False), (True, True, False, False),
                                                (False, False, False, True), (False, True, True, False),
                                                (True, False, True, True)])
-@pytest.mark.parametrize("n,k", [(384, 512), (2 * 173, 1024), (2 * 48, 8200)])  # 8200: 5 batches of loads, a ragged last
+@pytest.mark.parametrize("n,k", [(384, 512), (2 * 173, 1024), (2 * 48, 8200),  # 8200: 5 batches of loads, a ragged last
+                                 (2 * 80, 8192)])  # tensor cores: K split over 8 warps of a block
 def test_gemm_fused_matches_reference(shim, dtype, rows, norm, glu, bias, res, n, k):
     gen = torch.Generator().manual_seed(rows * 7 + n + k + 3 * norm + 5 * glu)
     x = (torch.randn(rows, k, generator=gen) * 3).to(dtype)
@@ -66,10 +68,10 @@ def test_gemm_fused_reads_strided_rows_and_residual_in_place(shim, rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [1, 5, 8, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16, 17])
 def test_gemm_ex_decode_rows_match_torch(shim, dtype, rows):
-    """llmc_gemm_ex with W^T sends up to 8 rows to the GEMV (bias and residual epilogues), more to
-    cuBLASLt: both against torch's F.linear in float32."""
+    """llmc_gemm_ex with W^T sends 1 row to the GEMV (bias and residual epilogues), more to cuBLASLt:
+    both against torch's F.linear in float32."""
     gen = torch.Generator().manual_seed(rows + 11)
     x = torch.randn(rows, 2048, generator=gen).to(dtype).cuda()
     w = (torch.randn(1000, 2048, generator=gen) / 45).to(dtype).cuda()

@@ -67,7 +67,9 @@ def test_qgemv_refuses_bad_arguments(shim):
                                                (False, True, True), (True, True, True)])
 @pytest.mark.parametrize("rows,n,k,group", [(1, 2048, 2048, 128), (2, 258, 1024, 64), (1, 64, 8192, 128),
                                             (1, 8450, 512, 32), (2, 16896, 1024, 128), (1, 3072, 1024, 64),  # 4, 2 rows a warp
-                                            (5, 100, 704, 32), (70, 96, 512, 64)])  # 70 rows: the GEMM path
+                                            (5, 100, 704, 32), (70, 96, 512, 64),  # 70 rows: the GEMM path
+                                            # tensor cores (K % 128 == 0): one pass, two, three with a short last
+                                            (3, 100, 1024, 32), (16, 258, 2048, 128), (33, 96, 512, 64), (4, 64, 8192, 128)])
 def test_qgemv_fused_matches_the_reference(shim, dtype, bits, symmetric, norm, glu, residual, rows, n, k, group):
     """llmc_qgemv_fused: y = [silu(h[:, :N/2]) * h[:, N/2:] or h] (+ residual), h = rmsnorm(x) * g @ W^T,
     against numpy in float64 with the stored (rounded) scales; x and y with strided rows."""

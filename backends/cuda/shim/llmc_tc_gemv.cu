@@ -1,0 +1,266 @@
+// llmc CUDA shim: small-batch matmuls on tensor cores, y = epi(x @ W^T) for 3-16 rows a pass,
+// W dense ([N, K] float16 / bfloat16) or weight-only quantized (int8 per channel / int4 groups,
+// the codes of llmc_qgemv.cu), with the SwiGLU of gate / up halves, a bias and a residual in the
+// same launch (tc_gemv in llmc_lt.h). llmc_qgemv.cu routes 3-63 rows here (passes of 16), for
+// which it replaces a GEMV that read x once per weight row and row; llmc_gemv.cu only 3-16-row
+// calls with the SwiGLU (measured: without it, cuBLASLt is faster on bf16 weights at these shapes).
+//
+// Why: a decode step of 16 sequences has 16 rows per matmul. The FMA GEMVs read x once per
+// weight row and row (their cost grows with the rows: at 16 rows the quantized GEMV streamed
+// its weights twice and multiplied 16x per weight), and cuBLASLt needs the norm, the SwiGLU and
+// the dequantization as launches of their own around it. Here a weight is read once for 16 rows
+// and multiplied on tensor cores (mma.sync m16n8k16: 16 weight rows x 8 tokens x 16 k), so the
+// kernel is bound by the weight bytes like the one-row GEMV.
+//
+// A warp computes 32 weight rows (two m16 tiles; with the SwiGLU 16 gate rows and their 16 up
+// rows) against 16 x rows (two n8 tiles). The dot products do not care in which order k is
+// summed, so the fragments' k order is ours to choose: lane (g, t) (g = lane / 4, t = lane % 4)
+// reads 32 consecutive k of its rows at k0 + 32 t (16-byte loads), and each group of 8 of them
+// enters the mma as the pairs (0, 4), (1, 5), (2, 6), (3, 7): the order int4 codes come out of a
+// word two at a time (llmc_stream_kernels.h: Packed, pairs), used alike for x and dense W. The
+// warps of a block split K (as many as keep 8 warps an SM) and sum through shared memory, where
+// the block applies the epilogue. Quantized codes become the half type exactly ((q - zero) is a
+// small integer), times their group's scale, as the prefill path's dequantized slab holds them.
+// A programmatic dependent launch (llmc_stream_kernels.h): the first weight loads are issued
+// before waiting for the kernel that writes x.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+
+#include "llmc_lt.h"
+#include "llmc_shim_common.h"
+#include "llmc_stream_kernels.h"
+
+namespace llmc_shim {
+namespace {
+
+constexpr int kTokens = 16;     // x rows a pass: two n8 tiles
+constexpr int kTileRows = 32;   // weight rows a warp: two m16 tiles
+constexpr int kChunk = 128;     // k a warp covers per step: 4 lanes x 32
+constexpr int kMaxSplit = 8;    // warps of a block, splitting K
+constexpr int kWarpsPerSm = 8;  // fewer column blocks than this many warps an SM: split K further
+
+template <typename T>
+struct TcParams {
+  const T* x; int64_t ldx;
+  const void* w; int64_t ldw;  // dense: elements a row; codes: bytes a row
+  const T* scales; const T* zeros;  // quantized: [N, K / group]; zeros may be null
+  int group;
+  const T* bias;  // dense: [N] or null
+  const T* res; int64_t ldr;  // [rows, n_out] or null
+  T* y; int64_t ldy;
+  int rows, n_out, k;
+};
+
+template <typename T> struct Mma;
+template <> struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float* d, const unsigned* a, const unsigned* b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+template <> struct Mma<__half> {
+  static __device__ __forceinline__ void run(float* d, const unsigned* a, const unsigned* b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+
+template <typename T2>
+__device__ __forceinline__ unsigned bits_of(T2 v) {
+  return *reinterpret_cast<const unsigned*>(&v);
+}
+
+// The 16-byte loads of one weight row's 32 k: 4 dense, 2 int8, 1 int4.
+template <int BITS> constexpr int kLoadsPerRow = BITS == 16 ? 4 : BITS == 8 ? 2 : 1;
+
+// Weight pairs of 8 consecutive k (group `i` of the lane's 32) of one row, in the pairs() order.
+template <typename T, int BITS>
+__device__ __forceinline__ void weight_pairs(const uint4* w, int i, float s, float z, typename Packed<T>::T2* out) {
+  using P = Packed<T>;
+  using T2 = typename P::T2;
+  if constexpr (BITS == 16) {
+    pairs(w[i], out);
+  } else if constexpr (BITS == 4) {
+    const unsigned word = reinterpret_cast<const unsigned*>(w)[i];
+    const T2 zz = P::splat(P::kBase + z), ss = P::splat(s);
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      out[j] = __hmul2(__hsub2(as_pair<T2>(((word >> (4 * j)) & 0x000F000Fu) | P::kMagic), zz), ss);
+  } else {  // int8: codes j and j + 4 are byte j of the group's two words (stored signed)
+    const unsigned* words = reinterpret_cast<const unsigned*>(w) + 2 * i;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float q0 = __uint_as_float(0x4B000000u | (((words[0] >> (8 * j)) & 255u) ^ 128u)) - 8388736.f;
+      const float q1 = __uint_as_float(0x4B000000u | (((words[1] >> (8 * j)) & 255u) ^ 128u)) - 8388736.f;
+      out[j] = P::pack((q0 - z) * s, (q1 - z) * s);
+    }
+  }
+}
+
+template <typename T, int BITS, bool GLU>
+__global__ void __launch_bounds__(kMaxSplit * 32) tc_gemv_kernel(TcParams<T> p) {
+  using P = Packed<T>;
+  using T2 = typename P::T2;
+  constexpr int L = kLoadsPerRow<BITS>;
+  constexpr int kCw = GLU ? kTileRows / 2 : kTileRows;  // output channels a block
+  extern __shared__ float red[];                         // [split][kTokens][kTileRows]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, split = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int c0 = blockIdx.x * kCw, tok0 = blockIdx.y * kTokens;
+  const int rows = min(kTokens, p.rows - tok0);
+  const int chunks = p.k / kChunk;
+
+  // the lane's 4 weight rows: tile mt, half h -> tile row 16 mt + g + 8 h (a channel past the end
+  // reads the last one's row, never stored)
+  int64_t wrow[2][2];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int c = min(c0 + (GLU ? 0 : 16 * mt) + g + 8 * h, p.n_out - 1);
+      wrow[mt][h] = c + (GLU && mt == 1 ? p.n_out : 0);
+    }
+  const int bytes_per_k2 = BITS == 16 ? 4 : BITS == 8 ? 2 : 1;  // bytes of 2 k
+  const char* wbase = static_cast<const char*>(p.w);
+  const int64_t row_bytes = BITS == 16 ? p.ldw * 2 : p.ldw;
+  uint4 wv[2][2][L];
+  auto load_w = [&](int c) {
+    const int64_t off = (int64_t(c) * kChunk + 32 * t) * bytes_per_k2 / 2;
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int u = 0; u < L; ++u) wv[mt][h][u] = ld_stream(wbase + wrow[mt][h] * row_bytes + off + 16 * u);
+  };
+  if (warp < chunks) load_w(warp);
+  pdl_launch_dependents();
+  pdl_wait();
+
+  const T* xr[2];  // the lane's x rows (tokens g and g + 8 of the pass), null past the last
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) xr[nt] = 8 * nt + g < rows ? p.x + int64_t(tok0 + 8 * nt + g) * p.ldx : nullptr;
+  float acc[2][2][4];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+  const int groups = BITS == 16 ? 1 : p.k / p.group;
+  const float zero_default = BITS == 4 ? 8.f : 0.f;
+  for (int c = warp; c < chunks; c += split) {
+    if (c != warp) load_w(c);
+    const int k = c * kChunk + 32 * t;
+    uint4 xv[2][4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        xv[nt][i] = xr[nt] ? __ldg(reinterpret_cast<const uint4*>(xr[nt] + k) + i) : make_uint4(0, 0, 0, 0);
+    float s[2][2], z[2][2];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        s[mt][h] = 1.f, z[mt][h] = 0.f;
+        if constexpr (BITS != 16) {  // the lane's 32 k lie in one group (group % 32 == 0)
+          const int64_t at = wrow[mt][h] * groups + k / p.group;
+          s[mt][h] = P::f(p.scales[at]);
+          z[mt][h] = p.zeros ? P::f(p.zeros[at]) : zero_default;
+        }
+      }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // 8 k at a time: two mma steps
+      T2 wp[2][2][4], xp[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) weight_pairs<T, BITS>(wv[mt][h], i, s[mt][h], z[mt][h], wp[mt][h]);
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) pairs(xv[nt][i], xp[nt]);
+#pragma unroll
+      for (int st = 0; st < 2; ++st) {  // A: rows g, g + 8 x pairs lo, hi; B: the same pairs of x
+        const int lo = 2 * st, hi = 2 * st + 1;
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          const unsigned a[4] = {bits_of(wp[mt][0][lo]), bits_of(wp[mt][1][lo]), bits_of(wp[mt][0][hi]),
+                                 bits_of(wp[mt][1][hi])};
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) {
+            const unsigned b[2] = {bits_of(xp[nt][lo]), bits_of(xp[nt][hi])};
+            Mma<T>::run(acc[mt][nt], a, b);
+          }
+        }
+      }
+    }
+  }
+  // D fragment: e = 0..3 -> tile row g + 8 (e / 2), token 2 t + e % 2 of the n8 tile
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        red[(warp * kTokens + 8 * nt + 2 * t + (e & 1)) * kTileRows + 16 * mt + g + 8 * (e >> 1)] = acc[mt][nt][e];
+  __syncthreads();
+  for (int o = threadIdx.x; o < kCw * kTokens; o += blockDim.x) {
+    const int r = o % kCw, m = o / kCw, col = c0 + r;
+    if (m >= rows || col >= p.n_out) continue;
+    float h = 0.f, u = 0.f;
+    for (int w = 0; w < split; ++w) {
+      h += red[(w * kTokens + m) * kTileRows + r];
+      if constexpr (GLU) u += red[(w * kTokens + m) * kTileRows + 16 + r];
+    }
+    if (p.bias) {
+      h += P::f(p.bias[col]);
+      if constexpr (GLU) u += P::f(p.bias[p.n_out + col]);
+    }
+    if constexpr (GLU) h = h / (1.f + __expf(-h)) * u;
+    if (p.res) h += P::f(p.res[int64_t(tok0 + m) * p.ldr + col]);
+    p.y[int64_t(tok0 + m) * p.ldy + col] = P::t(h);
+  }
+}
+
+template <typename T, int BITS>
+void launch_typed(const TcGemvArgs& a, int dev, cudaStream_t stream) {
+  TcParams<T> p{static_cast<const T*>(a.x), a.ldx, a.w, a.ldw, static_cast<const T*>(a.scales),
+                static_cast<const T*>(a.zeros), int(a.group), static_cast<const T*>(a.bias),
+                static_cast<const T*>(a.res), a.ldr, static_cast<T*>(a.y), a.ldy, int(a.m), int(a.n_out), int(a.k)};
+  const int cw = a.glu ? kTileRows / 2 : kTileRows;
+  const dim3 grid(unsigned((a.n_out + cw - 1) / cw), unsigned((a.m + kTokens - 1) / kTokens));
+  // split K across a block's warps until the grid has kWarpsPerSm warps an SM (or K runs short)
+  const int64_t enough = int64_t(kWarpsPerSm) * sm_count(dev), blocks = int64_t(grid.x) * grid.y;
+  int split = 1;
+  while (split < kMaxSplit && blocks * split < enough && a.k / kChunk >= 2 * split) split *= 2;
+  const size_t smem = size_t(split) * kTokens * kTileRows * sizeof(float);
+  if (a.glu) launch_pdl_smem(tc_gemv_kernel<T, BITS, true>, grid, dim3(32 * split), smem, dev, stream, p);
+  else launch_pdl_smem(tc_gemv_kernel<T, BITS, false>, grid, dim3(32 * split), smem, dev, stream, p);
+}
+
+template <typename T>
+void launch_bits(const TcGemvArgs& a, int dev, cudaStream_t stream) {
+  if (a.bits == 4) launch_typed<T, 4>(a, dev, stream);
+  else if (a.bits == 8) launch_typed<T, 8>(a, dev, stream);
+  else launch_typed<T, 16>(a, dev, stream);
+}
+
+}  // namespace
+
+bool tc_gemv(int dev, cudaStream_t stream, const TcGemvArgs& a) {
+  if (a.m < 1 || a.m > int64_t(kTokens) * 65535 || a.n_out <= 0 || a.k <= 0 || a.k % kChunk != 0) return false;
+  if (a.dtype != CUDA_R_16F && a.dtype != CUDA_R_16BF) return false;
+  if (a.bits != 16 && a.bits != 8 && a.bits != 4) return false;
+  if (a.bits != 16 && (a.group <= 0 || a.group % 32 != 0 || a.k % a.group != 0 || a.bias != nullptr)) return false;
+  const int64_t row_bytes = a.bits == 16 ? a.ldw * 2 : a.ldw;
+  if (!aligned16(a.x) || a.ldx % 8 != 0 || !aligned16(a.w) || row_bytes % 16 != 0) return false;
+  if (a.dtype == CUDA_R_16F) launch_bits<__half>(a, dev, stream);
+  else launch_bits<__nv_bfloat16>(a, dev, stream);
+  return true;
+}
+
+}  // namespace llmc_shim
