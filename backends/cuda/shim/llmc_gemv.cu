@@ -334,10 +334,7 @@ void gemm_epilogue_rows(cudaDataType_t dtype, const void* h, void* y, int64_t ld
 bool gemv_nt(int dev, cudaStream_t stream, const GemvArgs& a) {
   if (a.m > std::min<int64_t>(a.max_rows, kMaxRows)) {  // 3-16 rows of a SwiGLU: tensor cores (llmc_tc_gemv.cu)
     if (a.m < 3 || a.m > kTcRows || a.norm_w != nullptr || !a.glu) return false;
-    TcGemvArgs t;
-    t.dtype = a.dtype, t.x = a.x, t.ldx = a.ldx, t.w = a.w, t.ldw = a.ldw, t.bias = a.bias, t.res = a.res;
-    t.ldr = a.ldr, t.y = a.y, t.ldy = a.ldy, t.m = a.m, t.n_out = a.n_out, t.k = a.k, t.glu = a.glu;
-    return tc_gemv(dev, stream, t);
+    return tc_gemv(dev, stream, a);
   }
   if (a.m < 1 || a.k % 8 != 0 || a.k == 0 || a.n_out <= 0) return false;
   if (a.dtype != CUDA_R_16F && a.dtype != CUDA_R_16BF) return false;

@@ -75,34 +75,20 @@ struct GemvArgs {
   int64_t m = 0, n_out = 0, k = 0;
   bool glu = false;
   int64_t max_rows = 2;
-};
-bool gemv_nt(int dev, cudaStream_t stream, const GemvArgs& a);
-
-// The tensor-core small-batch GEMV (llmc_tc_gemv.cu): y[M, n_out] = act(x @ W^T + bias) + res for
-// any M (16 rows a pass; meant for 3-63), W dense [N, K] (bits 16, row stride ldw elements) or
-// weight-only codes (bits 8 / 4, row stride ldw bytes, llmc_qgemv.cu's layout) with scales [N, K /
-// group] and zeros (or null), N = 2 n_out with glu (SwiGLU of the halves). Returns false, enqueuing
-// nothing, where it does not apply (K not a multiple of 128, group not a multiple of 32, unaligned
-// rows, a bias with codes): the caller runs another route.
-struct TcGemvArgs {
-  cudaDataType_t dtype = CUDA_R_16BF;
-  const void* x = nullptr;
-  int64_t ldx = 0;
-  int bits = 16;
-  const void* w = nullptr;
-  int64_t ldw = 0;
+  int bits = 16;  // tc_gemv only: 16 dense W; 8 / 4 the codes below
   const void* scales = nullptr;
   const void* zeros = nullptr;
   int64_t group = 0;
-  const void* bias = nullptr;
-  const void* res = nullptr;
-  int64_t ldr = 0;
-  void* y = nullptr;
-  int64_t ldy = 0;
-  int64_t m = 0, n_out = 0, k = 0;
-  bool glu = false;
 };
-bool tc_gemv(int dev, cudaStream_t stream, const TcGemvArgs& a);
+bool gemv_nt(int dev, cudaStream_t stream, const GemvArgs& a);
+
+// The tensor-core small-batch GEMV (llmc_tc_gemv.cu): the same product for any M (16 rows a pass;
+// meant for 3-63) without the norm (norm_w null; eps and max_rows unused), W dense [N, K] (bits
+// 16) or weight-only codes (bits 8 / 4, row stride ldw bytes, llmc_qgemv.cu's layout) with scales
+// [N, K / group] and zeros (or null). Returns false, enqueuing nothing, where it does not apply (K
+// not a multiple of 128, group not a multiple of 32, unaligned rows, a bias with codes, a norm):
+// the caller runs another route.
+bool tc_gemv(int dev, cudaStream_t stream, const GemvArgs& a);
 
 // The prefill paths' elementwise epilogue (llmc_gemv.cu): y[m, :n] = (glu ? silu(h[m, :n]) * h[m, n:2n]
 // : h[m, :n]) + res[m, :n] (res may be null), h compact [rows, glu ? 2n : n], y and res with row

@@ -411,7 +411,7 @@ void QGemvFused(DLTensor* X, tvm::ffi::AnyView g_any, DLTensor* qw, DLTensor* s,
   const cudaDataType_t half = dt == DT::kF16 ? CUDA_R_16F : CUDA_R_16BF;
   const bool fused = G != nullptr || glu || R != nullptr;
   if (rows > kFusedRows && rows < kGemmRows) {  // small batches: tensor cores, the norm first where asked
-    TcGemvArgs t;
+    GemvArgs t;
     t.dtype = half, t.x = x.ptr, t.ldx = x.ld, t.bits = int(bits), t.w = data_of(qw), t.ldw = qw->shape[1];
     t.scales = data_of(s), t.zeros = z ? data_of(z) : nullptr, t.group = group, t.res = r.ptr, t.ldr = r.ld;
     t.y = y.ptr, t.ldy = y.ld, t.m = rows, t.n_out = n_out, t.k = K, t.glu = glu != 0;

@@ -227,7 +227,7 @@ __global__ void __launch_bounds__(kMaxSplit * 32) tc_gemv_kernel(TcParams<T> p) 
 }
 
 template <typename T, int BITS>
-void launch_typed(const TcGemvArgs& a, int dev, cudaStream_t stream) {
+void launch_typed(const GemvArgs& a, int dev, cudaStream_t stream) {
   TcParams<T> p{static_cast<const T*>(a.x), a.ldx, a.w, a.ldw, static_cast<const T*>(a.scales),
                 static_cast<const T*>(a.zeros), int(a.group), static_cast<const T*>(a.bias),
                 static_cast<const T*>(a.res), a.ldr, static_cast<T*>(a.y), a.ldy, int(a.m), int(a.n_out), int(a.k)};
@@ -243,7 +243,7 @@ void launch_typed(const TcGemvArgs& a, int dev, cudaStream_t stream) {
 }
 
 template <typename T>
-void launch_bits(const TcGemvArgs& a, int dev, cudaStream_t stream) {
+void launch_bits(const GemvArgs& a, int dev, cudaStream_t stream) {
   if (a.bits == 4) launch_typed<T, 4>(a, dev, stream);
   else if (a.bits == 8) launch_typed<T, 8>(a, dev, stream);
   else launch_typed<T, 16>(a, dev, stream);
@@ -251,8 +251,8 @@ void launch_bits(const TcGemvArgs& a, int dev, cudaStream_t stream) {
 
 }  // namespace
 
-bool tc_gemv(int dev, cudaStream_t stream, const TcGemvArgs& a) {
-  if (a.m < 1 || a.m > int64_t(kTokens) * 65535 || a.n_out <= 0 || a.k <= 0 || a.k % kChunk != 0) return false;
+bool tc_gemv(int dev, cudaStream_t stream, const GemvArgs& a) {
+  if (a.norm_w != nullptr || a.m < 1 || a.m > int64_t(kTokens) * 65535 || a.n_out <= 0 || a.k <= 0 || a.k % kChunk != 0) return false;
   if (a.dtype != CUDA_R_16F && a.dtype != CUDA_R_16BF) return false;
   if (a.bits != 16 && a.bits != 8 && a.bits != 4) return false;
   if (a.bits != 16 && (a.group <= 0 || a.group % 32 != 0 || a.k % a.group != 0 || a.bias != nullptr)) return false;
