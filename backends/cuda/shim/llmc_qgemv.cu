@@ -71,18 +71,6 @@ __device__ __forceinline__ void load8(const T* p, float* out) {
   for (int j = 0; j < 8; ++j) out[j] = to_f(e[j]);
 }
 
-// Code j of a 32-bit word as a float, without the int->float conversion (a quarter-rate
-// instruction that bounded the first version): the code goes into the mantissa of 2^23, and
-// subtracting 2^23 (+128 for a signed byte, stored biased) leaves it exactly.
-template <int BITS>
-__device__ __forceinline__ float code(unsigned word, int j) {
-  if constexpr (BITS == 4) {
-    return __uint_as_float(0x4B000000u | ((word >> (4 * j)) & 15u)) - 8388608.f;
-  } else {
-    return __uint_as_float(0x4B000000u | (((word >> (8 * j)) & 255u) ^ 128u)) - 8388736.f;
-  }
-}
-
 // One 16-byte chunk per row of R weight rows (w[r]) against M rows of x: `per` weights from k.
 // x (times the norm weight g where given) is loaded once for all R rows; each row's dot product
 // is s * (sum q x - z * sum x).

@@ -64,6 +64,18 @@ __device__ __forceinline__ void block_rms_scales(const T* x, int64_t ldx, int ro
   }
 }
 
+// Code j of a 32-bit word as a float, without the int->float conversion (a quarter-rate
+// instruction that bounded the first llmc_qgemv): the code goes into the mantissa of 2^23, and
+// subtracting 2^23 (+128 for a signed byte, stored biased) leaves it exactly.
+template <int BITS>
+__device__ __forceinline__ float code(unsigned word, int j) {
+  if constexpr (BITS == 4) {
+    return __uint_as_float(0x4B000000u | ((word >> (4 * j)) & 15u)) - 8388608.f;
+  } else {
+    return __uint_as_float(0x4B000000u | (((word >> (8 * j)) & 255u) ^ 128u)) - 8388736.f;
+  }
+}
+
 // The packed half type of T (bf16x2 / half2) and the magic number that makes int4 codes halves:
 // OR-ing bf16's 128.0 (0x4300) or fp16's 1024.0 (0x6400), whose last mantissa bits are 1 apart,
 // onto a code q in the low bits gives base + q exactly (llmc_qgemv.cu: chunk_dot_int4x2).

@@ -26,8 +26,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <algorithm>
-
 #include "llmc_lt.h"
 #include "llmc_shim_common.h"
 #include "llmc_stream_kernels.h"
@@ -94,9 +92,7 @@ __device__ __forceinline__ void weight_pairs(const uint4* w, int i, float s, flo
     const unsigned* words = reinterpret_cast<const unsigned*>(w) + 2 * i;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const float q0 = __uint_as_float(0x4B000000u | (((words[0] >> (8 * j)) & 255u) ^ 128u)) - 8388736.f;
-      const float q1 = __uint_as_float(0x4B000000u | (((words[1] >> (8 * j)) & 255u) ^ 128u)) - 8388736.f;
-      out[j] = P::pack((q0 - z) * s, (q1 - z) * s);
+      out[j] = P::pack((code<8>(words[0], j) - z) * s, (code<8>(words[1], j) - z) * s);
     }
   }
 }
