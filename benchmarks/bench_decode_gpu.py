@@ -9,6 +9,8 @@ Build host (no GPU): a generation artifact of the Llama-3.2-1B shape without its
 GPU machine (runtime-only TVM; weights filled with random values on the device):
 
     python benchmarks/bench_decode_gpu.py --art gpu_art/gen/llama1b.llmc [--no-torch]
+    python benchmarks/bench_decode_gpu.py --art gpu_art/gen/llama1b.llmc --profile
+        # kernel by kernel, decode steps as their CUDA graphs replay (CUPTI), then stop
     python benchmarks/bench_decode_gpu.py --quant-only gpu_art/gen/llama1b_int4.llmc gpu_art/gen/llama1b_int8.llmc
         # weight-only quantized artifacts (llmc compile ... --quant int4 --group 128 --sym) against
         # the bf16 --art: decode steps at batch 1 and 16, same run
@@ -127,25 +129,42 @@ def llmc_decode(llm, batch: int, context: int, steps: int, rng) -> dict:
     return {"step_ms": float(np.median(times[steps // 2:])) * 1e3, "replay_ms": dev_ms}
 
 
-def decode_profile(llm, batch: int, context: int, rng) -> list[tuple[str, int, float]]:
-    """(kernel label, launches, total ms) of one decode step, eager launches timed with events."""
+def decode_profile(llm, batch: int, context: int, rng, iters: int = 20) -> str:
+    """Kernel by kernel, one decode step as its CUDA graph replays (CUPTI through torch.profiler, so
+    small kernels are timed without the gaps per-kernel events would add): the kernel table, and how
+    much of the replay's wall time no kernel was running (launch latency between graph nodes)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from profile_gpu import kernel_table
+
     pool = llm.pool
     pages = [pool.take(pool.pages_for(context + 2)) for _ in range(batch)]
     ex = llm.step.executor
     try:
         inputs = llm.step.padded(_decode_inputs(llm, pages, [context + 1] * batch, rng))
-        prof = ex.profile(**inputs, repeat=5)
+        for _ in range(3):
+            ex.run(**inputs, outputs="device")
+        for _ in range(5):
+            ex.replay(**inputs)
+        ex.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                ex.replay(**inputs)
+            ex.synchronize()
     finally:
         for p in pages:
             pool.give_back(p)
-    by: dict[str, list] = {}
-    for name, t in prof:
-        k = ex._kernels[name][1]
-        label = (k.label or k.func or "tvm") + ("" if k.route == "shim" else f" [{name}]")
-        e = by.setdefault(label, [0, 0.0])
-        e[0] += 1
-        e[1] += t
-    return sorted(((k, n, t) for k, (n, t) in by.items()), key=lambda x: -x[2])
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, end = 0.0, spans[0][0]
+    for s, e in spans:  # the union of kernel intervals
+        busy += max(0.0, e - max(s, end))
+        end = max(end, e)
+    wall = spans[-1][1] - spans[0][0]
+    return (kernel_table(prof, f"decode step, batch {batch} @ {context} (graph replay)", iters, top=40)
+            + f"\n  GPU busy {busy / iters:.1f} us of {wall / iters:.1f} us per step "
+              f"(idle between kernels {(wall - busy) / iters:.1f} us)")
 
 
 def prefill(llm, seqs: int, length: int, rng, profile: bool) -> dict:
@@ -248,7 +267,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--no-torch", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
-    ap.add_argument("--profile", action="store_true", help="per-kernel times of decode steps, then stop")
+    ap.add_argument("--profile", action="store_true", help="per-kernel times of decode steps (CUPTI, graph replays), then stop")
     ap.add_argument("--quant-only", nargs="+", metavar="ART", help="quantized artifacts: decode against --art, then stop")
     ap.add_argument("--quant-prefill", nargs="*", default=[], metavar="NxL",
                     help="with --quant-only, also prefill steps of N prompts of L tokens (e.g. 8x512) against --art")
@@ -273,10 +292,7 @@ def main() -> None:
     shapes = [(b, c) for b, c in ((1, 512), (16, 512), (1, 8192)) if c + a.steps <= llm.spec.max_context]
     if a.profile:
         for batch, context in shapes:
-            rows = decode_profile(llm, batch, context, rng)
-            print(f"decode profile, batch {batch}, context {context}: {sum(t for _, _, t in rows):.3f} ms")
-            for label, n, t in rows:
-                print(f"  {t:8.3f} ms  {n:4d}x  {label}")
+            print(decode_profile(llm, batch, context, rng), flush=True)
         return
     for batch, context in shapes:  # (context 8192 needs an artifact compiled for it)
         r = llmc_decode(llm, batch, context, a.steps, rng)

@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 
 SHIM_DIR = pathlib.Path(__file__).resolve().parent / "shim"
 SOURCES = ("llmc_gemm.cu", "llmc_attention.cu", "llmc_norm_ext.cu", "llmc_paged_attention.cu", "llmc_argmax.cu", "llmc_qgemv.cu", "llmc_gemv.cu",
-           "llmc_qgemm.cu", "llmc_sparse24.cu", "llmc_allreduce.cu", "llmc_tc_gemv.cu")
+           "llmc_qgemm.cu", "llmc_sparse24.cu", "llmc_allreduce.cu", "llmc_tc_gemv.cu", "llmc_paged_decode.cu")
 HEADERS = ("llmc_shim_common.h", "cublaslt_decl.h", "llmc_paged.h", "llmc_lt.h", "cusparselt_decl.h", "llmc_stream_kernels.h")
 LIB_NAME = "libllmc_shim.so"
 EXPORTED = ("llmc_gemm", "llmc_gemm_nt", "llmc_gemm_ex", "llmc_shim_init", "llmc_shim_info",

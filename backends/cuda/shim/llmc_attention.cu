@@ -807,7 +807,7 @@ void AttentionQKV(DLTensor* qkv, DLTensor* out, double scale, int64_t causal) {
 }  // namespace llmc_shim_attention
 
 namespace llmc_shim {
-void paged_prefill(const PagedPrefillArgs& a, bool bf16, cudaStream_t stream) {
+void paged_prefill(const PagedArgs& a, bool bf16, cudaStream_t stream) {
   llmc_shim_attention::PagedParams p{};
   p.q = a.q; p.k = a.k; p.v = a.v; p.o = a.out; p.cache = a.cache;
   p.q_h = a.q_h; p.q_t = a.q_t; p.k_h = a.k_h; p.k_t = a.k_t; p.v_h = a.v_h; p.v_t = a.v_t; p.o_h = a.o_h; p.o_t = a.o_t;

@@ -26,10 +26,12 @@
 // Prefill steps over a quantized cache take the CUDA-core kernel (the tensor-core one reads
 // float pages).
 //
-// Decode (one token per sequence, T == S) has few rows and long histories, so the keys are
-// also split across blocks (flash-decoding): each split writes its partial softmax state to a
-// workspace and the last block of the group to finish (an atomic counter, reset by that block,
-// so a captured CUDA graph can replay it) merges them.
+// Decode (one token per sequence, T == S) over float pages goes to llmc_paged_decode.cu's kernel
+// (GQA groups up to 8 query heads). This file's kernel takes the rest of decode (a quantized
+// cache, larger groups): it has few rows and long histories, so the keys are also split across
+// blocks (flash-decoding): each split writes its partial softmax state to a workspace and the
+// last block of the group to finish (an atomic counter, reset by that block, so a captured CUDA
+// graph can replay it) merges them.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -42,6 +44,7 @@
 
 #include "llmc_paged.h"
 #include "llmc_shim_common.h"
+#include "llmc_stream_kernels.h"
 
 namespace llmc_shim_paged {
 using namespace llmc_shim;
@@ -374,6 +377,21 @@ Workspace& workspace(int dev, cudaStream_t stream, size_t bytes, size_t counters
 
 constexpr size_t kMaxWorkspace = size_t(64) << 20;
 
+// n key splits (fewer if their partial states would pass kMaxWorkspace) and their workspace
+DecodeSplits split_workspace(int dev, cudaStream_t stream, int n, int T, int H, int D, size_t counters) {
+  const size_t per = size_t(T) * H * (D + 2) * sizeof(float);
+  while (n > 1 && n * per > kMaxWorkspace) --n;
+  DecodeSplits w{std::max(1, n), nullptr, nullptr, nullptr};
+  if (w.n_split > 1) {
+    const size_t o_bytes = size_t(w.n_split) * T * H * D * sizeof(float);
+    Workspace& ws = workspace(dev, stream, o_bytes + size_t(w.n_split) * T * H * sizeof(float2), counters);
+    w.part_o = static_cast<float*>(ws.buf);
+    w.part_ml = reinterpret_cast<float2*>(static_cast<char*>(ws.buf) + o_bytes);
+    w.counters = ws.counters;
+  }
+  return w;
+}
+
 void check_i32(const DLTensor* t, const char* name, int ndim) {
   check_cuda_tensor(t, name);
   LLMC_CHECK(t->dtype.code == kDLInt && t->dtype.bits == 32 && t->dtype.lanes == 1) << name << " must be int32";
@@ -483,29 +501,26 @@ void PagedAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, DLTe
 
   DeviceGuard guard(dev);
   cudaStream_t stream = current_stream(dev);
-  if (T == S) {  // decode: split the keys until the GPU has ~4 blocks per SM
-    int sms = 0;
-    LLMC_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    const int blocks = S * Hkv * ((p.G + kRows - 1) / kRows);
-    const int max_tiles = (p.C * p.P + kKeys - 1) / kKeys;
-    int n = std::min({(4 * sms + blocks - 1) / blocks, std::max(1, max_tiles / 2), kMaxSplits});
-    const size_t per = size_t(T) * H * (D + 2) * sizeof(float);
-    while (n > 1 && n * per > kMaxWorkspace) --n;
-    p.n_split = std::max(1, n);
-  }
-  if (p.n_split > 1) {
-    const size_t o_bytes = size_t(p.n_split) * T * H * D * sizeof(float);
-    const size_t ml_bytes = size_t(p.n_split) * T * H * sizeof(float2);
-    Workspace& ws = workspace(dev, stream, o_bytes + ml_bytes, size_t(S) * Hkv * p.n_rowtiles);
-    p.part_o = static_cast<float*>(ws.buf);
-    p.part_ml = reinterpret_cast<float2*>(static_cast<char*>(ws.buf) + o_bytes);
-    p.counters = ws.counters;
-  }
+  const PagedArgs a{p.q, p.k, p.v, p.out, p.cache, p.q_h, p.q_t, p.k_h, p.k_t, p.v_h, p.v_t, p.o_h, p.o_t,
+                    p.table, p.lens, p.starts, p.C, p.P, H, Hkv, T, S, D, p.window, float(scale)};
   if (T != S && codec == 0) {  // prefill chunks (perhaps mixed with decodes): the tensor-core kernel
-    PagedPrefillArgs a{p.q, p.k, p.v, p.out, p.cache, p.q_h, p.q_t, p.k_h, p.k_t, p.v_h, p.v_t, p.o_h, p.o_t,
-                       p.table, p.lens, p.starts, p.C, p.P, H, Hkv, T, S, D, p.window, float(scale)};
     paged_prefill(a, dt == DT::kBF16, stream);
     return;
+  }
+  if (T == S && codec == 0 && p.G <= kDecodeMaxGroup) {  // decode over float pages: llmc_paged_decode.cu
+    DecodeSplits w = split_workspace(dev, stream, paged_decode_splits(a, dev), T, H, D, size_t(S) * Hkv);
+    paged_decode(a, w, dt == DT::kBF16, dev, stream);
+    return;
+  }
+  if (T == S) {  // decode over a quantized cache: split the keys until the GPU has ~4 blocks per SM
+    const int blocks = S * Hkv * ((p.G + kRows - 1) / kRows);
+    const int max_tiles = (p.C * p.P + kKeys - 1) / kKeys;
+    const int n = std::min({(4 * sm_count(dev) + blocks - 1) / blocks, std::max(1, max_tiles / 2), kMaxSplits});
+    const DecodeSplits w = split_workspace(dev, stream, n, T, H, D, size_t(S) * Hkv * p.n_rowtiles);
+    p.n_split = w.n_split;
+    p.part_o = w.part_o;
+    p.part_ml = w.part_ml;
+    p.counters = w.counters;
   }
   const dim3 grid(p.n_split * p.n_rowtiles, Hkv, S);
   if (dt == DT::kF16) launch_d<__half>(p, D, codec, grid, stream);

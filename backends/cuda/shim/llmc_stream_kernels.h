@@ -31,6 +31,12 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
 // The RMSNorm factor 1 / sqrt(mean(x^2) + eps) of each of the first `rows` (<= M) rows of x (k
 // elements, k % 8 == 0, row stride ldx, 16-byte aligned rows) into scale[0..M), summed by all
 // WARPS warps of the block (every thread must call it). The fused GEMVs call it while their first

@@ -31,11 +31,12 @@ def _reference():
     return paged_attention
 
 
-def _case(seed, lens_new, lens_old, hq, hkv, d, page, dtype, pages=None):
-    """A step: sequence s brings lens_new[s] tokens after lens_old[s] cached positions."""
+def _case(seed, lens_new, lens_old, hq, hkv, d, page, dtype, pages=None, cols=None):
+    """A step: sequence s brings lens_new[s] tokens after lens_old[s] cached positions (a page
+    table of `cols` columns: by default one more than the longest sequence needs)."""
     rng = np.random.default_rng(seed)
     S, T = len(lens_new), sum(lens_new)
-    cols = max(-(-(o + n) // page) for o, n in zip(lens_old, lens_new)) + 1
+    cols = cols or max(-(-(o + n) // page) for o, n in zip(lens_old, lens_new)) + 1
     pages = pages or S * cols + 3
     perm = rng.permutation(pages)  # pages scattered through the pool
     table = perm[:S * cols].reshape(S, cols).astype(np.int32)
@@ -96,6 +97,26 @@ def test_paged_attention_decode_split_matches_reference(shim, dtype, hist):
     ref = _reference()(*case[:3], want_cache, *case[4:], 0.125, 0)
     out, _ = _run_gpu(shim, case, dtype, 0.125, 0, token_major=len(hist) > 1)
     assert rel_err(out.float().cpu(), torch.from_numpy(ref)) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("d,hq,hkv", [(64, 32, 8), (128, 8, 8), (32, 12, 4), (64, 16, 2), (64, 14, 2), (128, 40, 2)])
+@pytest.mark.parametrize("window", [0, 100])
+@pytest.mark.parametrize("hist,cols", [([0, 1, 15, 16, 17], None), ([513], 64), ([3, 260], 512),
+                                       ([1000, 37, 4095, 2, 640, 129, 300, 77, 5, 2047, 64, 700, 1, 1500, 33, 3000], None)])
+def test_paged_decode_matches_reference(shim, dtype, d, hq, hkv, window, hist, cols):
+    """Decode steps over float pages (llmc_paged_decode.cu for up to 8 query heads a KV head; the
+    40 / 2 case takes the general kernel): GQA groups of 1, 3, 4, 7, 8 and 20, head dims 32 / 64
+    / 128, a window, histories of 0 to 4095 keys, a page table much wider than the histories
+    (many key splits with nothing to do); the step's K / V appended to the pages exactly."""
+    case = _case(sum(hist) + d + hq + window, [1] * len(hist), hist, hq, hkv, d, 16, dtype, cols=cols)
+    scale = 1 / math.sqrt(d)
+    want_cache = case[3].copy()
+    ref = _reference()(*case[:3], want_cache, *case[4:], scale, window)
+    out, cache = _run_gpu(shim, case, dtype, scale, window, token_major=len(hist) > 2)
+    assert not torch.isnan(out).any()
+    assert rel_err(out.float().cpu(), torch.from_numpy(ref)) < 1e-2
+    assert torch.equal(cache.float().cpu(), torch.from_numpy(want_cache))
 
 
 def _run_gpu_quantized(shim, case, codes, codec, scale, token_major):

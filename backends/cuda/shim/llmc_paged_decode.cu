@@ -1,0 +1,283 @@
+// llmc CUDA shim: llmc_paged_attention's decode kernel (a step of one token per sequence over a
+// float cache; llmc_paged_attention.cu takes prefill, mixed steps and quantized caches).
+//
+// Decode reads each sequence's whole history once per layer, so the kernel is a stream of K/V
+// rows: a block takes one sequence, one KV head and one split of the keys (flash-decoding), and
+// serves all G query heads that share the KV head from registers, so GQA reads each row once.
+// In a warp, D / 8 lanes share a key (a 16-byte load of K and one of V each) and the warp walks
+// its keys in chunks of NB such steps, every load of a chunk issued before any is used. A lane's
+// dot products are summed over the key's lanes by shuffles; the warp keeps an online softmax per
+// query head; the block's four warps, then the splits (the last block of a (sequence, KV head)
+// to finish, by an atomic counter it resets so a captured CUDA graph can replay it), combine
+// their states. The kernel is a programmatic dependent launch: the history's first loads are
+// issued before it waits for the kernels that wrote q / k / v, and it lets the next launch (the
+// output projection's GEMV, which then fetches its weights) start at once.
+//
+// The step's own key is read from k / v, not from the page it is appended to (split 0 appends),
+// so no block depends on another's write.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+
+#include "llmc_paged.h"
+#include "llmc_stream_kernels.h"
+
+namespace llmc_shim {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kMaxSplits = 64;
+constexpr float kLog2e = 1.4426950408889634f;
+// blocks an SM holds (the registers of G = 8's query and accumulator rows allow two)
+constexpr int blocks_per_sm(int g) { return g > 4 ? 2 : 3; }
+
+template <typename T>
+__device__ __forceinline__ void to8(const uint4& u, float* f) {
+  const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) f[i] = Packed<T>::f(e[i]);
+}
+
+template <int D, int G>
+struct DecodeTile {
+  static constexpr int LPK = D / 8;          // lanes per key
+  static constexpr int KPS = 32 / LPK;       // keys a warp reads per step
+  static constexpr int NB = G <= 2 ? 8 : 16 / G;  // steps per chunk (registers: 2 NB uint4, NB G scores)
+  static constexpr int CHUNK = NB * KPS;     // keys per warp chunk
+};
+
+template <typename T, int D, int G>
+__global__ void __launch_bounds__(kWarps * 32, blocks_per_sm(G)) paged_decode_kernel(const PagedArgs a, const DecodeSplits w) {
+  using Tile = DecodeTile<D, G>;
+  constexpr int LPK = Tile::LPK, KPS = Tile::KPS, NB = Tile::NB, CHUNK = Tile::CHUNK;
+  __shared__ float s_acc[kWarps][G][D];
+  __shared__ float2 s_ml[kWarps][G];
+  __shared__ float s_wt[kMaxSplits][G];
+  __shared__ bool last;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, kg = lane / LPK, c = lane % LPK;
+  const int s = blockIdx.z, h = blockIdx.y, split = blockIdx.x;
+  const int gn = a.H / a.Hkv;
+  const int q0 = a.starts[s], L = a.lens[s], first = L - 1;
+  if (a.starts[s + 1] - q0 != 1 || L < 1) return;  // (every split of the sequence alike)
+  const int k_lo = a.window > 0 ? max(0, L - a.window) : 0;
+  const int n_chunks = (L - k_lo + CHUNK - 1) / CHUNK;
+  const int per = (n_chunks + w.n_split - 1) / w.n_split;
+  const int c_b = split * per, c_e = min(n_chunks, c_b + per);
+  const int* table = a.table + int64_t(s) * a.C;
+  T* cache = static_cast<T*>(a.cache);
+  const int64_t page_stride = int64_t(2) * a.P * a.Hkv * D, v_off = int64_t(a.P) * a.Hkv * D;
+  const T* K = static_cast<const T*>(a.k) + h * a.k_h + int64_t(q0) * a.k_t + c * 8;
+  const T* V = static_cast<const T*>(a.v) + h * a.v_h + int64_t(q0) * a.v_t + c * 8;
+
+  uint4 kr[NB], vr[NB];
+  // a chunk's history rows (keys before the step's own), straight from the pages
+  auto load_history = [&](int ch) {
+#pragma unroll
+    for (int i = 0; i < NB; ++i) {
+      const int key = k_lo + ch * CHUNK + i * KPS + kg;
+      kr[i] = vr[i] = make_uint4(0, 0, 0, 0);
+      if (key < first) {
+        const T* src = cache + __ldg(table + key / a.P) * page_stride + (int64_t(key % a.P) * a.Hkv + h) * D + c * 8;
+        kr[i] = ld_stream(src);
+        vr[i] = ld_stream(src + v_off);
+      }
+    }
+  };
+  // the step's own row, written by the kernels before this one (after pdl_wait)
+  auto load_own = [&](int ch) {
+#pragma unroll
+    for (int i = 0; i < NB; ++i) {
+      if (k_lo + ch * CHUNK + i * KPS + kg == first) {
+        kr[i] = *reinterpret_cast<const uint4*>(K);
+        vr[i] = *reinterpret_cast<const uint4*>(V);
+      }
+    }
+  };
+  int ch = c_b + warp;
+  if (ch < c_e) load_history(ch);
+  pdl_launch_dependents();
+  pdl_wait();
+  if (split == 0 && warp == 0 && lane < LPK) {  // append the step's K / V (head h) to its page
+    T* dst = cache + table[first / a.P] * page_stride + (int64_t(first % a.P) * a.Hkv + h) * D + c * 8;
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(K);
+    *reinterpret_cast<uint4*>(dst + v_off) = *reinterpret_cast<const uint4*>(V);
+  }
+  // this lane's 8 dims of each query head, as float, times scale * log2(e)
+  float q[G][8];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    if (g < gn) {
+      to8<T>(*reinterpret_cast<const uint4*>(static_cast<const T*>(a.q) + (h * gn + g) * a.q_h + int64_t(q0) * a.q_t + c * 8), q[g]);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) q[g][e] *= a.scale * kLog2e;
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) q[g][e] = 0.f;
+    }
+  }
+  float m[G], l[G], acc[G][8];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[g][e] = 0.f;
+  }
+  for (; ch < c_e; ch += kWarps) {
+    load_own(ch);
+    float sc[NB][G];
+#pragma unroll
+    for (int i = 0; i < NB; ++i) {
+      float kf[8];
+      to8<T>(kr[i], kf);
+      const bool ok = k_lo + ch * CHUNK + i * KPS + kg < L;
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        float d = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) d = fmaf(q[g][e], kf[e], d);
+#pragma unroll
+        for (int o = 1; o < LPK; o <<= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+        sc[i][g] = ok ? d : -INFINITY;
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      float mx = sc[0][g];
+#pragma unroll
+      for (int i = 1; i < NB; ++i) mx = fmaxf(mx, sc[i][g]);
+#pragma unroll
+      for (int o = LPK; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      const float m_new = fmaxf(m[g], mx);  // finite: a chunk holds at least one visible key
+      const float corr = exp2f(m[g] - m_new);
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < NB; ++i) {
+        sc[i][g] = exp2f(sc[i][g] - m_new);
+        sum += sc[i][g];
+      }
+#pragma unroll
+      for (int o = LPK; o < 32; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      l[g] = l[g] * corr + sum;
+      m[g] = m_new;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[g][e] *= corr;
+    }
+#pragma unroll
+    for (int i = 0; i < NB; ++i) {
+      float vf[8];
+      to8<T>(vr[i], vf);
+#pragma unroll
+      for (int g = 0; g < G; ++g)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(sc[i][g], vf[e], acc[g][e]);
+    }
+    if (ch + kWarps < c_e) load_history(ch + kWarps);
+  }
+  // the warp's lanes of one dim slice hold different keys' sums: add them, then combine the warps
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+#pragma unroll
+      for (int o = LPK; o < 32; o <<= 1) acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], o);
+      if (kg == 0) s_acc[warp][g][c * 8 + e] = acc[g][e];
+    }
+    if (lane == 0) s_ml[warp][g] = make_float2(m[g], l[g]);
+  }
+  __syncthreads();
+  const int rows = gn * D;
+  const bool split_up = w.n_split > 1;
+  T* O = static_cast<T*>(a.out);
+  for (int i = threadIdx.x; i < rows; i += blockDim.x) {
+    const int g = i / D, d = i % D, head = h * gn + g;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int v = 0; v < kWarps; ++v) mx = fmaxf(mx, s_ml[v][g].x);
+    float num = 0.f, den = 0.f;
+#pragma unroll
+    for (int v = 0; v < kWarps; ++v) {
+      const float wt = s_ml[v][g].x == -INFINITY ? 0.f : exp2f(s_ml[v][g].x - mx);
+      num += wt * s_acc[v][g][d];
+      den += wt * s_ml[v][g].y;
+    }
+    if (!split_up) {
+      O[head * a.o_h + int64_t(q0) * a.o_t + d] = Packed<T>::t(den > 0.f ? num / den : 0.f);
+    } else {
+      const int64_t idx = (int64_t(split) * a.T + q0) * a.H + head;
+      w.part_o[idx * D + d] = num;
+      if (d == 0) w.part_ml[idx] = make_float2(mx, den);
+    }
+  }
+  if (!split_up) return;
+  __threadfence();
+  __syncthreads();
+  unsigned* counter = w.counters + int64_t(s) * a.Hkv + h;
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == unsigned(w.n_split - 1);
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  // the splits' weights per query head (a warp each), then every output element
+  for (int g = warp; g < gn; g += kWarps) {
+    const int64_t head = h * gn + g;
+    float mx = -INFINITY;
+    for (int sp = lane; sp < w.n_split; sp += 32) mx = fmaxf(mx, __ldcg(&w.part_ml[(sp * a.T + q0) * a.H + head]).x);
+    mx = warp_max(mx);
+    float den = 0.f;
+    for (int sp = lane; sp < w.n_split; sp += 32) {
+      const float2 ml = __ldcg(&w.part_ml[(sp * a.T + q0) * a.H + head]);
+      const float wt = ml.x == -INFINITY ? 0.f : exp2f(ml.x - mx);
+      s_wt[sp][g] = wt;
+      den += wt * ml.y;
+    }
+    den = warp_sum(den);
+    const float inv = den > 0.f ? 1.f / den : 0.f;
+    for (int sp = lane; sp < w.n_split; sp += 32) s_wt[sp][g] *= inv;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < rows; i += blockDim.x) {
+    const int g = i / D, d = i % D, head = h * gn + g;
+    float num = 0.f;
+#pragma unroll 8
+    for (int sp = 0; sp < w.n_split; ++sp) num += s_wt[sp][g] * __ldcg(&w.part_o[((sp * a.T + q0) * a.H + head) * D + d]);
+    O[head * a.o_h + int64_t(q0) * a.o_t + d] = Packed<T>::t(num);
+  }
+  if (threadIdx.x == 0) *counter = 0;  // ready for the next launch (graph replays)
+}
+
+template <typename T, int D>
+void launch_g(const PagedArgs& a, const DecodeSplits& w, int dev, cudaStream_t stream) {
+  const dim3 grid(w.n_split, a.Hkv, a.S), block(kWarps * 32);
+  const int g = a.H / a.Hkv;
+  if (g == 1) launch_pdl(paged_decode_kernel<T, D, 1>, grid, block, dev, stream, a, w);
+  else if (g == 2) launch_pdl(paged_decode_kernel<T, D, 2>, grid, block, dev, stream, a, w);
+  else if (g <= 4) launch_pdl(paged_decode_kernel<T, D, 4>, grid, block, dev, stream, a, w);
+  else launch_pdl(paged_decode_kernel<T, D, 8>, grid, block, dev, stream, a, w);
+}
+
+template <typename T>
+void launch_d(const PagedArgs& a, const DecodeSplits& w, int dev, cudaStream_t stream) {
+  if (a.D == 64) launch_g<T, 64>(a, w, dev, stream);
+  else if (a.D == 128) launch_g<T, 128>(a, w, dev, stream);
+  else launch_g<T, 32>(a, w, dev, stream);
+}
+
+}  // namespace
+
+int paged_decode_splits(const PagedArgs& a, int dev) {
+  // keys a block's warps take in one round, at most (the smallest chunk: G = 8)
+  const int g = a.H / a.Hkv;
+  const int chunk = (g <= 2 ? 8 : 16 / (g <= 4 ? 4 : 8)) * (32 / (a.D / 8));
+  const int max_rounds = (a.C * a.P + chunk * kWarps - 1) / (chunk * kWarps);
+  // the blocks the SMs hold at once (what the registers allow), each with a round of chunks at least
+  const int blocks = std::max(1, a.S * a.Hkv);
+  return std::max(1, std::min({max_rounds, blocks_per_sm(g) * sm_count(dev) / blocks, kMaxSplits}));
+}
+
+void paged_decode(const PagedArgs& a, const DecodeSplits& w, bool bf16, int dev, cudaStream_t stream) {
+  if (bf16) launch_d<__nv_bfloat16>(a, w, dev, stream);
+  else launch_d<__half>(a, w, dev, stream);
+}
+
+}  // namespace llmc_shim
