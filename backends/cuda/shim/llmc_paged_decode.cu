@@ -62,7 +62,12 @@ __global__ void __launch_bounds__(kWarps * 32, blocks_per_sm(G)) paged_decode_ke
   if (a.starts[s + 1] - q0 != 1 || L < 1) return;  // (every split of the sequence alike)
   const int k_lo = a.window > 0 ? max(0, L - a.window) : 0;
   const int n_chunks = (L - k_lo + CHUNK - 1) / CHUNK;
-  const int per = (n_chunks + w.n_split - 1) / w.n_split;
+  // The launch's splits fit the longest history the page table holds (a captured graph replays
+  // for any length); this sequence uses those that get a round of chunks (a chunk a warp) at
+  // least, so a short history's merge reads a few partial results, not all of them.
+  const int n_split = min(w.n_split, (n_chunks + kWarps - 1) / kWarps);
+  if (split >= n_split) return;
+  const int per = (n_chunks + n_split - 1) / n_split;
   const int c_b = split * per, c_e = min(n_chunks, c_b + per);
   const int* table = a.table + int64_t(s) * a.C;
   T* cache = static_cast<T*>(a.cache);
@@ -188,7 +193,7 @@ __global__ void __launch_bounds__(kWarps * 32, blocks_per_sm(G)) paged_decode_ke
   }
   __syncthreads();
   const int rows = gn * D;
-  const bool split_up = w.n_split > 1;
+  const bool split_up = n_split > 1;
   T* O = static_cast<T*>(a.out);
   for (int i = threadIdx.x; i < rows; i += blockDim.x) {
     const int g = i / D, d = i % D, head = h * gn + g;
@@ -214,7 +219,7 @@ __global__ void __launch_bounds__(kWarps * 32, blocks_per_sm(G)) paged_decode_ke
   __threadfence();
   __syncthreads();
   unsigned* counter = w.counters + int64_t(s) * a.Hkv + h;
-  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == unsigned(w.n_split - 1);
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == unsigned(n_split - 1);
   __syncthreads();
   if (!last) return;
   __threadfence();
@@ -222,10 +227,10 @@ __global__ void __launch_bounds__(kWarps * 32, blocks_per_sm(G)) paged_decode_ke
   for (int g = warp; g < gn; g += kWarps) {
     const int64_t head = h * gn + g;
     float mx = -INFINITY;
-    for (int sp = lane; sp < w.n_split; sp += 32) mx = fmaxf(mx, __ldcg(&w.part_ml[(sp * a.T + q0) * a.H + head]).x);
+    for (int sp = lane; sp < n_split; sp += 32) mx = fmaxf(mx, __ldcg(&w.part_ml[(sp * a.T + q0) * a.H + head]).x);
     mx = warp_max(mx);
     float den = 0.f;
-    for (int sp = lane; sp < w.n_split; sp += 32) {
+    for (int sp = lane; sp < n_split; sp += 32) {
       const float2 ml = __ldcg(&w.part_ml[(sp * a.T + q0) * a.H + head]);
       const float wt = ml.x == -INFINITY ? 0.f : exp2f(ml.x - mx);
       s_wt[sp][g] = wt;
@@ -233,14 +238,36 @@ __global__ void __launch_bounds__(kWarps * 32, blocks_per_sm(G)) paged_decode_ke
     }
     den = warp_sum(den);
     const float inv = den > 0.f ? 1.f / den : 0.f;
-    for (int sp = lane; sp < w.n_split; sp += 32) s_wt[sp][g] *= inv;
+    for (int sp = lane; sp < n_split; sp += 32) s_wt[sp][g] *= inv;
   }
   __syncthreads();
+  // Every output element sums n_split partials: a thread takes 4 elements (16-byte loads) and,
+  // where the block has threads to spare, a share of the splits, so each thread's chain of
+  // dependent L2 reads is short; the shares meet in shared memory (s_acc is free again).
+  const int cols = rows / 4, shares = min(kWarps, max(1, int(blockDim.x) / cols));
+  float4* s_sum = reinterpret_cast<float4*>(&s_acc[0][0][0]);  // [shares][cols]: kWarps * G * D floats
+  for (int t = threadIdx.x; t < cols * shares; t += blockDim.x) {
+    const int col = t % cols, share = t / cols, g = col * 4 / D;
+    const float4* part = reinterpret_cast<const float4*>(w.part_o + ((int64_t(q0) * a.H + h * gn + g) * D + col * 4 % D));
+    const int64_t split_stride = int64_t(a.T) * a.H * D / 4;  // float4s from one split's partials to the next
+    float4 num = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+    for (int sp = share; sp < n_split; sp += shares) {
+      const float wt = s_wt[sp][g];
+      const float4 x = __ldcg(part + sp * split_stride);
+      num.x = fmaf(wt, x.x, num.x);
+      num.y = fmaf(wt, x.y, num.y);
+      num.z = fmaf(wt, x.z, num.z);
+      num.w = fmaf(wt, x.w, num.w);
+    }
+    s_sum[share * cols + col] = num;
+  }
+  __syncthreads();
+  const float* sums = reinterpret_cast<const float*>(s_sum);
   for (int i = threadIdx.x; i < rows; i += blockDim.x) {
     const int g = i / D, d = i % D, head = h * gn + g;
     float num = 0.f;
-#pragma unroll 8
-    for (int sp = 0; sp < w.n_split; ++sp) num += s_wt[sp][g] * __ldcg(&w.part_o[((sp * a.T + q0) * a.H + head) * D + d]);
+    for (int sh = 0; sh < shares; ++sh) num += sums[sh * rows + i];
     O[head * a.o_h + int64_t(q0) * a.o_t + d] = Packed<T>::t(num);
   }
   if (threadIdx.x == 0) *counter = 0;  // ready for the next launch (graph replays)
@@ -266,7 +293,7 @@ void launch_d(const PagedArgs& a, const DecodeSplits& w, int dev, cudaStream_t s
 }  // namespace
 
 int paged_decode_splits(const PagedArgs& a, int dev) {
-  // keys a block's warps take in one round, at most (the smallest chunk: G = 8)
+  // keys a block's warps take in one round (DecodeTile's chunk for this group size)
   const int g = a.H / a.Hkv;
   const int chunk = (g <= 2 ? 8 : 16 / (g <= 4 ? 4 : 8)) * (32 / (a.D / 8));
   const int max_rounds = (a.C * a.P + chunk * kWarps - 1) / (chunk * kWarps);
