@@ -84,15 +84,26 @@ struct GemvParams {
   int rows, n_out, k;
 };
 
-template <typename T, int M, bool NORM, bool GLU>
+// KS warps share an output channel, each taking a slice of K (KS = 1: a warp per channel). A warp
+// streams its slice in steps of kLoads loads a lane, each a round trip to memory, so a long row
+// (the down projection's K = 8192: 4 steps) is split until a warp's slice is one step. Measured on
+// the H200 at one row (bench_gemv_gpu.py --fused, two A/B rounds): down + residual 8192 x 2048
+// 15.1-16.6 -> 11.5-11.6 us (52% -> 68% of the copy bandwidth), norm + gate/up + SwiGLU 2048 x
+// 16384 (2 warps a channel) 20.7-21.1 -> 19.9-20.0 us.
+template <typename T, int M, bool NORM, bool GLU, int KS>
 __global__ void __launch_bounds__(kWarps * 32) gemv_nt_kernel(const GemvParams<T> p) {
   using H = Half<T>;
   constexpr int NR = GLU ? 2 : 1;  // weight rows per output channel
   constexpr int U = kLoads / NR;    // 16-byte chunks of each row per lane per step
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int n = blockIdx.x * kWarps + warp;
+  static_assert(kWarps % KS == 0, "a block holds whole channels");
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, part = warp % KS;
+  const int n = blockIdx.x * (kWarps / KS) + warp / KS;
   const int nn = min(n, p.n_out - 1);  // a warp past the end computes the last channel, stores nothing
-  const int chunks = p.k / 8;
+  const int all_chunks = p.k / 8;
+  // this warp's chunks [c_lo, chunks): slices of whole steps where they divide evenly
+  const int per = (all_chunks + KS - 1) / KS;
+  const int c_lo = KS == 1 ? 0 : min(all_chunks, part * per);
+  const int chunks = KS == 1 ? all_chunks : min(all_chunks, c_lo + per);
   const T* wr[NR];
   wr[0] = p.w + int64_t(nn) * p.ldw;
   if constexpr (GLU) wr[NR - 1] = p.w + int64_t(nn + p.n_out) * p.ldw;
@@ -106,7 +117,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_nt_kernel(const GemvParams<T
       for (int r = 0; r < NR; ++r) buf[u][r] = c < chunks ? ld_stream(wr[r] + int64_t(c) * 8) : make_uint4(0, 0, 0, 0);
     }
   };
-  load(0);
+  load(c_lo);
   pdl_launch_dependents();
   pdl_wait();
 
@@ -121,8 +132,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_nt_kernel(const GemvParams<T
   for (int m = 0; m < M; ++m)
 #pragma unroll
     for (int r = 0; r < NR; ++r) acc[m][r] = 0.f;
-  for (int c0 = 0; c0 < chunks; c0 += 32 * U) {
-    if (c0 > 0) load(c0);
+  for (int c0 = c_lo; c0 < chunks; c0 += 32 * U) {
+    if (c0 > c_lo) load(c0);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c0 + lane + 32 * u;
@@ -152,6 +163,23 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_nt_kernel(const GemvParams<T
   for (int m = 0; m < M; ++m)
 #pragma unroll
     for (int r = 0; r < NR; ++r) acc[m][r] = warp_sum(acc[m][r]);
+  if constexpr (KS > 1) {  // the channel's slices meet in its first warp
+    __shared__ float s_part[kWarps][M][NR];
+    if (lane == 0) {
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int r = 0; r < NR; ++r) s_part[warp][m][r] = acc[m][r];
+    }
+    __syncthreads();
+    if (part != 0) return;
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+      for (int r = 0; r < NR; ++r)
+#pragma unroll
+        for (int q = 1; q < KS; ++q) acc[m][r] += s_part[warp + q][m][r];
+  }
   if (n >= p.n_out) return;
 #pragma unroll
   for (int m = 0; m < M; ++m) {
@@ -166,10 +194,20 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_nt_kernel(const GemvParams<T
   }
 }
 
+template <typename T, int M, bool NORM, bool GLU, int KS>
+void launch_split(const GemvParams<T>& p, int dev, cudaStream_t stream) {
+  constexpr int per_block = kWarps / KS;  // channels a block computes
+  launch_pdl(gemv_nt_kernel<T, M, NORM, GLU, KS>, dim3(unsigned((p.n_out + per_block - 1) / per_block)),
+             dim3(kWarps * 32), dev, stream, p);
+}
+
 template <typename T, int M, bool NORM, bool GLU>
 void launch_kernel(const GemvParams<T>& p, int dev, cudaStream_t stream) {
-  launch_pdl(gemv_nt_kernel<T, M, NORM, GLU>, dim3(unsigned((p.n_out + kWarps - 1) / kWarps)), dim3(kWarps * 32), dev,
-             stream, p);
+  // the warps a channel takes: as many as its row has steps of kLoads loads a lane, up to kWarps
+  const int steps = (p.k / 8 + 32 * (kLoads / (GLU ? 2 : 1)) - 1) / (32 * (kLoads / (GLU ? 2 : 1)));
+  if (steps >= 4) launch_split<T, M, NORM, GLU, 4>(p, dev, stream);
+  else if (steps >= 2) launch_split<T, M, NORM, GLU, 2>(p, dev, stream);
+  else launch_split<T, M, NORM, GLU, 1>(p, dev, stream);
 }
 
 template <typename T, int M>

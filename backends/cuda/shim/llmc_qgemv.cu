@@ -183,16 +183,23 @@ struct QParams {
 // and up rows. Each lane issues kLoads 16-byte loads of those rows (kLoads / R chunks of each)
 // before any math, so a short row (K = 2048 at int4 is 64 chunks, two per lane) still keeps
 // enough bytes in flight to cover the memory latency.
-template <typename T, int BITS, int M, int R>
+// KS warps share a warp's rows, each taking a slice of K, where a row is several steps of loads
+// long (int8 at K = 8192: two), as in llmc_gemv.cu's GEMV.
+template <typename T, int BITS, int M, int R, int KS = 1>
 __global__ void __launch_bounds__(kWarps * 32) qgemv_kernel(QParams<T> p) {
   constexpr int per = BITS == 4 ? 32 : 16;  // weights per 16-byte chunk
   constexpr int U = kLoads / R;             // chunks of each row per lane per step
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  static_assert(kWarps % KS == 0, "a block holds whole row sets");
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, part = warp % KS;
   const int ch = p.glu ? R / 2 : R;  // output channels per warp
-  const int n0 = (blockIdx.x * kWarps + warp) * ch;
+  const int n0 = (blockIdx.x * (kWarps / KS) + warp / KS) * ch;
   const int rows = min(M, p.rows - int(blockIdx.y) * M);
   const T* x = p.x + int64_t(blockIdx.y) * M * p.ldx;
-  const int chunks = p.k / per, groups = p.k / p.group;
+  const int row_chunks = p.k / per, groups = p.k / p.group;
+  // this warp's chunks [c_lo, chunks) of each row (all of them without a split)
+  const int slice = (row_chunks + KS - 1) / KS;
+  const int c_lo = KS == 1 ? 0 : min(row_chunks, part * slice);
+  const int chunks = KS == 1 ? row_chunks : min(row_chunks, c_lo + slice);
   const float zero_default = BITS == 4 ? 8.f : 0.f;
   int nr[R];  // the weight row of slot r (clamped: a channel past the end recomputes the last, never stored)
 #pragma unroll
@@ -207,10 +214,10 @@ __global__ void __launch_bounds__(kWarps * 32) qgemv_kernel(QParams<T> p) {
       const int c = c0 + lane + 32 * u;
 #pragma unroll
       for (int r = 0; r < R; ++r)
-        w[u][r] = c < chunks ? ld_stream(p.qw + int64_t(nr[r]) * chunks + c) : make_uint4(0, 0, 0, 0);
+        w[u][r] = c < chunks ? ld_stream(p.qw + int64_t(nr[r]) * row_chunks + c) : make_uint4(0, 0, 0, 0);
     }
   };
-  load(0);
+  load(c_lo);
   pdl_launch_dependents();
   pdl_wait();
 
@@ -229,8 +236,8 @@ __global__ void __launch_bounds__(kWarps * 32) qgemv_kernel(QParams<T> p) {
   for (int m = 0; m < M; ++m)
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
-  for (int c0 = 0; c0 < chunks; c0 += 32 * U) {
-    if (c0 > 0) load(c0);
+  for (int c0 = c_lo; c0 < chunks; c0 += 32 * U) {
+    if (c0 > c_lo) load(c0);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c0 + lane + 32 * u;
@@ -250,6 +257,23 @@ __global__ void __launch_bounds__(kWarps * 32) qgemv_kernel(QParams<T> p) {
   for (int m = 0; m < M; ++m)
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[m][r] = warp_sum(acc[m][r]);
+  if constexpr (KS > 1) {  // the slices meet in the first warp of the set
+    __shared__ float s_part[kWarps][M][R];
+    if (lane == 0) {
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int r = 0; r < R; ++r) s_part[warp][m][r] = acc[m][r];
+    }
+    __syncthreads();
+    if (part != 0) return;
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int q = 1; q < KS; ++q) acc[m][r] += s_part[warp + q][m][r];
+  }
   if (lane != 0) return;
   const int64_t row0 = int64_t(blockIdx.y) * M;
 #pragma unroll
@@ -270,17 +294,17 @@ __global__ void __launch_bounds__(kWarps * 32) qgemv_kernel(QParams<T> p) {
   }
 }
 
-template <typename T, int BITS, int R>
+template <typename T, int BITS, int R, int KS = 1>
 void launch_grid(const QParams<T>& p, int dev, cudaStream_t stream) {
   const int ch = p.glu ? R / 2 : R;
-  const int warps = (p.n_out + ch - 1) / ch;
-  const dim3 grid(static_cast<unsigned>((warps + kWarps - 1) / kWarps),
+  const int sets = (p.n_out + ch - 1) / ch, per_block = kWarps / KS;  // row sets, each KS warps
+  const dim3 grid(static_cast<unsigned>((sets + per_block - 1) / per_block),
                   static_cast<unsigned>((p.rows + kMaxRows - 1) / kMaxRows)),
       block(kWarps * 32);
   const int m = p.rows > kMaxRows ? kMaxRows : p.rows;
 #define LLMC_QGEMV_CASE(MR) \
-  case MR: launch_pdl(qgemv_kernel<T, BITS, MR, R>, grid, block, dev, stream, p); break;
-  if constexpr (R > 1) {  // short rows or the SwiGLU: decode's 1-2 rows only (launch_rows)
+  case MR: launch_pdl(qgemv_kernel<T, BITS, MR, R, KS>, grid, block, dev, stream, p); break;
+  if constexpr (R > 1 || KS > 1) {  // short rows, the SwiGLU or split rows: decode's 1-2 rows only (launch_rows)
     switch (m) { LLMC_QGEMV_CASE(1) LLMC_QGEMV_CASE(2) }
   } else {
     switch (m) {
@@ -308,7 +332,15 @@ void launch_rows(const QParams<T>& p, int dev, cudaStream_t stream) {
     if (p.glu || warps(2) >= enough) return launch_grid<T, BITS, 2>(p, dev, stream);
     return launch_grid<T, BITS, 1>(p, dev, stream);
   }
-  if (p.glu) return launch_grid<T, BITS, 2>(p, dev, stream);
+  // rows of several steps of loads (int8 at K = 8192): split over 2 or 4 warps, a step each
+  const int r = p.glu ? 2 : 1, steps = (chunks + 32 * (kLoads / r) - 1) / (32 * (kLoads / r));
+  if (p.glu) {
+    if (steps >= 4) return launch_grid<T, BITS, 2, 4>(p, dev, stream);
+    if (steps >= 2) return launch_grid<T, BITS, 2, 2>(p, dev, stream);
+    return launch_grid<T, BITS, 2>(p, dev, stream);
+  }
+  if (steps >= 4) return launch_grid<T, BITS, 1, 4>(p, dev, stream);
+  if (steps >= 2) return launch_grid<T, BITS, 1, 2>(p, dev, stream);
   launch_grid<T, BITS, 1>(p, dev, stream);
 }
 

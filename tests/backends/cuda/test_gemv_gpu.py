@@ -33,6 +33,7 @@ def _ref(x, g, w, bias, res, glu, eps):
                                                (False, False, False, True), (False, True, True, False),
                                                (True, False, True, True)])
 @pytest.mark.parametrize("n,k", [(384, 512), (2 * 173, 1024), (2 * 48, 8200),  # 8200: 5 batches of loads, a ragged last
+                                 (2 * 61, 2056),  # 2-3 batches: two warps share a channel, the second's slice ragged
                                  (2 * 80, 8192)])  # tensor cores: K split over 8 warps of a block
 def test_gemm_fused_matches_reference(shim, dtype, rows, norm, glu, bias, res, n, k):
     gen = torch.Generator().manual_seed(rows * 7 + n + k + 3 * norm + 5 * glu)

@@ -66,6 +66,7 @@ def test_qgemv_refuses_bad_arguments(shim):
 @pytest.mark.parametrize("norm,glu,residual", [(True, False, False), (True, True, False), (False, False, True),
                                                (False, True, True), (True, True, True)])
 @pytest.mark.parametrize("rows,n,k,group", [(1, 2048, 2048, 128), (2, 258, 1024, 64), (1, 64, 8192, 128),
+                                            (2, 70, 8192, 128),  # rows of 2-4 load steps: 2 or 4 warps share them
                                             (1, 8450, 512, 32), (2, 16896, 1024, 128), (1, 3072, 1024, 64),  # 4, 2 rows a warp
                                             (5, 100, 704, 32), (70, 96, 512, 64),  # 70 rows: the GEMM path
                                             # tensor cores (K % 128 == 0): one pass, two, three with a short last
