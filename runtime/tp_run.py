@@ -87,15 +87,18 @@ def _device_index(device: str) -> int | None:
     return int(index) if index else None
 
 
-def _stage_runner(llm, path, comm) -> None:
+def _stage_runner(llm, path, comm, tokens=None, micro_batches: int | None = None) -> None:
     """A pipeline stage's LLM steps through a PipelineStep: its program (RECV the previous stage's
-    activations, SEND its own on), then the last stage's logits broadcast to every stage."""
+    activations, SEND its own on), then the last stage's logits broadcast to every stage; with a
+    token channel (`tokens`, a host communicator of the job), `generate` keeps `micro_batches`
+    steps in flight (default: one per stage) and only the sampled tokens travel back."""
     par = read_manifest(path).parallel
     if par.pp > 1:
         from .engine.pp_step import PipelineStep
 
         # the logits come from the last stage's first shard (rank = stage * tp + shard)
-        llm.step = PipelineStep(llm.step, comm, par.stage, par.pp, llm.spec.vocab, root=(par.pp - 1) * par.tp)
+        llm.step = PipelineStep(llm.step, comm, par.stage, par.pp, llm.spec.vocab, root=(par.pp - 1) * par.tp,
+                                tokens=tokens, micro_batches=par.pp if micro_batches is None else micro_batches)
 
 
 def _generate(a: argparse.Namespace) -> int:
@@ -103,11 +106,16 @@ def _generate(a: argparse.Namespace) -> int:
 
     device = a.device or read_manifest(rank_path(a.artifact, 0)).device
     env, comm, path = join(a.artifact, device)
+    tokens = None
     try:
         options = {} if a.kv_memory is None else {"kv_memory": a.kv_memory}
         dev = device if device == "cpu" or ":" in device else f"cuda:{getattr(comm, 'device', 0)}"
         llm = load(path, device=dev, comm=comm, **options)
-        _stage_runner(llm, path, comm)  # every stage runs the loop
+        if read_manifest(path).parallel.pp > 1:  # the sampled tokens' own channel (pp_loop.py says why)
+            from .dist.host_comm import HostComm
+
+            tokens = HostComm.create(env, name="pp_tokens")
+        _stage_runner(llm, path, comm, tokens, a.micro_batches)  # every stage runs the loop
         prompts = [[int(t) for t in p.split(",") if t.strip()] for p in a.ids]
         outs = llm.generate(prompts, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed,
                             stop_token_ids=())
@@ -116,6 +124,9 @@ def _generate(a: argparse.Namespace) -> int:
     except BaseException:
         comm.close()
         raise
+    finally:
+        if tokens is not None:
+            tokens.close()
     leave(comm)
     return 0
 
@@ -167,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="cpu | cuda[:N] (default: the artifact's)")
     g.add_argument("--kv-memory", type=int)
+    g.add_argument("--micro-batches", type=int, help="pipeline stages: steps in flight, the prompts dealt into "
+                   "this many groups (default: one per stage; 1 runs the stages in lockstep)")
     s = sub.add_parser("serve", help="rank 0 serves the OpenAI API, the other ranks follow its steps")
     s.add_argument("artifact")
     s.add_argument("--device")

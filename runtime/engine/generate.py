@@ -121,11 +121,11 @@ class TokenLoop:
             self.reserved += s.reserved
             self.running.append(s)
 
-    def _batch(self) -> list[tuple[_Seq, int]]:
+    def _batch(self, seqs: Sequence[_Seq]) -> list[tuple[_Seq, int]]:
         """(sequence, tokens it brings) under the step's token budget; decodes first."""
         budget = self.limits.max_tokens
         out = []
-        for s in sorted(self.running, key=lambda s: len(s.tokens) - s.kv.length):
+        for s in sorted(seqs, key=lambda s: len(s.tokens) - s.kv.length):
             if budget == 0:
                 break
             n = min(len(s.tokens) - s.kv.length, budget)
@@ -150,27 +150,39 @@ class TokenLoop:
             self._admit()
             if not self.running:  # cannot happen: admission checked each sequence fits an empty pool
                 raise KvExhausted("no sequence fits the KV pool")
-            batch = self._batch()
+            batch = self._batch(self.running)
             inputs, sampled = self._inputs(batch)
-            if self.greedy is not None and sampled and all(argmax_only(s.params) for s in sampled):
-                logits, picked = None, self.greedy(inputs)
-            else:
-                logits, picked = self.step(inputs), None
-            for s, n in batch:
-                s.kv.length += n
-            self._account(batch)
-            for r, s in enumerate(sampled):
-                if picked is not None:
-                    t = int(picked[r])
-                else:
-                    seen = np.asarray(s.tokens, np.int64) if s.params.repetition_penalty != 1.0 else np.empty(0, np.int64)
-                    t = sample(logits[r], s.params, s.rng, seen)
-                s.tokens.append(t)
-                yield s.index, t
-                if t in s.params.stop_token_ids:
-                    self._finish(s, "stop")
-                elif len(s.new_tokens) >= s.params.max_new_tokens or len(s.tokens) >= self.limits.max_context:
-                    self._finish(s, "length")
+            tokens = self._step_tokens(inputs, sampled)
+            self._advance(batch)
+            yield from self._take(sampled, tokens)
+
+    def _step_tokens(self, inputs: dict, sampled: list[_Seq]) -> list[int]:
+        """Runs the step; the next token of each sampled sequence."""
+        if self.greedy is not None and sampled and all(argmax_only(s.params) for s in sampled):
+            return [int(t) for t in self.greedy(inputs)]
+        logits = self.step(inputs)
+        tokens = []
+        for r, s in enumerate(sampled):
+            seen = np.asarray(s.tokens, np.int64) if s.params.repetition_penalty != 1.0 else np.empty(0, np.int64)
+            tokens.append(sample(logits[r], s.params, s.rng, seen))
+        return tokens
+
+    def _advance(self, batch: list[tuple[_Seq, int]]) -> None:
+        for s, n in batch:
+            s.kv.length += n
+        self._account(batch)
+
+    def _take(self, sampled: list[_Seq], tokens) -> Iterator[tuple[int, int]]:
+        """Each sampled sequence's new token: appended, yielded, and the sequence ended at a stop id
+        or its length."""
+        for s, t in zip(sampled, tokens):
+            t = int(t)
+            s.tokens.append(t)
+            yield s.index, t
+            if t in s.params.stop_token_ids:
+                self._finish(s, "stop")
+            elif len(s.new_tokens) >= s.params.max_new_tokens or len(s.tokens) >= self.limits.max_context:
+                self._finish(s, "length")
 
     def _account(self, batch) -> None:
         st = self.stats

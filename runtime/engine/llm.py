@@ -21,6 +21,7 @@ from ...errors import InputError, LLMCError
 from ..manifest import GenerationSpec
 from .generate import Generation, StepLimits, TokenLoop
 from .kv_cache import KvLayout, PagePool
+from .pp_step import PipelineStep
 from .sampler import SamplingParams
 from .step_runner import DEFAULT_KV_MEMORY, CpuStep, GpuStep
 
@@ -144,7 +145,8 @@ class LLM:
             raise InputError(f"generate(): bad sampling argument ({e})") from None
         # built now, so bad prompts are refused here, not at the first token of a stream; it
         # takes no pages until it runs (under the lock)
-        loop = TokenLoop(self.step_logits, self.pool, self.limits, ids, params, greedy=self.step_greedy)
+        loop = self._pipelined_loop(ids, params) or TokenLoop(self.step_logits, self.pool, self.limits, ids, params,
+                                                              greedy=self.step_greedy)
         if stream:
             return self._stream(loop)
         with self._lock:
@@ -155,6 +157,10 @@ class LLM:
                 self._release(loop)
             return [Generation(s.new_tokens, s.finish, self.decode(s.new_tokens))
                     for s in (loop.finished[i] for i in range(len(ids)))]
+
+    def _pipelined_loop(self, ids, params) -> TokenLoop | None:
+        """A pipeline stage's loop with micro-batches in flight (pp_step.PipelineStep), else None."""
+        return self.step.token_loop(self.pool, self.limits, ids, params) if isinstance(self.step, PipelineStep) else None
 
     def _stream(self, loop: TokenLoop) -> Iterator[tuple[int, int]]:
         with self._lock:

@@ -4,8 +4,9 @@ Each stage's process runs the same TokenLoop (the same scheduling, the same samp
 alike); a step runs the stage's program, whose RECV waits for the previous stage's activations
 and whose SEND hands them on, and then the last stage broadcasts the logits, so every stage picks
 the same tokens and feeds the same next step. The pools agree on their page count (the first
-stage's), since which sequences fit decides the schedule. Micro-batches in flight (stage s on
-step t+1 while s+1 is on step t) are not done yet: one step is in flight at a time.
+stage's), since which sequences fit decides the schedule. That lockstep (one step in flight) is
+what the serving engine's leader and followers run; `generate` with a token channel keeps
+micro-batches in flight instead (runtime/engine/pp_loop.py: MicroBatchLoop).
 """
 from __future__ import annotations
 
@@ -13,15 +14,51 @@ from typing import Any
 
 import numpy as np
 
+from ...errors import LLMCError
+
 
 class PipelineStep:
-    def __init__(self, inner, comm, stage: int, stages: int, vocab: int, root: int | None = None):
+    def __init__(self, inner, comm, stage: int, stages: int, vocab: int, root: int | None = None,
+                 tokens=None, micro_batches: int = 1):
         """comm: the whole job's communicator; root: the rank whose logits every rank takes (the
-        last stage's; default stages - 1, the last stage of a job of stages alone)."""
+        last stage's; default stages - 1, the last stage of a job of stages alone). tokens: a host
+        communicator over the same ranks for the root's sampled tokens (MicroBatchLoop); with it,
+        `generate` keeps `micro_batches` steps in flight."""
         self.inner, self.comm = inner, comm
         self.stage, self.stages, self.vocab = stage, stages, vocab
         self.root = stages - 1 if root is None else root
         self.device = inner.device
+        self.tokens = tokens
+        self.micro_batches = int(micro_batches) if tokens is not None else 1
+        if self.micro_batches < 1:
+            raise LLMCError(f"micro_batches must be >= 1, got {micro_batches}")
+
+    @property
+    def is_root(self) -> bool:
+        return self.comm.rank == self.root
+
+    def token_loop(self, pool, limits, prompts, params):
+        """The generation loop for this stage: micro-batches in flight where a token channel was
+        given and micro_batches > 1, else None (the caller's lockstep TokenLoop)."""
+        if self.micro_batches == 1:
+            return None
+        from .pp_loop import MicroBatchLoop
+
+        return MicroBatchLoop(self, pool, limits, prompts, params, self.micro_batches)
+
+    def publish(self, tokens) -> None:
+        """The root's sampled tokens of one step, to every other rank (small: the socket takes them
+        at once, so the root goes on to its next step)."""
+        buf = np.asarray(tokens, np.int64)
+        for peer in range(self.tokens.world_size):
+            if peer != self.root:
+                self.tokens.send(buf, peer)
+
+    def receive(self, n: int) -> np.ndarray:
+        """The root's `n` sampled tokens of the oldest step not yet received."""
+        buf = np.empty(n, np.int64)
+        self.tokens.recv(buf, self.root)
+        return buf
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

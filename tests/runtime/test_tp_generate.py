@@ -30,10 +30,10 @@ def _compile(model, tp):
     return llmc.compile(model, (torch.randint(3, VOCAB, (1, 8)),), dim_bounds=BOUNDS, generate=True, tp=tp)
 
 
-def _run_ranks(art, n, extra=()):
+def _run_ranks(art, n, extra=(), prompts=PROMPTS):
     out, err = io.StringIO(), io.StringIO()
     argv = [sys.executable, "-m", "llmc.runtime.tp_run", "generate", str(art), "--max-new-tokens", "12", *extra]
-    for p in PROMPTS:
+    for p in prompts:
         argv += ["--ids", ",".join(map(str, p))]
     launch(argv, n, stdout=out, stderr=err, timeout=240, label=False)
     import json
@@ -111,6 +111,23 @@ def test_pipeline_stages_give_the_whole_models_tokens(tmp_path):
         assert funcs == [{"send"}] + [{"send", "recv"}] * (pp - 2) + [{"recv"}]
         got = _run_ranks(art, pp)
         assert got["token_ids"] == want
+
+
+def test_pipeline_micro_batches_give_the_whole_models_sampled_tokens(tmp_path):
+    """PP = 2 with micro-batches in flight (runtime/engine/pp_loop.py): five prompts of different
+    lengths dealt into 1 (lockstep), 2 and 3 groups, sampled at temperature 0.8 with a seed. The
+    last stage samples and sends the tokens on the host channel, so every stage's loop schedules
+    alike; the tokens are the whole model's, sampled in one process with the same seeds."""
+    model = tiny_causal_lm("llama", layers=4)
+    ids = (torch.randint(3, VOCAB, (1, 8)),)
+    prompts = [list(map(int, torch.randint(3, VOCAB, (n,)))) for n in (3, 17, 9, 30, 5)]
+    one = llmc.compile(model, ids, dim_bounds=BOUNDS, generate=True)
+    want = [o.token_ids for o in one.generate(prompts, max_new_tokens=12, temperature=0.8, seed=7,
+                                                 stop_token_ids=())]
+    art = llmc.compile(model, ids, dim_bounds=BOUNDS, generate=True, pp=2).export(tmp_path / "pp2")
+    for groups in (1, 2, 3):
+        got = _run_ranks(art, 2, ["--temperature", "0.8", "--seed", "7", "--micro-batches", str(groups)], prompts)
+        assert got["token_ids"] == want, groups
 
 
 def test_tp2_over_an_int8_kv_cache(llama, tmp_path):
