@@ -12,10 +12,12 @@ GPU machine (2 or 4 GPUs):
     python benchmarks/tp_decode_gpu.py gpu_art/tp/l8b_tp1 gpu_art/tp/l8b_tp2 gpu_art/tp/l8b_tp4 --json tp.json
 
 Per artifact: the decode step at batch B and context C (token ids and page metadata copied in,
-the graph replayed, synchronized; median over the timed steps), its time against TP=1's, and
-from one eagerly launched step timed kernel by kernel with events: the all-reduces' share and
-their bus bandwidth (nccl-tests' busbw = bytes * 2(n-1)/n / time) against an all-reduce of the
-same message alone, through the same NcclComm, in a CUDA-graph-free loop of 200.
+the graph replayed, synchronized; median over the timed steps), its time against TP=1's, and the
+graph's replay alone. With `--allreduce auto off`, each TP > 1 artifact runs twice, the second
+time with every collective a no-op: the replays' difference over the step's all-reduces (counted
+in its program) is the in-step time of one, and its bus bandwidth (nccl-tests' busbw = bytes *
+2(n-1)/n / time) is set against the same message all-reduced alone, through the same NcclComm
+(and the one-shot kernel), in a CUDA graph. `--profile`: rank 0 prints each step's kernel table.
 """
 from __future__ import annotations
 
@@ -102,14 +104,18 @@ def worker(a: argparse.Namespace) -> None:
         step = llm.step.executor
         why = step.oneshot_why or "used for messages up to %d bytes" % step.oneshot.max_bytes
         print(f"[tp_decode] one-shot all-reduce: {why}", flush=True)
+    program = llm.step.executor._program
+    n_coll = sum(1 for c in program.calls
+                 if program.kernels[c.kernel].route == "coll" and program.kernels[c.kernel].func == "all_reduce")
     for batch in a.batch:
         res = llmc_decode(llm, batch, a.context, a.steps, rng)
-        prof = decode_profile(llm, batch, a.context, rng)
-        total = sum(t for _, _, t in prof)
-        coll = [(k, n, t) for k, n, t in prof if "all-reduce" in k]
-        row = {"step_ms": res["step_ms"], "replay_ms": res["replay_ms"], "eager_total_ms": total}
-        if coll:
-            row["allreduce_calls"] = sum(n for _, n, _ in coll)
+        row = {"step_ms": res["step_ms"], "replay_ms": res["replay_ms"]}
+        if a.profile:  # every rank replays (the all-reduces need them all); rank 0 prints
+            table = decode_profile(llm, batch, a.context, rng)
+            if env is None or env.rank == 0:
+                print(table, flush=True)
+        if n_coll:
+            row["allreduce_calls"] = n_coll
             row["allreduce_bytes"] = a.hidden * batch * 2  # one all-reduce: the [tokens, hidden] bf16 residual update
             if mode != "off":
                 row.update(_alone_us(comm, llm.step.executor.oneshot, row["allreduce_bytes"]))
@@ -140,6 +146,7 @@ def main() -> None:
     p.add_argument("--allreduce", nargs="+", default=["auto", "nccl", "off"], choices=["auto", "nccl", "off"],
                    help="all-reduce paths to time at TP > 1 (auto: the one-shot kernel for small messages; "
                         "off: none at all, wrong sums, the step's cost without them)")
+    p.add_argument("--profile", action="store_true", help="rank 0 prints each step's kernel table (CUPTI)")
     p.add_argument("--json")
     a = p.parse_args()
     if a.worker:

@@ -61,13 +61,13 @@ def test_greedy_tokens_identical_at_tp_1_2_4():
     assert all(len(t) == NEW for t in want)
     ran = []
     for tp in TPS[1:]:
-        if tp > _gpus():
+        if tp > _gpus() or not (ROOT / f"tp{tp}").exists():  # a device call may carry only some of them
             continue
         got = _tokens(ROOT / f"tp{tp}", tp)
         assert got == want, f"tp {tp}: {got} != tp 1: {want}"
         ran.append(tp)
     if not ran:
-        pytest.skip("fewer than 2 GPUs")
+        pytest.skip("fewer than 2 GPUs, or no tp2 / tp4 artifact")
 
 
 def _check_against_whole(name: str, ranks: int) -> None:
