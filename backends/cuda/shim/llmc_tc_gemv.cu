@@ -3,7 +3,8 @@
 // the codes of llmc_qgemv.cu), with the SwiGLU of gate / up halves, a bias and a residual in the
 // same launch (tc_gemv in llmc_lt.h). llmc_qgemv.cu routes 3-63 rows here (passes of 16), for
 // which it replaces a GEMV that read x once per weight row and row; llmc_gemv.cu only 3-16-row
-// calls with the SwiGLU (measured: without it, cuBLASLt is faster on bf16 weights at these shapes).
+// calls with the SwiGLU (measured: without it, cuBLASLt is faster on bf16 weights at these shapes,
+// with the z split below too).
 //
 // Why: a decode step of 16 sequences has 16 rows per matmul. The FMA GEMVs read x once per
 // weight row and row (their cost grows with the rows: at 16 rows the quantized GEMV streamed
@@ -18,13 +19,20 @@
 // reads 32 consecutive k of its rows at k0 + 32 t (16-byte loads), and each group of 8 of them
 // enters the mma as the pairs (0, 4), (1, 5), (2, 6), (3, 7): the order int4 codes come out of a
 // word two at a time (llmc_stream_kernels.h: Packed, pairs), used alike for x and dense W. The
-// warps of a block split K (as many as keep 8 warps an SM) and sum through shared memory, where
-// the block applies the epilogue. Quantized codes become the half type exactly ((q - zero) is a
+// warps of a block split K and sum through shared memory, where the block applies the epilogue.
+// Where the output channels make fewer blocks than the GPU has SMs (N = 2048 at 32 rows a block:
+// 64 blocks on 132 SMs) and K is long (kMinChunksZ), K is split across blocks too (grid z): each
+// block leaves its sums in a scratch slot, and the tile's last block to finish (a counter per
+// tile, put back to zero by that block, so a CUDA graph replays it) adds the slots in z order and
+// applies the epilogue. Quantized codes become the half type exactly ((q - zero) is a
 // small integer), times their group's scale, as the prefill path's dequantized slab holds them.
 // A programmatic dependent launch (llmc_stream_kernels.h): the first weight loads are issued
 // before waiting for the kernel that writes x.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <mutex>
+#include <set>
 
 #include "llmc_lt.h"
 #include "llmc_shim_common.h"
@@ -38,6 +46,11 @@ constexpr int kTileRows = 32;   // weight rows a warp: two m16 tiles
 constexpr int kChunk = 128;     // k a warp covers per step: 4 lanes x 32
 constexpr int kMaxSplit = 8;    // warps of a block, splitting K
 constexpr int kWarpsPerSm = 8;  // fewer column blocks than this many warps an SM: split K further
+constexpr int kMaxTiles = 1 << 16;  // tiles (column block x token pass) with a counter for the z split
+// The z split pays where K is long: int4 down (8192 x 2048, 16 rows) 20.2 -> 10.6 us, int8 23.7 ->
+// 19.1 (H200); with K = 2048 it cost more than it gained (int4 O projection 7.4 -> 13.8 us).
+constexpr int kMinChunksZ = 32;
+constexpr int kSlotPartials = 40, kSlotCounters = 41;  // scratch slots (llmc_lt.h scratch())
 
 template <typename T>
 struct TcParams {
@@ -49,6 +62,7 @@ struct TcParams {
   const T* res; int64_t ldr;  // [rows, n_out] or null
   T* y; int64_t ldy;
   int rows, n_out, k;
+  float* part; int* count;  // split across blocks (gridDim.z > 1): the blocks' sums, a counter per tile
 };
 
 template <typename T> struct Mma;
@@ -98,13 +112,14 @@ __device__ __forceinline__ void weight_pairs(const uint4* w, int i, float s, flo
 }
 
 template <typename T, int BITS, bool GLU>
-__global__ void __launch_bounds__(kMaxSplit * 32) tc_gemv_kernel(TcParams<T> p) {
+__global__ void __launch_bounds__(kMaxSplit * 32, 2) tc_gemv_kernel(TcParams<T> p) {  // <= 128 registers
   using P = Packed<T>;
   using T2 = typename P::T2;
   constexpr int L = kLoadsPerRow<BITS>;
   constexpr int kCw = GLU ? kTileRows / 2 : kTileRows;  // output channels a block
   extern __shared__ float red[];                         // [split][kTokens][kTileRows]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, split = blockDim.x >> 5;
+  const int kz = gridDim.z, gw = blockIdx.z * split + warp, stride = split * kz;  // the chunks' warps
   const int g = lane >> 2, t = lane & 3;
   const int c0 = blockIdx.x * kCw, tok0 = blockIdx.y * kTokens;
   const int rows = min(kTokens, p.rows - tok0);
@@ -133,7 +148,7 @@ __global__ void __launch_bounds__(kMaxSplit * 32) tc_gemv_kernel(TcParams<T> p) 
 #pragma unroll
         for (int u = 0; u < L; ++u) wv[mt][h][u] = ld_stream(wbase + wrow[mt][h] * row_bytes + off + 16 * u);
   };
-  if (warp < chunks) load_w(warp);
+  if (gw < chunks) load_w(gw);
   pdl_launch_dependents();
   pdl_wait();
 
@@ -149,8 +164,8 @@ __global__ void __launch_bounds__(kMaxSplit * 32) tc_gemv_kernel(TcParams<T> p) 
       for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
   const int groups = BITS == 16 ? 1 : p.k / p.group;
   const float zero_default = BITS == 4 ? 8.f : 0.f;
-  for (int c = warp; c < chunks; c += split) {
-    if (c != warp) load_w(c);
+  for (int c = gw; c < chunks; c += stride) {
+    if (c != gw) load_w(c);
     const int k = c * kChunk + 32 * t;
     uint4 xv[2][4];
 #pragma unroll
@@ -204,11 +219,39 @@ __global__ void __launch_bounds__(kMaxSplit * 32) tc_gemv_kernel(TcParams<T> p) 
       for (int e = 0; e < 4; ++e)
         red[(warp * kTokens + 8 * nt + 2 * t + (e & 1)) * kTileRows + 16 * mt + g + 8 * (e >> 1)] = acc[mt][nt][e];
   __syncthreads();
+  int sums = split;  // the partial sums of each output in red: one per warp, or one after the z split
+  if (kz > 1) {
+    constexpr int kTile = kTokens * kTileRows;
+    const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+    float* slots = p.part + int64_t(tile) * kz * kTile;
+    for (int o = threadIdx.x; o < kTile; o += blockDim.x) {
+      float v = 0.f;
+      for (int w = 0; w < split; ++w) v += red[w * kTile + o];
+      slots[blockIdx.z * kTile + o] = v;
+    }
+    __threadfence();  // the slot before the count
+    __syncthreads();
+    __shared__ int last;
+    if (threadIdx.x == 0) {
+      last = atomicAdd(p.count + tile, 1) == kz - 1;
+      if (last) p.count[tile] = 0;  // ready for the next call (the next kernel runs after this grid)
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int o = threadIdx.x; o < kTile; o += blockDim.x) {  // in z order: the same bits every run
+      float v = 0.f;
+      for (int z = 0; z < kz; ++z) v += __ldcg(slots + z * kTile + o);
+      red[o] = v;
+    }
+    __syncthreads();
+    sums = 1;
+  }
   for (int o = threadIdx.x; o < kCw * kTokens; o += blockDim.x) {
     const int r = o % kCw, m = o / kCw, col = c0 + r;
     if (m >= rows || col >= p.n_out) continue;
     float h = 0.f, u = 0.f;
-    for (int w = 0; w < split; ++w) {
+    for (int w = 0; w < sums; ++w) {
       h += red[(w * kTokens + m) * kTileRows + r];
       if constexpr (GLU) u += red[(w * kTokens + m) * kTileRows + 16 + r];
     }
@@ -222,17 +265,37 @@ __global__ void __launch_bounds__(kMaxSplit * 32) tc_gemv_kernel(TcParams<T> p) 
   }
 }
 
+// kMaxTiles counters in scratch, zeroed when first allocated; each call leaves them zero.
+int* tile_counters(int dev, cudaStream_t stream) {
+  static std::mutex mu;
+  static std::set<void*> zeroed;
+  void* buf = scratch(dev, stream, kSlotCounters, sizeof(int) * kMaxTiles);
+  std::lock_guard<std::mutex> lock(mu);
+  if (zeroed.insert(buf).second) LLMC_CUDA_CHECK(cudaMemsetAsync(buf, 0, sizeof(int) * kMaxTiles, stream));
+  return static_cast<int*>(buf);
+}
+
 template <typename T, int BITS>
 void launch_typed(const GemvArgs& a, int dev, cudaStream_t stream) {
   TcParams<T> p{static_cast<const T*>(a.x), a.ldx, a.w, a.ldw, static_cast<const T*>(a.scales),
                 static_cast<const T*>(a.zeros), int(a.group), static_cast<const T*>(a.bias),
-                static_cast<const T*>(a.res), a.ldr, static_cast<T*>(a.y), a.ldy, int(a.m), int(a.n_out), int(a.k)};
+                static_cast<const T*>(a.res), a.ldr, static_cast<T*>(a.y), a.ldy, int(a.m), int(a.n_out), int(a.k),
+                nullptr, nullptr};
   const int cw = a.glu ? kTileRows / 2 : kTileRows;
-  const dim3 grid(unsigned((a.n_out + cw - 1) / cw), unsigned((a.m + kTokens - 1) / kTokens));
-  // split K across a block's warps until the grid has kWarpsPerSm warps an SM (or K runs short)
-  const int64_t enough = int64_t(kWarpsPerSm) * sm_count(dev), blocks = int64_t(grid.x) * grid.y;
-  int split = 1;
-  while (split < kMaxSplit && blocks * split < enough && a.k / kChunk >= 2 * split) split *= 2;
+  dim3 grid(unsigned((a.n_out + cw - 1) / cw), unsigned((a.m + kTokens - 1) / kTokens), 1);
+  // K split first across blocks until every SM has one, then across a block's warps until the grid
+  // has kWarpsPerSm warps an SM; each warp keeps at least two chunks
+  const int64_t sms = sm_count(dev), enough = int64_t(kWarpsPerSm) * sms, blocks = int64_t(grid.x) * grid.y;
+  const int64_t chunks = a.k / kChunk;
+  int kz = 1, split = 1;
+  if (blocks <= kMaxTiles && chunks >= kMinChunksZ)
+    while (blocks * kz < sms && chunks >= 4 * kz) kz *= 2;
+  while (split < kMaxSplit && blocks * kz * split < enough && chunks >= 4 * kz * split) split *= 2;
+  if (kz > 1) {
+    grid.z = unsigned(kz);
+    p.part = static_cast<float*>(scratch(dev, stream, kSlotPartials, sizeof(float) * blocks * kz * kTokens * kTileRows));
+    p.count = tile_counters(dev, stream);
+  }
   const size_t smem = size_t(split) * kTokens * kTileRows * sizeof(float);
   if (a.glu) launch_pdl_smem(tc_gemv_kernel<T, BITS, true>, grid, dim3(32 * split), smem, dev, stream, p);
   else launch_pdl_smem(tc_gemv_kernel<T, BITS, false>, grid, dim3(32 * split), smem, dev, stream, p);
