@@ -112,14 +112,20 @@ class TokenLoop:
         self.reserved = 0
         self.finished: dict[int, _Seq] = {}
 
-    def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.limits.max_seqs:
+    def _admit(self, group: list[_Seq] | None = None, limit: int | None = None) -> None:
+        """Waiting sequences start, in order, while their KV reservations fit: up to the step's
+        sequence limit, or with `group` (a micro-batch, pp_loop.py) until it holds `limit`."""
+        group = self.running if group is None else group
+        limit = self.limits.max_seqs if limit is None else limit
+        while self.waiting and len(group) < limit:
             s = self.waiting[0]
             if self.reserved + s.reserved > self.pool.num_pages:
                 break
             self.waiting.pop(0)
             self.reserved += s.reserved
             self.running.append(s)
+            if group is not self.running:
+                group.append(s)
 
     def _batch(self, seqs: Sequence[_Seq]) -> list[tuple[_Seq, int]]:
         """(sequence, tokens it brings) under the step's token budget; decodes first."""

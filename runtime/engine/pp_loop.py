@@ -38,14 +38,7 @@ class MicroBatchLoop(TokenLoop):
         """Admits waiting sequences into `group` up to its share (the active sequences over the
         groups, so a few prompts still spread over all of them) and the step's sequence limit."""
         share = -(-(len(self.waiting) + len(self.running)) // len(self.groups))
-        while self.waiting and len(group) < min(share, self.limits.max_seqs):
-            s = self.waiting[0]
-            if self.reserved + s.reserved > self.pool.num_pages:
-                break
-            self.waiting.pop(0)
-            self.reserved += s.reserved
-            self.running.append(s)
-            group.append(s)
+        self._admit(group, min(share, self.limits.max_seqs))
 
     def _finish(self, s: _Seq, reason: str) -> None:
         super()._finish(s, reason)
