@@ -32,7 +32,7 @@ SOURCES = ("llmc_gemm.cu", "llmc_attention.cu", "llmc_norm_ext.cu", "llmc_paged_
 HEADERS = ("llmc_shim_common.h", "cublaslt_decl.h", "llmc_paged.h", "llmc_lt.h", "cusparselt_decl.h", "llmc_stream_kernels.h")
 LIB_NAME = "libllmc_shim.so"
 EXPORTED = ("llmc_gemm", "llmc_gemm_nt", "llmc_gemm_ex", "llmc_shim_init", "llmc_shim_info",
-            "llmc_attention", "llmc_attention_bshd", "llmc_attention_qkv", "llmc_attention_ext", "llmc_norm_ext", "llmc_paged_attention", "llmc_argmax_rows", "llmc_qgemv", "llmc_qgemv_fused", "llmc_gemm_fused", "llmc_qgemm_a8", "llmc_qgemm_stats", "llmc_gemm_sparse24", "llmc_sparse24_forget",
+            "llmc_attention", "llmc_attention_bshd", "llmc_attention_qkv", "llmc_attention_ext", "llmc_norm_ext", "llmc_paged_attention", "llmc_paged_attention_rope", "llmc_argmax_rows", "llmc_qgemv", "llmc_qgemv_fused", "llmc_gemm_fused", "llmc_qgemm_a8", "llmc_qgemm_stats", "llmc_gemm_sparse24", "llmc_sparse24_forget",
             "llmc_allreduce_oneshot")
 
 

@@ -33,9 +33,9 @@ from llmc.compiler.ir import Graph, Node
 from llmc.compiler.ops import COLLECTIVES, POINT_TO_POINT, Op, PermuteAttrs
 from llmc.compiler.program import Kernel
 from llmc.backends.cuda.fused_gemm import fuse_gemm_neighbours, match_fused_gemm
+from llmc.backends.cuda.paged_call import absorb_prologues, match_paged, prologue
 from llmc.passes.partition import is_transposed_2d as _transposed_2d
 from llmc.compiler.symbolic import to_json
-from llmc.runtime.engine.kv_codec import CODEC_IDS
 
 BSHD = (0, 2, 1, 3)
 GEMM_DTYPES = frozenset({DType.F16, DType.BF16, DType.F32})
@@ -157,8 +157,11 @@ class _Split:
 
     def paged_core(self, a: Node, members: set[int]) -> set[int]:
         """PAGED_ATTENTION with the head transposes of its q/k/v and of its output: the shim reads
-        and writes those token-major, so they cost no kernel."""
-        return {a.uid} | self.head_transposes(a, members)
+        and writes those token-major, so they cost no kernel; and the packed (rotating) prologue
+        absorb_prologues put beside it (cuda/paged_call.py)."""
+        pro = prologue(a)
+        absorbed = {n.uid for n in pro.nodes} if pro is not None else set()
+        return {a.uid} | self.head_transposes(a, members) | (absorbed if absorbed <= members else set())
 
     def head_transposes(self, a: Node, members: set[int]) -> set[int]:
         """The BSHD permutes feeding an attention's q/k/v (read by it alone) and the permute (+ the
@@ -280,6 +283,8 @@ def cuda_grouping(graph: Graph, fuse_gemv: bool = False) -> list[list[Node]]:
                     groups[og] = [m for m in groups[og] if m is not n]
                     groups[gi] = groups[gi] + [n]
                     owner[n.uid] = gi
+
+    groups = absorb_prologues(groups, split.users, split.outputs)  # q / k / v slices and rotary: into the call
 
     for gi, g in enumerate(groups):  # W8A8 / FP8: the ops of the rows' scales (a reduction, so a group of its
         for m in [n for n in g if n.op is Op.QMATMUL]:  # own, its abs maybe an epilogue elsewhere) join the
@@ -505,67 +510,6 @@ def _match_norm(kernel: Kernel) -> Route | None:
                  [float(n.attrs.eps), kind], f"warp-per-row {'rms' if kind else 'layer'} norm")
 
 
-PAGED_FUNC = "llmc_paged_attention"  # layout scalar: token-major bits 1-8, the cache's codec << 4
-PAGED_HEAD_DIMS = frozenset({32, 64, 128})
-
-
-def _match_paged(kernel: Kernel) -> Route | None:
-    """A PAGED_ATTENTION kernel (the step function's attention, with the head transposes of its
-    q/k/v and output that paged_core put beside it): one llmc_paged_attention call, reading and
-    writing those token-major (layout bits 1 q, 2 k, 4 v, 8 out). It has no TVM fallback (the
-    pool is runtime state), so what the kernel does not cover is refused here."""
-    from llmc.errors import TargetError
-
-    body = _body(kernel)
-    pas = [n for n in body if n.op is Op.PAGED_ATTENTION]
-    if not pas:
-        return None
-    a = pas[0]
-    d = a.shape[-1]
-    if a.dtype not in ATTN_DTYPES or d not in PAGED_HEAD_DIMS:
-        raise TargetError(f"paged attention on CUDA needs float16/bfloat16 and head dim 32, 64 or 128; layer "
-                          f"{a.attrs.layer} is {a.dtype.value} with head dim {d} (compile the model in half precision)")
-    idx = _arg_index(kernel)
-    inside = {n.uid for n in body}
-    used = {a.uid}
-    layout = 0
-    tensors = []
-    for bit, x in zip((1, 2, 4), a.inputs[:3]):
-        src = x
-        if x.uid in inside:
-            if not _is_bshd_permute(x):
-                raise TargetError(f"paged attention (layer {a.attrs.layer}): unexpected {x.op.name} in its kernel")
-            used.add(x.uid)
-            layout |= bit
-            src = x.inputs[0]
-        if src.uid not in idx:
-            raise TargetError(f"paged attention (layer {a.attrs.layer}): an operand is not a kernel argument")
-        tensors.append((idx[src.uid], tuple(src.shape)))
-    for x in a.inputs[3:]:
-        tensors.append((idx[x.uid], tuple(x.shape)))
-    out = kernel.outputs[0] if len(kernel.outputs) == 1 else None
-    _, H, T, D = a.shape
-    if out is a:
-        out_view = tuple(a.shape)
-    elif out is not None and _is_bshd_permute(out) and out.inputs[0] is a:
-        used.add(out.uid)
-        layout |= 8
-        out_view = tuple(out.shape)
-    elif out is not None and out.op is Op.RESHAPE and _is_bshd_permute(out.inputs[0]) and out.inputs[0].inputs[0] is a:
-        used |= {out.uid, out.inputs[0].uid}
-        layout |= 8
-        out_view = (1, T, H, D)
-    else:
-        raise TargetError(f"paged attention (layer {a.attrs.layer}): its kernel has outputs the shim cannot write")
-    if used != inside:
-        raise TargetError(f"paged attention (layer {a.attrs.layer}): its kernel holds ops the shim does not run")
-    tensors.append((idx[out.uid], out_view))
-    codec = 0 if a.attrs.kv_store is None else CODEC_IDS.index(a.attrs.kv_store.value)  # 1 int8, 2 e4m3
-    label = f"paged attention (layer {a.attrs.layer}" + (f", window {a.attrs.window}" if a.attrs.window else "") \
-        + (f", {CODEC_IDS[codec]} cache" if codec else "") + ")" + (" token-major" if layout & 15 else "")
-    return Route(PAGED_FUNC, tensors, [float(a.attrs.scale), int(a.attrs.window), layout | codec << 4], label)
-
-
 QGEMV_FUNC = "llmc_qgemv"
 QGEMM_A8_FUNC = "llmc_qgemm_a8"
 QMATMUL_DTYPES = frozenset({DType.F16, DType.BF16})
@@ -666,7 +610,7 @@ def _match_qmatmul(kernel: Kernel) -> Route | None:
 
 def match_route(kernel: Kernel) -> Route | None:
     """The shim call that computes `kernel` exactly, or None (then TVM builds it)."""
-    return _match_paged(kernel) or _match_qmatmul(kernel) or match_fused_gemm(kernel) or _match_gemm(kernel) \
+    return match_paged(kernel, _body(kernel), _arg_index(kernel)) or _match_qmatmul(kernel) or match_fused_gemm(kernel) or _match_gemm(kernel) \
         or _match_attention(kernel) or _match_norm(kernel)
 
 

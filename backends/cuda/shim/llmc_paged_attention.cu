@@ -1,7 +1,12 @@
 // llmc CUDA shim: paged attention over a ragged batch, the CUDA route of Op.PAGED_ATTENTION.
 //
 //   llmc_paged_attention(q, k, v, kv_cache, page_table, kv_lens, q_starts, out, scale: float, window: int,
-//                        layout: int)   (layout: token-major bits 1 q, 2 k, 4 v, 8 out; 16 / 32 a quantized cache)
+//                        layout: int)   (layout: token-major bits 1 q, 2 k, 4 v, 8 out; 16 / 32 a quantized cache;
+//                                        64 packed: q, k and v are one [1, T, H + 2 Hkv, D] tensor, the QKV
+//                                        projection's output, heads q | k | v, and out tells H)
+//   llmc_paged_attention_rope(q, k, v, kv_cache, page_table, kv_lens, q_starts, out, cos, sin, scale, window,
+//                             layout)   (the same, q and k rotated first by the rotary tables cos / sin [T, D]
+//                                        of q's dtype or float32, rotate-half form: llmc_paged.h)
 //
 // One call serves a whole step of the step function (passes/serve/derive_step.py): the T tokens
 // of S sequences lie on one axis; sequence s owns tokens q_starts[s] .. q_starts[s+1]-1, the
@@ -27,7 +32,8 @@
 // float pages).
 //
 // Decode (one token per sequence, T == S) over float pages goes to llmc_paged_decode.cu's kernel
-// (GQA groups up to 8 query heads). This file's kernel takes the rest of decode (a quantized
+// (GQA groups up to 8 query heads), which also applies the rotary embedding as it loads q and k;
+// the other paths take q and k rotated by a launch of their own into a workspace. This file's kernel takes the rest of decode (a quantized
 // cache, larger groups): it has few rows and long histories, so the keys are also split across
 // blocks (flash-decoding): each split writes its partial softmax state to a workspace and the
 // last block of the group to finish (an atomic counter, reset by that block, so a captured CUDA
@@ -40,6 +46,7 @@
 #include <map>
 #include <vector>
 #include <mutex>
+#include <tuple>
 #include <utility>
 
 #include "llmc_paged.h"
@@ -354,11 +361,12 @@ struct Workspace {
   std::vector<void*> retired;
 };
 std::mutex g_mu;
-std::map<std::pair<int, cudaStream_t>, Workspace> g_ws;
+enum class Slot { kSplits, kRope };  // flash-decoding's partial states; rotated q / k
+std::map<std::tuple<Slot, int, cudaStream_t>, Workspace> g_ws;
 
-Workspace& workspace(int dev, cudaStream_t stream, size_t bytes, size_t counters) {
+Workspace& workspace(int dev, cudaStream_t stream, size_t bytes, size_t counters, Slot slot = Slot::kSplits) {
   std::lock_guard<std::mutex> lock(g_mu);
-  Workspace& ws = g_ws[{dev, stream}];
+  Workspace& ws = g_ws[{slot, dev, stream}];
   if (ws.bytes < bytes) {
     if (ws.buf) ws.retired.push_back(ws.buf);
     bytes = std::max(bytes, 2 * ws.bytes);
@@ -434,16 +442,38 @@ struct HeadView {
   int64_t token_stride() const { return stride_of(t, tm ? 1 : 2); }
 };
 
-void PagedAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, DLTensor* table, DLTensor* lens,
-                    DLTensor* starts, DLTensor* out, double scale, int64_t window, int64_t layout) {
+// The rotary tables' kind for PagedArgs::rope: 0 none, 1 q's dtype, 2 float32 (checked [T, D]).
+int rope_kind(const DLTensor* cos, const DLTensor* sin, DT dt, int T, int D) {
+  if (cos == nullptr) return 0;
+  for (const DLTensor* t : {cos, sin}) {
+    check_cuda_tensor(t, "rotary table");
+    LLMC_CHECK(t->ndim == 2 && t->shape[0] == T && t->shape[1] == D && stride_of(t, 1) == 1 && stride_of(t, 0) == D
+               && (reinterpret_cast<uintptr_t>(data_of(t)) & 15) == 0)
+        << "rotary tables must be contiguous [" << T << ", " << D << "], 16-byte aligned, got " << shape_str(t);
+  }
+  const DT ct = dtype_of(cos);
+  LLMC_CHECK(dtype_of(sin) == ct && (ct == dt || ct == DT::kF32)) << "rotary tables must be float32 or q's dtype, both alike";
+  return ct == DT::kF32 ? 2 : 1;
+}
+
+void PagedAttentionImpl(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, DLTensor* table, DLTensor* lens,
+                        DLTensor* starts, DLTensor* out, DLTensor* cos, DLTensor* sin, double scale, int64_t window,
+                        int64_t layout) {
   check_cuda_tensor(q, "q"); check_cuda_tensor(k, "k"); check_cuda_tensor(v, "v");
   check_cuda_tensor(cache, "kv_cache"); check_cuda_tensor(out, "out");
   check_i32(table, "page_table", 2); check_i32(lens, "kv_lens", 1); check_i32(starts, "q_starts", 1);
   const DT dt = dtype_of(q);
   LLMC_CHECK(dt == DT::kF16 || dt == DT::kBF16) << "q must be float16 or bfloat16, got " << dtype_name(dt);
-  LLMC_CHECK(layout >= 0 && layout < 48 && (layout >> 4) != 3)
-      << "layout bits: 1 q, 2 k, 4 v, 8 out token-major; 16 an int8 cache, 32 an e4m3 cache";
-  const int codec = int(layout >> 4);
+  LLMC_CHECK(layout >= 0 && layout < 128 && ((layout >> 4) & 3) != 3)
+      << "layout bits: 1 q, 2 k, 4 v, 8 out token-major; 16 an int8 cache, 32 an e4m3 cache; 64 packed q | k | v";
+  const bool packed = layout & 64;
+  if (packed) {
+    LLMC_CHECK((layout & 15) == 15 && data_of(k) == data_of(q) && data_of(v) == data_of(q))
+        << "packed q | k | v: one token-major tensor passed as q, k and v, out token-major too";
+    LLMC_CHECK(q->ndim == 4 && out->ndim == 4 && (q->shape[2] - out->shape[2]) > 0 && (q->shape[2] - out->shape[2]) % 2 == 0)
+        << "packed q | k | v must be [1, T, H + 2 Hkv, D] with out [1, T, H, D], got " << shape_str(q) << " and " << shape_str(out);
+  }
+  const int codec = int((layout >> 4) & 3);
   for (const DLTensor* t : {k, v, out}) LLMC_CHECK(dtype_of(t) == dt) << "q, k, v and out must share one dtype";
   if (codec == 0) {
     LLMC_CHECK(dtype_of(cache) == dt) << "a float kv_cache must have q's dtype";
@@ -455,13 +485,14 @@ void PagedAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, DLTe
       << "q/k/v/out must be 4-D and kv_cache 5-D";
   const HeadView vq{q, bool(layout & 1)}, vk{k, bool(layout & 2)}, vv{v, bool(layout & 4)}, vo{out, bool(layout & 8)};
   LLMC_CHECK(q->shape[0] == 1) << "q must be [1, H, T, D] (or token-major [1, T, H, D]), got " << shape_str(q);
-  const int H = int(vq.heads()), T = int(vq.tokens()), D = int(q->shape[3]);
-  const int Hkv = int(vk.heads());
+  const int H = int(packed ? vo.heads() : vq.heads()), T = int(vq.tokens()), D = int(q->shape[3]);
+  const int Hkv = int(packed ? (vq.heads() - H) / 2 : vk.heads());
   LLMC_CHECK(D == 32 || D == 64 || D == 128) << "head dim must be 32, 64 or 128, got " << D;
   LLMC_CHECK(Hkv > 0 && H % Hkv == 0) << "query heads " << H << " must be a multiple of KV heads " << Hkv;
   for (const HeadView& t : {vk, vv})
-    LLMC_CHECK(t.t->shape[0] == 1 && t.heads() == Hkv && t.tokens() == T && t.t->shape[3] == D)
+    LLMC_CHECK(packed || (t.t->shape[0] == 1 && t.heads() == Hkv && t.tokens() == T && t.t->shape[3] == D))
         << "k/v must hold " << Hkv << " heads of " << T << " tokens of " << D << ", got " << shape_str(t.t);
+  const int rope = rope_kind(cos, sin, dt, T, D);
   LLMC_CHECK(out->shape[0] == 1 && vo.heads() == H && vo.tokens() == T && out->shape[3] == D) << "out must match q";
   const int row = codec == 0 ? D : D + 4;
   LLMC_CHECK(cache->shape[1] == 2 && cache->shape[3] == Hkv && cache->shape[4] == row)
@@ -486,6 +517,11 @@ void PagedAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, DLTe
   p.q_h = vq.head_stride(); p.q_t = vq.token_stride();
   p.k_h = vk.head_stride(); p.k_t = vk.token_stride();
   p.v_h = vv.head_stride(); p.v_t = vv.token_stride();
+  if (packed) {  // heads q | k | v of one row
+    const size_t esize = 2;
+    p.k = static_cast<const char*>(p.q) + size_t(H) * D * esize;
+    p.v = static_cast<const char*>(p.q) + size_t(H + Hkv) * D * esize;
+  }
   p.o_h = vo.head_stride(); p.o_t = vo.token_stride();
   p.table = reinterpret_cast<const int*>(data_of(table));
   p.lens = reinterpret_cast<const int*>(data_of(lens));
@@ -501,15 +537,29 @@ void PagedAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, DLTe
 
   DeviceGuard guard(dev);
   cudaStream_t stream = current_stream(dev);
-  const PagedArgs a{p.q, p.k, p.v, p.out, p.cache, p.q_h, p.q_t, p.k_h, p.k_t, p.v_h, p.v_t, p.o_h, p.o_t,
-                    p.table, p.lens, p.starts, p.C, p.P, H, Hkv, T, S, D, p.window, float(scale)};
-  if (T != S && codec == 0) {  // prefill chunks (perhaps mixed with decodes): the tensor-core kernel
-    paged_prefill(a, dt == DT::kBF16, stream);
-    return;
+  PagedArgs a{p.q, p.k, p.v, p.out, p.cache, p.q_h, p.q_t, p.k_h, p.k_t, p.v_h, p.v_t, p.o_h, p.o_t,
+              p.table, p.lens, p.starts, p.C, p.P, H, Hkv, T, S, D, p.window, float(scale)};
+  if (rope) {
+    a.cos = data_of(cos); a.sin = data_of(sin); a.rope = rope;
   }
   if (T == S && codec == 0 && p.G <= kDecodeMaxGroup) {  // decode over float pages: llmc_paged_decode.cu
     DecodeSplits w = split_workspace(dev, stream, paged_decode_splits(a, dev), T, H, D, size_t(S) * Hkv);
-    paged_decode(a, w, dt == DT::kBF16, dev, stream);
+    paged_decode(a, w, dt == DT::kBF16, dev, stream);  // (rotates q / k itself)
+    return;
+  }
+  if (rope) {  // the other kernels read q / k as given: rotate them into a workspace first
+    const size_t q_bytes = size_t(T) * H * D * 2, k_bytes = size_t(T) * Hkv * D * 2;
+    Workspace& ws = workspace(dev, stream, q_bytes + k_bytes, 0, Slot::kRope);
+    void* qr = ws.buf;
+    void* kr = static_cast<char*>(ws.buf) + q_bytes;
+    paged_rope(a, qr, kr, dt == DT::kBF16, stream);
+    a.q = p.q = qr; a.k = p.k = kr;
+    a.q_h = p.q_h = D; a.q_t = p.q_t = int64_t(H) * D;
+    a.k_h = p.k_h = D; a.k_t = p.k_t = int64_t(Hkv) * D;
+    a.rope = 0;
+  }
+  if (T != S && codec == 0) {  // prefill chunks (perhaps mixed with decodes): the tensor-core kernel
+    paged_prefill(a, dt == DT::kBF16, stream);
     return;
   }
   if (T == S) {  // decode over a quantized cache: split the keys until the GPU has ~4 blocks per SM
@@ -527,7 +577,19 @@ void PagedAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, DLTe
   else launch_d<__nv_bfloat16>(p, D, codec, grid, stream);
 }
 
+void PagedAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, DLTensor* table, DLTensor* lens,
+                    DLTensor* starts, DLTensor* out, double scale, int64_t window, int64_t layout) {
+  PagedAttentionImpl(q, k, v, cache, table, lens, starts, out, nullptr, nullptr, scale, window, layout);
+}
+
+void PagedAttentionRope(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, DLTensor* table, DLTensor* lens,
+                        DLTensor* starts, DLTensor* out, DLTensor* cos, DLTensor* sin, double scale, int64_t window,
+                        int64_t layout) {
+  PagedAttentionImpl(q, k, v, cache, table, lens, starts, out, cos, sin, scale, window, layout);
+}
+
 }  // namespace
 }  // namespace llmc_shim_paged
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(llmc_paged_attention, llmc_shim_paged::PagedAttention);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(llmc_paged_attention_rope, llmc_shim_paged::PagedAttentionRope);

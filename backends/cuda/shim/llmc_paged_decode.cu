@@ -14,7 +14,9 @@
 // output projection's GEMV, which then fetches its weights) start at once.
 //
 // The step's own key is read from k / v, not from the page it is appended to (split 0 appends),
-// so no block depends on another's write.
+// so no block depends on another's write. With a rotary table (PagedArgs::rope), q and the own key
+// are rotated in registers as they are loaded (a dim's partner d +- D/2 is D/16 lanes away), so
+// the step needs no rotary kernel of its own between the QKV projection and this one.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -39,6 +41,15 @@ __device__ __forceinline__ void to8(const uint4& u, float* f) {
   for (int i = 0; i < 8; ++i) f[i] = Packed<T>::f(e[i]);
 }
 
+template <typename T>
+__device__ __forceinline__ uint4 from8(const float* f) {
+  uint4 u;
+  T* e = reinterpret_cast<T*>(&u);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) e[i] = Packed<T>::t(f[i]);
+  return u;
+}
+
 template <int D, int G>
 struct DecodeTile {
   static constexpr int LPK = D / 8;          // lanes per key
@@ -47,7 +58,7 @@ struct DecodeTile {
   static constexpr int CHUNK = NB * KPS;     // keys per warp chunk
 };
 
-template <typename T, int D, int G>
+template <typename T, int D, int G, bool ROPE>
 __global__ void __launch_bounds__(kWarps * 32, blocks_per_sm(G)) paged_decode_kernel(const PagedArgs a, const DecodeSplits w) {
   using Tile = DecodeTile<D, G>;
   constexpr int LPK = Tile::LPK, KPS = Tile::KPS, NB = Tile::NB, CHUNK = Tile::CHUNK;
@@ -89,31 +100,43 @@ __global__ void __launch_bounds__(kWarps * 32, blocks_per_sm(G)) paged_decode_ke
       }
     }
   };
-  // the step's own row, written by the kernels before this one (after pdl_wait)
-  auto load_own = [&](int ch) {
-#pragma unroll
-    for (int i = 0; i < NB; ++i) {
-      if (k_lo + ch * CHUNK + i * KPS + kg == first) {
-        kr[i] = *reinterpret_cast<const uint4*>(K);
-        vr[i] = *reinterpret_cast<const uint4*>(V);
-      }
-    }
-  };
   int ch = c_b + warp;
   if (ch < c_e) load_history(ch);
   pdl_launch_dependents();
   pdl_wait();
+  // the step's own key (this lane's 8 dims), written by the kernels before this one; rotated here
+  // when the call rotates (every lane of the warp takes part in the rotation's shuffles)
+  float cs[8], sn[8];
+  uint4 k_own = *reinterpret_cast<const uint4*>(K);
+  if constexpr (ROPE) {
+    rope_row8<T>(a.cos, a.rope, q0, D, c * 8, cs);
+    rope_row8<T>(a.sin, a.rope, q0, D, c * 8, sn);
+    float kf[8];
+    to8<T>(k_own, kf);
+    rope8(kf, cs, sn, LPK, c < LPK / 2);
+    k_own = from8<T>(kf);
+  }
+  auto load_own = [&](int ch) {
+#pragma unroll
+    for (int i = 0; i < NB; ++i) {
+      if (k_lo + ch * CHUNK + i * KPS + kg == first) {
+        kr[i] = k_own;
+        vr[i] = *reinterpret_cast<const uint4*>(V);
+      }
+    }
+  };
   if (split == 0 && warp == 0 && lane < LPK) {  // append the step's K / V (head h) to its page
     T* dst = cache + table[first / a.P] * page_stride + (int64_t(first % a.P) * a.Hkv + h) * D + c * 8;
-    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(K);
+    *reinterpret_cast<uint4*>(dst) = k_own;
     *reinterpret_cast<uint4*>(dst + v_off) = *reinterpret_cast<const uint4*>(V);
   }
-  // this lane's 8 dims of each query head, as float, times scale * log2(e)
+  // this lane's 8 dims of each query head, as float (rotated), times scale * log2(e)
   float q[G][8];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     if (g < gn) {
       to8<T>(*reinterpret_cast<const uint4*>(static_cast<const T*>(a.q) + (h * gn + g) * a.q_h + int64_t(q0) * a.q_t + c * 8), q[g]);
+      if constexpr (ROPE) rope8(q[g], cs, sn, LPK, c < LPK / 2);
 #pragma unroll
       for (int e = 0; e < 8; ++e) q[g][e] *= a.scale * kLog2e;
     } else {
@@ -273,24 +296,58 @@ __global__ void __launch_bounds__(kWarps * 32, blocks_per_sm(G)) paged_decode_ke
   if (threadIdx.x == 0) *counter = 0;  // ready for the next launch (graph replays)
 }
 
-template <typename T, int D>
+template <typename T, int D, bool ROPE>
 void launch_g(const PagedArgs& a, const DecodeSplits& w, int dev, cudaStream_t stream) {
   const dim3 grid(w.n_split, a.Hkv, a.S), block(kWarps * 32);
   const int g = a.H / a.Hkv;
-  if (g == 1) launch_pdl(paged_decode_kernel<T, D, 1>, grid, block, dev, stream, a, w);
-  else if (g == 2) launch_pdl(paged_decode_kernel<T, D, 2>, grid, block, dev, stream, a, w);
-  else if (g <= 4) launch_pdl(paged_decode_kernel<T, D, 4>, grid, block, dev, stream, a, w);
-  else launch_pdl(paged_decode_kernel<T, D, 8>, grid, block, dev, stream, a, w);
+  if (g == 1) launch_pdl(paged_decode_kernel<T, D, 1, ROPE>, grid, block, dev, stream, a, w);
+  else if (g == 2) launch_pdl(paged_decode_kernel<T, D, 2, ROPE>, grid, block, dev, stream, a, w);
+  else if (g <= 4) launch_pdl(paged_decode_kernel<T, D, 4, ROPE>, grid, block, dev, stream, a, w);
+  else launch_pdl(paged_decode_kernel<T, D, 8, ROPE>, grid, block, dev, stream, a, w);
+}
+
+template <typename T, int D>
+void launch_r(const PagedArgs& a, const DecodeSplits& w, int dev, cudaStream_t stream) {
+  if (a.rope) launch_g<T, D, true>(a, w, dev, stream);
+  else launch_g<T, D, false>(a, w, dev, stream);
 }
 
 template <typename T>
 void launch_d(const PagedArgs& a, const DecodeSplits& w, int dev, cudaStream_t stream) {
-  if (a.D == 64) launch_g<T, 64>(a, w, dev, stream);
-  else if (a.D == 128) launch_g<T, 128>(a, w, dev, stream);
-  else launch_g<T, 32>(a, w, dev, stream);
+  if (a.D == 64) launch_r<T, 64>(a, w, dev, stream);
+  else if (a.D == 128) launch_r<T, 128>(a, w, dev, stream);
+  else launch_r<T, 32>(a, w, dev, stream);
+}
+
+// One thread per (token, head of q or k, dim pair d, d + D/2): the rotated q and k, token-major.
+template <typename T>
+__global__ void paged_rope_kernel(const PagedArgs a, T* q_out, T* k_out) {
+  const int half = a.D / 2, heads = a.H + a.Hkv;
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= int64_t(a.T) * heads * half) return;
+  const int d = int(i % half), head = int((i / half) % heads);
+  const int64_t t = i / (int64_t(half) * heads);
+  const bool is_q = head < a.H;
+  const int hh = is_q ? head : head - a.H;
+  const T* x = is_q ? static_cast<const T*>(a.q) + hh * a.q_h + t * a.q_t : static_cast<const T*>(a.k) + hh * a.k_h + t * a.k_t;
+  T* y = is_q ? q_out + (t * a.H + hh) * a.D : k_out + (t * a.Hkv + hh) * a.D;
+  auto entry = [&](const void* tab, int j) {
+    return a.rope == 2 ? static_cast<const float*>(tab)[t * a.D + j] : float(static_cast<const T*>(tab)[t * a.D + j]);
+  };
+  const float lo = float(x[d]), hi = float(x[d + half]);
+  y[d] = Packed<T>::t(fmaf(lo, entry(a.cos, d), -hi * entry(a.sin, d)));
+  y[d + half] = Packed<T>::t(fmaf(hi, entry(a.cos, d + half), lo * entry(a.sin, d + half)));
 }
 
 }  // namespace
+
+void paged_rope(const PagedArgs& a, void* q_out, void* k_out, bool bf16, cudaStream_t stream) {
+  const int64_t n = int64_t(a.T) * (a.H + a.Hkv) * (a.D / 2);
+  const unsigned blocks = unsigned((n + 255) / 256);
+  if (bf16) paged_rope_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(a, static_cast<__nv_bfloat16*>(q_out), static_cast<__nv_bfloat16*>(k_out));
+  else paged_rope_kernel<__half><<<blocks, 256, 0, stream>>>(a, static_cast<__half*>(q_out), static_cast<__half*>(k_out));
+  LLMC_CUDA_CHECK(cudaGetLastError());
+}
 
 int paged_decode_splits(const PagedArgs& a, int dev) {
   // keys a block's warps take in one round (DecodeTile's chunk for this group size)

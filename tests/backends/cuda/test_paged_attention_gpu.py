@@ -204,3 +204,80 @@ def test_decode_graph_survives_a_larger_later_decode(shim):
     torch.cuda.synchronize()
     ref = _reference()(q, k, v, cache.copy(), table, lens, starts, scale, 0)
     assert rel_err(out.float().cpu(), torch.from_numpy(ref)) < 1e-2
+
+
+# ------------------------------------------------------------- packed q | k | v, rotary in the call
+def _rope(x, cos, sin):
+    """Rotate-half rotary embedding of x [..., T, D] by tables [T, D] (Llama / GPT-NeoX)."""
+    h = x.shape[-1] // 2
+    return x * cos + np.concatenate([-x[..., h:], x[..., :h]], axis=-1) * sin
+
+
+# float pages: both dtypes, tables of the dtype, float32 or none, mixed and decode steps; an int8 cache: bf16
+_ROPE_CASES = [(dt, tb, st, None) for dt in ("bf16", "fp16") for tb in ("same", "f32", None) for st in ("mixed", "decode")] \
+    + [("bf16", tb, "decode", "int8") for tb in ("same", None)]
+
+
+@pytest.mark.parametrize("d,hq,hkv", [(64, 32, 8), (128, 8, 8), (32, 12, 4), (64, 40, 2)])
+@pytest.mark.parametrize("dtype,tables,steps,codec", _ROPE_CASES)
+def test_paged_attention_packed_rope_matches_reference(shim, dtype, d, hq, hkv, tables, steps, codec):
+    """llmc_paged_attention(_rope) over one packed [1, T, H + 2 Hkv, D] QKV tensor (layout bit 64):
+    q and k rotated in the call by cos / sin tables of q's dtype or float32 (the decode kernel in
+    registers, the other paths through a rotated copy), against the reference attention of the
+    rotated q and k; the appended K rows are the rotated keys (to a rounding of the dtype)."""
+    from llmc.runtime.engine.kv_codec import CODEC_IDS, encode
+
+    lens_new, lens_old = ([19, 5, 1, 1, 33], [0, 40, 3, 100, 16]) if steps == "mixed" else \
+        ([1] * 6, [0, 1, 16, 700, 3000, 77])
+    case = _case(d + hq + len(lens_old), lens_new, lens_old, hq, hkv, d, 16, dtype)
+    _, _, _, cache, table, lens, starts = case
+    T = sum(lens_new)
+    rng = np.random.default_rng(T + d)
+    rnd = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(DT[dtype]).float().numpy()
+    X = rnd(rng.standard_normal((1, T, hq + 2 * hkv, d)).astype(np.float32))
+    pos = np.concatenate([np.arange(o, o + n) for o, n in zip(lens_old, lens_new)])
+    inv = 1.0 / 10000.0 ** (np.arange(0, d, 2) / d)
+    emb = np.concatenate([pos[:, None] * inv[None]] * 2, axis=1)
+    cos, sin = np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+    if tables == "same":
+        cos, sin = rnd(cos), rnd(sin)
+    heads = lambda lo, hi: np.ascontiguousarray(X[0, :, lo:hi].transpose(1, 0, 2))[None]  # [1, heads, T, D]
+    q, k, v = heads(0, hq), heads(hq, hq + hkv), heads(hq + hkv, hq + 2 * hkv)
+    if tables:
+        q, k = _rope(q, cos, sin), rnd(_rope(k, cos, sin))  # the pages hold the dtype's rotated keys
+    scale = 1 / math.sqrt(d)
+    want_cache = cache.copy() if codec is None else encode(cache, codec)
+    got_cache = torch.from_numpy(want_cache.copy()).cuda() if codec else torch.from_numpy(cache).to(DT[dtype]).cuda()
+    ref = _reference()(q, k, v, want_cache, table, lens, starts, scale, 0, **({"codec": codec} if codec else {}))
+    ints = [torch.from_numpy(x).cuda() for x in (table, lens, starts)]
+    xg = torch.from_numpy(X).to(DT[dtype]).cuda()
+    out = torch.full((1, T, hq, d), float("nan"), dtype=DT[dtype], device="cuda")
+    layout = 15 | 64 | (16 * CODEC_IDS.index(codec) if codec else 0)
+    if tables:
+        tab = lambda t: torch.from_numpy(t).to(torch.float32 if tables == "f32" else DT[dtype]).cuda()
+        shim["llmc_paged_attention_rope"](xg, xg, xg, got_cache, *ints, out, tab(cos), tab(sin), scale, 0, layout)
+    else:
+        shim["llmc_paged_attention"](xg, xg, xg, got_cache, *ints, out, scale, 0, layout)
+    torch.cuda.synchronize()
+    assert not torch.isnan(out).any()
+    assert rel_err(out.transpose(1, 2).float().cpu(), torch.from_numpy(ref)) < (2e-2 if codec else 1e-2)
+    got = got_cache.cpu()
+    if codec is None:
+        got = got.float().numpy()
+        np.testing.assert_array_equal(got[:, 1], want_cache[:, 1])  # V pages: a copy
+        np.testing.assert_allclose(got[:, 0], want_cache[:, 0], rtol=2 ** -7, atol=1e-6)  # K: one rounding apart
+    else:
+        assert (got.numpy() != want_cache).mean() < 1e-3  # codes of the rotated keys (a rounding may differ)
+
+
+def test_paged_attention_rope_bad_tables_raise(shim):
+    x = torch.zeros(1, 2, 8, 64, dtype=torch.bfloat16, device="cuda")  # H 4, Hkv 2, 2 tokens
+    cache = torch.zeros(4, 2, 16, 2, 64, dtype=torch.bfloat16, device="cuda")
+    ints = [torch.zeros(1, 2, dtype=torch.int32, device="cuda"), torch.tensor([2], dtype=torch.int32, device="cuda"),
+            torch.tensor([0, 2], dtype=torch.int32, device="cuda")]
+    out = torch.zeros(1, 2, 4, 64, dtype=torch.bfloat16, device="cuda")
+    bad = torch.zeros(2, 32, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="rotary tables"):
+        shim["llmc_paged_attention_rope"](x, x, x, cache, *ints, out, bad, bad, 0.1, 0, 15 | 64)
+    with pytest.raises(ValueError, match="packed"):
+        shim["llmc_paged_attention"](x, x, x, cache, *ints, out, 0.1, 0, 64)
