@@ -127,37 +127,46 @@ class Prologue:
     nodes: tuple[Node, ...]
 
 
-def prologue(a: Node) -> Prologue | None:
-    """The packed prologue of PAGED_ATTENTION `a` (after prepare_graph: q / k / v are BSHD
-    permutes, a rotated one PERMUTE_BSHD(PERMUTE_BSHD(rotary))), or None when it has another form."""
-    if a.op is not Op.PAGED_ATTENTION:
+def packed_source(a: Node, xs) -> Node | None:
+    """X when xs (attention a's q, k, v, or the tensors they are rotated from) are head slices of
+    one [B, S, (Hq + 2 Hk) D] tensor X, in q | k | v order along its last axis: a call then reads
+    X in place, as the fused QKV GEMM wrote it."""
+    slices = [head_slice(x) for x in xs]
+    if any(s is None for s in slices):
         return None
-    slices, ropes = [], []
-    for i, x in enumerate(a.inputs[:3]):
-        rot = None
-        if i < 2 and _bshd(x) and _bshd(x.inputs[0]):
-            rot = rotary(x.inputs[0].inputs[0])
-            if rot is None:
-                return None
-        hs = head_slice(rot.y if rot else x)
-        if hs is None:
-            return None
-        slices.append(hs)
-        ropes.append((rot, (x, x.inputs[0]) if rot else ()))
-    if (ropes[0][0] is None) != (ropes[1][0] is None) or ropes[0][0] and (
-            ropes[0][0].cos is not ropes[1][0].cos or ropes[0][0].sin is not ropes[1][0].sin):
-        return None  # the call rotates q and k alike, or neither
     X = slices[0].qkv
-    d = a.shape[-1]
+    d = a.inputs[0].shape[3]
     hq, hk = a.inputs[0].shape[1], a.inputs[1].shape[1]
     if any(s.qkv is not X for s in slices) or len(X.shape) != 3 or not all(isinstance(v, int) for v in (d, hq, hk)):
         return None
     want = [(0, hq * d), (hq * d, (hq + hk) * d), ((hq + hk) * d, (hq + 2 * hk) * d)]
     if [(s.start, s.end) for s in slices] != want or X.shape[2] != (hq + 2 * hk) * d or X.dtype is not a.dtype:
         return None
-    rot = ropes[0][0]
-    nodes = tuple(n for s, (r, wrap) in zip(slices, ropes) for n in (*wrap, *(r.nodes if r else ()), *s.nodes))
-    return Prologue(X, rot.cos if rot else None, rot.sin if rot else None, nodes)
+    return X
+
+
+def prologue(a: Node) -> Prologue | None:
+    """The packed prologue of PAGED_ATTENTION `a` (after prepare_graph: q / k / v are BSHD
+    permutes, a rotated one PERMUTE_BSHD(PERMUTE_BSHD(rotary))), or None when it has another form."""
+    if a.op is not Op.PAGED_ATTENTION:
+        return None
+    ys, nodes, rots = [], [], []
+    for i, x in enumerate(a.inputs[:3]):
+        rot = None
+        if i < 2 and _bshd(x) and _bshd(x.inputs[0]):
+            rot = rotary(x.inputs[0].inputs[0])
+            if rot is None:
+                return None
+            nodes += [x, x.inputs[0], *rot.nodes]
+        ys.append(rot.y if rot else x)
+        rots.append(rot)
+    X = packed_source(a, ys)
+    if X is None:
+        return None
+    if (rots[0] is None) != (rots[1] is None) or rots[0] and (rots[0].cos is not rots[1].cos or rots[0].sin is not rots[1].sin):
+        return None  # the call rotates q and k alike, or neither
+    nodes += [n for y in ys for n in head_slice(y).nodes]
+    return Prologue(X, rots[0].cos if rots[0] else None, rots[0].sin if rots[0] else None, tuple(nodes))
 
 
 def absorb_prologues(groups: list[list[Node]], users: dict, outputs: set[int]) -> list[list[Node]]:
@@ -260,4 +269,5 @@ def match_paged(kernel: Kernel, body: list[Node], idx: dict[int, int]):
                  [float(a.attrs.scale), int(a.attrs.window), layout | codec << 4], label)
 
 
-__all__ = ["absorb_prologues", "match_paged", "prologue", "rotary", "head_slice", "PAGED_FUNC", "PAGED_ROPE_FUNC"]
+__all__ = ["absorb_prologues", "match_paged", "prologue", "packed_source", "rotary", "head_slice", "PAGED_FUNC",
+           "PAGED_ROPE_FUNC"]

@@ -33,7 +33,7 @@ from llmc.compiler.ir import Graph, Node
 from llmc.compiler.ops import COLLECTIVES, POINT_TO_POINT, Op, PermuteAttrs
 from llmc.compiler.program import Kernel
 from llmc.backends.cuda.fused_gemm import fuse_gemm_neighbours, match_fused_gemm
-from llmc.backends.cuda.paged_call import absorb_prologues, match_paged, prologue
+from llmc.backends.cuda.paged_call import absorb_prologues, match_paged, packed_source, prologue
 from llmc.passes.partition import is_transposed_2d as _transposed_2d
 from llmc.compiler.symbolic import to_json
 
@@ -73,31 +73,7 @@ def packed_qkv(a: Node) -> Node | None:
     """X when q, k, v are PERMUTE(RESHAPE(SLICE(X))) of one [B, S, (Hq+2Hk)*D] projection
     output, sliced q | k | v in that order along its last axis: the attention then reads X
     in place (no copies), as a fused QKV GEMM wrote it."""
-    if a.op is not Op.ATTENTION:
-        return None
-    xs, starts = [], []
-    for x in a.inputs[:3]:
-        if not _is_bshd_permute(x) or x.inputs[0].op is not Op.RESHAPE:
-            return None
-        r = x.inputs[0]
-        sl = r.inputs[0]
-        if sl.op is not Op.SLICE or len(sl.shape) != 3 or sl.attrs.axis != 2 or sl.attrs.step != 1:
-            return None
-        if len(r.shape) != 4 or tuple(r.shape[:2]) != tuple(sl.shape[:2]):
-            return None
-        xs.append(sl.inputs[0])
-        starts.append((sl.attrs.start, sl.attrs.end))
-    X = xs[0]
-    if any(x is not X for x in xs) or len(X.shape) != 3:
-        return None
-    d = a.inputs[0].shape[3]
-    hq, hk = a.inputs[0].shape[1], a.inputs[1].shape[1]
-    if not all(isinstance(v, int) for v in (d, hq, hk)):
-        return None
-    want = [(0, hq * d), (hq * d, (hq + hk) * d), ((hq + hk) * d, (hq + 2 * hk) * d)]
-    if starts != want or X.shape[2] != (hq + 2 * hk) * d:
-        return None
-    return X
+    return packed_source(a, a.inputs[:3]) if a.op is Op.ATTENTION else None
 
 
 def prepare_graph(graph: Graph) -> tuple[Graph, int]:

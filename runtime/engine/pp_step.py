@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import LLMCError
+from .pp_loop import MicroBatchLoop
 
 
 class PipelineStep:
@@ -42,8 +43,6 @@ class PipelineStep:
         given and micro_batches > 1, else None (the caller's lockstep TokenLoop)."""
         if self.micro_batches == 1:
             return None
-        from .pp_loop import MicroBatchLoop
-
         return MicroBatchLoop(self, pool, limits, prompts, params, self.micro_batches)
 
     def publish(self, tokens) -> None:

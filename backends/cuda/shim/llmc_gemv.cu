@@ -160,27 +160,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_nt_kernel(const GemvParams<T
       }
     }
   }
-#pragma unroll
-  for (int m = 0; m < M; ++m)
-#pragma unroll
-    for (int r = 0; r < NR; ++r) acc[m][r] = warp_sum(acc[m][r]);
-  if constexpr (KS > 1) {  // the channel's slices meet in its first warp
-    __shared__ float s_part[kWarps][M][NR];
-    if (lane == 0) {
-#pragma unroll
-      for (int m = 0; m < M; ++m)
-#pragma unroll
-        for (int r = 0; r < NR; ++r) s_part[warp][m][r] = acc[m][r];
-    }
-    __syncthreads();
-    if (part != 0) return;
-#pragma unroll
-    for (int m = 0; m < M; ++m)
-#pragma unroll
-      for (int r = 0; r < NR; ++r)
-#pragma unroll
-        for (int q = 1; q < KS; ++q) acc[m][r] += s_part[warp + q][m][r];
-  }
+  if (!sum_k_slices<KS, kWarps>(acc, warp, lane, part)) return;  // the channel's slices meet in its first warp
   if (n >= p.n_out) return;
 #pragma unroll
   for (int m = 0; m < M; ++m) {

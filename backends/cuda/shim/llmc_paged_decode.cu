@@ -319,30 +319,40 @@ void launch_d(const PagedArgs& a, const DecodeSplits& w, int dev, cudaStream_t s
   else launch_r<T, 32>(a, w, dev, stream);
 }
 
-// One thread per (token, head of q or k, dim pair d, d + D/2): the rotated q and k, token-major.
+// One thread per (token, head of q or k, 8 dims d0 .. d0 + 7 of the head's first half): those dims
+// and their partners d0 + D/2 .. rotated, in 16-byte loads and stores (the rotated q and k,
+// token-major).
 template <typename T>
 __global__ void paged_rope_kernel(const PagedArgs a, T* q_out, T* k_out) {
-  const int half = a.D / 2, heads = a.H + a.Hkv;
+  const int half = a.D / 2, per_head = half / 8, heads = a.H + a.Hkv;
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= int64_t(a.T) * heads * half) return;
-  const int d = int(i % half), head = int((i / half) % heads);
-  const int64_t t = i / (int64_t(half) * heads);
+  if (i >= int64_t(a.T) * heads * per_head) return;
+  const int d0 = int(i % per_head) * 8, head = int((i / per_head) % heads);
+  const int64_t t = i / (int64_t(per_head) * heads);
   const bool is_q = head < a.H;
   const int hh = is_q ? head : head - a.H;
   const T* x = is_q ? static_cast<const T*>(a.q) + hh * a.q_h + t * a.q_t : static_cast<const T*>(a.k) + hh * a.k_h + t * a.k_t;
   T* y = is_q ? q_out + (t * a.H + hh) * a.D : k_out + (t * a.Hkv + hh) * a.D;
-  auto entry = [&](const void* tab, int j) {
-    return a.rope == 2 ? static_cast<const float*>(tab)[t * a.D + j] : float(static_cast<const T*>(tab)[t * a.D + j]);
-  };
-  const float lo = float(x[d]), hi = float(x[d + half]);
-  y[d] = Packed<T>::t(fmaf(lo, entry(a.cos, d), -hi * entry(a.sin, d)));
-  y[d + half] = Packed<T>::t(fmaf(hi, entry(a.cos, d + half), lo * entry(a.sin, d + half)));
+  float lo[8], hi[8], c_lo[8], s_lo[8], c_hi[8], s_hi[8], out_lo[8], out_hi[8];
+  to8<T>(*reinterpret_cast<const uint4*>(x + d0), lo);
+  to8<T>(*reinterpret_cast<const uint4*>(x + d0 + half), hi);
+  rope_row8<T>(a.cos, a.rope, t, a.D, d0, c_lo);
+  rope_row8<T>(a.sin, a.rope, t, a.D, d0, s_lo);
+  rope_row8<T>(a.cos, a.rope, t, a.D, d0 + half, c_hi);
+  rope_row8<T>(a.sin, a.rope, t, a.D, d0 + half, s_hi);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    out_lo[e] = fmaf(lo[e], c_lo[e], -hi[e] * s_lo[e]);
+    out_hi[e] = fmaf(hi[e], c_hi[e], lo[e] * s_hi[e]);
+  }
+  *reinterpret_cast<uint4*>(y + d0) = from8<T>(out_lo);
+  *reinterpret_cast<uint4*>(y + d0 + half) = from8<T>(out_hi);
 }
 
 }  // namespace
 
 void paged_rope(const PagedArgs& a, void* q_out, void* k_out, bool bf16, cudaStream_t stream) {
-  const int64_t n = int64_t(a.T) * (a.H + a.Hkv) * (a.D / 2);
+  const int64_t n = int64_t(a.T) * (a.H + a.Hkv) * (a.D / 16);
   const unsigned blocks = unsigned((n + 255) / 256);
   if (bf16) paged_rope_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(a, static_cast<__nv_bfloat16*>(q_out), static_cast<__nv_bfloat16*>(k_out));
   else paged_rope_kernel<__half><<<blocks, 256, 0, stream>>>(a, static_cast<__half*>(q_out), static_cast<__half*>(k_out));

@@ -253,27 +253,7 @@ __global__ void __launch_bounds__(kWarps * 32) qgemv_kernel(QParams<T> p) {
       else chunk_dot<T, BITS, M, R>(w[u], x, p.ldx, p.g, k, s, z, acc, rows);
     }
   }
-#pragma unroll
-  for (int m = 0; m < M; ++m)
-#pragma unroll
-    for (int r = 0; r < R; ++r) acc[m][r] = warp_sum(acc[m][r]);
-  if constexpr (KS > 1) {  // the slices meet in the first warp of the set
-    __shared__ float s_part[kWarps][M][R];
-    if (lane == 0) {
-#pragma unroll
-      for (int m = 0; m < M; ++m)
-#pragma unroll
-        for (int r = 0; r < R; ++r) s_part[warp][m][r] = acc[m][r];
-    }
-    __syncthreads();
-    if (part != 0) return;
-#pragma unroll
-    for (int m = 0; m < M; ++m)
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int q = 1; q < KS; ++q) acc[m][r] += s_part[warp + q][m][r];
-  }
+  if (!sum_k_slices<KS, kWarps>(acc, warp, lane, part)) return;  // the slices meet in the first warp of the set
   if (lane != 0) return;
   const int64_t row0 = int64_t(blockIdx.y) * M;
 #pragma unroll

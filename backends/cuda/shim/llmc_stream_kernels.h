@@ -37,6 +37,36 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// A GEMV's dot products of M rows x R channels, each warp's over its slice of K: summed over the
+// warp's lanes, then, where KS > 1 warps (`part` 0 .. KS - 1 of the set whose first warp is
+// `warp - part`) share the channels, over the set in shared memory. True in the lane-summed warp
+// that holds the totals (the set's first); the other warps of a set are done.
+template <int KS, int WARPS, int M, int R>
+__device__ __forceinline__ bool sum_k_slices(float (&acc)[M][R], int warp, int lane, int part) {
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[m][r] = warp_sum(acc[m][r]);
+  if constexpr (KS > 1) {
+    __shared__ float s_part[WARPS][M][R];
+    if (lane == 0) {
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int r = 0; r < R; ++r) s_part[warp][m][r] = acc[m][r];
+    }
+    __syncthreads();
+    if (part != 0) return false;
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int q = 1; q < KS; ++q) acc[m][r] += s_part[warp + q][m][r];
+  }
+  return true;
+}
+
 // The RMSNorm factor 1 / sqrt(mean(x^2) + eps) of each of the first `rows` (<= M) rows of x (k
 // elements, k % 8 == 0, row stride ldx, 16-byte aligned rows) into scale[0..M), summed by all
 // WARPS warps of the block (every thread must call it). The fused GEMVs call it while their first

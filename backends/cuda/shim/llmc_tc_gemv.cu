@@ -47,8 +47,8 @@ constexpr int kChunk = 128;     // k a warp covers per step: 4 lanes x 32
 constexpr int kMaxSplit = 8;    // warps of a block, splitting K
 constexpr int kWarpsPerSm = 8;  // fewer column blocks than this many warps an SM: split K further
 constexpr int kMaxTiles = 1 << 16;  // tiles (column block x token pass) with a counter for the z split
-// The z split pays where K is long: int4 down (8192 x 2048, 16 rows) 20.2 -> 10.6 us, int8 23.7 ->
-// 19.1 (H200); with K = 2048 it cost more than it gained (int4 O projection 7.4 -> 13.8 us).
+// The z split pays where K is long: int4 down (8192 x 2048, 16 rows) 20.0 -> 10.3 us, int8 24.5 ->
+// 13.5 (H200); with K = 2048 it cost more than it gained (int4 O projection 7.4 -> 13.8 us).
 constexpr int kMinChunksZ = 32;
 constexpr int kSlotPartials = 40, kSlotCounters = 41;  // scratch slots (llmc_lt.h scratch())
 
