@@ -183,14 +183,13 @@ def absorb_prologues(groups: list[list[Node]], users: dict, outputs: set[int]) -
             inside = {n.uid for n in pro.nodes} | {a.uid}
             if any(n.uid in outputs or any(u.uid not in inside for u in users.get(n.uid, [])) for n in pro.nodes):
                 continue
+            if not any(_bshd(n) and n.inputs[0] is a for n in g):
+                continue  # a packed call writes its output token-major: its head transpose must be in the group
             moved = [n for n in pro.nodes if owner.get(n.uid) != gi]
             ids = {n.uid for n in moved}
             for og in {owner[n.uid] for n in moved if n.uid in owner}:
                 groups[og] = [n for n in groups[og] if n.uid not in ids]
-            at = groups[gi].index(a)
-            order = sorted(moved, key=lambda n: n.uid)  # uids grow along the graph: a valid order
-            groups[gi] = groups[gi][:at] + order + groups[gi][at:]
-            g = groups[gi]
+            groups[gi] = g = sorted(groups[gi] + moved, key=lambda n: n.uid)  # uids grow along the graph
             for n in moved:
                 owner[n.uid] = gi
     return [g for g in groups if g and not (_is_view_group(g) and Op.PAGED_ATTENTION not in {n.op for n in g})]
