@@ -169,6 +169,21 @@ def prologue(a: Node) -> Prologue | None:
     return Prologue(X, rots[0].cos if rots[0] else None, rots[0].sin if rots[0] else None, tuple(nodes))
 
 
+def absorbable(a: Node, group_ids: set[int], users: dict, outputs: set[int]) -> Prologue | None:
+    """a's packed prologue where one call may compute it: its nodes feed nothing but each other
+    and a (nor a graph output), and a's output head transpose is in a's group (uids `group_ids`),
+    since a packed call writes its output token-major."""
+    pro = prologue(a)
+    if pro is None:
+        return None
+    inside = {n.uid for n in pro.nodes} | {a.uid}
+    if any(n.uid in outputs or any(u.uid not in inside for u in users.get(n.uid, [])) for n in pro.nodes):
+        return None
+    if not any(_bshd(u) and u.uid in group_ids for u in users.get(a.uid, [])):
+        return None
+    return pro
+
+
 def absorb_prologues(groups: list[list[Node]], users: dict, outputs: set[int]) -> list[list[Node]]:
     """Move each paged attention's packed prologue (see `prologue`) into the attention's group, where
     its nodes feed nothing else; groups left with only reshapes (views) are dropped."""
@@ -177,14 +192,9 @@ def absorb_prologues(groups: list[list[Node]], users: dict, outputs: set[int]) -
     owner = {n.uid: gi for gi, g in enumerate(groups) for n in g}
     for gi, g in enumerate(groups):
         for a in [n for n in g if n.op is Op.PAGED_ATTENTION]:
-            pro = prologue(a)
+            pro = absorbable(a, {n.uid for n in g}, users, outputs)
             if pro is None:
                 continue
-            inside = {n.uid for n in pro.nodes} | {a.uid}
-            if any(n.uid in outputs or any(u.uid not in inside for u in users.get(n.uid, [])) for n in pro.nodes):
-                continue
-            if not any(_bshd(n) and n.inputs[0] is a for n in g):
-                continue  # a packed call writes its output token-major: its head transpose must be in the group
             moved = [n for n in pro.nodes if owner.get(n.uid) != gi]
             ids = {n.uid for n in moved}
             for og in {owner[n.uid] for n in moved if n.uid in owner}:
@@ -268,5 +278,5 @@ def match_paged(kernel: Kernel, body: list[Node], idx: dict[int, int]):
                  [float(a.attrs.scale), int(a.attrs.window), layout | codec << 4], label)
 
 
-__all__ = ["absorb_prologues", "match_paged", "prologue", "packed_source", "rotary", "head_slice", "PAGED_FUNC",
+__all__ = ["absorb_prologues", "absorbable", "match_paged", "prologue", "packed_source", "rotary", "head_slice", "PAGED_FUNC",
            "PAGED_ROPE_FUNC"]

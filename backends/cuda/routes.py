@@ -33,7 +33,7 @@ from llmc.compiler.ir import Graph, Node
 from llmc.compiler.ops import COLLECTIVES, POINT_TO_POINT, Op, PermuteAttrs
 from llmc.compiler.program import Kernel
 from llmc.backends.cuda.fused_gemm import fuse_gemm_neighbours, match_fused_gemm
-from llmc.backends.cuda.paged_call import absorb_prologues, match_paged, packed_source, prologue
+from llmc.backends.cuda.paged_call import absorb_prologues, absorbable, match_paged, packed_source
 from llmc.passes.partition import is_transposed_2d as _transposed_2d
 from llmc.compiler.symbolic import to_json
 
@@ -135,7 +135,7 @@ class _Split:
         """PAGED_ATTENTION with the head transposes of its q/k/v and of its output: the shim reads
         and writes those token-major, so they cost no kernel; and the packed (rotating) prologue
         absorb_prologues put beside it (cuda/paged_call.py)."""
-        pro = prologue(a)
+        pro = absorbable(a, members, self.users, self.outputs)
         absorbed = {n.uid for n in pro.nodes} if pro is not None else set()
         return {a.uid} | self.head_transposes(a, members) | (absorbed if absorbed <= members else set())
 

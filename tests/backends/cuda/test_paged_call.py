@@ -93,6 +93,26 @@ def test_other_prologues_are_left_alone(what):
     assert prologue(_paged(rq, rk, v)) is None
 
 
+def test_absorbable_needs_the_output_transpose_in_the_group():
+    """A packed call writes its output token-major, so the prologue joins it only where the output's
+    head transpose is in the attention's group; and only where its nodes feed nothing else."""
+    from llmc.backends.cuda.paged_call import absorbable
+    from llmc.compiler.ir import Graph
+    from llmc.compiler.symbolic import SymDim
+
+    X, cos, sin = _inputs()
+    q, k, v = _heads(X, 0, HQ), _heads(X, HQ, HK), _heads(X, HQ + HK, HK)
+    a = _paged(_rope(q, cos, sin), _rope(k, cos, sin), v)
+    out = node(Op.PERMUTE, [a], BSHD)
+    ins = tuple(n for n in (X, cos, sin, *a.inputs[3:]))
+    graph = Graph(ins, (out,), {}, {"tokens": SymDim("tokens", 1, 32)})
+    users = graph.users()
+    assert absorbable(a, {a.uid, out.uid}, users, set()) is not None
+    assert absorbable(a, {a.uid}, users, set()) is None  # the transpose is another kernel's
+    leaked = Graph(ins, (out, q), {}, {"tokens": SymDim("tokens", 1, 32)})  # q's heads also a graph output
+    assert absorbable(a, {a.uid, out.uid}, leaked.users(), {q.uid}) is None
+
+
 def _step_program(name, **cfg):
     """The CUDA program of a tiny bf16 causal LM's step function (no TVM build)."""
     import torch
