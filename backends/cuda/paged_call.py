@@ -30,8 +30,10 @@ BSHD = (0, 2, 1, 3)
 PACKED = 64
 
 
-def _bshd(n: Node) -> bool:
+def is_bshd_permute(n: Node) -> bool:
+    """n swaps a [B, S, H, D] tensor's S and H axes (or back)."""
     return n.op is Op.PERMUTE and tuple(n.attrs.perm) == BSHD
+
 
 
 def _last_axis(n: Node) -> int:
@@ -49,7 +51,7 @@ class HeadSlice:
 
 
 def head_slice(x: Node) -> HeadSlice | None:
-    if not _bshd(x) or x.inputs[0].op is not Op.RESHAPE:
+    if not is_bshd_permute(x) or x.inputs[0].op is not Op.RESHAPE:
         return None
     r = x.inputs[0]
     sl = r.inputs[0]
@@ -153,7 +155,7 @@ def prologue(a: Node) -> Prologue | None:
     ys, nodes, rots = [], [], []
     for i, x in enumerate(a.inputs[:3]):
         rot = None
-        if i < 2 and _bshd(x) and _bshd(x.inputs[0]):
+        if i < 2 and is_bshd_permute(x) and is_bshd_permute(x.inputs[0]):
             rot = rotary(x.inputs[0].inputs[0])
             if rot is None:
                 return None
@@ -179,7 +181,7 @@ def absorbable(a: Node, group_ids: set[int], users: dict, outputs: set[int]) -> 
     inside = {n.uid for n in pro.nodes} | {a.uid}
     if any(n.uid in outputs or any(u.uid not in inside for u in users.get(n.uid, [])) for n in pro.nodes):
         return None
-    if not any(_bshd(u) and u.uid in group_ids for u in users.get(a.uid, [])):
+    if not any(is_bshd_permute(u) and u.uid in group_ids for u in users.get(a.uid, [])):
         return None
     return pro
 
@@ -241,7 +243,7 @@ def match_paged(kernel: Kernel, body: list[Node], idx: dict[int, int]):
     for bit, x in zip((1, 2, 4), a.inputs[:3] if not tensors else ()):
         src = x
         if x.uid in inside:
-            if not _bshd(x):
+            if not is_bshd_permute(x):
                 raise TargetError(f"{where}: unexpected {x.op.name} in its kernel")
             used.add(x.uid)
             layout |= bit
@@ -255,11 +257,11 @@ def match_paged(kernel: Kernel, body: list[Node], idx: dict[int, int]):
     _, H, T, D = a.shape
     if out is a:
         out_view = tuple(a.shape)
-    elif out is not None and _bshd(out) and out.inputs[0] is a:
+    elif out is not None and is_bshd_permute(out) and out.inputs[0] is a:
         used.add(out.uid)
         layout |= 8
         out_view = tuple(out.shape)
-    elif out is not None and out.op is Op.RESHAPE and _bshd(out.inputs[0]) and out.inputs[0].inputs[0] is a:
+    elif out is not None and out.op is Op.RESHAPE and is_bshd_permute(out.inputs[0]) and out.inputs[0].inputs[0] is a:
         used |= {out.uid, out.inputs[0].uid}
         layout |= 8
         out_view = (1, T, H, D)
@@ -278,5 +280,5 @@ def match_paged(kernel: Kernel, body: list[Node], idx: dict[int, int]):
                  [float(a.attrs.scale), int(a.attrs.window), layout | codec << 4], label)
 
 
-__all__ = ["absorb_prologues", "absorbable", "match_paged", "prologue", "packed_source", "rotary", "head_slice", "PAGED_FUNC",
+__all__ = ["absorb_prologues", "absorbable", "is_bshd_permute", "BSHD", "match_paged", "prologue", "packed_source", "rotary", "head_slice", "PAGED_FUNC",
            "PAGED_ROPE_FUNC"]

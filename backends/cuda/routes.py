@@ -33,11 +33,11 @@ from llmc.compiler.ir import Graph, Node
 from llmc.compiler.ops import COLLECTIVES, POINT_TO_POINT, Op, PermuteAttrs
 from llmc.compiler.program import Kernel
 from llmc.backends.cuda.fused_gemm import fuse_gemm_neighbours, match_fused_gemm
-from llmc.backends.cuda.paged_call import absorb_prologues, absorbable, match_paged, packed_source
+from llmc.backends.cuda.paged_call import BSHD, absorb_prologues, absorbable, match_paged, packed_source
+from llmc.backends.cuda.paged_call import is_bshd_permute as _is_bshd_permute
 from llmc.passes.partition import is_transposed_2d as _transposed_2d
 from llmc.compiler.symbolic import to_json
 
-BSHD = (0, 2, 1, 3)
 GEMM_DTYPES = frozenset({DType.F16, DType.BF16, DType.F32})
 ATTN_DTYPES = frozenset({DType.F16, DType.BF16})
 ATTN_HEAD_DIMS = frozenset({16, 32, 64, 128})
@@ -45,10 +45,6 @@ GEMM_FUNC = "llmc_gemm_ex"
 ATTN_FUNC = "llmc_attention_ext"
 NORM_FUNC = "llmc_norm_ext"
 ACT = {Op.GELU: 1, Op.RELU: 2}
-
-
-def _is_bshd_permute(n: Node) -> bool:
-    return n.op is Op.PERMUTE and tuple(n.attrs.perm) == BSHD
 
 
 def attention_offloadable(a: Node) -> bool:
