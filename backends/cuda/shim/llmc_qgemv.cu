@@ -25,7 +25,10 @@
 // weights of one group; per load the dot product is s * (sum q x - z * sum x), so the
 // dequantization is two multiply-adds per group slice, not one per weight, and codes become
 // floats by bit tricks, not conversions (int4: two at a time, packed bf16/fp16 math; see
-// chunk_dot_int4x2). x ([M, K], a few KB) is read through the L1 cache by every warp, once per
+// chunk_dot_int4x2; int8: one byte permute and one subtraction a code, int8_code). A chunk's
+// scale (and zero) is loaded with its weights: loaded when the chunk's math began, it put a second
+// memory round trip into every step (measured, H200, 1 row: int8 down projection 12.8 -> 10.4
+// us, int4 8.1 from 11.6; a 1B decode step's quantized calls int8 0.76 -> 0.62 ms, int4 0.61 -> 0.51). x ([M, K], a few KB) is read through the L1 cache by every warp, once per
 // chunk for all its channels, times the norm weight as it is read; the norm's 1/rms is per row,
 // so it factors out of the dot products and each block sums x^2 for its rows while its first
 // weight loads are in flight. On Hopper the kernel is a programmatic dependent launch
@@ -71,14 +74,28 @@ __device__ __forceinline__ void load8(const T* p, float* out) {
   for (int j = 0; j < 8; ++j) out[j] = to_f(e[j]);
 }
 
-// One 16-byte chunk per row of R weight rows (w[r]) against M rows of x: `per` weights from k.
-// x (times the norm weight g where given) is loaded once for all R rows; each row's dot product
-// is s * (sum q x - z * sum x).
-template <typename T, int BITS, int M, int R>
-__device__ __forceinline__ void chunk_dot(const uint4* w, const T* x, int64_t ldx, const T* g, int k, const float* s,
-                                          const float* z, float (*acc)[R], int rows) {
-  constexpr int per = BITS == 4 ? 32 : 16;
-  constexpr int words_per8 = BITS == 4 ? 1 : 2;  // 32-bit words holding 8 codes
+// int8 code j (0..3) of a 32-bit word already XOR-ed with 0x80808080 (the signed byte made
+// unsigned, u = q + 128) as a float: one byte permute puts u into the low mantissa byte of 2^23
+// (0x4B0000uu = 2^23 + u exactly) and one subtraction leaves q, in place of a shift, mask, XOR and
+// OR. (Alone, with the sum of x skipped where there are no zero points, this gained 2-13% a call;
+// the int8 GEMV's real limit was the scale load's round trip, see the top of the file.)
+__device__ __forceinline__ float int8_code(unsigned biased_word, int j) {
+  return __uint_as_float(__byte_perm(biased_word, 0x4B000000u, 0x7440u | unsigned(j))) - 8388736.f;
+}
+
+// One 16-byte chunk of int8 codes (16 weights from k) per weight row of R rows (w[r]) against M
+// rows of x (times the norm weight g where given): x is loaded once for all R rows; each row's dot
+// product is s * (sum q x - z * sum x), the sum of x only where the weight has zero points (ZERO).
+template <typename T, int M, int R, bool ZERO>
+__device__ __forceinline__ void chunk_dot_int8(const uint4* w, const T* x, int64_t ldx, const T* g, int k,
+                                               const float* s, const float* z, float (*acc)[R], int rows) {
+  unsigned words[R][4];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const unsigned* v = reinterpret_cast<const unsigned*>(&w[r]);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) words[r][i] = v[i] ^ 0x80808080u;
+  }
 #pragma unroll
   for (int m = 0; m < M; ++m) {
     if (m >= rows) break;  // the last chunk of 8 rows may be short
@@ -86,7 +103,7 @@ __device__ __forceinline__ void chunk_dot(const uint4* w, const T* x, int64_t ld
 #pragma unroll
     for (int r = 0; r < R; ++r) qx[r] = 0.f;
 #pragma unroll
-    for (int h = 0; h < per / 8; ++h) {
+    for (int h = 0; h < 2; ++h) {
       float xv[8];
       load8(x + m * ldx + k + h * 8, xv);
       if (g != nullptr) {
@@ -95,18 +112,17 @@ __device__ __forceinline__ void chunk_dot(const uint4* w, const T* x, int64_t ld
 #pragma unroll
         for (int j = 0; j < 8; ++j) xv[j] *= gv[j];
       }
+      if constexpr (ZERO) {
 #pragma unroll
-      for (int j = 0; j < 8; ++j) sx += xv[j];
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const unsigned* words = reinterpret_cast<const unsigned*>(&w[r]);
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-          qx[r] = fmaf(code<BITS>(words[h * words_per8 + j / (8 / words_per8)], j % (8 / words_per8)), xv[j], qx[r]);
+        for (int j = 0; j < 8; ++j) sx += xv[j];
       }
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) qx[r] = fmaf(int8_code(words[r][h * 2 + j / 4], j % 4), xv[j], qx[r]);
     }
 #pragma unroll
-    for (int r = 0; r < R; ++r) acc[m][r] = fmaf(s[r], qx[r] - z[r] * sx, acc[m][r]);
+    for (int r = 0; r < R; ++r) acc[m][r] = fmaf(s[r], ZERO ? qx[r] - z[r] * sx : qx[r], acc[m][r]);
   }
 }
 
@@ -207,14 +223,30 @@ __global__ void __launch_bounds__(kWarps * 32) qgemv_kernel(QParams<T> p) {
     const int c = p.glu && r >= R / 2 ? r - R / 2 : r;
     nr[r] = min(n0 + c, p.n_out - 1) + (p.glu && r >= R / 2 ? p.n_out : 0);
   }
+  // A chunk's scale (and zero point) is loaded with its weights, not when its math starts (see the
+  // top of the file).
+  // A chunk's group: chunks per group are a power of two in every layout met so far (a shift, not
+  // a division per chunk); any other group divides.
+  const int cpg = p.group / per, cpg_shift = __ffs(cpg) - 1;
+  const bool cpg_pow2 = (cpg & (cpg - 1)) == 0;
   uint4 w[U][R];
+  T sw[U][R], zw[U][R];
   auto load = [&](int c0) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c0 + lane + 32 * u;
+      const int gc = cpg_pow2 ? c >> cpg_shift : c / cpg;
 #pragma unroll
-      for (int r = 0; r < R; ++r)
-        w[u][r] = c < chunks ? ld_stream(p.qw + int64_t(nr[r]) * row_chunks + c) : make_uint4(0, 0, 0, 0);
+      for (int r = 0; r < R; ++r) {
+        if (c < chunks) {
+          const int64_t gi = int64_t(nr[r]) * groups + gc;
+          w[u][r] = ld_stream(p.qw + int64_t(nr[r]) * row_chunks + c);
+          sw[u][r] = __ldg(p.scales + gi);
+          if (p.zeros) zw[u][r] = __ldg(p.zeros + gi);
+        } else {
+          w[u][r] = make_uint4(0, 0, 0, 0);
+        }
+      }
     }
   };
   load(c_lo);
@@ -242,15 +274,16 @@ __global__ void __launch_bounds__(kWarps * 32) qgemv_kernel(QParams<T> p) {
     for (int u = 0; u < U; ++u) {
       const int c = c0 + lane + 32 * u;
       if (c >= chunks) continue;
-      const int k = c * per, g = k / p.group;
+      const int k = c * per;
       float s[R], z[R];
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        s[r] = to_f(p.scales[int64_t(nr[r]) * groups + g]);
-        z[r] = p.zeros ? to_f(p.zeros[int64_t(nr[r]) * groups + g]) : zero_default;
+        s[r] = to_f(sw[u][r]);
+        z[r] = p.zeros ? to_f(zw[u][r]) : zero_default;
       }
       if constexpr (BITS == 4) chunk_dot_int4x2<T, M, R>(w[u], x, p.ldx, p.g, k, s, z, acc, rows);
-      else chunk_dot<T, BITS, M, R>(w[u], x, p.ldx, p.g, k, s, z, acc, rows);
+      else if (p.zeros) chunk_dot_int8<T, M, R, true>(w[u], x, p.ldx, p.g, k, s, z, acc, rows);
+      else chunk_dot_int8<T, M, R, false>(w[u], x, p.ldx, p.g, k, s, z, acc, rows);
     }
   }
   if (!sum_k_slices<KS, kWarps>(acc, warp, lane, part)) return;  // the slices meet in the first warp of the set
