@@ -16,6 +16,7 @@ package when it is not on the loader path.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
@@ -25,6 +26,11 @@ import subprocess
 import sys
 import tempfile
 from typing import Iterable, Sequence
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: concurrent builders each build (the cache write stays atomic)
+    fcntl = None
 
 SHIM_DIR = pathlib.Path(__file__).resolve().parent / "shim"
 SOURCES = ("llmc_gemm.cu", "llmc_attention.cu", "llmc_norm_ext.cu", "llmc_paged_attention.cu", "llmc_argmax.cu", "llmc_qgemv.cu", "llmc_gemv.cu",
@@ -67,18 +73,53 @@ def _gencode(archs: Sequence[str]) -> list[str]:
     return flags
 
 
-def nvcc_command(out_path: str | os.PathLike, arch: str | Sequence[str] = "sm_90",
-                 sources: Iterable[str] = SOURCES, extra_flags: Sequence[str] = ()) -> list[str]:
+def _common_flags(archs: Sequence[str]) -> list[str]:
+    return [find_nvcc(), "-std=c++17", "-O3", "-Xcompiler", "-fPIC,-fvisibility=hidden", "--expt-relaxed-constexpr",
+            *_gencode(archs)]
+
+
+def compile_command(obj_path: str | os.PathLike, source: str, arch: str | Sequence[str] = "sm_90",
+                    extra_flags: Sequence[str] = ()) -> list[str]:
+    """nvcc -c of one shim source into an object file."""
     archs = [arch] if isinstance(arch, str) else list(arch)
-    inc, lib = _ffi_paths()
-    cmd = [find_nvcc(), "-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden",
-           "--expt-relaxed-constexpr", *_gencode(archs)]
-    cmd += [f"-I{p}" for p in inc] + [f"-I{SHIM_DIR}"]
-    cmd += [str(SHIM_DIR / s) for s in sources]
+    inc, _ = _ffi_paths()
+    return [*_common_flags(archs), *(f"-I{p}" for p in inc), f"-I{SHIM_DIR}", "-c", str(SHIM_DIR / source),
+            *extra_flags, "-o", str(obj_path)]
+
+
+def link_command(out_path: str | os.PathLike, objects: Iterable[str | os.PathLike], arch: str | Sequence[str] = "sm_90",
+                 extra_flags: Sequence[str] = ()) -> list[str]:
+    """nvcc -shared of the objects into the shim library."""
+    archs = [arch] if isinstance(arch, str) else list(arch)
+    _, lib = _ffi_paths()
     # link libtvm_ffi by soname; it is already loaded in any process that imported tvm_ffi
-    cmd += [f"-L{os.path.dirname(lib)}", "-ltvm_ffi", "-ldl", "-Xlinker", "-rpath,$ORIGIN"]
-    cmd += list(extra_flags) + ["-o", str(out_path)]
-    return cmd
+    return [*_common_flags(archs), "-shared", *(str(o) for o in objects), f"-L{os.path.dirname(lib)}", "-ltvm_ffi",
+            "-ldl", "-Xlinker", "-rpath,$ORIGIN", *extra_flags, "-o", str(out_path)]
+
+
+def _run(cmd: list[str], verbose: bool) -> None:
+    if verbose:
+        print(" ".join(cmd), file=sys.stderr)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise ShimBuildError(f"nvcc failed ({r.returncode}):\n{' '.join(cmd)}\n{r.stdout}\n{r.stderr}")
+
+
+def _compile_all(tmp: pathlib.Path, arch, sources: Sequence[str], extra_flags: Sequence[str],
+                 verbose: bool) -> list[pathlib.Path]:
+    """Every source to an object, as many nvcc processes at once as this process has cores: nvcc
+    compiles the sources of one command one after another, which made the shim a 5-7 minute
+    build on one core of a 2-core machine (most of the CPU test run's CUDA share)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    objects = {s: tmp / (pathlib.Path(s).stem + ".o") for s in sources}
+    # the largest sources (the most template instances) first, so the last one to start is short
+    order = sorted(sources, key=lambda s: -(SHIM_DIR / s).stat().st_size)
+    jobs = max(1, min(len(order), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for f in [pool.submit(_run, compile_command(objects[s], s, arch, extra_flags), verbose) for s in order]:
+            f.result()  # the first failure raises, naming its source's command and nvcc's output
+    return [objects[s] for s in sources]
 
 
 def _nvcc_version(nvcc: str) -> str:
@@ -103,6 +144,16 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("LLMC_CACHE_DIR", pathlib.Path.home() / ".cache" / "llmc")) / "cuda_shim"
 
 
+@contextlib.contextmanager
+def _build_lock(folder: pathlib.Path):
+    """One builder of a cache entry at a time (parallel test workers, concurrent compiles): the
+    others wait for its library instead of compiling the same 5-minute build alongside it."""
+    with open(folder / ".lock", "w") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def build_shim(out_path: str | os.PathLike | None = None, arch: str | Sequence[str] = "sm_90",
                sources: Iterable[str] = SOURCES, extra_flags: Sequence[str] = (),
                use_cache: bool = True, verbose: bool = False) -> pathlib.Path:
@@ -115,15 +166,13 @@ def build_shim(out_path: str | os.PathLike | None = None, arch: str | Sequence[s
     cached = cache_dir() / key / LIB_NAME
     if not (use_cache and cached.exists()):
         cached.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
-            tmp_out = pathlib.Path(tmp) / LIB_NAME
-            cmd = nvcc_command(tmp_out, arch, sources, extra_flags)
-            if verbose:
-                print(" ".join(cmd), file=sys.stderr)
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                raise ShimBuildError(f"nvcc failed ({r.returncode}):\n{' '.join(cmd)}\n{r.stdout}\n{r.stderr}")
-            os.replace(tmp_out, cached)  # atomic: concurrent builders never see half a file
+        with _build_lock(cached.parent):
+            if not (use_cache and cached.exists()):  # another process may have built it meanwhile
+                with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
+                    tmp_out = pathlib.Path(tmp) / LIB_NAME
+                    objects = _compile_all(pathlib.Path(tmp), arch, sources, extra_flags, verbose)
+                    _run(link_command(tmp_out, objects, arch, extra_flags), verbose)
+                    os.replace(tmp_out, cached)  # atomic: readers never see half a file
     if out_path is None:
         return cached
     out = pathlib.Path(out_path)
