@@ -115,7 +115,8 @@ def _compile_all(tmp: pathlib.Path, arch, sources: Sequence[str], extra_flags: S
     objects = {s: tmp / (pathlib.Path(s).stem + ".o") for s in sources}
     # the largest sources (the most template instances) first, so the last one to start is short
     order = sorted(sources, key=lambda s: -(SHIM_DIR / s).stat().st_size)
-    jobs = max(1, min(len(order), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    jobs = max(1, min(len(order), cores))
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for f in [pool.submit(_run, compile_command(objects[s], s, arch, extra_flags), verbose) for s in order]:
             f.result()  # the first failure raises, naming its source's command and nvcc's output

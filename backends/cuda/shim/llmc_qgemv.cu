@@ -21,16 +21,17 @@
 //
 // Decode reads every weight once, so time is bytes: a warp streams the packed rows of one output
 // channel (or of 2 or 4 when rows are short, as many as keep 8 warps an SM: launch_rows; with the
-// SwiGLU, gate row n and up row n + N/2 side by side) with 16-byte loads, 8 in flight per lane before any math, each load 32 int4 or 16 int8
-// weights of one group; per load the dot product is s * (sum q x - z * sum x), so the
-// dequantization is two multiply-adds per group slice, not one per weight, and codes become
-// floats by bit tricks, not conversions (int4: two at a time, packed bf16/fp16 math; see
-// chunk_dot_int4x2; int8: one byte permute and one subtraction a code, int8_code). A chunk's
-// scale (and zero) is loaded with its weights: loaded when the chunk's math began, it put a second
-// memory round trip into every step (measured, H200, 1 row: int8 down projection 12.8 -> 10.4
-// us, int4 8.1 from 11.6; a 1B decode step's quantized calls int8 0.76 -> 0.62 ms, int4 0.61 -> 0.51). x ([M, K], a few KB) is read through the L1 cache by every warp, once per
-// chunk for all its channels, times the norm weight as it is read; the norm's 1/rms is per row,
-// so it factors out of the dot products and each block sums x^2 for its rows while its first
+// SwiGLU, gate row n and up row n + N/2 side by side) with 16-byte loads, 8 in flight per lane
+// before any math, each load 32 int4 or 16 int8 weights of one group; per load the dot product is
+// s * (sum q x - z * sum x), so the dequantization is two multiply-adds per group slice, not one per
+// weight, and codes become floats by bit tricks, not conversions (int4: two at a time, packed
+// bf16/fp16 math; see chunk_dot_int4x2; int8: one byte permute and one subtraction a code,
+// int8_code). A chunk's scale (and zero) is loaded with its weights: loaded when the chunk's math
+// began, it put a second memory round trip into every step (measured, H200, 1 row: int8 down
+// projection 12.8 -> 10.4 us, int4 11.6 -> 8.1; a 1B decode step's quantized calls int8 0.76 ->
+// 0.62 ms, int4 0.61 -> 0.51). x ([M, K], a few KB) is read through the L1 cache by every warp,
+// once per chunk for all its channels, times the norm weight as it is read; the norm's 1/rms is per
+// row, so it factors out of the dot products and each block sums x^2 for its rows while its first
 // weight loads are in flight. On Hopper the kernel is a programmatic dependent launch
 // (llmc_stream_kernels.h): its first weight loads overlap the previous kernel's tail. Runs on
 // TVM-FFI's current stream (graph-capturable). (The first version, one channel per warp and two
@@ -223,10 +224,9 @@ __global__ void __launch_bounds__(kWarps * 32) qgemv_kernel(QParams<T> p) {
     const int c = p.glu && r >= R / 2 ? r - R / 2 : r;
     nr[r] = min(n0 + c, p.n_out - 1) + (p.glu && r >= R / 2 ? p.n_out : 0);
   }
-  // A chunk's scale (and zero point) is loaded with its weights, not when its math starts (see the
-  // top of the file).
-  // A chunk's group: chunks per group are a power of two in every layout met so far (a shift, not
-  // a division per chunk); any other group divides.
+  // Each chunk's scale (and zero point) is loaded with its weights, not when its math starts (see
+  // the top of the file). Its group: chunks per group are a power of two in every layout met so
+  // far (a shift, not a division per chunk); any other group divides.
   const int cpg = p.group / per, cpg_shift = __ffs(cpg) - 1;
   const bool cpg_pow2 = (cpg & (cpg - 1)) == 0;
   uint4 w[U][R];
