@@ -124,6 +124,30 @@ def _shim_function(module, name: str):
         return None
 
 
+def random_blocks(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The random block a perf artifact's weights are tiled from: N(0, 0.02) floats with two of
+    every four consecutive values 0, and integer codes made from the same values."""
+    block = np.random.default_rng(seed).standard_normal(1 << 20, dtype=np.float32) * 0.02
+    block.reshape(-1, 4)[:, 2:] = 0
+    return block, (block * 5000).astype(np.int64)
+
+
+def random_weight_values(shape: tuple[int, ...], dtype: np.dtype, blocks: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """A weight's values for a perf artifact compiled without its weights (cheap, no NaNs): the
+    block tiled, floats as N(0, 0.02), integer weights (packed int8 / int4 codes) as codes of the
+    same block. Two of every four consecutive values along either axis of a matrix are 0, so a
+    weight the compiler routed to the 2:4 sparse GEMM, stored [N, K] or [K, N], passes
+    cuSPARSELt's pattern check; a dense kernel's time does not depend on the values. (Integer
+    weights once tiled a one-element array: np.resize builds one tuple entry per copy, minutes
+    for a 1B model's int8 weights, the load that kept int8 decode lines from finishing.)"""
+    block, codes = blocks
+    dtype = np.dtype(dtype)
+    src = block.astype(dtype) if dtype.kind in "fV" else codes.astype(dtype)
+    values = np.resize(src, int(np.prod(shape, dtype=np.int64))).reshape(shape)
+    if values.ndim == 2 and shape[1] % 4 == 0:
+        values[np.arange(shape[0]) % 4 >= 2] = 0  # rows 2, 3 of every 4: 2:4 down the columns
+    return values
+
 class GpuExecutor:
     """A loaded CUDA artifact. Call it like Executor; `run(..., outputs="device")` keeps the
     outputs on the GPU (valid until the next call with the same shape).
@@ -546,21 +570,11 @@ class GpuExecutor:
                 forget(self._weights[c.args[k.tensors[1].arg]])
 
     def fill_random_weights(self, seed: int = 0) -> None:
-        """Fill every weight with N(0, 0.02) values (a tiled random block: cheap, no NaNs). Two of
-        every four consecutive values along either axis of a matrix are 0, so a weight the compiler
-        routed to the 2:4 sparse GEMM, stored [N, K] or [K, N], passes cuSPARSELt's pattern check;
-        a dense kernel's time does not depend on the values."""
-        block = np.random.default_rng(seed).standard_normal(1 << 20, dtype=np.float32) * 0.02
-        block.reshape(-1, 4)[:, 2:] = 0
+        """Fill every omitted weight with tiled random values (random_weight_values)."""
+        blocks = random_blocks(seed)
         for b in self._buffers:
             if b.role == "weight" and b.name in self.omitted and b.id not in self._shared:
-                shape, dtype = tuple(b.shape), self._numpy_dtype(b.dtype)
-                n = int(np.prod(shape, dtype=np.int64))
-                src = block.astype(dtype) if dtype.kind in "fV" else np.zeros(1, dtype)
-                values = np.resize(src, n).reshape(shape)
-                if values.ndim == 2 and shape[1] % 4 == 0:
-                    values[np.arange(shape[0]) % 4 >= 2] = 0  # rows 2, 3 of every 4: 2:4 down the columns
-                self._weights[b.id].copyfrom(values)
+                self._weights[b.id].copyfrom(random_weight_values(tuple(b.shape), self._numpy_dtype(b.dtype), blocks))
 
     def device_tensors(self, omitted_only: bool = False) -> dict[str, Any]:
         """Weight name -> device tensor (e.g. to fill a perf artifact's weights another way)."""
