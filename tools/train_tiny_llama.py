@@ -24,6 +24,11 @@ import sys
 import sysconfig
 import time
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: concurrent trainers each train (the folder is written atomically)
+    fcntl = None
+
 RECIPE = {
     "vocab": 4096, "hidden": 256, "layers": 4, "heads": 4, "kv_heads": 2, "ffn": 704, "context": 256,
     "steps": 500, "batch": 16, "seq": 128, "lr": 2e-3, "warmup": 50, "seed": 0, "text_mb": 6, "version": 2,
@@ -135,10 +140,18 @@ def trained_model(out: pathlib.Path | None = None, log=print) -> pathlib.Path:
     out = pathlib.Path(out) if out else default_dir()
     if (out / "recipe.json").is_file():
         return out
-    import torch
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # one trainer at a time (parallel test workers): the others wait and take its folder instead
+    # of training the same model alongside it for ~5 minutes
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "recipe.json").is_file():
+            return out
+        import torch
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))  # the recipe's timing and bits assume 2 threads
-    return train(out, log=log)
+        torch.set_num_threads(min(2, os.cpu_count() or 1))  # the recipe's timing and bits assume 2 threads
+        return train(out, log=log)
 
 
 def main(argv: list[str] | None = None) -> int:

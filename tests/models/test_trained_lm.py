@@ -69,3 +69,29 @@ def test_cli_generate_prints_text(trained, tmp_path):
     assert r.stdout.rstrip("\n") == tok.decode(ref).rstrip("\n")
     r = subprocess.run([sys.executable, "-m", "llmc", "inspect", str(art)], capture_output=True, text=True, timeout=300)
     assert "tokenizer tokenizer.json" in r.stdout and "context 128" in r.stdout, r.stdout
+
+
+def test_concurrent_callers_train_the_model_once(tmp_path, monkeypatch):
+    """Parallel test workers asking for the trained model at once: one trains, the others wait on
+    the folder's lock and take its result (the training itself is replaced by a stand-in here)."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import train_tiny_llama
+
+    runs, lock = [], threading.Lock()
+
+    def fake_train(out, log=print):
+        with lock:
+            runs.append(out)
+        time.sleep(0.5)  # long enough for the second caller to arrive while the first trains
+        out.mkdir(parents=True)
+        (out / "recipe.json").write_text("{}")
+        return out
+
+    monkeypatch.setattr(train_tiny_llama, "train", fake_train)
+    folder = tmp_path / "model"
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda _: train_tiny_llama.trained_model(folder), range(2)))
+    assert got == [folder, folder] and len(runs) == 1
