@@ -35,7 +35,6 @@ def is_bshd_permute(n: Node) -> bool:
     return n.op is Op.PERMUTE and tuple(n.attrs.perm) == BSHD
 
 
-
 def _last_axis(n: Node) -> int:
     return n.attrs.axis % len(n.shape)
 
@@ -280,5 +279,5 @@ def match_paged(kernel: Kernel, body: list[Node], idx: dict[int, int]):
                  [float(a.attrs.scale), int(a.attrs.window), layout | codec << 4], label)
 
 
-__all__ = ["absorb_prologues", "absorbable", "is_bshd_permute", "BSHD", "match_paged", "prologue", "packed_source", "rotary", "head_slice", "PAGED_FUNC",
-           "PAGED_ROPE_FUNC"]
+__all__ = ["absorb_prologues", "absorbable", "is_bshd_permute", "BSHD", "match_paged", "prologue", "packed_source",
+           "rotary", "head_slice", "PAGED_FUNC", "PAGED_ROPE_FUNC"]
