@@ -17,6 +17,9 @@
 // GFLOP/s on one core (peak 115) for GPT-2's shapes, against OpenBLAS's 80; 200-215 on two
 // (benchmarks/RESULTS_CPU.md).
 //
+// From 32 rows of A on, a second kernel (below: A packed in panels, outer products) takes the
+// call; its rates on a 2-core Xeon are in benchmarks/RESULTS_CPU.md (session 15).
+//
 // Blocking: N in blocks of NB weight rows, which stay in L2 while every row of A passes over
 // them (A, M x K floats, stays in L2 or L3). Threads split N (chunks of whole tiles, taken in turn);
 // a GEMV (M = 1..3) runs the same code with MR = M, reading each weight once.
@@ -199,6 +202,155 @@ struct Gemm {
   }
 };
 
+// ---- many rows: A packed transposed, outer products ---------------------------------------
+//
+// Why a second kernel: the dot-product tile above reads MR + NR = 10 vectors per 24 FMAs and keeps
+// no W row in L1 across k, so at M >= 32 it is bound by the L2's bandwidth on processors whose
+// L2 feeds a core ~32 bytes a cycle (measured on a 2-core Xeon with AVX-512: 108-157 GFLOP/s on
+// GPT-2's shapes against MKL's 155-232). Here A (the activations: small, and read by every tile) is
+// packed once per call into panels of PM rows stored k-major ([k][PM]); a tile of PM rows by PN
+// weight rows keeps PV * PN accumulators of 16 rows each and per k loads PV vectors of A and
+// broadcasts PN scalars of W (one per weight row, read in place: no copy of W, so the tied LM head
+// keeps one copy): 2 + 12 loads for 24 FMAs, 176 bytes, of which only the 128 of A come from L2.
+// Each output is one sequential FMA chain over k per K block (the same bits for any thread count).
+constexpr int PV = 2;               // vectors of 16 rows of A per panel
+constexpr int PM = 16 * PV;         // rows of A per panel
+constexpr int PN = 12;              // rows of W per tile
+constexpr int64_t PKC = 512;        // k per block: a tile's W rows (PN x PKC, 24 KB) stay in L1 over the panels
+constexpr int64_t kPackedRows = 32; // from this many rows of A on, the packed kernel
+constexpr int64_t kPanelBytes = 1 << 20;  // packed A a group of panels may hold: half a core's L2
+
+// x[i] := lane i of x[0..15] (a 16 x 16 transpose): pairs within 128-bit lanes, then 128-bit lanes.
+__attribute__((target("avx512f,avx512vl"))) inline void transpose16(__m512* x) {
+  __m512 t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // t[2i] lane L: x2i[4L], x2i+1[4L], x2i[4L+1], x2i+1[4L+1]; t[2i+1]: 4L+2, 4L+3
+    t[2 * i] = _mm512_unpacklo_ps(x[2 * i], x[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(x[2 * i], x[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // y[4i + e] lane L: element 4L + e of x4i .. x4i+3
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+    t[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    t[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    t[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    t[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+#pragma GCC unroll 4
+  for (int e = 0; e < 4; ++e) {  // row 4L + e: lane L of y[e], y[4 + e], y[8 + e], y[12 + e]
+    const __m512 a = _mm512_shuffle_f32x4(t[e], t[4 + e], 0x88), b = _mm512_shuffle_f32x4(t[e], t[4 + e], 0xDD);
+    const __m512 c = _mm512_shuffle_f32x4(t[8 + e], t[12 + e], 0x88), d = _mm512_shuffle_f32x4(t[8 + e], t[12 + e], 0xDD);
+    x[e] = _mm512_shuffle_f32x4(a, c, 0x88);
+    x[8 + e] = _mm512_shuffle_f32x4(a, c, 0xDD);
+    x[4 + e] = _mm512_shuffle_f32x4(b, d, 0x88);
+    x[12 + e] = _mm512_shuffle_f32x4(b, d, 0xDD);
+  }
+}
+
+// A[0 : rows, :] into dst[k][PM], rows past `rows` zero: blocks of 16 rows x 16 values of k
+// loaded a row at a time and transposed in registers.
+__attribute__((target("avx512f,avx512vl"))) void pack_panel(const float* a, int64_t lda, int64_t rows, int64_t k,
+                                                        float* dst) {
+  for (int64_t k0 = 0; k0 < k; k0 += 16) {
+    const int64_t kn = std::min<int64_t>(16, k - k0);
+    const __mmask16 mk = static_cast<__mmask16>((1u << kn) - 1);
+    for (int v = 0; v < PV; ++v) {
+      __m512 x[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        const int64_t r = 16 * v + i;
+        x[i] = r < rows ? _mm512_maskz_loadu_ps(mk, a + r * lda + k0) : _mm512_setzero_ps();
+      }
+      transpose16(x);
+      for (int64_t kk = 0; kk < kn; ++kk) _mm512_store_ps(dst + (k0 + kk) * PM + 16 * v, x[kk]);
+    }
+  }
+}
+
+// c[i, j] (+)= sum over kc of ap[k][i] * w[j, k] for i < rows (<= PM), j < N (<= PN).
+template <int N>
+__attribute__((target("avx512f,avx512vl"))) void panel_tile(int64_t kc, const float* ap, const float* w, int64_t ldw,
+                                                        float* c, int64_t ldc, int64_t rows, bool accumulate,
+                                                        const float* next, int next_row, int next_step) {
+  __m512 acc[PV][N];
+#pragma GCC unroll 16
+  for (int j = 0; j < N; ++j)
+#pragma GCC unroll 4
+    for (int v = 0; v < PV; ++v) acc[v][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    if (next != nullptr && k % 16 == 0)  // rows of the next tile, a line each per 16 values of k
+      for (int j = next_row; j < PN; j += next_step)
+        _mm_prefetch(reinterpret_cast<const char*>(next + j * ldw + k), _MM_HINT_T1);
+    __m512 av[PV];
+#pragma GCC unroll 4
+    for (int v = 0; v < PV; ++v) av[v] = _mm512_load_ps(ap + k * PM + 16 * v);
+#pragma GCC unroll 16
+    for (int j = 0; j < N; ++j) {
+      const __m512 b = _mm512_set1_ps(w[j * ldw + k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < PV; ++v) acc[v][j] = _mm512_fmadd_ps(av[v], b, acc[v][j]);
+    }
+  }
+  // Out through a 16 x 16 transpose (row i of the tile is lane i of every accumulator): 64
+  // shuffles and one masked store per row, where element-wise stores cost ~2 instructions an output.
+  const __mmask16 mn = static_cast<__mmask16>((1u << N) - 1);
+#pragma GCC unroll 4
+  for (int v = 0; v < PV; ++v) {
+    if (16 * v >= rows) break;
+    __m512 x[16];
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) x[j] = j < N ? acc[v][j] : _mm512_setzero_ps();
+    transpose16(x);
+    const int64_t n_rows = std::min<int64_t>(16, rows - 16 * v);
+    for (int64_t i = 0; i < n_rows; ++i) {
+      float* ci = c + (16 * v + i) * ldc;
+      _mm512_mask_storeu_ps(ci, mn, accumulate ? _mm512_add_ps(x[i], _mm512_maskz_loadu_ps(mn, ci)) : x[i]);
+    }
+  }
+}
+
+template <int... Ns>
+constexpr std::array<void (*)(int64_t, const float*, const float*, int64_t, float*, int64_t, int64_t, bool,
+                             const float*, int, int), PN>
+panel_tiles_of(std::integer_sequence<int, Ns...>) { return {&panel_tile<Ns + 1>...}; }
+const auto kPanelTiles = panel_tiles_of(std::make_integer_sequence<int, PN>{});
+
+struct PackedGemm {
+  const float* ap;  // panels of A, [panel][k][PM]
+  const float* w; int64_t ldw; float* c; int64_t ldc; int64_t m, n, k;
+
+  // Output columns [n0, n1) for every row. Panels go in groups whose packed rows (all of K) stay
+  // in L2; for each group, each tile of PN weight rows is finished (every K block, every panel of
+  // the group) before the next: its rows are read from memory once per group as one run of
+  // adjacent rows, and a K block of them (PN x PKC) stays in L1 while the group's panels pass.
+  // (K blocks outside the tiles, as a GEMM that packs W does it, read each row in pieces a
+  // whole column chunk apart: GPT-2's LM head from memory took 80 ms that way, against 62 for
+  // the dot-product tiles.)
+  void columns(int64_t n0, int64_t n1) const {
+    const int64_t panels = (m + PM - 1) / PM;
+    const int64_t fit = std::max<int64_t>(1, kPanelBytes / (k * PM * 4));  // panels a group holds
+    const int64_t groups = (panels + fit - 1) / fit;
+    const int64_t per_group = (panels + groups - 1) / groups;  // even groups
+    for (int64_t p0 = 0; p0 < panels; p0 += per_group) {
+      const int64_t p1 = std::min(panels, p0 + per_group);
+      for (int64_t j = n0; j < n1; j += PN) {
+        const int nj = static_cast<int>(std::min<int64_t>(PN, n1 - j));
+        for (int64_t k0 = 0; k0 < k; k0 += PKC) {
+          const int64_t kc = std::min(PKC, k - k0);
+          // The next tile's rows (this K block of them) are fetched into L2 while the group's
+          // panels pass over this tile's, each panel a share of the rows.
+          const float* next = j + 2 * PN <= n1 ? w + (j + PN) * ldw + k0 : nullptr;
+          const int shares = static_cast<int>(std::min<int64_t>(PN, p1 - p0));
+          for (int64_t p = p0; p < p1; ++p)
+            kPanelTiles[nj - 1](kc, ap + (p * k + k0) * PM, w + j * ldw + k0, ldw, c + p * PM * ldc + j, ldc,
+                                std::min<int64_t>(PM, m - p * PM), k0 > 0, p - p0 < shares ? next : nullptr,
+                                static_cast<int>(p - p0), shares);
+        }
+      }
+    }
+  }
+};
+
 }  // namespace
 
 namespace llmc {
@@ -245,6 +397,23 @@ __attribute__((visibility("default"))) int llmc_sgemm_nt(const float* a, int64_t
   const Gemm g{a, lda, w, ldw, c, ldc, m, n, k};
   if (k <= 0) {
     for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.f);
+    return 0;
+  }
+  if (m >= kPackedRows) {
+    const int64_t panels = (m + PM - 1) / PM;
+    thread_local std::vector<float> packed;  // the caller's: run_in_turn returns when all parts have
+    if (packed.size() < static_cast<size_t>(panels * PM * k + 16)) packed.resize(panels * PM * k + 16);
+    // 64-byte aligned: a panel's k-th row is two whole cache lines
+    float* ap = packed.data() + (16 - reinterpret_cast<uintptr_t>(packed.data()) / 4 % 16) % 16;
+    llmc::run_in_turn(threads, panels, [&](int64_t p) {
+      pack_panel(a + p * PM * lda, lda, std::min<int64_t>(PM, m - p * PM), k, ap + p * PM * k);
+    });
+    const PackedGemm g{ap, w, ldw, c, ldc, m, n, k};
+    const int64_t tiles = (n + PN - 1) / PN;
+    const int parts = static_cast<int>(std::min<int64_t>(threads, tiles));
+    const int64_t chunk = std::max<int64_t>(1, tiles / (8 * std::max(parts, 1))) * PN;
+    llmc::run_in_turn(parts, (n + chunk - 1) / chunk,
+                      [&](int64_t q) { g.columns(q * chunk, std::min(n, (q + 1) * chunk)); });
     return 0;
   }
   const int64_t tiles = (n + NR - 1) / NR;

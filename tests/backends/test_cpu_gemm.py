@@ -38,7 +38,11 @@ def _check(sgemm, m, n, k, threads=2, lda=None, seed=0):
 @pytest.mark.parametrize("m,n,k", [(1, 1, 1), (3, 5, 17), (4, 6, 16), (5, 7, 33), (7, 13, 100), (1, 2304, 768),
                                    (2, 50, 3072), (9, 50257 // 64, 64), (128, 101, 768), (64, 48 * 3 + 5, 31),
                                    (5, 7, 8192 * 2 + 37),  # K blocks: partial sums added into C
-                                   (12, 53, 512), (16, 100, 3072), (9, 60, 8192 + 1024)])  # W blocks copied
+                                   (12, 53, 512), (16, 100, 3072), (9, 60, 8192 + 1024),  # W blocks copied
+                                   # 32+ rows: A packed in panels of 32 (a partial last panel), tiles of 12
+                                   # weight rows (a partial last tile), K blocks of 512 (a partial last block)
+                                   (32, 12, 16), (33, 25, 1100), (100, 13, 520), (40, 7, 3), (64, 1, 512),
+                                   (31, 24, 700)])
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_matches_numpy(sgemm, m, n, k, threads):
@@ -46,20 +50,24 @@ def test_matches_numpy(sgemm, m, n, k, threads):
 
 
 @needs_avx512
-@pytest.mark.parametrize("m,n,k", [(16, 100, 1024), (16, 100, 3072), (64, 20, 1024), (70, 9, 3072)])
+@pytest.mark.parametrize("m,n,k", [(16, 100, 1024), (16, 100, 3072), (31, 20, 1024), (64, 20, 1024), (70, 9, 3072),
+                                   (128, 30, 768)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_copied_rows_give_the_same_bits(sgemm, m, n, k, threads):
-    """Rows of W 4 KB apart: its blocks are copied to rows that do not collide when 8+ rows of A
-    share the work; a 3-row call reads them in place. The same FMAs in the same order: each row's
-    result is the same bits, and right."""
+def test_a_rows_result_does_not_depend_on_the_others(sgemm, m, n, k, threads):
+    """A row's result is the same bits whichever other rows share the call, within each of the two
+    kernels: under 32 rows the dot-product tiles (a 3-row call; rows of W 4 KB apart are copied
+    to rows that do not collide from 8 rows on, the same FMAs in the same order), from 32 rows on
+    the packed panels (a 33-row call: the row sits at another place in another panel)."""
     rng = np.random.default_rng(k + m)
     a = rng.standard_normal((m, k)).astype(np.float32)
     w = rng.standard_normal((n, k)).astype(np.float32)
-    many, few = np.empty((m, n), np.float32), np.empty((3, n), np.float32)
+    sub = slice(5, 8) if m < 32 else slice(m - 33, m)
+    many = np.empty((m, n), np.float32)
+    few = np.empty((sub.stop - sub.start, n), np.float32)
     sgemm.threads = threads
     sgemm(a, w, many)
-    sgemm(a[5:8], w, few)
-    assert np.array_equal(many[5:8], few)
+    sgemm(a[sub], w, few)
+    assert np.array_equal(many[sub], few)
     ref = a.astype(np.float64) @ w.T.astype(np.float64)
     assert np.all(np.abs(many - ref) <= 1e-5 * np.linalg.norm(a, axis=1)[:, None] * np.linalg.norm(w, axis=1))
 
@@ -67,6 +75,7 @@ def test_copied_rows_give_the_same_bits(sgemm, m, n, k, threads):
 @needs_avx512
 def test_strided_rows_and_empty_k(sgemm):
     _check(sgemm, 6, 20, 40, lda=56)
+    _check(sgemm, 45, 30, 40, lda=56)  # packed panels read rows lda apart too
     out = np.ones((3, 4), np.float32)
     sgemm(np.zeros((3, 0), np.float32), np.zeros((4, 0), np.float32), out)
     assert not out.any()
