@@ -401,7 +401,10 @@ __attribute__((visibility("default"))) int llmc_sgemm_nt(const float* a, int64_t
   }
   if (m >= kPackedRows) {
     const int64_t panels = (m + PM - 1) / PM;
-    thread_local std::vector<float> packed;  // the caller's: run_in_turn returns when all parts have
+    // The calling thread's buffer (run_in_turn returns once every part has run), kept between
+    // calls up to 64 MB so a model's GEMMs do not allocate; a larger one is freed after its call.
+    constexpr size_t kKeep = size_t{16} << 20;  // floats
+    thread_local std::vector<float> packed;
     if (packed.size() < static_cast<size_t>(panels * PM * k + 16)) packed.resize(panels * PM * k + 16);
     // 64-byte aligned: a panel's k-th row is two whole cache lines
     float* ap = packed.data() + (16 - reinterpret_cast<uintptr_t>(packed.data()) / 4 % 16) % 16;
@@ -414,6 +417,7 @@ __attribute__((visibility("default"))) int llmc_sgemm_nt(const float* a, int64_t
     const int64_t chunk = std::max<int64_t>(1, tiles / (8 * std::max(parts, 1))) * PN;
     llmc::run_in_turn(parts, (n + chunk - 1) / chunk,
                       [&](int64_t q) { g.columns(q * chunk, std::min(n, (q + 1) * chunk)); });
+    if (packed.size() > kKeep) std::vector<float>().swap(packed);
     return 0;
   }
   const int64_t tiles = (n + NR - 1) / NR;

@@ -82,6 +82,14 @@ def test_strided_rows_and_empty_k(sgemm):
 
 
 @needs_avx512
+def test_a_packed_a_past_64_mb_then_a_small_call(sgemm):
+    """The packed rows of A past 64 MB (freed after the call, not kept), then a call that needs
+    a buffer again: both right."""
+    _check(sgemm, 64, 3, 270_000)
+    _check(sgemm, 40, 30, 100)
+
+
+@needs_avx512
 def test_concurrent_callers(sgemm):
     """Two Python threads at once: one gets the worker pool, the other runs alone; both right."""
     errors = []
