@@ -211,12 +211,14 @@ struct Gemm {
 // packed once per call into panels of PM rows stored k-major ([k][PM]); a tile of PM rows by PN
 // weight rows keeps PV * PN accumulators of 16 rows each and per k loads PV vectors of A and
 // broadcasts PN scalars of W (one per weight row, read in place: no copy of W, so the tied LM head
-// keeps one copy): 2 + 12 loads for 24 FMAs, 176 bytes, of which only the 128 of A come from L2.
+// keeps one copy): 4 + 6 loads for 24 FMAs, 280 bytes, of which the 256 of A come from L2. (Panels
+// of 32 rows x 12 weight rows, 2 + 12 loads, were 14% slower over GPT-2's, MiniLM's and the small
+// Llama's shapes on the Xeon: sum of medians 368 / 371 ms against 314 / 320 in two rounds.)
 // Each output is one sequential FMA chain over k per K block (the same bits for any thread count).
-constexpr int PV = 2;               // vectors of 16 rows of A per panel
+constexpr int PV = 4;               // vectors of 16 rows of A per panel
 constexpr int PM = 16 * PV;         // rows of A per panel
-constexpr int PN = 12;              // rows of W per tile
-constexpr int64_t PKC = 512;        // k per block: a tile's W rows (PN x PKC, 24 KB) stay in L1 over the panels
+constexpr int PN = 6;               // rows of W per tile
+constexpr int64_t PKC = 512;        // k per block: a tile's W rows (PN x PKC, 12 KB) stay in L1 over the panels
 constexpr int64_t kPackedRows = 32; // from this many rows of A on, the packed kernel
 constexpr int64_t kPanelBytes = 1 << 20;  // packed A a group of panels may hold: half a core's L2
 
@@ -267,35 +269,36 @@ __attribute__((target("avx512f,avx512vl"))) void pack_panel(const float* a, int6
   }
 }
 
-// c[i, j] (+)= sum over kc of ap[k][i] * w[j, k] for i < rows (<= PM), j < N (<= PN).
-template <int N>
+// c[i, j] (+)= sum over kc of ap[k][i] * w[j, k] for i < rows (<= 16 V), j < N (<= PN): the first V
+// vectors of the panel (a last panel of fewer rows does no FMAs on its empty vectors).
+template <int V, int N>
 __attribute__((target("avx512f,avx512vl"))) void panel_tile(int64_t kc, const float* ap, const float* w, int64_t ldw,
                                                         float* c, int64_t ldc, int64_t rows, bool accumulate,
                                                         const float* next, int next_row, int next_step) {
-  __m512 acc[PV][N];
+  __m512 acc[V][N];
 #pragma GCC unroll 16
   for (int j = 0; j < N; ++j)
 #pragma GCC unroll 4
-    for (int v = 0; v < PV; ++v) acc[v][j] = _mm512_setzero_ps();
+    for (int v = 0; v < V; ++v) acc[v][j] = _mm512_setzero_ps();
   for (int64_t k = 0; k < kc; ++k) {
     if (next != nullptr && k % 16 == 0)  // rows of the next tile, a line each per 16 values of k
       for (int j = next_row; j < PN; j += next_step)
         _mm_prefetch(reinterpret_cast<const char*>(next + j * ldw + k), _MM_HINT_T1);
-    __m512 av[PV];
+    __m512 av[V];
 #pragma GCC unroll 4
-    for (int v = 0; v < PV; ++v) av[v] = _mm512_load_ps(ap + k * PM + 16 * v);
+    for (int v = 0; v < V; ++v) av[v] = _mm512_load_ps(ap + k * PM + 16 * v);
 #pragma GCC unroll 16
     for (int j = 0; j < N; ++j) {
       const __m512 b = _mm512_set1_ps(w[j * ldw + k]);
 #pragma GCC unroll 4
-      for (int v = 0; v < PV; ++v) acc[v][j] = _mm512_fmadd_ps(av[v], b, acc[v][j]);
+      for (int v = 0; v < V; ++v) acc[v][j] = _mm512_fmadd_ps(av[v], b, acc[v][j]);
     }
   }
   // Out through a 16 x 16 transpose (row i of the tile is lane i of every accumulator): 64
   // shuffles and one masked store per row, where element-wise stores cost ~2 instructions an output.
   const __mmask16 mn = static_cast<__mmask16>((1u << N) - 1);
 #pragma GCC unroll 4
-  for (int v = 0; v < PV; ++v) {
+  for (int v = 0; v < V; ++v) {
     if (16 * v >= rows) break;
     __m512 x[16];
 #pragma GCC unroll 16
@@ -309,11 +312,18 @@ __attribute__((target("avx512f,avx512vl"))) void panel_tile(int64_t kc, const fl
   }
 }
 
-template <int... Ns>
-constexpr std::array<void (*)(int64_t, const float*, const float*, int64_t, float*, int64_t, int64_t, bool,
-                             const float*, int, int), PN>
-panel_tiles_of(std::integer_sequence<int, Ns...>) { return {&panel_tile<Ns + 1>...}; }
-const auto kPanelTiles = panel_tiles_of(std::make_integer_sequence<int, PN>{});
+using PanelTileFn = void (*)(int64_t, const float*, const float*, int64_t, float*, int64_t, int64_t, bool,
+                            const float*, int, int);
+template <int V, int... Ns>
+constexpr std::array<PanelTileFn, PN> panel_row_of(std::integer_sequence<int, Ns...>) {
+  return {&panel_tile<V, Ns + 1>...};
+}
+template <int... Vs>
+constexpr std::array<std::array<PanelTileFn, PN>, PV> panel_tiles_of(std::integer_sequence<int, Vs...>) {
+  return {panel_row_of<Vs + 1>(std::make_integer_sequence<int, PN>{})...};
+}
+// [vectors of the panel that hold rows - 1][weight rows of the tile - 1]
+const auto kPanelTiles = panel_tiles_of(std::make_integer_sequence<int, PV>{});
 
 struct PackedGemm {
   const float* ap;  // panels of A, [panel][k][PM]
@@ -341,10 +351,13 @@ struct PackedGemm {
           // panels pass over this tile's, each panel a share of the rows.
           const float* next = j + 2 * PN <= n1 ? w + (j + PN) * ldw + k0 : nullptr;
           const int shares = static_cast<int>(std::min<int64_t>(PN, p1 - p0));
-          for (int64_t p = p0; p < p1; ++p)
-            kPanelTiles[nj - 1](kc, ap + (p * k + k0) * PM, w + j * ldw + k0, ldw, c + p * PM * ldc + j, ldc,
-                                std::min<int64_t>(PM, m - p * PM), k0 > 0, p - p0 < shares ? next : nullptr,
-                                static_cast<int>(p - p0), shares);
+          for (int64_t p = p0; p < p1; ++p) {
+            const int64_t rows = std::min<int64_t>(PM, m - p * PM);
+            kPanelTiles[(rows + 15) / 16 - 1][nj - 1](kc, ap + (p * k + k0) * PM, w + j * ldw + k0, ldw,
+                                                      c + p * PM * ldc + j, ldc, rows, k0 > 0,
+                                                      p - p0 < shares ? next : nullptr, static_cast<int>(p - p0),
+                                                      shares);
+          }
         }
       }
     }

@@ -39,10 +39,11 @@ def _check(sgemm, m, n, k, threads=2, lda=None, seed=0):
                                    (2, 50, 3072), (9, 50257 // 64, 64), (128, 101, 768), (64, 48 * 3 + 5, 31),
                                    (5, 7, 8192 * 2 + 37),  # K blocks: partial sums added into C
                                    (12, 53, 512), (16, 100, 3072), (9, 60, 8192 + 1024),  # W blocks copied
-                                   # 32+ rows: A packed in panels of 32 (a partial last panel), tiles of 12
-                                   # weight rows (a partial last tile), K blocks of 512 (a partial last block)
+                                   # 32+ rows: A packed in panels of 64 (a last panel of 1-4 vectors of rows),
+                                   # tiles of 6 weight rows (a partial last tile), K blocks of 512 (a partial
+                                   # last block)
                                    (32, 12, 16), (33, 25, 1100), (100, 13, 520), (40, 7, 3), (64, 1, 512),
-                                   (31, 24, 700)])
+                                   (31, 24, 700), (129, 7, 70), (80, 6, 9), (112, 5, 40)])
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_matches_numpy(sgemm, m, n, k, threads):
