@@ -5,7 +5,7 @@ float32 with both operands K-contiguous (w stored [N, K]: the layout the compile
 GEMM weight on the CPU, passes/gemm_weight_layout.py), with AVX-512 tiles and a thread pool of
 its own, and runs GPT-2's prefill GEMMs 10-30% faster than numpy's OpenBLAS on the 2-core
 AVX-512 VM, its GEMVs as fast, and 2-3 row GEMMs 5-10x faster (benchmarks/RESULTS_CPU.md).
-Two kernels: under 32 rows dot-product tiles, from 32 rows on A packed in panels (outer
+Two kernels: under 16 rows dot-product tiles, from 16 rows on A packed in panels (outer
 products); within each, a row's result does not depend on which other rows share the call
 (a padded decode step gives its real rows the same bits). Where it does not
 apply, runtime/blas.py calls numpy: a processor without AVX-512F/VL, float64, operands that

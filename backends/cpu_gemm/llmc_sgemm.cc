@@ -17,7 +17,7 @@
 // GFLOP/s on one core (peak 115) for GPT-2's shapes, against OpenBLAS's 80; 200-215 on two
 // (benchmarks/RESULTS_CPU.md).
 //
-// From 32 rows of A on, a second kernel (below: A packed in panels, outer products) takes the
+// From 16 rows of A on, a second kernel (below: A packed in panels, outer products) takes the
 // call; its rates on a 2-core Xeon are in benchmarks/RESULTS_CPU.md (session 15).
 //
 // Blocking: N in blocks of NB weight rows, which stay in L2 while every row of A passes over
@@ -205,7 +205,7 @@ struct Gemm {
 // ---- many rows: A packed transposed, outer products ---------------------------------------
 //
 // Why a second kernel: the dot-product tile above reads MR + NR = 10 vectors per 24 FMAs and keeps
-// no W row in L1 across k, so at M >= 32 it is bound by the L2's bandwidth on processors whose
+// no W row in L1 across k, so at M >= 16 it is bound by the L2's bandwidth on processors whose
 // L2 feeds a core ~32 bytes a cycle (measured on a 2-core Xeon with AVX-512: 108-157 GFLOP/s on
 // GPT-2's shapes against MKL's 155-232). Here A (the activations: small, and read by every tile) is
 // packed once per call into panels of PM rows stored k-major ([k][PM]); a tile of PM rows by PN
@@ -219,7 +219,10 @@ constexpr int PV = 4;               // vectors of 16 rows of A per panel
 constexpr int PM = 16 * PV;         // rows of A per panel
 constexpr int PN = 6;               // rows of W per tile
 constexpr int64_t PKC = 512;        // k per block: a tile's W rows (PN x PKC, 12 KB) stay in L1 over the panels
-constexpr int64_t kPackedRows = 32; // from this many rows of A on, the packed kernel
+// From this many rows of A on, the packed kernel. Measured on the Xeon (scratch harness, 2 threads,
+// median of 5, GPT-2's and the small Llama's layer shapes, two rounds): at 16 rows 66-100 GFLOP/s
+// dot-product tiles against 83-106 packed (one outlier at 28), at 24 rows 52-106 against 94-126.
+constexpr int64_t kPackedRows = 16;
 constexpr int64_t kPanelBytes = 1 << 20;  // packed A a group of panels may hold: half a core's L2
 
 // x[i] := lane i of x[0..15] (a 16 x 16 transpose): pairs within 128-bit lanes, then 128-bit lanes.

@@ -39,11 +39,11 @@ def _check(sgemm, m, n, k, threads=2, lda=None, seed=0):
                                    (2, 50, 3072), (9, 50257 // 64, 64), (128, 101, 768), (64, 48 * 3 + 5, 31),
                                    (5, 7, 8192 * 2 + 37),  # K blocks: partial sums added into C
                                    (12, 53, 512), (16, 100, 3072), (9, 60, 8192 + 1024),  # W blocks copied
-                                   # 32+ rows: A packed in panels of 64 (a last panel of 1-4 vectors of rows),
+                                   # 16+ rows: A packed in panels of 64 (a last panel of 1-4 vectors of rows),
                                    # tiles of 6 weight rows (a partial last tile), K blocks of 512 (a partial
                                    # last block)
                                    (32, 12, 16), (33, 25, 1100), (100, 13, 520), (40, 7, 3), (64, 1, 512),
-                                   (31, 24, 700), (129, 7, 70), (80, 6, 9), (112, 5, 40)])
+                                   (31, 24, 700), (129, 7, 70), (80, 6, 9), (112, 5, 40), (16, 7, 20), (15, 9, 40)])
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_matches_numpy(sgemm, m, n, k, threads):
@@ -51,18 +51,18 @@ def test_matches_numpy(sgemm, m, n, k, threads):
 
 
 @needs_avx512
-@pytest.mark.parametrize("m,n,k", [(16, 100, 1024), (16, 100, 3072), (31, 20, 1024), (64, 20, 1024), (70, 9, 3072),
-                                   (128, 30, 768)])
+@pytest.mark.parametrize("m,n,k", [(12, 100, 1024), (12, 100, 3072), (15, 20, 3072), (31, 20, 1024), (64, 20, 1024),
+                                   (70, 9, 3072), (128, 30, 768)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_rows_result_does_not_depend_on_the_others(sgemm, m, n, k, threads):
     """A row's result is the same bits whichever other rows share the call, within each of the two
-    kernels: under 32 rows the dot-product tiles (a 3-row call; rows of W 4 KB apart are copied
-    to rows that do not collide from 8 rows on, the same FMAs in the same order), from 32 rows on
-    the packed panels (a 33-row call: the row sits at another place in another panel)."""
+    kernels: under 16 rows the dot-product tiles (a 3-row call; rows of W 4 KB apart are copied
+    to rows that do not collide from 8 rows on, the same FMAs in the same order), from 16 rows on
+    the packed panels (a 17-row call: the row sits at another place in another panel)."""
     rng = np.random.default_rng(k + m)
     a = rng.standard_normal((m, k)).astype(np.float32)
     w = rng.standard_normal((n, k)).astype(np.float32)
-    sub = slice(5, 8) if m < 32 else slice(m - 33, m)
+    sub = slice(5, 8) if m < 16 else slice(m - 17, m)
     many = np.empty((m, n), np.float32)
     few = np.empty((sub.stop - sub.start, n), np.float32)
     sgemm.threads = threads
