@@ -38,7 +38,7 @@ def _check(sgemm, m, n, k, threads=2, lda=None, seed=0):
 @pytest.mark.parametrize("m,n,k", [(1, 1, 1), (3, 5, 17), (4, 6, 16), (5, 7, 33), (7, 13, 100), (1, 2304, 768),
                                    (2, 50, 3072), (9, 50257 // 64, 64), (128, 101, 768), (64, 48 * 3 + 5, 31),
                                    (5, 7, 8192 * 2 + 37),  # K blocks: partial sums added into C
-                                   (12, 53, 512), (16, 100, 3072), (9, 60, 8192 + 1024),  # W blocks copied
+                                   (12, 53, 512), (15, 100, 3072), (9, 60, 8192 + 1024),  # W blocks copied
                                    # 16+ rows: A packed in panels of 64 (a last panel of 1-4 vectors of rows),
                                    # tiles of 6 weight rows (a partial last tile), K blocks of 512 (a partial
                                    # last block)
