@@ -245,7 +245,8 @@ __attribute__((target("avx512f,avx512vl"))) inline void transpose16(__m512* x) {
 #pragma GCC unroll 4
   for (int e = 0; e < 4; ++e) {  // row 4L + e: lane L of y[e], y[4 + e], y[8 + e], y[12 + e]
     const __m512 a = _mm512_shuffle_f32x4(t[e], t[4 + e], 0x88), b = _mm512_shuffle_f32x4(t[e], t[4 + e], 0xDD);
-    const __m512 c = _mm512_shuffle_f32x4(t[8 + e], t[12 + e], 0x88), d = _mm512_shuffle_f32x4(t[8 + e], t[12 + e], 0xDD);
+    const __m512 c = _mm512_shuffle_f32x4(t[8 + e], t[12 + e], 0x88);
+    const __m512 d = _mm512_shuffle_f32x4(t[8 + e], t[12 + e], 0xDD);
     x[e] = _mm512_shuffle_f32x4(a, c, 0x88);
     x[8 + e] = _mm512_shuffle_f32x4(a, c, 0xDD);
     x[4 + e] = _mm512_shuffle_f32x4(b, d, 0x88);
@@ -367,6 +368,39 @@ struct PackedGemm {
   }
 };
 
+// g.columns over [0, n) on `parts` threads, in chunks of whole tiles (`tile` columns wide), about 8
+// a thread, taken in turn (run_in_turn). Each output is still computed by one thread in one order:
+// the same bits for any number of parts.
+template <typename G>
+void by_column_chunks(const G& g, int64_t n, int64_t tile, int parts) {
+  if (parts <= 1) {
+    g.columns(0, n);
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(1, (n + tile - 1) / tile / (8 * parts)) * tile;
+  llmc::run_in_turn(parts, (n + chunk - 1) / chunk,
+                    [&](int64_t q) { g.columns(q * chunk, std::min(n, (q + 1) * chunk)); });
+}
+
+// The packed kernel's call: A packed into panels (each thread a share of them), then the columns.
+void packed_gemm(const float* a, int64_t lda, const float* w, int64_t ldw, float* c, int64_t ldc, int64_t m, int64_t n,
+                 int64_t k, int threads) {
+  const int64_t panels = (m + PM - 1) / PM;
+  // The calling thread's buffer (run_in_turn returns once every part has run), kept between
+  // calls up to 64 MB so a model's GEMMs do not allocate; a larger one is freed after its call.
+  constexpr size_t kKeep = size_t{16} << 20;  // floats
+  thread_local std::vector<float> packed;
+  if (packed.size() < static_cast<size_t>(panels * PM * k + 16)) packed.resize(panels * PM * k + 16);
+  // 64-byte aligned: a panel's k-th row is whole cache lines
+  float* ap = packed.data() + (16 - reinterpret_cast<uintptr_t>(packed.data()) / 4 % 16) % 16;
+  llmc::run_in_turn(threads, panels, [&](int64_t p) {
+    pack_panel(a + p * PM * lda, lda, std::min<int64_t>(PM, m - p * PM), k, ap + p * PM * k);
+  });
+  const int64_t tiles = (n + PN - 1) / PN;
+  by_column_chunks(PackedGemm{ap, w, ldw, c, ldc, m, n, k}, n, PN, static_cast<int>(std::min<int64_t>(threads, tiles)));
+  if (packed.size() > kKeep) std::vector<float>().swap(packed);
+}
+
 }  // namespace
 
 namespace llmc {
@@ -410,45 +444,19 @@ __attribute__((visibility("default"))) int llmc_sgemm_nt(const float* a, int64_t
                                                          int threads) {
   if (!llmc_sgemm_supported()) return -1;
   if (m <= 0 || n <= 0) return 0;
-  const Gemm g{a, lda, w, ldw, c, ldc, m, n, k};
   if (k <= 0) {
     for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.f);
     return 0;
   }
   if (m >= kPackedRows) {
-    const int64_t panels = (m + PM - 1) / PM;
-    // The calling thread's buffer (run_in_turn returns once every part has run), kept between
-    // calls up to 64 MB so a model's GEMMs do not allocate; a larger one is freed after its call.
-    constexpr size_t kKeep = size_t{16} << 20;  // floats
-    thread_local std::vector<float> packed;
-    if (packed.size() < static_cast<size_t>(panels * PM * k + 16)) packed.resize(panels * PM * k + 16);
-    // 64-byte aligned: a panel's k-th row is two whole cache lines
-    float* ap = packed.data() + (16 - reinterpret_cast<uintptr_t>(packed.data()) / 4 % 16) % 16;
-    llmc::run_in_turn(threads, panels, [&](int64_t p) {
-      pack_panel(a + p * PM * lda, lda, std::min<int64_t>(PM, m - p * PM), k, ap + p * PM * k);
-    });
-    const PackedGemm g{ap, w, ldw, c, ldc, m, n, k};
-    const int64_t tiles = (n + PN - 1) / PN;
-    const int parts = static_cast<int>(std::min<int64_t>(threads, tiles));
-    const int64_t chunk = std::max<int64_t>(1, tiles / (8 * std::max(parts, 1))) * PN;
-    llmc::run_in_turn(parts, (n + chunk - 1) / chunk,
-                      [&](int64_t q) { g.columns(q * chunk, std::min(n, (q + 1) * chunk)); });
-    if (packed.size() > kKeep) std::vector<float>().swap(packed);
+    packed_gemm(a, lda, w, ldw, c, ldc, m, n, k, threads);
     return 0;
   }
   const int64_t tiles = (n + NR - 1) / NR;
   // a part is worth a worker's wake-up (tens of us) from ~2 MFLOP or ~512 KB of weights on
   const int64_t useful = std::max<int64_t>({1, m * n * k / (1 << 20), n * k / (1 << 17)});
   const int parts = static_cast<int>(std::min<int64_t>({threads, tiles, useful}));
-  if (parts <= 1) {
-    g.columns(0, n);
-    return 0;
-  }
-  // Columns go out in chunks, about 8 per thread (run_in_turn). Each output is still computed
-  // by one thread in one order: the same bits.
-  const int64_t chunk = std::max<int64_t>(1, tiles / (8 * parts)) * NR;
-  llmc::run_in_turn(parts, (n + chunk - 1) / chunk,
-                    [&](int64_t c) { g.columns(c * chunk, std::min(n, (c + 1) * chunk)); });
+  by_column_chunks(Gemm{a, lda, w, ldw, c, ldc, m, n, k}, n, NR, parts);
   return 0;
 }
 
