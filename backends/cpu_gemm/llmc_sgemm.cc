@@ -211,19 +211,28 @@ struct Gemm {
 // packed once per call into panels of PM rows stored k-major ([k][PM]); a tile of PM rows by PN
 // weight rows keeps PV * PN accumulators of 16 rows each and per k loads PV vectors of A and
 // broadcasts PN scalars of W (one per weight row, read in place: no copy of W, so the tied LM head
-// keeps one copy): 4 + 6 loads for 24 FMAs, 280 bytes, of which the 256 of A come from L2. (Panels
-// of 32 rows x 12 weight rows, 2 + 12 loads, were 14% slower over GPT-2's, MiniLM's and the small
-// Llama's shapes on the Xeon: sum of medians 368 / 371 ms against 314 / 320 in two rounds.)
-// Each output is one sequential FMA chain over k per K block (the same bits for any thread count).
+// keeps one copy): 4 + 6 loads for 24 FMAs. (Panels of 32 rows x 12 weight rows, 2 + 12 loads, were
+// 14% slower over GPT-2's, MiniLM's and the small Llama's shapes on the Xeon: sum of medians 368 /
+// 371 ms against 314 / 320 in two rounds.) The loop order is in PackedGemm::columns.
+// Each output is one sequential FMA chain over all of k, its partial sums kept exactly between K
+// blocks (the same bits for any thread count or column split).
 constexpr int PV = 4;               // vectors of 16 rows of A per panel
 constexpr int PM = 16 * PV;         // rows of A per panel
 constexpr int PN = 6;               // rows of W per tile
-constexpr int64_t PKC = 512;        // k per block: a tile's W rows (PN x PKC, 12 KB) stay in L1 over the panels
+// k per block: a panel's block of A (PM x PKC, 96 KB) stays in L2 while a column block's tiles pass.
+// Measured (scratch harness, the models' 14 GEMM shapes, 2 threads, sum of medians): 192: 315 ms,
+// 256: 304, 384: 292, 512: 297 in one run; 96 and 384 level in another.
+constexpr int64_t PKC = 384;
 // From this many rows of A on, the packed kernel. Measured on the Xeon (scratch harness, 2 threads,
 // median of 5, GPT-2's and the small Llama's layer shapes, two rounds): at 16 rows 66-100 GFLOP/s
 // dot-product tiles against 83-106 packed (one outlier at 28), at 24 rows 52-106 against 94-126.
 constexpr int64_t kPackedRows = 16;
-constexpr int64_t kPanelBytes = 1 << 20;  // packed A a group of panels may hold: half a core's L2
+constexpr int64_t kWBlockBytes = 1 << 20;  // W rows (all of K) a column block holds: half a core's L2
+constexpr int kAccFloats = PV * PN * 16;    // a tile's accumulators, kept between K blocks
+// A thread's column chunk is at least this many tiles (where N allows): every chunk reads all of
+// packed A, so narrow chunks (N / 16 at 2 threads: 4 tiles for MiniLM's N = 384) read A from L3
+// many times over. Measured on MiniLM's 1024-row shapes: 6.7 ms against 7.6 at 1024 x 384 x 1536.
+constexpr int64_t kMinChunkTiles = 16;
 
 // x[i] := lane i of x[0..15] (a 16 x 16 transpose): pairs within 128-bit lanes, then 128-bit lanes.
 __attribute__((target("avx512f,avx512vl"))) inline void transpose16(__m512* x) {
@@ -273,21 +282,23 @@ __attribute__((target("avx512f,avx512vl"))) void pack_panel(const float* a, int6
   }
 }
 
-// c[i, j] (+)= sum over kc of ap[k][i] * w[j, k] for i < rows (<= 16 V), j < N (<= PN): the first V
-// vectors of the panel (a last panel of fewer rows does no FMAs on its empty vectors).
+// c[i, j] = sum over k of ap[k][i] * w[j, k] for i < rows (<= 16 V), j < N (<= PN), over one K
+// block of kc: the first block starts from zero, later ones from the tile's accumulators in
+// acc_buf (stored as they are, no transpose), the last writes C. A last panel of fewer rows does
+// no FMAs on its empty vectors.
 template <int V, int N>
 __attribute__((target("avx512f,avx512vl"))) void panel_tile(int64_t kc, const float* ap, const float* w, int64_t ldw,
-                                                        float* c, int64_t ldc, int64_t rows, bool accumulate,
-                                                        const float* next, int next_row, int next_step) {
+                                                        float* acc_buf, bool first, bool last, float* c,
+                                                        int64_t ldc, int64_t rows, const float* next) {
   __m512 acc[V][N];
 #pragma GCC unroll 16
   for (int j = 0; j < N; ++j)
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) acc[v][j] = _mm512_setzero_ps();
+    for (int v = 0; v < V; ++v) acc[v][j] = first ? _mm512_setzero_ps() : _mm512_load_ps(acc_buf + (j * PV + v) * 16);
   for (int64_t k = 0; k < kc; ++k) {
-    if (next != nullptr && k % 16 == 0)  // rows of the next tile, a line each per 16 values of k
-      for (int j = next_row; j < PN; j += next_step)
-        _mm_prefetch(reinterpret_cast<const char*>(next + j * ldw + k), _MM_HINT_T1);
+    if (next != nullptr && k % 16 == 0)  // the next tile's rows, a line each per 16 values of k
+#pragma GCC unroll 16
+      for (int j = 0; j < PN; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * ldw + k), _MM_HINT_T0);
     __m512 av[V];
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) av[v] = _mm512_load_ps(ap + k * PM + 16 * v);
@@ -297,6 +308,13 @@ __attribute__((target("avx512f,avx512vl"))) void panel_tile(int64_t kc, const fl
 #pragma GCC unroll 4
       for (int v = 0; v < V; ++v) acc[v][j] = _mm512_fmadd_ps(av[v], b, acc[v][j]);
     }
+  }
+  if (!last) {
+#pragma GCC unroll 16
+    for (int j = 0; j < N; ++j)
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) _mm512_store_ps(acc_buf + (j * PV + v) * 16, acc[v][j]);
+    return;
   }
   // Out through a 16 x 16 transpose (row i of the tile is lane i of every accumulator): 64
   // shuffles and one masked store per row, where element-wise stores cost ~2 instructions an output.
@@ -309,15 +327,12 @@ __attribute__((target("avx512f,avx512vl"))) void panel_tile(int64_t kc, const fl
     for (int j = 0; j < 16; ++j) x[j] = j < N ? acc[v][j] : _mm512_setzero_ps();
     transpose16(x);
     const int64_t n_rows = std::min<int64_t>(16, rows - 16 * v);
-    for (int64_t i = 0; i < n_rows; ++i) {
-      float* ci = c + (16 * v + i) * ldc;
-      _mm512_mask_storeu_ps(ci, mn, accumulate ? _mm512_add_ps(x[i], _mm512_maskz_loadu_ps(mn, ci)) : x[i]);
-    }
+    for (int64_t i = 0; i < n_rows; ++i) _mm512_mask_storeu_ps(c + (16 * v + i) * ldc, mn, x[i]);
   }
 }
 
-using PanelTileFn = void (*)(int64_t, const float*, const float*, int64_t, float*, int64_t, int64_t, bool,
-                            const float*, int, int);
+using PanelTileFn = void (*)(int64_t, const float*, const float*, int64_t, float*, bool, bool, float*, int64_t,
+                            int64_t, const float*);
 template <int V, int... Ns>
 constexpr std::array<PanelTileFn, PN> panel_row_of(std::integer_sequence<int, Ns...>) {
   return {&panel_tile<V, Ns + 1>...};
@@ -333,34 +348,33 @@ struct PackedGemm {
   const float* ap;  // panels of A, [panel][k][PM]
   const float* w; int64_t ldw; float* c; int64_t ldc; int64_t m, n, k;
 
-  // Output columns [n0, n1) for every row. Panels go in groups whose packed rows (all of K) stay
-  // in L2; for each group, each tile of PN weight rows is finished (every K block, every panel of
-  // the group) before the next: its rows are read from memory once per group as one run of
-  // adjacent rows, and a K block of them (PN x PKC) stays in L1 while the group's panels pass.
-  // (K blocks outside the tiles, as a GEMM that packs W does it, read each row in pieces a
-  // whole column chunk apart: GPT-2's LM head from memory took 80 ms that way, against 62 for
-  // the dot-product tiles.)
+  // Output columns [n0, n1) for every row. The columns go in blocks whose W rows (all of K, up to
+  // kWBlockBytes) stay in L2 while every panel passes over them: W comes from memory once. For
+  // each panel and K block, the block's tiles pass over the panel's block of A in turn, so per k a
+  // tile's 4 vector loads of A come from L1/L2 and its 6 broadcasts of W stream from L2. (Session
+  // 15's order, a tile's W rows held in L1 while the panels' A streamed past, loaded 256 bytes of A
+  // from L2 per 24 FMAs and was 10-15% slower over the models' shapes on the Xeon.) Partial sums
+  // between K blocks wait in a per-thread buffer, a tile's 24 vectors each.
   void columns(int64_t n0, int64_t n1) const {
     const int64_t panels = (m + PM - 1) / PM;
-    const int64_t fit = std::max<int64_t>(1, kPanelBytes / (k * PM * 4));  // panels a group holds
-    const int64_t groups = (panels + fit - 1) / fit;
-    const int64_t per_group = (panels + groups - 1) / groups;  // even groups
-    for (int64_t p0 = 0; p0 < panels; p0 += per_group) {
-      const int64_t p1 = std::min(panels, p0 + per_group);
-      for (int64_t j = n0; j < n1; j += PN) {
-        const int nj = static_cast<int>(std::min<int64_t>(PN, n1 - j));
+    const int64_t block = std::max<int64_t>(1, kWBlockBytes / (k * 4 * PN)) * PN;
+    thread_local std::vector<float> accs;
+    const size_t need = static_cast<size_t>(std::min(block, n1 - n0) / PN + 1) * kAccFloats + 16;
+    if (accs.size() < need) accs.resize(need);
+    float* acc0 = accs.data() + (16 - reinterpret_cast<uintptr_t>(accs.data()) / 4 % 16) % 16;
+    for (int64_t b0 = n0; b0 < n1; b0 += block) {
+      const int64_t b1 = std::min(n1, b0 + block);
+      for (int64_t p = 0; p < panels; ++p) {
+        const int64_t rows = std::min<int64_t>(PM, m - p * PM);
+        const auto& tiles = kPanelTiles[(rows + 15) / 16 - 1];
         for (int64_t k0 = 0; k0 < k; k0 += PKC) {
           const int64_t kc = std::min(PKC, k - k0);
-          // The next tile's rows (this K block of them) are fetched into L2 while the group's
-          // panels pass over this tile's, each panel a share of the rows.
-          const float* next = j + 2 * PN <= n1 ? w + (j + PN) * ldw + k0 : nullptr;
-          const int shares = static_cast<int>(std::min<int64_t>(PN, p1 - p0));
-          for (int64_t p = p0; p < p1; ++p) {
-            const int64_t rows = std::min<int64_t>(PM, m - p * PM);
-            kPanelTiles[(rows + 15) / 16 - 1][nj - 1](kc, ap + (p * k + k0) * PM, w + j * ldw + k0, ldw,
-                                                      c + p * PM * ldc + j, ldc, rows, k0 > 0,
-                                                      p - p0 < shares ? next : nullptr, static_cast<int>(p - p0),
-                                                      shares);
+          const float* apk = ap + (p * k + k0) * PM;
+          for (int64_t j = b0, t = 0; j < b1; j += PN, ++t) {
+            const int nj = static_cast<int>(std::min<int64_t>(PN, b1 - j));
+            const float* next = j + 2 * PN <= b1 ? w + (j + PN) * ldw + k0 : nullptr;
+            tiles[nj - 1](kc, apk, w + j * ldw + k0, ldw, acc0 + t * kAccFloats, k0 == 0, k0 + PKC >= k,
+                          c + p * PM * ldc + j, ldc, rows, next);
           }
         }
       }
@@ -369,15 +383,16 @@ struct PackedGemm {
 };
 
 // g.columns over [0, n) on `parts` threads, in chunks of whole tiles (`tile` columns wide), about 8
-// a thread, taken in turn (run_in_turn). Each output is still computed by one thread in one order:
+// a thread but at least min_tiles where N has them, taken in turn (run_in_turn). Each output is still computed by one thread in one order:
 // the same bits for any number of parts.
 template <typename G>
-void by_column_chunks(const G& g, int64_t n, int64_t tile, int parts) {
+void by_column_chunks(const G& g, int64_t n, int64_t tile, int parts, int64_t min_tiles = 1) {
   if (parts <= 1) {
     g.columns(0, n);
     return;
   }
-  const int64_t chunk = std::max<int64_t>(1, (n + tile - 1) / tile / (8 * parts)) * tile;
+  const int64_t tiles = (n + tile - 1) / tile;
+  const int64_t chunk = std::max<int64_t>({1, tiles / (8 * parts), std::min(min_tiles, (tiles + parts - 1) / parts)}) * tile;
   llmc::run_in_turn(parts, (n + chunk - 1) / chunk,
                     [&](int64_t q) { g.columns(q * chunk, std::min(n, (q + 1) * chunk)); });
 }
@@ -397,7 +412,8 @@ void packed_gemm(const float* a, int64_t lda, const float* w, int64_t ldw, float
     pack_panel(a + p * PM * lda, lda, std::min<int64_t>(PM, m - p * PM), k, ap + p * PM * k);
   });
   const int64_t tiles = (n + PN - 1) / PN;
-  by_column_chunks(PackedGemm{ap, w, ldw, c, ldc, m, n, k}, n, PN, static_cast<int>(std::min<int64_t>(threads, tiles)));
+  by_column_chunks(PackedGemm{ap, w, ldw, c, ldc, m, n, k}, n, PN, static_cast<int>(std::min<int64_t>(threads, tiles)),
+                   kMinChunkTiles);
   if (packed.size() > kKeep) std::vector<float>().swap(packed);
 }
 
