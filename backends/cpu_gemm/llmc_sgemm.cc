@@ -219,10 +219,12 @@ struct Gemm {
 constexpr int PV = 4;               // vectors of 16 rows of A per panel
 constexpr int PM = 16 * PV;         // rows of A per panel
 constexpr int PN = 6;               // rows of W per tile
-// k per block: a panel's block of A (PM x PKC, 96 KB) stays in L2 while a column block's tiles pass.
-// Measured (scratch harness, the models' 14 GEMM shapes, 2 threads, sum of medians): 192: 315 ms,
-// 256: 304, 384: 292, 512: 297 in one run; 96 and 384 level in another.
-constexpr int64_t PKC = 384;
+// k per block: a panel's block of A (PM x PKC, 32 KB) stays in L1 while a column block's tiles pass.
+// Measured inside the compiled models (same-process pairs, 30 rounds, median of per-round ratios):
+// 128 against 384: GPT-2 1 x 128 0.996, 4 x 128 0.956, the small Llama 0.946; 96 against 384: GPT-2
+// 0.90, MiniLM 0.91; 64 and 128 level with 96. (A scratch harness of the bare GEMMs, weights hot
+// in L3, had ranked 384 first: the models' weights and activations do not stay there.)
+constexpr int64_t PKC = 128;
 // From this many rows of A on, the packed kernel. Measured on the Xeon (scratch harness, 2 threads,
 // median of 5, GPT-2's and the small Llama's layer shapes, two rounds): at 16 rows 66-100 GFLOP/s
 // dot-product tiles against 83-106 packed (one outlier at 28), at 24 rows 52-106 against 94-126.
@@ -351,7 +353,7 @@ struct PackedGemm {
   // Output columns [n0, n1) for every row. The columns go in blocks whose W rows (all of K, up to
   // kWBlockBytes) stay in L2 while every panel passes over them: W comes from memory once. For
   // each panel and K block, the block's tiles pass over the panel's block of A in turn, so per k a
-  // tile's 4 vector loads of A come from L1/L2 and its 6 broadcasts of W stream from L2. (Session
+  // tile's 4 vector loads of A come from L1 and its 6 broadcasts of W stream from L2. (Session
   // 15's order, a tile's W rows held in L1 while the panels' A streamed past, loaded 256 bytes of A
   // from L2 per 24 FMAs and was 10-15% slower over the models' shapes on the Xeon.) Partial sums
   // between K blocks wait in a per-thread buffer, a tile's 24 vectors each.

@@ -40,7 +40,7 @@ def _check(sgemm, m, n, k, threads=2, lda=None, seed=0):
                                    (5, 7, 8192 * 2 + 37),  # K blocks: partial sums added into C
                                    (12, 53, 512), (15, 100, 3072), (9, 60, 8192 + 1024),  # W blocks copied
                                    # 16+ rows: A packed in panels of 64 (a last panel of 1-4 vectors of rows),
-                                   # tiles of 6 weight rows (a partial last tile), K blocks of 384 (a partial
+                                   # tiles of 6 weight rows (a partial last tile), K blocks of 128 (a partial
                                    # last block; partial sums kept between blocks), column blocks of 1 MB of
                                    # W rows (84 rows at K = 3000: two in a thread's chunk, the second partial)
                                    (70, 300, 3000), (20, 1000, 400), (32, 12, 16), (33, 25, 1100), (100, 13, 520), (40, 7, 3), (64, 1, 512),
