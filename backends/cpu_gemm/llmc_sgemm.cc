@@ -288,6 +288,21 @@ __attribute__((target("avx512f,avx512vl"))) void pack_panel(const float* a, int6
   }
 }
 
+// acc[v][j] += a[16 v .. 16 v + 15] * w[j * ldw]: one k of a tile (V vector loads, N broadcasts).
+template <int V, int N>
+__attribute__((target("avx512f,avx512vl"), always_inline)) inline void outer_product(__m512 (&acc)[V][N], const float* a,
+                                                                                 const float* w, int64_t ldw) {
+  __m512 av[V];
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v) av[v] = _mm512_load_ps(a + 16 * v);
+#pragma GCC unroll 16
+  for (int j = 0; j < N; ++j) {
+    const __m512 b = _mm512_set1_ps(w[j * ldw]);
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[v][j] = _mm512_fmadd_ps(av[v], b, acc[v][j]);
+  }
+}
+
 // c[i, j] = sum over k of ap[k][i] * w[j, k] for i < rows (<= 16 V), j < N (<= PN), over one K
 // block of kc: the first block starts from zero, later ones from the tile's accumulators in
 // acc_buf (stored as they are, no transpose), the last writes C. A last panel of fewer rows does
@@ -301,20 +316,18 @@ __attribute__((target("avx512f,avx512vl"))) void panel_tile(int64_t kc, const fl
   for (int j = 0; j < N; ++j)
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) acc[v][j] = first ? _mm512_setzero_ps() : _mm512_load_ps(acc_buf + (j * PV + v) * 16);
-  for (int64_t k = 0; k < kc; ++k) {
-    if (next != nullptr && k % 16 == 0)  // the next tile's rows, a line each per 16 values of k
+  // k in steps of 16, unrolled: the prefetch test and the loop's own work once per 16 steps
+  // (measured against one k a turn: 11 of the models' 14 shapes 4-40% faster in a scratch harness,
+  // GPT-2 1 x 128 and MiniLM 8 x 128 0.97 in same-process pairs)
+  int64_t k = 0;
+  for (; k + 16 <= kc; k += 16) {
+    if (next != nullptr)  // the next tile's rows, a line each per 16 values of k
 #pragma GCC unroll 16
       for (int j = 0; j < PN; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * ldw + k), _MM_HINT_T0);
-    __m512 av[V];
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) av[v] = _mm512_load_ps(ap + k * PM + 16 * v);
 #pragma GCC unroll 16
-    for (int j = 0; j < N; ++j) {
-      const __m512 b = _mm512_set1_ps(w[j * ldw + k]);
-#pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) acc[v][j] = _mm512_fmadd_ps(av[v], b, acc[v][j]);
-    }
+    for (int kk = 0; kk < 16; ++kk) outer_product<V, N>(acc, ap + (k + kk) * PM, w + k + kk, ldw);
   }
+  for (; k < kc; ++k) outer_product<V, N>(acc, ap + k * PM, w + k, ldw);
   if (!last) {
 #pragma GCC unroll 16
     for (int j = 0; j < N; ++j)
