@@ -376,9 +376,9 @@ struct PackedGemm {
   // between K blocks wait in a per-thread buffer, a tile's 24 vectors each.
   void columns(int64_t n0, int64_t n1, int64_t p0, int64_t p1) const {
     const int64_t block = std::max<int64_t>(1, kWBlockBytes / (k * 4 * PN)) * PN;
-    thread_local std::vector<float> accs;
+    thread_local std::vector<float> accs;  // untouched where one K block holds all of K
     const size_t need = static_cast<size_t>(std::min(block, n1 - n0) / PN + 1) * kAccFloats + 16;
-    if (accs.size() < need) accs.resize(need);
+    if (k > PKC && accs.size() < need) accs.resize(need);
     float* acc0 = accs.data() + (16 - reinterpret_cast<uintptr_t>(accs.data()) / 4 % 16) % 16;
     for (int64_t b0 = n0; b0 < n1; b0 += block) {
       const int64_t b1 = std::min(n1, b0 + block);
