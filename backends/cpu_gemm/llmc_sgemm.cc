@@ -18,7 +18,7 @@
 // (benchmarks/RESULTS_CPU.md).
 //
 // From 16 rows of A on, a second kernel (below: A packed in panels, outer products) takes the
-// call; its rates on a 2-core Xeon are in benchmarks/RESULTS_CPU.md (session 15).
+// call; its rates on a 2-core Xeon are in benchmarks/RESULTS_CPU.md (sessions 15 and 16).
 //
 // Blocking: N in blocks of NB weight rows, which stay in L2 while every row of A passes over
 // them (A, M x K floats, stays in L2 or L3). Threads split N (chunks of whole tiles, taken in turn);
