@@ -363,6 +363,11 @@ constexpr std::array<std::array<PanelTileFn, PN>, PV> panel_tiles_of(std::intege
 // [vectors of the panel that hold rows - 1][weight rows of the tile - 1]
 const auto kPanelTiles = panel_tiles_of(std::make_integer_sequence<int, PV>{});
 
+// The first 64-byte aligned float of a buffer allocated 16 floats longer than it needs.
+inline float* aligned64(std::vector<float>& v) {
+  return v.data() + (16 - reinterpret_cast<uintptr_t>(v.data()) / 4 % 16) % 16;
+}
+
 struct PackedGemm {
   const float* ap;  // panels of A, [panel][k][PM]
   const float* w; int64_t ldw; float* c; int64_t ldc; int64_t m, n, k;
@@ -379,7 +384,7 @@ struct PackedGemm {
     thread_local std::vector<float> accs;  // untouched where one K block holds all of K
     const size_t need = static_cast<size_t>(std::min(block, n1 - n0) / PN + 1) * kAccFloats + 16;
     if (k > PKC && accs.size() < need) accs.resize(need);
-    float* acc0 = accs.data() + (16 - reinterpret_cast<uintptr_t>(accs.data()) / 4 % 16) % 16;
+    float* acc0 = aligned64(accs);
     for (int64_t b0 = n0; b0 < n1; b0 += block) {
       const int64_t b1 = std::min(n1, b0 + block);
       for (int64_t p = p0; p < p1; ++p) {
@@ -400,11 +405,10 @@ struct PackedGemm {
   }
 };
 
-// g.columns over [0, n) on `parts` threads, in chunks of whole tiles (`tile` columns wide), about 8
-// a thread, taken in turn (run_in_turn). Each output is still computed by one thread in one order:
-// the same bits for any number of parts.
-template <typename G>
-void by_column_chunks(const G& g, int64_t n, int64_t tile, int parts) {
+// The dot-product kernel's g.columns over [0, n) on `parts` threads, in chunks of whole tiles (`tile`
+// columns wide), about 8 a thread, taken in turn (run_in_turn). Each output is still computed by one
+// thread in one order: the same bits for any number of parts.
+void by_column_chunks(const Gemm& g, int64_t n, int64_t tile, int parts) {
   if (parts <= 1) {
     g.columns(0, n);
     return;
@@ -424,7 +428,7 @@ void packed_gemm(const float* a, int64_t lda, const float* w, int64_t ldw, float
   thread_local std::vector<float> packed;
   if (packed.size() < static_cast<size_t>(panels * PM * k + 16)) packed.resize(panels * PM * k + 16);
   // 64-byte aligned: a panel's k-th row is whole cache lines
-  float* ap = packed.data() + (16 - reinterpret_cast<uintptr_t>(packed.data()) / 4 % 16) % 16;
+  float* ap = aligned64(packed);
   llmc::run_in_turn(threads, panels, [&](int64_t p) {
     pack_panel(a + p * PM * lda, lda, std::min<int64_t>(PM, m - p * PM), k, ap + p * PM * k);
   });

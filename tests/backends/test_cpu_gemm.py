@@ -44,8 +44,8 @@ def _check(sgemm, m, n, k, threads=2, lda=None, seed=0):
                                    # last block; partial sums kept between blocks), column blocks of 1 MB of
                                    # W rows (84 rows at K = 3000: two in a thread's chunk, the second partial),
                                    # work items of one panel at K = 3000 (a panel's packed A is 750 KB)
-                                   (70, 300, 3000), (200, 50, 3000), (20, 1000, 400), (32, 12, 16), (33, 25, 1100), (100, 13, 520), (40, 7, 3), (64, 1, 512),
-                                   (31, 24, 700), (129, 7, 70), (80, 6, 9), (112, 5, 40), (16, 7, 20), (15, 9, 40)])
+                                   (70, 300, 3000), (200, 50, 3000), (20, 1000, 400), (32, 12, 16), (33, 25, 1100),
+                                   (100, 13, 520), (40, 7, 3), (64, 1, 512), (31, 24, 700), (129, 7, 70), (80, 6, 9), (112, 5, 40), (16, 7, 20), (15, 9, 40)])
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_matches_numpy(sgemm, m, n, k, threads):
