@@ -254,9 +254,15 @@ class Executor:
                    "kv": lambda k: PagedAttentionCall(k, sgemm), "coll": lambda k: HostCollective(k, tensor),
                    "p2p": lambda k: HostPointToPoint(k, pipeline)}
         calls = {name: library[k.route](k) for name, k in p.kernels.items() if k.route in library}
+        weight_gemms = {}  # a blas kernel's calls whose W is a weight: llmc's GEMM may read it packed
         for c in p.calls:
             if c.kernel in calls:
-                self._calls.append((None, c.args, (), c.kernel, calls[c.kernel]))
+                call = calls[c.kernel]
+                if isinstance(call, Gemm) and call.sgemm is not None and self._is_weight(c.args[call.args[1]]):
+                    if c.kernel not in weight_gemms:
+                        weight_gemms[c.kernel] = Gemm(p.kernels[c.kernel], sgemm, weight=True)
+                    call = weight_gemms[c.kernel]
+                self._calls.append((None, c.args, (), c.kernel, call))
                 continue
             try:
                 fn = module[c.kernel]
@@ -281,6 +287,9 @@ class Executor:
         # per-call buffer work, listed once (a decode step calls this hundreds of times a second)
         self._fresh_outputs = [b for b in self._buffers if b.role == "temp" and b.id in self._out_set]
         self._aliases = [b for b in self._buffers if b.role == "alias"]  # after their sources, in buffer order
+
+    def _is_weight(self, buffer_id: int) -> bool:
+        return self._buffers[buffer_id].role == "weight"
 
     # ---- symbol binding and buffer resolution ----------------------------------------
     def _bind(self, arrays: Sequence[Any]) -> dict[str, int]:
@@ -402,7 +411,9 @@ def load(path, device: str = "cpu", **options):
     Everything is checked before native code is loaded: the manifest (schema, checksum),
     then the size and SHA-256 of every file it names (see docs/artifact.md).
     device "cpu" gives an Executor, or for a generation artifact (a causal LM with its step
-    function) a runtime.engine.llm.LLM, which takes `kv_memory` (bytes of KV cache). One rank
+    function) a runtime.engine.llm.LLM, which takes `kv_memory` (bytes of KV cache); both take
+    `pack_weights` (default True: GEMMs of 256+ rows read a packed copy of each weight, made at
+    its first such call, which holds it twice in memory; runtime/cpu_gemm.py). One rank
     of a tensor-parallel artifact (`llmc compile --tp N`) takes `comm`, its group's communicator
     (runtime/dist: HostComm on the CPU, NcclComm on CUDA); "cuda"
     (or "cuda:N") a runtime.gpu.GpuExecutor, which takes `graphs` (CUDA-graph replay,
@@ -438,7 +449,8 @@ def load(path, device: str = "cpu", **options):
         check_cpu(manifest.cpu.triple, manifest.cpu.mcpu, manifest.cpu.features, str(path))
     tvm = import_tvm(with_gpu=False)
     comm = options.pop("comm", None)
-    sgemm = load_sgemm(libraries.get("gemm"))
+    # False: llmc's CPU GEMM reads every weight in place, holding no packed copy (runtime/cpu_gemm.py)
+    sgemm = load_sgemm(libraries.get("gemm"), pack_weights=bool(options.pop("pack_weights", True)))
     forward = Executor(manifest, _load_library(tvm, libraries["tvm"]), weights, device, comm=comm, sgemm=sgemm)
     gen = manifest.generation
     if gen is None:

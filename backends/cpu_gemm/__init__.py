@@ -1,7 +1,8 @@
 """Build llmc's CPU kernel library (llmc_sgemm.cc: the GEMM; llmc_attention.cc: attention;
 llmc_pool.h: their thread pool) into one shared library an artifact ships.
 
-The library is plain C ABI (`llmc_sgemm_nt`, `llmc_sgemm_supported`, `llmc_attention_f32`),
+The library is plain C ABI (`llmc_sgemm_nt`, `llmc_sgemm_supported`, `llmc_attention_f32`, and
+`llmc_sgemm_nt_packed` with its packing of W, `llmc_sgemm_pack_w`, `llmc_sgemm_packed_floats`),
 loaded by the runtime through ctypes (runtime/cpu_gemm.py, runtime/cpu_attention.py): no TVM,
 no torch. It is built with the host's C++ compiler, the one TVM already needs to link a CPU
 artifact's kernels, for x86-64 only (its kernels are AVX-512 intrinsics; the runtime checks the

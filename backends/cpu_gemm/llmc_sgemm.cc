@@ -4,6 +4,8 @@
 //                     int64_t m, int64_t n, int64_t k, int threads)
 //     returns 0, or -1 when this processor lacks AVX-512F/VL (the caller then uses another GEMM).
 //   int llmc_sgemm_supported(void): 1 when llmc_sgemm_nt can run here.
+//   llmc_sgemm_packed_floats, llmc_sgemm_pack_w, llmc_sgemm_nt_packed: the same product from a copy
+//   of W packed once (see their definitions below).
 //
 // Why this shape of kernel: every weight llmc hands it is stored [N, K] (out features x in
 // features, as torch.nn.Linear keeps it and as a tied embedding is read by the LM head), so both
@@ -307,7 +309,7 @@ __attribute__((target("avx512f,avx512vl"), always_inline)) inline void outer_pro
 // block of kc: the first block starts from zero, later ones from the tile's accumulators in
 // acc_buf (stored as they are, no transpose), the last writes C. A last panel of fewer rows does
 // no FMAs on its empty vectors.
-template <int V, int N>
+template <int V, int N, bool kDirect>
 __attribute__((target("avx512f,avx512vl"))) void panel_tile(int64_t kc, const float* ap, const float* w, int64_t ldw,
                                                         float* acc_buf, bool first, bool last, float* c,
                                                         int64_t ldc, int64_t rows, const float* next) {
@@ -335,6 +337,17 @@ __attribute__((target("avx512f,avx512vl"))) void panel_tile(int64_t kc, const fl
       for (int v = 0; v < V; ++v) _mm512_store_ps(acc_buf + (j * PV + v) * 16, acc[v][j]);
     return;
   }
+  if (kDirect) {  // the panel holds W: lane i of acc[v][j] is column 16 v + i of C's row j
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      if (16 * v >= rows) break;
+      const int64_t lanes = std::min<int64_t>(16, rows - 16 * v);
+      const __mmask16 ml = static_cast<__mmask16>((1u << lanes) - 1);
+#pragma GCC unroll 16
+      for (int j = 0; j < N; ++j) _mm512_mask_storeu_ps(c + j * ldc + 16 * v, ml, acc[v][j]);
+    }
+    return;
+  }
   // Out through a 16 x 16 transpose (row i of the tile is lane i of every accumulator): 64
   // shuffles and one masked store per row, where element-wise stores cost ~2 instructions an output.
   const __mmask16 mn = static_cast<__mmask16>((1u << N) - 1);
@@ -352,16 +365,18 @@ __attribute__((target("avx512f,avx512vl"))) void panel_tile(int64_t kc, const fl
 
 using PanelTileFn = void (*)(int64_t, const float*, const float*, int64_t, float*, bool, bool, float*, int64_t,
                             int64_t, const float*);
-template <int V, int... Ns>
+template <bool kDirect, int V, int... Ns>
 constexpr std::array<PanelTileFn, PN> panel_row_of(std::integer_sequence<int, Ns...>) {
-  return {&panel_tile<V, Ns + 1>...};
+  return {&panel_tile<V, Ns + 1, kDirect>...};
 }
-template <int... Vs>
+template <bool kDirect, int... Vs>
 constexpr std::array<std::array<PanelTileFn, PN>, PV> panel_tiles_of(std::integer_sequence<int, Vs...>) {
-  return {panel_row_of<Vs + 1>(std::make_integer_sequence<int, PN>{})...};
+  return {panel_row_of<kDirect, Vs + 1>(std::make_integer_sequence<int, PN>{})...};
 }
-// [vectors of the panel that hold rows - 1][weight rows of the tile - 1]
-const auto kPanelTiles = panel_tiles_of(std::make_integer_sequence<int, PV>{});
+// [packed W?][vectors of the panel that hold rows - 1][rows of the tile's other operand - 1]
+const std::array<std::array<std::array<PanelTileFn, PN>, PV>, 2> kPanelTiles = {
+    panel_tiles_of<false>(std::make_integer_sequence<int, PV>{}),
+    panel_tiles_of<true>(std::make_integer_sequence<int, PV>{})};
 
 // The first 64-byte aligned float of a buffer allocated 16 floats longer than it needs.
 inline float* aligned64(std::vector<float>& v) {
@@ -369,8 +384,9 @@ inline float* aligned64(std::vector<float>& v) {
 }
 
 struct PackedGemm {
-  const float* ap;  // panels of A, [panel][k][PM]
-  const float* w; int64_t ldw; float* c; int64_t ldc; int64_t m, n, k;
+  const float* ap;  // the packed operand's panels, [panel][k][PM]: A packed per call, or W packed once
+  const float* w; int64_t ldw; float* c; int64_t ldc; int64_t m, n, k;  // w: the other operand's rows
+  bool direct;  // ap holds W (m: W's rows, n: A's): a panel's lanes are columns of C, stored as they are
 
   // Output columns [n0, n1) of panels [p0, p1). The columns go in blocks whose W rows (all of K, up to
   // kWBlockBytes) stay in L2 while every panel passes over them: W comes from memory once. For
@@ -387,17 +403,24 @@ struct PackedGemm {
     float* acc0 = aligned64(accs);
     for (int64_t b0 = n0; b0 < n1; b0 += block) {
       const int64_t b1 = std::min(n1, b0 + block);
+      const int64_t tiles_per_block = (b1 - b0 + PN - 1) / PN;
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t rows = std::min<int64_t>(PM, m - p * PM);
-        const auto& tiles = kPanelTiles[(rows + 15) / 16 - 1];
+        const auto& tiles = kPanelTiles[direct][(rows + 15) / 16 - 1];
         for (int64_t k0 = 0; k0 < k; k0 += PKC) {
           const int64_t kc = std::min(PKC, k - k0);
           const float* apk = ap + (p * k + k0) * PM;
+          // Packed W comes from memory (a model's weights do not stay in cache): the block after this
+          // one (the next K block, or the next panel's first: they follow in memory) is fetched into
+          // L2 a share per tile, so the first tile over it does not wait.
+          const int64_t ahead = direct ? (kc * PM * 4 / 64 + tiles_per_block - 1) / tiles_per_block : 0;
           for (int64_t j = b0, t = 0; j < b1; j += PN, ++t) {
             const int nj = static_cast<int>(std::min<int64_t>(PN, b1 - j));
+            for (int64_t l = t * ahead; l < (t + 1) * ahead; ++l)
+              _mm_prefetch(reinterpret_cast<const char*>(apk + kc * PM) + l * 64, _MM_HINT_T1);
             const float* next = j + 2 * PN <= b1 ? w + (j + PN) * ldw + k0 : nullptr;
             tiles[nj - 1](kc, apk, w + j * ldw + k0, ldw, acc0 + t * kAccFloats, k0 == 0, k0 + PKC >= k,
-                          c + p * PM * ldc + j, ldc, rows, next);
+                          direct ? c + j * ldc + p * PM : c + p * PM * ldc + j, ldc, rows, next);
           }
         }
       }
@@ -418,6 +441,37 @@ void by_column_chunks(const Gemm& g, int64_t n, int64_t tile, int parts) {
                     [&](int64_t q) { g.columns(q * chunk, std::min(n, (q + 1) * chunk)); });
 }
 
+// The packed kernel's work over `panels` panels of g.ap, taken in turn by the threads: items of a
+// group of panels (their packed operand, all of K, within kAGroupBytes, stays in L2 over the item)
+// by a chunk of the other operand's rows (about 8 items a thread, at least kMinChunkTiles tiles
+// where it has them). Each output is computed by one item.
+void run_packed(const PackedGemm& g, int64_t panels, int threads) {
+  const int64_t tiles = (g.n + PN - 1) / PN;
+  const int64_t fit = std::max<int64_t>(1, kAGroupBytes / (PM * g.k * 4));
+  int64_t groups = (panels + fit - 1) / fit;
+  int parts = static_cast<int>(std::min<int64_t>(threads, tiles * groups));
+  int64_t chunk_tiles =
+      std::max<int64_t>({1, tiles / (8 * parts), std::min(kMinChunkTiles, (tiles * groups + parts - 1) / parts)});
+  // Packed W and A's rows within 2 MB: the rows go in one chunk (they stay in L2) and the threads
+  // split W into at least 4 groups each, so W comes from memory once (chunks of rows would each
+  // read all of their groups' panels). Measured at 128 and 512 rows, weights from memory (GPT-2's
+  // and the small Llama's shapes, 30 of each): with this and the block prefetch in
+  // PackedGemm::columns, level with packing A per call (geomean 0.99-1.05); without, 1.055.
+  if (g.direct && g.n * g.k * 4 <= 2 * kWBlockBytes && panels >= 2 * threads) {
+    chunk_tiles = tiles;
+    groups = std::max(groups, std::min<int64_t>(panels, 4 * threads));
+    parts = static_cast<int>(std::min<int64_t>(threads, groups));
+  }
+  const int64_t per_group = (panels + groups - 1) / groups;
+  groups = (panels + per_group - 1) / per_group;
+  const int64_t chunk = chunk_tiles * PN;
+  const int64_t chunks = (g.n + chunk - 1) / chunk;
+  llmc::run_in_turn(parts, chunks * groups, [&](int64_t q) {
+    const int64_t n0 = q % chunks * chunk, p0 = q / chunks * per_group;
+    g.columns(n0, std::min(g.n, n0 + chunk), p0, std::min(panels, p0 + per_group));
+  });
+}
+
 // The packed kernel's call: A packed into panels (each thread a share of them), then the columns.
 void packed_gemm(const float* a, int64_t lda, const float* w, int64_t ldw, float* c, int64_t ldc, int64_t m, int64_t n,
                  int64_t k, int threads) {
@@ -432,22 +486,7 @@ void packed_gemm(const float* a, int64_t lda, const float* w, int64_t ldw, float
   llmc::run_in_turn(threads, panels, [&](int64_t p) {
     pack_panel(a + p * PM * lda, lda, std::min<int64_t>(PM, m - p * PM), k, ap + p * PM * k);
   });
-  // The work, taken in turn by the threads: items of a group of panels (their packed A, all of K,
-  // within kAGroupBytes, stays in L2 over the item) by a chunk of columns (about 8 items a thread,
-  // at least kMinChunkTiles tiles where N has them). Each output is computed by one item.
-  const int64_t tiles = (n + PN - 1) / PN;
-  const int64_t fit = std::max<int64_t>(1, kAGroupBytes / (PM * k * 4));
-  const int64_t groups = (panels + fit - 1) / fit;
-  const int64_t per_group = (panels + groups - 1) / groups;
-  const int parts = static_cast<int>(std::min<int64_t>(threads, tiles * groups));
-  const int64_t chunk =
-      std::max<int64_t>({1, tiles / (8 * parts), std::min(kMinChunkTiles, (tiles * groups + parts - 1) / parts)}) * PN;
-  const int64_t chunks = (n + chunk - 1) / chunk;
-  const PackedGemm g{ap, w, ldw, c, ldc, m, n, k};
-  llmc::run_in_turn(parts, chunks * groups, [&](int64_t q) {
-    const int64_t n0 = q % chunks * chunk, p0 = q / chunks * per_group;
-    g.columns(n0, std::min(n, n0 + chunk), p0, std::min(panels, p0 + per_group));
-  });
+  run_packed(PackedGemm{ap, w, ldw, c, ldc, m, n, k, false}, panels, threads);
   if (packed.size() > kKeep) std::vector<float>().swap(packed);
 }
 
@@ -487,6 +526,41 @@ extern "C" {
 
 __attribute__((visibility("default"))) int llmc_sgemm_supported(void) {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") ? 1 : 0;
+}
+
+// W's panels as the packed kernel reads them, made once (at a weight's first use) so that a GEMM of
+// many rows packs nothing per call:
+//   int64_t llmc_sgemm_packed_floats(n, k): the floats `wp` holds (panels of 64 of W's rows, zero past n);
+//   int llmc_sgemm_pack_w(w, ldw, n, k, wp, threads): fills wp (64-byte aligned);
+//   int llmc_sgemm_nt_packed(a, lda, wp, c, ldc, m, n, k, threads): C = A @ W^T from wp.
+// The packed call computes every output with the same FMAs in the same order as llmc_sgemm_nt's
+// packed kernel (a product of the same two floats, added to the same partial sum): the same bits.
+__attribute__((visibility("default"))) int64_t llmc_sgemm_packed_floats(int64_t n, int64_t k) {
+  return (n + PM - 1) / PM * PM * k;
+}
+
+__attribute__((visibility("default"))) int llmc_sgemm_pack_w(const float* w, int64_t ldw, int64_t n, int64_t k,
+                                                             float* wp, int threads) {
+  if (!llmc_sgemm_supported()) return -1;
+  if (reinterpret_cast<uintptr_t>(wp) % 64 != 0) return -2;
+  llmc::run_in_turn(threads, (n + PM - 1) / PM, [&](int64_t p) {
+    pack_panel(w + p * PM * ldw, ldw, std::min<int64_t>(PM, n - p * PM), k, wp + p * PM * k);
+  });
+  return 0;
+}
+
+__attribute__((visibility("default"))) int llmc_sgemm_nt_packed(const float* a, int64_t lda, const float* wp, float* c,
+                                                                int64_t ldc, int64_t m, int64_t n, int64_t k,
+                                                                int threads) {
+  if (!llmc_sgemm_supported()) return -1;
+  if (reinterpret_cast<uintptr_t>(wp) % 64 != 0) return -2;
+  if (m <= 0 || n <= 0) return 0;
+  if (k <= 0) {
+    for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.f);
+    return 0;
+  }
+  run_packed(PackedGemm{wp, a, lda, c, ldc, n, m, k, true}, (n + PM - 1) / PM, threads);
+  return 0;
 }
 
 __attribute__((visibility("default"))) int llmc_sgemm_nt(const float* a, int64_t lda, const float* w, int64_t ldw,
