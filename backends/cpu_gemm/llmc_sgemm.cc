@@ -452,12 +452,14 @@ void run_packed(const PackedGemm& g, int64_t panels, int threads) {
   int parts = static_cast<int>(std::min<int64_t>(threads, tiles * groups));
   int64_t chunk_tiles =
       std::max<int64_t>({1, tiles / (8 * parts), std::min(kMinChunkTiles, (tiles * groups + parts - 1) / parts)});
-  // Packed W and A's rows within 2 MB: the rows go in one chunk (they stay in L2) and the threads
-  // split W into at least 4 groups each, so W comes from memory once (chunks of rows would each
-  // read all of their groups' panels). Measured at 128 and 512 rows, weights from memory (GPT-2's
-  // and the small Llama's shapes, 30 of each): with this and the block prefetch in
-  // PackedGemm::columns, level with packing A per call (geomean 0.99-1.05); without, 1.055.
-  if (g.direct && g.n * g.k * 4 <= 2 * kWBlockBytes && panels >= 2 * threads) {
+  // Packed W and A's rows within one block (1 MB: they stay in L2): the rows go in one chunk and
+  // the threads split W into at least 4 groups each, so W comes from memory once (chunks of rows
+  // would each read all of their groups' panels). Measured at 128 rows, weights from memory
+  // (GPT-2's and the small Llama's shapes, 30 of each): with this and the block prefetch in
+  // PackedGemm::columns, level with packing A per call (geomean 0.99-1.05); without, 1.055. With
+  // rows of up to 2 MB in one chunk, MiniLM's shapes (1.5 MB) took 1.04x the time of chunks of
+  // rows (twice, 21 rounds), GPT-2's at 512 rows 1.03x.
+  if (g.direct && g.n * g.k * 4 <= kWBlockBytes && panels >= 2 * threads) {
     chunk_tiles = tiles;
     groups = std::max(groups, std::min<int64_t>(panels, 4 * threads));
     parts = static_cast<int>(std::min<int64_t>(threads, groups));
