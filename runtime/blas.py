@@ -37,7 +37,7 @@ class Gemm:
 
     def __init__(self, spec: KernelSpec, sgemm: Sgemm | None = None, weight: bool = False):
         self.sgemm = sgemm if spec.scalars[0] else None  # it reads W^T only
-        # w is a weight (constant): from PACKED_W_ROWS rows on, llmc's GEMM reads its packed copy
+        # w is a weight (constant): from Sgemm.PACKED_W_ROWS rows on, llmc's GEMM may read a packed copy
         self.packed = weight and self.sgemm is not None and self.sgemm.packs
         self.args = tuple(t.arg for t in spec.tensors)  # a, w, out
         self.shapes = tuple(t.shape for t in spec.tensors)
@@ -58,8 +58,8 @@ class Gemm:
         if not np.may_share_memory(out, buf):  # reshape copied (never for contiguous buffers): results would be lost
             raise ValueError("gemm output is not a view of its buffer")
         if self.sgemm is not None and self.sgemm.takes(a, w, out):
-            if self.packed and a.shape[0] >= self.sgemm.PACKED_W_ROWS:
-                self.sgemm.with_packed(a, w, out)
+            if self.packed:
+                self.sgemm.weight_gemm(a, w, out)
             else:
                 self.sgemm(a, w, out)
         else:

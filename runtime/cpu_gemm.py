@@ -14,6 +14,7 @@ are not K-contiguous.
 from __future__ import annotations
 
 import ctypes
+import os
 import pathlib
 import threading
 import warnings
@@ -29,24 +30,29 @@ _P, _I = ctypes.c_void_p, ctypes.c_int64
 class Sgemm:
     """out[M, N] = a[M, K] @ w[N, K]^T, float32, rows contiguous (any row strides).
 
-    A weight's GEMMs of PACKED_W_ROWS rows or more read a copy of it packed once, at its first
-    such call, into the layout of the library's many-row kernel (panels of 64 of W's rows, k-major):
-    that kernel then packs nothing per call (it packs A's rows otherwise) and stores C's rows as they
-    are; the same bits either way. Measured on the 2-core Xeon (same-process pairs of compiled
-    models, median of per-round ratios): MiniLM 8 x 128 0.85-0.89x the time; GPT-2 4 x 128 level;
-    at 128 rows with the weights coming from memory (GPT-2 1 x 128) 1.06x, so short prompts keep
-    packing A. The cost is memory: a packed weight is held twice (decode's GEMVs read the rows in
-    place). `pack_weights=False` keeps one copy."""
+    A weight's GEMMs of PACKED_W_ROWS rows or more (`weight_gemm`) read a copy of it packed once, at
+    its first such call, into the layout of the library's many-row kernel (panels of 64 of W's rows,
+    k-major): that kernel then packs nothing per call (it packs A's rows otherwise) and stores C's
+    rows as they are; the same bits either way. Measured on the 2-core Xeon (same-process pairs of
+    compiled models, median of per-round ratios): MiniLM 8 x 128 0.85-0.89x the time; GPT-2 4 x 128
+    level; at 128 rows with the weights coming from memory (GPT-2 1 x 128) 1.06x, so short prompts
+    keep packing A. The cost is memory: a packed weight is held twice (decode's GEMVs read the rows
+    in place). `pack_weights`: True packs up to an eighth of the machine's memory (then the other
+    weights are read in place), an int that many bytes, False (or 0) nothing."""
 
     PACKED_W_ROWS = 256
 
-    def __init__(self, lib: ctypes.CDLL, threads: int, pack_weights: bool = True):
+    def __init__(self, lib: ctypes.CDLL, threads: int, pack_weights: bool | int = True):
         self._fn = lib.llmc_sgemm_nt
         self._fn.argtypes = [_P, _I, _P, _I, _P, _I, _I, _I, _I, ctypes.c_int]
         self._fn.restype = ctypes.c_int
         self.threads = threads
+        if pack_weights is True:
+            pack_weights = _memory_bytes() // 8
+        self.pack_budget = int(pack_weights)  # bytes of packed copies this Sgemm may hold
+        self._pack_held = 0
         # the packed-weight entry points; absent from a library built before them
-        self.packs = pack_weights and hasattr(lib, "llmc_sgemm_pack_w")
+        self.packs = self.pack_budget > 0 and hasattr(lib, "llmc_sgemm_pack_w")
         if self.packs:
             self._floats, self._pack, self._fn_packed = (lib.llmc_sgemm_packed_floats, lib.llmc_sgemm_pack_w,
                                                          lib.llmc_sgemm_nt_packed)
@@ -54,9 +60,9 @@ class Sgemm:
             self._pack.argtypes, self._pack.restype = [_P, _I, _I, _I, _P, ctypes.c_int], ctypes.c_int
             self._fn_packed.argtypes = [_P, _I, _P, _P, _I, _I, _I, _I, ctypes.c_int]
             self._fn_packed.restype = ctypes.c_int
-        # (data address, shape, strides) -> (the weight, its panels); the weight is held so that its
-        # address is never another array's while the entry lives
-        self._packed: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        # (data address, shape, strides) -> (the weight, its panels, or None past the budget); the
+        # weight is held so that its address is never another array's while the entry lives
+        self._packed: dict[tuple, tuple[np.ndarray, np.ndarray | None]] = {}
         self._pack_lock = threading.Lock()
         # the library's attention (runtime/cpu_attention.py); None in a library built before it
         self.attention = getattr(lib, "llmc_attention_f32", None)
@@ -79,39 +85,58 @@ class Sgemm:
         if rc != 0:
             raise RuntimeError("llmc_sgemm_nt refused to run (this processor lacks AVX-512F/VL)")
 
-
-    def packed_weight(self, w: np.ndarray) -> np.ndarray:
-        """w's panels, made at the first call for it. w must be a weight: its values never change."""
+    def packed_weight(self, w: np.ndarray) -> np.ndarray | None:
+        """w's panels, made at the first call for it, or None where they would pass the budget. w must be
+        a weight: its values never change."""
         key = (w.ctypes.data, w.shape, w.strides)
         hit = self._packed.get(key)
         if hit is None:
             with self._pack_lock:  # concurrent first calls pack it once
                 hit = self._packed.get(key)
                 if hit is None:
-                    n, k = w.shape
-                    size = self._floats(n, k)
-                    buf = np.empty(size + 16, np.float32)
-                    start = (-buf.ctypes.data // 4) % 16  # 64-byte aligned: a panel's rows are whole lines
-                    wp = buf[start:start + size]
-                    if self._pack(w.ctypes.data, w.strides[0] // 4, n, k, wp.ctypes.data, self.threads) != 0:
-                        raise RuntimeError("llmc_sgemm_pack_w refused to run")
-                    hit = self._packed[key] = (w, wp)
+                    hit = self._packed[key] = (w, self._pack_copy(w))
         return hit[1]
 
-    def with_packed(self, a: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
-        """As __call__, reading w's packed panels (packed_weight): for a weight, from PACKED_W_ROWS rows."""
-        m, k = a.shape
-        n = w.shape[0]
-        if w.shape[1] != k or out.shape != (m, n):
-            raise ValueError(f"sgemm: a {a.shape}, w {w.shape}, out {out.shape} do not make out = a @ w^T")
-        wp = self.packed_weight(w)
-        if self._fn_packed(a.ctypes.data, a.strides[0] // 4, wp.ctypes.data, out.ctypes.data, out.strides[0] // 4,
-                           m, n, k, self.threads) != 0:
-            raise RuntimeError("llmc_sgemm_nt_packed refused to run")
+    def _pack_copy(self, w: np.ndarray) -> np.ndarray | None:
+        n, k = w.shape
+        size = self._floats(n, k)
+        if self._pack_held + 4 * size > self.pack_budget:
+            return None
+        buf = np.empty(size + 16, np.float32)
+        start = (-buf.ctypes.data // 4) % 16  # 64-byte aligned: a panel's rows are whole lines
+        wp = buf[start:start + size]
+        if self._pack(w.ctypes.data, w.strides[0] // 4, n, k, wp.ctypes.data, self.threads) != 0:
+            raise RuntimeError("llmc_sgemm_pack_w refused to run")
+        self._pack_held += 4 * size
+        return wp
+
+    def weight_gemm(self, a: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+        """As __call__ for a w that is a weight: from PACKED_W_ROWS rows on, from its packed copy
+        where it has one (or room for one)."""
+        if self.packs and a.shape[0] >= self.PACKED_W_ROWS:
+            m, k = a.shape
+            n = w.shape[0]
+            if w.shape[1] != k or out.shape != (m, n):
+                raise ValueError(f"sgemm: a {a.shape}, w {w.shape}, out {out.shape} do not make out = a @ w^T")
+            wp = self.packed_weight(w)
+            if wp is not None:
+                if self._fn_packed(a.ctypes.data, a.strides[0] // 4, wp.ctypes.data, out.ctypes.data,
+                                   out.strides[0] // 4, m, n, k, self.threads) != 0:
+                    raise RuntimeError("llmc_sgemm_nt_packed refused to run")
+                return
+        self(a, w, out)
 
 
-def load_sgemm(path: str | pathlib.Path | None, pack_weights: bool = True) -> Sgemm | None:
-    """The library at `path` as an Sgemm, or None where it cannot run on this processor."""
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # a system that does not say
+        return 16 << 30
+
+
+def load_sgemm(path: str | pathlib.Path | None, pack_weights: bool | int = True) -> Sgemm | None:
+    """The library at `path` as an Sgemm, or None where it cannot run on this processor. `pack_weights`:
+    see Sgemm."""
     if path is None or not {"AVX512F", "AVX512VL"} <= host_cpu_features():
         return None
     try:

@@ -413,7 +413,8 @@ def load(path, device: str = "cpu", **options):
     device "cpu" gives an Executor, or for a generation artifact (a causal LM with its step
     function) a runtime.engine.llm.LLM, which takes `kv_memory` (bytes of KV cache); both take
     `pack_weights` (default True: GEMMs of 256+ rows read a packed copy of each weight, made at
-    its first such call, which holds it twice in memory; runtime/cpu_gemm.py). One rank
+    its first such call, up to an eighth of the machine's memory; bytes: that budget; False: none;
+    runtime/cpu_gemm.py). One rank
     of a tensor-parallel artifact (`llmc compile --tp N`) takes `comm`, its group's communicator
     (runtime/dist: HostComm on the CPU, NcclComm on CUDA); "cuda"
     (or "cuda:N") a runtime.gpu.GpuExecutor, which takes `graphs` (CUDA-graph replay,
@@ -449,8 +450,10 @@ def load(path, device: str = "cpu", **options):
         check_cpu(manifest.cpu.triple, manifest.cpu.mcpu, manifest.cpu.features, str(path))
     tvm = import_tvm(with_gpu=False)
     comm = options.pop("comm", None)
-    # False: llmc's CPU GEMM reads every weight in place, holding no packed copy (runtime/cpu_gemm.py)
-    sgemm = load_sgemm(libraries.get("gemm"), pack_weights=bool(options.pop("pack_weights", True)))
+    pack = options.pop("pack_weights", True)
+    if not isinstance(pack, (bool, int)) or pack < 0:
+        raise LLMCError(f"pack_weights={pack!r}: expected True, False or a number of bytes")
+    sgemm = load_sgemm(libraries.get("gemm"), pack_weights=pack)
     forward = Executor(manifest, _load_library(tvm, libraries["tvm"]), weights, device, comm=comm, sgemm=sgemm)
     gen = manifest.generation
     if gen is None:

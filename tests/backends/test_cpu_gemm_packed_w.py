@@ -1,19 +1,26 @@
 """llmc's CPU GEMM from a copy of W packed once (llmc_sgemm_pack_w / llmc_sgemm_nt_packed,
-runtime/cpu_gemm.py's Sgemm.with_packed): against numpy in float64 on fresh random inputs
+runtime/cpu_gemm.py's Sgemm.weight_gemm): against numpy in float64 on fresh random inputs
 (relative 1e-5 of the row norms' product, fp32) and, from 16 rows, the same bits as the kernel
-that packs A per call; the runtime packs a weight once and only for 256+ row calls."""
+that packs A per call; the runtime packs a weight once, for 256+ row calls, within its budget."""
 import numpy as np
 import pytest
 import torch
 
 import llmc
 
-from cpu_kernels import kernel_library, needs_avx512  # tests/helpers
+from llmc.backends.cpu_gemm import build_gemm_library
+from llmc.runtime.cpu_gemm import load_sgemm
+
+from cpu_kernels import HAS_AVX512, needs_avx512  # tests/helpers
 
 
 @pytest.fixture(scope="module")
 def sgemm():
-    return kernel_library()
+    """Packing every weight, whatever the rows (the runtime's threshold is 256)."""
+    s = load_sgemm(build_gemm_library(), pack_weights=1 << 30) if HAS_AVX512 else None
+    if s is not None:
+        s.PACKED_W_ROWS = 1
+    return s
 
 
 def _inputs(m, n, k, lda=None, seed=0):
@@ -38,7 +45,8 @@ def test_matches_numpy_and_the_per_call_packing(sgemm, m, n, k, lda, threads):
     a, w = _inputs(m, n, k, lda, seed=m + n + k)
     sgemm.threads = threads
     out = np.full((m, n), np.nan, np.float32)
-    sgemm.with_packed(a, w, out)
+    sgemm.weight_gemm(a, w, out)
+    assert sgemm.packed_weight(w) is not None  # it ran from the packed copy
     ref = a.astype(np.float64) @ w.T.astype(np.float64)
     scale = np.linalg.norm(a, axis=1)[:, None] * np.linalg.norm(w, axis=1)[None, :] + 1e-30
     assert np.all(np.abs(out - ref) <= 1e-5 * scale)
@@ -52,17 +60,31 @@ def test_matches_numpy_and_the_per_call_packing(sgemm, m, n, k, lda, threads):
 def test_a_weight_is_packed_once(sgemm):
     a, w = _inputs(300, 90, 200)
     out = np.empty((300, 90), np.float32)
-    sgemm.with_packed(a, w, out)
+    sgemm.weight_gemm(a, w, out)
     first = sgemm.packed_weight(w)
     assert first.ctypes.data % 64 == 0 and first.size == 2 * 64 * 200  # 2 panels of 64 rows, zeros past 90
     second = first[64 * 200:].reshape(200, 64)  # [k][64]: lane j is W's row 64 + j
     assert np.array_equal(second[:, :26], w[64:].T) and not second[:, 26:].any()  # rows past 90: zeros
-    sgemm.with_packed(a, w, out)
+    sgemm.weight_gemm(a, w, out)
     assert sgemm.packed_weight(w) is first  # the same copy
     other = w.copy()
     assert sgemm.packed_weight(other) is not first  # another array, another copy
     with pytest.raises(ValueError, match="do not make"):
-        sgemm.with_packed(a, w[:, :100], out)
+        sgemm.weight_gemm(a, w[:, :100], out)
+
+
+@needs_avx512
+def test_weights_past_the_budget_are_read_in_place():
+    """With room for one packed weight, the second is not packed; both products are right."""
+    s = load_sgemm(build_gemm_library(), pack_weights=4 * 64 * 300)
+    a, w1 = _inputs(256, 64, 300, seed=1)
+    _, w2 = _inputs(256, 64, 300, seed=2)
+    outs = [np.empty((256, 64), np.float32) for _ in range(2)]
+    for w, out in zip((w1, w2), outs):
+        s.weight_gemm(a, w, out)
+        np.testing.assert_allclose(out, a @ w.T, rtol=1e-4, atol=1e-4)
+    assert s.packed_weight(w1) is not None and s.packed_weight(w2) is None
+    assert load_sgemm(build_gemm_library(), pack_weights=False).packs is False
 
 
 class _MLP(torch.nn.Module):
@@ -84,6 +106,8 @@ def test_an_artifact_packs_its_weights_for_long_calls_only(tmp_path):
     cm = llmc.compile(model, (torch.randn(2, 9, 48),), dim_bounds={"seq": (1, 256)})
     art = cm.export(tmp_path / "mlp")
     packs, plain = llmc.load(art), llmc.load(art, pack_weights=False)
+    with pytest.raises(llmc.LLMCError, match="pack_weights"):
+        llmc.load(art, pack_weights="yes")
     gemms = [c[4] for c in packs._calls if c[4] is not None]
     assert len(gemms) == 2 and all(g.packed for g in gemms)
     assert not any(c[4].packed for c in plain._calls if c[4] is not None)
