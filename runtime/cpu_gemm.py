@@ -35,9 +35,9 @@ class Sgemm:
     k-major): that kernel then packs nothing per call (it packs A's rows otherwise) and stores C's
     rows as they are; the same bits either way. Measured on the 2-core Xeon (same-process pairs of
     compiled models, median of per-round ratios): MiniLM 8 x 128 0.85-0.89x the time; GPT-2 4 x 128
-    level; at 128 rows with the weights coming from memory (GPT-2 1 x 128) 1.06x, so short prompts
-    keep packing A. The cost is memory: a packed weight is held twice (decode's GEMVs read the rows
-    in place). `pack_weights`: True packs up to an eighth of the machine's memory (then the other
+    level; at 128 rows level too (GPT-2 1 x 128 1.02, the small Llama 0.98), so short prompts keep
+    packing A and spend no memory. The cost is memory: a packed weight is held twice (decode's GEMVs
+    read the rows in place). `pack_weights`: True packs up to an eighth of the machine's memory (then the other
     weights are read in place), an int that many bytes, False (or 0) nothing."""
 
     PACKED_W_ROWS = 256
