@@ -123,3 +123,25 @@ def test_an_artifact_packs_its_weights_for_long_calls_only(tmp_path):
     np.testing.assert_allclose(out, ref_long, rtol=1e-4, atol=1e-4)
     assert np.array_equal(out, plain(long.numpy())[0])
     assert np.array_equal(packs(long.numpy())[0], out) and len(sg._packed) == 2
+
+
+@needs_avx512
+def test_a_long_prompt_generates_the_same_with_packed_weights(tmp_path):
+    """A generation artifact's prefill of 280 tokens (the step function's GEMMs take 280 rows, so
+    they read packed weights, one copy for the forward and step executors) gives transformers'
+    greedy tokens, as a load without packing does."""
+    pytest.importorskip("transformers")
+    from causal_lms import VOCAB, hf_greedy, tiny_causal_lm
+
+    model = tiny_causal_lm("llama", layers=1, max_position_embeddings=512)
+    cm = llmc.compile(model, (), {"input_ids": torch.randint(3, VOCAB, (1, 6))},
+                      dim_bounds={"batch": (1, 2), "seq": (1, 320)}, generate=True)
+    path = cm.export(tmp_path / "g.llmc")
+    prompt = torch.randint(3, VOCAB, (280,), generator=torch.Generator().manual_seed(3)).tolist()
+    want = hf_greedy(model, prompt, 8)
+    packs, plain = llmc.load(path), llmc.load(path, pack_weights=False)
+    for llm in (packs, plain):
+        assert [g.token_ids for g in llm.generate([prompt], max_new_tokens=8, stop_token_ids=())] == [want]
+    shared = {id(c[4].sgemm) for ex in (packs.forward, packs.step.executor) for c in ex._calls if c[4] is not None}
+    assert len(shared) == 1  # one library object, so one packed copy of each weight
+    assert next(c[4] for c in packs.forward._calls if c[4] is not None).sgemm._packed  # the prefill packed
