@@ -16,7 +16,10 @@ torch (MKL) and llmc (a compiled one-MATMUL graph, called through the runtime, i
 CPU GEMM, backends/cpu_gemm, where the processor has AVX-512, and again in numpy's BLAS; so its
 per-call overhead counts, and like a torch call it returns a freshly allocated output,
 whose pages the kernel faults in; the LM head reads the tied [vocab, hidden] table
-transposed, as in GPT-2), as ms and GFLOP/s, with llmc's rate as a fraction of numpy's.
+transposed, as in GPT-2; from 256 rows the weight is read from the copy the runtime packed at
+the first call, as in the models), as ms and GFLOP/s, with llmc's rate as a fraction of numpy's.
+Each timed call follows an idle pause (see `race`): a one-row GEMM then pays the wake-up of
+llmc's second thread, which OpenBLAS, running a GEMV that small on one thread, does not.
 
 Ceiling: the bandwidth of a plain numpy copy of 512 MiB (bytes read + written, STREAM's
 convention), raced with the one-token GPT-2 rows, which report weight bytes / time against it.
