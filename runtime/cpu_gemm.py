@@ -75,11 +75,16 @@ class Sgemm:
         """Whether these 2-D views are ones this kernel reads (else the caller uses numpy)."""
         return a.dtype == w.dtype == out.dtype == np.float32 and all(x.strides[1] == 4 for x in (a, w, out))
 
-    def __call__(self, a: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+    @staticmethod
+    def _dims(a: np.ndarray, w: np.ndarray, out: np.ndarray) -> tuple[int, int, int]:
         m, k = a.shape
         n = w.shape[0]
         if w.shape[1] != k or out.shape != (m, n):
             raise ValueError(f"sgemm: a {a.shape}, w {w.shape}, out {out.shape} do not make out = a @ w^T")
+        return m, n, k
+
+    def __call__(self, a: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+        m, n, k = self._dims(a, w, out)
         rc = self._fn(a.ctypes.data, a.strides[0] // 4, w.ctypes.data, w.strides[0] // 4,
                       out.ctypes.data, out.strides[0] // 4, m, n, k, self.threads)
         if rc != 0:
@@ -114,10 +119,7 @@ class Sgemm:
         """As __call__ for a w that is a weight: from PACKED_W_ROWS rows on, from its packed copy
         where it has one (or room for one)."""
         if self.packs and a.shape[0] >= self.PACKED_W_ROWS:
-            m, k = a.shape
-            n = w.shape[0]
-            if w.shape[1] != k or out.shape != (m, n):
-                raise ValueError(f"sgemm: a {a.shape}, w {w.shape}, out {out.shape} do not make out = a @ w^T")
+            m, n, k = self._dims(a, w, out)
             wp = self.packed_weight(w)
             if wp is not None:
                 if self._fn_packed(a.ctypes.data, a.strides[0] // 4, wp.ctypes.data, out.ctypes.data,

@@ -290,6 +290,14 @@ __attribute__((target("avx512f,avx512vl"))) void pack_panel(const float* a, int6
   }
 }
 
+// The panels of rows [0, rows) of x (rows ld apart) into dst, each thread a share of them: A per call,
+// W once.
+void pack_panels(const float* x, int64_t ld, int64_t rows, int64_t k, float* dst, int threads) {
+  llmc::run_in_turn(threads, (rows + PM - 1) / PM, [&](int64_t p) {
+    pack_panel(x + p * PM * ld, ld, std::min<int64_t>(PM, rows - p * PM), k, dst + p * PM * k);
+  });
+}
+
 // acc[v][j] += a[16 v .. 16 v + 15] * w[j * ldw]: one k of a tile (V vector loads, N broadcasts).
 template <int V, int N>
 __attribute__((target("avx512f,avx512vl"), always_inline)) inline void outer_product(__m512 (&acc)[V][N], const float* a,
@@ -474,6 +482,12 @@ void run_packed(const PackedGemm& g, int64_t panels, int threads) {
   });
 }
 
+// C = 0, the product over an empty K; returns 0 (the entry points' success).
+int zero_product(float* c, int64_t ldc, int64_t m, int64_t n) {
+  for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.f);
+  return 0;
+}
+
 // The packed kernel's call: A packed into panels (each thread a share of them), then the columns.
 void packed_gemm(const float* a, int64_t lda, const float* w, int64_t ldw, float* c, int64_t ldc, int64_t m, int64_t n,
                  int64_t k, int threads) {
@@ -485,9 +499,7 @@ void packed_gemm(const float* a, int64_t lda, const float* w, int64_t ldw, float
   if (packed.size() < static_cast<size_t>(panels * PM * k + 16)) packed.resize(panels * PM * k + 16);
   // 64-byte aligned: a panel's k-th row is whole cache lines
   float* ap = aligned64(packed);
-  llmc::run_in_turn(threads, panels, [&](int64_t p) {
-    pack_panel(a + p * PM * lda, lda, std::min<int64_t>(PM, m - p * PM), k, ap + p * PM * k);
-  });
+  pack_panels(a, lda, m, k, ap, threads);
   run_packed(PackedGemm{ap, w, ldw, c, ldc, m, n, k, false}, panels, threads);
   if (packed.size() > kKeep) std::vector<float>().swap(packed);
 }
@@ -545,9 +557,7 @@ __attribute__((visibility("default"))) int llmc_sgemm_pack_w(const float* w, int
                                                              float* wp, int threads) {
   if (!llmc_sgemm_supported()) return -1;
   if (reinterpret_cast<uintptr_t>(wp) % 64 != 0) return -2;
-  llmc::run_in_turn(threads, (n + PM - 1) / PM, [&](int64_t p) {
-    pack_panel(w + p * PM * ldw, ldw, std::min<int64_t>(PM, n - p * PM), k, wp + p * PM * k);
-  });
+  pack_panels(w, ldw, n, k, wp, threads);
   return 0;
 }
 
@@ -557,10 +567,7 @@ __attribute__((visibility("default"))) int llmc_sgemm_nt_packed(const float* a, 
   if (!llmc_sgemm_supported()) return -1;
   if (reinterpret_cast<uintptr_t>(wp) % 64 != 0) return -2;
   if (m <= 0 || n <= 0) return 0;
-  if (k <= 0) {
-    for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.f);
-    return 0;
-  }
+  if (k <= 0) return zero_product(c, ldc, m, n);
   run_packed(PackedGemm{wp, a, lda, c, ldc, n, m, k, true}, (n + PM - 1) / PM, threads);
   return 0;
 }
@@ -570,10 +577,7 @@ __attribute__((visibility("default"))) int llmc_sgemm_nt(const float* a, int64_t
                                                          int threads) {
   if (!llmc_sgemm_supported()) return -1;
   if (m <= 0 || n <= 0) return 0;
-  if (k <= 0) {
-    for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.f);
-    return 0;
-  }
+  if (k <= 0) return zero_product(c, ldc, m, n);
   if (m >= kPackedRows) {
     packed_gemm(a, lda, w, ldw, c, ldc, m, n, k, threads);
     return 0;
