@@ -36,12 +36,16 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kLoads = 8;  // 16-byte weight loads in flight per lane
 constexpr int kMaxRows = 8;  // the kernel's row templates (1, 2, 4, 8); GemvArgs::max_rows picks the routes' limit
-// Above max_rows and up to this many rows, a SwiGLU call runs the tensor-core GEMV (one launch for
-// the GEMM and the SwiGLU) in place of cuBLASLt and the epilogue pass: gate/up at 16 rows 34 us
-// against 40 (H100, bench_gemv_gpu.py --fused). Without the SwiGLU, cuBLASLt's GEMM is the faster
-// one at these shapes (QKV 10.7 against 13.0 us, down 17.4 against 21.3), so those stay there;
-// still so with K split across blocks (H200, 16 rows: QKV 15.3 against 9.8 us, down 15.8 against 14.4).
+// Above max_rows and up to this many rows, a call runs the tensor-core GEMV (one launch for the norm
+// where its blocks are few, the GEMM and the SwiGLU / bias / residual) in place of the norm kernel,
+// cuBLASLt and an epilogue pass. H200, 16 rows (bench_gemv_gpu.py --fused, against the previous
+// routes in the same call): norm + QKV 8.5 against 10.0 us, O + residual 4.6 against 6.4, norm +
+// gate/up + SwiGLU 28.2 against 29.4, down + residual 15.1 against 14.8 (kept there too: one launch
+// chain with its neighbours); the decode step's matmuls 1.047 against 1.103 ms.
 constexpr int64_t kTcRows = 16;
+// Except a matrix without the SwiGLU wider than this (a vocabulary's LM head): cuBLASLt reads the
+// 128256 x 2048 head at 16 rows in 134.7 us (91% of the copy bandwidth), the tensor-core GEMV in 144.5.
+constexpr int64_t kTcMaxCols = 32768;
 // scratch slots (llmc_lt.h scratch()): the normalized x and the GEMM's output before the SwiGLU
 constexpr int kSlotNormed = 32, kSlotGlu = 33;
 
@@ -297,9 +301,10 @@ void GemmFused(DLTensor* X, tvm::ffi::AnyView g_any, DLTensor* W, tvm::ffi::AnyV
   GemvArgs a{dt == DT::kF16 ? CUDA_R_16F : CUDA_R_16BF, x.ptr, x.ld, G ? data_of(G) : nullptr, float(eps),
              w.ptr, w.ld, bias ? data_of(bias) : nullptr, r.ptr, r.ld, y.ptr, y.ld, M, n_out, K, glu != 0};
   if (gemv_nt(dev, stream, a)) return;
-  if (G != nullptr && glu && M <= kTcRows) {  // small batches: the norm into scratch, then GEMM + SwiGLU on tensor cores
+  const void* normed = nullptr;  // x normalized into scratch, at most once
+  if (G != nullptr && M <= kTcRows) {  // small batches whose norm the GEMV left out: the norm first
     GemvArgs b = a;
-    b.x = rms_rows_to_scratch(dev, stream, X, x.ptr, M, K, x.ld, G, float(eps), kSlotNormed);
+    b.x = normed = rms_rows_to_scratch(dev, stream, X, x.ptr, M, K, x.ld, G, float(eps), kSlotNormed);
     b.ldx = K, b.norm_w = nullptr;
     if (gemv_nt(dev, stream, b)) return;
   }
@@ -308,9 +313,8 @@ void GemmFused(DLTensor* X, tvm::ffi::AnyView g_any, DLTensor* W, tvm::ffi::AnyV
   int64_t shape_a[2], shape_h[2], shape_x[2], x_strides[2] = {x.ld, 1};
   DLTensor xa = matrix_view(x.ptr, X, M, K, shape_x);  // x as [M, K] with its row stride
   xa.strides = x_strides;
-  DLTensor a_in = G == nullptr ? xa
-                                : matrix_view(rms_rows_to_scratch(dev, stream, X, x.ptr, M, K, x.ld, G, float(eps),
-                                                                  kSlotNormed), X, M, K, shape_a);
+  if (G != nullptr && normed == nullptr) normed = rms_rows_to_scratch(dev, stream, X, x.ptr, M, K, x.ld, G, float(eps), kSlotNormed);
+  DLTensor a_in = G == nullptr ? xa : matrix_view(const_cast<void*>(normed), X, M, K, shape_a);
   if (!glu) {
     gemm_dense(&a_in, W, bias, R, Y, 1);
     return;
@@ -351,8 +355,8 @@ void gemm_epilogue_rows(cudaDataType_t dtype, const void* h, void* y, int64_t ld
 }
 
 bool gemv_nt(int dev, cudaStream_t stream, const GemvArgs& a) {
-  if (a.m > std::min<int64_t>(a.max_rows, kMaxRows)) {  // 3-16 rows of a SwiGLU: tensor cores (llmc_tc_gemv.cu)
-    if (a.m < 3 || a.m > kTcRows || a.norm_w != nullptr || !a.glu) return false;
+  if (a.m > std::min<int64_t>(a.max_rows, kMaxRows)) {  // 3-16 rows: tensor cores (llmc_tc_gemv.cu)
+    if (a.m < 3 || a.m > kTcRows || (!a.glu && a.n_out > kTcMaxCols)) return false;
     return tc_gemv(dev, stream, a);
   }
   if (a.m < 1 || a.k % 8 != 0 || a.k == 0 || a.n_out <= 0) return false;

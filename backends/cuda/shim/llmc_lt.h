@@ -83,11 +83,11 @@ struct GemvArgs {
 bool gemv_nt(int dev, cudaStream_t stream, const GemvArgs& a);
 
 // The tensor-core small-batch GEMV (llmc_tc_gemv.cu): the same product for any M (16 rows a pass;
-// meant for 3-63) without the norm (norm_w null; eps and max_rows unused), W dense [N, K] (bits
-// 16) or weight-only codes (bits 8 / 4, row stride ldw bytes, llmc_qgemv.cu's layout) with scales
-// [N, K / group] and zeros (or null). Returns false, enqueuing nothing, where it does not apply (K
-// not a multiple of 128, group not a multiple of 32, unaligned rows, a bias with codes, a norm):
-// the caller runs another route.
+// meant for 3-63) with the RMSNorm (norm_w, eps; max_rows unused) or without (norm_w null), W dense
+// [N, K] (bits 16) or weight-only codes (bits 8 / 4, row stride ldw bytes, llmc_qgemv.cu's layout)
+// with scales [N, K / group] and zeros (or null). Returns false, enqueuing nothing, where it does
+// not apply (K not a multiple of 128, group not a multiple of 32, unaligned rows or norm weight, a
+// bias with codes, a norm over more than two blocks an SM): the caller runs another route.
 bool tc_gemv(int dev, cudaStream_t stream, const GemvArgs& a);
 
 // The prefill paths' elementwise epilogue (llmc_gemv.cu): y[m, :n] = (glu ? silu(h[m, :n]) * h[m, n:2n]

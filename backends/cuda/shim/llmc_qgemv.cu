@@ -448,7 +448,12 @@ void QGemvFused(DLTensor* X, tvm::ffi::AnyView g_any, DLTensor* qw, DLTensor* s,
     t.dtype = half, t.x = x.ptr, t.ldx = x.ld, t.bits = int(bits), t.w = data_of(qw), t.ldw = qw->shape[1];
     t.scales = data_of(s), t.zeros = z ? data_of(z) : nullptr, t.group = group, t.res = r.ptr, t.ldr = r.ld;
     t.y = y.ptr, t.ldy = y.ld, t.m = rows, t.n_out = n_out, t.k = K, t.glu = glu != 0;
-    if (G != nullptr) t.x = rms_rows_to_scratch(dev, stream, X, x.ptr, rows, K, x.ld, G, float(eps), kSlotNormed), t.ldx = K;
+    if (G != nullptr) {  // the norm inside the GEMV's blocks where there are few of them, else a pass first
+      t.norm_w = data_of(G), t.eps = float(eps);
+      if (tc_gemv(dev, stream, t)) return;
+      t.norm_w = nullptr;
+      t.x = rms_rows_to_scratch(dev, stream, X, x.ptr, rows, K, x.ld, G, float(eps), kSlotNormed), t.ldx = K;
+    }
     if (tc_gemv(dev, stream, t)) return;
   }
   if (rows < kGemmRows && (!fused || rows <= kFusedRows)) {  // one launch

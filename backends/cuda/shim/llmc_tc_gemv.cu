@@ -1,10 +1,10 @@
 // llmc CUDA shim: small-batch matmuls on tensor cores, y = epi(x @ W^T) for 3-16 rows a pass,
 // W dense ([N, K] float16 / bfloat16) or weight-only quantized (int8 per channel / int4 groups,
-// the codes of llmc_qgemv.cu), with the SwiGLU of gate / up halves, a bias and a residual in the
-// same launch (tc_gemv in llmc_lt.h). llmc_qgemv.cu routes 3-63 rows here (passes of 16), for
-// which it replaces a GEMV that read x once per weight row and row; llmc_gemv.cu only 3-16-row
-// calls with the SwiGLU (measured: without it, cuBLASLt is faster on bf16 weights at these shapes,
-// with the z split below too).
+// the codes of llmc_qgemv.cu), with an RMSNorm before it (where the grid has few blocks: each
+// block reads its rows whole), the SwiGLU of gate / up halves, a bias and a residual in the same
+// launch (tc_gemv in llmc_lt.h). llmc_qgemv.cu routes 3-63 rows here (passes of 16), for which it
+// replaces a GEMV that read x once per weight row and row; llmc_gemv.cu its 3-16-row calls but a
+// wide matrix without the SwiGLU (the LM head, where cuBLASLt reads faster).
 //
 // Why: a decode step of 16 sequences has 16 rows per matmul. The FMA GEMVs read x once per
 // weight row and row (their cost grows with the rows: at 16 rows the quantized GEMV streamed
@@ -44,8 +44,8 @@ namespace {
 constexpr int kTokens = 16;     // x rows a pass: two n8 tiles
 constexpr int kTileRows = 32;   // weight rows a warp: two m16 tiles
 constexpr int kChunk = 128;     // k a warp covers per step: 4 lanes x 32
-constexpr int kMaxSplit = 8;    // warps of a block, splitting K
-constexpr int kWarpsPerSm = 8;  // fewer column blocks than this many warps an SM: split K further
+constexpr int kMaxSplit = 16;    // warps of a block, splitting K
+constexpr int kWarpsPerSm = 16;  // resident at <= 128 registers: the launch keeps its warps to one wave of these
 constexpr int kMaxTiles = 1 << 16;  // tiles (column block x token pass) with a counter for the z split
 // The z split pays where K is long: int4 down (8192 x 2048, 16 rows) 20.0 -> 10.3 us, int8 24.5 ->
 // 13.5 (H200); with K = 2048 it cost more than it gained (int4 O projection 7.4 -> 13.8 us).
@@ -55,6 +55,7 @@ constexpr int kSlotPartials = 40, kSlotCounters = 41;  // scratch slots (llmc_lt
 template <typename T>
 struct TcParams {
   const T* x; int64_t ldx;
+  const T* g; float eps;  // RMSNorm weight [K] (or null: no norm) and epsilon
   const void* w; int64_t ldw;  // dense: elements a row; codes: bytes a row
   const T* scales; const T* zeros;  // quantized: [N, K / group]; zeros may be null
   int group;
@@ -86,6 +87,16 @@ __device__ __forceinline__ unsigned bits_of(T2 v) {
   return *reinterpret_cast<const unsigned*>(&v);
 }
 
+// Where the lane's i-th run of 8 k lies in chunk c (an element index). Dense W: run i of the four
+// lanes of a row (t = 0..3) is 64 contiguous bytes, so every load instruction uses the whole 32-byte
+// sectors it fetches (a lane's 32 k in one piece left half of each sector to a second instruction,
+// which read-no-allocate loads fetched from L2 again: L2 hit rates near 60% in Nsight Compute). Codes
+// keep a lane's 32 k in one piece (one scale group; int4's are one 16-byte load anyway).
+template <int BITS>
+__device__ __forceinline__ int k_at(int c, int t, int i) {
+  return BITS == 16 ? c * kChunk + 32 * i + 8 * t : c * kChunk + 32 * t + 8 * i;
+}
+
 // The 16-byte loads of one weight row's 32 k: 4 dense, 2 int8, 1 int4.
 template <int BITS> constexpr int kLoadsPerRow = BITS == 16 ? 4 : BITS == 8 ? 2 : 1;
 
@@ -111,8 +122,53 @@ __device__ __forceinline__ void weight_pairs(const uint4* w, int i, float s, flo
   }
 }
 
-template <typename T, int BITS, bool GLU>
-__global__ void __launch_bounds__(kMaxSplit * 32, 2) tc_gemv_kernel(TcParams<T> p) {  // <= 128 registers
+// The RMSNorm's 1/rms of the pass's tokens (scale[m], m < rows; shared), from all of each x row: every
+// thread sums x^2 over a share of a row's 16-byte words, 8 tokens a round (their loads in flight
+// together while the weights' loads are still out), the warps' sums meet in shared memory.
+template <typename T>
+__device__ __forceinline__ void tc_rms_scales(const TcParams<T>& p, int tok0, int rows, float* scale) {
+  using P = Packed<T>;
+  __shared__ float part[kMaxSplit][kTokens];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, words = p.k / 8;
+#pragma unroll
+  for (int m0 = 0; m0 < kTokens; m0 += 8) {
+    float sq[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) sq[j] = 0.f;
+    for (int c = threadIdx.x; c < words; c += blockDim.x) {
+      uint4 v[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        v[j] = m0 + j < rows ? __ldg(reinterpret_cast<const uint4*>(p.x + int64_t(tok0 + m0 + j) * p.ldx) + c)
+                             : make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        typename P::T2 h[4];
+        pairs(v[j], h);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float2 f = P::to_float2(h[e]);
+          sq[j] = fmaf(f.x, f.x, fmaf(f.y, f.y, sq[j]));
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float s = warp_sum(sq[j]);
+      if (lane == 0) part[warp][m0 + j] = s;
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < kTokens) {
+    float sq = 0.f;
+    for (int w = 0; w < (blockDim.x >> 5); ++w) sq += part[w][threadIdx.x];
+    scale[threadIdx.x] = rsqrtf(sq / float(p.k) + p.eps);
+  }
+  __syncthreads();
+}
+
+template <typename T, int BITS, bool GLU, bool NORM>
+__global__ void __launch_bounds__(kMaxSplit * 32, 1) tc_gemv_kernel(TcParams<T> p) {  // <= 128 registers
   using P = Packed<T>;
   using T2 = typename P::T2;
   constexpr int L = kLoadsPerRow<BITS>;
@@ -140,17 +196,24 @@ __global__ void __launch_bounds__(kMaxSplit * 32, 2) tc_gemv_kernel(TcParams<T> 
   const int64_t row_bytes = BITS == 16 ? p.ldw * 2 : p.ldw;
   uint4 wv[2][2][L];
   auto load_w = [&](int c) {
-    const int64_t off = (int64_t(c) * kChunk + 32 * t) * bytes_per_k2 / 2;
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+    for (int u = 0; u < L; ++u) {
+      const int64_t off = BITS == 16 ? int64_t(k_at<16>(c, t, u)) * 2 : int64_t(k_at<BITS>(c, t, 0)) * bytes_per_k2 / 2 + 16 * u;
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
+      for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-        for (int u = 0; u < L; ++u) wv[mt][h][u] = ld_stream(wbase + wrow[mt][h] * row_bytes + off + 16 * u);
+        for (int h = 0; h < 2; ++h) wv[mt][h][u] = ld_stream(wbase + wrow[mt][h] * row_bytes + off);
+    }
   };
   if (gw < chunks) load_w(gw);
   pdl_launch_dependents();
   pdl_wait();
+  __shared__ float norm_scale[kTokens];
+  float xs[2] = {1.f, 1.f};  // the lane's tokens' 1/rms
+  if constexpr (NORM) {
+    tc_rms_scales(p, tok0, rows, norm_scale);
+    xs[0] = norm_scale[g], xs[1] = norm_scale[8 + g];
+  }
 
   const T* xr[2];  // the lane's x rows (tokens g and g + 8 of the pass), null past the last
 #pragma unroll
@@ -166,20 +229,20 @@ __global__ void __launch_bounds__(kMaxSplit * 32, 2) tc_gemv_kernel(TcParams<T> 
   const float zero_default = BITS == 4 ? 8.f : 0.f;
   for (int c = gw; c < chunks; c += stride) {
     if (c != gw) load_w(c);
-    const int k = c * kChunk + 32 * t;
+    const int k = k_at<BITS>(c, t, 0);
     uint4 xv[2][4];
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i)
-        xv[nt][i] = xr[nt] ? __ldg(reinterpret_cast<const uint4*>(xr[nt] + k) + i) : make_uint4(0, 0, 0, 0);
+        xv[nt][i] = xr[nt] ? __ldg(reinterpret_cast<const uint4*>(xr[nt] + k_at<BITS>(c, t, i))) : make_uint4(0, 0, 0, 0);
     float s[2][2], z[2][2];
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         s[mt][h] = 1.f, z[mt][h] = 0.f;
-        if constexpr (BITS != 16) {  // the lane's 32 k lie in one group (group % 32 == 0)
+        if constexpr (BITS != 16) {  // the lane's 32 k (from k) lie in one group (group % 32 == 0)
           const int64_t at = wrow[mt][h] * groups + k / p.group;
           s[mt][h] = P::f(p.scales[at]);
           z[mt][h] = p.zeros ? P::f(p.zeros[at]) : zero_default;
@@ -194,6 +257,17 @@ __global__ void __launch_bounds__(kMaxSplit * 32, 2) tc_gemv_kernel(TcParams<T> 
         for (int h = 0; h < 2; ++h) weight_pairs<T, BITS>(wv[mt][h], i, s[mt][h], z[mt][h], wp[mt][h]);
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) pairs(xv[nt][i], xp[nt]);
+      if constexpr (NORM) {  // x / rms * norm weight in float, rounded to T as the norm kernel's output is
+        T2 gp[4];
+        pairs(__ldg(reinterpret_cast<const uint4*>(p.g + k_at<BITS>(c, t, i))), gp);
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const float2 xf = P::to_float2(xp[nt][j]), gf = P::to_float2(gp[j]);
+            xp[nt][j] = P::pack(xf.x * xs[nt] * gf.x, xf.y * xs[nt] * gf.y);
+          }
+      }
 #pragma unroll
       for (int st = 0; st < 2; ++st) {  // A: rows g, g + 8 x pairs lo, hi; B: the same pairs of x
         const int lo = 2 * st, hi = 2 * st + 1;
@@ -265,6 +339,17 @@ __global__ void __launch_bounds__(kMaxSplit * 32, 2) tc_gemv_kernel(TcParams<T> 
   }
 }
 
+// The K split of a call: kz blocks a tile (grid z), split warps a block.
+void split_for(const GemvArgs& a, int dev, int* kz, int* split) {
+  const int cw = a.glu ? kTileRows / 2 : kTileRows;
+  const int64_t sms = sm_count(dev), wave = int64_t(kWarpsPerSm) * sms;
+  const int64_t blocks = (a.n_out + cw - 1) / cw * ((a.m + kTokens - 1) / kTokens), chunks = a.k / kChunk;
+  *kz = 1, *split = 1;
+  if (blocks <= kMaxTiles && chunks >= kMinChunksZ)
+    while (blocks * *kz * 2 <= sms && chunks >= 2 * *kz) *kz *= 2;
+  while (*split < kMaxSplit && blocks * *kz * *split * 2 <= wave && chunks >= 2 * *kz * *split) *split *= 2;
+}
+
 // kMaxTiles counters in scratch, zeroed when first allocated; each call leaves them zero.
 int* tile_counters(int dev, cudaStream_t stream) {
   static std::mutex mu;
@@ -277,28 +362,32 @@ int* tile_counters(int dev, cudaStream_t stream) {
 
 template <typename T, int BITS>
 void launch_typed(const GemvArgs& a, int dev, cudaStream_t stream) {
-  TcParams<T> p{static_cast<const T*>(a.x), a.ldx, a.w, a.ldw, static_cast<const T*>(a.scales),
+  TcParams<T> p{static_cast<const T*>(a.x), a.ldx, static_cast<const T*>(a.norm_w), a.eps, a.w, a.ldw, static_cast<const T*>(a.scales),
                 static_cast<const T*>(a.zeros), int(a.group), static_cast<const T*>(a.bias),
                 static_cast<const T*>(a.res), a.ldr, static_cast<T*>(a.y), a.ldy, int(a.m), int(a.n_out), int(a.k),
                 nullptr, nullptr};
   const int cw = a.glu ? kTileRows / 2 : kTileRows;
   dim3 grid(unsigned((a.n_out + cw - 1) / cw), unsigned((a.m + kTokens - 1) / kTokens), 1);
-  // K split first across blocks until every SM has one, then across a block's warps until the grid
-  // has kWarpsPerSm warps an SM; each warp keeps at least two chunks
-  const int64_t sms = sm_count(dev), enough = int64_t(kWarpsPerSm) * sms, blocks = int64_t(grid.x) * grid.y;
-  const int64_t chunks = a.k / kChunk;
+  // K split first across blocks while they fit on the SMs, then across a block's warps while the grid
+  // stays one wave (kWarpsPerSm an SM) and each warp has a chunk: a warp holds one chunk's loads, so
+  // the more warps the more bytes in flight; a second wave waits for the first's slowest warp.
   int kz = 1, split = 1;
-  if (blocks <= kMaxTiles && chunks >= kMinChunksZ)
-    while (blocks * kz < sms && chunks >= 4 * kz) kz *= 2;
-  while (split < kMaxSplit && blocks * kz * split < enough && chunks >= 4 * kz * split) split *= 2;
+  split_for(a, dev, &kz, &split);
+  const int64_t blocks = int64_t(grid.x) * grid.y;
   if (kz > 1) {
     grid.z = unsigned(kz);
     p.part = static_cast<float*>(scratch(dev, stream, kSlotPartials, sizeof(float) * blocks * kz * kTokens * kTileRows));
     p.count = tile_counters(dev, stream);
   }
   const size_t smem = size_t(split) * kTokens * kTileRows * sizeof(float);
-  if (a.glu) launch_pdl_smem(tc_gemv_kernel<T, BITS, true>, grid, dim3(32 * split), smem, dev, stream, p);
-  else launch_pdl_smem(tc_gemv_kernel<T, BITS, false>, grid, dim3(32 * split), smem, dev, stream, p);
+  const dim3 block(32 * split);
+  if (a.norm_w != nullptr) {
+    if (a.glu) launch_pdl_smem(tc_gemv_kernel<T, BITS, true, true>, grid, block, smem, dev, stream, p);
+    else launch_pdl_smem(tc_gemv_kernel<T, BITS, false, true>, grid, block, smem, dev, stream, p);
+  } else {
+    if (a.glu) launch_pdl_smem(tc_gemv_kernel<T, BITS, true, false>, grid, block, smem, dev, stream, p);
+    else launch_pdl_smem(tc_gemv_kernel<T, BITS, false, false>, grid, block, smem, dev, stream, p);
+  }
 }
 
 template <typename T>
@@ -311,11 +400,19 @@ void launch_bits(const GemvArgs& a, int dev, cudaStream_t stream) {
 }  // namespace
 
 bool tc_gemv(int dev, cudaStream_t stream, const GemvArgs& a) {
-  if (a.norm_w != nullptr || a.m < 1 || a.m > int64_t(kTokens) * 65535 || a.n_out <= 0 || a.k <= 0 || a.k % kChunk != 0) return false;
+  if (a.m < 1 || a.m > int64_t(kTokens) * 65535 || a.n_out <= 0 || a.k <= 0 || a.k % kChunk != 0) return false;
   if (a.dtype != CUDA_R_16F && a.dtype != CUDA_R_16BF) return false;
   if (a.bits != 16 && a.bits != 8 && a.bits != 4) return false;
   if (a.bits != 16 && (a.group <= 0 || a.group % 32 != 0 || a.k % a.group != 0 || a.bias != nullptr)) return false;
   const int64_t row_bytes = a.bits == 16 ? a.ldw * 2 : a.ldw;
+  if (a.norm_w != nullptr) {
+    if (!aligned16(a.norm_w)) return false;
+    // every block reads all of its 16 x rows for the norm: past two blocks an SM that costs more than
+    // the norm kernel's one pass (norm + LM head at 16 rows, 4008 blocks: 152 against 132 us with the
+    // norm kernel and cuBLASLt; gate/up, 512 blocks: 30.4 against 28.4 us with the norm kernel)
+    const int cw = a.glu ? kTileRows / 2 : kTileRows;
+    if ((a.n_out + cw - 1) / cw * ((a.m + kTokens - 1) / kTokens) > 2 * sm_count(dev)) return false;
+  }
   if (!aligned16(a.x) || a.ldx % 8 != 0 || !aligned16(a.w) || row_bytes % 16 != 0) return false;
   if (a.dtype == CUDA_R_16F) launch_bits<__half>(a, dev, stream);
   else launch_bits<__nv_bfloat16>(a, dev, stream);

@@ -1,7 +1,8 @@
 """GPU checks of llmc_gemm_fused and of llmc_gemm_ex's decode-sized path (backends/cuda/shim/
 llmc_gemv.cu): RMSNorm -> x @ W^T (+ bias) -> SwiGLU of the halves (+ residual) against the same
-math in float64 on the host, for the GEMV rows (1-2), the tensor-core GEMV's (3-16 rows with the
-SwiGLU, llmc_tc_gemv.cu: K a multiple of 128; other K fall back) and the prefill path (norm kernel,
+math in float64 on the host, for the GEMV rows (1-2), the tensor-core GEMV's (3-16 rows,
+llmc_tc_gemv.cu: K a multiple of 128, the norm inside where its blocks are few; other K fall back)
+and the prefill path (norm kernel,
 cuBLASLt, SwiGLU pass through scratch), float16 and bfloat16 (inputs rounded to the dtype first, so the reference sees
 what the kernel reads)."""
 import numpy as np
@@ -50,6 +51,23 @@ def test_gemm_fused_matches_reference(shim, dtype, rows, norm, glu, bias, res, n
     torch.cuda.synchronize()
     got = y.double().cpu()
     err = (torch.linalg.norm(got - ref) / torch.linalg.norm(ref)).item()
+    assert err < 1e-2, err
+
+
+@pytest.mark.parametrize("rows", [3, 16])
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("n", [20000, 40000])  # 625 / 1250 tiles: the norm kernel first; 40000 without the
+def test_gemm_fused_many_tiles_match_reference(shim, rows, glu, n):  # SwiGLU: cuBLASLt (an LM head's route)
+    gen = torch.Generator().manual_seed(rows + n + glu)
+    k = 256
+    x = (torch.randn(rows, k, generator=gen) * 3).to(torch.bfloat16)
+    g = (1 + 0.3 * torch.randn(k, generator=gen)).to(torch.bfloat16)
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(torch.bfloat16)
+    ref = _ref(x, g, w, None, None, glu, 1e-5)
+    y = torch.full((rows, n // 2 if glu else n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    shim["llmc_gemm_fused"](x.cuda(), g.cuda(), w.cuda(), None, None, y, int(glu), 1e-5)
+    torch.cuda.synchronize()
+    err = (torch.linalg.norm(y.double().cpu() - ref) / torch.linalg.norm(ref)).item()
     assert err < 1e-2, err
 
 
