@@ -40,8 +40,9 @@ constexpr int kMaxRows = 8;  // the kernel's row templates (1, 2, 4, 8); GemvArg
 // where its blocks are few, the GEMM and the SwiGLU / bias / residual) in place of the norm kernel,
 // cuBLASLt and an epilogue pass. H200, 16 rows (bench_gemv_gpu.py --fused, against the previous
 // routes in the same call): norm + QKV 8.5 against 10.0 us, O + residual 4.6 against 6.4, norm +
-// gate/up + SwiGLU 28.2 against 29.4, down + residual 15.1 against 14.8 (kept there too: one launch
-// chain with its neighbours); the decode step's matmuls 1.047 against 1.103 ms.
+// gate/up + SwiGLU 28.2 against 29.4 (the norm kernel first then; inside, 26.8), down + residual 15.1
+// against 14.8 (kept there too: one launch chain with its neighbours); the decode step's matmuls 1.047
+// against 1.103 ms.
 constexpr int64_t kTcRows = 16;
 // Except a matrix without the SwiGLU wider than this (a vocabulary's LM head): cuBLASLt reads the
 // 128256 x 2048 head at 16 rows in 134.7 us (91% of the copy bandwidth), the tensor-core GEMV in 144.5.

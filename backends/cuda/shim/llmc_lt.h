@@ -87,7 +87,7 @@ bool gemv_nt(int dev, cudaStream_t stream, const GemvArgs& a);
 // [N, K] (bits 16) or weight-only codes (bits 8 / 4, row stride ldw bytes, llmc_qgemv.cu's layout)
 // with scales [N, K / group] and zeros (or null). Returns false, enqueuing nothing, where it does
 // not apply (K not a multiple of 128, group not a multiple of 32, unaligned rows or norm weight, a
-// bias with codes, a norm over more than two blocks an SM): the caller runs another route.
+// bias with codes, a norm over more than four blocks an SM): the caller runs another route.
 bool tc_gemv(int dev, cudaStream_t stream, const GemvArgs& a);
 
 // The prefill paths' elementwise epilogue (llmc_gemv.cu): y[m, :n] = (glu ? silu(h[m, :n]) * h[m, n:2n]
