@@ -339,15 +339,11 @@ __global__ void __launch_bounds__(kMaxSplit * 32, 1) tc_gemv_kernel(TcParams<T> 
   }
 }
 
-// Output channels a block computes, and the blocks (tiles: channels x passes of 16 rows) of a call.
-int channels_per_block(const GemvArgs& a) { return a.glu ? kTileRows / 2 : kTileRows; }
-int64_t tiles_of(const GemvArgs& a) {
-  return (a.n_out + channels_per_block(a) - 1) / channels_per_block(a) * ((a.m + kTokens - 1) / kTokens);
-}
-
 // The K split of a call: kz blocks a tile (grid z), split warps a block.
 void split_for(const GemvArgs& a, int dev, int* kz, int* split) {
-  const int64_t sms = sm_count(dev), wave = int64_t(kWarpsPerSm) * sms, blocks = tiles_of(a), chunks = a.k / kChunk;
+  const int cw = a.glu ? kTileRows / 2 : kTileRows;
+  const int64_t sms = sm_count(dev), wave = int64_t(kWarpsPerSm) * sms;
+  const int64_t blocks = (a.n_out + cw - 1) / cw * ((a.m + kTokens - 1) / kTokens), chunks = a.k / kChunk;
   *kz = 1, *split = 1;
   if (blocks <= kMaxTiles && chunks >= kMinChunksZ)
     while (blocks * *kz * 2 <= sms && chunks >= 2 * *kz) *kz *= 2;
@@ -370,14 +366,14 @@ void launch_typed(const GemvArgs& a, int dev, cudaStream_t stream) {
                 static_cast<const T*>(a.zeros), int(a.group), static_cast<const T*>(a.bias),
                 static_cast<const T*>(a.res), a.ldr, static_cast<T*>(a.y), a.ldy, int(a.m), int(a.n_out), int(a.k),
                 nullptr, nullptr};
-  const int cw = channels_per_block(a);
+  const int cw = a.glu ? kTileRows / 2 : kTileRows;
   dim3 grid(unsigned((a.n_out + cw - 1) / cw), unsigned((a.m + kTokens - 1) / kTokens), 1);
   // K split first across blocks while they fit on the SMs, then across a block's warps while the grid
   // stays one wave (kWarpsPerSm an SM) and each warp has a chunk: a warp holds one chunk's loads, so
   // the more warps the more bytes in flight; a second wave waits for the first's slowest warp.
   int kz = 1, split = 1;
   split_for(a, dev, &kz, &split);
-  const int64_t blocks = tiles_of(a);
+  const int64_t blocks = int64_t(grid.x) * grid.y;
   if (kz > 1) {
     grid.z = unsigned(kz);
     p.part = static_cast<float*>(scratch(dev, stream, kSlotPartials, sizeof(float) * blocks * kz * kTokens * kTileRows));
@@ -415,7 +411,8 @@ bool tc_gemv(int dev, cudaStream_t stream, const GemvArgs& a) {
     // than the norm kernel's one pass (H200, 16 rows: norm + LM head, 4008 blocks, 152 against 132 us
     // with the norm kernel and cuBLASLt). Gate/up's 512 blocks (3.9 an SM) gain: 26.8 against 27.5 us,
     // the batch-16 decode step 1155 against 1175 us of GPU time (two rounds each).
-    if (tiles_of(a) > 4 * sm_count(dev)) return false;
+    const int cw = a.glu ? kTileRows / 2 : kTileRows;
+    if ((a.n_out + cw - 1) / cw * ((a.m + kTokens - 1) / kTokens) > 4 * sm_count(dev)) return false;
   }
   if (!aligned16(a.x) || a.ldx % 8 != 0 || !aligned16(a.w) || row_bytes % 16 != 0) return false;
   if (a.dtype == CUDA_R_16F) launch_bits<__half>(a, dev, stream);
