@@ -37,8 +37,8 @@ class Sgemm:
     compiled models, median of per-round ratios): MiniLM 8 x 128 0.85-0.89x the time; GPT-2 4 x 128
     level; at 128 rows level too (GPT-2 1 x 128 1.02, the small Llama 0.98), so short prompts keep
     packing A and spend no memory. The cost is memory: a packed weight is held twice (decode's GEMVs
-    read the rows in place). `pack_weights`: True packs up to an eighth of the machine's memory (then the other
-    weights are read in place), an int that many bytes, False (or 0) nothing."""
+    read the rows in place). `pack_weights`: True packs up to an eighth of the machine's memory
+    (then the other weights are read in place), an int that many bytes, False (or 0) nothing."""
 
     PACKED_W_ROWS = 256
 

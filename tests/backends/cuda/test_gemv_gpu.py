@@ -2,9 +2,8 @@
 llmc_gemv.cu): RMSNorm -> x @ W^T (+ bias) -> SwiGLU of the halves (+ residual) against the same
 math in float64 on the host, for the GEMV rows (1-2), the tensor-core GEMV's (3-16 rows,
 llmc_tc_gemv.cu: K a multiple of 128, the norm inside where its blocks are few; other K fall back)
-and the prefill path (norm kernel,
-cuBLASLt, SwiGLU pass through scratch), float16 and bfloat16 (inputs rounded to the dtype first, so the reference sees
-what the kernel reads)."""
+and the prefill path (norm kernel, cuBLASLt, SwiGLU pass through scratch), float16 and bfloat16
+(inputs rounded to the dtype first, so the reference sees what the kernel reads)."""
 import numpy as np
 import pytest
 
