@@ -3,8 +3,9 @@
 NCCL's ring spends ~20 us on an all-reduce of a few KiB however it is launched; a tensor-parallel
 decode step makes two per layer, so their latency, not the weights, sets the step time. The
 shim's `llmc_allreduce_oneshot` kernel (backends/cuda/shim/llmc_allreduce.cu) does it in one
-kernel: each rank copies its message into a buffer every peer has mapped, raises a flag in each
-peer's memory, waits for theirs and sums all the messages read over NVLink.
+kernel: each rank writes its message into every rank's buffer (its own part of it, over NVLink to
+the peers), raises a flag in each peer's memory, waits for theirs and sums the parts from its own
+memory.
 
 This module sets up the buffers: every rank cudaMalloc's a region, publishes its IPC handle
 through the communicator's store, and opens its peers' handles. Two rounds of the store make the
@@ -84,7 +85,7 @@ class OneShotAllReduce:
         own = 0
         if kernel is not None:  # allocate and publish (host, device, handle)
             ptr = ctypes.c_void_p()
-            size = HEADER_BYTES + 2 * max_bytes
+            size = HEADER_BYTES + 2 * world * max_bytes  # two slots of one part per rank
             check(rt.cudaMalloc(ctypes.byref(ptr), size), f"cudaMalloc({size}) for the one-shot all-reduce")
             own = ptr.value
             check(rt.cudaMemset(ptr, 0, size), "cudaMemset")

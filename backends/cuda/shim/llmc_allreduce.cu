@@ -4,18 +4,24 @@
 //
 // Why: a tensor-parallel decode step sums a few KiB (the hidden state of the batch) twice per
 // layer. NCCL's ring takes ~20 us for that however it is launched: its latency, not the bytes,
-// sets the step time. Here every rank copies its message into a buffer its peers have mapped
-// (CUDA IPC, set up by runtime/dist/oneshot.py), raises a flag in each peer's memory, waits for
-// the peers' flags and then reads all the messages over NVLink and sums them: one kernel, one
-// round of flags, a few microseconds.
+// sets the step time. Here every rank pushes its message into every rank's buffer (CUDA IPC,
+// set up by runtime/dist/oneshot.py; the stores to peers cross NVLink without waiting for an
+// answer), raises a flag in each peer's memory, waits for the peers' flags and sums the messages
+// from its own memory: one kernel, one round of flags, no read across NVLink.
+//
+// It is launched as a programmatic dependent launch (Hopper): it lets the next kernel start at
+// once (that kernel fetches its first weights while the flags travel, then waits for this one),
+// and waits itself for the kernel before it before touching anything.
 //
 // Each rank's region (`base_r`, cudaMalloc'd, mapped by every peer):
-//   [0, 2 KiB)      flags[block][src]: the epoch at which rank src's block `block` data is ready
-//   [2 KiB, 4 KiB)  epoch[block]: this rank's count of calls, per block (read and written by it alone)
-//   [4 KiB, +2*slot_bytes) two data slots; call e uses slot e % 2.
+//   [0, 2 KiB)      flags[block][src]: the last call at which rank src's block `block` data came
+//   [2 KiB, 4 KiB)  epoch[block]: this rank's count of calls (read and written by it alone)
+//   [4 KiB, +2 * world * slot_bytes) two slots of `world` parts; rank src's message of call e
+//                   lands in part src of slot e % 2 on every rank.
 // Two slots make one round of flags enough: a rank writing slot e % 2 at call e has seen every
 // peer's call e-1 flag, and a peer raises that only after its call e-2 (the last reader of this
-// slot) has finished.
+// slot) has finished. Every call runs the same kBlocks blocks, so the per-block epochs all count
+// calls and agree across calls of different sizes.
 //
 // The epochs live in device memory and are advanced by the kernel, so a CUDA graph holding the
 // call replays correctly. Every rank must make the same sequence of calls (the same program);
@@ -26,13 +32,14 @@
 #include <cuda_fp16.h>
 
 #include "llmc_shim_common.h"
+#include "llmc_stream_kernels.h"
 
 namespace llmc_shim_allreduce {
 using namespace llmc_shim;
 namespace {
 
 constexpr int kMaxRanks = 8;
-constexpr int kMaxBlocks = 64;
+constexpr int kBlocks = 16;  // every call: see the epochs above
 constexpr int kThreads = 512;
 constexpr int64_t kFlagsOffset = 0;
 constexpr int64_t kEpochOffset = 2048;
@@ -101,12 +108,14 @@ template <> struct Pack<__nv_bfloat16> {
   }
 };
 
-// Block b owns the 16-byte vectors [b * per, min(n, (b + 1) * per)): it copies them in, meets
-// its peers' block b through the flags, and sums them. No block waits for another block.
+// Block b owns the 16-byte vectors [b * per, min(n, (b + 1) * per)): it pushes them to every rank,
+// meets its peers' block b through the flags, and sums the parts. No block waits for another.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) oneshot_kernel(const uint4* x, uint4* out,  // may alias: in place
                                                            int64_t n, int64_t per, int rank, int world,
                                                            int64_t slot_bytes, Bases bases) {
+  pdl_launch_dependents();  // the next kernel may start its weight fetch now
+  pdl_wait();               // x, and the previous call's epoch, are complete
   const int b = blockIdx.x, t = threadIdx.x;
   char* mine = bases.p[rank];
   uint32_t* epoch_slot = reinterpret_cast<uint32_t*>(mine + kEpochOffset) + b;
@@ -114,27 +123,27 @@ __global__ void __launch_bounds__(kThreads) oneshot_kernel(const uint4* x, uint4
   if (t == 0) epoch_s = *epoch_slot + 1;
   __syncthreads();
   const uint32_t epoch = epoch_s;
-  const int64_t slot = kDataOffset + int64_t(epoch & 1) * slot_bytes;
+  const int64_t slot = kDataOffset + int64_t(epoch & 1) * world * slot_bytes;
   const int64_t lo = int64_t(b) * per, hi = min(n, lo + per);
-  uint4* my_data = reinterpret_cast<uint4*>(mine + slot);
-  for (int64_t i = lo + t; i < hi; i += kThreads) my_data[i] = x[i];
+  for (int64_t i = lo + t; i < hi; i += kThreads) {
+    const uint4 v = x[i];
+    for (int r = 0; r < world; ++r) reinterpret_cast<uint4*>(bases.p[r] + slot + rank * slot_bytes)[i] = v;
+  }
   __syncthreads();
-  if (t < world) {  // thread t tells rank t that this block's data is ready, then waits for rank t's
+  if (t < world) {  // thread t tells rank t that this block's part is there, then waits for rank t's
     __threadfence_system();
     store_release(reinterpret_cast<uint32_t*>(bases.p[t] + kFlagsOffset) + b * kMaxRanks + rank, epoch);
     const uint32_t* flag = reinterpret_cast<const uint32_t*>(mine + kFlagsOffset) + b * kMaxRanks + t;
     const long long start = clock64();
-    while (load_acquire(flag) != epoch) {
+    // at least this call: a fast peer may already have raised its next call's flag
+    while (static_cast<int32_t>(load_acquire(flag) - epoch) < 0) {
       if (clock64() - start > kTimeoutCycles) __trap();  // a peer never came: fail, do not hang
     }
   }
   __syncthreads();
   for (int64_t i = lo + t; i < hi; i += kThreads) {
     float acc[Pack<T>::N] = {};
-    for (int r = 0; r < world; ++r) {
-      const uint4 v = __ldcv(reinterpret_cast<const uint4*>(bases.p[r] + slot) + i);
-      Pack<T>::add(acc, v);
-    }
+    for (int r = 0; r < world; ++r) Pack<T>::add(acc, __ldcv(reinterpret_cast<const uint4*>(mine + slot + r * slot_bytes) + i));
     out[i] = Pack<T>::pack(acc);
   }
   if (t == 0) *epoch_slot = epoch;
@@ -165,20 +174,18 @@ void AllReduceOneShot(DLTensor* x, DLTensor* out, int64_t rank, int64_t world, i
     bases.p[r] = reinterpret_cast<char*>(given[r]);
   }
   const int64_t n = nbytes / 16;
-  int64_t blocks = (n + kThreads - 1) / kThreads;
-  if (blocks > kMaxBlocks) blocks = kMaxBlocks;
-  const int64_t per = (n + blocks - 1) / blocks;
+  const int64_t per = (n + kBlocks - 1) / kBlocks;
   const int dev = x->device.device_id;
   DeviceGuard guard(dev);
   cudaStream_t stream = current_stream(dev);
   const uint4* xi = reinterpret_cast<const uint4*>(data_of(x));
   uint4* o = reinterpret_cast<uint4*>(data_of(out));
-  const dim3 grid(static_cast<unsigned>(blocks)), block(kThreads);
+  const dim3 grid(kBlocks), block(kThreads);
   const int r = int(rank), w = int(world);
-  if (dt == DT::kF16) oneshot_kernel<__half><<<grid, block, 0, stream>>>(xi, o, n, per, r, w, slot_bytes, bases);
+  if (dt == DT::kF16) launch_pdl(oneshot_kernel<__half>, grid, block, dev, stream, xi, o, n, per, r, w, slot_bytes, bases);
   else if (dt == DT::kBF16)
-    oneshot_kernel<__nv_bfloat16><<<grid, block, 0, stream>>>(xi, o, n, per, r, w, slot_bytes, bases);
-  else oneshot_kernel<float><<<grid, block, 0, stream>>>(xi, o, n, per, r, w, slot_bytes, bases);
+    launch_pdl(oneshot_kernel<__nv_bfloat16>, grid, block, dev, stream, xi, o, n, per, r, w, slot_bytes, bases);
+  else launch_pdl(oneshot_kernel<float>, grid, block, dev, stream, xi, o, n, per, r, w, slot_bytes, bases);
   LLMC_CUDA_CHECK(cudaGetLastError());
 }
 
