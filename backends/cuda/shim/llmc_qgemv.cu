@@ -443,6 +443,7 @@ void QGemvFused(DLTensor* X, tvm::ffi::AnyView g_any, DLTensor* qw, DLTensor* s,
   cudaStream_t stream = current_stream(dev);
   const cudaDataType_t half = dt == DT::kF16 ? CUDA_R_16F : CUDA_R_16BF;
   const bool fused = G != nullptr || glu || R != nullptr;
+  void* normed = nullptr;  // x after the norm, where the tensor-core route made it and then refused
   if (rows > kFusedRows && rows < kGemmRows) {  // small batches: tensor cores, the norm first where asked
     GemvArgs t;
     t.dtype = half, t.x = x.ptr, t.ldx = x.ld, t.bits = int(bits), t.w = data_of(qw), t.ldw = qw->shape[1];
@@ -452,7 +453,7 @@ void QGemvFused(DLTensor* X, tvm::ffi::AnyView g_any, DLTensor* qw, DLTensor* s,
       t.norm_w = data_of(G), t.eps = float(eps);
       if (tc_gemv(dev, stream, t)) return;
       t.norm_w = nullptr;
-      t.x = rms_rows_to_scratch(dev, stream, X, x.ptr, rows, K, x.ld, G, float(eps), kSlotNormed), t.ldx = K;
+      t.x = normed = rms_rows_to_scratch(dev, stream, X, x.ptr, rows, K, x.ld, G, float(eps), kSlotNormed), t.ldx = K;
     }
     if (tc_gemv(dev, stream, t)) return;
   }
@@ -463,9 +464,9 @@ void QGemvFused(DLTensor* X, tvm::ffi::AnyView g_any, DLTensor* qw, DLTensor* s,
   // More rows: the norm into scratch, the GEMV (below kGemmRows) or dequantize + tensor-core GEMM,
   // the SwiGLU / residual as an epilogue pass from scratch.
   Mat2D a = x;
-  if (G != nullptr) {
-    a = Mat2D{static_cast<char*>(rms_rows_to_scratch(dev, stream, X, x.ptr, rows, K, x.ld, G, float(eps), kSlotNormed)),
-              rows, K, K};
+  if (G != nullptr) {  // (normalized once: the tensor-core route's pass is reused)
+    if (normed == nullptr) normed = rms_rows_to_scratch(dev, stream, X, x.ptr, rows, K, x.ld, G, float(eps), kSlotNormed);
+    a = Mat2D{static_cast<char*>(normed), rows, K, K};
   } else if (rows >= kGemmRows && x.ld != K) {  // the GEMM reads compact rows
     char* buf = static_cast<char*>(scratch(dev, stream, kSlotNormed, size_t(rows) * K * 2));
     copy_rows_compact(buf, x.ptr, rows, K, x.ld, stream);
