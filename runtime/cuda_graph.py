@@ -174,23 +174,43 @@ class HostToDevice:
         check(rt.cudaEventCreate(ctypes.byref(self._event)), "cudaEventCreate")
         self._pending = False
 
+    def acquire(self) -> None:
+        """Wait until the copies last sent have read the buffer (call before writing into it)."""
+        if self._pending:
+            check(cudart().cudaEventSynchronize(self._event), "cudaEventSynchronize")
+            self._pending = False
+
+    def view(self, offset: int, shape: tuple[int, ...], dtype) -> "np.ndarray":
+        """A numpy view of the buffer at `offset` (write into it after acquire(), then send())."""
+        import numpy as np
+
+        dtype = np.dtype(dtype)
+        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if offset + n > self.nbytes:
+            raise CudaError(f"staging buffer of {self.nbytes} bytes is too small")
+        return self._host[offset:offset + n].view(dtype).reshape(shape)
+
+    def send(self, block_ptr: int, runs, stream: Stream) -> None:
+        """Enqueue the copies of the byte ranges `runs` ([start, end), copy_runs) to the device
+        block at block_ptr on stream."""
+        rt = cudart()
+        for start, end in runs:
+            check(rt.cudaMemcpyAsync(ctypes.c_void_p(block_ptr + start), ctypes.c_void_p(self._ptr.value + start),
+                                     end - start, 1, stream.handle), "cudaMemcpyAsync")
+        check(rt.cudaEventRecord(self._event, stream.handle), "cudaEventRecord")
+        self._pending = True
+
     def copy(self, block_ptr: int, items, stream: Stream) -> None:
         """items: (byte offset in the device block at block_ptr, C-contiguous numpy array), by
         increasing offset; enqueued on stream. Arrays laid out back to back (each at the
         previous one's end rounded up to ALIGN) go in one copy, padding included."""
-        rt = cudart()
-        if self._pending:
-            check(rt.cudaEventSynchronize(self._event), "cudaEventSynchronize")
+        self.acquire()
         host = self._host
         for off, src in items:
             if off + src.nbytes > self.nbytes:
                 raise CudaError(f"staging buffer of {self.nbytes} bytes is too small")
             host[off:off + src.nbytes] = src.reshape(-1).view(host.dtype)
-        for start, end in copy_runs([(off, src.nbytes) for off, src in items], self.ALIGN):
-            check(rt.cudaMemcpyAsync(ctypes.c_void_p(block_ptr + start), ctypes.c_void_p(self._ptr.value + start),
-                                     end - start, 1, stream.handle), "cudaMemcpyAsync")
-        check(rt.cudaEventRecord(self._event, stream.handle), "cudaEventRecord")
-        self._pending = True
+        self.send(block_ptr, copy_runs([(off, src.nbytes) for off, src in items], self.ALIGN), stream)
 
     def close(self) -> None:
         if self._ptr is not None and self._ptr.value:
