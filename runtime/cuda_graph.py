@@ -154,11 +154,11 @@ def copy_runs(items, align: int) -> list[tuple[int, int]]:
 
 
 class HostToDevice:
-    """Small host arrays copied into one device block without a synchronous copy each: staged
-    in one pinned buffer at the block's offsets, then cudaMemcpyAsync on the stream the next
-    launches use, one copy per run of adjacent arrays (a decode step's token ids and page
-    metadata: one copy, where six synchronous ones cost ~0.3 ms). An event guards the buffer:
-    a new stage waits until the previous copies have run."""
+    """Small host arrays copied into one device block without a synchronous copy each: written
+    into views of one pinned buffer at the block's offsets (view), then cudaMemcpyAsync on the
+    stream the next launches use, one copy per run of adjacent arrays (send; copy_runs: a decode
+    step's token ids and page metadata go in one copy, where six synchronous ones cost ~0.3 ms).
+    An event guards the buffer: acquire() waits until the previous copies have run."""
 
     ALIGN = 256  # the arrays' offsets in the block are multiples of this
 
@@ -180,7 +180,7 @@ class HostToDevice:
             check(cudart().cudaEventSynchronize(self._event), "cudaEventSynchronize")
             self._pending = False
 
-    def view(self, offset: int, shape: tuple[int, ...], dtype) -> "np.ndarray":
+    def view(self, offset: int, shape: tuple[int, ...], dtype):
         """A numpy view of the buffer at `offset` (write into it after acquire(), then send())."""
         import numpy as np
 
@@ -199,18 +199,6 @@ class HostToDevice:
                                      end - start, 1, stream.handle), "cudaMemcpyAsync")
         check(rt.cudaEventRecord(self._event, stream.handle), "cudaEventRecord")
         self._pending = True
-
-    def copy(self, block_ptr: int, items, stream: Stream) -> None:
-        """items: (byte offset in the device block at block_ptr, C-contiguous numpy array), by
-        increasing offset; enqueued on stream. Arrays laid out back to back (each at the
-        previous one's end rounded up to ALIGN) go in one copy, padding included."""
-        self.acquire()
-        host = self._host
-        for off, src in items:
-            if off + src.nbytes > self.nbytes:
-                raise CudaError(f"staging buffer of {self.nbytes} bytes is too small")
-            host[off:off + src.nbytes] = src.reshape(-1).view(host.dtype)
-        self.send(block_ptr, copy_runs([(off, src.nbytes) for off, src in items], self.ALIGN), stream)
 
     def close(self) -> None:
         if self._ptr is not None and self._ptr.value:

@@ -513,9 +513,9 @@ class GpuExecutor:
                                   HostToDevice.ALIGN)
         runs = plan.runs
         if len(host) != len(plan.staged):  # some inputs came as device tensors: copy only the others
-            from .cuda_graph import HostToDevice, copy_runs
+            from .cuda_graph import copy_runs
 
-            runs = copy_runs([(plan.input_offsets[i], plan.staged[i].nbytes) for i in host], HostToDevice.ALIGN)
+            runs = copy_runs([(plan.input_offsets[i], plan.staged[i].nbytes) for i in host], plan.staging.ALIGN)
         plan.staging.acquire()
         for i in host:
             plan.staged[i][...] = arrays[i]  # same shape (the symbols were bound from it) and dtype (checked)
