@@ -6,6 +6,7 @@ that dies takes the server down with a report instead of hanging it."""
 from __future__ import annotations
 
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -63,8 +64,26 @@ def _start(art, port):
 
 
 def _ranks(p) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", "llmc.runtime.tp_run serve"], capture_output=True, text=True).stdout
-    return [int(x) for x in out.split()]
+    """The rank processes of the server launched as `p`: its descendants running tp_run serve (a
+    machine-wide pgrep also counted another server's ranks still exiting: 5 of 4 once)."""
+    children: dict[int, list[int]] = {}
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:  # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+            pid, ppid = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):  # the process ended meanwhile
+            continue
+        children.setdefault(ppid, []).append(pid)
+    found, todo = [], [p.pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            todo.append(c)
+            try:
+                cmd = pathlib.Path(f"/proc/{c}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if b"llmc.runtime.tp_run serve" in cmd:
+                found.append(c)
+    return sorted(found)
 
 
 def test_parallel_server_matches_the_whole_model(arts):
