@@ -41,6 +41,7 @@ import numpy as np
 from ..errors import ArtifactError, InputError, LLMCError
 from .manifest import Manifest, eval_dim
 from .collective_call import check_comm
+from .cuda_graph import CudaGraph, HostToDevice, Stream, check, copy_runs, cudart
 from .dist.comm import groups_of
 
 SHIM = "shim"
@@ -75,7 +76,6 @@ def preload_cublaslt() -> str | None:
 
 def import_tvm_cuda():
     """TVM's runtime with its CUDA plugin loaded (preloading libcudart/libcublasLt if needed)."""
-    from .cuda_graph import cudart
     from .tvm_runtime import import_tvm, skipped_plugins
 
     try:
@@ -353,7 +353,6 @@ class GpuExecutor:
             x, out = args
             count = int(np.prod(x.shape, dtype=np.int64))
             nbytes = count * np.dtype(self._numpy_dtype(str(x.dtype))).itemsize
-            from .cuda_graph import check, cudart
 
             def send(a, b):
                 comm.send_device(a.data_ptr(), count, str(a.dtype), peer, stream.ptr)
@@ -385,8 +384,6 @@ class GpuExecutor:
     @property
     def stream(self):
         if self._stream is None:
-            from .cuda_graph import Stream
-
             self._stream = Stream(self.device_id)
         return self._stream
 
@@ -396,8 +393,6 @@ class GpuExecutor:
 
     def _execute(self, plan: _Plan) -> None:
         if plan.graph_state == "new":
-            from .cuda_graph import CudaGraph
-
             try:
                 g = CudaGraph(self.device_id, self.stream)
                 g.capture(lambda: self._launch_all(plan), warmup=1)
@@ -504,18 +499,16 @@ class GpuExecutor:
                 dst.copyfrom(src)
         if not host:
             return
-        if plan.staging is None:  # the staging views and the copies of a call with every input from the host
-            from .cuda_graph import HostToDevice, copy_runs
 
+        def runs_of(indices):  # the byte ranges that copy these inputs
+            return copy_runs([(plan.input_offsets[i], plan.staged[i].nbytes) for i in indices], HostToDevice.ALIGN)
+
+        if plan.staging is None:  # the staging views and the copies of a call with every input from the host
             plan.staging = HostToDevice(int(plan.input_block.shape[0]))
             plan.staged = {i: plan.staging.view(off, shape, self._numpy_dtype(dtype)) for i, shape, dtype, off in plan.fed}
-            plan.runs = copy_runs([(off, v.nbytes) for (_, _, _, off), v in zip(plan.fed, plan.staged.values())],
-                                  HostToDevice.ALIGN)
-        runs = plan.runs
-        if len(host) != len(plan.staged):  # some inputs came as device tensors: copy only the others
-            from .cuda_graph import copy_runs
-
-            runs = copy_runs([(plan.input_offsets[i], plan.staged[i].nbytes) for i in host], plan.staging.ALIGN)
+            plan.runs = runs_of(plan.staged)
+        # some inputs came as device tensors: copy only the others
+        runs = plan.runs if len(host) == len(plan.staged) else runs_of(host)
         plan.staging.acquire()
         for i in host:
             plan.staged[i][...] = arrays[i]  # same shape (the symbols were bound from it) and dtype (checked)
@@ -546,8 +539,6 @@ class GpuExecutor:
             return self._profile(self._plan_for(env), arrays, repeat)
 
     def _profile(self, plan: _Plan, arrays: list, repeat: int) -> list[tuple[str, float]]:
-        from .cuda_graph import check, cudart
-
         for dst, src in zip(plan.inputs, arrays):
             if dst is not src:
                 dst.copyfrom(src)
